@@ -1,0 +1,26 @@
+"""distbelief: Google's DistBelief (Dean et al., NIPS 2012) on PyTorch.
+
+Downpour SGD: asynchronous model replicas, each split by layer into stages, reading and
+updating a sharded parameter server. See :func:`train`.
+"""
+
+from .api import LOSSES, History, TrainResult, train
+from .config import DownpourConfig
+from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from .layout import Layout, Segment
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSSES",
+    "ActorFailed",
+    "ConfigError",
+    "Deadlock",
+    "DownpourConfig",
+    "History",
+    "Layout",
+    "RunTimeout",
+    "Segment",
+    "TrainResult",
+    "train",
+]

@@ -1,0 +1,122 @@
+"""DataShard: one replica's part of the training set; feeds its first stage mini-batches."""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import epoch_order
+from ..messages import (
+    ConnectDataShard,
+    Finish,
+    Forward,
+    Progress,
+    ReplicaDone,
+    StageDone,
+    StartReplica,
+    StepDone,
+    WarmstartDone,
+)
+from ..runtime.base import Actor, receives
+
+
+class DataShard(Actor):
+    """Owns the replica's examples, reshuffles them each epoch (seeded), counts epochs.
+
+    One mini-batch is in flight at a time: the next is sent when the first stage reports the
+    previous step's backward pass done, as in the seed.
+    """
+
+    def __init__(
+        self,
+        replica: int,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        epochs: int,
+        seed: int,
+        report_every: int,
+    ) -> None:
+        self.replica = replica
+        self.inputs = inputs
+        self.targets = targets
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.seed = seed
+        self.report_every = report_every
+        self.epoch = 0
+        self.position = 0  # index of the next example within the epoch
+        self.steps = 0
+        self.examples = 0
+        self.warmstart_steps = 0
+        self.window_steps = self.window_examples = 0
+        self.window_loss = 0.0
+        self.stage_buffers: dict[int, dict] = {}
+        self.stages: tuple = ()
+        self.master = None
+        self._epoch_inputs = self._epoch_targets = None
+
+    @receives(ConnectDataShard)
+    def on_connect(self, msg: ConnectDataShard, sender: object) -> None:
+        self.stages, self.master = msg.stages, msg.master
+
+    @receives(StartReplica)
+    def on_start(self, msg: StartReplica, sender: object) -> None:
+        self.warmstart_steps = msg.warmstart_steps
+        self._shuffle()
+        self._send_batch()
+
+    def _shuffle(self) -> None:
+        # One gather per epoch; each mini-batch is then a view (never mutated: see messages).
+        order = epoch_order(len(self.inputs), self.seed, self.replica, self.epoch)
+        self._epoch_inputs = self.inputs[order]
+        self._epoch_targets = self.targets[order]
+
+    def _send_batch(self) -> None:
+        lo = self.position
+        hi = min(lo + self.batch_size, len(self.inputs))
+        self.position = hi
+        self._batch = hi - lo
+        self.ctx.tell(
+            self.stages[0],
+            Forward(self.steps, self._epoch_inputs[lo:hi], self._epoch_targets[lo:hi]),
+        )
+
+    @receives(StepDone)
+    def on_step_done(self, msg: StepDone, sender: object) -> None:
+        self.steps += 1
+        self.examples += self._batch
+        self.window_steps += 1
+        self.window_examples += self._batch
+        self.window_loss += msg.loss
+        if self.steps == self.warmstart_steps:
+            self.ctx.tell(self.master, WarmstartDone(self.replica))
+        if self.window_steps == self.report_every:
+            self._report()
+        if self.position == len(self.inputs):
+            self.epoch += 1
+            self.position = 0
+            if self.epoch == self.epochs:
+                self._report()
+                for stage in self.stages:
+                    self.ctx.tell(stage, Finish())
+                return
+            self._shuffle()
+        self._send_batch()
+
+    def _report(self) -> None:
+        if self.window_steps:
+            self.ctx.tell(
+                self.master,
+                Progress(self.replica, self.window_steps, self.window_examples, self.window_loss),
+            )
+        self.window_steps = self.window_examples = 0
+        self.window_loss = 0.0
+
+    @receives(StageDone)
+    def on_stage_done(self, msg: StageDone, sender: object) -> None:
+        self.stage_buffers[msg.stage] = msg.buffers
+        if len(self.stage_buffers) == len(self.stages):
+            buffers = tuple(self.stage_buffers[s] for s in range(len(self.stages)))
+            self.ctx.tell(
+                self.master, ReplicaDone(self.replica, self.steps, self.examples, buffers)
+            )

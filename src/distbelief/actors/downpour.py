@@ -1,0 +1,174 @@
+"""The Downpour master: starts replicas (after the warmstart), watches progress, evaluates,
+and assembles the final parameters from the shards."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..messages import (
+    Begin,
+    ConnectMaster,
+    Progress,
+    ProgressReport,
+    ReplicaDone,
+    ShardSnapshot,
+    Snapshot,
+    StartReplica,
+    TrainingDone,
+    WarmstartDone,
+)
+from ..runtime.base import Actor, receives
+
+Evaluator = Callable[[torch.Tensor], dict[str, float]]
+"""Maps a flat parameter vector to metrics such as ``{"loss": ..., "accuracy": ...}``."""
+
+FINAL = -1  # snapshot tag of the final parameter collection
+
+
+class DownpourMaster(Actor):
+    """Coordinates one Downpour SGD run. Steppable: every decision is one message handler."""
+
+    def __init__(
+        self,
+        replicas: int,
+        warmstart_steps: int,
+        total_examples: int,
+        evaluator: Evaluator | None,
+        eval_every: int,
+        report_every_examples: int,
+        eval_pauses_training: bool = True,
+    ) -> None:
+        self.replicas = replicas
+        self.warmstart_steps = warmstart_steps
+        self.total_examples = total_examples
+        self.evaluator = evaluator
+        self.eval_every = eval_every  # in training examples over all replicas; 0 = at the end
+        self.report_every_examples = report_every_examples
+        # In one thread evaluation pauses training, so its time is not training time; where
+        # replicas run in parallel with the master it is, and is not subtracted.
+        self.eval_pauses_training = eval_pauses_training
+        self.data_shards: tuple = ()
+        self.shards: tuple = ()
+        self.driver = None
+        self.started: set[int] = set()
+        self.done: dict[int, ReplicaDone] = {}
+        self.examples = self.steps = 0
+        self.window_loss = 0.0
+        self.window_steps = 0
+        self.next_report = report_every_examples
+        self.next_eval = eval_every if eval_every > 0 else None
+        self.eval_tag = 0
+        self.snapshots: dict[int, dict[int, ShardSnapshot]] = {}
+        self.history: dict[str, list] = {"train": [], "eval": []}
+        self.t0 = 0.0
+        self.t_end = 0.0
+        self.eval_s = 0.0
+
+    @receives(ConnectMaster)
+    def on_connect(self, msg: ConnectMaster, sender: object) -> None:
+        self.data_shards, self.shards = msg.data_shards, msg.shards
+
+    @receives(Begin)
+    def on_begin(self, msg: Begin, sender: object) -> None:
+        self.driver = sender
+        self.t0 = time.perf_counter()
+        if self.warmstart_steps > 0:
+            self._start(0, self.warmstart_steps)  # replica 0 alone first, as in the paper
+        else:
+            for r in range(self.replicas):
+                self._start(r)
+
+    def _start(self, replica: int, warmstart_steps: int = 0) -> None:
+        if replica not in self.started:
+            self.started.add(replica)
+            self.ctx.tell(self.data_shards[replica], StartReplica(warmstart_steps))
+
+    def _unleash(self) -> None:
+        for r in range(self.replicas):
+            self._start(r)
+
+    @receives(WarmstartDone)
+    def on_warmstart_done(self, msg: WarmstartDone, sender: object) -> None:
+        self._unleash()
+
+    def _wall(self) -> float:
+        return time.perf_counter() - self.t0 - self.eval_s
+
+    @receives(Progress)
+    def on_progress(self, msg: Progress, sender: object) -> None:
+        self.examples += msg.examples
+        self.steps += msg.steps
+        self.window_loss += msg.loss_sum
+        self.window_steps += msg.steps
+        if self.examples >= self.next_report or self.examples == self.total_examples:
+            loss = self.window_loss / max(self.window_steps, 1)
+            self.history["train"].append(
+                {"examples": self.examples, "wall_s": self._wall(), "loss": loss}
+            )
+            self.ctx.tell(
+                self.driver,
+                ProgressReport(self.examples, self.total_examples, loss, self._wall()),
+            )
+            self.window_loss, self.window_steps = 0.0, 0
+            while self.next_report <= self.examples:
+                self.next_report += self.report_every_examples
+        if self.next_eval is not None and self.examples >= self.next_eval:
+            while self.next_eval <= self.examples:
+                self.next_eval += self.eval_every
+            if self.evaluator is not None and self.examples < self.total_examples:
+                self.eval_tag += 1
+                self._snapshot(self.eval_tag)
+
+    def _snapshot(self, tag: int) -> None:
+        self.snapshots[tag] = {}
+        for shard in self.shards:
+            self.ctx.tell(shard, Snapshot(tag))
+
+    @receives(ReplicaDone)
+    def on_replica_done(self, msg: ReplicaDone, sender: object) -> None:
+        self.done[msg.replica] = msg
+        self._unleash()  # a warmstart longer than replica 0's run ends the warmstart too
+        if len(self.done) == self.replicas:
+            self.t_end = time.perf_counter()
+            self._snapshot(FINAL)
+
+    @receives(ShardSnapshot)
+    def on_shard_snapshot(self, msg: ShardSnapshot, sender: object) -> None:
+        got = self.snapshots[msg.tag]
+        got[msg.shard] = msg
+        if len(got) < len(self.shards):
+            return
+        del self.snapshots[msg.tag]
+        weights = torch.cat([got[k].weights for k in range(len(self.shards))])
+        if msg.tag != FINAL:
+            self._evaluate(weights)
+            return
+        examples = sum(d.examples for d in self.done.values())
+        final_eval = self.evaluator(weights) if self.evaluator is not None else None
+        if final_eval is not None:
+            self.history["eval"].append(
+                {"examples": examples, "wall_s": self.t_end - self.t0 - self.eval_s, **final_eval}
+            )
+        self.ctx.tell(
+            self.driver,
+            TrainingDone(
+                weights=weights,
+                shard_stats=tuple(got[k].stats for k in range(len(self.shards))),
+                buffers=self.done[0].buffers,
+                history=self.history,
+                train_s=self.t_end - self.t0 - self.eval_s,
+                eval_s=self.eval_s,
+                examples=examples,
+                steps=sum(d.steps for d in self.done.values()),
+            ),
+        )
+
+    def _evaluate(self, weights: torch.Tensor) -> None:
+        t = time.perf_counter()
+        metrics = self.evaluator(weights)
+        self.history["eval"].append({"examples": self.examples, "wall_s": self._wall(), **metrics})
+        if self.eval_pauses_training:
+            self.eval_s += time.perf_counter() - t

@@ -1,0 +1,267 @@
+"""Every message exchanged between actors, and between the driver and the master.
+
+Messages are frozen, slotted dataclasses. The envelope (who sent it) is the runtime's business,
+not the message's. **Copy at the boundary:** a tensor in a message is never mutated after it is
+sent. Senders that reuse a buffer (a stage's gradient accumulator, a shard's slice) send a clone;
+activations and input gradients are fresh tensors and travel as they are. The in-process runtime
+shares memory and Ray serializes, so this contract is what makes the two runtimes agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# ---------------------------------------------------------------- wiring (driver -> actors)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectStage:
+    """Tells a stage who its neighbours are."""
+
+    previous: Any
+    """Ref of the stage before this one, or None for the first stage."""
+    next: Any
+    """Ref of the stage after this one, or None for the last stage."""
+    shards: tuple[Any, ...]
+    """Refs of all PS shards, indexed by shard number."""
+    data_shard: Any
+    """Ref of the replica's data shard (told when a step or the replica finishes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectDataShard:
+    """Tells a data shard which stages make up its replica and who the master is."""
+
+    stages: tuple[Any, ...]
+    """Refs of the replica's stages, first to last."""
+    master: Any
+    """Ref of the Downpour master."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectMaster:
+    """Tells the master the data shards (one per replica) and the PS shards."""
+
+    data_shards: tuple[Any, ...]
+    """Refs of the replicas' data shards, indexed by replica."""
+    shards: tuple[Any, ...]
+    """Refs of the PS shards, indexed by shard."""
+
+
+# ---------------------------------------------------------------- driver <-> master
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Driver -> master: start training; the master replies to the sender when done."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressReport:
+    """Master -> driver: how far training has come (for progress display)."""
+
+    examples: int
+    """Training examples processed so far, over all replicas."""
+    total_examples: int
+    """Training examples the run will process in all."""
+    loss: float
+    """Mean training loss over the steps since the previous report."""
+    wall_s: float
+    """Seconds since training began."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingDone:
+    """Master -> driver: the run finished; everything needed to build the result."""
+
+    weights: torch.Tensor
+    """Final flat parameter vector assembled from all shards."""
+    shard_stats: tuple[dict[str, float], ...]
+    """Per-shard counters: updates applied, staleness sum and max, rejected pushes."""
+    buffers: tuple[dict[str, torch.Tensor], ...]
+    """Replica 0's module buffers per stage (e.g. BatchNorm statistics; not on the PS)."""
+    history: dict[str, list]
+    """Training loss curve and evaluation points."""
+    train_s: float
+    """Seconds from the first mini-batch to the last push applied, evaluation excluded."""
+    eval_s: float
+    """Seconds spent evaluating during training."""
+    examples: int
+    """Training examples processed over all replicas."""
+    steps: int
+    """Mini-batch steps over all replicas."""
+
+
+# ---------------------------------------------------------------- master <-> data shards
+
+
+@dataclass(frozen=True, slots=True)
+class StartReplica:
+    """Master -> data shard: start feeding mini-batches."""
+
+    warmstart_steps: int = 0
+    """If > 0, report WarmstartDone after this many steps (replica 0 only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmstartDone:
+    """Data shard -> master: the warmstart replica finished its solo steps."""
+
+    replica: int
+    """Replica index."""
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Data shard -> master: steps completed since the last report."""
+
+    replica: int
+    """Replica index."""
+    steps: int
+    """Steps completed since the previous report."""
+    examples: int
+    """Examples in those steps."""
+    loss_sum: float
+    """Sum of the mini-batch losses of those steps."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaDone:
+    """Data shard -> master: all epochs done and every push of the replica applied."""
+
+    replica: int
+    """Replica index."""
+    steps: int
+    """Steps the replica completed."""
+    examples: int
+    """Examples the replica processed."""
+    buffers: tuple[dict[str, torch.Tensor], ...]
+    """Module buffers of each stage of the replica."""
+
+
+# ---------------------------------------------------------------- data shard <-> stages
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Activations flowing forward: mini-batch into stage 0, or a stage's output to the next."""
+
+    step: int
+    """Replica-local step number."""
+    activations: torch.Tensor
+    """Input of the receiving stage (never mutated after sending)."""
+    targets: torch.Tensor
+    """Targets of the mini-batch, for the last stage's loss."""
+
+
+@dataclass(frozen=True, slots=True)
+class Backward:
+    """Gradient w.r.t. a stage's output flowing backward to it."""
+
+    step: int
+    """Replica-local step number."""
+    grad: torch.Tensor
+    """Gradient of the loss w.r.t. the receiving stage's output."""
+    loss: float
+    """Mini-batch loss, carried back so the data shard can record it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """First stage -> data shard: the step's backward pass reached the input."""
+
+    step: int
+    """Replica-local step number."""
+    loss: float
+    """Mini-batch loss."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Data shard -> stage: no more mini-batches; push what is accrued and drain."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageDone:
+    """Stage -> data shard: all of the stage's pushes are applied at the shards."""
+
+    stage: int
+    """Stage index."""
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The stage's module buffers (copies)."""
+
+
+# ---------------------------------------------------------------- stages <-> PS shards
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """Stage -> shard: send me the current values of my segment."""
+
+    stage: int
+    """Index of the requesting stage (selects the segment)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchReply:
+    """Shard -> stage: the segment's current values."""
+
+    shard: int
+    """Index of the replying shard."""
+    weights: torch.Tensor
+    """A copy of the segment (the shard keeps updating its own)."""
+    version: int
+    """Updates applied to the segment so far; pushes quote it back to measure staleness."""
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Stage -> shard: gradient accrued since the previous push, for one segment."""
+
+    stage: int
+    """Index of the pushing stage (selects the segment)."""
+    grad: torch.Tensor
+    """Accrued gradient for the segment (a copy: the stage reuses its buffer)."""
+    fetched_version: int
+    """Version of the segment when the stage last fetched it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Stage -> shard: reply once every earlier push of mine is applied."""
+
+    stage: int
+    """Index of the stage asking."""
+
+
+@dataclass(frozen=True, slots=True)
+class Drained:
+    """Shard -> stage: every push the stage sent before Drain is applied."""
+
+    shard: int
+    """Index of the replying shard."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Master -> shard: send a copy of your whole slice and your counters."""
+
+    tag: int
+    """Matches the replies to the request (evaluation number, or -1 for the final one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSnapshot:
+    """Shard -> master: the slice's current values and the shard's counters."""
+
+    shard: int
+    """Index of the replying shard."""
+    tag: int
+    """The request's tag."""
+    weights: torch.Tensor
+    """A copy of the shard's slice."""
+    stats: dict[str, float]
+    """updates_applied, rejected_pushes, staleness_sum, staleness_max."""

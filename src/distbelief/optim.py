@@ -1,0 +1,36 @@
+"""Server-side update rules: what a PS shard does with a pushed gradient. Built on torch.optim.
+
+Each segment a shard holds (its overlap with one stage) is one flat ``nn.Parameter`` with its
+own optimizer, so a push touches only its segment and no other segment's optimizer state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+# Each builder maps (parameter, lr) to a torch optimizer. Defaults follow the paper/torch.
+UPDATE_RULES: dict[str, Callable[[nn.Parameter, float], torch.optim.Optimizer]] = {
+    # w <- w - lr * g, exactly (torch's SGD without momentum does precisely this).
+    "sgd": lambda p, lr: torch.optim.SGD([p], lr=lr),
+    "momentum": lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.9),
+    # The paper's Adagrad: eta_i = gamma / sqrt(sum_j g_ij^2), per parameter, shard-local;
+    # torch adds eps=1e-10 to the denominator so a zero gradient history cannot divide by 0.
+    "adagrad": lambda p, lr: torch.optim.Adagrad([p], lr=lr),
+    "adam": lambda p, lr: torch.optim.Adam([p], lr=lr),
+}
+
+
+def make_update_rule(name: str, param: nn.Parameter, lr: float) -> torch.optim.Optimizer:
+    """The torch optimizer implementing update rule ``name`` over one flat parameter."""
+    try:
+        builder = UPDATE_RULES[name]
+    except KeyError:
+        raise ConfigError(
+            f"optimizer: unknown optimizer {name!r}; choose one of {', '.join(UPDATE_RULES)}"
+        ) from None
+    return builder(param, lr)

@@ -1,0 +1,31 @@
+"""Runtimes that host distbelief's actors: one protocol, several implementations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .base import Actor, Context, Runtime, receives
+from .local import LocalRuntime
+
+RUNTIMES = ("local", "ray")
+
+
+def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runtime:
+    """Create the runtime called ``name`` ("local" or "ray")."""
+    if name == "local":
+        if options:
+            raise ConfigError(f"runtime: the local runtime takes no options, got {sorted(options)}")
+        return LocalRuntime(seed)
+    if name == "ray":
+        try:
+            from .ray import RayRuntime
+        except ImportError as exc:
+            raise ConfigError(
+                "runtime: 'ray' needs Ray; install it with pip install 'distbelief[ray]'"
+            ) from exc
+        return RayRuntime(seed=seed, **options)
+    raise ConfigError(f"runtime: unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
+
+
+__all__ = ["Actor", "Context", "LocalRuntime", "RUNTIMES", "Runtime", "make_runtime", "receives"]

@@ -1,0 +1,95 @@
+"""The one runtime protocol: what actors may ask of a runtime, and what the driver may ask.
+
+Actor classes are plain Python. They subclass :class:`Actor`, mark handlers with
+:func:`receives`, and talk to the world only through ``self.ctx`` (a :class:`Context`). They
+never import a runtime, so the in-process runtime and the Ray runtime host the same classes.
+
+Ordering guarantee every runtime gives (and the only one actors may rely on): messages from one
+sender to one receiver are delivered in the order they were sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, Protocol, TypeVar
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def receives(*message_types: type) -> Callable[[F], F]:
+    """Mark an actor method as the handler of the given message types.
+
+    The handler is called as ``handler(message, sender)``.
+    """
+
+    def mark(fn: F) -> F:
+        fn._receives = message_types  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class Context(Protocol):
+    """What a runtime gives an actor."""
+
+    name: str
+    """The actor's name, unique in the run."""
+    self_ref: Any
+    """A ref other actors can send to."""
+
+    def tell(self, ref: Any, message: Any) -> None:
+        """Send ``message`` to ``ref`` without waiting; the sender is this actor."""
+
+
+class Actor:
+    """Base class of every actor. Subclasses mark handlers with :func:`receives`."""
+
+    handlers: ClassVar[dict[type, str]] = {}
+    ctx: Context
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        table = dict(getattr(cls, "handlers", {}))
+        for name, fn in vars(cls).items():
+            for message_type in getattr(fn, "_receives", ()):
+                table[message_type] = name
+        cls.handlers = table
+
+    def bind(self, ctx: Context) -> None:
+        """Called by the runtime once, before the first message is delivered."""
+        self.ctx = ctx
+
+    def bound_handlers(self) -> dict[type, Callable[[Any, Any], None]]:
+        """Message type -> bound handler; runtimes cache this for fast dispatch."""
+        return {t: getattr(self, name) for t, name in self.handlers.items()}
+
+    def receive(self, message: Any, sender: Any) -> None:
+        """Dispatch one message to its handler (runtimes may cache the lookup instead)."""
+        try:
+            name = self.handlers[type(message)]
+        except KeyError:
+            raise TypeError(f"{type(self).__name__} has no handler for {type(message).__name__}")
+        getattr(self, name)(message, sender)
+
+
+class Runtime(Protocol):
+    """Hosts actors. Implementations: ``LocalRuntime`` (in-process) and ``RayRuntime``."""
+
+    single_threaded: bool
+    """True when all actors share one thread (evaluation then pauses training)."""
+
+    def spawn(self, name: str, cls: type[Actor], *args: Any, **kwargs: Any) -> Any:
+        """Create an actor ``cls(*args, **kwargs)`` named ``name`` and return its ref."""
+
+    def tell(self, ref: Any, message: Any) -> None:
+        """Send a message from the driver (the caller of the runtime) to an actor."""
+
+    def converse(self, ref: Any, message: Any, *, timeout: float) -> Iterator[Any]:
+        """Send ``message`` from the driver, then yield every message sent back to the driver.
+
+        The caller stops iterating when it has the reply it wants. Raises ``RunTimeout`` when
+        ``timeout`` seconds pass in all, and ``ActorFailed`` when an actor raises.
+        """
+
+    def shutdown(self) -> None:
+        """Stop every actor of the run and release the runtime's resources."""
