@@ -64,6 +64,7 @@ class Stage(Actor):
         self.accrued = torch.zeros_like(self.grads) if local_lr > 0 else self.grads
         self.steps = 0  # completed steps (backward done)
         self.accrued_steps = 0  # steps accrued since the last push
+        self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: Forward | None = None  # forward waiting for fetch replies
         self.awaiting = 0  # fetch or drain replies outstanding
         self.saved: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -77,7 +78,8 @@ class Stage(Actor):
 
     @receives(Forward)
     def on_forward(self, msg: Forward, sender: object) -> None:
-        if msg.step % self.n_fetch == 0 and self.segments:
+        if self.segments and (msg.step % self.n_fetch == 0 or not self.fetched):
+            self.fetched = True
             self.pending = msg
             self.awaiting = len(self.segments)
             for shard, _, _ in self.segments:
