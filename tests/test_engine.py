@@ -1,0 +1,239 @@
+"""Downpour engine against oracles: plain torch loops over the same mini-batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp
+from torch import nn
+
+import distbelief
+from distbelief.data import replica_batches, replica_ranges
+from distbelief.flat import flatten
+
+
+def toy_data(n: int = 256, features: int = 10, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def plain_loop(model, batches, make_opt, loss_fn=F.cross_entropy, accumulate: int = 1):
+    """The oracle: a plain torch.optim loop; steps with the sum of `accumulate` gradients."""
+    model = copy.deepcopy(model)
+    opt = make_opt(model.parameters())
+    for i, (x, y) in enumerate(batches):
+        loss_fn(model(x), y).backward()
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+    return flatten(model.children())
+
+
+def run(model, data, **kw):
+    kw.setdefault("loss", "cross_entropy")
+    kw.setdefault("lr", 0.1)
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("epochs", 2)
+    kw.setdefault("seed", 7)
+    return distbelief.train(model, data, **kw)
+
+
+def final(result):
+    return flatten(result.model.children())
+
+
+@pytest.mark.parametrize(
+    "optimizer, make_opt",
+    [
+        ("sgd", lambda p: torch.optim.SGD(p, lr=0.1)),
+        ("adagrad", lambda p: torch.optim.Adagrad(p, lr=0.1)),
+        ("momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+        ("adam", lambda p: torch.optim.Adam(p, lr=0.1)),
+    ],
+)
+def test_single_replica_equals_plain_torch_optim_loop(runtime, optimizer, make_opt):
+    model = mlp([10, 16, 16, 3])
+    x, y = toy_data()
+    result = run(model, (x, y), optimizer=optimizer, runtime=runtime)
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2)
+    expected = plain_loop(model, batches, make_opt)
+    assert not torch.equal(expected, flatten(model.children())), "the oracle must move"
+    torch.testing.assert_close(final(result), expected, rtol=1e-6, atol=1e-6)
+    assert result.stats["staleness_max"] == 0
+    assert result.stats["updates_applied"] == [2 * 256 // 16]
+
+
+@pytest.mark.parametrize("stages, shards", [(3, 1), (1, 4), (3, 4), ([1, 4], 2)])
+def test_stages_and_shards_do_not_change_a_single_replica_run(runtime, stages, shards):
+    model = mlp([10, 16, 16, 3])
+    x, y = toy_data()
+    base = final(run(model, (x, y), optimizer="adagrad", runtime=runtime))
+    split = run(model, (x, y), optimizer="adagrad", stages=stages, shards=shards, runtime=runtime)
+    torch.testing.assert_close(final(split), base, rtol=1e-6, atol=1e-6)
+    assert len(split.stats["updates_applied"]) == shards
+
+
+def test_n_fetch_n_push_4_equals_summed_gradients_every_4_steps(runtime):
+    model = mlp([10, 16, 16, 3])
+    x, y = toy_data()  # 256 / 16 = 16 steps per epoch: a multiple of 4
+    result = run(model, (x, y), n_fetch=4, n_push=4, stages=2, runtime=runtime)
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2)
+    expected = plain_loop(model, batches, lambda p: torch.optim.SGD(p, lr=0.1), accumulate=4)
+    torch.testing.assert_close(final(result), expected, rtol=1e-6, atol=1e-6)
+    assert result.stats["updates_applied"] == [2 * 2 * 16 // 4]  # two stages push
+
+
+def test_leftover_gradient_is_pushed_at_the_end():
+    model = mlp([10, 16, 3])
+    x, y = toy_data(n=80)  # 5 steps; n_push = 4 leaves one step accrued
+    result = run(model, (x, y), epochs=1, n_fetch=4, n_push=4)
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=1)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for i, (bx, by) in enumerate(batches):
+        F.cross_entropy(m(bx), by).backward()
+        if (i + 1) % 4 == 0 or i == len(batches) - 1:
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(final(result), flatten(m.children()), rtol=1e-6, atol=1e-6)
+
+
+def test_warmstart_longer_than_replica_0_is_sequential_training():
+    """Replica 0 alone for all of its steps, then replica 1: a plain loop over both in turn."""
+    model = mlp([10, 16, 3])
+    x, y = toy_data(n=128)
+    result = run(model, (x, y), replicas=2, epochs=1, warmstart_steps=10**6)
+    (a0, b0), (a1, b1) = replica_ranges(128, 2)
+    batches = replica_batches(x[a0:b0], y[a0:b0], replica=0, seed=7, batch_size=16, epochs=1)
+    batches += replica_batches(x[a1:b1], y[a1:b1], replica=1, seed=7, batch_size=16, epochs=1)
+    expected = plain_loop(model, batches, lambda p: torch.optim.SGD(p, lr=0.1))
+    torch.testing.assert_close(final(result), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_warmstart_runs_replica_0_alone_first():
+    model = mlp([10, 16, 3])
+    x, y = toy_data(n=256)
+    solo = run(model, (x, y), replicas=4, epochs=1, warmstart_steps=3, seed=1)
+    # Staleness comes only from other replicas' pushes; the first 3 updates are replica 0's
+    # alone, so the run is still asynchronous afterwards but was sequential before.
+    assert solo.stats["steps"] == 4 * 4
+    assert solo.stats["staleness_max"] > 0
+
+
+def test_local_step_between_fetches_matches_its_definition():
+    model = mlp([10, 16, 3])
+    x, y = toy_data(n=64)
+    result = run(model, (x, y), epochs=1, n_fetch=4, n_push=4, local_lr=0.05, lr=0.1)
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=1)
+    # Oracle: the client copy takes w -= 0.05*g each step; the server takes w -= 0.1*sum(g).
+    client = copy.deepcopy(model)
+    server = flatten(model.children())
+    accrued = torch.zeros_like(server)
+    for bx, by in batches:
+        client.zero_grad()
+        F.cross_entropy(client(bx), by).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in client.parameters()])
+        accrued += g
+        with torch.no_grad():
+            for p in client.parameters():
+                p -= 0.05 * p.grad
+    server = server - 0.1 * accrued
+    torch.testing.assert_close(final(result), server, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_model_trains_in_float64(runtime):
+    model = mlp([10, 16, 3], dtype=torch.float64)
+    x, y = toy_data()
+    result = run(model, (x, y), runtime=runtime, stages=2, shards=3)
+    assert all(p.dtype == torch.float64 for p in result.model.parameters())
+    batches = replica_batches(x.double(), y, replica=0, seed=7, batch_size=16, epochs=2)
+    expected = plain_loop(model, batches, lambda p: torch.optim.SGD(p, lr=0.1))
+    torch.testing.assert_close(final(result), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dataset_input_equals_tensor_input():
+    model = mlp([10, 16, 3])
+    x, y = toy_data(n=64)
+    a = run(model, (x, y))
+    b = run(model, torch.utils.data.TensorDataset(x, y))
+    assert torch.equal(final(a), final(b))
+
+
+def test_input_model_is_not_modified():
+    model = mlp([10, 16, 3])
+    before = flatten(model.children()).clone()
+    run(model, toy_data(n=64), stages=2, shards=2, replicas=2)
+    assert torch.equal(flatten(model.children()), before)
+
+
+def test_same_seed_is_bit_identical_and_another_seed_differs():
+    model = mlp([10, 32, 32, 3])
+    x, y = toy_data(n=512)
+    kw = dict(replicas=4, stages=2, shards=2, optimizer="adagrad", epochs=1)
+    a = final(run(model, (x, y), seed=11, **kw))
+    b = final(run(model, (x, y), seed=11, **kw))
+    c = final(run(model, (x, y), seed=12, **kw))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_asynchronous_replicas_see_stale_parameters():
+    model = mlp([10, 32, 3])
+    x, y = toy_data(n=512)
+    result = run(model, (x, y), replicas=4, shards=2, epochs=1, seed=3)
+    stats = result.stats
+    assert stats["updates_applied_total"] == 4 * (128 // 16) * 2  # 2 shards, 1 stage
+    assert 0 < stats["staleness_mean"] <= stats["staleness_max"] <= 3 * 8
+
+
+def test_batchnorm_buffers_come_from_replica_0():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    result = run(model, toy_data(n=128), replicas=2, stages=2)
+    bn = result.model[1]
+    assert bn.num_batches_tracked.item() == 128 // 2 // 16 * 2
+    assert not torch.equal(bn.running_mean, torch.zeros(16))
+
+
+def test_nan_push_is_rejected_counted_and_parameters_stay_finite():
+    model = mlp([10, 16, 3])
+    x, y = toy_data(n=64)
+    x[40, 3] = float("nan")  # one poisoned example: its mini-batch's gradient is NaN
+    result = run(model, (x, y), epochs=1, shards=2)
+    assert result.stats["rejected_pushes"] == 2  # one push to each shard
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert result.stats["updates_applied_total"] == 2 * (64 // 16 - 1)
+
+
+def test_mnist1d_four_replicas_two_stages_two_shards_adagrad(runtime, mnist1d_data):
+    train, test = mnist1d_data
+    torch.manual_seed(0)
+    model = mlp([40, 256, 256, 10])
+    result = distbelief.train(
+        model, train, loss="cross_entropy", lr=0.05, batch_size=32, epochs=5, replicas=4,
+        stages=2, shards=2, optimizer="adagrad", eval_data=test, seed=0, runtime=runtime,
+    )
+    assert result.history.accuracy >= 0.60
+    assert result.stats["rejected_pushes"] == 0
+    assert result.stats["examples"] == 5 * len(train[0])
+
+
+def test_xor_seed_setting_learns_xor():
+    """The seed's example: 50,000 examples, 25 replicas x 2,000, 2-2-1 sigmoid, lr 0.5."""
+    from distbelief.data import xor
+
+    train, table = xor(50_000, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1), nn.Sigmoid())
+    result = distbelief.train(
+        model, train, loss="mse", lr=0.5, batch_size=1, epochs=1, replicas=25, stages=2,
+        optimizer="sgd", eval_data=table, seed=0,
+    )
+    out = result.model(table[0]).detach()
+    assert ((out > 0.5) == (table[1] > 0.5)).all(), out
+    assert result.history.accuracy == 1.0
