@@ -92,7 +92,7 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, loss: str | L
 
 
 def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> torch.Tensor:
-    """Forward one example through every layer; name the layer whose input does not fit."""
+    """Forward a few examples through every layer; name the layer whose input does not fit."""
     modes = [layer.training for layer in layers]
     out = x
     try:
@@ -145,7 +145,7 @@ def _check_targets(
             f"example, got {tuple(y.shape[1:])}"
         )
     try:
-        value = loss_fn(out, y[:1])
+        value = loss_fn(out, y[: len(out)])
     except Exception as exc:
         raise ConfigError(f"loss: fails on the model's output and the targets: {exc}") from None
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
@@ -245,12 +245,13 @@ def train(
     total = sum(sizes)
     if config.shards > total:
         raise ConfigError(f"shards: {config.shards} shards but the model has {total} parameters")
-    out = _dry_run(layers, stage_of, x[:1])
+    # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
+    out = _dry_run(layers, stage_of, x[:2])
     _check_targets("train_data", out, y, loss, loss_fn)
     evaluator = None
     if eval_data is not None:
         ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
-        _check_targets("eval_data", _dry_run(layers, stage_of, ex[:1]), ey, loss, loss_fn)
+        _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
         evaluator = Evaluator(layers, (ex, ey), loss_fn, metric or default_metric(loss, ey))
 
     with torch.random.fork_rng(devices=[]):

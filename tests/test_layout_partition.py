@@ -1,0 +1,102 @@
+"""The pure parts: flat layout, partitioning, data order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+
+from distbelief.data import epoch_order, replica_ranges
+from distbelief.errors import ConfigError
+from distbelief.flat import bind_to_flat, flatten, load_flat
+from distbelief.layout import Layout, shard_ranges
+from distbelief.partition import balanced_split_points, resolve_split_points
+
+
+def test_shard_ranges_cover_everything_with_near_equal_sizes():
+    ranges = shard_ranges(10, 3)
+    assert ranges == ((0, 3), (3, 6), (6, 10))
+    for total, shards in [(1, 1), (7, 7), (1000, 3), (76810, 4)]:
+        r = shard_ranges(total, shards)
+        assert r[0][0] == 0 and r[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(r, r[1:]))
+        sizes = [b - a for a, b in r]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_ranges_reject_more_shards_than_parameters():
+    with pytest.raises(ValueError, match="3 parameters over 4 shards"):
+        shard_ranges(3, 4)
+
+
+def test_segments_are_exact_overlaps_and_a_stage_talks_only_to_its_shards():
+    layout = Layout.build([6, 0, 10], shards=4)  # shards: 0-4, 4-8, 8-12, 12-16
+    assert layout.segments_of_stage(0) == tuple(
+        s for s in layout.segments if s.stage == 0
+    )
+    assert [(s.shard, s.start, s.stop) for s in layout.segments_of_stage(0)] == [(0, 0, 4), (1, 4, 6)]
+    assert layout.segments_of_stage(1) == ()
+    assert [(s.shard, s.start, s.stop) for s in layout.segments_of_stage(2)] == [
+        (1, 6, 8), (2, 8, 12), (3, 12, 16)
+    ]
+    # Segments tile the flat space exactly once.
+    covered = sorted((s.start, s.stop) for s in layout.segments)
+    assert covered[0][0] == 0 and covered[-1][1] == 16
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+    assert [s.stage for s in layout.segments_of_shard(1)] == [0, 2]
+
+
+def test_balanced_split_minimises_the_largest_stage():
+    sizes = [10496, 0, 65792, 0, 2570]  # MLP 40-256-256-10
+    points = balanced_split_points(sizes, 2)
+    assert points == [2]  # [Linear, ReLU] | [Linear, ReLU, Linear]
+    assert balanced_split_points(sizes, 5) == [1, 2, 3, 4]
+    assert balanced_split_points([1, 1, 1, 1], 2) == [2]
+    # Parameter-free layers stay with the layer before them.
+    assert balanced_split_points([5, 0, 5, 0], 2) == [2]
+
+
+def test_explicit_split_points_are_validated():
+    assert resolve_split_points([1, 1, 1], [1, 2]) == [1, 2]
+    for bad in ([0], [3], [2, 1], [1, 1], ["a"]):
+        with pytest.raises(ConfigError, match="^stages"):
+            resolve_split_points([1, 1, 1], bad)
+    with pytest.raises(ConfigError, match="^stages: 4 stages but the model has only 3 layers"):
+        resolve_split_points([1, 1, 1], 4)
+
+
+def test_flat_binding_makes_parameters_and_grads_views():
+    model = mlp([3, 4, 2])
+    before = flatten(model.children())
+    weights, grads = bind_to_flat(model.children(), torch.float32)
+    assert torch.equal(weights, before)
+    weights.add_(1.0)
+    assert torch.equal(flatten(model.children()), before + 1)
+    model(torch.randn(5, 3)).sum().backward()
+    assert grads.abs().sum() > 0
+    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), grads)
+    load_flat(model.children(), before)
+    assert torch.equal(weights, before)
+
+
+def test_epoch_order_is_a_seeded_permutation_per_replica_and_epoch():
+    a = epoch_order(100, seed=1, replica=0, epoch=0)
+    assert sorted(a.tolist()) == list(range(100))
+    assert torch.equal(a, epoch_order(100, seed=1, replica=0, epoch=0))
+    assert not torch.equal(a, epoch_order(100, seed=1, replica=0, epoch=1))
+    assert not torch.equal(a, epoch_order(100, seed=1, replica=1, epoch=0))
+    assert not torch.equal(a, epoch_order(100, seed=2, replica=0, epoch=0))
+
+
+def test_replica_ranges_split_like_the_seed():
+    assert replica_ranges(50_000, 25)[3] == (6000, 8000)
+    assert replica_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_model_with_shared_parameter_across_layers_is_rejected():
+    from distbelief.partition import layer_sizes
+
+    lin = nn.Linear(4, 4)
+    with pytest.raises(ConfigError, match="^model: layers 0 and 1 share a parameter"):
+        layer_sizes([lin, lin])

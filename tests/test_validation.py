@@ -1,0 +1,119 @@
+"""Every bad input fails before any actor starts, with a message naming the parameter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+
+import distbelief
+from distbelief import ConfigError
+
+
+def data(n=32, features=10, classes=3):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+BASE = dict(loss="cross_entropy", lr=0.1, batch_size=8, epochs=1)
+
+
+def check(match: str, model=None, train_data=None, **overrides):
+    kw = {**BASE, **overrides}
+    with pytest.raises(ConfigError, match=match):
+        distbelief.train(model if model is not None else mlp([10, 8, 3]),
+                         train_data if train_data is not None else data(), **kw)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(stages=4), r"^stages: 4 stages but the model has only 3 layers"),
+        (dict(stages=0), r"^stages: must be >= 1"),
+        (dict(replicas=33), r"^replicas: 33 replicas but only 32 training examples"),
+        (dict(replicas=0), r"^replicas: must be an integer >= 1"),
+        (dict(shards=200), r"^shards: 200 shards but the model has 115 parameters"),
+        (dict(n_fetch=0), r"^n_fetch: must be an integer >= 1"),
+        (dict(n_push=0), r"^n_push: must be an integer >= 1"),
+        (dict(batch_size=0), r"^batch_size: must be an integer >= 1"),
+        (dict(epochs=-1), r"^epochs: must be an integer >= 1"),
+        (dict(lr=0.0), r"^lr: must be a finite number > 0"),
+        (dict(lr=float("nan")), r"^lr: must be a finite number > 0"),
+        (dict(warmstart_steps=-1), r"^warmstart_steps: must be an integer >= 0"),
+        (dict(optimizer="rmsprop"), r"^optimizer: unknown optimizer 'rmsprop'"),
+        (dict(runtime="mpi"), r"^runtime: unknown runtime 'mpi'"),
+        (dict(loss="hinge"), r"^loss: unknown loss 'hinge'"),
+        (dict(seed=-3), r"^seed: must be an integer >= 0"),
+    ],
+)
+def test_bad_settings_name_the_parameter(overrides, match):
+    check(match, **overrides)
+
+
+def test_stages_whose_shapes_do_not_chain_are_found_by_a_dry_run():
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(7, 3))
+    check(r"^model: layer 2 \(Linear\) in stage 1 cannot take the output of layer 1 "
+          r"\(shape \(2, 8\)\)", model=model, stages=2)
+
+
+def test_inputs_that_do_not_fit_the_first_layer_are_named():
+    check(r"^model: layer 0 \(Linear\) in stage 0 cannot take the training inputs",
+          train_data=data(features=11))
+
+
+def test_labels_out_of_range_for_cross_entropy():
+    x, y = data()
+    y[5] = 3
+    check(r"^train_data: label 3 is out of range for cross_entropy over the model's 3 outputs",
+          train_data=(x, y))
+    y[5] = -1
+    check(r"^train_data: label -1 is out of range", train_data=(x, y))
+
+
+def test_eval_labels_out_of_range_are_named_too():
+    x, y = data()
+    y[0] = 9
+    check(r"^eval_data: label 9 is out of range", eval_data=(x, y))
+
+
+def test_float_labels_for_cross_entropy_are_rejected():
+    x, y = data()
+    check(r"^train_data: cross_entropy needs integer class labels", train_data=(x, y.float()))
+
+
+def test_mse_targets_must_match_the_output_shape():
+    x, _ = data()
+    check(r"^train_data: mse needs targets shaped like the output", loss="mse",
+          train_data=(x, torch.zeros(32, 2)))
+
+
+@pytest.mark.parametrize(
+    "train_data, match",
+    [
+        ((torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)), r"^train_data: the data is empty"),
+        ((torch.zeros(4, 10), torch.zeros(5, dtype=torch.long)), r"^train_data: 4 inputs but 5"),
+        ("not data", r"^train_data: expected an \(inputs, targets\) pair or a torch Dataset"),
+        (torch.utils.data.TensorDataset(torch.zeros(0, 10), torch.zeros(0)),
+         r"^train_data: the dataset is empty"),
+    ],
+)
+def test_bad_data_is_named(train_data, match):
+    check(match, train_data=train_data)
+
+
+def test_bad_models_are_named():
+    check(r"^model: expected an nn.Sequential or a list", model=nn.Linear(10, 3))
+    check(r"^model: the model has no parameters", model=nn.Sequential(nn.ReLU()))
+    mixed = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 3).double())
+    check(r"^model: parameters have mixed dtypes", model=mixed)
+    check(r"^model: the model has no layers", model=[])
+
+
+def test_a_list_of_modules_is_a_model():
+    result = distbelief.train([nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)], data(), **BASE)
+    assert isinstance(result.model, nn.Sequential) and len(result.model) == 3
+
+
+def test_a_custom_loss_must_return_a_scalar():
+    check(r"^loss: must return a scalar tensor", loss=lambda out, t: out.sum(dim=1))
