@@ -66,16 +66,13 @@ def test_explicit_split_points_are_validated():
         resolve_split_points([1, 1, 1], 4)
 
 
-def test_flat_binding_makes_parameters_and_grads_views():
+def test_flat_binding_makes_parameters_views_of_one_buffer():
     model = mlp([3, 4, 2])
     before = flatten(model.children())
-    weights, grads = bind_to_flat(model.children(), torch.float32)
+    weights = bind_to_flat(model.children(), torch.float32)
     assert torch.equal(weights, before)
     weights.add_(1.0)
     assert torch.equal(flatten(model.children()), before + 1)
-    model(torch.randn(5, 3)).sum().backward()
-    assert grads.abs().sum() > 0
-    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), grads)
     load_flat(model.children(), before)
     assert torch.equal(weights, before)
 

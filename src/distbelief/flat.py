@@ -28,24 +28,20 @@ def flatten(layers: Iterable[nn.Module]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def bind_to_flat(layers: Iterable[nn.Module], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-point every parameter (and its ``.grad``) at a view of one flat buffer.
+def bind_to_flat(layers: Iterable[nn.Module], dtype: torch.dtype) -> torch.Tensor:
+    """Re-point every parameter at a view of one new flat buffer, and return the buffer.
 
-    Returns ``(weights, grads)``. Autograd accumulates into an existing ``.grad`` in place, so
-    gradients of successive backward passes add up in ``grads`` until it is zeroed.
+    Writing into the buffer (a fetch, a local step) changes the parameters in place.
     """
     params = parameters_of(layers)
-    n = sum(p.numel() for p in params)
-    weights = torch.empty(n, dtype=dtype)
-    grads = torch.zeros(n, dtype=dtype)
+    weights = torch.empty(sum(p.numel() for p in params), dtype=dtype)
     offset = 0
     for p in params:
         k = p.numel()
         weights[offset : offset + k].copy_(p.detach().reshape(-1))
         p.data = weights[offset : offset + k].view_as(p)
-        p.grad = grads[offset : offset + k].view_as(p)
         offset += k
-    return weights, grads
+    return weights
 
 
 def load_flat(layers: Iterable[nn.Module], vector: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..flat import bind_to_flat
+from ..flat import bind_to_flat, parameters_of
 from ..layout import Segment
 from ..messages import (
     Backward,
@@ -50,9 +50,9 @@ class Stage(Actor):
         self.replica = replica
         self.index = index
         self.module = nn.Sequential(*layers).train()
-        params = list(self.module.parameters())
-        dtype = params[0].dtype if params else torch.get_default_dtype()
-        self.weights, self.grads = bind_to_flat(self.module.children(), dtype)
+        self.params = parameters_of(self.module.children())
+        dtype = self.params[0].dtype if self.params else torch.get_default_dtype()
+        self.weights = bind_to_flat(self.module.children(), dtype)
         # Segments in stage-local coordinates: (shard, lo, hi).
         self.segments = [(seg.shard, seg.start - start, seg.stop - start) for seg in segments]
         self.versions = {shard: 0 for shard, _, _ in self.segments}
@@ -60,10 +60,9 @@ class Stage(Actor):
         self.n_fetch = n_fetch
         self.n_push = n_push
         self.local_lr = local_lr
-        # With a local step, this step's gradient is applied locally and also accrued here.
-        self.accrued = torch.zeros_like(self.grads) if local_lr > 0 else self.grads
+        self.accrued: torch.Tensor | None = None  # gradient summed since the last push
+        self.accrued_steps = 0
         self.steps = 0  # completed steps (backward done)
-        self.accrued_steps = 0  # steps accrued since the last push
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: Forward | None = None  # forward waiting for fetch replies
         self.awaiting = 0  # fetch or drain replies outstanding
@@ -108,37 +107,57 @@ class Stage(Actor):
             self.ctx.tell(self.next, Forward(msg.step, out.detach(), msg.targets))
             return
         loss = self.loss_fn(out, msg.targets)
-        loss.backward()
-        self._after_backward(msg.step, x, loss.item())
+        self._backward(msg.step, loss, None, x, loss.item())
 
     @receives(Backward)
     def on_backward(self, msg: Backward, sender: object) -> None:
         x, out = self.saved
         self.saved = None
-        out.backward(msg.grad)
-        self._after_backward(msg.step, x, msg.loss)
+        self._backward(msg.step, out, msg.grad, x, msg.loss)
 
-    def _after_backward(self, step: int, x: torch.Tensor, loss: float) -> None:
-        if self.local_lr > 0:
-            self.accrued.add_(self.grads)
-            self.weights.add_(self.grads, alpha=-self.local_lr)
-            self.grads.zero_()
+    def _backward(
+        self, step: int, root: torch.Tensor, root_grad: torch.Tensor | None, x: torch.Tensor,
+        loss: float,
+    ) -> None:
+        # autograd.grad returns fresh tensors: no .grad fields to zero, and the flat gradient
+        # below is owned by this stage, so with n_push = 1 it is pushed without a copy.
+        wants_input = self.previous is not None
+        inputs = [*self.params, x] if wants_input else self.params
+        grads = (
+            torch.autograd.grad(root, inputs, root_grad, allow_unused=True, materialize_grads=True)
+            if inputs
+            else ()
+        )
+        if self.params:
+            flat = torch.cat([g.reshape(-1) for g in grads[: len(self.params)]])
+            if self.local_lr > 0:
+                self.weights.add_(flat, alpha=-self.local_lr)
+            if self.accrued is None:
+                self.accrued = flat
+            else:
+                self.accrued += flat
         self.steps += 1
         self.accrued_steps += 1
         if self.accrued_steps == self.n_push:
             self._push()
-        if self.previous is not None:
-            self.ctx.tell(self.previous, Backward(step, x.grad, loss))
+        if wants_input:
+            self.ctx.tell(self.previous, Backward(step, grads[-1], loss))
         else:
             self.ctx.tell(self.data_shard, StepDone(step, loss))
 
     def _push(self) -> None:
-        for shard, lo, hi in self.segments:
-            # Clone: the accumulator is zeroed and reused right after sending.
-            grad = self.accrued[lo:hi].clone()
-            self.ctx.tell(self.shards[shard], Push(self.index, grad, self.versions[shard]))
-        self.accrued.zero_()
+        accrued, self.accrued = self.accrued, None
         self.accrued_steps = 0
+        if accrued is None:
+            return
+        if len(self.segments) == 1:
+            shard, _, _ = self.segments[0]
+            self.ctx.tell(self.shards[shard], Push(self.index, accrued, self.versions[shard]))
+            return
+        for shard, lo, hi in self.segments:
+            # Clone each slice: a view would drag the whole buffer through serialization.
+            grad = accrued[lo:hi].clone()
+            self.ctx.tell(self.shards[shard], Push(self.index, grad, self.versions[shard]))
 
     @receives(Finish)
     def on_finish(self, msg: Finish, sender: object) -> None:
