@@ -14,14 +14,15 @@ from torch import nn
 from .errors import ConfigError
 
 # Each builder maps (parameter, lr) to a torch optimizer. Defaults follow the paper/torch.
+# foreach=False: there is one tensor per optimizer, so grouping tensors only adds overhead.
 UPDATE_RULES: dict[str, Callable[[nn.Parameter, float], torch.optim.Optimizer]] = {
     # w <- w - lr * g, exactly (torch's SGD without momentum does precisely this).
-    "sgd": lambda p, lr: torch.optim.SGD([p], lr=lr),
-    "momentum": lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.9),
+    "sgd": lambda p, lr: torch.optim.SGD([p], lr=lr, foreach=False),
+    "momentum": lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.9, foreach=False),
     # The paper's Adagrad: eta_i = gamma / sqrt(sum_j g_ij^2), per parameter, shard-local;
     # torch adds eps=1e-10 to the denominator so a zero gradient history cannot divide by 0.
-    "adagrad": lambda p, lr: torch.optim.Adagrad([p], lr=lr),
-    "adam": lambda p, lr: torch.optim.Adam([p], lr=lr),
+    "adagrad": lambda p, lr: torch.optim.Adagrad([p], lr=lr, foreach=False),
+    "adam": lambda p, lr: torch.optim.Adam([p], lr=lr, foreach=False),
 }
 
 

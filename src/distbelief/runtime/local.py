@@ -113,7 +113,7 @@ class LocalRuntime:
     def _run_until_reply(self, deadline: float) -> None:
         ready = self._ready
         inbox = self._driver_inbox
-        randrange = self._rng.randrange
+        uniform = self._rng.random  # int(uniform() * n) picks in [0, n): cheaper than randrange
         delivered = 0
         try:
             while not inbox:
@@ -123,7 +123,7 @@ class LocalRuntime:
                         "no actor has a message to handle, but the driver got no reply: "
                         "a message was lost or an actor is waiting for a reply that never comes"
                     )
-                i = randrange(n) if n > 1 else 0
+                i = int(uniform() * n) if n > 1 else 0
                 cell = ready[i]
                 mailbox = cell.mailbox
                 sender, message = mailbox.popleft()
