@@ -115,6 +115,8 @@ class LocalRuntime:
         inbox = self._driver_inbox
         uniform = self._rng.random  # int(uniform() * n) picks in [0, n): cheaper than randrange
         delivered = 0
+        if time.monotonic() > deadline:
+            raise RunTimeout("the run did not finish within its timeout")
         try:
             while not inbox:
                 n = len(ready)

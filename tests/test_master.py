@@ -1,0 +1,171 @@
+"""The Downpour master stepped one decision at a time, and run-level behaviour of train()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+
+import distbelief
+from distbelief.actors import DownpourMaster
+from distbelief.errors import ActorFailed, RunTimeout
+from distbelief.messages import (
+    Begin,
+    ConnectMaster,
+    Progress,
+    ProgressReport,
+    ReplicaDone,
+    ShardSnapshot,
+    Snapshot,
+    StartReplica,
+    TrainingDone,
+    WarmstartDone,
+)
+
+
+class RecordingContext:
+    """Stands in for a runtime: records what the actor sends."""
+
+    name = "master"
+    self_ref = "master"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, object]] = []
+
+    def tell(self, ref: object, message: object) -> None:
+        self.sent.append((ref, message))
+
+    def take(self) -> list[tuple[object, object]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def stepped_master(replicas=3, warmstart=5, evaluator=None, eval_every=0):
+    master = DownpourMaster(replicas, warmstart, 300, evaluator, eval_every, 100)
+    ctx = RecordingContext()
+    master.bind(ctx)
+    master.on_connect(ConnectMaster(("d0", "d1", "d2")[:replicas], ("s0", "s1")), None)
+    return master, ctx
+
+
+def test_warmstart_starts_replica_0_alone_then_unleashes_the_others():
+    master, ctx = stepped_master()
+    master.on_begin(Begin(), "driver")
+    assert ctx.take() == [("d0", StartReplica(5))]
+    master.on_warmstart_done(WarmstartDone(0), "d0")
+    assert ctx.take() == [("d1", StartReplica(0)), ("d2", StartReplica(0))]
+    master.on_warmstart_done(WarmstartDone(0), "d0")  # idempotent
+    assert ctx.take() == []
+
+
+def test_without_warmstart_all_replicas_start_together():
+    master, ctx = stepped_master(warmstart=0)
+    master.on_begin(Begin(), "driver")
+    assert [m for _, m in ctx.take()] == [StartReplica(0)] * 3
+
+
+def test_final_snapshot_is_assembled_in_shard_order_after_every_replica_is_done():
+    master, ctx = stepped_master(replicas=2, warmstart=0)
+    master.on_begin(Begin(), "driver")
+    ctx.take()
+    master.on_progress(Progress(0, 10, 150, 15.0), "d0")
+    assert [type(m) for _, m in ctx.take()] == [ProgressReport]
+    master.on_replica_done(ReplicaDone(0, 10, 150, ({},)), "d0")
+    assert ctx.take() == []
+    master.on_replica_done(ReplicaDone(1, 10, 150, ({},)), "d1")
+    asks = ctx.take()
+    assert asks == [("s0", Snapshot(-1)), ("s1", Snapshot(-1))]
+    stats = {"updates_applied": 1, "rejected_pushes": 0, "staleness_sum": 0, "staleness_max": 0}
+    master.on_shard_snapshot(ShardSnapshot(1, -1, torch.tensor([3.0, 4.0]), stats), "s1")
+    assert ctx.take() == []
+    master.on_shard_snapshot(ShardSnapshot(0, -1, torch.tensor([1.0, 2.0]), stats), "s0")
+    ((to, done),) = ctx.take()
+    assert to == "driver" and isinstance(done, TrainingDone)
+    assert torch.equal(done.weights, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert done.examples == 300 and done.steps == 20
+
+
+def test_evaluation_is_requested_every_eval_every_examples():
+    evaluated = []
+    master, ctx = stepped_master(
+        replicas=1, warmstart=0, evaluator=lambda w: evaluated.append(w) or {"loss": 0.0},
+        eval_every=100,
+    )
+    master.on_begin(Begin(), "driver")
+    ctx.take()
+    master.on_progress(Progress(0, 5, 50, 5.0), "d0")
+    assert not [m for _, m in ctx.take() if isinstance(m, Snapshot)]
+    master.on_progress(Progress(0, 5, 60, 5.0), "d0")
+    snaps = [m for _, m in ctx.take() if isinstance(m, Snapshot)]
+    assert snaps == [Snapshot(1), Snapshot(1)]
+    stats = {"updates_applied": 0, "rejected_pushes": 0, "staleness_sum": 0, "staleness_max": 0}
+    for k in range(2):
+        master.on_shard_snapshot(ShardSnapshot(k, 1, torch.zeros(2), stats), f"s{k}")
+    assert len(evaluated) == 1 and master.history["eval"][0]["examples"] == 110
+
+
+# ------------------------------------------------------------------ through train()
+
+
+class FailsOnCall(nn.Module):
+    """Identity that raises on its `n`-th call (the dry run is call 1)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("layer exploded")
+        return x
+
+
+def data(n=64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_an_actor_error_ends_the_run_naming_the_actor():
+    model = nn.Sequential(nn.Linear(10, 8), FailsOnCall(4), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ActorFailed, match=r"replica0\.stage1.*layer exploded"):
+        distbelief.train(model, data(), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1,
+                         stages=[1, 3])
+
+
+def test_periodic_evaluation_and_loss_history():
+    x, y = data(256)
+    result = distbelief.train(
+        mlp([10, 16, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=8, epochs=2,
+        replicas=2, eval_data=(x[:64], y[:64]), eval_every=128, seed=0,
+    )
+    evals = result.history.eval
+    # Progress arrives in windows of a few steps, so an evaluation happens at the first
+    # report past each multiple of eval_every; then one more at the end.
+    assert len(evals) == 4
+    for k, e in enumerate(evals[:3], start=1):
+        assert 128 * k <= e["examples"] < 128 * (k + 1)
+    assert evals[-1]["examples"] == 512 and 0.0 <= evals[-1]["accuracy"] <= 1.0
+    train = result.history.train
+    assert train[-1]["examples"] == 512
+    assert all(a["examples"] < b["examples"] for a, b in zip(train, train[1:]))
+    assert all(a["wall_s"] <= b["wall_s"] for a, b in zip(train, train[1:]))
+
+
+def test_a_drawn_seed_is_recorded_and_reproduces_the_run():
+    x, y = data(128)
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=8, epochs=1, replicas=3, shards=2)
+    first = distbelief.train(mlp([10, 16, 3]), (x, y), **kw)
+    seed = first.config.seed
+    assert isinstance(seed, int) and first.stats["seed"] == seed
+    again = distbelief.train(mlp([10, 16, 3]), (x, y), seed=seed, **kw)
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_run_past_its_timeout_stops_with_an_error():
+    with pytest.raises(RunTimeout, match="timeout"):
+        distbelief.train(mlp([10, 16, 3]), data(2048), loss="cross_entropy", lr=0.1,
+                         batch_size=1, epochs=1, timeout_s=1e-6)
