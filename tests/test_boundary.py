@@ -33,13 +33,13 @@ def test_pushed_gradients_are_not_changed_by_the_stage_afterwards():
     ctx = RecordingContext()
     stage.bind(ctx)
     stage.on_connect(ConnectStage(None, None, ("s0", "s1"), "data"), None)
-    stage.fetched = True  # skip the fetch: this test watches pushes only
+    stage.fetched = True  # with steps 1..4 and n_fetch=100 no fetch is due: pushes only
     x, t = torch.randn(4, 3), torch.randn(4, 2)
-    stage.on_forward(Forward(0, x, t), "data")
+    stage.on_forward(Forward(1, x, t), "data")
     first = [m.grad.clone() for _, m in ctx.sent if isinstance(m, Push)]
     sent = [m.grad for _, m in ctx.take() if isinstance(m, Push)]
     assert len(sent) == 2
-    for step in range(1, 4):
+    for step in range(2, 5):
         stage.on_forward(Forward(step, x * step, t), "data")
     for a, b in zip(sent, first):
         assert torch.equal(a, b)
