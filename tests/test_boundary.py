@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import torch
 from test_master import RecordingContext
+from torch import nn
 
 from distbelief.actors import ParameterShard, Stage
 from distbelief.layout import Layout
-from distbelief.messages import ConnectStage, Fetch, FetchReply, Forward, Push, ShardSnapshot, Snapshot
-from torch import nn
+from distbelief.messages import (
+    ConnectStage,
+    Fetch,
+    FetchReply,
+    Forward,
+    Push,
+    ShardSnapshot,
+    Snapshot,
+)
 
 
 def test_shard_replies_are_copies_that_later_pushes_do_not_touch():
@@ -28,8 +36,16 @@ def test_shard_replies_are_copies_that_later_pushes_do_not_touch():
 def test_pushed_gradients_are_not_changed_by_the_stage_afterwards():
     torch.manual_seed(0)
     layout = Layout.build([3 * 2 + 2], shards=2)  # one stage over two shards: two segments
-    stage = Stage(0, 0, [nn.Linear(3, 2)], layout.segments_of_stage(0), 0,
-                  lambda out, t: ((out - t) ** 2).mean(), n_fetch=100, n_push=1)
+    stage = Stage(
+        0,
+        0,
+        [nn.Linear(3, 2)],
+        layout.segments_of_stage(0),
+        0,
+        lambda out, t: ((out - t) ** 2).mean(),
+        n_fetch=100,
+        n_push=1,
+    )
     ctx = RecordingContext()
     stage.bind(ctx)
     stage.on_connect(ConnectStage(None, None, ("s0", "s1"), "data"), None)

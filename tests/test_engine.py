@@ -215,8 +215,19 @@ def test_mnist1d_four_replicas_two_stages_two_shards_adagrad(runtime, mnist1d_da
     torch.manual_seed(0)
     model = mlp([40, 256, 256, 10])
     result = distbelief.train(
-        model, train, loss="cross_entropy", lr=0.05, batch_size=32, epochs=5, replicas=4,
-        stages=2, shards=2, optimizer="adagrad", eval_data=test, seed=0, runtime=runtime,
+        model,
+        train,
+        loss="cross_entropy",
+        lr=0.05,
+        batch_size=32,
+        epochs=5,
+        replicas=4,
+        stages=2,
+        shards=2,
+        optimizer="adagrad",
+        eval_data=test,
+        seed=0,
+        runtime=runtime,
     )
     assert result.history.accuracy >= 0.60
     assert result.stats["rejected_pushes"] == 0
@@ -231,8 +242,17 @@ def test_xor_seed_setting_learns_xor():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1), nn.Sigmoid())
     result = distbelief.train(
-        model, train, loss="mse", lr=0.5, batch_size=1, epochs=1, replicas=25, stages=2,
-        optimizer="sgd", eval_data=table, seed=0,
+        model,
+        train,
+        loss="mse",
+        lr=0.5,
+        batch_size=1,
+        epochs=1,
+        replicas=25,
+        stages=2,
+        optimizer="sgd",
+        eval_data=table,
+        seed=0,
     )
     out = result.model(table[0]).detach()
     assert ((out > 0.5) == (table[1] > 0.5)).all(), out

@@ -32,13 +32,14 @@ def test_shard_ranges_reject_more_shards_than_parameters():
 
 def test_segments_are_exact_overlaps_and_a_stage_talks_only_to_its_shards():
     layout = Layout.build([6, 0, 10], shards=4)  # shards: 0-4, 4-8, 8-12, 12-16
-    assert layout.segments_of_stage(0) == tuple(
-        s for s in layout.segments if s.stage == 0
-    )
-    assert [(s.shard, s.start, s.stop) for s in layout.segments_of_stage(0)] == [(0, 0, 4), (1, 4, 6)]
+    assert layout.segments_of_stage(0) == tuple(s for s in layout.segments if s.stage == 0)
+    stage0 = [(s.shard, s.start, s.stop) for s in layout.segments_of_stage(0)]
+    assert stage0 == [(0, 0, 4), (1, 4, 6)]
     assert layout.segments_of_stage(1) == ()
     assert [(s.shard, s.start, s.stop) for s in layout.segments_of_stage(2)] == [
-        (1, 6, 8), (2, 8, 12), (3, 12, 16)
+        (1, 6, 8),
+        (2, 8, 12),
+        (3, 12, 16),
     ]
     # Segments tile the flat space exactly once.
     covered = sorted((s.start, s.stop) for s in layout.segments)

@@ -89,7 +89,9 @@ def test_final_snapshot_is_assembled_in_shard_order_after_every_replica_is_done(
 def test_evaluation_is_requested_every_eval_every_examples():
     evaluated = []
     master, ctx = stepped_master(
-        replicas=1, warmstart=0, evaluator=lambda w: evaluated.append(w) or {"loss": 0.0},
+        replicas=1,
+        warmstart=0,
+        evaluator=lambda w: evaluated.append(w) or {"loss": 0.0},
         eval_every=100,
     )
     master.on_begin(Begin(), "driver")
@@ -131,15 +133,24 @@ def data(n=64):
 def test_an_actor_error_ends_the_run_naming_the_actor():
     model = nn.Sequential(nn.Linear(10, 8), FailsOnCall(4), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ActorFailed, match=r"replica0\.stage1.*layer exploded"):
-        distbelief.train(model, data(), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1,
-                         stages=[1, 3])
+        distbelief.train(
+            model, data(), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1, stages=[1, 3]
+        )
 
 
 def test_periodic_evaluation_and_loss_history():
     x, y = data(256)
     result = distbelief.train(
-        mlp([10, 16, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=8, epochs=2,
-        replicas=2, eval_data=(x[:64], y[:64]), eval_every=128, seed=0,
+        mlp([10, 16, 3]),
+        (x, y),
+        loss="cross_entropy",
+        lr=0.1,
+        batch_size=8,
+        epochs=2,
+        replicas=2,
+        eval_data=(x[:64], y[:64]),
+        eval_every=128,
+        seed=0,
     )
     evals = result.history.eval
     # Progress arrives in windows of a few steps, so an evaluation happens at the first
@@ -167,5 +178,12 @@ def test_a_drawn_seed_is_recorded_and_reproduces_the_run():
 
 def test_a_run_past_its_timeout_stops_with_an_error():
     with pytest.raises(RunTimeout, match="timeout"):
-        distbelief.train(mlp([10, 16, 3]), data(2048), loss="cross_entropy", lr=0.1,
-                         batch_size=1, epochs=1, timeout_s=1e-6)
+        distbelief.train(
+            mlp([10, 16, 3]),
+            data(2048),
+            loss="cross_entropy",
+            lr=0.1,
+            batch_size=1,
+            epochs=1,
+            timeout_s=1e-6,
+        )

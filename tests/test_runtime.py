@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from distbelief.errors import ActorFailed, Deadlock
+from distbelief.errors import ActorFailed, ConfigError, Deadlock
 from distbelief.runtime import Actor, LocalRuntime, make_runtime, receives
-from distbelief.errors import ConfigError
 
 
 class Ping:

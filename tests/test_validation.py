@@ -22,8 +22,11 @@ BASE = dict(loss="cross_entropy", lr=0.1, batch_size=8, epochs=1)
 def check(match: str, model=None, train_data=None, **overrides):
     kw = {**BASE, **overrides}
     with pytest.raises(ConfigError, match=match):
-        distbelief.train(model if model is not None else mlp([10, 8, 3]),
-                         train_data if train_data is not None else data(), **kw)
+        distbelief.train(
+            model if model is not None else mlp([10, 8, 3]),
+            train_data if train_data is not None else data(),
+            **kw,
+        )
 
 
 @pytest.mark.parametrize(
@@ -53,20 +56,28 @@ def test_bad_settings_name_the_parameter(overrides, match):
 
 def test_stages_whose_shapes_do_not_chain_are_found_by_a_dry_run():
     model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(7, 3))
-    check(r"^model: layer 2 \(Linear\) in stage 1 cannot take the output of layer 1 "
-          r"\(shape \(2, 8\)\)", model=model, stages=2)
+    check(
+        r"^model: layer 2 \(Linear\) in stage 1 cannot take the output of layer 1 "
+        r"\(shape \(2, 8\)\)",
+        model=model,
+        stages=2,
+    )
 
 
 def test_inputs_that_do_not_fit_the_first_layer_are_named():
-    check(r"^model: layer 0 \(Linear\) in stage 0 cannot take the training inputs",
-          train_data=data(features=11))
+    check(
+        r"^model: layer 0 \(Linear\) in stage 0 cannot take the training inputs",
+        train_data=data(features=11),
+    )
 
 
 def test_labels_out_of_range_for_cross_entropy():
     x, y = data()
     y[5] = 3
-    check(r"^train_data: label 3 is out of range for cross_entropy over the model's 3 outputs",
-          train_data=(x, y))
+    check(
+        r"^train_data: label 3 is out of range for cross_entropy over the model's 3 outputs",
+        train_data=(x, y),
+    )
     y[5] = -1
     check(r"^train_data: label -1 is out of range", train_data=(x, y))
 
@@ -84,8 +95,11 @@ def test_float_labels_for_cross_entropy_are_rejected():
 
 def test_mse_targets_must_match_the_output_shape():
     x, _ = data()
-    check(r"^train_data: mse needs targets shaped like the output", loss="mse",
-          train_data=(x, torch.zeros(32, 2)))
+    check(
+        r"^train_data: mse needs targets shaped like the output",
+        loss="mse",
+        train_data=(x, torch.zeros(32, 2)),
+    )
 
 
 @pytest.mark.parametrize(
@@ -94,8 +108,10 @@ def test_mse_targets_must_match_the_output_shape():
         ((torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)), r"^train_data: the data is empty"),
         ((torch.zeros(4, 10), torch.zeros(5, dtype=torch.long)), r"^train_data: 4 inputs but 5"),
         ("not data", r"^train_data: expected an \(inputs, targets\) pair or a torch Dataset"),
-        (torch.utils.data.TensorDataset(torch.zeros(0, 10), torch.zeros(0)),
-         r"^train_data: the dataset is empty"),
+        (
+            torch.utils.data.TensorDataset(torch.zeros(0, 10), torch.zeros(0)),
+            r"^train_data: the dataset is empty",
+        ),
     ],
 )
 def test_bad_data_is_named(train_data, match):

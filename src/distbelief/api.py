@@ -166,8 +166,12 @@ class Evaluator:
     """Loss (and accuracy) of a flat parameter vector on held-out data."""
 
     def __init__(
-        self, layers: list[nn.Module], data: tuple[torch.Tensor, torch.Tensor],
-        loss_fn: LossFn, metric: Metric | None, batch_size: int = 4096,
+        self,
+        layers: list[nn.Module],
+        data: tuple[torch.Tensor, torch.Tensor],
+        loss_fn: LossFn,
+        metric: Metric | None,
+        batch_size: int = 4096,
     ) -> None:
         self.model = nn.Sequential(*copy.deepcopy(layers)).eval()
         self.x, self.y = data
@@ -178,8 +182,10 @@ class Evaluator:
     def __call__(self, weights: torch.Tensor) -> dict[str, float]:
         load_flat(self.model.children(), weights)
         with torch.no_grad():
-            outs = [self.model(self.x[i : i + self.batch_size])
-                    for i in range(0, len(self.x), self.batch_size)]
+            outs = [
+                self.model(self.x[i : i + self.batch_size])
+                for i in range(0, len(self.x), self.batch_size)
+            ]
             out = torch.cat(outs)
             metrics = {"loss": float(self.loss_fn(out, self.y))}
             if self.metric is not None:
@@ -222,11 +228,22 @@ def train(
     raises :class:`ConfigError` naming the parameter. See ``DownpourConfig`` for the rest.
     """
     config = DownpourConfig(
-        lr=lr, batch_size=batch_size, epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        epochs=epochs,
         stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
-        replicas=replicas, shards=shards, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
-        warmstart_steps=warmstart_steps, local_lr=local_lr, runtime=runtime, seed=seed,
-        runtime_options=dict(runtime_options or {}), eval_every=eval_every, timeout_s=timeout_s,
+        replicas=replicas,
+        shards=shards,
+        optimizer=optimizer,
+        n_fetch=n_fetch,
+        n_push=n_push,
+        warmstart_steps=warmstart_steps,
+        local_lr=local_lr,
+        runtime=runtime,
+        seed=seed,
+        runtime_options=dict(runtime_options or {}),
+        eval_every=eval_every,
+        timeout_s=timeout_s,
     )
     if config.seed is None:
         config = _with_seed(config, random.SystemRandom().randrange(2**31))
@@ -273,19 +290,35 @@ def _with_seed(config: DownpourConfig, seed: int) -> DownpourConfig:
 
 
 def _run(
-    config: DownpourConfig, layers: list[nn.Module], stage_layers: list[list[nn.Module]],
-    dtype: torch.dtype, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor,
-    evaluator: Evaluator | None, progress: Callable[[ProgressReport], None] | None,
+    config: DownpourConfig,
+    layers: list[nn.Module],
+    stage_layers: list[list[nn.Module]],
+    dtype: torch.dtype,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    evaluator: Evaluator | None,
+    progress: Callable[[ProgressReport], None] | None,
 ) -> TrainingDone:
     """Spawn and wire every actor, run until the master reports, always shut down."""
     initial = flatten(layers).to(dtype)
-    layout = Layout.build([sum(p.numel() for g in group for p in g.parameters())
-                           for group in stage_layers], config.shards)
+    layout = Layout.build(
+        [sum(p.numel() for g in group for p in g.parameters()) for group in stage_layers],
+        config.shards,
+    )
     rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
     try:
         shard_refs = tuple(
-            rt.spawn(f"shard{k}", ParameterShard, k, initial[a:b], a,
-                     layout.segments_of_shard(k), config.optimizer, config.lr)
+            rt.spawn(
+                f"shard{k}",
+                ParameterShard,
+                k,
+                initial[a:b],
+                a,
+                layout.segments_of_shard(k),
+                config.optimizer,
+                config.lr,
+            )
             for k, (a, b) in enumerate(layout.shard_ranges)
         )
         n_stages = len(stage_layers)
@@ -294,29 +327,63 @@ def _run(
         report_every = max(1, min(50, steps_per_epoch * config.epochs // 20))
         data_refs, stage_refs = [], []
         for r, (lo, hi) in enumerate(ranges):
-            data_refs.append(rt.spawn(
-                f"data{r}", DataShard, r, x[lo:hi], y[lo:hi], config.batch_size,
-                config.epochs, config.seed, report_every))
-            stage_refs.append([
-                rt.spawn(f"replica{r}.stage{s}", Stage, r, s, copy.deepcopy(stage_layers[s]),
-                         layout.segments_of_stage(s), layout.stage_ranges[s][0],
-                         loss_fn if s == n_stages - 1 else None,
-                         config.n_fetch, config.n_push, config.local_lr)
-                for s in range(n_stages)
-            ])
+            data_refs.append(
+                rt.spawn(
+                    f"data{r}",
+                    DataShard,
+                    r,
+                    x[lo:hi],
+                    y[lo:hi],
+                    config.batch_size,
+                    config.epochs,
+                    config.seed,
+                    report_every,
+                )
+            )
+            stage_refs.append(
+                [
+                    rt.spawn(
+                        f"replica{r}.stage{s}",
+                        Stage,
+                        r,
+                        s,
+                        copy.deepcopy(stage_layers[s]),
+                        layout.segments_of_stage(s),
+                        layout.stage_ranges[s][0],
+                        loss_fn if s == n_stages - 1 else None,
+                        config.n_fetch,
+                        config.n_push,
+                        config.local_lr,
+                    )
+                    for s in range(n_stages)
+                ]
+            )
         total_examples = len(x) * config.epochs
         master = rt.spawn(
-            "master", DownpourMaster, config.replicas, config.warmstart_steps, total_examples,
-            evaluator, config.eval_every, max(1, total_examples // 100), rt.single_threaded)
+            "master",
+            DownpourMaster,
+            config.replicas,
+            config.warmstart_steps,
+            total_examples,
+            evaluator,
+            config.eval_every,
+            max(1, total_examples // 100),
+            rt.single_threaded,
+        )
         rt.tell(master, ConnectMaster(tuple(data_refs), shard_refs))
         for r in range(config.replicas):
             refs = stage_refs[r]
             rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master))
             for s, ref in enumerate(refs):
-                rt.tell(ref, ConnectStage(
-                    refs[s - 1] if s > 0 else None,
-                    refs[s + 1] if s + 1 < n_stages else None,
-                    shard_refs, data_refs[r]))
+                rt.tell(
+                    ref,
+                    ConnectStage(
+                        refs[s - 1] if s > 0 else None,
+                        refs[s + 1] if s + 1 < n_stages else None,
+                        shard_refs,
+                        data_refs[r],
+                    ),
+                )
         for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
             if isinstance(reply, TrainingDone):
                 return reply
@@ -327,7 +394,9 @@ def _run(
         rt.shutdown()
 
 
-def _load_buffers(model: nn.Sequential, stage_layers: list[list[nn.Module]], buffers: tuple) -> None:
+def _load_buffers(
+    model: nn.Sequential, stage_layers: list[list[nn.Module]], buffers: tuple
+) -> None:
     """Replica 0's module buffers (e.g. BatchNorm statistics), which the PS does not hold."""
     offset = 0
     for s, group in enumerate(stage_layers):

@@ -3,8 +3,6 @@ ships inside an installed package."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -29,10 +27,12 @@ def as_tensors(data: object, name: str = "train_data") -> Data:
             xs = torch.stack([torch.as_tensor(x) for x, _ in items])
             ys = torch.stack([torch.as_tensor(y) for _, y in items])
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ConfigError(f"{name}: items must be (input, target) pairs of equal shapes: {exc}")
+            raise ConfigError(
+                f"{name}: items must be (input, target) pairs of equal shapes: {exc}"
+            ) from None
         return xs, ys
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for v in data)
+        x, y = (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in data)
         if x.dim() == 0 or y.dim() == 0:
             raise ConfigError(f"{name}: inputs and targets need a first (example) dimension")
         if len(x) != len(y):
@@ -59,7 +59,12 @@ def epoch_order(n: int, seed: int, replica: int, epoch: int) -> torch.Tensor:
 
 
 def replica_batches(
-    inputs: torch.Tensor, targets: torch.Tensor, *, replica: int, seed: int, batch_size: int,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    replica: int,
+    seed: int,
+    batch_size: int,
     epochs: int,
 ) -> list[Data]:
     """Every mini-batch a replica's data shard sends, in order (for oracles and tests)."""
@@ -67,7 +72,8 @@ def replica_batches(
     for epoch in range(epochs):
         order = epoch_order(len(inputs), seed, replica, epoch)
         xs, ys = inputs[order], targets[order]
-        out.extend((xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, len(xs), batch_size))
+        starts = range(0, len(xs), batch_size)
+        out.extend((xs[i : i + batch_size], ys[i : i + batch_size]) for i in starts)
     return out
 
 
@@ -120,8 +126,3 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Data, Data]:
     n_test = int(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return (x[train], y[train]), (x[test], y[test])
-
-
-def subset(data: Data, indices: Sequence[int] | slice) -> Data:
-    """Rows of both inputs and targets."""
-    return data[0][indices], data[1][indices]

@@ -83,7 +83,8 @@ class ParameterShard(Actor):
 
     @receives(Snapshot)
     def on_snapshot(self, msg: Snapshot, sender: object) -> None:
-        self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, self.weights.clone(), self.stats()))
+        snapshot = ShardSnapshot(self.index, msg.tag, self.weights.clone(), self.stats())
+        self.ctx.tell(sender, snapshot)
 
     def stats(self) -> dict[str, float]:
         """The shard's counters."""

@@ -116,7 +116,11 @@ class Stage(Actor):
         self._backward(msg.step, out, msg.grad, x, msg.loss)
 
     def _backward(
-        self, step: int, root: torch.Tensor, root_grad: torch.Tensor | None, x: torch.Tensor,
+        self,
+        step: int,
+        root: torch.Tensor,
+        root_grad: torch.Tensor | None,
+        x: torch.Tensor,
         loss: float,
     ) -> None:
         # autograd.grad returns fresh tensors: no .grad fields to zero, and the flat gradient

@@ -68,7 +68,9 @@ class Actor:
         try:
             name = self.handlers[type(message)]
         except KeyError:
-            raise TypeError(f"{type(self).__name__} has no handler for {type(message).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} has no handler for {type(message).__name__}"
+            ) from None
         getattr(self, name)(message, sender)
 
 
