@@ -257,3 +257,16 @@ def test_xor_seed_setting_learns_xor():
     out = result.model(table[0]).detach()
     assert ((out > 0.5) == (table[1] > 0.5)).all(), out
     assert result.history.accuracy == 1.0
+
+
+def test_final_evaluation_is_of_the_returned_model_with_its_buffers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = toy_data(n=256)
+    x = x * 5 + 3  # far from BatchNorm's initial statistics (mean 0, var 1)
+    result = run(model, (x, y), replicas=2, eval_data=(x, y))
+    with torch.no_grad():
+        out = result.model.eval()(x)
+    expected = float((out.argmax(1) == y).float().mean())
+    assert result.history.accuracy == pytest.approx(expected)
+    assert result.history.eval[-1]["loss"] == pytest.approx(float(F.cross_entropy(out, y)))

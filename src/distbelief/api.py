@@ -180,16 +180,24 @@ class Evaluator:
         self.batch_size = batch_size
 
     def __call__(self, weights: torch.Tensor) -> dict[str, float]:
+        """Metrics of the flat parameters (buffers stay at their initial values)."""
         load_flat(self.model.children(), weights)
+        return self.evaluate(self.model)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of a whole model, buffers included."""
+        mode = model.training
+        model.eval()
         with torch.no_grad():
             outs = [
-                self.model(self.x[i : i + self.batch_size])
+                model(self.x[i : i + self.batch_size])
                 for i in range(0, len(self.x), self.batch_size)
             ]
             out = torch.cat(outs)
             metrics = {"loss": float(self.loss_fn(out, self.y))}
             if self.metric is not None:
                 metrics["accuracy"] = float(self.metric(out, self.y))
+        model.train(mode)
         return metrics
 
 
@@ -280,6 +288,9 @@ def train(
     _load_buffers(result_model, stage_layers, done.buffers)
     stats = _stats(done, config)
     history = History(train=done.history["train"], eval=done.history["eval"])
+    if evaluator is not None:
+        final = evaluator.evaluate(result_model)
+        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
     return TrainResult(result_model, history, stats, config)
 
 

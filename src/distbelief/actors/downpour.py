@@ -146,12 +146,8 @@ class DownpourMaster(Actor):
         if msg.tag != FINAL:
             self._evaluate(weights)
             return
+        # The final evaluation is the driver's, on the returned model (with replica 0's buffers).
         examples = sum(d.examples for d in self.done.values())
-        final_eval = self.evaluator(weights) if self.evaluator is not None else None
-        if final_eval is not None:
-            self.history["eval"].append(
-                {"examples": examples, "wall_s": self.t_end - self.t0 - self.eval_s, **final_eval}
-            )
         self.ctx.tell(
             self.driver,
             TrainingDone(
