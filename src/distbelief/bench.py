@@ -8,7 +8,7 @@ reports the ratio *engine / baseline* of throughputs: 1.0 is parity, higher is b
   MNIST-1D (MLP 40-256-256-10, batch 32) against a plain ``torch.optim.SGD`` loop over the same
   batches from the same initial model; also 2 stages, and 4 replicas over 2 shards.
 - ``scaling``: the in-process runtime at 1..32 replicas (2 stages, 2 shards, Adagrad), each
-  configuration in a fresh subprocess so its peak RSS (``ru_maxrss``) is its own.
+  configuration in a fresh subprocess so its peak RSS (``VmHWM``) is its own.
 - ``shard``: Adagrad pushes/s applied by one ``ParameterShard`` driven through the runtime with
   ``Push`` messages, against bare ``torch.optim.Adagrad`` steps on a tensor of the same size.
 - ``xor``: the seed's setting (50,000 single-example SGD steps over 25 replicas) against a
@@ -19,6 +19,7 @@ All sides run with one torch intra-op thread (see ``TORCH_THREADS``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from rich.table import Table
 from torch import nn
 
 from .api import train
+from .cli import mlp
 from .data import mnist1d, replica_batches, xor
 from .layout import Layout
 from .messages import Drain, Drained, Push
@@ -84,21 +86,14 @@ QUICK = Sizes(1_000, 1, (1, 2), 1, (10_000,), 2_000_000, 500, 5, 1)
 # ------------------------------------------------------------------------------ helpers
 
 
-def mlp(widths: Sequence[int], seed: int) -> nn.Sequential:
-    """A ReLU MLP with the given widths, initialised from ``seed``."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 def xor_net(seed: int) -> nn.Sequential:
     """The seed's XOR net: 2-2-1 with sigmoid after both layers."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1), nn.Sigmoid())
+    return mlp((2, 2, 1), nn.Sigmoid, nn.Sigmoid, seed)
+
+
+@functools.cache
+def _mnist1d_train(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return mnist1d(samples)[0]  # generating it takes seconds: once per process
 
 
 def machine() -> dict[str, Any]:
@@ -121,9 +116,25 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _commit() -> str | None:
+    """The git commit of the source tree being measured, if it is a checkout."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)), check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None
+
+
 def _say(log: Log, text: str) -> None:
     if log is not None:
         log(text)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -166,19 +177,19 @@ OVERHEAD_CONFIGS = (
 
 def overhead(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[dict[str, Any]]:
     """Engine examples/s over plain-loop examples/s, for each of ``OVERHEAD_CONFIGS``."""
-    train_data, _ = mnist1d(sizes.mnist1d_samples)
+    train_data = _mnist1d_train(sizes.mnist1d_samples)
     lr, batch, epochs = 0.05, 32, sizes.overhead_epochs
     plain: list[float] = []
     engine: dict[str, list[float]] = {label: [] for label, *_ in OVERHEAD_CONFIGS}
     for rep in range(repeats):
         plain.append(
             plain_sgd_examples_per_s(
-                mlp(MLP, seed), train_data, lr=lr, batch_size=batch, epochs=epochs, seed=seed
+                mlp(MLP, seed=seed), train_data, lr=lr, batch_size=batch, epochs=epochs, seed=seed
             )
         )
         for label, replicas, stages, shards in OVERHEAD_CONFIGS:
             result = train(
-                mlp(MLP, seed),
+                mlp(MLP, seed=seed),
                 train_data,
                 loss="cross_entropy",
                 lr=lr,
@@ -216,35 +227,35 @@ def overhead(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list
 # ------------------------------------------------------------------------------ scaling
 
 
-def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One scaling configuration, in its own process (``python -m distbelief.bench worker``).
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, in MiB.
 
-    ``replicas == 0`` loads everything but does not train: the process's fixed cost."""
+    Linux: ``VmHWM``, which exec resets. ``ru_maxrss`` is not used there: it carries the
+    parent's peak across fork + exec, so every child of a big benchmark process reported the
+    parent's figure. Elsewhere ``ru_maxrss`` (bytes on macOS, KiB otherwise)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One scaling configuration, in its own process (``python -m distbelief.bench worker``)."""
     torch.set_num_threads(TORCH_THREADS)
-    train_data = torch.load(spec["data"])
-    out: dict[str, Any] = {"replicas": spec["replicas"]}
-    if spec["replicas"] > 0:
-        result = train(
-            mlp(MLP, spec["seed"]),
-            train_data,
-            loss="cross_entropy",
-            lr=0.05,
-            batch_size=32,
-            epochs=spec["epochs"],
-            replicas=spec["replicas"],
-            stages=2,
-            shards=2,
-            optimizer="adagrad",
-            seed=spec["seed"],
-        )
-        out.update(
-            examples_per_s=result.stats["examples_per_s"],
-            staleness_mean=result.stats["staleness_mean"],
-        )
-    # Linux reports ru_maxrss in KiB (macOS in bytes).
-    scale = 1024 if sys.platform != "darwin" else 1
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-    return out
+    result = train(
+        mlp(MLP, seed=spec["seed"]), torch.load(spec["data"]), loss="cross_entropy", lr=0.05,
+        batch_size=32, epochs=spec["epochs"], replicas=spec["replicas"], stages=2, shards=2,
+        optimizer="adagrad", seed=spec["seed"],
+    )  # fmt: skip
+    return {
+        "replicas": spec["replicas"], "examples_per_s": result.stats["examples_per_s"],
+        "staleness_mean": result.stats["staleness_mean"], "peak_rss_mb": peak_rss_mb(),
+    }  # fmt: skip
 
 
 def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -261,49 +272,33 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def scaling(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[dict[str, Any]]:
     """Examples/s and peak RSS at each replica count, each run in a fresh subprocess."""
-    train_data, _ = mnist1d(sizes.mnist1d_samples)
-    runs: dict[int, list[dict[str, Any]]] = {r: [] for r in (0, *sizes.scaling_replicas)}
+    train_data = _mnist1d_train(sizes.mnist1d_samples)
+    runs: dict[int, list[dict[str, Any]]] = {r: [] for r in sizes.scaling_replicas}
     with tempfile.TemporaryDirectory(prefix="distbelief-bench-") as tmp:
         path = os.path.join(tmp, "train.pt")
         torch.save(train_data, path)
         for rep in range(repeats):
-            for replicas in runs:  # alternate replica counts within each repeat
-                runs[replicas].append(
-                    _run_worker(
-                        {
-                            "data": path,
-                            "replicas": replicas,
-                            "epochs": sizes.scaling_epochs,
-                            "seed": seed,
-                        }
-                    )
-                )
-            _say(
-                log,
-                f"scaling repeat {rep + 1}/{repeats}: "
-                + ", ".join(
-                    f"{r}: {v[-1].get('examples_per_s', 0):,.0f} ex/s {v[-1]['peak_rss_mb']:.0f} MB"
-                    for r, v in runs.items()
-                ),
-            )
-    base_rss = min(v["peak_rss_mb"] for v in runs[0])
-    first = max(v["examples_per_s"] for v in runs[sizes.scaling_replicas[0]])
+            for replicas, samples in runs.items():  # alternate replica counts in each repeat
+                spec = {"data": path, "replicas": replicas, "epochs": sizes.scaling_epochs}
+                samples.append(_run_worker({**spec, "seed": seed}))
+            _say(log, f"scaling repeat {rep + 1}/{repeats}: " + ", ".join(
+                f"{r}: {v[-1]['examples_per_s']:,.0f} ex/s {v[-1]['peak_rss_mb']:.0f} MiB"
+                for r, v in runs.items()
+            ))  # fmt: skip
+    first = runs[sizes.scaling_replicas[0]]
+    first_eps = max(v["examples_per_s"] for v in first)
+    first_rss = max(v["peak_rss_mb"] for v in first)
     rows = []
-    for replicas in sizes.scaling_replicas:
-        best = max(runs[replicas], key=lambda v: v["examples_per_s"])
-        rss = max(v["peak_rss_mb"] for v in runs[replicas])  # the conservative one
-        rows.append(
-            {
-                "replicas": replicas,
-                "examples_per_s": round(best["examples_per_s"]),
-                "ratio_to_first": _ratio(best["examples_per_s"], first),
-                "peak_rss_mb": round(rss, 1),
-                "rss_over_idle_mb": round(rss - base_rss, 1),
-                "staleness_mean": round(best["staleness_mean"], 2),
-                "samples": [round(v["examples_per_s"]) for v in runs[replicas]],
-            }
-        )
-    rows[0]["idle_rss_mb"] = round(base_rss, 1)
+    for replicas, samples in runs.items():
+        best = max(samples, key=lambda v: v["examples_per_s"])
+        rss = max(v["peak_rss_mb"] for v in samples)  # the conservative one
+        rows.append({
+            "replicas": replicas, "examples_per_s": round(best["examples_per_s"]),
+            "ratio_to_first": _ratio(best["examples_per_s"], first_eps),
+            "peak_rss_mb": round(rss, 1), "rss_over_first_mb": round(rss - first_rss, 1),
+            "staleness_mean": round(best["staleness_mean"], 2),
+            "samples": [round(v["examples_per_s"]) for v in samples],
+        })  # fmt: skip
     return rows
 
 
@@ -469,8 +464,13 @@ def run(
     threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
     command = "distbelief bench" + (" --quick" if quick else "")
+    if tuple(names) != BENCHMARKS:
+        command += " --only " + ",".join(names)
+    if repeats != sizes.repeats:
+        command += f" --repeats {repeats}"
     report: dict[str, Any] = {
         "command": command,
+        "commit": _commit(),
         "machine": machine(),
         "quick": quick,
         "repeats": repeats,
@@ -488,55 +488,64 @@ def run(
     return report
 
 
-def table(report: dict[str, Any]) -> Table:
-    """The report as one rich table: every row is engine vs baseline and their ratio."""
-    t = Table(
-        title=f"{report['command']}  ({report['machine']['cpus']} cpus, "
-        f"{report['machine']['cpu']}, torch {report['machine']['torch']})"
-    )
-    for name, justify in (
-        ("benchmark", "left"),
-        ("configuration", "left"),
-        ("distbelief", "right"),
-        ("baseline", "right"),
-        ("ratio", "right"),
-    ):
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in report.get("overhead", []):
-        t.add_row(
-            "overhead",
-            row["config"] + ", sgd",
-            f"{row['examples_per_s']:,} ex/s",
-            f"plain torch {row['baseline_examples_per_s']:,} ex/s",
-            f"{row['ratio']:.2f}",
-        )
-    for row in report.get("scaling", []):
-        t.add_row(
-            "scaling",
-            f"{row['replicas']} replicas, 2 stages, 2 shards, adagrad",
-            f"{row['examples_per_s']:,} ex/s, {row['peak_rss_mb']:.0f} MB peak "
-            f"(+{row['rss_over_idle_mb']:.0f})",
-            f"{report['scaling'][0]['replicas']} replica",
-            f"{row['ratio_to_first']:.2f}",
-        )
-    for row in report.get("shard", []):
-        t.add_row(
-            "PS shard",
-            f"{row['parameters']:,} params, adagrad",
-            f"{row['pushes_per_s']:,.1f} pushes/s",
-            f"torch Adagrad {row['baseline_steps_per_s']:,.1f} steps/s",
-            f"{row['ratio']:.2f}",
-        )
+COLUMNS = ("benchmark", "configuration", "distbelief", "baseline", "ratio")
+"""Columns of the results table; ratio = distbelief / baseline throughput (higher is better)."""
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """The report as table rows, one comparison per row (see ``COLUMNS``)."""
+    out = []
+    for r in report.get("overhead", []):
+        out.append((
+            "overhead", r["config"] + ", sgd", f"{r['examples_per_s']:,} ex/s",
+            f"plain torch loop {r['baseline_examples_per_s']:,} ex/s", f"{r['ratio']:.2f}",
+        ))  # fmt: skip
+    scaling = report.get("scaling", [])
+    for r in scaling:
+        out.append((
+            "scaling", _count(r["replicas"], "replica") + " x 2 stages, 2 shards, adagrad",
+            f"{r['examples_per_s']:,} ex/s, peak RSS {r['peak_rss_mb']:.0f} MiB "
+            f"({r['rss_over_first_mb']:+.0f})",
+            _count(scaling[0]["replicas"], "replica") + f" {scaling[0]['examples_per_s']:,} ex/s",
+            f"{r['ratio_to_first']:.2f}",
+        ))  # fmt: skip
+    for r in report.get("shard", []):
+        out.append((
+            "PS shard", f"{r['parameters']:,} parameters, adagrad",
+            f"{r['pushes_per_s']:,.1f} pushes/s",
+            f"torch.optim.Adagrad {r['baseline_steps_per_s']:,.1f} steps/s", f"{r['ratio']:.2f}",
+        ))  # fmt: skip
     if "xor" in report:
         x = report["xor"]
-        t.add_row(
-            "XOR seed",
-            f"{x['examples']:,} steps, {x['replicas']} replicas, batch 1",
-            f"{x['train_s']:.2f} s",
-            f"plain loop {x['baseline_s']:.2f} s",
+        out.append((
+            "XOR seed", f"{x['examples']:,} single-example steps, {x['replicas']} replicas",
+            f"{x['train_s']:.2f} s", f"plain torch loop {x['baseline_s']:.2f} s",
             f"{x['ratio']:.2f}",
-        )
+        ))  # fmt: skip
+    return out
+
+
+def _title(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    return f"{report['command']} ({m['cpus']} cpus, {m['cpu']}, torch {m['torch']})"
+
+
+def table(report: dict[str, Any]) -> Table:
+    """The report as one rich table."""
+    t = Table(title=_title(report))
+    for name in COLUMNS:
+        t.add_column(name, justify="left" if name in ("benchmark", "configuration") else "right")
+    for row in rows(report):
+        t.add_row(*row)
     return t
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table (for the README), titled with command and machine."""
+    lines = [f"`{_title(report)}`", "", "| " + " | ".join(COLUMNS) + " |",
+             "| --- | --- | ---: | ---: | ---: |"]  # fmt: skip
+    lines += ["| " + " | ".join(row) + " |" for row in rows(report)]
+    return "\n".join(lines)
 
 
 def _worker_main(argv: Sequence[str]) -> None:

@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import click
 import torch
 import typer
 from rich.console import Console
@@ -42,6 +41,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+if hasattr(typer, "TyperException"):  # typer >= 0.26 vendors click; its errors derive from this
+    _PARSE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+else:  # pragma: no cover - older typer runs on click
+    import click
+
+    _PARSE_ERRORS = (click.ClickException,)
 
 
 class UsageFailure(Exception):
@@ -151,19 +158,30 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def build_mlp(preset: Preset, hidden: Sequence[int], seed: int) -> nn.Sequential:
-    """The preset's MLP with the given hidden widths, initialised from ``seed``."""
-    widths = [preset.inputs, *hidden, preset.outputs]
+def mlp(
+    widths: Sequence[int],
+    activation: type[nn.Module] = nn.ReLU,
+    output_activation: type[nn.Module] | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
+    """Linear layers of the given widths, ``activation`` between them and ``output_activation``
+    (if any) after the last; initialised from ``seed``, leaving torch's global RNG as it was."""
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(len(widths) - 1):
             layers.append(nn.Linear(widths[i], widths[i + 1]))
             if i < len(widths) - 2:
-                layers.append(preset.activation())
-    if preset.output_activation is not None:
-        layers.append(preset.output_activation())
+                layers.append(activation())
+    if output_activation is not None:
+        layers.append(output_activation())
     return nn.Sequential(*layers)
+
+
+def build_mlp(preset: Preset, hidden: Sequence[int], seed: int) -> nn.Sequential:
+    """The preset's MLP with the given hidden widths, initialised from ``seed``."""
+    widths = [preset.inputs, *hidden, preset.outputs]
+    return mlp(widths, preset.activation, preset.output_activation, seed)
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -279,7 +297,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
 class _ProgressLine:
     """Turns the master's ProgressReport messages into one live rich progress line (stderr)."""
 
-    def __init__(self, console: Console, label: str) -> None:
+    def __init__(self, console: Console, label: str, enabled: bool = True) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -289,6 +307,7 @@ class _ProgressLine:
             TimeElapsedColumn(),
             console=console,
             transient=False,
+            disable=not enabled,
         )
         self.task = self.progress.add_task(label, total=None, examples="0", loss="-")
 
@@ -372,45 +391,51 @@ def train_command(
         eval_every=eval_every,
         runtime_options={"address": address} if address is not None else {},
     )
-    # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
-    # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
-    torch.set_num_threads(torch_threads)
     try:
         config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
         model = build_mlp(preset, widths, seed)
         resolve_split_points(layer_sizes(as_layers(model)), config.stages)
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
-    t_data = time.perf_counter()
-    train_data, test_data = preset.load(seed)
-    if train_size is not None:
-        train_data = datasets.subset(train_data, slice(0, train_size))
-    data_s = time.perf_counter() - t_data
-
-    console = Console(stderr=True)
-    t_train = time.perf_counter()
+    # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
+    # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
     try:
-        if as_json:
-            result = train(model, train_data, loss=preset.loss, eval_data=test_data, **settings)
-        else:
-            with _ProgressLine(console, f"{dataset}") as line:
-                result = train(
-                    model,
-                    train_data,
-                    loss=preset.loss,
-                    eval_data=test_data,
-                    progress=line,
-                    **settings,
-                )
-    except ConfigError as exc:
-        raise UsageFailure(str(exc)) from None
-    wall_s = time.perf_counter() - t_train
-    s = summary(dataset, result.config, widths, result, wall_s, data_s, test_data)
+        s = _run_job(dataset, preset, model, widths, settings, train_size, as_json)
+    finally:
+        torch.set_num_threads(threads)
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     if as_json:
         print(json.dumps(s))
     else:
         _print_summary(Console(), s)
+
+
+def _run_job(
+    dataset: str,
+    preset: Preset,
+    model: nn.Sequential,
+    widths: Sequence[int],
+    settings: dict[str, Any],
+    train_size: int | None,
+    quiet: bool,
+) -> dict[str, Any]:
+    """Load the data, train with a progress line on stderr (unless quiet), summarise."""
+    t_data = time.perf_counter()
+    train_data, test_data = preset.load(settings["seed"])
+    if train_size is not None:
+        train_data = (train_data[0][:train_size], train_data[1][:train_size])
+    data_s = time.perf_counter() - t_data
+    t_train = time.perf_counter()
+    try:
+        with _ProgressLine(Console(stderr=True), dataset, enabled=not quiet) as line:
+            result = train(model, train_data, loss=preset.loss, eval_data=test_data,
+                           progress=line, **settings)  # fmt: skip
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    wall_s = time.perf_counter() - t_train
+    return summary(dataset, result.config, widths, result, wall_s, data_s, test_data)
 
 
 @app.command("bench")
@@ -422,6 +447,9 @@ def bench_command(
     repeats: Annotated[int | None, _opt("Alternating repeats per comparison (best kept).")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object, last line.")
+    ] = False,
+    as_markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown (for the README).")
     ] = False,
 ) -> None:
     """Measure the engine side by side against plain PyTorch baselines, in one run."""
@@ -442,6 +470,8 @@ def bench_command(
     )
     if as_json:
         print(json.dumps(report))
+    elif as_markdown:
+        print(bench.markdown(report))
     else:
         Console().print(bench.table(report))
 
@@ -458,22 +488,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr and status 2; a failed run becomes one line and status 1.
     """
     command = typer.main.get_command(app)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        rv = command.main(
-            args=list(argv) if argv is not None else None,
-            prog_name="distbelief",
-            standalone_mode=False,
-        )
-    except click.exceptions.NoArgsIsHelpError as exc:
-        print(exc.ctx.get_help() if exc.ctx else exc.format_message(), file=sys.stderr)
-        return USAGE_ERROR
-    except click.ClickException as exc:
+        # standalone_mode=False: click's errors reach us instead of a multi-line rich panel
+        rv = command.main(args=args or ["--help"], prog_name="distbelief", standalone_mode=False)
+    except _PARSE_ERRORS as exc:
         return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
     except UsageFailure as exc:
         return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
     except (ActorFailed, RunTimeout, Deadlock) as exc:
         return _fail(str(exc).replace("\n", " "), RUN_ERROR)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         return _fail("interrupted", 130)
     return rv if isinstance(rv, int) else 0
 

@@ -1,0 +1,5 @@
+"""``python -m distbelief``: the same as the ``distbelief`` command."""
+
+from .cli import entry
+
+entry()

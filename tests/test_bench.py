@@ -1,0 +1,90 @@
+"""The benchmarks run end to end in their tiny (--quick) configuration; figures not asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from distbelief import bench
+from distbelief.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    return bench.run(quick=True)
+
+
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
+    assert report["quick"] and report["machine"]["cpus"] >= 1
+    overhead = report["overhead"]
+    assert [(r["replicas"], r["stages"], r["shards"]) for r in overhead] == [
+        (1, 1, 1), (1, 2, 1), (4, 1, 2)
+    ]  # fmt: skip
+    for r in overhead:
+        assert positive(r["examples_per_s"]) and positive(r["baseline_examples_per_s"])
+        assert r["ratio"] == pytest.approx(r["examples_per_s"] / r["baseline_examples_per_s"], 0.01)
+    scaling = report["scaling"]
+    assert [r["replicas"] for r in scaling] == list(bench.QUICK.scaling_replicas)
+    assert scaling[0]["ratio_to_first"] == 1.0
+    for r in scaling:
+        assert positive(r["examples_per_s"]) and r["peak_rss_mb"] > 10
+        assert r["rss_over_first_mb"] == pytest.approx(
+            r["peak_rss_mb"] - scaling[0]["peak_rss_mb"], abs=0.2
+        )
+    (shard,) = report["shard"]
+    assert shard["parameters"] == bench.QUICK.shard_sizes[0]
+    assert positive(shard["pushes_per_s"]) and positive(shard["ratio"])
+    xor = report["xor"]
+    assert xor["examples"] == bench.QUICK.xor_examples and positive(xor["ratio"])
+    assert xor["ratio"] == pytest.approx(xor["baseline_s"] / xor["train_s"], rel=0.01)
+    json.dumps(report)  # serialisable as the --json output
+
+
+def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) -> None:
+    n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 1
+    assert bench.table(report).row_count == n
+    md = bench.markdown(report).splitlines()
+    assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]
+    assert len([line for line in md if line.startswith("| ")]) == n + 2  # + header, rule
+
+
+def test_shard_benchmark_applies_every_push() -> None:
+    grads = [torch.randn(1000) for _ in range(2)]
+    assert bench.shard_pushes_per_s(1000, 7, grads, 0.1) > 0  # raises if a push was lost
+
+
+def test_only_parses_and_rejects() -> None:
+    assert bench.parse_only(None) == bench.BENCHMARKS
+    assert bench.parse_only("xor, shard") == ("xor", "shard")
+    with pytest.raises(ValueError, match="only: unknown benchmark fast"):
+        bench.parse_only("overhead,fast")
+
+
+def test_cli_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--quick", "--only", "shard", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "shard" in out and "overhead" not in out
+    assert out["command"] == "distbelief bench --quick --only shard"
+
+
+def test_benchmarks_run_script() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "shard",
+         "--markdown"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| PS shard | 10,000 parameters, adagrad |" in proc.stdout

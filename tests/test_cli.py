@@ -1,0 +1,163 @@
+"""The ``distbelief`` command: JSON output, human output, and one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distbelief.cli import main
+
+FIELDS = (
+    "dataset", "replicas", "stages", "shards", "n_fetch", "n_push", "optimizer", "examples",
+    "wall_s", "examples_per_s", "test_accuracy", "final_loss", "updates_applied",
+    "staleness_mean", "staleness_max", "rejected_pushes",
+)  # fmt: skip
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the command in-process; returns (exit status, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def check_plausible(s: dict[str, Any]) -> None:
+    """Every required field is there and its value makes sense."""
+    missing = [f for f in FIELDS if f not in s]
+    assert not missing, missing
+    assert s["examples"] > 0 and s["updates_applied"] > 0
+    assert 0 < s["train_s"] <= s["wall_s"]
+    assert s["examples_per_s"] == pytest.approx(s["examples"] / s["train_s"], rel=0.01)
+    assert 0.0 <= s["test_accuracy"] <= 1.0
+    assert math.isfinite(s["final_loss"]) and s["final_loss"] >= 0
+    assert 0.0 <= s["staleness_mean"] <= s["staleness_max"]
+    assert s["rejected_pushes"] == 0
+    assert sum(s["updates_applied_per_shard"]) == s["updates_applied"]
+    assert len(s["updates_applied_per_shard"]) == s["shards"]
+
+
+def test_json_main_job_shape(capsys: pytest.CaptureFixture[str]) -> None:
+    # The main job's preset on a slice of MNIST-1D for one epoch: the shape of the output.
+    s = run_json(capsys, "train", "--train-size", "2000", "--epochs", "1")
+    check_plausible(s)
+    assert (s["dataset"], s["replicas"], s["stages"], s["shards"]) == ("mnist1d", 4, 2, 2)
+    assert (s["optimizer"], s["n_fetch"], s["n_push"], s["hidden"]) == ("adagrad", 1, 1, [256, 256])
+    assert s["examples"] == 2000
+    # 4 replicas x 500 examples in batches of 32 = 4 x 16 steps; each step pushes to each
+    # shard its stages overlap: (1 + 2 or 2 + 1) = 3 segments per step
+    assert s["steps"] == 64 and s["updates_applied"] == 3 * 64
+
+
+def test_json_flags_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    s = run_json(
+        capsys, "train", "digits", "--replicas", "3", "--stages", "3", "--shards", "4",
+        "--n-fetch", "2", "--n-push", "3", "--batch-size", "16", "--epochs", "2", "--lr",
+        "0.01", "--optimizer", "momentum", "--hidden", "32,16", "--seed", "7",
+        "--warmstart-steps", "5",
+    )  # fmt: skip
+    check_plausible(s)
+    expected = {
+        "dataset": "digits", "replicas": 3, "stages": 3, "shards": 4, "n_fetch": 2,
+        "n_push": 3, "batch_size": 16, "epochs": 2, "lr": 0.01, "optimizer": "momentum",
+        "hidden": [32, 16], "seed": 7, "warmstart_steps": 5, "examples": 2 * 1438,
+    }  # fmt: skip
+    assert {k: s[k] for k in expected} == expected
+
+
+def test_digits_preset_learns(capsys: pytest.CaptureFixture[str]) -> None:
+    s = run_json(capsys, "train", "digits")
+    check_plausible(s)
+    assert s["test_accuracy"] >= 0.9  # 0.967-0.983 over seeds 0-4; chance is 0.1
+
+
+def test_xor_truth_table_agrees_with_accuracy(capsys: pytest.CaptureFixture[str]) -> None:
+    s = run_json(capsys, "train", "xor", "--train-size", "2000", "--replicas", "2")
+    check_plausible(s)
+    assert (s["optimizer"], s["lr"], s["batch_size"], s["stages"]) == ("sgd", 0.5, 1, 2)
+    table = s["truth_table"]
+    assert [row["input"] for row in table] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert [row["target"] for row in table] == [0.0, 1.0, 1.0, 0.0]
+    assert all(0.0 < row["output"] < 1.0 for row in table)
+    right = sum((row["output"] > 0.5) == (row["target"] > 0.5) for row in table)
+    assert s["test_accuracy"] == right / 4
+
+
+def test_human_output_has_progress_summary_and_truth_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(capsys, "train", "xor", "--train-size", "1000", "--replicas", "2")
+    assert code == 0, err
+    assert "1,000/1,000 examples" in err  # the progress line saw the master's last report
+    assert "test accuracy" in out and "staleness mean / max" in out
+    assert "XOR truth table" in out and "target" in out
+    assert not out.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--replicas", "-1"], "replicas"),
+        (["--shards", "0"], "shards"),
+        (["--batch-size", "-32"], "batch_size"),
+        (["--epochs", "0"], "epochs"),
+        (["--n-push", "0"], "n_push"),
+        (["--optimizer", "rmsprop"], "optimizer"),
+        (["--hidden", "256,abc"], "hidden"),
+        (["--hidden", "256,-3"], "hidden"),
+        (["--stages", "9"], "stages"),
+        (["--lr", "0"], "lr"),
+        (["--runtime", "slurm"], "runtime"),
+        (["--address", "ray://x:1"], "address"),
+        (["--replicas", "many"], "replicas"),
+        (["--no-such-flag"], "no-such-flag"),
+    ],
+)
+def test_invalid_arguments_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], names: str
+) -> None:
+    code, out, err = run(capsys, "train", "digits", *argv)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("distbelief: error:") and names in lines[0]
+    assert "Traceback" not in err
+
+
+def test_unknown_dataset_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "train", "cifar10")
+    assert code == 2 and out == "" and err.startswith("distbelief: error: dataset: unknown")
+
+
+def test_more_stages_than_layers_names_the_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "train", "digits", "--hidden", "", "--stages", "2")
+    assert code == 2 and "stages" in err and "1 layers" in err
+
+
+def test_bench_rejects_unknown_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "bench", "--only", "overhead,speed")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "speed" in err
+
+
+def test_console_script_is_installed_and_fails_cleanly() -> None:
+    # The entry point from [project.scripts], next to this interpreter.
+    script = Path(sys.executable).with_name("distbelief")
+    assert script.exists(), "reinstall: pip install -e ."
+    proc = subprocess.run(
+        [str(script), "train", "--replicas", "0"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "distbelief: error: replicas: must be an integer >= 1, got 0"
+    assert proc.stdout == ""
