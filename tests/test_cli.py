@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from distbelief import ConfigError, cli
 from distbelief.cli import main
 
 FIELDS = (
@@ -161,3 +162,18 @@ def test_console_script_is_installed_and_fails_cleanly() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "distbelief: error: replicas: must be an integer >= 1, got 0"
     assert proc.stdout == ""
+
+
+def test_address_reaches_the_ray_runtime(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_train(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise ConfigError("runtime: stopped by the test")
+
+    monkeypatch.setattr(cli, "train", fake_train)
+    code, _, err = run(capsys, "train", "digits", "--runtime", "ray", "--address", "10.0.0.5:6379")
+    assert code == 2 and "stopped by the test" in err
+    assert seen["runtime"] == "ray" and seen["runtime_options"] == {"address": "10.0.0.5:6379"}

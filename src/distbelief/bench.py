@@ -117,15 +117,22 @@ def machine() -> dict[str, Any]:
 
 
 def _commit() -> str | None:
-    """The git commit of the source tree being measured, if it is a checkout."""
-    try:
+    """The git commit of the source tree being measured, ``+dirty`` if the package's sources
+    differ from it (the figures then belong to the working tree, not to the commit)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
         proc = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=os.path.dirname(os.path.abspath(__file__)), check=False,
-        )  # fmt: skip
+            ["git", *args], capture_output=True, text=True, timeout=10, cwd=here, check=False
+        )
+        return proc.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", here)
     except (OSError, subprocess.SubprocessError):
         return None
-    return proc.stdout.strip() or None
+    return (commit + ("+dirty" if dirty else "")) or None
 
 
 def _say(log: Log, text: str) -> None:
