@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -37,7 +38,17 @@ def test_xor_example_prints_the_truth_table(capsys: pytest.CaptureFixture[str]) 
     assert "Finished computing XOR example" in out[5]
 
 
-def test_mnist1d_cnn_example_learns(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """As the example's ``__main__`` does: with two intra-op threads, small convolutions on a
+    busy 2-core machine ran this test in 100 s instead of 4 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mnist1d_cnn_example_learns(capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
     cnn = load("mnist1d_cnn")
     result = cnn.main(train_size=4_000, epochs=4, seed=0)
     # 4 replicas x 3 stages of a CNN: the layers are convolutions, not an MLP
