@@ -281,12 +281,14 @@ def train(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        done = _run(config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress)
+        done, runtime_stats = _run(
+            config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
+        )
 
     result_model = nn.Sequential(*copy.deepcopy(layers))
     load_flat(result_model.children(), done.weights)
     _load_buffers(result_model, stage_layers, done.buffers)
-    stats = _stats(done, config)
+    stats = {**_stats(done, config), **runtime_stats}
     history = History(train=done.history["train"], eval=done.history["eval"])
     if evaluator is not None:
         final = evaluator.evaluate(result_model)
@@ -310,8 +312,9 @@ def _run(
     y: torch.Tensor,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
-) -> TrainingDone:
-    """Spawn and wire every actor, run until the master reports, always shut down."""
+) -> tuple[TrainingDone, dict[str, Any]]:
+    """Spawn and wire every actor, run until the master reports, always shut down. Returns the
+    master's report and what the runtime says of the run (its ``describe()``, if it has one)."""
     initial = flatten(layers).to(dtype)
     layout = Layout.build(
         [sum(p.numel() for g in group for p in g.parameters()) for group in stage_layers],
@@ -397,7 +400,9 @@ def _run(
                 )
         for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
             if isinstance(reply, TrainingDone):
-                return reply
+                # A runtime may describe the run too (Ray: the node each actor ran on).
+                describe = getattr(rt, "describe", None)
+                return reply, (describe() if describe is not None else {})
             if progress is not None and isinstance(reply, ProgressReport):
                 progress(reply)
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
@@ -432,4 +437,5 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "eval_s": done.eval_s,
         "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
         "seed": config.seed,
+        "restarts": done.restarts,
     }

@@ -93,6 +93,22 @@ class TrainingDone:
     """Training examples processed over all replicas."""
     steps: int
     """Mini-batch steps over all replicas."""
+    restarts: int = 0
+    """Actors that died and were restarted during the run (ActorRestarted notices)."""
+
+
+# ---------------------------------------------------------------- runtime -> master
+
+
+@dataclass(frozen=True, slots=True)
+class ActorRestarted:
+    """Runtime -> the actor the driver converses with (the master): an actor died and was
+    respawned from its constructor arguments, its wiring replayed; its state is lost."""
+
+    name: str
+    """The actor's name."""
+    ref: Any
+    """Its ref, the same as before the restart."""
 
 
 # ---------------------------------------------------------------- master <-> data shards

@@ -6,6 +6,7 @@ import torch
 
 from ..data import epoch_order
 from ..messages import (
+    ActorRestarted,
     ConnectDataShard,
     Finish,
     Forward,
@@ -23,7 +24,9 @@ class DataShard(Actor):
     """Owns the replica's examples, reshuffles them each epoch (seeded), counts epochs.
 
     One mini-batch is in flight at a time: the next is sent when the first stage reports the
-    previous step's backward pass done, as in the seed.
+    previous step's backward pass done, as in the seed. When a runtime restarts one of the
+    replica's stages, the in-flight mini-batch is sent again (its step redone from fresh
+    parameters) and a step reported twice counts once.
     """
 
     def __init__(
@@ -54,6 +57,9 @@ class DataShard(Actor):
         self.stages: tuple = ()
         self.master = None
         self._epoch_inputs = self._epoch_targets = None
+        self._in_flight: Forward | None = None  # the mini-batch sent and not yet done
+        self._finishing = False  # Finish sent to the stages
+        self._replica_done = False
 
     @receives(ConnectDataShard)
     def on_connect(self, msg: ConnectDataShard, sender: object) -> None:
@@ -76,13 +82,14 @@ class DataShard(Actor):
         hi = min(lo + self.batch_size, len(self.inputs))
         self.position = hi
         self._batch = hi - lo
-        self.ctx.tell(
-            self.stages[0],
-            Forward(self.steps, self._epoch_inputs[lo:hi], self._epoch_targets[lo:hi]),
-        )
+        self._in_flight = Forward(self.steps, self._epoch_inputs[lo:hi], self._epoch_targets[lo:hi])
+        self.ctx.tell(self.stages[0], self._in_flight)
 
     @receives(StepDone)
     def on_step_done(self, msg: StepDone, sender: object) -> None:
+        if self._in_flight is None or msg.step != self._in_flight.step:
+            return  # a step redone after a stage restart, reported twice: count it once
+        self._in_flight = None
         self.steps += 1
         self.examples += self._batch
         self.window_steps += 1
@@ -97,6 +104,7 @@ class DataShard(Actor):
             self.position = 0
             if self.epoch == self.epochs:
                 self._report()
+                self._finishing = True
                 for stage in self.stages:
                     self.ctx.tell(stage, Finish())
                 return
@@ -112,10 +120,22 @@ class DataShard(Actor):
         self.window_steps = self.window_examples = 0
         self.window_loss = 0.0
 
+    @receives(ActorRestarted)
+    def on_actor_restarted(self, msg: ActorRestarted, sender: object) -> None:
+        if msg.ref not in self.stages or self._replica_done:
+            return
+        if self._finishing:
+            self.ctx.tell(msg.ref, Finish())  # it drains (nothing accrued) and reports done
+        elif self._in_flight is not None:
+            self.ctx.tell(self.stages[0], self._in_flight)  # redo the step the restart lost
+
     @receives(StageDone)
     def on_stage_done(self, msg: StageDone, sender: object) -> None:
+        if self._replica_done:
+            return
         self.stage_buffers[msg.stage] = msg.buffers
         if len(self.stage_buffers) == len(self.stages):
+            self._replica_done = True
             buffers = tuple(self.stage_buffers[s] for s in range(len(self.stages)))
             self.ctx.tell(
                 self.master, ReplicaDone(self.replica, self.steps, self.examples, buffers)

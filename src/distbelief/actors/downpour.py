@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..messages import (
+    ActorRestarted,
     Begin,
     ConnectMaster,
     Progress,
@@ -66,6 +67,7 @@ class DownpourMaster(Actor):
         self.t0 = 0.0
         self.t_end = 0.0
         self.eval_s = 0.0
+        self.restarts = 0  # actors the runtime respawned (ActorRestarted)
 
     @receives(ConnectMaster)
     def on_connect(self, msg: ConnectMaster, sender: object) -> None:
@@ -127,6 +129,14 @@ class DownpourMaster(Actor):
         for shard in self.shards:
             self.ctx.tell(shard, Snapshot(tag))
 
+    @receives(ActorRestarted)
+    def on_actor_restarted(self, msg: ActorRestarted, sender: object) -> None:
+        # A runtime respawned a dead actor: count it, and let each data shard resume its
+        # replica if the actor was one of its stages (the one that was, resends its mini-batch).
+        self.restarts += 1
+        for data_shard in self.data_shards:
+            self.ctx.tell(data_shard, msg)
+
     @receives(ReplicaDone)
     def on_replica_done(self, msg: ReplicaDone, sender: object) -> None:
         self.done[msg.replica] = msg
@@ -159,6 +169,7 @@ class DownpourMaster(Actor):
                 eval_s=self.eval_s,
                 examples=examples,
                 steps=sum(d.steps for d in self.done.values()),
+                restarts=self.restarts,
             ),
         )
 

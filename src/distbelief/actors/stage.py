@@ -33,7 +33,17 @@ class Stage(Actor):
     Fetches its segments from the shards every ``n_fetch`` steps and pushes the gradient
     accrued since its last push every ``n_push`` steps. With ``local_lr > 0`` it also takes the
     paper's local step ``w <- w - local_lr * g`` on its own copy between fetches.
+
+    The fetch for a step is issued one step ahead, right after the previous step's push (the
+    paper's fetch thread running beside compute): its reply travels while the rest of the
+    replica works. Sent after that push, on the same ordered channel to the same shards, the
+    reply includes it, as a fetch at the start of the step would.
+
+    Restartable: a runtime may respawn a dead stage from its constructor arguments; it fetches
+    before its first forward, and a step lost with it is redone (see DataShard).
     """
+
+    restartable = True
 
     def __init__(
         self,
@@ -65,8 +75,10 @@ class Stage(Actor):
         self.steps = 0  # completed steps (backward done)
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: Forward | None = None  # forward waiting for fetch replies
-        self.awaiting = 0  # fetch or drain replies outstanding
-        self.saved: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fetching = 0  # fetch replies outstanding
+        self.prefetched = -1  # the step whose fetch was issued ahead
+        self.draining = 0  # drain replies outstanding
+        self.saved: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, input, output
         self.previous = self.next = self.data_shard = None
         self.shards: tuple = ()
 
@@ -77,14 +89,21 @@ class Stage(Actor):
 
     @receives(Forward)
     def on_forward(self, msg: Forward, sender: object) -> None:
-        if self.segments and (msg.step % self.n_fetch == 0 or not self.fetched):
-            self.fetched = True
+        if self.fetching:
+            self.pending = msg  # the replies on their way are the parameters for this step
+            return
+        due = msg.step % self.n_fetch == 0 and self.prefetched != msg.step
+        if self.segments and (due or not self.fetched):
             self.pending = msg
-            self.awaiting = len(self.segments)
-            for shard, _, _ in self.segments:
-                self.ctx.tell(self.shards[shard], Fetch(self.index))
+            self._fetch()
         else:
             self._forward(msg)
+
+    def _fetch(self) -> None:
+        self.fetched = True
+        self.fetching = len(self.segments)
+        for shard, _, _ in self.segments:
+            self.ctx.tell(self.shards[shard], Fetch(self.index))
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
@@ -92,8 +111,8 @@ class Stage(Actor):
             if shard == msg.shard:
                 self.weights[lo:hi].copy_(msg.weights)
                 self.versions[shard] = msg.version
-        self.awaiting -= 1
-        if self.awaiting == 0:
+        self.fetching -= 1
+        if self.fetching == 0 and self.pending is not None:
             pending, self.pending = self.pending, None
             self._forward(pending)
 
@@ -103,7 +122,7 @@ class Stage(Actor):
             x = x.detach().requires_grad_()
         out = self.module(x)
         if self.next is not None:
-            self.saved = (x, out)
+            self.saved = (msg.step, x, out)
             self.ctx.tell(self.next, Forward(msg.step, out.detach(), msg.targets))
             return
         loss = self.loss_fn(out, msg.targets)
@@ -111,7 +130,9 @@ class Stage(Actor):
 
     @receives(Backward)
     def on_backward(self, msg: Backward, sender: object) -> None:
-        x, out = self.saved
+        if self.saved is None or self.saved[0] != msg.step:
+            return  # the step was lost with a restarted stage and is being redone
+        _, x, out = self.saved
         self.saved = None
         self._backward(msg.step, out, msg.grad, x, msg.loss)
 
@@ -144,6 +165,9 @@ class Stage(Actor):
         self.accrued_steps += 1
         if self.accrued_steps == self.n_push:
             self._push()
+        if self.segments and self.fetched and (step + 1) % self.n_fetch == 0:
+            self.prefetched = step + 1  # the next step's fetch, ahead (see the class doc)
+            self._fetch()
         if wants_input:
             self.ctx.tell(self.previous, Backward(step, grads[-1], loss))
         else:
@@ -170,14 +194,14 @@ class Stage(Actor):
         if not self.segments:
             self._done()
             return
-        self.awaiting = len(self.segments)
+        self.draining = len(self.segments)
         for shard, _, _ in self.segments:
             self.ctx.tell(self.shards[shard], Drain(self.index))
 
     @receives(Drained)
     def on_drained(self, msg: Drained, sender: object) -> None:
-        self.awaiting -= 1
-        if self.awaiting == 0:
+        self.draining -= 1
+        if self.draining == 0:
             self._done()
 
     def _done(self) -> None:

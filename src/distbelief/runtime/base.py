@@ -45,6 +45,10 @@ class Actor:
     """Base class of every actor. Subclasses mark handlers with :func:`receives`."""
 
     handlers: ClassVar[dict[type, str]] = {}
+    restartable: ClassVar[bool] = False
+    """Whether a runtime that supervises actors (Ray) may respawn a dead one from its
+    constructor arguments; it then tells the actor the driver converses with
+    ``messages.ActorRestarted``. Only actors whose lost state the run can redo say True."""
     ctx: Context
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -90,7 +94,8 @@ class Runtime(Protocol):
         """Send ``message`` from the driver, then yield every message sent back to the driver.
 
         The caller stops iterating when it has the reply it wants. Raises ``RunTimeout`` when
-        ``timeout`` seconds pass in all, and ``ActorFailed`` when an actor raises.
+        ``timeout`` seconds pass in all, and ``ActorFailed`` when an actor raises (or dies
+        and cannot be restarted).
         """
 
     def shutdown(self) -> None:
