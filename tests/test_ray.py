@@ -1,0 +1,329 @@
+"""The Ray runtime: its data plane and placement (pure), and on a local Ray instance: a killed
+stage restarted mid-run, failures that end a run, nothing left behind, loopback and tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp
+
+ray = pytest.importorskip("ray")
+import psutil  # noqa: E402  (Ray ships it)
+
+import distbelief  # noqa: E402
+from distbelief.data import replica_batches  # noqa: E402
+from distbelief.flat import flatten  # noqa: E402
+from distbelief.messages import FetchReply, Forward, Push  # noqa: E402
+from distbelief.runtime.ray_placement import plan_placement, replace_node  # noqa: E402
+from distbelief.runtime.ray_wire import Endpoint, decode, encode, listening_socket  # noqa: E402
+
+# ------------------------------------------------------------------------------ data plane
+
+
+def _frame(parts: list) -> bytearray:
+    """What the receiver reads after the length prefix."""
+    frame = bytearray()
+    for part in parts[1:]:
+        frame += part
+    return frame
+
+
+def test_frames_carry_tensors_out_of_band_and_the_receiver_owns_them():
+    w = torch.randn(1000)
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    sent = [Push(1, w, 7), Forward(3, x, y), FetchReply(0, w[10:20], 2)]
+    parts = encode(sent)
+    assert any(isinstance(p, memoryview) and p.nbytes == w.numel() * 4 for p in parts)
+    frame = _frame(parts)
+    got = decode(frame)
+    assert [type(m) for m in got] == [Push, Forward, FetchReply]
+    assert torch.equal(got[0].grad, w) and got[0].fetched_version == 7
+    assert torch.equal(got[1].activations, x) and torch.equal(got[1].targets, y)
+    assert torch.equal(got[2].weights, w[10:20])  # a view travels as its own elements only
+    # Zero-copy on arrival: the tensor is a view of the frame buffer, and writable.
+    base = torch.frombuffer(frame, dtype=torch.uint8).data_ptr()
+    assert base <= got[0].grad.data_ptr() < base + len(frame)
+    got[0].grad.add_(1.0)
+    assert not torch.equal(got[0].grad, w)
+
+
+class _Watched(Endpoint):
+    """An endpoint that tells when one of its connections closes."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.closed = asyncio.Event()
+
+    def _lost(self, conn) -> None:
+        super()._lost(conn)
+        self.closed.set()
+
+
+async def _exchange(secret_b: bytes, n: int) -> list:
+    """Endpoint "a" sends n messages to "b" (which has ``secret_b``); what b got, in order,
+    once it has all of them or a's connection was closed on it."""
+    got: list = []
+    done = asyncio.Event()
+
+    def deliver(sender: str, messages: list) -> None:
+        got.extend((sender, m) for m in messages)
+        if len(got) == n:
+            done.set()
+
+    a = _Watched("a", b"s" * 32, lambda *_: None)
+    b = Endpoint("b", secret_b, deliver)
+    sock = listening_socket("127.0.0.1")
+    await b.listen(sock)
+    a.set_addresses({"b": sock.getsockname()[:2]})
+    for i in range(n):
+        a.send("b", [Forward(i, torch.full((2, 2), float(i)), torch.tensor([i]))])
+    waits = [asyncio.create_task(done.wait()), asyncio.create_task(a.closed.wait())]
+    _, pending = await asyncio.wait(waits, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    a.close()
+    b.close()
+    return got
+
+
+def test_endpoints_keep_each_senders_order():
+    got = asyncio.run(_exchange(b"s" * 32, 300))
+    assert [s for s, _ in got] == ["a"] * 300
+    assert [m.step for _, m in got] == list(range(300))
+    assert all(float(m.activations[0, 0]) == m.step for _, m in got)
+
+
+def test_a_peer_without_the_runs_secret_is_dropped_unheard():
+    got = asyncio.run(_exchange(b"x" * 32, 3))
+    assert got == []
+
+
+# ------------------------------------------------------------------------------ placement
+
+NODES = ["n0", "n1", "n2"]
+NAMES = [
+    "shard0",
+    "shard1",
+    "data0",
+    "replica0.stage0",
+    "replica0.stage1",
+    "replica0.stage2",
+    "data1",
+    "replica1.stage0",
+    "replica1.stage1",
+    "replica1.stage2",
+    "master",
+]
+
+
+def test_spread_puts_a_replicas_stages_on_distinct_nodes_and_spreads_shards():
+    plan = plan_placement(NAMES, NODES)
+    for r in range(2):
+        assert len({plan[f"replica{r}.stage{s}"] for s in range(3)}) == 3
+    assert plan["shard0"] != plan["shard1"]
+    assert plan["replica0.stage0"] != plan["replica1.stage0"]  # replicas start on other nodes
+    assert set(plan.values()) == set(NODES)
+
+
+def test_pack_pins_and_bad_strategies():
+    assert set(plan_placement(NAMES, NODES, "pack").values()) == {"n0"}
+    pinned = plan_placement(NAMES, NODES, {"shard0": "n2", "master": "n1"})
+    assert pinned["shard0"] == "n2" and pinned["master"] == "n1"
+    with pytest.raises(ValueError, match="not alive"):
+        plan_placement(NAMES, NODES, {"shard0": "gone"})
+    with pytest.raises(ValueError, match="unknown strategy"):
+        plan_placement(NAMES, NODES, "scatter")
+
+
+def test_a_restarted_actor_avoids_its_replicas_nodes_when_its_own_is_gone():
+    placed = {"replica0.stage0": "n0", "replica0.stage1": "n1", "shard0": "n2"}
+    assert replace_node("replica0.stage1", NODES, placed, "n1") == "n1"  # still alive: stays
+    assert replace_node("replica0.stage1", ["n0", "n2"], placed, "n1") == "n2"
+
+
+# ------------------------------------------------------------------------------ on Ray
+
+
+def toy_data(n: int = 128):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _hosts() -> list[psutil.Process]:
+    """Live actor processes of ours (Ray titles them after the hosting class)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "_Host" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _assert_gone(pids: list[int]) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, f"processes of the run still alive: {alive}"
+
+
+@pytest.mark.parametrize("kind", ["ray.kill", "exit"])
+def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(ray_session, kind):
+    """One replica, two stages, SGD: the killed stage's step is lost before any push, so the
+    restarted replica redoes it from freshly fetched parameters and the result is exact."""
+    model = mlp([10, 16, 16, 3])
+    x, y = toy_data()
+    result = distbelief.train(
+        model,
+        (x, y),
+        loss="cross_entropy",
+        lr=0.1,
+        batch_size=16,
+        epochs=2,
+        stages=2,
+        seed=7,
+        runtime="ray",
+        runtime_options={"faults": {"replica0.stage1": (5, kind)}},
+    )
+    expected = copy.deepcopy(model)
+    opt = torch.optim.SGD(expected.parameters(), lr=0.1)
+    for bx, by in replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2):
+        opt.zero_grad()
+        F.cross_entropy(expected(bx), by).backward()
+        opt.step()
+    torch.testing.assert_close(
+        flatten(result.model.children()), flatten(expected.children()), rtol=1e-6, atol=1e-6
+    )
+    assert result.stats["restarts"] == 1
+    assert result.stats["restarts_by_actor"] == {"replica0.stage1": 1}
+    assert result.stats["steps"] == 2 * 128 // 16  # the lost step is counted once
+    first, second = result.stats["pids"]["replica0.stage1"]
+    assert first != second
+    _assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
+
+
+def test_mnist1d_survives_ray_kill_of_one_stage_of_one_replica(ray_session, mnist1d_data):
+    train, test = mnist1d_data
+    result = distbelief.train(
+        mlp([40, 256, 256, 10]),
+        train,
+        loss="cross_entropy",
+        lr=0.05,
+        batch_size=32,
+        epochs=5,
+        replicas=2,
+        stages=2,
+        optimizer="adagrad",
+        eval_data=test,
+        seed=0,
+        runtime="ray",
+        runtime_options={"faults": {"replica1.stage0": 100}},
+    )
+    assert result.history.accuracy >= 0.60
+    assert result.stats["restarts"] == 1
+    assert result.stats["examples"] == 5 * len(train[0])
+
+
+def _loss_failing_on_call(n: int):
+    calls = {"n": 0}
+
+    def loss(out, target):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise ValueError("loss blew up")
+        return F.cross_entropy(out, target)
+
+    return loss
+
+
+def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_session):
+    assert not _hosts()
+    with pytest.raises(distbelief.ActorFailed, match="replica0.stage1.*loss blew up"):
+        distbelief.train(
+            mlp([10, 16, 3]),
+            toy_data(),
+            loss=_loss_failing_on_call(4),
+            lr=0.1,
+            batch_size=16,
+            epochs=1,
+            stages=2,
+            seed=0,
+            runtime="ray",
+        )
+    _assert_gone([p.pid for p in _hosts()])
+
+
+def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(ray_session):
+    with pytest.raises(distbelief.ActorFailed, match="'data0'.*died"):
+        distbelief.train(
+            mlp([10, 16, 3]),
+            toy_data(),
+            loss="cross_entropy",
+            lr=0.1,
+            batch_size=16,
+            epochs=1,
+            seed=0,
+            runtime="ray",
+            runtime_options={"faults": {"data0": 3}},
+        )
+    _assert_gone([p.pid for p in _hosts()])
+
+
+def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
+    seen: list[tuple[str, int, str]] = []
+
+    def look(report) -> None:
+        if seen:
+            return
+        pids = {p.pid: p.name() for p in psutil.Process().children(recursive=True)}
+        for c in psutil.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN and c.pid in pids:
+                seen.append((c.laddr.ip, c.laddr.port, pids[c.pid]))
+
+    distbelief.train(
+        mlp([10, 16, 3]),
+        toy_data(),
+        loss="cross_entropy",
+        lr=0.1,
+        batch_size=16,
+        epochs=2,
+        seed=0,
+        runtime="ray",
+        progress=look,
+    )
+    assert seen
+    assert {ip for ip, _, _ in seen} <= {"127.0.0.1", "::ffff:127.0.0.1"}, seen
+    assert any("_Host" in name or "ray::" in name for _, _, name in seen)
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"adress": "x"}, r"^runtime_options: unknown option\(s\) \['adress'\]"),
+        ({"placement": "scatter"}, r"^runtime_options: placement must be one of"),
+        ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^runtime_options: faults"),
+    ],
+)
+def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):
+    with pytest.raises(distbelief.ConfigError, match=match):
+        distbelief.train(
+            mlp([10, 3]),
+            toy_data(),
+            loss="cross_entropy",
+            lr=0.1,
+            batch_size=16,
+            epochs=1,
+            runtime="ray",
+            runtime_options=options,
+        )

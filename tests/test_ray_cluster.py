@@ -1,0 +1,225 @@
+"""The Ray runtime in processes of their own: a two-node cluster on loopback, and runs that own
+their Ray instance (finished, or interrupted with Ctrl-C) leaving no process behind.
+
+Each test runs this file as a script in a fresh Python (``python test_ray_cluster.py MODE``):
+a process holds one Ray connection, and the test session already has its own instance.
+The script prints one ``@@ {json}`` line with what the test checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray")
+
+MARK = "@@ "
+
+
+def _script_env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=secrets.token_hex(32),
+        RAY_TMPDIR=str(tmp),  # Ray's files (and ray_current_cluster) go here, not /tmp/ray
+        # Lets node_ip_address="127.0.0.1" stand: every server of both nodes on loopback.
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _start(mode: str, tmp: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, __file__, mode],
+        env=_script_env(tmp),
+        cwd=Path(__file__).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _report(proc: subprocess.Popen, timeout: float) -> dict:
+    """The script's ``@@`` line, read within ``timeout`` seconds."""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while sel.select(timeout=timeout):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK) :])
+    proc.kill()
+    raise AssertionError(f"no report from the script within {timeout} s")
+
+
+def _assert_gone(pids: list[int]) -> None:
+    import psutil  # Ray ships it
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, f"processes of the run still alive: {alive}"
+
+
+@pytest.fixture
+def ray_tmp():
+    tmp = Path(tempfile.mkdtemp(prefix="distbelief-test-ray-"))
+    before = _current_cluster()
+    yield tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert _current_cluster() == before, "a test changed /tmp/ray/ray_current_cluster"
+
+
+def _current_cluster() -> str | None:
+    path = Path("/tmp/ray/ray_current_cluster")
+    return path.read_text() if path.exists() else None
+
+
+def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(ray_tmp):
+    proc = _start("cluster", ray_tmp)
+    report = _report(proc, timeout=400)
+    assert proc.wait(timeout=120) == 0
+    nodes = report["nodes"]
+    assert len(set(report["cluster"])) == 2 and set(nodes.values()) == set(report["cluster"])
+    assert nodes["shard0"] != nodes["shard1"]
+    for r in range(2):
+        assert nodes[f"replica{r}.stage0"] != nodes[f"replica{r}.stage1"]
+    assert report["accuracy"] >= 0.60
+    _assert_gone(report["pids"])
+
+
+def test_a_run_that_started_ray_stops_it_and_leaves_no_process(ray_tmp):
+    proc = _start("own", ray_tmp)
+    report = _report(proc, timeout=300)
+    assert proc.wait(timeout=120) == 0
+    _assert_gone(report["pids"])
+    assert report["ray_processes"], "the run's own Ray processes were seen"
+    assert not Path(report["session_dir"]).exists()
+
+
+def test_ctrl_c_stops_the_run_and_every_process_it_started(ray_tmp):
+    proc = _start("interrupt", ray_tmp)
+    report = _report(proc, timeout=300)  # printed while training
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    _assert_gone(report["pids"])
+    assert not Path(report["session_dir"]).exists()
+
+
+# ------------------------------------------------------------------------------ the script
+
+
+def _descendants() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def _main(mode: str) -> None:
+    import ray
+    import torch
+
+    import distbelief
+    from distbelief.data import mnist1d
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import mlp
+
+    train, test = mnist1d()
+    if mode == "cluster":
+        from ray.cluster_utils import Cluster
+
+        from distbelief.runtime.ray import LOCAL_SYSTEM_CONFIG
+
+        node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                **node,
+                "include_dashboard": False,
+                "_system_config": LOCAL_SYSTEM_CONFIG,
+            },
+        )
+        cluster.add_node(**node)
+        try:
+            result = distbelief.train(
+                mlp([40, 256, 256, 10]),
+                train,
+                loss="cross_entropy",
+                lr=0.05,
+                batch_size=32,
+                epochs=5,
+                replicas=2,
+                stages=2,
+                shards=2,
+                optimizer="adagrad",
+                eval_data=test,
+                seed=0,
+                runtime="ray",
+                runtime_options={"address": cluster.address},
+            )
+            ray.init(address=cluster.address)
+            alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+            ray.shutdown()
+        finally:
+            cluster.shutdown()
+        pids = [p for ps in result.stats["pids"].values() for p in ps]
+        report = {
+            "nodes": result.stats["nodes"],
+            "cluster": alive,
+            "pids": pids,
+            "accuracy": result.history.accuracy,
+        }
+        print(MARK + json.dumps(report), flush=True)
+        return
+
+    seen: dict = {}
+
+    def progress(_report) -> None:
+        if seen:
+            return
+        import psutil
+
+        seen["pids"] = _descendants()
+        seen["ray_processes"] = [
+            p for p in seen["pids"] if "ray" in " ".join(psutil.Process(p).cmdline())
+        ]
+        seen["session_dir"] = ray._private.worker._global_node.get_session_dir_path()
+        if mode == "interrupt":
+            print(MARK + json.dumps(seen), flush=True)
+
+    torch.manual_seed(0)
+    distbelief.train(
+        mlp([40, 64, 10]),
+        train,
+        loss="cross_entropy",
+        lr=0.05,
+        batch_size=32,
+        epochs=1 if mode == "own" else 1000,
+        replicas=2,
+        stages=2,
+        seed=0,
+        runtime="ray",
+        progress=progress,
+    )
+    print(MARK + json.dumps(seen), flush=True)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
