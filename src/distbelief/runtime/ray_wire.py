@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAGIC = b"DBRAY\x00\x01\x00"
 _LEN = struct.Struct("<Q")
 _HANDSHAKE_MAX = 4096
+_SCRATCH = 1 << 16  # frames up to this size are read with their neighbours, in one recv
 _NONCE = 32
 
 Address = tuple[str, int]
@@ -46,13 +47,16 @@ Deliver = Callable[[str, list], None]
 # ------------------------------------------------------------------------------ boxing
 
 
-def _tensor_from_numpy(array: Any) -> torch.Tensor:
-    return torch.from_numpy(array)
+def _tensor_from_buffer(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not len(buffer):  # torch.frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(buffer, dtype=dtype)
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 class _TensorBox:
-    """Pickles a CPU tensor as a numpy array (sent out of band); unpickles to a tensor over the
-    received buffer."""
+    """Pickles a CPU tensor as its raw memory, out of band (sent as is, no copy); unpickles to
+    a tensor over the received buffer."""
 
     __slots__ = ("tensor",)
 
@@ -60,10 +64,13 @@ class _TensorBox:
         self.tensor = tensor
 
     def __reduce__(self) -> tuple:
+        t = self.tensor.detach()
         try:
-            return _tensor_from_numpy, (self.tensor.detach().numpy(),)
-        except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype: torch pickles it
-            return _identity, (self.tensor,)
+            # numpy() shares the memory (and refuses what has no plain layout, e.g. bfloat16).
+            data = pickle.PickleBuffer(t.contiguous().numpy())
+        except (TypeError, RuntimeError):
+            return _identity, (self.tensor,)  # torch pickles it (a copy)
+        return _tensor_from_buffer, (data, t.dtype, tuple(t.shape))
 
 
 def _identity(x: Any) -> Any:
@@ -117,7 +124,8 @@ def box(value: Any) -> Any:
 
 
 def encode(messages: list) -> list[Any]:
-    """The parts of one frame: length prefix, header, pickle stream, out-of-band buffers."""
+    """The parts of one frame: length prefix, header and pickle stream, then the out-of-band
+    buffers (views of the tensors' memory)."""
     buffers: list[pickle.PickleBuffer] = []
     boxed = [box(m) for m in messages]
     try:
@@ -130,7 +138,7 @@ def encode(messages: list) -> list[Any]:
     views = [b.raw() for b in buffers]
     header = struct.pack(f"<I{len(views) + 1}Q", len(views), len(data), *(v.nbytes for v in views))
     size = len(header) + len(data) + sum(v.nbytes for v in views)
-    return [_LEN.pack(size), header, data, *views]
+    return [_LEN.pack(size) + header + data, *views]  # the small parts joined: fewer sends
 
 
 def decode(frame: bytearray) -> list:
@@ -156,7 +164,11 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
 
 
 class _Connection(asyncio.BufferedProtocol):
-    """One TCP connection, either end. Reads length-prefixed frames into exact-size buffers."""
+    """One TCP connection, either end.
+
+    Reads into a scratch buffer, so one ``recv`` brings a small frame with its length prefix
+    (or several frames); a frame too big for it is read into a buffer of its own, exactly.
+    """
 
     def __init__(self, endpoint: Endpoint, peer: str | None) -> None:
         self.endpoint = endpoint
@@ -164,11 +176,13 @@ class _Connection(asyncio.BufferedProtocol):
         self.outgoing = peer is not None
         self.transport: asyncio.Transport | None = None
         self.authenticated = False
+        self.dropped = False
         self.nonce = os.urandom(_NONCE)
         self.queue: list[list[Any]] = []  # frames waiting for the handshake (dialling side)
-        self.head = bytearray(_LEN.size)
-        self.frame: bytearray | None = None
-        self.filled = 0
+        self.scratch = bytearray(_SCRATCH)
+        self.start = self.end = 0  # unread bytes of scratch
+        self.big: bytearray | None = None  # a frame larger than scratch, being read
+        self.big_filled = 0
 
     # asyncio.BufferedProtocol ---------------------------------------------------------
 
@@ -182,25 +196,47 @@ class _Connection(asyncio.BufferedProtocol):
             self._write_raw(MAGIC + self.nonce + me + b"\x00" + self.peer.encode())
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self.frame is None:
-            return memoryview(self.head)[self.filled :]
-        return memoryview(self.frame)[self.filled :]
+        if self.big is not None:
+            return memoryview(self.big)[self.big_filled :]
+        if self.end == len(self.scratch):  # full: move the unread part to the front
+            unread = self.end - self.start
+            self.scratch[:unread] = self.scratch[self.start : self.end]
+            self.start, self.end = 0, unread
+        return memoryview(self.scratch)[self.end :]
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.filled += nbytes
-        if self.frame is None:
-            if self.filled < _LEN.size:
-                return
-            (size,) = _LEN.unpack(self.head)
+        if self.big is not None:
+            self.big_filled += nbytes
+            if self.big_filled == len(self.big):
+                frame, self.big = self.big, None
+                self._frame(frame)
+            return
+        self.end += nbytes
+        scratch = self.scratch
+        while self.end - self.start >= _LEN.size and not self.dropped:
+            (size,) = _LEN.unpack_from(scratch, self.start)
             if not self.authenticated and size > _HANDSHAKE_MAX:
                 self._drop("oversized frame before authentication")
                 return
-            self.frame, self.filled = bytearray(size), 0
-            if size:
+            body = self.start + _LEN.size
+            if size > len(scratch) - _LEN.size:  # will not fit: give it a buffer of its own
+                self.big = bytearray(size)
+                have = self.end - body
+                self.big[:have] = scratch[body : self.end]
+                self.big_filled = have
+                self.start = self.end = 0
+                if have == size:
+                    frame, self.big = self.big, None
+                    self._frame(frame)
                 return
-        if self.filled < len(self.frame):
-            return
-        frame, self.frame, self.filled = self.frame, None, 0
+            if self.end - body < size:
+                return
+            self.start = body + size
+            self._frame(scratch[body : self.start])  # a copy: scratch is reused
+        if self.start == self.end:
+            self.start = self.end = 0
+
+    def _frame(self, frame: bytearray) -> None:
         if self.authenticated and not self.outgoing:
             self.endpoint._received(self.peer, frame)
         else:
@@ -251,6 +287,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.transport.write(_LEN.pack(len(payload)) + payload)
 
     def _drop(self, why: str) -> None:
+        self.dropped = True
         log.warning(
             "distbelief data plane of %s: %s; closing the connection", self.endpoint.name, why
         )
