@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
-import pytest
-import torch
-from torch import nn
+# One intra-op thread for torch here and in every process a test starts (Ray workers inherit
+# the environment). The tests check correctness, not speed; on a busy 2-core machine torch's
+# spinning worker threads made single tests 20-80x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+torch.set_num_threads(1)
 
 RUNTIMES = ["local", *(["ray"] if importlib.util.find_spec("ray") else [])]
 

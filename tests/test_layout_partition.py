@@ -70,12 +70,17 @@ def test_explicit_split_points_are_validated():
 def test_flat_binding_makes_parameters_views_of_one_buffer():
     model = mlp([3, 4, 2])
     before = flatten(model.children())
-    weights = bind_to_flat(model.children(), torch.float32)
+    weights = bind_to_flat(model.children(), torch.empty(0))
     assert torch.equal(weights, before)
     weights.add_(1.0)
     assert torch.equal(flatten(model.children()), before + 1)
     load_flat(model.children(), before)
     assert torch.equal(weights, before)
+    other = torch.arange(before.numel(), dtype=torch.float32)
+    assert bind_to_flat(model.children(), other) is other  # adopt a given buffer
+    assert torch.equal(flatten(model.children()), other)
+    with pytest.raises(ValueError, match="the layers need"):
+        bind_to_flat(model.children(), torch.zeros(3))
 
 
 def test_epoch_order_is_a_seeded_permutation_per_replica_and_epoch():

@@ -28,20 +28,30 @@ def flatten(layers: Iterable[nn.Module]) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in params])
 
 
-def bind_to_flat(layers: Iterable[nn.Module], dtype: torch.dtype) -> torch.Tensor:
-    """Re-point every parameter at a view of one new flat buffer, and return the buffer.
+def bind_to_flat(layers: Iterable[nn.Module], buffer: torch.Tensor) -> torch.Tensor:
+    """Re-point every parameter at a view of one flat buffer, and return the buffer.
 
-    Writing into the buffer (a fetch, a local step) changes the parameters in place.
+    If ``buffer`` holds as many elements as the parameters, the parameters take its values;
+    if it is empty, a new buffer of its dtype is made holding the parameters' current values.
+    Writing into the buffer (a fetch, a local step) then changes the parameters in place.
     """
     params = parameters_of(layers)
-    weights = torch.empty(sum(p.numel() for p in params), dtype=dtype)
+    if buffer.numel() == 0 and params:
+        buffer = torch.cat([p.detach().reshape(-1) for p in params]).to(buffer.dtype)
+    return point_at(params, buffer)
+
+
+def point_at(params: list[nn.Parameter], buffer: torch.Tensor) -> torch.Tensor:
+    """Make ``params`` (in layout order) views of consecutive parts of ``buffer``."""
+    n = sum(p.numel() for p in params)
+    if buffer.numel() != n:
+        raise ValueError(f"flat buffer has {buffer.numel()} elements, the layers need {n}")
     offset = 0
     for p in params:
         k = p.numel()
-        weights[offset : offset + k].copy_(p.detach().reshape(-1))
-        p.data = weights[offset : offset + k].view_as(p)
+        p.data = buffer[offset : offset + k].view_as(p)
         offset += k
-    return weights
+    return buffer
 
 
 def load_flat(layers: Iterable[nn.Module], vector: torch.Tensor) -> None:
