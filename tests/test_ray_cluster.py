@@ -104,6 +104,18 @@ def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(ray_tmp):
     _assert_gone(report["pids"])
 
 
+def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_completes(ray_tmp):
+    proc = _start("node_loss", ray_tmp)
+    report = _report(proc, timeout=400)
+    assert proc.wait(timeout=120) == 0
+    # Only the second stage was on the lost node: one restart, and it now runs on the head.
+    assert report["restarts"] == {"replica0.stage1": 1}
+    assert report["stage_node_after"] == report["head"] != report["lost"]
+    assert report["steps"] == report["expected_steps"]
+    assert report["accuracy"] >= 0.60
+    _assert_gone(report["pids"])
+
+
 def test_a_run_that_started_ray_stops_it_and_leaves_no_process(ray_tmp):
     proc = _start("own", ray_tmp)
     report = _report(proc, timeout=300)
@@ -131,6 +143,73 @@ def _descendants() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True)]
 
 
+def _node_loss(distbelief, mlp, train, test) -> None:
+    """Two nodes; the second goes away once training runs, taking a stage with it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from distbelief.runtime.ray import LOCAL_SYSTEM_CONFIG
+
+    node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+    fast_health_check = {  # declare a lost node dead within seconds, not Ray's default ~30 s
+        "health_check_period_ms": 500,
+        "health_check_timeout_ms": 500,
+        "health_check_failure_threshold": 3,
+    }
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **node,
+            "include_dashboard": False,
+            "_system_config": {**LOCAL_SYSTEM_CONFIG, **fast_health_check},
+        },
+    )
+    second = cluster.add_node(**node)
+    try:
+        ray.init(address=cluster.address)  # the run uses this connection and leaves it
+        head = ray.get_runtime_context().get_node_id()
+        lost = second.node_id
+        # Everything but the second stage stays on the head; the second stage goes to the
+        # other node (a replica's stages are spread).
+        pins = {name: head for name in ("shard0", "data0", "master")}
+        removed = []
+
+        def progress(_report) -> None:
+            if not removed:
+                removed.append(True)
+                cluster.remove_node(second, allow_graceful=False)
+
+        result = distbelief.train(
+            mlp([40, 256, 256, 10]),
+            train,
+            loss="cross_entropy",
+            lr=0.05,
+            batch_size=32,
+            epochs=3,
+            stages=2,
+            optimizer="adagrad",
+            eval_data=test,
+            seed=0,
+            runtime="ray",
+            runtime_options={"placement": pins},
+            progress=progress,
+        )
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    report = {
+        "lost": lost,
+        "head": head,
+        "stage_node_after": result.stats["nodes"]["replica0.stage1"],
+        "restarts": result.stats["restarts_by_actor"],
+        "steps": result.stats["steps"],
+        "expected_steps": 3 * -(-len(train[0]) // 32),
+        "accuracy": result.history.accuracy,
+        "pids": [p for ps in result.stats["pids"].values() for p in ps],
+    }
+    print(MARK + json.dumps(report), flush=True)
+
+
 def _main(mode: str) -> None:
     import ray
     import torch
@@ -142,6 +221,9 @@ def _main(mode: str) -> None:
     from conftest import mlp
 
     train, test = mnist1d()
+    if mode == "node_loss":
+        _node_loss(distbelief, mlp, train, test)
+        return
     if mode == "cluster":
         from ray.cluster_utils import Cluster
 
