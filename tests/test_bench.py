@@ -47,14 +47,16 @@ def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
     (shard,) = report["shard"]
     assert shard["parameters"] == bench.QUICK.shard_sizes[0]
     assert positive(shard["pushes_per_s"]) and positive(shard["ratio"])
-    xor = report["xor"]
-    assert xor["examples"] == bench.QUICK.xor_examples and positive(xor["ratio"])
-    assert xor["ratio"] == pytest.approx(xor["baseline_s"] / xor["train_s"], rel=0.01)
+    assert [(x["stages"], x["shards"]) for x in report["xor"]] == [(1, 1), (2, 2)]
+    for xor in report["xor"]:
+        assert xor["examples"] == bench.QUICK.xor_examples and positive(xor["ratio"])
+        assert xor["ratio"] == pytest.approx(xor["baseline_s"] / xor["train_s"], rel=0.01)
+        assert xor["time_ratio"] == pytest.approx(xor["train_s"] / xor["baseline_s"], rel=0.01)
     json.dumps(report)  # serialisable as the --json output
 
 
 def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) -> None:
-    n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 1
+    n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 2
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()
     assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]
