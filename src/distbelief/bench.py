@@ -395,7 +395,10 @@ def plain_xor_seconds(data: tuple[torch.Tensor, torch.Tensor], seed: int, lr: fl
     return time.perf_counter() - t0
 
 
-XOR_LAYOUTS = (("1 stage, 1 shard", 1, 1), ("2 stages, 2 shards (the seed's actor per layer)", 2, 2))
+XOR_LAYOUTS = (
+    ("1 stage, 1 shard", 1, 1),
+    ("2 stages, 2 shards (the seed's actor per layer)", 2, 2),
+)
 """(label, stages, shards) of the XOR comparison; the seed's setting does not fix the split."""
 
 
