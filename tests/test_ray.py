@@ -153,6 +153,24 @@ def toy_data(n: int = 128):
     return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def toy_run(**kw):
+    """A small run on Ray: an MLP 10-16-3 on toy data, one epoch; ``kw`` overrides."""
+    args = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=1, seed=0, runtime="ray")
+    args.update(kw)
+    model = args.pop("model", None) or mlp([10, 16, 3])
+    return distbelief.train(model, args.pop("data", None) or toy_data(), **args)
+
+
+def mnist1d_run(data, **kw):
+    """MNIST-1D on Ray with the engine test's setting (MLP 40-256-256-10, Adagrad 0.05, batch
+    32, 5 epochs, 2 stages); ``kw`` overrides."""
+    train, test = data
+    args = dict(loss="cross_entropy", lr=0.05, batch_size=32, epochs=5, stages=2)
+    args.update(optimizer="adagrad", eval_data=test, seed=0, runtime="ray")
+    args.update(kw)
+    return distbelief.train(mlp([40, 256, 256, 10]), train, **args)
+
+
 def _hosts() -> list[psutil.Process]:
     """Live actor processes of ours (Ray titles them after the hosting class)."""
     out = []
@@ -165,7 +183,8 @@ def _hosts() -> list[psutil.Process]:
     return out
 
 
-def _assert_gone(pids: list[int]) -> None:
+def assert_gone(pids: list[int]) -> None:
+    """Every process in ``pids`` exits within 30 s (most are gone already)."""
     procs = []
     for pid in pids:
         try:
@@ -182,17 +201,9 @@ def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(
     restarted replica redoes it from freshly fetched parameters and the result is exact."""
     model = mlp([10, 16, 16, 3])
     x, y = toy_data()
-    result = distbelief.train(
-        model,
-        (x, y),
-        loss="cross_entropy",
-        lr=0.1,
-        batch_size=16,
-        epochs=2,
-        stages=2,
-        seed=7,
-        runtime="ray",
-        runtime_options={"faults": {"replica0.stage1": (5, kind)}},
+    faults = {"replica0.stage1": (5, kind)}
+    result = toy_run(
+        model=model, data=(x, y), epochs=2, stages=2, seed=7, runtime_options={"faults": faults}
     )
     expected = copy.deepcopy(model)
     opt = torch.optim.SGD(expected.parameters(), lr=0.1)
@@ -208,29 +219,15 @@ def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(
     assert result.stats["steps"] == 2 * 128 // 16  # the lost step is counted once
     first, second = result.stats["pids"]["replica0.stage1"]
     assert first != second
-    _assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
+    assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
 
 
 def test_mnist1d_survives_ray_kill_of_one_stage_of_one_replica(ray_session, mnist1d_data):
-    train, test = mnist1d_data
-    result = distbelief.train(
-        mlp([40, 256, 256, 10]),
-        train,
-        loss="cross_entropy",
-        lr=0.05,
-        batch_size=32,
-        epochs=5,
-        replicas=2,
-        stages=2,
-        optimizer="adagrad",
-        eval_data=test,
-        seed=0,
-        runtime="ray",
-        runtime_options={"faults": {"replica1.stage0": 100}},
-    )
+    faults = {"replica1.stage0": 100}
+    result = mnist1d_run(mnist1d_data, replicas=2, runtime_options={"faults": faults})
     assert result.history.accuracy >= 0.60
     assert result.stats["restarts"] == 1
-    assert result.stats["examples"] == 5 * len(train[0])
+    assert result.stats["examples"] == 5 * len(mnist1d_data[0][0])
 
 
 def _loss_failing_on_call(n: int):
@@ -246,36 +243,16 @@ def _loss_failing_on_call(n: int):
 
 
 def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_session):
-    assert not _hosts()
+    assert_gone([p.pid for p in _hosts()])  # earlier tests' actors, if still exiting
     with pytest.raises(distbelief.ActorFailed, match="replica0.stage1.*loss blew up"):
-        distbelief.train(
-            mlp([10, 16, 3]),
-            toy_data(),
-            loss=_loss_failing_on_call(4),
-            lr=0.1,
-            batch_size=16,
-            epochs=1,
-            stages=2,
-            seed=0,
-            runtime="ray",
-        )
-    _assert_gone([p.pid for p in _hosts()])
+        toy_run(loss=_loss_failing_on_call(4), stages=2)
+    assert_gone([p.pid for p in _hosts()])
 
 
 def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(ray_session):
     with pytest.raises(distbelief.ActorFailed, match="'data0'.*died"):
-        distbelief.train(
-            mlp([10, 16, 3]),
-            toy_data(),
-            loss="cross_entropy",
-            lr=0.1,
-            batch_size=16,
-            epochs=1,
-            seed=0,
-            runtime="ray",
-            runtime_options={"faults": {"data0": 3}},
-        )
-    _assert_gone([p.pid for p in _hosts()])
+        toy_run(runtime_options={"faults": {"data0": 3}})
+    assert_gone([p.pid for p in _hosts()])
 
 
 def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
@@ -289,17 +266,7 @@ def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
             if c.status == psutil.CONN_LISTEN and c.pid in pids:
                 seen.append((c.laddr.ip, c.laddr.port, pids[c.pid]))
 
-    distbelief.train(
-        mlp([10, 16, 3]),
-        toy_data(),
-        loss="cross_entropy",
-        lr=0.1,
-        batch_size=16,
-        epochs=2,
-        seed=0,
-        runtime="ray",
-        progress=look,
-    )
+    toy_run(epochs=2, progress=look)
     assert seen
     assert {ip for ip, _, _ in seen} <= {"127.0.0.1", "::ffff:127.0.0.1"}, seen
     assert any("_Host" in name or "ray::" in name for _, _, name in seen)
@@ -316,13 +283,4 @@ def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
 )
 def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):
     with pytest.raises(distbelief.ConfigError, match=match):
-        distbelief.train(
-            mlp([10, 3]),
-            toy_data(),
-            loss="cross_entropy",
-            lr=0.1,
-            batch_size=16,
-            epochs=1,
-            runtime="ray",
-            runtime_options=options,
-        )
+        toy_run(runtime_options=options)

@@ -23,6 +23,9 @@ import pytest
 
 pytest.importorskip("ray")
 
+from conftest import mlp  # noqa: E402
+from test_ray import assert_gone, mnist1d_run  # noqa: E402
+
 MARK = "@@ "
 
 
@@ -64,19 +67,6 @@ def _report(proc: subprocess.Popen, timeout: float) -> dict:
     raise AssertionError(f"no report from the script within {timeout} s")
 
 
-def _assert_gone(pids: list[int]) -> None:
-    import psutil  # Ray ships it
-
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    assert not alive, f"processes of the run still alive: {alive}"
-
-
 @pytest.fixture
 def ray_tmp():
     tmp = Path(tempfile.mkdtemp(prefix="distbelief-test-ray-"))
@@ -101,7 +91,7 @@ def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(ray_tmp):
     for r in range(2):
         assert nodes[f"replica{r}.stage0"] != nodes[f"replica{r}.stage1"]
     assert report["accuracy"] >= 0.60
-    _assert_gone(report["pids"])
+    assert_gone(report["pids"])
 
 
 def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_completes(ray_tmp):
@@ -113,14 +103,14 @@ def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_complete
     assert report["stage_node_after"] == report["head"] != report["lost"]
     assert report["steps"] == report["expected_steps"]
     assert report["accuracy"] >= 0.60
-    _assert_gone(report["pids"])
+    assert_gone(report["pids"])
 
 
 def test_a_run_that_started_ray_stops_it_and_leaves_no_process(ray_tmp):
     proc = _start("own", ray_tmp)
     report = _report(proc, timeout=300)
     assert proc.wait(timeout=120) == 0
-    _assert_gone(report["pids"])
+    assert_gone(report["pids"])
     assert report["ray_processes"], "the run's own Ray processes were seen"
     assert not Path(report["session_dir"]).exists()
 
@@ -130,47 +120,63 @@ def test_ctrl_c_stops_the_run_and_every_process_it_started(ray_tmp):
     report = _report(proc, timeout=300)  # printed while training
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) != 0
-    _assert_gone(report["pids"])
+    assert_gone(report["pids"])
     assert not Path(report["session_dir"]).exists()
 
 
 # ------------------------------------------------------------------------------ the script
 
 
-def _descendants() -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.Process().children(recursive=True)]
-
-
-def _node_loss(distbelief, mlp, train, test) -> None:
-    """Two nodes; the second goes away once training runs, taking a stage with it."""
-    import ray
+def _two_nodes(**system_config):
+    """A Ray cluster of two nodes on this machine, every server on loopback."""
     from ray.cluster_utils import Cluster
 
     from distbelief.runtime.ray import LOCAL_SYSTEM_CONFIG
 
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-    fast_health_check = {  # declare a lost node dead within seconds, not Ray's default ~30 s
-        "health_check_period_ms": 500,
-        "health_check_timeout_ms": 500,
-        "health_check_failure_threshold": 3,
+    head = {**node, "include_dashboard": False}
+    head["_system_config"] = {**LOCAL_SYSTEM_CONFIG, **system_config}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    return cluster, cluster.add_node(**node)
+
+
+def _pids(result) -> list[int]:
+    return [p for ps in result.stats["pids"].values() for p in ps]
+
+
+def _cluster(data) -> dict:
+    """MNIST-1D over two nodes, joined by address as a user would."""
+    import ray
+
+    cluster, _ = _two_nodes()
+    try:
+        options = {"address": cluster.address}
+        result = mnist1d_run(data, replicas=2, shards=2, runtime_options=options)
+        ray.init(address=cluster.address)
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    return {
+        "nodes": result.stats["nodes"],
+        "cluster": alive,
+        "pids": _pids(result),
+        "accuracy": result.history.accuracy,
     }
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            **node,
-            "include_dashboard": False,
-            "_system_config": {**LOCAL_SYSTEM_CONFIG, **fast_health_check},
-        },
-    )
-    second = cluster.add_node(**node)
+
+
+def _node_loss(data) -> dict:
+    """Two nodes; the second goes away once training runs, taking a stage with it."""
+    import ray
+
+    # Declare a lost node dead within seconds, not after Ray's default tens of seconds.
+    fast = {"health_check_period_ms": 500, "health_check_timeout_ms": 500}
+    cluster, second = _two_nodes(**fast, health_check_failure_threshold=3)
     try:
         ray.init(address=cluster.address)  # the run uses this connection and leaves it
         head = ray.get_runtime_context().get_node_id()
-        lost = second.node_id
-        # Everything but the second stage stays on the head; the second stage goes to the
-        # other node (a replica's stages are spread).
+        # All but the second stage on the head; that stage goes to the other node (a
+        # replica's stages are spread).
         pins = {name: head for name in ("shard0", "data0", "master")}
         removed = []
 
@@ -179,106 +185,36 @@ def _node_loss(distbelief, mlp, train, test) -> None:
                 removed.append(True)
                 cluster.remove_node(second, allow_graceful=False)
 
-        result = distbelief.train(
-            mlp([40, 256, 256, 10]),
-            train,
-            loss="cross_entropy",
-            lr=0.05,
-            batch_size=32,
-            epochs=3,
-            stages=2,
-            optimizer="adagrad",
-            eval_data=test,
-            seed=0,
-            runtime="ray",
-            runtime_options={"placement": pins},
-            progress=progress,
-        )
+        options = {"placement": pins}
+        result = mnist1d_run(data, epochs=3, runtime_options=options, progress=progress)
         ray.shutdown()
     finally:
         cluster.shutdown()
-    report = {
-        "lost": lost,
+    return {
+        "lost": second.node_id,
         "head": head,
         "stage_node_after": result.stats["nodes"]["replica0.stage1"],
         "restarts": result.stats["restarts_by_actor"],
         "steps": result.stats["steps"],
-        "expected_steps": 3 * -(-len(train[0]) // 32),
+        "expected_steps": 3 * -(-len(data[0][0]) // 32),
         "accuracy": result.history.accuracy,
-        "pids": [p for ps in result.stats["pids"].values() for p in ps],
+        "pids": _pids(result),
     }
-    print(MARK + json.dumps(report), flush=True)
 
 
-def _main(mode: str) -> None:
+def _own_ray(data, mode: str) -> dict:
+    """A run that starts (and stops) its own Ray; reports its processes while it trains."""
+    import psutil
     import ray
-    import torch
 
     import distbelief
-    from distbelief.data import mnist1d
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import mlp
-
-    train, test = mnist1d()
-    if mode == "node_loss":
-        _node_loss(distbelief, mlp, train, test)
-        return
-    if mode == "cluster":
-        from ray.cluster_utils import Cluster
-
-        from distbelief.runtime.ray import LOCAL_SYSTEM_CONFIG
-
-        node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-        cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                **node,
-                "include_dashboard": False,
-                "_system_config": LOCAL_SYSTEM_CONFIG,
-            },
-        )
-        cluster.add_node(**node)
-        try:
-            result = distbelief.train(
-                mlp([40, 256, 256, 10]),
-                train,
-                loss="cross_entropy",
-                lr=0.05,
-                batch_size=32,
-                epochs=5,
-                replicas=2,
-                stages=2,
-                shards=2,
-                optimizer="adagrad",
-                eval_data=test,
-                seed=0,
-                runtime="ray",
-                runtime_options={"address": cluster.address},
-            )
-            ray.init(address=cluster.address)
-            alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-            ray.shutdown()
-        finally:
-            cluster.shutdown()
-        pids = [p for ps in result.stats["pids"].values() for p in ps]
-        report = {
-            "nodes": result.stats["nodes"],
-            "cluster": alive,
-            "pids": pids,
-            "accuracy": result.history.accuracy,
-        }
-        print(MARK + json.dumps(report), flush=True)
-        return
 
     seen: dict = {}
 
     def progress(_report) -> None:
         if seen:
             return
-        import psutil
-
-        seen["pids"] = _descendants()
+        seen["pids"] = [p.pid for p in psutil.Process().children(recursive=True)]
         seen["ray_processes"] = [
             p for p in seen["pids"] if "ray" in " ".join(psutil.Process(p).cmdline())
         ]
@@ -286,21 +222,35 @@ def _main(mode: str) -> None:
         if mode == "interrupt":
             print(MARK + json.dumps(seen), flush=True)
 
-    torch.manual_seed(0)
+    epochs = 1 if mode == "own" else 1000  # "interrupt": until Ctrl-C
+    model = mlp([40, 64, 10])
     distbelief.train(
-        mlp([40, 64, 10]),
-        train,
+        model,
+        data[0],
         loss="cross_entropy",
         lr=0.05,
         batch_size=32,
-        epochs=1 if mode == "own" else 1000,
+        epochs=epochs,
         replicas=2,
         stages=2,
         seed=0,
         runtime="ray",
         progress=progress,
     )
-    print(MARK + json.dumps(seen), flush=True)
+    return seen
+
+
+def _main(mode: str) -> None:
+    from distbelief.data import mnist1d
+
+    data = mnist1d()
+    if mode == "cluster":
+        report = _cluster(data)
+    elif mode == "node_loss":
+        report = _node_loss(data)
+    else:
+        report = _own_ray(data, mode)
+    print(MARK + json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":
