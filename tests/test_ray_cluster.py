@@ -53,6 +53,14 @@ def _start(mode: str, tmp: Path) -> subprocess.Popen:
     )
 
 
+def _finished(mode: str, tmp: Path, timeout: float = 400) -> dict:
+    """Run the script to its end; its report."""
+    proc = _start(mode, tmp)
+    report = _report(proc, timeout=timeout)
+    assert proc.wait(timeout=120) == 0
+    return report
+
+
 def _report(proc: subprocess.Popen, timeout: float) -> dict:
     """The script's ``@@`` line, read within ``timeout`` seconds."""
     with selectors.DefaultSelector() as sel:
@@ -82,9 +90,7 @@ def _current_cluster() -> str | None:
 
 
 def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(ray_tmp):
-    proc = _start("cluster", ray_tmp)
-    report = _report(proc, timeout=400)
-    assert proc.wait(timeout=120) == 0
+    report = _finished("cluster", ray_tmp)
     nodes = report["nodes"]
     assert len(set(report["cluster"])) == 2 and set(nodes.values()) == set(report["cluster"])
     assert nodes["shard0"] != nodes["shard1"]
@@ -95,9 +101,7 @@ def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(ray_tmp):
 
 
 def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_completes(ray_tmp):
-    proc = _start("node_loss", ray_tmp)
-    report = _report(proc, timeout=400)
-    assert proc.wait(timeout=120) == 0
+    report = _finished("node_loss", ray_tmp)
     # Only the second stage was on the lost node: one restart, and it now runs on the head.
     assert report["restarts"] == {"replica0.stage1": 1}
     assert report["stage_node_after"] == report["head"] != report["lost"]
@@ -107,9 +111,7 @@ def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_complete
 
 
 def test_a_run_that_started_ray_stops_it_and_leaves_no_process(ray_tmp):
-    proc = _start("own", ray_tmp)
-    report = _report(proc, timeout=300)
-    assert proc.wait(timeout=120) == 0
+    report = _finished("own", ray_tmp)
     assert_gone(report["pids"])
     assert report["ray_processes"], "the run's own Ray processes were seen"
     assert not Path(report["session_dir"]).exists()
