@@ -284,3 +284,8 @@ def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
 def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):
     with pytest.raises(distbelief.ConfigError, match=match):
         toy_run(runtime_options=options)
+
+
+def test_an_address_other_than_the_connected_clusters_is_refused(ray_session):
+    with pytest.raises(distbelief.ConfigError, match="^runtime_options: address '127.0.0.1:1'"):
+        toy_run(runtime_options={"address": "127.0.0.1:1"})

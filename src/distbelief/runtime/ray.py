@@ -39,6 +39,7 @@ import pickle
 import queue
 import secrets
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -433,6 +434,11 @@ class RayRuntime:
                 else:
                     ray.init(address=address, logging_level=logging.WARNING)
                     self._stack.callback(ray.shutdown)  # disconnects; the cluster stays up
+            elif not _same_address(address, ray.get_runtime_context().gcs_address):
+                raise ConfigError(
+                    f"runtime_options: address {address!r}, but this process is connected to "
+                    f"Ray at {ray.get_runtime_context().gcs_address}; one process, one cluster"
+                )
             self._driver = _DriverEndpoint(self._secret)
             self._stack.callback(self._driver.close)
         except BaseException:
@@ -650,6 +656,17 @@ class RayRuntime:
         self._barrier([name], limit)
         if self._partner is not None:
             self._send(self._partner.name, ActorRestarted(name, RayRef(name)))
+
+
+def _same_address(wanted: str | None, connected: str) -> bool:
+    """Whether ``wanted`` (None and "auto" want whatever is connected) names ``connected``."""
+    if wanted in (None, "auto") or wanted == connected:
+        return True
+    try:
+        (host, _, port), (chost, _, cport) = wanted.rpartition(":"), connected.rpartition(":")
+        return port == cport and socket.gethostbyname(host) == socket.gethostbyname(chost)
+    except OSError:
+        return False
 
 
 def _fault(name: str, fault: int | tuple[int, str]) -> tuple[int, str]:
