@@ -115,12 +115,12 @@ def test_warmstart_longer_than_replica_0_is_sequential_training():
     torch.testing.assert_close(final(result), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_warmstart_runs_replica_0_alone_first():
+def test_after_a_warmstart_every_replica_runs_asynchronously():
     model = mlp([10, 16, 3])
     x, y = toy_data(n=256)
     solo = run(model, (x, y), replicas=4, epochs=1, warmstart_steps=3, seed=1)
-    # Staleness comes only from other replicas' pushes; the first 3 updates are replica 0's
-    # alone, so the run is still asynchronous afterwards but was sequential before.
+    # The order (replica 0 alone, then the rest) is checked step by step in test_master.py and
+    # by the sequential oracle above; here: once unleashed, all replicas run and see staleness.
     assert solo.stats["steps"] == 4 * 4
     assert solo.stats["staleness_max"] > 0
 

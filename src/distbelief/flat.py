@@ -38,11 +38,6 @@ def bind_to_flat(layers: Iterable[nn.Module], buffer: torch.Tensor) -> torch.Ten
     params = parameters_of(layers)
     if buffer.numel() == 0 and params:
         buffer = torch.cat([p.detach().reshape(-1) for p in params]).to(buffer.dtype)
-    return point_at(params, buffer)
-
-
-def point_at(params: list[nn.Parameter], buffer: torch.Tensor) -> torch.Tensor:
-    """Make ``params`` (in layout order) views of consecutive parts of ``buffer``."""
     n = sum(p.numel() for p in params)
     if buffer.numel() != n:
         raise ValueError(f"flat buffer has {buffer.numel()} elements, the layers need {n}")

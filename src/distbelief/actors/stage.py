@@ -74,7 +74,6 @@ class Stage(Actor):
         self.local_lr = local_lr
         self.accrued: torch.Tensor | None = None  # gradient summed since the last push
         self.accrued_steps = 0
-        self.steps = 0  # completed steps (backward done)
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: Forward | None = None  # forward waiting for fetch replies
         self.fetching = 0  # fetch replies outstanding
@@ -165,7 +164,6 @@ class Stage(Actor):
                 self.accrued = flat
             else:
                 self.accrued += flat
-        self.steps += 1
         self.accrued_steps += 1
         if self.accrued_steps == self.n_push:
             self._push()
