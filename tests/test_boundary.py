@@ -1,7 +1,13 @@
-"""Copy at the boundary: a tensor in a message is never mutated after it is sent."""
+"""The message boundary: a tensor in a message is never mutated after it is sent.
+
+Shards lend their values in fetch replies (copy on write); stages push the tensors autograd
+returned. These tests drive the actors by hand and check both halves of that contract, and that
+the common case (one replica, n_fetch = 1) really copies nothing.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_master import RecordingContext
 from torch import nn
@@ -19,23 +25,64 @@ from distbelief.messages import (
 )
 
 
-def test_shard_replies_are_copies_that_later_pushes_do_not_touch():
-    layout = Layout.build([4], shards=1)
-    shard = ParameterShard(0, torch.ones(4), 0, layout.segments_of_shard(0), "sgd", 0.5)
+def one_segment_shard(n: int = 4) -> tuple[ParameterShard, RecordingContext]:
+    layout = Layout.build([n], shards=1)
+    shard = ParameterShard(0, torch.ones(n), 0, layout.segments_of_shard(0), "sgd", 0.5)
     ctx = RecordingContext()
     shard.bind(ctx)
-    shard.on_fetch(Fetch(0), "stage")
+    return shard, ctx
+
+
+def fetch(shard: ParameterShard, ctx: RecordingContext, replica: int) -> FetchReply:
+    shard.on_fetch(Fetch(replica, 0), "stage")
+    ((_, reply),) = ctx.take()
+    assert isinstance(reply, FetchReply)
+    return reply
+
+
+def push(shard: ParameterShard, replica: int, version: int, done_reading: bool = True) -> None:
+    shard.on_push(Push(replica, 0, (torch.ones(4),), version, done_reading), "stage")
+
+
+def test_lent_values_do_not_change_while_another_replica_updates_the_segment():
+    shard, ctx = one_segment_shard()
+    lent = fetch(shard, ctx, replica=0)
     shard.on_snapshot(Snapshot(-1), "master")
-    (_, reply), (_, snap) = ctx.take()
-    assert isinstance(reply, FetchReply) and isinstance(snap, ShardSnapshot)
-    shard.on_push(Push(0, torch.ones(4), reply.version), "stage")
+    ((_, snap),) = ctx.take()
+    assert isinstance(snap, ShardSnapshot)
+    push(shard, replica=1, version=0)  # replica 0 still reads `lent`: the shard copies
     assert torch.equal(shard.weights, torch.full((4,), 0.5))
-    assert torch.equal(reply.weights, torch.ones(4)) and torch.equal(snap.weights, torch.ones(4))
+    assert torch.equal(lent.weights, torch.ones(4)) and torch.equal(snap.weights, torch.ones(4))
+    assert shard.stats()["updates_applied"] == 1
 
 
-def test_pushed_gradients_are_not_changed_by_the_stage_afterwards():
+def test_a_push_not_done_reading_keeps_the_pushers_values_intact():
+    shard, ctx = one_segment_shard()
+    lent = fetch(shard, ctx, replica=0)
+    push(shard, replica=0, version=lent.version, done_reading=False)  # n_fetch > 1: reads on
+    push(shard, replica=0, version=lent.version, done_reading=False)
+    assert torch.equal(lent.weights, torch.ones(4))
+    assert torch.equal(shard.weights, torch.zeros(4))
+
+
+def test_one_replica_fetching_every_step_copies_no_parameters():
+    shard, ctx = one_segment_shard()
+    first = fetch(shard, ctx, replica=0)
+    push(shard, replica=0, version=first.version)  # done reading: updated in place
+    second = fetch(shard, ctx, replica=0)
+    assert second.weights.data_ptr() == first.weights.data_ptr()
+    assert torch.equal(second.weights, torch.full((4,), 0.5)) and second.version == 1
+    # The other replica's lease ends with a new fetch or its own push, not with replica 0's.
+    fetch(shard, ctx, replica=1)
+    push(shard, replica=0, version=1)
+    third = fetch(shard, ctx, replica=0)
+    assert third.weights.data_ptr() != second.weights.data_ptr()
+    assert torch.equal(second.weights, torch.full((4,), 0.5))
+
+
+def _linear_stage(n_push: int, local_lr: float = 0.0, shards: int = 2) -> Stage:
     torch.manual_seed(0)
-    layout = Layout.build([3 * 2 + 2], shards=2)  # one stage over two shards: two segments
+    layout = Layout.build([3 * 2 + 2], shards=shards, tensor_sizes=[6, 2])
     stage = Stage(
         0,
         0,
@@ -44,18 +91,46 @@ def test_pushed_gradients_are_not_changed_by_the_stage_afterwards():
         0,
         lambda out, t: ((out - t) ** 2).mean(),
         n_fetch=100,
-        n_push=1,
+        n_push=n_push,
+        local_lr=local_lr,
     )
-    ctx = RecordingContext()
-    stage.bind(ctx)
-    stage.on_connect(ConnectStage(None, None, ("s0", "s1"), "data"), None)
-    stage.fetched = True  # with steps 1..4 and n_fetch=100 no fetch is due: pushes only
+    stage.bind(RecordingContext())
+    stage.on_connect(ConnectStage(None, None, tuple(f"s{k}" for k in range(shards)), "data"), None)
+    return stage
+
+
+@pytest.mark.parametrize("n_push", [1, 2])
+def test_pushed_gradients_are_not_changed_by_the_stage_afterwards(n_push):
+    # One stage over two shards: the weight (6 elements) straddles them, so the segments'
+    # pieces are weight[0:4] | weight[4:6], bias.
+    stage = _linear_stage(n_push)
+    ctx = stage.ctx
+    stage.fetched = True  # with n_fetch=100 no fetch is due: pushes only
     x, t = torch.randn(4, 3), torch.randn(4, 2)
-    stage.on_forward(Forward(1, x, t), "data")
-    first = [m.grad.clone() for _, m in ctx.sent if isinstance(m, Push)]
-    sent = [m.grad for _, m in ctx.take() if isinstance(m, Push)]
-    assert len(sent) == 2
-    for step in range(2, 5):
+    for step in range(1, n_push + 1):
         stage.on_forward(Forward(step, x * step, t), "data")
-    for a, b in zip(sent, first):
-        assert torch.equal(a, b)
+    sent = [m for _, m in ctx.take() if isinstance(m, Push)]
+    assert [[g.numel() for g in m.grads] for m in sent] == [[4], [2, 2]]
+    assert not any(m.done_reading for m in sent)
+    first = [[g.clone() for g in m.grads] for m in sent]
+    for step in range(n_push + 1, 4 * n_push + 1):
+        stage.on_forward(Forward(step, x * step, t), "data")
+    for m, copies in zip(sent, first):
+        for g, c in zip(m.grads, copies):
+            assert torch.equal(g, c)
+
+
+def test_a_stage_reads_lent_values_in_place_and_never_writes_them():
+    stage = _linear_stage(n_push=1, shards=1)
+    lent = torch.arange(8, dtype=torch.float32)
+    stage.on_fetch_reply(FetchReply(0, lent, 3), "s0")
+    weight, bias = stage.params
+    assert weight.data_ptr() == lent.data_ptr()  # adopted, no copy
+    assert torch.equal(bias.detach(), torch.tensor([6.0, 7.0]))
+
+    stepping = _linear_stage(n_push=1, local_lr=0.1, shards=1)
+    stepping.on_forward(Forward(1, torch.randn(4, 3), torch.randn(4, 2)), "data")  # fetches
+    stepping.on_fetch_reply(FetchReply(0, lent, 3), "s0")  # then runs the step
+    assert any(isinstance(m, Push) for _, m in stepping.ctx.take())
+    assert torch.equal(lent, torch.arange(8, dtype=torch.float32))  # it stepped its own copy
+    assert not torch.equal(stepping.weights, lent)

@@ -48,6 +48,23 @@ def test_segments_are_exact_overlaps_and_a_stage_talks_only_to_its_shards():
     assert [s.stage for s in layout.segments_of_shard(1)] == [0, 2]
 
 
+def test_segments_split_into_pieces_at_tensor_boundaries():
+    # Tensors 0-4 | 4-6 (stage 0) and 6-16 (stage 2); shards 0-4, 4-8, 8-12, 12-16.
+    layout = Layout.build([6, 0, 10], shards=4, tensor_sizes=[4, 2, 10])
+    assert [(s.start, s.stop, s.pieces) for s in layout.segments] == [
+        (0, 4, ((0, 4),)),
+        (4, 6, ((4, 6),)),
+        (6, 8, ((6, 8),)),
+        (8, 12, ((8, 12),)),
+        (12, 16, ((12, 16),)),
+    ]
+    one_shard = Layout.build([6, 0, 10], shards=1, tensor_sizes=[4, 2, 10])
+    assert [s.pieces for s in one_shard.segments] == [((0, 4), (4, 6)), ((6, 16),)]
+    assert Layout.build([6], shards=1).segments[0].piece_ranges == ((0, 6),)
+    with pytest.raises(ValueError, match="tensor sizes add up to 5, the stages to 6"):
+        Layout.build([6], shards=1, tensor_sizes=[5])
+
+
 def test_balanced_split_minimises_the_largest_stage():
     sizes = [10496, 0, 65792, 0, 2570]  # MLP 40-256-256-10
     points = balanced_split_points(sizes, 2)

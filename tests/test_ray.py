@@ -33,20 +33,20 @@ def _frame(parts: list) -> bytearray:
 def test_frames_carry_tensors_out_of_band_and_the_receiver_owns_them():
     w = torch.randn(1000)
     x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
-    sent = [Push(1, w, 7), Forward(3, x, y), FetchReply(0, w[10:20], 2)]
+    sent = [Push(0, 1, (w,), 7), Forward(3, x, y), FetchReply(0, w[10:20], 2)]
     parts = encode(sent)
     assert any(isinstance(p, memoryview) and p.nbytes == w.numel() * 4 for p in parts)
     frame = _frame(parts)
     got = decode(frame)
     assert [type(m) for m in got] == [Push, Forward, FetchReply]
-    assert torch.equal(got[0].grad, w) and got[0].fetched_version == 7
+    assert torch.equal(got[0].grads[0], w) and got[0].fetched_version == 7
     assert torch.equal(got[1].activations, x) and torch.equal(got[1].targets, y)
     assert torch.equal(got[2].weights, w[10:20])  # a view travels as its own elements only
     # Zero-copy on arrival: the tensor is a view of the frame buffer, and writable.
     base = torch.frombuffer(frame, dtype=torch.uint8).data_ptr()
-    assert base <= got[0].grad.data_ptr() < base + len(frame)
-    got[0].grad.add_(1.0)
-    assert not torch.equal(got[0].grad, w)
+    assert base <= got[0].grads[0].data_ptr() < base + len(frame)
+    got[0].grads[0].add_(1.0)
+    assert not torch.equal(got[0].grads[0], w)
 
 
 class _Watched(Endpoint):

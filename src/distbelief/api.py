@@ -16,7 +16,7 @@ from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .config import DownpourConfig
 from .data import as_tensors, replica_ranges
 from .errors import ConfigError
-from .flat import flatten, load_flat
+from .flat import flatten, load_flat, parameters_of
 from .layout import Layout
 from .messages import (
     Begin,
@@ -316,9 +316,11 @@ def _run(
     """Spawn and wire every actor, run until the master reports, always shut down. Returns the
     master's report and what the runtime says of the run (its ``describe()``, if it has one)."""
     initial = flatten(layers).to(dtype)
+    tensor_sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
     layout = Layout.build(
-        [sum(p.numel() for g in group for p in g.parameters()) for group in stage_layers],
+        [sum(sizes) for sizes in tensor_sizes],
         config.shards,
+        [n for sizes in tensor_sizes for n in sizes],
     )
     rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
     try:

@@ -326,7 +326,7 @@ def shard_pushes_per_s(n: int, pushes: int, grads: Sequence[torch.Tensor], lr: f
     try:
         t0 = time.perf_counter()
         for i in range(pushes):
-            rt.tell(shard, Push(0, grads[i % len(grads)], 0))
+            rt.tell(shard, Push(0, 0, (grads[i % len(grads)],), 0))
         for reply in rt.converse(shard, Drain(0), timeout=3600):
             if isinstance(reply, Drained):
                 break

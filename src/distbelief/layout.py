@@ -3,7 +3,10 @@
 Every parameter of the model is laid end to end in one vector of ``total`` elements. PS shard
 ``k`` owns the contiguous slice ``shard_ranges[k]``; stage ``s`` owns the contiguous range
 ``stage_ranges[s]`` (its layers' parameters). A stage fetches and pushes exactly the
-intersection of its range with each shard's slice: a *segment*. Everything here is pure.
+intersection of its range with each shard's slice: a *segment*. A segment splits further at
+the model's tensor boundaries into *pieces*, so a pushed gradient travels as the tensors
+autograd produced (no concatenation) and a shard updates them as torch.optim parameters.
+Everything here is pure.
 """
 
 from __future__ import annotations
@@ -26,11 +29,29 @@ class Segment:
     """First position in the flat parameter space."""
     stop: int
     """One past the last position in the flat parameter space."""
+    pieces: tuple[Range, ...] = ()
+    """The segment split at the model's tensor boundaries (global coordinates, in order);
+    empty means one piece, the whole segment."""
 
     @property
     def size(self) -> int:
         """Number of parameters in the segment."""
         return self.stop - self.start
+
+    @property
+    def piece_ranges(self) -> tuple[Range, ...]:
+        """The pieces, or the whole segment as one piece."""
+        return self.pieces or ((self.start, self.stop),)
+
+
+def overlaps(start: int, stop: int, ranges: tuple[Range, ...]) -> tuple[Range, ...]:
+    """The non-empty intersections of ``[start, stop)`` with each of ``ranges``, in order."""
+    out = []
+    for a, b in ranges:
+        lo, hi = max(start, a), min(stop, b)
+        if lo < hi:
+            out.append((lo, hi))
+    return tuple(out)
 
 
 def shard_ranges(total: int, shards: int) -> tuple[Range, ...]:
@@ -67,22 +88,33 @@ class Layout:
     """Slice of the flat space held by each PS shard."""
     stage_ranges: tuple[Range, ...]
     """Range of the flat space used by each stage."""
+    tensor_ranges: tuple[Range, ...] = ()
+    """Range of each model tensor (parameter), in layout order; empty: one per stage."""
 
     @classmethod
-    def build(cls, stage_sizes: list[int], shards: int) -> Layout:
-        """Layout for stages of the given parameter counts over ``shards`` shards."""
+    def build(
+        cls, stage_sizes: list[int], shards: int, tensor_sizes: list[int] | None = None
+    ) -> Layout:
+        """Layout for stages of the given parameter counts over ``shards`` shards.
+
+        ``tensor_sizes`` are the element counts of the model's parameters in layout order
+        (they must add up to the stages' total); without them each stage is one tensor.
+        """
         total = sum(stage_sizes)
-        return cls(total, shard_ranges(total, shards), stage_ranges(stage_sizes))
+        sizes = [n for n in (stage_sizes if tensor_sizes is None else tensor_sizes) if n]
+        if sum(sizes) != total:
+            raise ValueError(f"tensor sizes add up to {sum(sizes)}, the stages to {total}")
+        slices = shard_ranges(total, shards)
+        return cls(total, slices, stage_ranges(stage_sizes), stage_ranges(sizes))
 
     @property
     def segments(self) -> tuple[Segment, ...]:
         """All non-empty stage/shard overlaps, ordered by position."""
         out = []
         for s, (a, b) in enumerate(self.stage_ranges):
-            for k, (c, d) in enumerate(self.shard_ranges):
-                lo, hi = max(a, c), min(b, d)
-                if lo < hi:
-                    out.append(Segment(s, k, lo, hi))
+            for k, shard in enumerate(self.shard_ranges):
+                for lo, hi in overlaps(a, b, (shard,)):
+                    out.append(Segment(s, k, lo, hi, overlaps(lo, hi, self.tensor_ranges)))
         return tuple(out)
 
     def segments_of_stage(self, stage: int) -> tuple[Segment, ...]:

@@ -1,10 +1,16 @@
 """Every message exchanged between actors, and between the driver and the master.
 
 Messages are frozen, slotted dataclasses. The envelope (who sent it) is the runtime's business,
-not the message's. **Copy at the boundary:** a tensor in a message is never mutated after it is
-sent. Senders that reuse a buffer (a stage's gradient accumulator, a shard's slice) send a clone;
-activations and input gradients are fresh tensors and travel as they are. The in-process runtime
-shares memory and Ray serializes, so this contract is what makes the two runtimes agree.
+not the message's. **A tensor in a message is never mutated after it is sent**, by its sender
+or its receiver (receivers treat message tensors as read-only). The in-process runtime shares
+memory and Ray serializes, so this contract is what makes the two runtimes agree.
+
+- Activations, input gradients and pushed gradients are fresh tensors: they travel as they are.
+- A shard *lends* a segment's values in a ``FetchReply`` instead of copying them: until the
+  stage's ``Push`` says ``done_reading`` (or the stage fetches again), the shard applies
+  updates to a copy of the segment (copy on write) and leaves the lent tensor alone. With one
+  replica and ``n_fetch = 1`` a step therefore copies no parameters at all.
+- Snapshots are copies.
 """
 
 from __future__ import annotations
@@ -215,8 +221,12 @@ class StageDone:
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
-    """Stage -> shard: send me the current values of my segment."""
+    """Stage -> shard: send me the current values of my segment.
 
+    Also says the stage has stopped reading the values it fetched before, if any."""
+
+    replica: int
+    """Replica of the requesting stage (the shard tracks who reads lent values)."""
     stage: int
     """Index of the requesting stage (selects the segment)."""
 
@@ -228,7 +238,8 @@ class FetchReply:
     shard: int
     """Index of the replying shard."""
     weights: torch.Tensor
-    """A copy of the segment (the shard keeps updating its own)."""
+    """The segment's values, lent: read-only to the stage, and never changed by the shard
+    (it updates a copy while any stage still reads them)."""
     version: int
     """Updates applied to the segment so far; pushes quote it back to measure staleness."""
 
@@ -237,12 +248,19 @@ class FetchReply:
 class Push:
     """Stage -> shard: gradient accrued since the previous push, for one segment."""
 
+    replica: int
+    """Replica of the pushing stage."""
     stage: int
     """Index of the pushing stage (selects the segment)."""
-    grad: torch.Tensor
-    """Accrued gradient for the segment (a copy: the stage reuses its buffer)."""
+    grads: tuple[torch.Tensor, ...]
+    """Accrued gradient of the segment in pieces: one 1-D tensor per model tensor overlapping
+    the segment, in position order (``Segment.piece_ranges``); their concatenation is the
+    segment's gradient. Each is the tensor autograd produced, or a slice of it: no copy."""
     fetched_version: int
     """Version of the segment when the stage last fetched it."""
+    done_reading: bool = True
+    """The stage will not read the values it fetched again (it fetches before its next
+    forward), so the shard may update them in place."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
 """Server-side update rules: what a PS shard does with a pushed gradient. Built on torch.optim.
 
-Each segment a shard holds (its overlap with one stage) is one flat ``nn.Parameter`` with its
-own optimizer, so a push touches only its segment and no other segment's optimizer state.
+Each segment a shard holds (its overlap with one stage) has its own optimizer over the
+segment's pieces (one flat ``nn.Parameter`` per model tensor overlapping it), so a push touches
+only its segment and no other segment's optimizer state. Every rule here is elementwise, so
+splitting a segment into pieces changes no number.
 """
 
 from __future__ import annotations
@@ -13,25 +15,27 @@ from torch import nn
 
 from .errors import ConfigError
 
-# Each builder maps (parameter, lr) to a torch optimizer. Defaults follow the paper/torch.
-# foreach=False: there is one tensor per optimizer, so grouping tensors only adds overhead.
-UPDATE_RULES: dict[str, Callable[[nn.Parameter, float], torch.optim.Optimizer]] = {
+Params = list[nn.Parameter]
+# Each builder maps (parameters, lr) to a torch optimizer. Defaults follow the paper/torch.
+# foreach=False, torch's own default on the CPU: a segment has a few pieces, and grouping them
+# only adds overhead.
+UPDATE_RULES: dict[str, Callable[[Params, float], torch.optim.Optimizer]] = {
     # w <- w - lr * g, exactly (torch's SGD without momentum does precisely this).
-    "sgd": lambda p, lr: torch.optim.SGD([p], lr=lr, foreach=False),
-    "momentum": lambda p, lr: torch.optim.SGD([p], lr=lr, momentum=0.9, foreach=False),
+    "sgd": lambda p, lr: torch.optim.SGD(p, lr=lr, foreach=False),
+    "momentum": lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9, foreach=False),
     # The paper's Adagrad: eta_i = gamma / sqrt(sum_j g_ij^2), per parameter, shard-local;
     # torch adds eps=1e-10 to the denominator so a zero gradient history cannot divide by 0.
-    "adagrad": lambda p, lr: torch.optim.Adagrad([p], lr=lr, foreach=False),
-    "adam": lambda p, lr: torch.optim.Adam([p], lr=lr, foreach=False),
+    "adagrad": lambda p, lr: torch.optim.Adagrad(p, lr=lr, foreach=False),
+    "adam": lambda p, lr: torch.optim.Adam(p, lr=lr, foreach=False),
 }
 
 
-def make_update_rule(name: str, param: nn.Parameter, lr: float) -> torch.optim.Optimizer:
-    """The torch optimizer implementing update rule ``name`` over one flat parameter."""
+def make_update_rule(name: str, params: Params, lr: float) -> torch.optim.Optimizer:
+    """The torch optimizer implementing update rule ``name`` over a segment's pieces."""
     try:
         builder = UPDATE_RULES[name]
     except KeyError:
         raise ConfigError(
             f"optimizer: unknown optimizer {name!r}; choose one of {', '.join(UPDATE_RULES)}"
         ) from None
-    return builder(param, lr)
+    return builder(params, lr)

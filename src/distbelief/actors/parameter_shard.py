@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -13,10 +14,50 @@ from ..optim import make_update_rule
 from ..runtime.base import Actor, receives
 
 
-def finite(t: torch.Tensor) -> bool:
-    """True when every element is finite. One reduction on the fast path (a NaN or Inf makes
-    the sum non-finite); the exact check, ~30x slower, runs only when the sum is not finite."""
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+def finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every element of every tensor is finite. One reduction per tensor on the fast
+    path (a NaN or Inf makes a sum non-finite); the exact check, ~30x slower, runs only when
+    the sum is not finite (it may also be a finite overflow)."""
+    if math.isfinite(sum(t.sum().item() for t in tensors)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class HeldSegment:
+    """What a shard keeps of one segment: its values, its optimizer and who reads them.
+
+    ``values`` is lent to the stages that fetch it and never changed while lent: an update
+    while some replica still reads it goes to a copy, which becomes ``values`` (copy on write).
+    """
+
+    def __init__(
+        self, values: torch.Tensor, pieces: list[tuple[int, int]], optimizer: str, lr: float
+    ) -> None:
+        self.values = values
+        self.pieces = pieces  # (lo, hi) of each piece within the segment
+        # One parameter per piece, over a view: the optimizer updates ``values`` in place.
+        self.params = [nn.Parameter(values[lo:hi]) for lo, hi in pieces]
+        self.update_rule = make_update_rule(optimizer, self.params, lr)
+        self.version = 0
+        self.readers: set[int] = set()  # replicas whose stage reads ``values``
+
+    def copy_on_write(self) -> None:
+        """Give the parameters a copy of ``values`` to update; the readers keep the old."""
+        self.values = self.values.clone()
+        for p, (lo, hi) in zip(self.params, self.pieces):
+            p.data = self.values[lo:hi]
+        self.readers.clear()
+
+    def apply(self, grads: Sequence[torch.Tensor]) -> None:
+        """One optimizer step with the pushed pieces as the gradient."""
+        if self.readers:
+            self.copy_on_write()
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g
+        self.update_rule.step()
+        for p in self.params:
+            p.grad = None
+        self.version += 1
 
 
 class ParameterShard(Actor):
@@ -37,40 +78,37 @@ class ParameterShard(Actor):
         lr: float,
     ) -> None:
         self.index = index
-        self.weights = initial.clone()
-        self.params: dict[int, nn.Parameter] = {}
-        self.update_rules: dict[int, torch.optim.Optimizer] = {}
-        self.versions: dict[int, int] = {}
+        self.held: dict[int, HeldSegment] = {}
         for seg in segments:
-            # Parameter over a view: the optimizer updates self.weights in place.
-            p = nn.Parameter(self.weights[seg.start - start : seg.stop - start])
-            self.params[seg.stage] = p
-            self.update_rules[seg.stage] = make_update_rule(optimizer, p, lr)
-            self.versions[seg.stage] = 0
+            values = initial[seg.start - start : seg.stop - start].clone()
+            pieces = [(a - seg.start, b - seg.start) for a, b in seg.piece_ranges]
+            self.held[seg.stage] = HeldSegment(values, pieces, optimizer, lr)
         self.updates_applied = 0
         self.rejected_pushes = 0
         self.staleness_sum = 0
         self.staleness_max = 0
 
+    @property
+    def weights(self) -> torch.Tensor:
+        """A copy of the shard's slice (its segments tile it, in order)."""
+        return torch.cat([held.values for held in self.held.values()])
+
     @receives(Fetch)
     def on_fetch(self, msg: Fetch, sender: object) -> None:
-        # Clone: the shard keeps updating its slice after the reply is sent.
-        weights = self.params[msg.stage].detach().clone()
-        self.ctx.tell(sender, FetchReply(self.index, weights, self.versions[msg.stage]))
+        held = self.held[msg.stage]
+        held.readers.add(msg.replica)  # lent, not copied: see HeldSegment
+        self.ctx.tell(sender, FetchReply(self.index, held.values, held.version))
 
     @receives(Push)
     def on_push(self, msg: Push, sender: object) -> None:
-        grad = msg.grad
-        if not finite(grad):
+        held = self.held[msg.stage]
+        if msg.done_reading:
+            held.readers.discard(msg.replica)
+        if not finite(msg.grads):
             self.rejected_pushes += 1  # a NaN/Inf push would poison every replica: drop it
             return
-        param = self.params[msg.stage]
-        param.grad = grad
-        self.update_rules[msg.stage].step()
-        param.grad = None
-        version = self.versions[msg.stage]
-        staleness = version - msg.fetched_version
-        self.versions[msg.stage] = version + 1
+        staleness = held.version - msg.fetched_version
+        held.apply(msg.grads)
         self.updates_applied += 1
         self.staleness_sum += staleness
         if staleness > self.staleness_max:
@@ -83,8 +121,7 @@ class ParameterShard(Actor):
 
     @receives(Snapshot)
     def on_snapshot(self, msg: Snapshot, sender: object) -> None:
-        snapshot = ShardSnapshot(self.index, msg.tag, self.weights.clone(), self.stats())
-        self.ctx.tell(sender, snapshot)
+        self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, self.weights, self.stats()))
 
     def stats(self) -> dict[str, float]:
         """The shard's counters."""

@@ -41,6 +41,12 @@ class Stage(Actor):
     ``n_fetch = 1`` it is not: fetching at the end of every step would only make the
     parameters staler by the time they are used (XOR learned on 7 of 10 seeds instead of 10).
 
+    Parameters are not copied on a fetch: the stage points its parameters at the values the
+    shard lends (see ``messages``), and says in its push whether it has stopped reading them.
+    It keeps a buffer of its own, and copies into it, when it takes local steps (it must not
+    write into lent values) or when a parameter straddles two shards. Gradients are pushed as
+    the tensors autograd returned, sliced into the segment's pieces: no copy either.
+
     Restartable: a runtime may respawn a dead stage from its constructor arguments; it fetches
     before its first forward, and a step lost with it is redone (see DataShard).
     """
@@ -68,11 +74,18 @@ class Stage(Actor):
         # Segments in stage-local coordinates: (shard, lo, hi).
         self.segments = [(seg.shard, seg.start - start, seg.stop - start) for seg in segments]
         self.versions = {shard: 0 for shard, _, _ in self.segments}
+        self.pieces = [_pieces(self.params, seg, start) for seg in segments]
+        # Adopt lent values only when no local step writes into them and every parameter
+        # lies within one segment (one shard's reply).
+        self.adopts = local_lr == 0 and all(
+            all(whole for _, _, _, whole in pieces) for pieces in self.pieces
+        )
+        self.adopted: dict[int, torch.Tensor] = {}  # shard -> the lent values read in place
         self.loss_fn = loss_fn
         self.n_fetch = n_fetch
         self.n_push = n_push
         self.local_lr = local_lr
-        self.accrued: torch.Tensor | None = None  # gradient summed since the last push
+        self.accrued: tuple[torch.Tensor, ...] | None = None  # per parameter, since the last push
         self.accrued_steps = 0
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: Forward | None = None  # forward waiting for fetch replies
@@ -104,16 +117,24 @@ class Stage(Actor):
         self.fetched = True
         self.fetching = len(self.segments)
         for shard, _, _ in self.segments:
-            self.ctx.tell(self.shards[shard], Fetch(self.index))
+            self.ctx.tell(self.shards[shard], Fetch(self.replica, self.index))
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
-        # Copied into the buffer the parameters view. (Adopting the reply as the buffer and
-        # re-pointing the parameters measured no faster: py-spy, MNIST-1D MLP, 1x1x1.)
-        for shard, lo, hi in self.segments:
-            if shard == msg.shard:
+        for (shard, lo, hi), pieces in zip(self.segments, self.pieces):
+            if shard != msg.shard:
+                continue
+            if self.adopts:  # read the lent values in place
+                if self.adopted.get(shard) is not msg.weights:  # in-process, often the same
+                    self.adopted[shard] = msg.weights
+                    offset = 0
+                    for i, _, _, _ in pieces:
+                        p = self.params[i]
+                        p.data = msg.weights[offset : offset + p.numel()].view_as(p)
+                        offset += p.numel()
+            else:
                 self.weights[lo:hi].copy_(msg.weights)
-                self.versions[shard] = msg.version
+            self.versions[shard] = msg.version
         self.fetching -= 1
         if self.fetching == 0 and self.pending is not None:
             pending, self.pending = self.pending, None
@@ -147,8 +168,8 @@ class Stage(Actor):
         x: torch.Tensor,
         loss: float,
     ) -> None:
-        # autograd.grad returns fresh tensors: no .grad fields to zero, and the flat gradient
-        # below is owned by this stage, so with n_push = 1 it is pushed without a copy.
+        # autograd.grad returns fresh tensors: no .grad fields to zero, and with n_push = 1
+        # they are pushed as they are.
         wants_input = self.previous is not None
         inputs = [*self.params, x] if wants_input else self.params
         grads = (
@@ -157,16 +178,19 @@ class Stage(Actor):
             else ()
         )
         if self.params:
-            flat = torch.cat([g.reshape(-1) for g in grads[: len(self.params)]])
+            param_grads = grads[: len(self.params)]
             if self.local_lr > 0:
-                self.weights.add_(flat, alpha=-self.local_lr)
+                with torch.no_grad():
+                    for p, g in zip(self.params, param_grads):
+                        p.add_(g, alpha=-self.local_lr)
             if self.accrued is None:
-                self.accrued = flat
-            else:
-                self.accrued += flat
+                self.accrued = param_grads
+            else:  # out of place: a gradient autograd returned may alias a message's tensor
+                self.accrued = tuple(a + g for a, g in zip(self.accrued, param_grads))
         self.accrued_steps += 1
         if self.accrued_steps == self.n_push:
-            self._push()
+            # Done reading when the next step fetches first.
+            self._push(done_reading=(step + 1) % self.n_fetch == 0)
         if self.n_fetch > 1 and self.segments and self.fetched and (step + 1) % self.n_fetch == 0:
             self.prefetched = step + 1  # the next step's fetch, ahead (see the class doc)
             self._fetch()
@@ -175,24 +199,23 @@ class Stage(Actor):
         else:
             self.ctx.tell(self.data_shard, StepDone(step, loss))
 
-    def _push(self) -> None:
+    def _push(self, done_reading: bool) -> None:
         accrued, self.accrued = self.accrued, None
         self.accrued_steps = 0
         if accrued is None:
             return
-        if len(self.segments) == 1:
-            shard, _, _ = self.segments[0]
-            self.ctx.tell(self.shards[shard], Push(self.index, accrued, self.versions[shard]))
-            return
-        for shard, lo, hi in self.segments:
-            # Clone each slice: a view would drag the whole buffer through serialization.
-            grad = accrued[lo:hi].clone()
-            self.ctx.tell(self.shards[shard], Push(self.index, grad, self.versions[shard]))
+        for (shard, _, _), pieces in zip(self.segments, self.pieces):
+            grads = tuple(
+                accrued[i].reshape(-1) if whole else accrued[i].reshape(-1)[lo:hi]
+                for i, lo, hi, whole in pieces
+            )
+            push = Push(self.replica, self.index, grads, self.versions[shard], done_reading)
+            self.ctx.tell(self.shards[shard], push)
 
     @receives(Finish)
     def on_finish(self, msg: Finish, sender: object) -> None:
         if self.accrued_steps:
-            self._push()  # nothing already trained is lost
+            self._push(done_reading=True)  # nothing already trained is lost
         if not self.segments:
             self._done()
             return
@@ -209,3 +232,21 @@ class Stage(Actor):
     def _done(self) -> None:
         buffers = {k: v.detach().clone() for k, v in self.module.named_buffers()}
         self.ctx.tell(self.data_shard, StageDone(self.index, buffers))
+
+
+def _pieces(
+    params: list[nn.Parameter], seg: Segment, start: int
+) -> list[tuple[int, int, int, bool]]:
+    """Where each piece of ``seg`` lies among the stage's parameters:
+    ``(parameter index, lo, hi, whole)`` with ``[lo, hi)`` in that parameter's flat elements."""
+    out = []
+    offset, i = start, 0
+    for a, b in seg.piece_ranges:
+        while offset + params[i].numel() <= a:
+            offset += params[i].numel()
+            i += 1
+        n = params[i].numel()
+        if b > offset + n:
+            raise ValueError(f"piece [{a}, {b}) of stage {seg.stage} spans two parameters")
+        out.append((i, a - offset, b - offset, a == offset and b == offset + n))
+    return out
