@@ -82,11 +82,12 @@ def test_one_replica_fetching_every_step_copies_no_parameters():
 
 def _linear_stage(n_push: int, local_lr: float = 0.0, shards: int = 2) -> Stage:
     torch.manual_seed(0)
-    layout = Layout.build([3 * 2 + 2], shards=shards, tensor_sizes=[6, 2])
+    layer = nn.Linear(64, 128)  # weight 8,192 elements, bias 128
+    layout = Layout.build([8192 + 128], shards=shards, tensor_sizes=[8192, 128])
     stage = Stage(
         0,
         0,
-        [nn.Linear(3, 2)],
+        [layer],
         layout.segments_of_stage(0),
         0,
         lambda out, t: ((out - t) ** 2).mean(),
@@ -101,16 +102,20 @@ def _linear_stage(n_push: int, local_lr: float = 0.0, shards: int = 2) -> Stage:
 
 @pytest.mark.parametrize("n_push", [1, 2])
 def test_pushed_gradients_are_not_changed_by_the_stage_afterwards(n_push):
-    # One stage over two shards: the weight (6 elements) straddles them, so the segments'
-    # pieces are weight[0:4] | weight[4:6], bias.
+    # One stage over two shards of 4,160: the weight straddles them. Shard 0's piece is a slice
+    # of the weight's gradient; shard 1's merges the weight's small rest with the bias.
     stage = _linear_stage(n_push)
+    assert [[(p.parts, p.in_place) for p in pieces] for pieces in stage.pieces] == [
+        [(((0, 0, 4160),), False)],
+        [(((0, 4160, 8192), (1, 0, 128)), False)],
+    ]
     ctx = stage.ctx
     stage.fetched = True  # with n_fetch=100 no fetch is due: pushes only
-    x, t = torch.randn(4, 3), torch.randn(4, 2)
+    x, t = torch.randn(4, 64), torch.randn(4, 128)
     for step in range(1, n_push + 1):
         stage.on_forward(Forward(step, x * step, t), "data")
     sent = [m for _, m in ctx.take() if isinstance(m, Push)]
-    assert [[g.numel() for g in m.grads] for m in sent] == [[4], [2, 2]]
+    assert [[g.numel() for g in m.grads] for m in sent] == [[4160], [4160]]
     assert not any(m.done_reading for m in sent)
     first = [[g.clone() for g in m.grads] for m in sent]
     for step in range(n_push + 1, 4 * n_push + 1):
@@ -122,15 +127,16 @@ def test_pushed_gradients_are_not_changed_by_the_stage_afterwards(n_push):
 
 def test_a_stage_reads_lent_values_in_place_and_never_writes_them():
     stage = _linear_stage(n_push=1, shards=1)
-    lent = torch.arange(8, dtype=torch.float32)
+    lent = torch.arange(8192 + 128, dtype=torch.float32)
     stage.on_fetch_reply(FetchReply(0, lent, 3), "s0")
     weight, bias = stage.params
-    assert weight.data_ptr() == lent.data_ptr()  # adopted, no copy
-    assert torch.equal(bias.detach(), torch.tensor([6.0, 7.0]))
+    assert weight.data_ptr() == lent.data_ptr()  # read in place, no copy
+    assert bias.data_ptr() == lent[8192:].data_ptr()
+    assert torch.equal(bias.detach(), lent[8192:])
 
     stepping = _linear_stage(n_push=1, local_lr=0.1, shards=1)
-    stepping.on_forward(Forward(1, torch.randn(4, 3), torch.randn(4, 2)), "data")  # fetches
+    stepping.on_forward(Forward(1, torch.randn(4, 64), torch.randn(4, 128)), "data")  # fetches
     stepping.on_fetch_reply(FetchReply(0, lent, 3), "s0")  # then runs the step
     assert any(isinstance(m, Push) for _, m in stepping.ctx.take())
-    assert torch.equal(lent, torch.arange(8, dtype=torch.float32))  # it stepped its own copy
+    assert torch.equal(lent, torch.arange(8192 + 128, dtype=torch.float32))  # stepped a copy
     assert not torch.equal(stepping.weights, lent)

@@ -10,7 +10,7 @@ from torch import nn
 from distbelief.data import epoch_order, replica_ranges
 from distbelief.errors import ConfigError
 from distbelief.flat import bind_to_flat, flatten, load_flat
-from distbelief.layout import Layout, shard_ranges
+from distbelief.layout import MIN_PIECE, Layout, shard_ranges
 from distbelief.partition import balanced_split_points, resolve_split_points
 
 
@@ -48,18 +48,22 @@ def test_segments_are_exact_overlaps_and_a_stage_talks_only_to_its_shards():
     assert [s.stage for s in layout.segments_of_shard(1)] == [0, 2]
 
 
-def test_segments_split_into_pieces_at_tensor_boundaries():
-    # Tensors 0-4 | 4-6 (stage 0) and 6-16 (stage 2); shards 0-4, 4-8, 8-12, 12-16.
-    layout = Layout.build([6, 0, 10], shards=4, tensor_sizes=[4, 2, 10])
-    assert [(s.start, s.stop, s.pieces) for s in layout.segments] == [
-        (0, 4, ((0, 4),)),
-        (4, 6, ((4, 6),)),
-        (6, 8, ((6, 8),)),
-        (8, 12, ((8, 12),)),
-        (12, 16, ((12, 16),)),
-    ]
-    one_shard = Layout.build([6, 0, 10], shards=1, tensor_sizes=[4, 2, 10])
-    assert [s.pieces for s in one_shard.segments] == [((0, 4), (4, 6)), ((6, 16),)]
+def test_segments_split_into_pieces_at_large_tensors_and_merge_small_ones():
+    big, small = MIN_PIECE, 100
+    sizes = [big, small, small, 2 * big, small]  # all in one stage
+    total = sum(sizes)
+    b1, b2 = big + 2 * small, 3 * big + 2 * small  # ends of the small run and the large tensor
+    (seg,) = Layout.build([total], shards=1, tensor_sizes=sizes).segments
+    assert seg.pieces == ((0, big), (big, b1), (b1, b2), (b2, total))
+    # Over two shards the large tensor straddles: its part in shard 0 is small (merged with the
+    # small run), its part in shard 1 large (a piece of its own).
+    half = total // 2
+    assert b1 < half < b2 and half - b1 < MIN_PIECE <= b2 - half
+    two = Layout.build([total], shards=2, tensor_sizes=sizes)
+    assert [s.pieces for s in two.segments] == [((0, big), (big, half)), ((half, b2), (b2, total))]
+    # A run of small tensors is cut once it reaches MIN_PIECE.
+    runs = Layout.build([3 * (MIN_PIECE // 2)], shards=1, tensor_sizes=[MIN_PIECE // 2] * 3)
+    assert runs.segments[0].pieces == ((0, MIN_PIECE), (MIN_PIECE, 3 * (MIN_PIECE // 2)))
     assert Layout.build([6], shards=1).segments[0].piece_ranges == ((0, 6),)
     with pytest.raises(ValueError, match="tensor sizes add up to 5, the stages to 6"):
         Layout.build([6], shards=1, tensor_sizes=[5])

@@ -18,7 +18,10 @@ def finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite. One reduction per tensor on the fast
     path (a NaN or Inf makes a sum non-finite); the exact check, ~30x slower, runs only when
     the sum is not finite (it may also be a finite overflow)."""
-    if math.isfinite(sum(t.sum().item() for t in tensors)):
+    if len(tensors) == 1:
+        if math.isfinite(tensors[0].sum().item()):
+            return True
+    elif math.isfinite(sum(t.sum().item() for t in tensors)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -34,18 +37,19 @@ class HeldSegment:
         self, values: torch.Tensor, pieces: list[tuple[int, int]], optimizer: str, lr: float
     ) -> None:
         self.values = values
-        self.pieces = pieces  # (lo, hi) of each piece within the segment
         # One parameter per piece, over a view: the optimizer updates ``values`` in place.
-        self.params = [nn.Parameter(values[lo:hi]) for lo, hi in pieces]
+        # (A slice that is all of ``values`` is not taken: copy_on_write runs often.)
+        self.parts = [None if (lo, hi) == (0, len(values)) else slice(lo, hi) for lo, hi in pieces]
+        self.params = [nn.Parameter(values[part or slice(None)]) for part in self.parts]
         self.update_rule = make_update_rule(optimizer, self.params, lr)
         self.version = 0
         self.readers: set[int] = set()  # replicas whose stage reads ``values``
 
     def copy_on_write(self) -> None:
         """Give the parameters a copy of ``values`` to update; the readers keep the old."""
-        self.values = self.values.clone()
-        for p, (lo, hi) in zip(self.params, self.pieces):
-            p.data = self.values[lo:hi]
+        values = self.values = self.values.clone()
+        for p, part in zip(self.params, self.parts):
+            p.data = values if part is None else values[part]
         self.readers.clear()
 
     def apply(self, grads: Sequence[torch.Tensor]) -> None:

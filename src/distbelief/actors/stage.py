@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -74,13 +75,26 @@ class Stage(Actor):
         # Segments in stage-local coordinates: (shard, lo, hi).
         self.segments = [(seg.shard, seg.start - start, seg.stop - start) for seg in segments]
         self.versions = {shard: 0 for shard, _, _ in self.segments}
-        self.pieces = [_pieces(self.params, seg, start) for seg in segments]
-        # Adopt lent values only when no local step writes into them and every parameter
-        # lies within one segment (one shard's reply).
-        self.adopts = local_lr == 0 and all(
-            all(whole for _, _, _, whole in pieces) for pieces in self.pieces
-        )
-        self.adopted: dict[int, torch.Tensor] = {}  # shard -> the lent values read in place
+        # Per segment: where its pieces lie among the parameters. A piece that is one whole
+        # parameter is read in place from the lent values, unless local steps write into it.
+        self.pieces = [
+            locate_pieces(self.params, seg, start, in_place=local_lr == 0) for seg in segments
+        ]
+        self.read_from: dict[int, torch.Tensor] = {}  # shard -> lent values read in place
+        # How each segment's fetch reply is read: (copies, in_place). Copies are (view of
+        # the own buffer, slice of the reply or None for all of it), adjacent pieces merged;
+        # in_place are (parameter, slice of the reply).
+        self.reading = []
+        for (_, lo, hi), pieces in zip(self.segments, self.pieces):
+            copied = merge_adjacent([(p.lo, p.hi) for p in pieces if not p.in_place])
+            copies = [
+                (self.weights[lo + a : lo + b], None if (a, b) == (0, hi - lo) else slice(a, b))
+                for a, b in copied
+            ]
+            in_place = [
+                (self.params[p.parts[0][0]], slice(p.lo, p.hi)) for p in pieces if p.in_place
+            ]
+            self.reading.append((copies, in_place))
         self.loss_fn = loss_fn
         self.n_fetch = n_fetch
         self.n_push = n_push
@@ -121,19 +135,17 @@ class Stage(Actor):
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
-        for (shard, lo, hi), pieces in zip(self.segments, self.pieces):
+        for (shard, _, _), plan in zip(self.segments, self.reading):
             if shard != msg.shard:
                 continue
-            if self.adopts:  # read the lent values in place
-                if self.adopted.get(shard) is not msg.weights:  # in-process, often the same
-                    self.adopted[shard] = msg.weights
-                    offset = 0
-                    for i, _, _, _ in pieces:
-                        p = self.params[i]
-                        p.data = msg.weights[offset : offset + p.numel()].view_as(p)
-                        offset += p.numel()
-            else:
-                self.weights[lo:hi].copy_(msg.weights)
+            values = msg.weights
+            copies, in_place = plan
+            for dest, part in copies:
+                dest.copy_(values if part is None else values[part])
+            if in_place and self.read_from.get(shard) is not values:  # in-process, often is
+                self.read_from[shard] = values
+                for p, part in in_place:
+                    p.data = values[part].view_as(p)
             self.versions[shard] = msg.version
         self.fetching -= 1
         if self.fetching == 0 and self.pending is not None:
@@ -205,10 +217,7 @@ class Stage(Actor):
         if accrued is None:
             return
         for (shard, _, _), pieces in zip(self.segments, self.pieces):
-            grads = tuple(
-                accrued[i].reshape(-1) if whole else accrued[i].reshape(-1)[lo:hi]
-                for i, lo, hi, whole in pieces
-            )
+            grads = tuple(piece.gradient(accrued) for piece in pieces)
             push = Push(self.replica, self.index, grads, self.versions[shard], done_reading)
             self.ctx.tell(self.shards[shard], push)
 
@@ -234,19 +243,63 @@ class Stage(Actor):
         self.ctx.tell(self.data_shard, StageDone(self.index, buffers))
 
 
-def _pieces(
-    params: list[nn.Parameter], seg: Segment, start: int
-) -> list[tuple[int, int, int, bool]]:
-    """Where each piece of ``seg`` lies among the stage's parameters:
-    ``(parameter index, lo, hi, whole)`` with ``[lo, hi)`` in that parameter's flat elements."""
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Where one piece of a segment lies among a stage's parameters."""
+
+    lo: int
+    """Start of the piece within the segment."""
+    hi: int
+    """End of the piece within the segment."""
+    parts: tuple[tuple[int, int, int], ...]
+    """``(parameter index, lo, hi)``: the elements ``[lo, hi)`` of the flattened parameter,
+    in order; several when small parameters were merged into the piece."""
+    in_place: bool
+    """The piece is one whole parameter, read in place from the lent values."""
+
+    def gradient(self, grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The piece's part of the per-parameter gradients, 1-D (a copy only when merged)."""
+        if len(self.parts) == 1:
+            i, lo, hi = self.parts[0]
+            g = grads[i].reshape(-1)
+            return g if lo == 0 and hi == g.numel() else g[lo:hi]
+        return torch.cat([_part(grads[i], lo, hi) for i, lo, hi in self.parts])
+
+
+def _part(t: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    flat = t.reshape(-1)
+    return flat if lo == 0 and hi == flat.numel() else flat[lo:hi]
+
+
+def merge_adjacent(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ordered ranges with each run of touching ranges merged into one."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+def locate_pieces(
+    params: list[nn.Parameter], seg: Segment, start: int, in_place: bool
+) -> list[Piece]:
+    """The pieces of ``seg`` located among ``params`` (laid end to end from ``start``); with
+    ``in_place`` those that are one whole parameter are marked to be read in place."""
+    bounds = []  # (first, stop) of each parameter in the flat space
+    offset = start
+    for p in params:
+        bounds.append((offset, offset + p.numel()))
+        offset += p.numel()
     out = []
-    offset, i = start, 0
     for a, b in seg.piece_ranges:
-        while offset + params[i].numel() <= a:
-            offset += params[i].numel()
-            i += 1
-        n = params[i].numel()
-        if b > offset + n:
-            raise ValueError(f"piece [{a}, {b}) of stage {seg.stage} spans two parameters")
-        out.append((i, a - offset, b - offset, a == offset and b == offset + n))
+        parts = tuple(
+            (i, max(a, lo) - lo, min(b, hi) - lo)
+            for i, (lo, hi) in enumerate(bounds)
+            if max(a, lo) < min(b, hi)
+        )
+        i, lo, hi = parts[0]
+        whole = len(parts) == 1 and lo == 0 and hi == params[i].numel()
+        out.append(Piece(a - seg.start, b - seg.start, parts, in_place and whole))
     return out
