@@ -140,3 +140,15 @@ def test_a_stage_reads_lent_values_in_place_and_never_writes_them():
     assert any(isinstance(m, Push) for _, m in stepping.ctx.take())
     assert torch.equal(lent, torch.arange(8192 + 128, dtype=torch.float32))  # stepped a copy
     assert not torch.equal(stepping.weights, lent)
+
+
+def test_finiteness_check_of_pushed_pieces_is_exact():
+    from distbelief.actors.parameter_shard import finite
+
+    ok = [torch.ones(3), torch.zeros(2)]
+    assert finite(ok) and finite(ok[:1])
+    assert not finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not finite([torch.tensor([float("inf")]), torch.tensor([-float("inf")])])  # sum: nan
+    assert not finite([torch.tensor([float("-inf"), 1.0])])
+    huge = torch.full((4,), 3e38)  # its float32 sum overflows, yet every element is finite
+    assert finite([huge]) and finite([huge, huge])

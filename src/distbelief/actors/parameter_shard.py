@@ -18,12 +18,11 @@ def finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite. One reduction per tensor on the fast
     path (a NaN or Inf makes a sum non-finite); the exact check, ~30x slower, runs only when
     the sum is not finite (it may also be a finite overflow)."""
-    if len(tensors) == 1:
-        if math.isfinite(tensors[0].sum().item()):
-            return True
-    elif math.isfinite(sum(t.sum().item() for t in tensors)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    if len(tensors) == 1:  # the common case, without a generator's overhead
+        total = tensors[0].sum().item()
+    else:
+        total = sum(t.sum().item() for t in tensors)
+    return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class HeldSegment:

@@ -42,11 +42,13 @@ class Stage(Actor):
     ``n_fetch = 1`` it is not: fetching at the end of every step would only make the
     parameters staler by the time they are used (XOR learned on 7 of 10 seeds instead of 10).
 
-    Parameters are not copied on a fetch: the stage points its parameters at the values the
-    shard lends (see ``messages``), and says in its push whether it has stopped reading them.
-    It keeps a buffer of its own, and copies into it, when it takes local steps (it must not
-    write into lent values) or when a parameter straddles two shards. Gradients are pushed as
-    the tensors autograd returned, sliced into the segment's pieces: no copy either.
+    Large parameters are not copied on a fetch: the stage points them at the values the shard
+    lends (see ``messages``), and says in its push whether it has stopped reading them. It
+    copies into a buffer of its own the parameters that were merged into a piece with others
+    (small ones, see ``layout``) or that straddle two shards, and all of them when it takes
+    local steps (it must not write into lent values). Gradients are pushed as the tensors
+    autograd returned (a slice of one where a parameter straddles two shards), small ones
+    concatenated.
 
     Restartable: a runtime may respawn a dead stage from its constructor arguments; it fetches
     before its first forward, and a step lost with it is redone (see DataShard).
@@ -261,8 +263,7 @@ class Piece:
         """The piece's part of the per-parameter gradients, 1-D (a copy only when merged)."""
         if len(self.parts) == 1:
             i, lo, hi = self.parts[0]
-            g = grads[i].reshape(-1)
-            return g if lo == 0 and hi == g.numel() else g[lo:hi]
+            return _part(grads[i], lo, hi)
         return torch.cat([_part(grads[i], lo, hi) for i, lo, hi in self.parts])
 
 
