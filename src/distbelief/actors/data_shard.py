@@ -47,7 +47,7 @@ class DataShard(Actor):
         self.seed = seed
         self.report_every = report_every
         self.epoch = 0
-        self.position = 0  # index of the next example within the epoch
+        self.batch_index = 0  # index of the next mini-batch within the epoch
         self.steps = 0
         self.examples = 0
         self.warmstart_steps = 0
@@ -56,7 +56,7 @@ class DataShard(Actor):
         self.stage_buffers: dict[int, dict] = {}
         self.stages: tuple = ()
         self.master = None
-        self._epoch_inputs = self._epoch_targets = None
+        self._epoch_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._in_flight: Forward | None = None  # the mini-batch sent and not yet done
         self._finishing = False  # Finish sent to the stages
         self._replica_done = False
@@ -72,17 +72,18 @@ class DataShard(Actor):
         self._send_batch()
 
     def _shuffle(self) -> None:
-        # One gather per epoch; each mini-batch is then a view (never mutated: see messages).
+        # One gather and one split per epoch; each mini-batch is a view (never mutated: see
+        # messages), made here rather than sliced per step.
         order = epoch_order(len(self.inputs), self.seed, self.replica, self.epoch)
-        self._epoch_inputs = self.inputs[order]
-        self._epoch_targets = self.targets[order]
+        inputs = self.inputs[order].split(self.batch_size)
+        targets = self.targets[order].split(self.batch_size)
+        self._epoch_batches = list(zip(inputs, targets))
 
     def _send_batch(self) -> None:
-        lo = self.position
-        hi = min(lo + self.batch_size, len(self.inputs))
-        self.position = hi
-        self._batch = hi - lo
-        self._in_flight = Forward(self.steps, self._epoch_inputs[lo:hi], self._epoch_targets[lo:hi])
+        x, y = self._epoch_batches[self.batch_index]
+        self.batch_index += 1
+        self._batch = len(x)
+        self._in_flight = Forward(self.steps, x, y)
         self.ctx.tell(self.stages[0], self._in_flight)
 
     @receives(StepDone)
@@ -99,9 +100,9 @@ class DataShard(Actor):
             self.ctx.tell(self.master, WarmstartDone(self.replica))
         if self.window_steps == self.report_every:
             self._report()
-        if self.position == len(self.inputs):
+        if self.batch_index == len(self._epoch_batches):
             self.epoch += 1
-            self.position = 0
+            self.batch_index = 0
             if self.epoch == self.epochs:
                 self._report()
                 self._finishing = True
