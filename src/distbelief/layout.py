@@ -120,7 +120,8 @@ class Layout:
     stage_ranges: tuple[Range, ...]
     """Range of the flat space used by each stage."""
     tensor_ranges: tuple[Range, ...] = ()
-    """Range of each model tensor (parameter), in layout order; empty: one per stage."""
+    """Range of each model tensor (parameter), in layout order; empty: every segment is one
+    piece."""
 
     @classmethod
     def build(

@@ -1,9 +1,9 @@
 """Server-side update rules: what a PS shard does with a pushed gradient. Built on torch.optim.
 
 Each segment a shard holds (its overlap with one stage) has its own optimizer over the
-segment's pieces (one flat ``nn.Parameter`` per model tensor overlapping it), so a push touches
-only its segment and no other segment's optimizer state. Every rule here is elementwise, so
-splitting a segment into pieces changes no number.
+segment's pieces (one flat ``nn.Parameter`` per piece: see ``layout``), so a push touches only
+its segment and no other segment's optimizer state. Every rule here is elementwise, so how a
+segment is cut into pieces changes no number.
 """
 
 from __future__ import annotations
