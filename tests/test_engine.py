@@ -200,6 +200,22 @@ def test_batchnorm_buffers_come_from_replica_0():
     assert not torch.equal(bn.running_mean, torch.zeros(16))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adagrad", "adam"])
+def test_frozen_parameters_stay_exactly_as_they_were(optimizer):
+    # Fine-tuning: a parameter with requires_grad False is fetched and used, never changed.
+    model = mlp([10, 16, 8, 3])
+    model[0].weight.requires_grad_(False)
+    model[2].requires_grad_(False)  # a whole frozen layer, in the second stage
+    result = run(model, toy_data(), optimizer=optimizer, replicas=2, stages=2, shards=3)
+    trained = result.model
+    assert torch.equal(trained[0].weight, model[0].weight)
+    assert torch.equal(trained[2].weight, model[2].weight)
+    assert torch.equal(trained[2].bias, model[2].bias)
+    assert not torch.equal(trained[0].bias, model[0].bias)
+    assert not torch.equal(trained[4].weight, model[4].weight)
+    assert not trained[0].weight.requires_grad and trained[0].bias.requires_grad
+
+
 def test_nan_push_is_rejected_counted_and_parameters_stay_finite():
     model = mlp([10, 16, 3])
     x, y = toy_data(n=64)

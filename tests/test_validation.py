@@ -126,6 +126,13 @@ def test_bad_models_are_named():
     check(r"^model: the model has no layers", model=[])
 
 
+def test_a_model_with_nothing_to_train_is_named():
+    model = mlp([10, 8, 3])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    check("^model: no parameter requires grad", model=model)
+
+
 def test_a_list_of_modules_is_a_model():
     result = distbelief.train([nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)], data(), **BASE)
     assert isinstance(result.model, nn.Sequential) and len(result.model) == 3

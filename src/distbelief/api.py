@@ -270,6 +270,8 @@ def train(
     total = sum(sizes)
     if config.shards > total:
         raise ConfigError(f"shards: {config.shards} shards but the model has {total} parameters")
+    if total and not any(p.requires_grad for p in parameters_of(layers)):
+        raise ConfigError("model: no parameter requires grad, so there is nothing to train")
     # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
     out = _dry_run(layers, stage_of, x[:2])
     _check_targets("train_data", out, y, loss, loss_fn)

@@ -72,6 +72,12 @@ class Stage(Actor):
         self.index = index
         self.module = nn.Sequential(*layers).train()
         self.params = parameters_of(self.module.children())
+        # Frozen parameters (requires_grad False) get no gradient from autograd; they push
+        # zeros, which every update rule turns into no change (they are all elementwise).
+        self.trainable = [p for p in self.params if p.requires_grad]
+        self.frozen_zeros = {
+            i: torch.zeros_like(p) for i, p in enumerate(self.params) if not p.requires_grad
+        }
         dtype = self.params[0].dtype if self.params else torch.get_default_dtype()
         self.weights = bind_to_flat(self.module.children(), torch.empty(0, dtype=dtype))
         # Segments in stage-local coordinates: (shard, lo, hi).
@@ -185,14 +191,20 @@ class Stage(Actor):
         # autograd.grad returns fresh tensors: no .grad fields to zero, and with n_push = 1
         # they are pushed as they are.
         wants_input = self.previous is not None
-        inputs = [*self.params, x] if wants_input else self.params
+        inputs = [*self.trainable, x] if wants_input else self.trainable
         grads = (
             torch.autograd.grad(root, inputs, root_grad, allow_unused=True, materialize_grads=True)
             if inputs
             else ()
         )
         if self.params:
-            param_grads = grads[: len(self.params)]
+            param_grads = grads[: len(self.trainable)]
+            if self.frozen_zeros:
+                trained = iter(param_grads)
+                param_grads = tuple(
+                    self.frozen_zeros[i] if i in self.frozen_zeros else next(trained)
+                    for i in range(len(self.params))
+                )
             if self.local_lr > 0:
                 with torch.no_grad():
                     for p, g in zip(self.params, param_grads):
