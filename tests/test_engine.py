@@ -216,6 +216,38 @@ def test_frozen_parameters_stay_exactly_as_they_were(optimizer):
     assert not trained[0].weight.requires_grad and trained[0].bias.requires_grad
 
 
+def test_evaluations_during_training_use_replica_0s_current_buffers(runtime):
+    # The parameters never change, so an evaluation depends only on the BatchNorm statistics
+    # replica 0 has accumulated by then. All are frozen but the last layer's, whose gradient is
+    # exactly zero: in training it sees the zeros of Dropout(p=1) (in evaluation, its input).
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3),
+        nn.Dropout(1.0), nn.Linear(3, 3, bias=False),
+    )  # fmt: skip
+    for layer in model[:4]:
+        layer.requires_grad_(False)
+    (x, y), (ex, ey) = toy_data(n=128), toy_data(n=64, seed=1)
+    result = run(model, (x, y), eval_data=(ex, ey), epochs=1, eval_every=64, stages=2,
+                 runtime=runtime)  # fmt: skip
+    during = result.history.eval[0]["loss"]
+
+    def evaluate(m: nn.Module) -> float:
+        with torch.no_grad():
+            return F.cross_entropy(m.eval()(ex), ey).item()
+
+    # The evaluation after each step k of replica 0 (k = 0: the initial statistics).
+    probe, after = copy.deepcopy(model), []
+    after.append(evaluate(probe))
+    for xb, _ in replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=1):
+        with torch.no_grad():
+            probe.train()(xb)
+        after.append(evaluate(probe))
+    assert during != pytest.approx(after[0], rel=1e-6)
+    # Asked for after 64 examples (4 steps); the request may reach the stage a few steps later.
+    assert any(during == pytest.approx(a, rel=1e-6) for a in after[4:])
+
+
 def test_nan_push_is_rejected_counted_and_parameters_stay_finite():
     model = mlp([10, 16, 3])
     x, y = toy_data(n=64)

@@ -12,12 +12,14 @@ from distbelief.actors import DownpourMaster
 from distbelief.errors import ActorFailed, RunTimeout
 from distbelief.messages import (
     Begin,
+    BufferSnapshot,
     ConnectMaster,
     Progress,
     ProgressReport,
     ReplicaDone,
     ShardSnapshot,
     Snapshot,
+    StageBuffers,
     StartReplica,
     TrainingDone,
     WarmstartDone,
@@ -41,11 +43,12 @@ class RecordingContext:
         return sent
 
 
-def stepped_master(replicas=3, warmstart=5, evaluator=None, eval_every=0):
+def stepped_master(replicas=3, warmstart=5, evaluator=None, eval_every=0, buffer_stages=()):
     master = DownpourMaster(replicas, warmstart, 300, evaluator, eval_every, 100)
     ctx = RecordingContext()
     master.bind(ctx)
-    master.on_connect(ConnectMaster(("d0", "d1", "d2")[:replicas], ("s0", "s1")), None)
+    data_shards = ("d0", "d1", "d2")[:replicas]
+    master.on_connect(ConnectMaster(data_shards, ("s0", "s1"), buffer_stages), None)
     return master, ctx
 
 
@@ -91,7 +94,7 @@ def test_evaluation_is_requested_every_eval_every_examples():
     master, ctx = stepped_master(
         replicas=1,
         warmstart=0,
-        evaluator=lambda w: evaluated.append(w) or {"loss": 0.0},
+        evaluator=lambda w, b: evaluated.append((w, b)) or {"loss": 0.0},
         eval_every=100,
     )
     master.on_begin(Begin(), "driver")
@@ -101,10 +104,37 @@ def test_evaluation_is_requested_every_eval_every_examples():
     master.on_progress(Progress(0, 5, 60, 5.0), "d0")
     snaps = [m for _, m in ctx.take() if isinstance(m, Snapshot)]
     assert snaps == [Snapshot(1), Snapshot(1)]
-    stats = {"updates_applied": 0, "rejected_pushes": 0, "staleness_sum": 0, "staleness_max": 0}
     for k in range(2):
-        master.on_shard_snapshot(ShardSnapshot(k, 1, torch.zeros(2), stats), f"s{k}")
+        master.on_shard_snapshot(ShardSnapshot(k, 1, torch.zeros(2), STATS), f"s{k}")
     assert len(evaluated) == 1 and master.history["eval"][0]["examples"] == 110
+    assert evaluated[0][1] == {}  # no stage with buffers: none asked for
+
+
+STATS = {"updates_applied": 0, "rejected_pushes": 0, "staleness_sum": 0, "staleness_max": 0}
+
+
+def test_an_evaluation_waits_for_replica_0s_buffers_too():
+    evaluated = []
+    master, ctx = stepped_master(
+        replicas=1,
+        warmstart=0,
+        evaluator=lambda w, b: evaluated.append((w, b)) or {"loss": 0.0},
+        eval_every=100,
+        buffer_stages=("r0.stage1",),
+    )
+    master.on_begin(Begin(), "driver")
+    ctx.take()
+    master.on_progress(Progress(0, 10, 100, 5.0), "d0")
+    asks = [(to, m) for to, m in ctx.take() if not isinstance(m, ProgressReport)]
+    assert asks == [("s0", Snapshot(1)), ("s1", Snapshot(1)), ("r0.stage1", BufferSnapshot(1))]
+    for k in range(2):
+        master.on_shard_snapshot(ShardSnapshot(k, 1, torch.tensor([float(k)]), STATS), f"s{k}")
+    assert evaluated == []  # the buffers are not in yet
+    mean = {"1.running_mean": torch.ones(3)}
+    master.on_stage_buffers(StageBuffers(1, 1, mean), "r0.stage1")
+    ((weights, buffers),) = evaluated
+    assert torch.equal(weights, torch.tensor([0.0, 1.0]))
+    assert list(buffers) == [1] and buffers[1] is mean
 
 
 # ------------------------------------------------------------------ through train()

@@ -163,25 +163,33 @@ def default_metric(loss: str | LossFn, y: torch.Tensor) -> Metric | None:
 
 
 class Evaluator:
-    """Loss (and accuracy) of a flat parameter vector on held-out data."""
+    """Loss (and accuracy) of a flat parameter vector and replica 0's buffers on held-out data."""
 
     def __init__(
         self,
-        layers: list[nn.Module],
+        stage_layers: list[list[nn.Module]],
         data: tuple[torch.Tensor, torch.Tensor],
         loss_fn: LossFn,
         metric: Metric | None,
         batch_size: int = 4096,
     ) -> None:
+        self.stage_lengths = [len(group) for group in stage_layers]
+        layers = [layer for group in stage_layers for layer in group]
         self.model = nn.Sequential(*copy.deepcopy(layers)).eval()
         self.x, self.y = data
         self.loss_fn = loss_fn
         self.metric = metric
         self.batch_size = batch_size
 
-    def __call__(self, weights: torch.Tensor) -> dict[str, float]:
-        """Metrics of the flat parameters (buffers stay at their initial values)."""
+    def __call__(
+        self, weights: torch.Tensor, buffers: dict[int, dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, float]:
+        """Metrics of the flat parameters with each stage's buffers (by stage index; a stage
+        not given keeps the buffers it had)."""
         load_flat(self.model.children(), weights)
+        if buffers:
+            stages = range(len(self.stage_lengths))
+            _load_buffers(self.model, self.stage_lengths, tuple(buffers.get(s) for s in stages))
         return self.evaluate(self.model)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -279,7 +287,8 @@ def train(
     if eval_data is not None:
         ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
         _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
-        evaluator = Evaluator(layers, (ex, ey), loss_fn, metric or default_metric(loss, ey))
+        metric = metric or default_metric(loss, ey)
+        evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -289,7 +298,7 @@ def train(
 
     result_model = nn.Sequential(*copy.deepcopy(layers))
     load_flat(result_model.children(), done.weights)
-    _load_buffers(result_model, stage_layers, done.buffers)
+    _load_buffers(result_model, [len(group) for group in stage_layers], done.buffers)
     stats = {**_stats(done, config), **runtime_stats}
     history = History(train=done.history["train"], eval=done.history["eval"])
     if evaluator is not None:
@@ -388,7 +397,13 @@ def _run(
             max(1, total_examples // 100),
             rt.single_threaded,
         )
-        rt.tell(master, ConnectMaster(tuple(data_refs), shard_refs))
+        # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
+        buffer_stages = tuple(
+            stage_refs[0][s]
+            for s, group in enumerate(stage_layers)
+            if evaluator is not None and any(True for g in group for _ in g.buffers())
+        )
+        rt.tell(master, ConnectMaster(tuple(data_refs), shard_refs, buffer_stages))
         for r in range(config.replicas):
             refs = stage_refs[r]
             rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master))
@@ -414,16 +429,15 @@ def _run(
         rt.shutdown()
 
 
-def _load_buffers(
-    model: nn.Sequential, stage_layers: list[list[nn.Module]], buffers: tuple
-) -> None:
-    """Replica 0's module buffers (e.g. BatchNorm statistics), which the PS does not hold."""
+def _load_buffers(model: nn.Sequential, stage_lengths: list[int], buffers: tuple) -> None:
+    """Load per-stage module buffers (replica 0's: e.g. BatchNorm statistics, which the PS
+    does not hold) into the whole model; ``stage_lengths`` are the stages' layer counts."""
     offset = 0
-    for s, group in enumerate(stage_layers):
-        stage_model = nn.Sequential(*[model[offset + i] for i in range(len(group))])
-        if buffers[s]:
-            stage_model.load_state_dict(buffers[s], strict=False)
-        offset += len(group)
+    for length, stage_buffers in zip(stage_lengths, buffers, strict=True):
+        if stage_buffers:
+            stage_model = nn.Sequential(*[model[offset + i] for i in range(length)])
+            stage_model.load_state_dict(stage_buffers, strict=False)
+        offset += length
 
 
 def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:

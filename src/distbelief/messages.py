@@ -55,6 +55,9 @@ class ConnectMaster:
     """Refs of the replicas' data shards, indexed by replica."""
     shards: tuple[Any, ...]
     """Refs of the PS shards, indexed by shard."""
+    buffer_stages: tuple[Any, ...] = ()
+    """Refs of replica 0's stages whose layers hold buffers (e.g. BatchNorm statistics, which
+    the PS does not hold): an evaluation during training asks them for their buffers."""
 
 
 # ---------------------------------------------------------------- driver <-> master
@@ -285,6 +288,26 @@ class Snapshot:
 
     tag: int
     """Matches the replies to the request (evaluation number, or -1 for the final one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferSnapshot:
+    """Master -> stage: send a copy of your module buffers (for an evaluation)."""
+
+    tag: int
+    """Matches the reply to the request (the evaluation number)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StageBuffers:
+    """Stage -> master: the stage's module buffers."""
+
+    tag: int
+    """The request's tag."""
+    stage: int
+    """Index of the replying stage."""
+    buffers: dict[str, torch.Tensor]
+    """Copies of the stage's module buffers, by name within the stage."""
 
 
 @dataclass(frozen=True, slots=True)

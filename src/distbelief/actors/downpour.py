@@ -11,20 +11,25 @@ import torch
 from ..messages import (
     ActorRestarted,
     Begin,
+    BufferSnapshot,
     ConnectMaster,
     Progress,
     ProgressReport,
     ReplicaDone,
     ShardSnapshot,
     Snapshot,
+    StageBuffers,
     StartReplica,
     TrainingDone,
     WarmstartDone,
 )
 from ..runtime.base import Actor, receives
 
-Evaluator = Callable[[torch.Tensor], dict[str, float]]
-"""Maps a flat parameter vector to metrics such as ``{"loss": ..., "accuracy": ...}``."""
+Buffers = dict[int, dict[str, torch.Tensor]]
+"""Module buffers of replica 0's stages: stage index -> buffer name -> tensor."""
+Evaluator = Callable[[torch.Tensor, Buffers], dict[str, float]]
+"""Maps a flat parameter vector and replica 0's buffers to metrics such as
+``{"loss": ..., "accuracy": ...}``."""
 
 FINAL = -1  # snapshot tag of the final parameter collection
 
@@ -62,7 +67,9 @@ class DownpourMaster(Actor):
         self.next_report = report_every_examples
         self.next_eval = eval_every if eval_every > 0 else None
         self.eval_tag = 0
-        self.snapshots: dict[int, dict[int, ShardSnapshot]] = {}
+        self.snapshots: dict[int, dict[int, ShardSnapshot]] = {}  # tag -> shard -> reply
+        self.buffers: dict[int, Buffers] = {}  # tag -> stage -> buffers (evaluations only)
+        self.buffer_stages: tuple = ()
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.t0 = 0.0
         self.t_end = 0.0
@@ -72,6 +79,7 @@ class DownpourMaster(Actor):
     @receives(ConnectMaster)
     def on_connect(self, msg: ConnectMaster, sender: object) -> None:
         self.data_shards, self.shards = msg.data_shards, msg.shards
+        self.buffer_stages = msg.buffer_stages
 
     @receives(Begin)
     def on_begin(self, msg: Begin, sender: object) -> None:
@@ -128,6 +136,10 @@ class DownpourMaster(Actor):
         self.snapshots[tag] = {}
         for shard in self.shards:
             self.ctx.tell(shard, Snapshot(tag))
+        if tag != FINAL:  # the final buffers come with ReplicaDone
+            self.buffers[tag] = {}
+            for stage in self.buffer_stages:
+                self.ctx.tell(stage, BufferSnapshot(tag))
 
     @receives(ActorRestarted)
     def on_actor_restarted(self, msg: ActorRestarted, sender: object) -> None:
@@ -147,14 +159,25 @@ class DownpourMaster(Actor):
 
     @receives(ShardSnapshot)
     def on_shard_snapshot(self, msg: ShardSnapshot, sender: object) -> None:
-        got = self.snapshots[msg.tag]
-        got[msg.shard] = msg
+        self.snapshots[msg.tag][msg.shard] = msg
+        self._collected(msg.tag)
+
+    @receives(StageBuffers)
+    def on_stage_buffers(self, msg: StageBuffers, sender: object) -> None:
+        self.buffers[msg.tag][msg.stage] = msg.buffers
+        self._collected(msg.tag)
+
+    def _collected(self, tag: int) -> None:
+        """Evaluate, or finish, once every reply for ``tag`` is in."""
+        got = self.snapshots[tag]
         if len(got) < len(self.shards):
             return
-        del self.snapshots[msg.tag]
+        if tag != FINAL and len(self.buffers[tag]) < len(self.buffer_stages):
+            return
+        del self.snapshots[tag]
         weights = torch.cat([got[k].weights for k in range(len(self.shards))])
-        if msg.tag != FINAL:
-            self._evaluate(weights)
+        if tag != FINAL:
+            self._evaluate(weights, self.buffers.pop(tag))
             return
         # The final evaluation is the driver's, on the returned model (with replica 0's buffers).
         examples = sum(d.examples for d in self.done.values())
@@ -173,9 +196,9 @@ class DownpourMaster(Actor):
             ),
         )
 
-    def _evaluate(self, weights: torch.Tensor) -> None:
+    def _evaluate(self, weights: torch.Tensor, buffers: Buffers) -> None:
         t = time.perf_counter()
-        metrics = self.evaluator(weights)
+        metrics = self.evaluator(weights, buffers)
         self.history["eval"].append({"examples": self.examples, "wall_s": self._wall(), **metrics})
         if self.eval_pauses_training:
             self.eval_s += time.perf_counter() - t

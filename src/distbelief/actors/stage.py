@@ -12,6 +12,7 @@ from ..flat import bind_to_flat, parameters_of
 from ..layout import Segment
 from ..messages import (
     Backward,
+    BufferSnapshot,
     ConnectStage,
     Drain,
     Drained,
@@ -20,6 +21,7 @@ from ..messages import (
     Finish,
     Forward,
     Push,
+    StageBuffers,
     StageDone,
     StepDone,
 )
@@ -252,9 +254,15 @@ class Stage(Actor):
         if self.draining == 0:
             self._done()
 
+    @receives(BufferSnapshot)
+    def on_buffer_snapshot(self, msg: BufferSnapshot, sender: object) -> None:
+        self.ctx.tell(sender, StageBuffers(msg.tag, self.index, self._buffers()))
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.module.named_buffers()}
+
     def _done(self) -> None:
-        buffers = {k: v.detach().clone() for k, v in self.module.named_buffers()}
-        self.ctx.tell(self.data_shard, StageDone(self.index, buffers))
+        self.ctx.tell(self.data_shard, StageDone(self.index, self._buffers()))
 
 
 @dataclass(frozen=True, slots=True)
