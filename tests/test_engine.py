@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import signal
 
 import pytest
 import torch
@@ -246,6 +247,26 @@ def test_evaluations_during_training_use_replica_0s_current_buffers(runtime):
     assert during != pytest.approx(after[0], rel=1e-6)
     # Asked for after 64 examples (4 steps); the request may reach the stage a few steps later.
     assert any(during == pytest.approx(a, rel=1e-6) for a in after[4:])
+
+
+def test_ctrl_c_stops_training_and_keeps_what_was_trained(runtime):
+    model = mlp([10, 16, 8, 3])
+    reports = []
+
+    def progress(report) -> None:  # the driver's thread, as a user's Ctrl-C would be
+        reports.append(report)
+        if len(reports) == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(distbelief.TrainingInterrupted) as info:
+        run(model, toy_data(), epochs=50, replicas=2, stages=2, shards=2, progress=progress,
+            runtime=runtime)  # fmt: skip
+    assert isinstance(info.value, KeyboardInterrupt)  # uncaught, it ends a script as Ctrl-C
+    assert reports[-1].examples < 50 * 256  # it stopped early...
+    trained = flatten(info.value.model.children())
+    assert torch.isfinite(trained).all()
+    assert not torch.equal(trained, flatten(model.children()))  # ...and kept what it trained
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_nan_push_is_rejected_counted_and_parameters_stay_finite():

@@ -6,7 +6,7 @@ updating a sharded parameter server. See :func:`train`.
 
 from .api import LOSSES, History, TrainResult, train
 from .config import DownpourConfig
-from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .layout import Layout, Segment
 
 __version__ = "0.1.0"
@@ -22,5 +22,6 @@ __all__ = [
     "RunTimeout",
     "Segment",
     "TrainResult",
+    "TrainingInterrupted",
     "train",
 ]

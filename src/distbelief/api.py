@@ -15,15 +15,19 @@ from torch import nn
 from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .config import DownpourConfig
 from .data import as_tensors, replica_ranges
-from .errors import ConfigError
+from .errors import ConfigError, TrainingInterrupted
 from .flat import flatten, load_flat, parameters_of
 from .layout import Layout
 from .messages import (
     Begin,
+    BufferSnapshot,
     ConnectDataShard,
     ConnectMaster,
     ConnectStage,
     ProgressReport,
+    ShardSnapshot,
+    Snapshot,
+    StageBuffers,
     TrainingDone,
 )
 from .partition import as_layers, layer_sizes, model_dtype, resolve_split_points, split_layers
@@ -296,9 +300,7 @@ def train(
             config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
         )
 
-    result_model = nn.Sequential(*copy.deepcopy(layers))
-    load_flat(result_model.children(), done.weights)
-    _load_buffers(result_model, [len(group) for group in stage_layers], done.buffers)
+    result_model = _assemble(stage_layers, done.weights, done.buffers)
     stats = {**_stats(done, config), **runtime_stats}
     history = History(train=done.history["train"], eval=done.history["eval"])
     if evaluator is not None:
@@ -417,16 +419,54 @@ def _run(
                         data_refs[r],
                     ),
                 )
-        for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
-            if isinstance(reply, TrainingDone):
-                # A runtime may describe the run too (Ray: the node each actor ran on).
-                describe = getattr(rt, "describe", None)
-                return reply, (describe() if describe is not None else {})
-            if progress is not None and isinstance(reply, ProgressReport):
-                progress(reply)
+        try:
+            for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
+                if isinstance(reply, TrainingDone):
+                    # A runtime may describe the run too (Ray: the node each actor ran on).
+                    describe = getattr(rt, "describe", None)
+                    return reply, (describe() if describe is not None else {})
+                if progress is not None and isinstance(reply, ProgressReport):
+                    progress(reply)
+        except KeyboardInterrupt:
+            # Ctrl-C: the runtimes stop between two messages, so every actor is whole.
+            weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+            raise TrainingInterrupted(_assemble(stage_layers, weights, buffers)) from None
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()
+
+
+INTERRUPTED = -2
+"""Tag of the snapshots collected after Ctrl-C (the master's are >= 1, and -1 the final)."""
+
+
+def _collect_trained(
+    rt: Any, shard_refs: tuple, stage_refs: list, timeout: float = 60.0
+) -> tuple[torch.Tensor, tuple]:
+    """The shards' current parameters and replica 0's buffers, asked for by the driver."""
+    weights = []
+    for shard in shard_refs:
+        for reply in rt.converse(shard, Snapshot(INTERRUPTED), timeout=timeout):
+            if isinstance(reply, ShardSnapshot) and reply.tag == INTERRUPTED:
+                weights.append(reply.weights)
+                break
+    buffers = []
+    for stage in stage_refs:
+        for reply in rt.converse(stage, BufferSnapshot(INTERRUPTED), timeout=timeout):
+            if isinstance(reply, StageBuffers) and reply.tag == INTERRUPTED:
+                buffers.append(reply.buffers)
+                break
+    return torch.cat(weights), tuple(buffers)
+
+
+def _assemble(
+    stage_layers: list[list[nn.Module]], weights: torch.Tensor, buffers: tuple
+) -> nn.Sequential:
+    """A new model: the layers with these flat parameters and per-stage buffers."""
+    model = nn.Sequential(*copy.deepcopy([layer for group in stage_layers for layer in group]))
+    load_flat(model.children(), weights)
+    _load_buffers(model, [len(group) for group in stage_layers], buffers)
+    return model
 
 
 def _load_buffers(model: nn.Sequential, stage_lengths: list[int], buffers: tuple) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ConfigError(ValueError):
     """A user-facing input (config, model, data) is invalid; raised before any actor starts.
@@ -26,3 +28,16 @@ class RunTimeout(TimeoutError):
 
 class Deadlock(RuntimeError):
     """The in-process runtime has no message left to deliver but the run is not finished."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`distbelief.train`; nothing trained until then is lost.
+
+    A KeyboardInterrupt, so an uncaught one ends a script as Ctrl-C does; caught, its ``model``
+    is a new module with the shards' parameters at the interruption and replica 0's buffers.
+    A second Ctrl-C while they are being collected gives up on them (plain KeyboardInterrupt).
+    """
+
+    def __init__(self, model: Any) -> None:
+        super().__init__("training interrupted; the model trained so far is in .model")
+        self.model = model

@@ -10,13 +10,14 @@ another interleaving. Per-mailbox FIFO is stronger than the protocol's per-sende
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ActorFailed, Deadlock, RunTimeout
-from .base import Actor
+from .base import Actor, sigint_as_flag
 
 
 class _Cell:
@@ -105,16 +106,19 @@ class LocalRuntime:
         deadline = time.monotonic() + timeout
         self.tell(ref, message)
         inbox = self._driver_inbox
-        while True:
-            self._run_until_reply(deadline)
-            while inbox:
-                yield inbox.popleft()
+        with sigint_as_flag() as interrupted:
+            while True:
+                self._run_until_reply(deadline, interrupted)
+                while inbox:
+                    yield inbox.popleft()
 
-    def _run_until_reply(self, deadline: float) -> None:
+    def _run_until_reply(self, deadline: float, interrupted: threading.Event) -> None:
         ready = self._ready
         inbox = self._driver_inbox
         uniform = self._rng.random  # int(uniform() * n) picks in [0, n): cheaper than randrange
         delivered = 0
+        if interrupted.is_set():
+            raise KeyboardInterrupt
         if time.monotonic() > deadline:
             raise RunTimeout("the run did not finish within its timeout")
         try:
@@ -145,8 +149,11 @@ class LocalRuntime:
                 except Exception as exc:
                     raise ActorFailed(cell.name, type(message).__name__, exc) from exc
                 delivered += 1
-                if not delivered & 1023 and time.monotonic() > deadline:
-                    raise RunTimeout("the run did not finish within its timeout")
+                if not delivered & 255:  # about every 0.1-1 ms
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt  # between two messages: every actor is whole
+                    if time.monotonic() > deadline:
+                        raise RunTimeout("the run did not finish within its timeout")
         finally:
             self.delivered += delivered
 

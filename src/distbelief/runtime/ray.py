@@ -39,7 +39,6 @@ import pickle
 import queue
 import secrets
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -55,7 +54,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import ActorFailed, ConfigError, RunTimeout
 from ..messages import ActorRestarted
-from .base import Actor
+from .base import Actor, sigint_as_flag
 from .ray_placement import STRATEGIES, plan_placement, replace_node
 from .ray_wire import Address, Endpoint, listening_socket
 
@@ -70,22 +69,6 @@ LOCAL_SYSTEM_CONFIG = {
 """Ray settings of a local instance started by :func:`local_ray`."""
 
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-@contextlib.contextmanager
-def _sigint_as_flag() -> Iterator[threading.Event]:
-    """While a run converses, Ctrl-C only sets a flag that the poll loop turns into
-    KeyboardInterrupt within one health period. A KeyboardInterrupt raised inside Ray's own
-    calls (ray.wait, ray.get) was seen to vanish there, leaving the run training after Ctrl-C."""
-    flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class RayRef:
@@ -481,7 +464,7 @@ class RayRuntime:
         self._start_pending(min(deadline, time.monotonic() + self._startup_timeout))
         self._partner = ref
         self._barrier(list(self._specs), deadline)  # the wiring is in place before anything flows
-        with _sigint_as_flag() as interrupted:
+        with sigint_as_flag() as interrupted:
             self._send(ref.name, message)
             while True:
                 if interrupted.is_set():
