@@ -98,7 +98,8 @@ class Runtime(Protocol):
 
         The caller stops iterating when it has the reply it wants. Raises ``RunTimeout`` when
         ``timeout`` seconds pass in all, and ``ActorFailed`` when an actor raises (or dies
-        and cannot be restarted).
+        and cannot be restarted). Ctrl-C raises ``KeyboardInterrupt`` between two messages
+        (see :func:`sigint_as_flag`); the runtime can still be conversed with afterwards.
         """
 
     def shutdown(self) -> None:
