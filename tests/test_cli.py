@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,25 @@ def test_address_reaches_the_ray_runtime(
     code, _, err = run(capsys, "train", "digits", "--runtime", "ray", "--address", "10.0.0.5:6379")
     assert code == 2 and "stopped by the test" in err
     assert seen["runtime"] == "ray" and seen["runtime_options"] == {"address": "10.0.0.5:6379"}
+
+
+def test_ctrl_c_during_a_run_exits_130_with_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_train = cli.train
+
+    def train_then_ctrl_c(*args: Any, progress: Any, **kw: Any) -> Any:
+        reports = []
+
+        def hook(report: Any) -> None:
+            progress(report)
+            reports.append(report)
+            if len(reports) == 2:
+                signal.raise_signal(signal.SIGINT)  # in the driver's thread, as Ctrl-C is
+
+        return real_train(*args, progress=hook, **kw)
+
+    monkeypatch.setattr(cli, "train", train_then_ctrl_c)
+    code, out, err = run(capsys, "train", "xor", "--train-size", "2000", "--replicas", "2")
+    assert code == 130 and out == ""
+    assert err.strip().splitlines()[-1] == "distbelief: error: interrupted"

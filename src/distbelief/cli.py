@@ -25,7 +25,7 @@ from torch import nn
 from . import data as datasets
 from .api import TrainResult, train
 from .config import DownpourConfig
-from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
 
@@ -33,6 +33,8 @@ USAGE_ERROR = 2
 """Exit status for invalid arguments (the convention of click and of most Unix tools)."""
 RUN_ERROR = 1
 """Exit status when a valid run fails (an actor raised, a timeout, a deadlock)."""
+INTERRUPTED = 130
+"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
 
 app = typer.Typer(
     name="distbelief",
@@ -53,6 +55,11 @@ else:  # pragma: no cover - older typer runs on click
 
 class UsageFailure(Exception):
     """An invalid argument found by the command itself; ``main`` prints it on one line."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run. (Not a KeyboardInterrupt: typer would turn that into a silent
+    exit before ``main`` sees it.)"""
 
 
 @dataclass(frozen=True)
@@ -407,6 +414,8 @@ def _run_job(
                            progress=line, **settings)  # fmt: skip
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
+    except TrainingInterrupted:
+        raise Interrupted from None
     wall_s = time.perf_counter() - t_train
     return summary(dataset, result.config, widths, result, wall_s, data_s, test_data)
 
@@ -471,8 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
     except (ActorFailed, RunTimeout, Deadlock) as exc:
         return _fail(str(exc).replace("\n", " "), RUN_ERROR)
-    except (KeyboardInterrupt, typer.Abort):
-        return _fail("interrupted", 130)
+    except (Interrupted, KeyboardInterrupt, typer.Abort):
+        return _fail("interrupted", INTERRUPTED)
+    if rv == INTERRUPTED:  # Ctrl-C outside a run (e.g. generating data): typer's silent exit
+        return _fail("interrupted", INTERRUPTED)
     return rv if isinstance(rv, int) else 0
 
 
