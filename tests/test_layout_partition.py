@@ -64,7 +64,7 @@ def test_segments_split_into_pieces_at_large_tensors_and_merge_small_ones():
     # A run of small tensors is cut once it reaches MIN_PIECE.
     runs = Layout.build([3 * (MIN_PIECE // 2)], shards=1, tensor_sizes=[MIN_PIECE // 2] * 3)
     assert runs.segments[0].pieces == ((0, MIN_PIECE), (MIN_PIECE, 3 * (MIN_PIECE // 2)))
-    assert Layout.build([6], shards=1).segments[0].piece_ranges == ((0, 6),)
+    assert Layout.build([6], shards=1).segments[0].pieces == ((0, 6),)  # one tensor per stage
     with pytest.raises(ValueError, match="tensor sizes add up to 5, the stages to 6"):
         Layout.build([6], shards=1, tensor_sizes=[5])
 

@@ -89,16 +89,26 @@ def test_final_snapshot_is_assembled_in_shard_order_after_every_replica_is_done(
     assert done.examples == 300 and done.steps == 20
 
 
-def test_evaluation_is_requested_every_eval_every_examples():
+STATS = {"updates_applied": 0, "rejected_pushes": 0, "staleness_sum": 0, "staleness_max": 0}
+
+
+def evaluating_master(buffer_stages=()):
+    """One replica, evaluated every 100 examples; returns master, ctx and what was evaluated."""
     evaluated = []
     master, ctx = stepped_master(
         replicas=1,
         warmstart=0,
         evaluator=lambda w, b: evaluated.append((w, b)) or {"loss": 0.0},
         eval_every=100,
+        buffer_stages=buffer_stages,
     )
     master.on_begin(Begin(), "driver")
     ctx.take()
+    return master, ctx, evaluated
+
+
+def test_evaluation_is_requested_every_eval_every_examples():
+    master, ctx, evaluated = evaluating_master()
     master.on_progress(Progress(0, 5, 50, 5.0), "d0")
     assert not [m for _, m in ctx.take() if isinstance(m, Snapshot)]
     master.on_progress(Progress(0, 5, 60, 5.0), "d0")
@@ -110,20 +120,8 @@ def test_evaluation_is_requested_every_eval_every_examples():
     assert evaluated[0][1] == {}  # no stage with buffers: none asked for
 
 
-STATS = {"updates_applied": 0, "rejected_pushes": 0, "staleness_sum": 0, "staleness_max": 0}
-
-
 def test_an_evaluation_waits_for_replica_0s_buffers_too():
-    evaluated = []
-    master, ctx = stepped_master(
-        replicas=1,
-        warmstart=0,
-        evaluator=lambda w, b: evaluated.append((w, b)) or {"loss": 0.0},
-        eval_every=100,
-        buffer_stages=("r0.stage1",),
-    )
-    master.on_begin(Begin(), "driver")
-    ctx.take()
+    master, ctx, evaluated = evaluating_master(buffer_stages=("r0.stage1",))
     master.on_progress(Progress(0, 10, 100, 5.0), "d0")
     asks = [(to, m) for to, m in ctx.take() if not isinstance(m, ProgressReport)]
     assert asks == [("s0", Snapshot(1)), ("s1", Snapshot(1)), ("r0.stage1", BufferSnapshot(1))]

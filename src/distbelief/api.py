@@ -444,18 +444,15 @@ def _collect_trained(
     rt: Any, shard_refs: tuple, stage_refs: list, timeout: float = 60.0
 ) -> tuple[torch.Tensor, tuple]:
     """The shards' current parameters and replica 0's buffers, asked for by the driver."""
-    weights = []
-    for shard in shard_refs:
-        for reply in rt.converse(shard, Snapshot(INTERRUPTED), timeout=timeout):
-            if isinstance(reply, ShardSnapshot) and reply.tag == INTERRUPTED:
-                weights.append(reply.weights)
-                break
-    buffers = []
-    for stage in stage_refs:
-        for reply in rt.converse(stage, BufferSnapshot(INTERRUPTED), timeout=timeout):
-            if isinstance(reply, StageBuffers) and reply.tag == INTERRUPTED:
-                buffers.append(reply.buffers)
-                break
+
+    def ask(ref: Any, request: Any, reply_type: type) -> Any:
+        for reply in rt.converse(ref, request, timeout=timeout):
+            if isinstance(reply, reply_type) and reply.tag == INTERRUPTED:
+                return reply
+        raise RuntimeError("the runtime stopped without a reply")  # pragma: no cover
+
+    weights = [ask(s, Snapshot(INTERRUPTED), ShardSnapshot).weights for s in shard_refs]
+    buffers = [ask(s, BufferSnapshot(INTERRUPTED), StageBuffers).buffers for s in stage_refs]
     return torch.cat(weights), tuple(buffers)
 
 

@@ -32,19 +32,13 @@ class Segment:
     """First position in the flat parameter space."""
     stop: int
     """One past the last position in the flat parameter space."""
-    pieces: tuple[Range, ...] = ()
-    """The segment's pieces (global coordinates, in order); empty means one piece, the whole
-    segment."""
+    pieces: tuple[Range, ...]
+    """The segment's pieces (global coordinates, in order; see the module doc)."""
 
     @property
     def size(self) -> int:
         """Number of parameters in the segment."""
         return self.stop - self.start
-
-    @property
-    def piece_ranges(self) -> tuple[Range, ...]:
-        """The pieces, or the whole segment as one piece."""
-        return self.pieces or ((self.start, self.stop),)
 
 
 MIN_PIECE = 4096
@@ -119,9 +113,8 @@ class Layout:
     """Slice of the flat space held by each PS shard."""
     stage_ranges: tuple[Range, ...]
     """Range of the flat space used by each stage."""
-    tensor_ranges: tuple[Range, ...] = ()
-    """Range of each model tensor (parameter), in layout order; empty: every segment is one
-    piece."""
+    tensor_ranges: tuple[Range, ...]
+    """Range of each model tensor (parameter), in layout order."""
 
     @classmethod
     def build(

@@ -257,7 +257,7 @@ class Push:
     """Index of the pushing stage (selects the segment)."""
     grads: tuple[torch.Tensor, ...]
     """Accrued gradient of the segment in pieces: one 1-D tensor per model tensor overlapping
-    the segment, in position order (``Segment.piece_ranges``); their concatenation is the
+    the segment, in position order (``Segment.pieces``); their concatenation is the
     segment's gradient. Each is the tensor autograd produced, or a slice of it: no copy."""
     fetched_version: int
     """Version of the segment when the stage last fetched it."""

@@ -84,7 +84,7 @@ class ParameterShard(Actor):
         self.held: dict[int, HeldSegment] = {}
         for seg in segments:
             values = initial[seg.start - start : seg.stop - start].clone()
-            pieces = [(a - seg.start, b - seg.start) for a, b in seg.piece_ranges]
+            pieces = [(a - seg.start, b - seg.start) for a, b in seg.pieces]
             self.held[seg.stage] = HeldSegment(values, pieces, optimizer, lr)
         self.updates_applied = 0
         self.rejected_pushes = 0

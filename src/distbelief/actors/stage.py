@@ -314,7 +314,7 @@ def locate_pieces(
         bounds.append((offset, offset + p.numel()))
         offset += p.numel()
     out = []
-    for a, b in seg.piece_ranges:
+    for a, b in seg.pieces:
         parts = tuple(
             (i, max(a, lo) - lo, min(b, hi) - lo)
             for i, (lo, hi) in enumerate(bounds)
