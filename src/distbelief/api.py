@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import DownpourConfig
+from .config import DownpourConfig, SandblasterConfig
 from .data import as_tensors
 from .errors import ConfigError
 from .flat import load_flat, parameters_of
@@ -56,7 +56,7 @@ class TrainResult:
     """Loss curve and evaluation points."""
     stats: dict[str, Any]
     """Counters: updates applied per shard, staleness mean/max, rejected pushes, timings."""
-    config: DownpourConfig
+    config: DownpourConfig | SandblasterConfig
     """The configuration the run used, with the seed that was drawn if none was given."""
 
 
@@ -200,58 +200,95 @@ class Evaluator:
         return metrics
 
 
+ALGORITHMS = ("downpour", "sandblaster")
+"""The paper's two algorithms."""
+
+DOWNPOUR_ONLY = ("lr", "epochs", "optimizer", "n_fetch", "n_push", "warmstart_steps", "local_lr")
+SANDBLASTER_ONLY = ("steps", "history", "portions")
+
+
 def train(
     model: nn.Module | Sequence[nn.Module],
     train_data: Any,
     *,
     loss: str | LossFn,
-    lr: float,
-    batch_size: int,
-    epochs: int,
+    algorithm: str = "downpour",
+    lr: float | None = None,
+    batch_size: int | None = None,
+    epochs: int | None = None,
     stages: int | Sequence[int] = 1,
     replicas: int = 1,
     shards: int = 1,
-    optimizer: str = "sgd",
-    n_fetch: int = 1,
-    n_push: int = 1,
-    warmstart_steps: int = 0,
+    optimizer: str | None = None,
+    n_fetch: int | None = None,
+    n_push: int | None = None,
+    warmstart_steps: int | None = None,
+    steps: int | None = None,
+    history: int | None = None,
+    portions: int | None = None,
     eval_data: Any = None,
     seed: int | None = None,
     runtime: str = "local",
-    local_lr: float = 0.0,
+    local_lr: float | None = None,
     eval_every: int = 0,
     metric: Metric | None = None,
     timeout_s: float = 3600.0,
     runtime_options: dict[str, Any] | None = None,
     progress: Callable[[ProgressReport], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` with Downpour SGD: ``replicas`` asynchronous model replicas, each split
-    into ``stages`` by layer, over a parameter server of ``shards`` shards.
+    """Train ``model`` with Downpour SGD (``algorithm="downpour"``, the default:
+    ``replicas`` asynchronous model replicas, each split into ``stages`` by layer, over a
+    parameter server of ``shards`` shards) or Sandblaster L-BFGS (``"sandblaster"``: a
+    coordinator runs L-BFGS over the shards, replicas compute gradients of portions).
 
     ``model`` is an ``nn.Sequential`` (or a list of modules); its current parameters are the
     initial ones and it is not modified. ``train_data``/``eval_data`` are ``(X, y)`` tensors or
     a torch ``Dataset``. ``loss`` is ``"cross_entropy"``, ``"mse"`` or a callable
     ``(output, target) -> scalar``. Every input is checked before any actor starts; a bad one
-    raises :class:`ConfigError` naming the parameter. See ``DownpourConfig`` for the rest.
+    raises :class:`ConfigError` naming the parameter. Downpour needs ``lr``, ``batch_size`` and
+    ``epochs`` (see ``DownpourConfig``); Sandblaster takes ``steps``, ``history``,
+    ``portions`` and an optional ``batch_size`` (see ``SandblasterConfig``). An option of the
+    other algorithm is a ``ConfigError``.
     """
-    config = DownpourConfig(
-        lr=lr,
-        batch_size=batch_size,
-        epochs=epochs,
-        stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
-        replicas=replicas,
-        shards=shards,
-        optimizer=optimizer,
-        n_fetch=n_fetch,
-        n_push=n_push,
-        warmstart_steps=warmstart_steps,
-        local_lr=local_lr,
-        runtime=runtime,
-        seed=seed,
-        runtime_options=dict(runtime_options or {}),
-        eval_every=eval_every,
-        timeout_s=timeout_s,
-    )
+    given = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
+                 warmstart_steps=warmstart_steps, local_lr=local_lr, steps=steps,
+                 history=history, portions=portions)  # fmt: skip
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(
+            f"algorithm: unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}"
+        )
+    other = SANDBLASTER_ONLY if algorithm == "downpour" else DOWNPOUR_ONLY
+    for name in other:
+        if given[name] is not None:
+            raise ConfigError(f"{name}: a {_other(algorithm)} option; {algorithm} does not take it")
+    config: DownpourConfig | SandblasterConfig
+    if algorithm == "sandblaster":
+        if stages != 1:
+            raise ConfigError("stages: Sandblaster's replicas are not split into stages (use 1)")
+        if eval_every:
+            raise ConfigError("eval_every: Sandblaster evaluates at the end only")
+        options = {k: v for k, v in given.items() if k in SANDBLASTER_ONLY and v is not None}
+        config = SandblasterConfig(
+            **options, batch_size=batch_size, replicas=replicas, shards=shards, seed=seed,
+            runtime=runtime, runtime_options=dict(runtime_options or {}), timeout_s=timeout_s,
+        )  # fmt: skip
+    else:
+        for name, v in (("lr", lr), ("batch_size", batch_size), ("epochs", epochs)):
+            if v is None:
+                raise ConfigError(f"{name}: Downpour needs it (e.g. {name}={_EXAMPLE[name]})")
+        options = {k: v for k, v in given.items() if k in DOWNPOUR_ONLY and v is not None}
+        config = DownpourConfig(
+            **options,
+            batch_size=batch_size,
+            stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
+            replicas=replicas,
+            shards=shards,
+            runtime=runtime,
+            seed=seed,
+            runtime_options=dict(runtime_options or {}),
+            eval_every=eval_every,
+            timeout_s=timeout_s,
+        )
     if config.seed is None:
         config = _with_seed(config, random.SystemRandom().randrange(2**31))
     layers = as_layers(model)
@@ -263,7 +300,7 @@ def train(
             f"replicas: {config.replicas} replicas but only {len(x)} training examples"
         )
     sizes = layer_sizes(layers)
-    points = resolve_split_points(sizes, config.stages)
+    points = resolve_split_points(sizes, getattr(config, "stages", 1))
     stage_layers = split_layers(layers, points)
     stage_of = [s for s, group in enumerate(stage_layers) for _ in group]
     total = sum(sizes)
@@ -280,12 +317,24 @@ def train(
         _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
         metric = metric or default_metric(loss, ey)
         evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
-    from .downpour import run  # here: downpour.py builds on this module's result types
+    # Imported here: the algorithms' modules build on this module's result types.
+    if isinstance(config, SandblasterConfig):
+        from .sandblaster import run as run_sandblaster
+
+        return run_sandblaster(config, layers, dtype, loss_fn, x, y, evaluator, progress)
+    from .downpour import run
 
     return run(config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress)
 
 
-def _with_seed(config: DownpourConfig, seed: int) -> DownpourConfig:
+_EXAMPLE = {"lr": 0.05, "batch_size": 32, "epochs": 5}
+
+
+def _other(algorithm: str) -> str:
+    return "Sandblaster" if algorithm == "downpour" else "Downpour"
+
+
+def _with_seed(config: Any, seed: int) -> Any:
     from dataclasses import replace
 
     return replace(config, seed=seed)

@@ -1,0 +1,102 @@
+"""SandblasterShard: one slice of every vector Sandblaster's L-BFGS works with."""
+
+from __future__ import annotations
+
+import torch
+
+from ..lbfgs import run_op
+from ..messages import (
+    FetchPoint,
+    Point,
+    PushGradient,
+    Reduce,
+    Reduced,
+    VectorOps,
+    VectorResults,
+    VectorSlice,
+    VectorSnapshot,
+)
+from ..runtime.base import Actor, receives
+
+
+class SandblasterShard(Actor):
+    """Holds its slice of the parameters ``"x"``, the gradient ``"g"``, the direction ``"d"``,
+    the point being evaluated ``"w"`` and its part of the (s, y) history ring, by name; runs
+    the coordinator's vector programs on them and answers with partial reductions (scalars).
+
+    Replicas fetch ``"w"`` (lent: ops never change a tensor in place) and push gradient sums
+    of accepted portions, per replica and generation; ``Reduce`` turns exactly the expected
+    ones into ``"gw"``, the gradient of the evaluation.
+    """
+
+    def __init__(self, index: int, initial: torch.Tensor) -> None:
+        self.index = index
+        self.vectors: dict[str, torch.Tensor] = {"x": initial.clone()}
+        self.evaluation = 0  # the evaluation whose pushes ``sums`` holds
+        self.sums: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (replica, gen) ->
+        self.reduce: tuple[Reduce, object] | None = None  # waiting for pushes
+
+    @receives(VectorOps)
+    def on_vector_ops(self, msg: VectorOps, sender: object) -> None:
+        values = [r for op in msg.ops if (r := run_op(self.vectors, op)) is not None]
+        self.ctx.tell(sender, VectorResults(self.index, msg.tag, tuple(values)))
+
+    @receives(FetchPoint)
+    def on_fetch_point(self, msg: FetchPoint, sender: object) -> None:
+        # "w" was set by a program the coordinator saw finish before it assigned portions.
+        self.ctx.tell(sender, Point(self.index, msg.evaluation, self.vectors["w"]))
+
+    def _start(self, evaluation: int) -> bool:
+        """Forget older evaluations' sums; False if ``evaluation`` is itself an old one."""
+        if evaluation < self.evaluation:
+            return False
+        if evaluation > self.evaluation:
+            self.evaluation = evaluation
+            self.sums.clear()
+        return True
+
+    @receives(PushGradient)
+    def on_push(self, msg: PushGradient, sender: object) -> None:
+        if not self._start(msg.evaluation):
+            return
+        key = (msg.replica, msg.generation)
+        if key in self.sums:
+            total, count = self.sums[key]
+            self.sums[key] = (total + msg.grad, count + msg.portions)  # out of place
+        else:
+            self.sums[key] = (msg.grad, msg.portions)
+        self._try_reduce()
+
+    @receives(Reduce)
+    def on_reduce(self, msg: Reduce, sender: object) -> None:
+        if not self._start(msg.evaluation):
+            return
+        self.reduce = (msg, sender)
+        self._try_reduce()
+
+    def _try_reduce(self) -> None:
+        if self.reduce is None:
+            return
+        msg, sender = self.reduce
+        if msg.evaluation != self.evaluation:
+            return
+        parts = []
+        for replica, generation, portions in msg.expected:
+            got = self.sums.get((replica, generation))
+            if got is None or got[1] < portions:
+                return  # pushes still on their way
+            if got[1] > portions:
+                raise RuntimeError(
+                    f"replica {replica} pushed {got[1]} portions, {portions} were accepted"
+                )
+            parts.append(got[0])
+        self.reduce = None
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        self.vectors["gw"] = total / msg.examples
+        self.ctx.tell(sender, Reduced(self.index, msg.evaluation, msg.round))
+
+    @receives(VectorSnapshot)
+    def on_snapshot(self, msg: VectorSnapshot, sender: object) -> None:
+        self.ctx.tell(sender, VectorSlice(self.index, msg.name, self.vectors[msg.name].clone()))
