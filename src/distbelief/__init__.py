@@ -1,11 +1,12 @@
 """distbelief: Google's DistBelief (Dean et al., NIPS 2012) on PyTorch.
 
 Downpour SGD: asynchronous model replicas, each split by layer into stages, reading and
-updating a sharded parameter server. See :func:`train`.
+updating a sharded parameter server; Sandblaster L-BFGS: a coordinator running L-BFGS over the
+same shards on scalars, replicas computing gradients of portions. See :func:`train`.
 """
 
 from .api import LOSSES, History, TrainResult, train
-from .config import DownpourConfig
+from .config import DownpourConfig, SandblasterConfig
 from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .layout import Layout, Segment
 
@@ -20,6 +21,7 @@ __all__ = [
     "History",
     "Layout",
     "RunTimeout",
+    "SandblasterConfig",
     "Segment",
     "TrainResult",
     "TrainingInterrupted",

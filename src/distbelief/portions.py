@@ -138,7 +138,10 @@ class PortionBook:
         groups = replica_ranges(self.portions, len(self.unassigned))
         for group, (lo, hi) in zip(self.unassigned, groups, strict=True):
             if lo <= portion < hi:
-                group.appendleft(portion)
+                group.append(portion)
+                ordered = sorted(group)
+                group.clear()
+                group.extend(ordered)
                 return
 
     def counted_by(self, replica: int) -> int:

@@ -134,9 +134,10 @@ def _run(
     x: torch.Tensor,
     y: torch.Tensor,
     progress: Callable[[ProgressReport], None] | None,
+    vectors: dict[str, torch.Tensor] | None = None,
 ) -> tuple[SandblasterDone, torch.Tensor, dict[str, Any]]:
-    """Spawn and wire every actor, run until the coordinator reports, collect ``"x"``, always
-    shut down."""
+    """Spawn and wire every actor, run until the coordinator reports, collect ``"x"`` (and
+    the vectors named in ``vectors``, into it), always shut down."""
     initial = flatten(layers).to(dtype)
     slices = shard_ranges(initial.numel(), config.shards)
     rt = make_runtime(config.runtime, seed=config.seed, **runtime_options)
@@ -185,6 +186,8 @@ def _run(
             for reply in rt.converse(coordinator, Begin(), timeout=config.timeout_s):
                 if isinstance(reply, SandblasterDone):
                     weights = collect(rt, shard_refs, "x")
+                    for name in vectors or {}:
+                        vectors[name] = collect(rt, shard_refs, name)
                     describe = getattr(rt, "describe", None)
                     return reply, weights, (describe() if describe is not None else {})
                 if progress is not None and isinstance(reply, ProgressReport):
@@ -206,3 +209,20 @@ def collect(rt: Any, shard_refs: tuple, name: str, timeout: float = 60.0) -> tor
                 parts.append(reply.values)
                 break
     return torch.cat(parts)
+
+
+def initial_gradient(
+    model: nn.Sequential,
+    data: tuple[torch.Tensor, torch.Tensor],
+    loss_fn: LossFn,
+    config: SandblasterConfig,
+) -> tuple[float, torch.Tensor, SandblasterDone]:
+    """The loss and gradient the shards assemble from portions for the first batch at the
+    model's parameters (a run of ``steps = 0``), and the coordinator's report: what the
+    exactly-once property is tested on."""
+    layers = list(model)
+    dtype = next(model.parameters()).dtype
+    own, runtime_options = split_options(config)
+    vectors: dict[str, torch.Tensor] = {"g": torch.empty(0)}
+    done, _, _ = _run(config, own, runtime_options, layers, dtype, loss_fn, *data, None, vectors)
+    return done.loss, vectors["g"], done

@@ -1,0 +1,253 @@
+"""Sandblaster L-BFGS: the pure maths against torch.optim.LBFGS, the portion book, and runs on
+every runtime (convex optimum, exactly once, stragglers, scalars only, a replica killed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import mlp
+from torch import nn
+
+import distbelief
+from distbelief import ConfigError, SandblasterConfig
+from distbelief.lbfgs import Settings, minimize, run_op
+from distbelief.messages import Op
+from distbelief.portions import PortionBook, batch_indices, portion_range
+from distbelief.runtime.local import LocalRuntime
+from distbelief.sandblaster import initial_gradient
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture(scope="module")
+def convex(mnist1d_data):
+    """Multinomial logistic regression on 1,000 MNIST-1D examples, float64, from zero."""
+    (x, y), _ = mnist1d_data
+    return x[:1000].double(), y[:1000]
+
+
+def logistic(dtype=torch.float64) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(40, 10, dtype=dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model
+
+
+def torch_lbfgs(model: nn.Module, x, y, *, steps: int, history: int) -> float:
+    """torch.optim.LBFGS with strong Wolfe in one process; the final full-batch loss."""
+    params = list(model.parameters())
+    opt = torch.optim.LBFGS(
+        params, lr=1, max_iter=steps, max_eval=steps * 3, history_size=history,
+        tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe",
+    )  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+def sandblaster(model, data, **kw):
+    args = dict(loss="cross_entropy", algorithm="sandblaster", seed=0)
+    return distbelief.train(model, data, **{**args, **kw})
+
+
+# ------------------------------------------------------------------------------ pure maths
+
+
+def test_lbfgs_in_one_process_takes_torchs_path(convex):
+    """Same two-loop recursion and strong-Wolfe rule: after 25 iterations the loss agrees
+    with torch.optim.LBFGS to float64 rounding, and so does the evaluation count."""
+    x, y = convex
+
+    def closure(w, batch):
+        w = w.detach().requires_grad_()
+        loss = F.cross_entropy(x @ w[:400].view(10, 40).T + w[400:], y)
+        return loss.item(), torch.autograd.grad(loss, w)[0]
+
+    settings = Settings(steps=25, history=5, max_evals=75, tolerance_grad=1e-10,
+                        tolerance_change=1e-14)  # fmt: skip
+    _, ours = minimize(closure, torch.zeros(410, dtype=torch.float64), settings)
+    model = logistic()
+    theirs = torch_lbfgs(model, x, y, steps=25, history=5)
+    assert ours.steps == 25
+    assert ours.loss == pytest.approx(theirs, rel=1e-9)
+
+
+def test_vector_ops_never_write_in_place():
+    v = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([3.0, 4.0])}
+    a, b = v["a"], v["b"]
+    assert run_op(v, Op("axpy", "a", "b", alpha=2.0)) is None
+    assert run_op(v, Op("mul", "a", "b")) is None
+    assert run_op(v, Op("scale", "b", "c", alpha=-1.0)) is None
+    assert torch.equal(v["b"], torch.tensor([5.0, 0.0])) and torch.equal(v["c"], -v["b"])
+    assert torch.equal(a, torch.tensor([1.0, -2.0])) and torch.equal(b, torch.tensor([3.0, 4.0]))
+    assert run_op(v, Op("dot", "a", "b")) == 5.0
+    assert run_op(v, Op("absmax", "a")) == 2.0 and run_op(v, Op("abssum", "a")) == 3.0
+    run_op(v, Op("copy", "a", "d"))
+    run_op(v, Op("drop", "a"))
+    assert "a" not in v and v["d"] is a
+
+
+# ------------------------------------------------------------------------------ portions
+
+
+def test_portions_go_to_their_own_replica_first_then_are_taken_then_backed_up():
+    book = PortionBook(6, 2)
+    assert book.next_for(0) == (0, False) and book.next_for(1) == (3, False)
+    assert book.complete(0, 0)
+    assert book.next_for(0) == (1, False) and book.complete(0, 1)
+    assert book.next_for(0) == (2, False) and book.complete(0, 2)
+    assert book.next_for(0) == (5, False)  # taken from the end of replica 1's part
+    assert book.complete(1, 3) and book.next_for(1) == (4, False)
+    assert book.complete(0, 5)
+    assert book.next_for(0) == (4, True)  # nothing left: a backup copy of 4
+    assert book.complete(0, 4) and not book.complete(1, 4)  # first result wins
+    assert book.done and book.backup_wins == 1 and book.backups_handed == 1
+    assert book.counted_by(0) == 5 and book.counted_by(1) == 1
+
+
+def test_a_lost_replicas_portions_are_handed_out_again():
+    book = PortionBook(4, 2)
+    book.next_for(0), book.complete(0, 0), book.next_for(0)  # 0 counted, 1 in flight
+    book.next_for(1), book.complete(1, 2)
+    assert sorted(book.lost(0)) == [0, 1]
+    assert book.counted_by(0) == 0 and not book.done
+    assert book.next_for(1) == (3, False) and book.complete(1, 3)  # its own part first
+    assert book.next_for(1) == (1, False)  # then replica 0's part, taken from its end
+    assert not book.complete(0, 1)  # a result of the dead incarnation does not count
+
+
+def test_batches_and_portion_ranges_cover_every_example_once():
+    assert batch_indices(10, None, 0, 0) is None
+    firsts = torch.cat([batch_indices(10, 5, 3, b) for b in range(2)])
+    assert sorted(firsts.tolist()) == list(range(10))
+    bounds = [portion_range(10, 3, p) for p in range(3)]
+    assert bounds == [(0, 3), (3, 6), (6, 10)]
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def test_convex_optimum_matches_torch_lbfgs(convex):
+    """Full batch, float64: Sandblaster over 3 replicas and 2 shards ends within 1e-4
+    (relative) of torch.optim.LBFGS run to convergence in one process."""
+    x, y = convex
+    optimum = torch_lbfgs(logistic(), x, y, steps=400, history=10)
+    result = sandblaster(logistic(), (x, y), steps=150, history=10, replicas=3, shards=2)
+    assert result.stats["steps"] <= 150 and result.stats["function_evals"] >= result.stats["steps"]
+    with torch.no_grad():
+        final = float(F.cross_entropy(result.model(x), y))
+    assert final == pytest.approx(optimum, rel=1e-4)
+    assert result.stats["final_loss"] == pytest.approx(final, rel=1e-12)
+
+
+def test_exactly_once_with_every_portion_backed_up(runtime):
+    """Every portion is handed to two replicas; the gradient the shards assemble is the
+    full-batch gradient, and every second copy was dropped."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(90, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (90,))
+    model = mlp([6, 8, 3], act=nn.Tanh, dtype=torch.float64)
+    config = SandblasterConfig(
+        steps=0, replicas=3, shards=2, portions=9, seed=0, runtime=runtime,
+        runtime_options={"duplicate_portions": True},
+    )  # fmt: skip
+    loss, grad, done = initial_gradient(model, (x, y), F.cross_entropy, config)
+    full = F.cross_entropy(model(x), y)
+    expected = torch.cat([t.reshape(-1) for t in torch.autograd.grad(full, model.parameters())])
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
+    assert loss == pytest.approx(full.item(), rel=1e-12)
+    assert done.backup_portions == 9 and sum(done.portions_done) == 9
+    assert done.duplicates_dropped == 9
+
+
+def test_a_slow_replica_does_fewer_portions_and_a_backup_finishes_for_it(runtime, mnist1d_data):
+    (x, y), _ = mnist1d_data
+    result = sandblaster(
+        mlp([40, 64, 10]), (x[:2400], y[:2400]), steps=1, replicas=3, portions=24,
+        runtime=runtime, runtime_options={"slow_replicas": {2: 5.0}},
+    )  # fmt: skip
+    done = result.stats["portions_done"]
+    assert done[2] < min(done[0], done[1])
+    assert result.stats["backup_wins"] >= 1  # a backup copy finished a portion the slow one had
+    assert result.stats["duplicates_dropped"] >= 1
+
+
+def test_every_message_to_or_from_the_coordinator_carries_only_scalars(monkeypatch, convex):
+    seen: list[object] = []
+    post = LocalRuntime._post
+
+    def record(self, ref, message, sender):
+        if "coordinator" in (ref.name, sender.name):
+            seen.append(message)
+        post(self, ref, message, sender)
+
+    monkeypatch.setattr(LocalRuntime, "_post", record)
+    x, y = convex
+    result = sandblaster(logistic(), (x, y), steps=5, history=3, replicas=2, shards=2)
+
+    def tensors(value: object) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return [t for f in dataclasses.fields(value) for t in tensors(getattr(value, f.name))]
+        if isinstance(value, (tuple, list)):
+            return [t for v in value for t in tensors(v)]
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in tensors(v)]
+        return []
+
+    kinds = {type(m).__name__ for m in seen}
+    assert {"VectorOps", "VectorResults", "Assign", "PortionDone", "Reduce"} <= kinds
+    assert all(t.numel() <= 4 for m in seen for t in tensors(m))
+    assert result.stats["coordinator_messages"] == len(seen)
+    # Per step it moves far less than one copy of the parameters would (410 x 8 bytes) times
+    # the messages it sends; and nothing of it grows with the parameter count.
+    assert result.stats["coordinator_bytes"] > 0
+
+
+def test_options_of_the_other_algorithm_are_refused():
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    model = mlp([4, 2])
+    for option in ("lr", "epochs", "optimizer", "n_fetch", "n_push", "warmstart_steps",
+                   "local_lr"):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"^{option}: a Downpour option"):
+            sandblaster(model, (x, y), **{option: 1})
+    for option in ("steps", "history", "portions"):
+        with pytest.raises(ConfigError, match=f"^{option}: a Sandblaster option"):
+            distbelief.train(model, (x, y), loss="cross_entropy", lr=0.1, batch_size=4,
+                             epochs=1, **{option: 2})  # fmt: skip
+    with pytest.raises(ConfigError, match="^lr: Downpour needs it"):
+        distbelief.train(model, (x, y), loss="cross_entropy", batch_size=4, epochs=1)
+    with pytest.raises(ConfigError, match="^history: must be an integer >= 1"):
+        sandblaster(model, (x, y), history=-1)
+    with pytest.raises(ConfigError, match="^portions: 2 portions for 3 replicas"):
+        sandblaster(model, (x, y), replicas=3, portions=2)
+    with pytest.raises(ConfigError, match="^algorithm: unknown algorithm 'adam'"):
+        sandblaster(model, (x, y), algorithm="adam")
+
+
+def test_a_replica_killed_mid_batch_on_ray_changes_nothing(ray_session, convex):
+    """replica1 is killed at its 20th portion (mid-evaluation): its portions are handed to
+    the others, the restarted replica joins again, and the run ends where the in-process
+    run without a failure ends."""
+    x, y = convex
+    args = dict(steps=30, history=5, replicas=3, shards=2, portions=9)
+    plain = sandblaster(logistic(), (x, y), **args)
+    killed = sandblaster(
+        logistic(), (x, y), runtime="ray", runtime_options={"faults": {"replica1": 20}}, **args
+    )
+    assert killed.stats["restarts"] == 1 and killed.stats["restarts_by_actor"] == {"replica1": 1}
+    assert killed.stats["reassigned"] >= 1
+    assert killed.stats["steps"] == plain.stats["steps"] == 30
+    assert killed.stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-9)
+    torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-6, atol=1e-9)
