@@ -200,3 +200,56 @@ def test_ctrl_c_during_a_run_exits_130_with_one_line(
     code, out, err = run(capsys, "train", "xor", "--train-size", "2000", "--replicas", "2")
     assert code == 130 and out == ""
     assert err.strip().splitlines()[-1] == "distbelief: error: interrupted"
+
+
+SANDBLASTER_FIELDS = (
+    "steps", "function_evals", "portions_done", "backup_portions", "duplicates_dropped",
+    "coordinator_bytes", "test_accuracy", "final_loss",
+)  # fmt: skip
+
+
+def test_sandblaster_mnist1d_preset_learns(capsys: pytest.CaptureFixture[str]) -> None:
+    s = run_json(capsys, "train", "--algorithm", "sandblaster")
+    missing = [f for f in SANDBLASTER_FIELDS if f not in s]
+    assert not missing, missing
+    assert (s["algorithm"], s["replicas"], s["shards"], s["hidden"]) == (
+        "sandblaster",
+        4,
+        2,
+        [256, 256],
+    )
+    assert s["test_accuracy"] >= 0.60
+    assert 0 < s["steps"] <= 60 and s["function_evals"] >= s["steps"]
+    assert len(s["portions_done"]) == 4 and sum(s["portions_done"]) == 32 * s["function_evals"]
+    assert s["coordinator_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["--history", "-1"], "history"),
+        (["--portions", "2"], "portions"),
+        (["--steps", "-2"], "steps"),
+        (["--lr", "0.1"], "lr"),
+        (["--epochs", "3"], "epochs"),
+        (["--n-fetch", "2"], "n-fetch"),
+        (["--optimizer", "adagrad"], "optimizer"),
+        (["--warmstart-steps", "5"], "warmstart-steps"),
+    ],
+)
+def test_bad_sandblaster_arguments_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str], name: str
+) -> None:
+    code, out, err = run(capsys, "train", "digits", "--algorithm", "sandblaster", *argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distbelief: error: {name}:"), err
+
+
+def test_sandblaster_options_without_the_algorithm_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, err = run(capsys, "train", "digits", "--steps", "5")
+    assert code == 2 and err.strip() == (
+        "distbelief: error: steps: a Sandblaster option; give --algorithm sandblaster"
+    )
