@@ -25,7 +25,18 @@ import torch
 
 from .messages import Evaluate, Op, VectorOps
 
-Request = VectorOps | Evaluate
+
+@dataclass(frozen=True)
+class StepEnd:
+    """L-BFGS -> its driver: a step is done (for progress reports; the reply is ignored)."""
+
+    step: int
+    """Steps done."""
+    loss: float
+    """Loss at the new ``"x"``."""
+
+
+Request = VectorOps | Evaluate | StepEnd
 Lbfgs = Generator[Request, object, "Outcome"]
 
 
@@ -146,6 +157,7 @@ def lbfgs(settings: Settings) -> Lbfgs:
         out.steps = step
         out.losses.append(f)
         (g_max, g_sum) = yield _ops(Op("absmax", "g"), Op("abssum", "g"))
+        yield StepEnd(step, f)
         if step == settings.steps:
             out.stop = "steps"
         elif evals >= max_evals:
@@ -302,7 +314,9 @@ def minimize(
     try:
         while True:
             request = algo.send(reply)
-            if isinstance(request, Evaluate):
+            if isinstance(request, StepEnd):
+                reply = None
+            elif isinstance(request, Evaluate):
                 f, grad = closure(vectors["w"], request.batch)
                 vectors["gw"] = grad
                 reply = f

@@ -527,6 +527,8 @@ class VectorSnapshot:
 
     name: str
     """Vector name."""
+    tag: int = -1
+    """Matches the reply to the request (a step number when tracing, else -1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +541,8 @@ class VectorSlice:
     """Vector name."""
     values: torch.Tensor
     """The copy."""
+    tag: int = -1
+    """The request's tag."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,16 @@ from .messages import (
 from .portions import batch_size_of
 from .runtime import make_runtime
 
-OPTIONS = ("slow_replicas", "backup_tasks", "duplicate_portions")
+OPTIONS = ("slow_replicas", "backup_tasks", "duplicate_portions", "eval_steps")
 """Sandblaster's own keys of ``runtime_options`` (for tests and benchmarks):
 
 - ``slow_replicas``: ``{replica: factor}``, each portion of that replica takes ``factor`` times
   as long (a sleep where actors run in parallel; turns of the run queue in one thread);
 - ``backup_tasks``: False turns backup tasks off (default True);
-- ``duplicate_portions``: True hands every portion to two replicas (exactly-once tests)."""
+- ``duplicate_portions``: True hands every portion to two replicas (exactly-once tests);
+- ``eval_steps``: True evaluates the parameters of every step on ``eval_data`` (the driver
+  snapshots them from the shards during the run and evaluates them after it), so
+  ``history.eval`` has a point per step with its wall time."""
 
 
 def split_options(config: SandblasterConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -85,8 +88,9 @@ def run(
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
+        trace: list[tuple[float, torch.Tensor]] | None = [] if own.get("eval_steps") else None
         done, weights, runtime_stats = _run(
-            config, own, runtime_options, layers, dtype, loss_fn, x, y, progress
+            config, own, runtime_options, layers, dtype, loss_fn, x, y, progress, trace=trace
         )
     stage_layers = [layers]
     result_model = _assemble(stage_layers, weights, ({},))
@@ -96,6 +100,10 @@ def run(
             for i, loss in enumerate(done.losses)
         ]
     )
+    if evaluator is not None and trace:
+        for step, (wall_s, point) in enumerate(trace, 1):
+            metrics = evaluator(point)
+            history.eval.append({"examples": step * batch_examples, "wall_s": wall_s, **metrics})
     if evaluator is not None:
         final = evaluator.evaluate(result_model)
         history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
@@ -135,6 +143,7 @@ def _run(
     y: torch.Tensor,
     progress: Callable[[ProgressReport], None] | None,
     vectors: dict[str, torch.Tensor] | None = None,
+    trace: list[tuple[float, torch.Tensor]] | None = None,
 ) -> tuple[SandblasterDone, torch.Tensor, dict[str, Any]]:
     """Spawn and wire every actor, run until the coordinator reports, collect ``"x"`` (and
     the vectors named in ``vectors``, into it), always shut down."""
@@ -182,9 +191,12 @@ def _run(
         rt.tell(coordinator, wiring)
         for ref in replica_refs:
             rt.tell(ref, wiring)
+        pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
         try:
             for reply in rt.converse(coordinator, Begin(), timeout=config.timeout_s):
                 if isinstance(reply, SandblasterDone):
+                    if trace is not None and pending:
+                        _drain(rt, shard_refs, trace, pending, config.timeout_s)
                     weights = collect(rt, shard_refs, "x")
                     for name in vectors or {}:
                         vectors[name] = collect(rt, shard_refs, name)
@@ -192,6 +204,8 @@ def _run(
                     return reply, weights, (describe() if describe is not None else {})
                 if progress is not None and isinstance(reply, ProgressReport):
                     progress(reply)
+                if trace is not None:
+                    _trace(rt, shard_refs, reply, trace, pending)
         except KeyboardInterrupt:
             weights = collect(rt, shard_refs, "x")
             raise TrainingInterrupted(_assemble([layers], weights, ({},))) from None
@@ -205,7 +219,7 @@ def collect(rt: Any, shard_refs: tuple, name: str, timeout: float = 60.0) -> tor
     parts = []
     for ref in shard_refs:
         for reply in rt.converse(ref, VectorSnapshot(name), timeout=timeout):
-            if isinstance(reply, VectorSlice) and reply.name == name:
+            if isinstance(reply, VectorSlice) and reply.name == name and reply.tag == -1:
                 parts.append(reply.values)
                 break
     return torch.cat(parts)
@@ -226,3 +240,27 @@ def initial_gradient(
     vectors: dict[str, torch.Tensor] = {"g": torch.empty(0)}
     done, _, _ = _run(config, own, runtime_options, layers, dtype, loss_fn, *data, None, vectors)
     return done.loss, vectors["g"], done
+
+
+def _trace(rt: Any, shard_refs: tuple, reply: Any, trace: list, pending: dict[int, list]) -> None:
+    """Snapshot ``"x"`` after each step: ask the shards when the step's report comes, and
+    assemble their replies (each shard answers in order) into ``trace``."""
+    if isinstance(reply, ProgressReport) and reply.examples > len(trace) + len(pending):
+        pending[reply.examples] = [reply.wall_s, {}]
+        for ref in shard_refs:
+            rt.tell(ref, VectorSnapshot("x", reply.examples))
+    elif isinstance(reply, VectorSlice) and reply.tag in pending:
+        pending[reply.tag][1][reply.shard] = reply.values
+        while pending and len(pending[min(pending)][1]) == len(shard_refs):
+            wall_s, got = pending.pop(min(pending))
+            trace.append((wall_s, torch.cat([got[k] for k in range(len(shard_refs))])))
+
+
+def _drain(rt: Any, shard_refs: tuple, trace: list, pending: dict, timeout: float) -> None:
+    """The snapshots still on their way when the run ended (the shards answer in order, so a
+    last request to each is answered after them)."""
+    for ref in shard_refs:
+        for reply in rt.converse(ref, VectorSnapshot("d", -2), timeout=timeout):
+            if isinstance(reply, VectorSlice) and reply.tag == -2:
+                break
+            _trace(rt, shard_refs, reply, trace, pending)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import time
 
-from ..lbfgs import REDUCE, Outcome, Settings, lbfgs
+from ..lbfgs import REDUCE, Outcome, Settings, StepEnd, lbfgs
 from ..messages import (
     ActorRestarted,
     Assign,
@@ -65,7 +65,7 @@ class Coordinator(Actor):
         self.replica_refs: tuple = ()
         self.driver = None
         self.algo = lbfgs(settings)
-        self.request: VectorOps | Evaluate | None = None
+        self.request: VectorOps | Evaluate | StepEnd | None = None
         self.tag = 0
         self.partials: dict[int, tuple[float, ...]] = {}
         self.evaluation = 0
@@ -129,7 +129,12 @@ class Coordinator(Actor):
             self.outcome = stop.value
             self._finish()
             return
-        if isinstance(self.request, VectorOps):
+        if isinstance(self.request, StepEnd):
+            wall = time.perf_counter() - self.t0
+            report = ProgressReport(self.request.step, self.settings.steps, self.request.loss, wall)
+            self._tell(self.driver, report)
+            self._advance(None)
+        elif isinstance(self.request, VectorOps):
             self.tag += 1
             self.partials = {}
             program = VectorOps(self.request.ops, self.tag)
@@ -262,10 +267,6 @@ class Coordinator(Actor):
 
     def _finish(self) -> None:
         out = self.outcome
-        self._tell(
-            self.driver,
-            ProgressReport(out.steps, self.settings.steps, out.loss, time.perf_counter() - self.t0),
-        )
         done = SandblasterDone(
             loss=out.loss,
             steps=out.steps,

@@ -99,4 +99,6 @@ class SandblasterShard(Actor):
 
     @receives(VectorSnapshot)
     def on_snapshot(self, msg: VectorSnapshot, sender: object) -> None:
-        self.ctx.tell(sender, VectorSlice(self.index, msg.name, self.vectors[msg.name].clone()))
+        self.ctx.tell(
+            sender, VectorSlice(self.index, msg.name, self.vectors[msg.name].clone(), msg.tag)
+        )
