@@ -52,11 +52,23 @@ def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
         assert xor["examples"] == bench.QUICK.xor_examples and positive(xor["ratio"])
         assert xor["ratio"] == pytest.approx(xor["baseline_s"] / xor["train_s"], rel=0.01)
         assert xor["time_ratio"] == pytest.approx(xor["train_s"] / xor["baseline_s"], rel=0.01)
+    sb = report["sandblaster"]
+    assert sb["time_to_accuracy"]["target"] == 0.60
+    assert [r["portions"] for r in sb["straggler"]] == [32, 4]
+    for r in sb["straggler"]:
+        assert positive(r["slowed_s"]) and positive(r["unslowed_s"]) and positive(r["ratio"])
+        assert len(r["portions_done_slowed"]) == 4
+    on = sb["straggler"][0]["portions_done_slowed"]
+    assert on[3] < min(on[:3])  # the slowed replica computed fewer portions
+    assert [r["parameters"] > 0 and r["bytes_per_step"] > 0 for r in sb["coordinator"]] == [
+        True
+    ] * len(bench.QUICK.coordinator_hidden)
     json.dumps(report)  # serialisable as the --json output
 
 
 def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) -> None:
     n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 2
+    n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()
     assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]

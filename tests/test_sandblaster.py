@@ -143,7 +143,9 @@ def test_convex_optimum_matches_torch_lbfgs(convex):
     (relative) of torch.optim.LBFGS run to convergence in one process."""
     x, y = convex
     optimum = torch_lbfgs(logistic(), x, y, steps=400, history=10)
-    result = sandblaster(logistic(), (x, y), steps=150, history=10, replicas=3, shards=2)
+    result = sandblaster(
+        logistic(), (x, y), steps=150, history=10, replicas=3, shards=2, portions=6
+    )
     assert result.stats["steps"] <= 150 and result.stats["function_evals"] >= result.stats["steps"]
     with torch.no_grad():
         final = float(F.cross_entropy(result.model(x), y))
