@@ -13,8 +13,20 @@ from torch import nn
 
 import distbelief
 from distbelief import ConfigError, SandblasterConfig
+from distbelief.actors import Coordinator
 from distbelief.lbfgs import Settings, minimize, run_op
-from distbelief.messages import Op
+from distbelief.messages import (
+    Assign,
+    Begin,
+    ConnectSandblaster,
+    Flush,
+    Op,
+    PortionDone,
+    Reduce,
+    VectorOps,
+    VectorResults,
+    Verdict,
+)
 from distbelief.portions import PortionBook, batch_indices, portion_range
 from distbelief.runtime.local import LocalRuntime
 from distbelief.sandblaster import initial_gradient
@@ -253,3 +265,48 @@ def test_a_replica_killed_mid_batch_on_ray_changes_nothing(ray_session, convex):
     assert killed.stats["steps"] == plain.stats["steps"] == 30
     assert killed.stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-9)
     torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-6, atol=1e-9)
+
+
+class RecordingContext:
+    """Stands in for a runtime: records what the actor sends."""
+
+    name = self_ref = "coordinator"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, object]] = []
+
+    def tell(self, ref: object, message: object) -> None:
+        self.sent.append((ref, message))
+
+    def take(self) -> list[tuple[object, object]]:
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def test_the_coordinator_steps_one_decision_per_message():
+    c = Coordinator(Settings(steps=1), replicas=2, portions=4, batch_examples=40)
+    ctx = RecordingContext()
+    c.bind(ctx)
+    c.receive(ConnectSandblaster(("s0", "s1"), ("r0", "r1"), "coordinator"), "driver")
+    c.receive(Begin(), "driver")
+    sent = ctx.take()  # the first program (x -> w) goes to both shards
+    assert [ref for ref, _ in sent] == ["s0", "s1"] and isinstance(sent[0][1], VectorOps)
+    c.receive(VectorResults(0, c.tag, ()), "s0")
+    assert ctx.take() == []  # waits for every shard
+    c.receive(VectorResults(1, c.tag, ()), "s1")
+    sent = ctx.take()  # an evaluation: each replica gets the first portion of its own part
+    assert sent == [("r0", Assign(1, 0, 0, 0, 0)), ("r1", Assign(1, 0, 2, 0, 0))]
+
+    def done(replica, portion):
+        c.receive(PortionDone(replica, 0, 1, portion, 1.0, 10), f"r{replica}")
+        return ctx.take()
+
+    assert done(0, 0) == [("r0", Verdict(1, 0, True)), ("r0", Assign(1, 0, 1, 0, 1))]
+    assert done(1, 2) == [("r1", Verdict(1, 2, True)), ("r1", Assign(1, 0, 3, 0, 1))]
+    assert done(0, 1) == [("r0", Verdict(1, 1, True)), ("r0", Assign(1, 0, 3, 0, 2))]  # backup
+    sent = done(1, 3)  # the original wins; every portion counted: flush and reduce
+    assert sent[0] == ("r1", Verdict(1, 3, True))
+    assert [m for _, m in sent[1:3]] == [Flush(1), Flush(1)]
+    assert [m for _, m in sent[3:]] == [Reduce(1, 1, ((0, 0, 2), (1, 0, 2)), 40)] * 2
+    assert done(0, 3) == [("r0", Verdict(1, 3, False))]  # the backup's result is dropped
+    assert (c.backup_portions, c.duplicates_dropped, c.portions_done) == (1, 1, [2, 2])
