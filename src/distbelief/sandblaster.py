@@ -89,15 +89,22 @@ def run(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         trace: list[tuple[float, torch.Tensor]] | None = [] if own.get("eval_steps") else None
+        walls: list[float] = []  # seconds since the start at the end of each step
+
+        def report(msg: ProgressReport) -> None:
+            walls.append(msg.wall_s)
+            if progress is not None:
+                progress(msg)
+
         done, weights, runtime_stats = _run(
-            config, own, runtime_options, layers, dtype, loss_fn, x, y, progress, trace=trace
+            config, own, runtime_options, layers, dtype, loss_fn, x, y, report, trace=trace
         )
     stage_layers = [layers]
     result_model = _assemble(stage_layers, weights, ({},))
     history = History(
         train=[
-            {"examples": (i + 1) * batch_examples, "wall_s": float("nan"), "loss": loss}
-            for i, loss in enumerate(done.losses)
+            {"examples": (i + 1) * batch_examples, "wall_s": wall_s, "loss": loss}
+            for i, (loss, wall_s) in enumerate(zip(done.losses, walls, strict=True))
         ]
     )
     if evaluator is not None and trace:
