@@ -124,6 +124,10 @@ def test_human_output_has_progress_summary_and_truth_table(
         (["--address", "ray://x:1"], "address"),
         (["--replicas", "many"], "replicas"),
         (["--no-such-flag"], "no-such-flag"),
+        (["--seed", "99999999999999999999999"], "seed"),
+        (["--torch-threads", "100000"], "torch-threads"),
+        (["--hidden", "100000,100000"], "hidden"),  # 37 GiB of float32: refused, not allocated
+        (["--lr", "1e300"], "lr"),
     ],
 )
 def test_invalid_arguments_exit_2_with_one_line(

@@ -130,3 +130,14 @@ def model_dtype(layers: Sequence[nn.Module]) -> torch.dtype:
     if not dtype.is_floating_point:
         raise ConfigError(f"model: parameters must be floating point, got {dtype}")
     return dtype
+
+
+def edits_its_input(layers: Sequence[nn.Module]) -> bool:
+    """Whether the first leaf module of these layers may change its input in place (e.g.
+    ``ReLU(inplace=True)``): a stage or an evaluation then feeds it a copy, since its input is
+    a message's tensor or the user's data (read-only), or a leaf autograd must not see edited."""
+    for layer in layers:
+        for module in layer.modules():
+            if not any(True for _ in module.children()):
+                return bool(getattr(module, "inplace", False))
+    return False
