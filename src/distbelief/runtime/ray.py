@@ -432,6 +432,7 @@ class RayRuntime:
                 if address is None:
                     self._stack.enter_context(local_ray(num_cpus=num_cpus))
                 else:
+                    check_address(address)  # ray.init retries a dead address for minutes
                     ray.init(address=address, logging_level=logging.WARNING)
                     self._stack.callback(ray.shutdown)  # disconnects; the cluster stays up
             elif not _same_address(address, ray.get_runtime_context().gcs_address):
@@ -659,6 +660,27 @@ class RayRuntime:
         self._barrier([name], limit)
         if self._partner is not None:
             self._send(self._partner.name, ActorRestarted(name, RayRef(name)))
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse, within seconds, a cluster address that is malformed or where nothing answers:
+    ``ray.init`` would print a traceback for the first, and keep retrying the second for
+    minutes. ``"auto"`` (the cluster this machine started) is left to Ray."""
+    if address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"runtime_options: address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, "
+            "as `ray start --head` prints it) or 'auto'"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"runtime_options: address {address!r}: no Ray cluster answers there ({reason})"
+        ) from None
 
 
 def _same_address(wanted: str | None, connected: str) -> bool:
