@@ -278,7 +278,7 @@ def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
     [
         ({"adress": "x"}, r"^runtime_options: unknown option\(s\) \['adress'\]"),
         ({"placement": "scatter"}, r"^runtime_options: placement must be one of"),
-        ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^runtime_options: faults"),
+        ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^faults: 'replica0.stage0': unknown"),
     ],
 )
 def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):

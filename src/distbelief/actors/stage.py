@@ -147,6 +147,8 @@ class Stage(Actor):
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
+        if not self.fetching:
+            return  # a reply to the fetch of this stage's previous life, before a restart
         for (shard, _, _), plan in zip(self.segments, self.reading):
             if shard != msg.shard:
                 continue
@@ -252,6 +254,8 @@ class Stage(Actor):
 
     @receives(Drained)
     def on_drained(self, msg: Drained, sender: object) -> None:
+        if not self.draining:
+            return  # the drain of this stage's previous life, before a restart
         self.draining -= 1
         if self.draining == 0:
             self._done()
