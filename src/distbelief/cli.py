@@ -29,6 +29,7 @@ from .config import DownpourConfig
 from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
+from .runtime import faults
 
 USAGE_ERROR = 2
 """Exit status for invalid arguments (the convention of click and of most Unix tools)."""
@@ -251,6 +252,7 @@ def summary(
         "staleness_mean": round(stats["staleness_mean"], 3),
         "staleness_max": stats["staleness_max"],
         "rejected_pushes": stats["rejected_pushes"],
+        "restarts": stats["restarts"],
     }
     if dataset == "xor":
         out["truth_table"] = _truth_table(result, test)
@@ -353,6 +355,14 @@ def train_command(
     eval_every: Annotated[int, _opt("Evaluate every this many examples (0: at the end).")] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
+    inject: Annotated[
+        list[str] | None,
+        _opt(
+            "Inject a fault (repeatable): KIND:ACTOR@COUNTER=N, KIND kill or exit, COUNTER "
+            "step, update (shards) or message; e.g. kill:replica0.stage1@step=100, "
+            "kill:master@message=40. A stage restarts; other actors end the run."
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object, last line.")
     ] = False,
@@ -393,6 +403,11 @@ def train_command(
         eval_every=eval_every,
         runtime_options={"address": address} if address is not None else {},
     )
+    if inject:
+        try:
+            settings["runtime_options"]["faults"] = list(faults.plan(inject))
+        except ConfigError as exc:
+            raise UsageFailure("inject" + str(exc).removeprefix("faults")) from None
     try:
         config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
         model = build_mlp(preset, widths, seed)
