@@ -7,7 +7,14 @@ same shards on scalars, replicas computing gradients of portions. See :func:`tra
 
 from .api import LOSSES, History, TrainResult, train
 from .config import DownpourConfig, SandblasterConfig
-from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
+from .errors import (
+    ActorFailed,
+    ConfigError,
+    Deadlock,
+    RunTimeout,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from .layout import Layout, Segment
 
 __version__ = "0.1.0"
@@ -24,6 +31,7 @@ __all__ = [
     "SandblasterConfig",
     "Segment",
     "TrainResult",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "train",
 ]

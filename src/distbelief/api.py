@@ -14,11 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DownpourConfig, SandblasterConfig
-from .data import as_tensors
+from .data import as_tensors, replica_ranges
 from .errors import ConfigError
 from .flat import load_flat, parameters_of
 from .messages import ProgressReport
-from .partition import as_layers, layer_sizes, model_dtype, resolve_split_points, split_layers
+from .partition import (
+    as_layers,
+    edits_its_input,
+    layer_sizes,
+    model_dtype,
+    resolve_split_points,
+    split_layers,
+)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -82,10 +89,13 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, loss: str | L
     return x.contiguous(), y.contiguous()
 
 
-def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> torch.Tensor:
-    """Forward a few examples through every layer; name the layer whose input does not fit."""
+def _dry_run(
+    layers: list[nn.Module], stage_of: list[int], x: torch.Tensor, name: str = "train_data"
+) -> torch.Tensor:
+    """Forward a few examples of ``name`` through every layer; name the layer whose input does
+    not fit."""
     modes = [layer.training for layer in layers]
-    out = x
+    out = x.clone()  # a layer that works in place (ReLU(inplace=True)) must not edit the data
     try:
         with torch.no_grad():
             for i, layer in enumerate(layers):
@@ -95,7 +105,7 @@ def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> t
                 except Exception as exc:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
                     where = (
-                        "the training inputs"
+                        f"the inputs of {name} (each shaped {tuple(x.shape[1:])})"
                         if i == 0
                         else f"the output of layer {i - 1} (shape {shape})"
                     )
@@ -112,6 +122,103 @@ def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> t
         for layer, mode in zip(layers, modes):
             layer.train(mode)
     return out
+
+
+def _check_inputs(
+    name: str, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor | None = None
+) -> None:
+    """What a dry run on two examples cannot see: NaN or Inf anywhere in the data (every push
+    of a batch holding one would be rejected, silently), or an index into a first-layer
+    Embedding that is out of range (it would fail mid-run, in some replica's step)."""
+    for part, values in (("inputs", x), ("targets", y)):
+        if values is not None and values.is_floating_point():
+            bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                value = values[row].reshape(-1)[~torch.isfinite(values[row].reshape(-1))][0]
+                raise ConfigError(
+                    f"{name}: row {row} of the {part} holds {float(value)} "
+                    f"({int(bad.sum())} rows hold NaN or Inf); clean or drop them"
+                )
+    first = layers[0]
+    if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) and not x.is_floating_point():
+        n = first.num_embeddings
+        bad = ((x < 0) | (x >= n)).reshape(len(x), -1)
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0])
+            index = int(x[row].reshape(-1)[bad[row]][0])
+            raise ConfigError(
+                f"{name}: row {row} holds index {index}, out of range for the first layer, "
+                f"{type(first).__name__} of {n} entries (indices must be in 0..{n - 1})"
+            )
+
+
+def _check_lr(config: DownpourConfig, dtype: torch.dtype) -> None:
+    """A rate the model's dtype cannot hold would turn every update into inf inside a shard."""
+    limit = torch.finfo(dtype).max
+    for name in ("lr", "local_lr"):
+        value = getattr(config, name)
+        if value > limit:
+            raise ConfigError(
+                f"{name}: {value:g} overflows the model's {str(dtype).removeprefix('torch.')} "
+                f"(largest {limit:g})"
+            )
+
+
+def _check_batches(layers: list[nn.Module], examples: int, config: DownpourConfig) -> None:
+    """BatchNorm in training mode cannot normalise a mini-batch of one example: refuse a run
+    whose epochs would end with one, instead of failing in its last step."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _modules(layers)):
+        return
+    for r, (lo, hi) in enumerate(replica_ranges(examples, config.replicas)):
+        if (hi - lo) % config.batch_size == 1:
+            raise ConfigError(
+                f"batch_size: replica {r}'s {hi - lo} examples end each epoch with a "
+                f"mini-batch of one, which BatchNorm cannot train on; choose another batch size"
+            )
+
+
+STATE_COPIES = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2}
+"""Parameter-sized tensors of optimizer state per parameter, by update rule."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(
+    total: int, dtype: torch.dtype, config: DownpourConfig | SandblasterConfig
+) -> None:
+    """Refuse a run whose parameter copies cannot fit in this machine's memory (in-process:
+    every replica's copy, the shards' values and optimizer state, and the initial vector),
+    instead of failing in an allocation half-way through spawning actors."""
+    if config.runtime != "local":
+        return  # the copies are spread over processes or nodes with memory of their own
+    if isinstance(config, SandblasterConfig):  # the shards' vectors: x, g, d, w, ..., history
+        state, what = 2 * config.history + 8, "L-BFGS's vectors"
+    else:
+        state, what = STATE_COPIES.get(config.optimizer, 2), f"{config.optimizer}'s state"
+    copies = config.replicas + 2 + state
+    need = total * dtype.itemsize * copies
+    free = available_memory()
+    if free is not None and need > free:
+        raise ConfigError(
+            f"model: {total:,} parameters need about {need / 2**30:.1f} GiB for "
+            f"{config.replicas} replicas, the shards and {what}, more than "
+            f"the {free / 2**30:.1f} GiB of memory available"
+        )
+
+
+def _modules(layers: list[nn.Module]) -> list[nn.Module]:
+    return [m for layer in layers for m in layer.modules()]
 
 
 def _check_targets(
@@ -187,12 +294,10 @@ class Evaluator:
         """Metrics of a whole model, buffers included."""
         mode = model.training
         model.eval()
+        copy = edits_its_input(list(model.children()))  # the held-out data stays as it is
         with torch.no_grad():
-            outs = [
-                model(self.x[i : i + self.batch_size])
-                for i in range(0, len(self.x), self.batch_size)
-            ]
-            out = torch.cat(outs)
+            batches = self.x.split(self.batch_size)
+            out = torch.cat([model(b.clone() if copy else b) for b in batches])
             metrics = {"loss": float(self.loss_fn(out, self.y))}
             if self.metric is not None:
                 metrics["accuracy"] = float(self.metric(out, self.y))
@@ -306,15 +411,23 @@ def train(
     total = sum(sizes)
     if config.shards > total:
         raise ConfigError(f"shards: {config.shards} shards but the model has {total} parameters")
+    _check_memory(total, dtype, config)
     if total and not any(p.requires_grad for p in parameters_of(layers)):
         raise ConfigError("model: no parameter requires grad, so there is nothing to train")
+    _check_inputs("train_data", layers, x, y)
+    if isinstance(config, DownpourConfig):
+        _check_lr(config, dtype)
+        _check_batches(layers, len(x), config)
     # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
     out = _dry_run(layers, stage_of, x[:2])
     _check_targets("train_data", out, y, loss, loss_fn)
     evaluator = None
     if eval_data is not None:
         ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
-        _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
+        _check_inputs("eval_data", layers, ex, ey)
+        _check_targets(
+            "eval_data", _dry_run(layers, stage_of, ex[:2], "eval_data"), ey, loss, loss_fn
+        )
         metric = metric or default_metric(loss, ey)
         evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
     # Imported here: the algorithms' modules build on this module's result types.
