@@ -250,15 +250,15 @@ def test_options_of_the_other_algorithm_are_refused():
         sandblaster(model, (x, y), algorithm="adam")
 
 
-def test_a_replica_killed_mid_batch_on_ray_changes_nothing(ray_session, convex):
-    """replica1 is killed at its 20th portion (mid-evaluation): its portions are handed to
-    the others, the restarted replica joins again, and the run ends where the in-process
-    run without a failure ends."""
+def test_a_replica_killed_mid_batch_changes_nothing(runtime, convex):
+    """replica1 is killed at its 20th portion (mid-evaluation; on Ray its process): its
+    portions are handed to the others, the restarted replica joins again, and the run ends
+    where the in-process run without a failure ends."""
     x, y = convex
     args = dict(steps=30, history=5, replicas=3, shards=2, portions=9)
     plain = sandblaster(logistic(), (x, y), **args)
     killed = sandblaster(
-        logistic(), (x, y), runtime="ray", runtime_options={"faults": {"replica1": 20}}, **args
+        logistic(), (x, y), runtime=runtime, runtime_options={"faults": {"replica1": 20}}, **args
     )
     assert killed.stats["restarts"] == 1 and killed.stats["restarts_by_actor"] == {"replica1": 1}
     assert killed.stats["reassigned"] >= 1

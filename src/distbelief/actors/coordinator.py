@@ -100,8 +100,8 @@ class Coordinator(Actor):
         self.ctx.tell(ref, message)
 
     def _got(self, message: object, wiring: bool = False) -> None:
-        # The wiring holds refs, which pickle as whatever the runtime makes them: counted as a
-        # message, not in bytes (it is sent once, before training).
+        # The wiring (and a restart notice) holds refs, which pickle as whatever the runtime
+        # makes them: counted as a message, not in bytes.
         if self.count_bytes and not wiring:
             self.bytes += message_bytes(message)
         self.messages += 1
@@ -245,7 +245,7 @@ class Coordinator(Actor):
     def on_actor_restarted(self, msg: ActorRestarted, sender: object) -> None:
         """A replica died and was restarted: nothing it computed in this evaluation counts
         any more; its portions go to others (and to it, once free)."""
-        self._got(msg)
+        self._got(msg, wiring=True)  # it holds a ref: a message, not counted in bytes
         if msg.name not in self.replica_names:
             return
         r = self.replica_names.index(msg.name)
