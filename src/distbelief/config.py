@@ -137,7 +137,8 @@ class SandblasterConfig:
     """Where actors run: 'local' (in-process, default) or 'ray'."""
     runtime_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the runtime, and Sandblaster's own: ``slow_replicas``
-    ({replica: factor}), ``backup_tasks`` (bool), ``duplicate_portions`` (bool)."""
+    ({replica: factor}), ``backup_tasks`` (bool), ``duplicate_portions`` (bool),
+    ``eval_steps`` (bool); see ``sandblaster.OPTIONS``."""
     timeout_s: float = 3600.0
     """Longest a run may take before it is stopped with an error naming the wait."""
 
