@@ -252,16 +252,21 @@ def test_options_of_the_other_algorithm_are_refused():
 
 def test_a_replica_killed_mid_batch_changes_nothing(runtime, convex):
     """replica1 is killed at its 20th portion (mid-evaluation; on Ray its process): its
-    portions are handed to the others, the restarted replica joins again, and the run ends
-    where the in-process run without a failure ends."""
+    portions are handed to the others (or backed up by them while it is down), the restarted
+    replica joins again, and the run ends where the in-process run without a failure ends."""
     x, y = convex
     args = dict(steps=30, history=5, replicas=3, shards=2, portions=9)
     plain = sandblaster(logistic(), (x, y), **args)
     killed = sandblaster(
         logistic(), (x, y), runtime=runtime, runtime_options={"faults": {"replica1": 20}}, **args
     )
-    assert killed.stats["restarts"] == 1 and killed.stats["restarts_by_actor"] == {"replica1": 1}
-    assert killed.stats["reassigned"] >= 1
+    restarts = killed.stats["restarts"]
+    if runtime == "local":  # the restart is immediate there
+        assert restarts == 1 and killed.stats["restarts_by_actor"] == {"replica1": 1}
+        assert killed.stats["reassigned"] >= 1
+    else:  # the run may end before the driver sees the death: backup copies covered for it
+        assert restarts == 1 or killed.stats["backup_wins"] >= 1
+        assert len(killed.stats["pids"]["replica1"]) == 1 + restarts
     assert killed.stats["steps"] == plain.stats["steps"] == 30
     assert killed.stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-9)
     torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-6, atol=1e-9)
