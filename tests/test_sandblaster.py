@@ -265,11 +265,13 @@ def test_a_replica_killed_mid_batch_changes_nothing(runtime, convex):
         assert restarts == 1 and killed.stats["restarts_by_actor"] == {"replica1": 1}
         assert killed.stats["reassigned"] >= 1
     else:  # the run may end before the driver sees the death: backup copies covered for it
-        assert restarts == 1 or killed.stats["backup_wins"] >= 1
-        assert len(killed.stats["pids"]["replica1"]) == 1 + restarts
+        respawned = killed.stats["restarts_by_actor"].get("replica1", 0)  # maybe after the end
+        assert restarts <= respawned <= 1 and (respawned == 1 or killed.stats["backup_wins"] >= 1)
+        assert len(killed.stats["pids"]["replica1"]) == 1 + respawned
     assert killed.stats["steps"] == plain.stats["steps"] == 30
-    assert killed.stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-9)
-    torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-6, atol=1e-9)
+    # Rounding differs (portions are summed in other groups), which 30 steps may amplify a bit.
+    assert killed.stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-7)
+    torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-5, atol=1e-7)
 
 
 class RecordingContext:
