@@ -8,15 +8,19 @@ from ..errors import ConfigError
 from .base import Actor, Context, Runtime, receives
 from .local import LocalRuntime
 
-RUNTIMES = ("local", "ray")
+RUNTIMES = ("local", "processes", "ray")
 
 
 def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runtime:
-    """Create the runtime called ``name`` ("local" or "ray")."""
+    """Create the runtime called ``name`` ("local", "processes" or "ray")."""
     if name == "local":
         if options:
             raise ConfigError(f"runtime: the local runtime takes no options, got {sorted(options)}")
         return LocalRuntime(seed)
+    if name == "processes":
+        from .processes import ProcessesRuntime
+
+        return ProcessesRuntime(seed=seed, **options)
     if name == "ray":
         try:
             from .ray import RayRuntime
