@@ -112,7 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--samples", type=int, default=10_000, help="MNIST-1D examples (80%% train)")
+    parser.add_argument(
+        "--samples", type=int, default=10_000, help="MNIST-1D examples (80%% train)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     train, (tx, ty) = mnist1d(args.samples)

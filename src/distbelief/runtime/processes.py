@@ -305,7 +305,9 @@ class ProcessesRuntime:
             )
         ok = processes is None or (isinstance(processes, int) and processes >= 1)
         if not ok or isinstance(processes, bool):
-            raise ConfigError(f"runtime_options: processes must be an integer >= 1, got {processes!r}")
+            raise ConfigError(
+                f"runtime_options: processes must be an integer >= 1, got {processes!r}"
+            )
         if not isinstance(threads_per_process, int) or threads_per_process < 0:
             raise ConfigError(
                 "runtime_options: threads_per_process must be an integer >= 0, "
@@ -426,7 +428,9 @@ class ProcessesRuntime:
             homes[name] = host.route[name] = cell.home
         self._homes = homes
         host.current = ctx.RawArray("i", [-1] * (n + 1))
-        pipes = {(a, b): ctx.Pipe(duplex=False) for a in range(n + 1) for b in range(n + 1) if a != b}
+        pipes = {
+            (a, b): ctx.Pipe(duplex=False) for a in range(n + 1) for b in range(n + 1) if a != b
+        }
         host.started = True
         host.out_queue = queue.SimpleQueue()
         parent = os.getpid()
