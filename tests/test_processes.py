@@ -13,7 +13,7 @@ from torch import nn
 
 import distbelief
 from distbelief.actors import ParameterShard
-from distbelief.errors import ActorFailed, ConfigError, RunTimeout
+from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from distbelief.layout import Layout
 from distbelief.optim import UPDATE_RULES, make_update_rule, materialize_state
 from distbelief.runtime import Actor, make_runtime, receives
@@ -111,12 +111,31 @@ def test_a_worker_that_dies_is_an_error_naming_the_actor_not_a_hang():
         rt.shutdown()
 
 
-def test_a_reply_that_never_comes_is_a_timeout_not_a_hang():
+class Busy(Actor):
+    """Keeps itself busy forever and never replies."""
+
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        self.ctx.tell(self.ctx.self_ref, Go())
+
+
+def test_a_reply_that_never_comes_is_a_deadlock_error_not_a_hang():
     rt = ProcessesRuntime(seed=0)
     try:
+        rt.spawn("replica0.stage0", Busy)  # a worker busy elsewhere does not hide the deadlock
         ref = rt.spawn("replica1.stage0", Silent)
-        with pytest.raises(RunTimeout):
-            next(iter(rt.converse(ref, Go(), timeout=0.5)))
+        with pytest.raises(Deadlock, match="no actor in any process"):
+            next(iter(rt.converse(ref, Go(), timeout=60)))
+    finally:
+        rt.shutdown()
+
+
+def test_a_run_that_never_ends_is_a_timeout():
+    rt = ProcessesRuntime(seed=0)
+    try:
+        ref = rt.spawn("replica1.stage0", Busy)
+        with pytest.raises(RunTimeout, match="timeout"):
+            next(iter(rt.converse(ref, Go(), timeout=1.0)))
     finally:
         rt.shutdown()
 

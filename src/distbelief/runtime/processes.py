@@ -91,6 +91,22 @@ class _Failure:
             self.error = RuntimeError(repr(error))
 
 
+class _Probe:
+    """Driver -> worker: is the worker idle, and how many messages has it sent to and received
+    from each process? (Quiescence detection: see ``ProcessesRuntime._look_for_deadlock``.)"""
+
+    def __init__(self, wave: int) -> None:
+        self.wave = wave
+
+
+class _ProbeReply:
+    """Worker -> driver: the answer to a :class:`_Probe`."""
+
+    def __init__(self, wave: int, index: int, idle: bool, sent: list, received: list) -> None:
+        self.wave, self.index, self.idle = wave, index, idle
+        self.sent, self.received = sent, received
+
+
 class _Cell:
     """One hosted actor in one process: its mailbox and cached handlers."""
 
@@ -139,6 +155,12 @@ class _Host:
         self.names: list[str] = []  # cell index -> actor name
         self.failed: _Failure | None = None
         self.delivered = 0
+        # Messages sent to / received from each process (probes not counted), for the
+        # quiescence detection; a probe seen by a worker, answered after its pipes are drained.
+        self.sent: list[int] = []
+        self.received: list[int] = []
+        self.probe: _Probe | None = None
+        self.probe_replies: dict[int, _ProbeReply] = {}
 
     # ------------------------------------------------------------------ posting
 
@@ -148,6 +170,7 @@ class _Host:
         if home != self.index and home != SHARED:
             data = pickle.dumps((name, sender.name, message), protocol=pickle.HIGHEST_PROTOCOL)
             self.out_queue.put((home, data))
+            self.sent[home] += 1
             return
         if name == DRIVER:
             self.inbox.append(message)
@@ -189,6 +212,13 @@ class _Host:
                 del self.inbound[conn]  # the writer is gone (its death is noticed elsewhere)
                 return
             name, sender, message = pickle.loads(data)
+            if isinstance(message, _Probe):
+                self.probe = message
+                continue
+            if isinstance(message, _ProbeReply):
+                self.probe_replies[message.index] = message
+                continue
+            self.received[self.inbound[conn]] += 1
             if isinstance(message, _Failure) and name == DRIVER:
                 self.failed = message
                 return
@@ -242,6 +272,8 @@ class _Host:
         return done
 
 
+PROBE_AFTER_S = 0.25
+"""How long the driver's process waits idle before it probes the workers for a deadlock."""
 LOCK_TIMEOUT_S = 60.0
 """Longest a process waits for a shared actor's lock (held for one handler at a time; a
 holder that died is noticed by the driver long before)."""
@@ -265,6 +297,11 @@ def _worker_main(host: _Host, threads: int, parent: int) -> None:
     alive = True
     while True:
         host.receive(0.0)
+        if host.probe is not None:
+            idle = not (alive and host.ready)
+            reply = _ProbeReply(host.probe.wave, host.index, idle, host.sent[:], host.received[:])
+            host.out_queue.put((0, pickle.dumps((DRIVER, "", reply))))
+            host.probe = None
         if alive and host.ready:
             try:
                 host.deliver(BATCH)
@@ -320,6 +357,10 @@ class ProcessesRuntime:
         self._workers: list[Any] = []  # multiprocessing.Process, worker i at [i - 1]
         self._driver_ref = ProcRef(DRIVER)
         self._closed = False
+        self._wave: tuple[int, tuple] | None = None  # the probe wave out: number, own counts
+        self._waves_sent = 0
+        self._last_quiet: tuple | None = None  # counts of the last wave that found all quiet
+        self._next_probe = 0.0
 
     # -------------------------------------------------------------- the Runtime protocol
 
@@ -375,6 +416,8 @@ class ProcessesRuntime:
             self._check_workers()
             if host.ready:
                 host.deliver(BATCH)
+                self._last_quiet = None
+                self._next_probe = time.monotonic() + PROBE_AFTER_S
                 continue
             if host.inbox:
                 return
@@ -383,8 +426,44 @@ class ProcessesRuntime:
                     "no actor has a message to handle, but the driver got no reply: "
                     "a message was lost or an actor is waiting for a reply that never comes"
                 )
+            self._look_for_deadlock()
             sentinels = [w.sentinel for w in self._workers]
             wait([*host.inbound, *sentinels], min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _look_for_deadlock(self) -> None:
+        """Called while the driver's process is idle. Every ``PROBE_AFTER_S`` it asks every
+        worker whether it is idle and what it has sent and received (a probe *wave*). When two
+        successive waves find every process idle, every message sent received, and no count
+        changed in between, no message is left anywhere and none can appear: the run is
+        deadlocked (the four-counter method of termination detection)."""
+        host = self._host
+        counts = (host.sent[:], host.received[:])
+        now = time.monotonic()
+        wave = self._wave
+        if wave is not None and len(host.probe_replies) == len(self._workers):
+            replies = sorted(host.probe_replies.values(), key=lambda r: r.index)
+            host.probe_replies = {}
+            self._wave = None
+            sent = [counts[0], *(r.sent for r in replies)]
+            received = [counts[1], *(r.received for r in replies)]
+            quiet = all(r.idle and r.wave == wave[0] for r in replies) and counts == wave[1]
+            balanced = all(
+                sent[a][b] == received[b][a] for a in range(len(sent)) for b in range(len(sent))
+            )
+            snapshot = (sent, received)
+            if quiet and balanced and snapshot == self._last_quiet:
+                raise Deadlock(
+                    "no actor in any process has a message to handle, but the driver got no "
+                    "reply: a message was lost or an actor is waiting for a reply that never comes"
+                )
+            self._last_quiet = snapshot if quiet and balanced else None
+            self._next_probe = now + (0.0 if self._last_quiet else PROBE_AFTER_S)
+        if self._wave is None and now >= self._next_probe:
+            number = self._waves_sent = self._waves_sent + 1
+            self._wave = (number, counts)
+            probe = pickle.dumps(("", DRIVER, _Probe(number)))
+            for i in range(1, len(self._workers) + 1):
+                host.out_queue.put((i, probe))
 
     def _check_workers(self) -> None:
         host = self._host
@@ -432,6 +511,7 @@ class ProcessesRuntime:
             (a, b): ctx.Pipe(duplex=False) for a in range(n + 1) for b in range(n + 1) if a != b
         }
         host.started = True
+        host.sent, host.received = [0] * (n + 1), [0] * (n + 1)
         host.out_queue = queue.SimpleQueue()
         parent = os.getpid()
         for i in range(1, n + 1):
