@@ -129,7 +129,7 @@ class ParameterShard(Actor):
 
     @property
     def updates_applied(self) -> int:
-        """Pushes applied."""
+        """Pushes applied so far (a fault plan can key on it: ``kill:shard1@update=500``)."""
         return int(self._counts[0])
 
     @property

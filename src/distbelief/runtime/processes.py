@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from . import faults as fault_plans
 from .base import Actor, sigint_as_flag
 
 DRIVER = "driver"
@@ -110,7 +111,10 @@ class _ProbeReply:
 class _Cell:
     """One hosted actor in one process: its mailbox and cached handlers."""
 
-    __slots__ = ("name", "index", "actor", "mailbox", "handlers", "ready", "lock", "home")
+    __slots__ = (
+        "name", "index", "actor", "mailbox", "handlers", "ready", "lock", "home", "fault",
+        "delivered",
+    )  # fmt: skip
 
     def __init__(self, name: str, index: int, actor: Actor, home: int) -> None:
         self.name = name
@@ -121,6 +125,8 @@ class _Cell:
         self.handlers = actor.bound_handlers()
         self.ready = False
         self.lock: Any = None  # shared actors: one lock across processes
+        self.fault: fault_plans.Fault | None = None  # planned death, if any
+        self.delivered = 0  # messages delivered here (counted only for an actor with a fault)
 
 
 class _Context:
@@ -243,6 +249,8 @@ class _Host:
                 if last is not cell:
                     ready[i] = last
                 cell.ready = False
+            if cell.fault is not None:
+                self._maybe_die(cell, message)
             handler = cell.handlers.get(type(message))
             if handler is None:
                 raise ActorFailed(
@@ -270,6 +278,22 @@ class _Host:
             done += 1
         self.delivered += done
         return done
+
+    def _maybe_die(self, cell: _Cell, message: Any) -> None:
+        """The fault plan: die instead of handling ``message`` if it meets the trigger. There
+        are no restarts on this runtime, so a planned death ends the run naming the actor."""
+        cell.delivered += 1
+        fault = cell.fault
+        if not fault.due(message, cell.delivered, cell.actor):
+            return
+        if fault.kind == "exit" and self.index > 0:
+            self.current[self.index] = cell.index  # the driver names the actor it was handling
+            os._exit(70)  # a crash of the process itself
+        raise ActorFailed(
+            cell.name,
+            type(message).__name__,
+            RuntimeError(f"killed by the fault plan ({fault}); this runtime does not restart"),
+        )
 
 
 PROBE_AFTER_S = 0.25
@@ -322,7 +346,11 @@ class ProcessesRuntime:
     """Hosts actors in forked worker processes of this machine (see the module doc).
 
     Options: ``processes`` (workers; default: as many as groups, at most the machine's CPUs),
-    ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's).
+    ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's),
+    ``faults`` (a fault plan, :mod:`.faults`: the planned actor dies and, as this runtime
+    restarts nothing, the run ends with ``ActorFailed`` naming it; a ``message=N`` count of a
+    shared actor counts the messages handled in each process), ``max_restarts`` (accepted for
+    the other runtimes' sake; nothing is restarted here).
     """
 
     single_threaded = False
@@ -333,13 +361,18 @@ class ProcessesRuntime:
         *,
         processes: int | None = None,
         threads_per_process: int = 1,
+        faults: Any = None,
+        max_restarts: int = 0,
         **unknown: Any,
     ) -> None:
         if unknown:
             raise ConfigError(
                 f"runtime_options: unknown option(s) {sorted(unknown)} for the processes "
-                "runtime; it takes processes, threads_per_process"
+                "runtime; it takes processes, threads_per_process, faults, max_restarts"
             )
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
+        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
         ok = processes is None or (isinstance(processes, int) and processes >= 1)
         if not ok or isinstance(processes, bool):
             raise ConfigError(
@@ -379,6 +412,7 @@ class ProcessesRuntime:
                 self._groups.setdefault(group, len(self._groups))
             home = 0  # grouped actors get their worker at the start (see _start)
         cell = _Cell(name, len(host.names), actor, home)
+        cell.fault = self._faults.get(name)
         host.names.append(name)
         actor.bind(_Context(host, name))
         host.cells[name] = cell
@@ -395,6 +429,8 @@ class ProcessesRuntime:
     def converse(self, ref: ProcRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
         if not self._host.started:
+            actors = {name: cell.actor for name, cell in self._host.cells.items()}
+            fault_plans.check_targets(self._faults.values(), actors)  # none that cannot fire
             self._start()
         host = self._host
         self.tell(ref, message)
@@ -529,11 +565,13 @@ class ProcessesRuntime:
         host.writer.start()
 
     def describe(self) -> dict[str, Any]:
-        """Which process each actor ran in: 0 is the driver's, "shared" all of them."""
+        """What a run's stats record: ``processes`` (actor -> the process it ran in: 0 is the
+        driver's, "shared" all of them), ``worker_pids`` and ``restarts_by_actor``."""
         homes = getattr(self, "_homes", {})
         return {
             "processes": {n: ("shared" if h == SHARED else h) for n, h in homes.items()},
             "worker_pids": [w.pid for w in self._workers],
+            "restarts_by_actor": {},  # as the other runtimes report; nothing restarts here
         }
 
     def shutdown(self) -> None:
