@@ -208,3 +208,13 @@ def test_bad_options_are_config_errors():
         make_runtime("processes", address="x")
     with pytest.raises(ConfigError, match="^runtime_options: processes must be"):
         make_runtime("processes", processes=0)
+
+
+def test_a_planned_crash_in_a_worker_ends_the_run_naming_the_actor():
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    with pytest.raises(ActorFailed, match=r"^actor 'replica1\.stage0' failed.*exit code 70"):
+        distbelief.train(
+            mlp([10, 8, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1,
+            replicas=2, seed=0, runtime="processes",
+            runtime_options={"faults": ["exit:replica1.stage0@step=2"]},
+        )  # fmt: skip
