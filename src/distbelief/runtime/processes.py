@@ -372,6 +372,8 @@ class ProcessesRuntime:
             )
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ConfigError("runtime: 'processes' forks its workers; this platform cannot fork")
         self._faults = {f.actor: f for f in fault_plans.plan(faults)}
         ok = processes is None or (isinstance(processes, int) and processes >= 1)
         if not ok or isinstance(processes, bool):
@@ -582,11 +584,13 @@ class ProcessesRuntime:
         for worker in self._workers:
             if worker.exitcode is None:
                 worker.kill()
+        stuck = []
         for worker in self._workers:
             worker.join(10.0)
             if worker.exitcode is None:
-                raise RunTimeout(f"worker process {worker.pid} did not exit within 10 s")
-            worker.close()
+                stuck.append(worker.pid)
+            else:
+                worker.close()
         if host.writer is not None:
             host.out_queue.put(None)
             host.writer.join(10.0)
@@ -597,6 +601,8 @@ class ProcessesRuntime:
         host.cells.clear()  # the actors, and with them the shared memory, are freed
         host.ready.clear()
         host.inbox.clear()
+        if stuck:
+            raise RunTimeout(f"worker processes {stuck} did not exit within 10 s of SIGKILL")
 
 
 def _keep_ends(host: _Host, index: int, pipes: dict) -> None:
