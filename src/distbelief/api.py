@@ -14,7 +14,8 @@ from torch import nn
 
 from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .config import DownpourConfig
-from .data import as_tensors, replica_ranges
+from .data import TensorRows, as_tensors, replica_ranges
+from .datafiles import FileData, as_file_data
 from .errors import ConfigError, TrainingInterrupted
 from .flat import flatten, load_flat, parameters_of
 from .layout import Layout
@@ -95,6 +96,17 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, loss: str | L
     return x.contiguous(), y.contiguous()
 
 
+def _rows(
+    data: Any, name: str, dtype: torch.dtype, loss: str | LossFn, like: Any = None
+) -> TensorRows | FileData:
+    """``train_data``/``eval_data`` as rows: a data file (checked, read later by the data
+    shards themselves) or in-memory tensors."""
+    files = as_file_data(data, name, dtype, loss, like if isinstance(like, FileData) else None)
+    if files is not None:
+        return files
+    return TensorRows(*_prepare(*as_tensors(data, name), dtype, loss))
+
+
 def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> torch.Tensor:
     """Forward a few examples through every layer; name the layer whose input does not fit."""
     modes = [layer.training for layer in layers]
@@ -172,7 +184,7 @@ class Evaluator:
     def __init__(
         self,
         stage_layers: list[list[nn.Module]],
-        data: tuple[torch.Tensor, torch.Tensor],
+        data: tuple[torch.Tensor, torch.Tensor] | FileData,
         loss_fn: LossFn,
         metric: Metric | None,
         batch_size: int = 4096,
@@ -180,7 +192,9 @@ class Evaluator:
         self.stage_lengths = [len(group) for group in stage_layers]
         layers = [layer for group in stage_layers for layer in group]
         self.model = nn.Sequential(*copy.deepcopy(layers)).eval()
-        self.x, self.y = data
+        # A file is read a chunk at a time at each evaluation, never held whole.
+        self.file = data if isinstance(data, FileData) else None
+        self.x, self.y = (None, None) if self.file is not None else data
         self.loss_fn = loss_fn
         self.metric = metric
         self.batch_size = batch_size
@@ -200,6 +214,10 @@ class Evaluator:
         """Metrics of a whole model, buffers included."""
         mode = model.training
         model.eval()
+        if self.file is not None:
+            metrics = self._evaluate_file(model, self.file)
+            model.train(mode)
+            return metrics
         with torch.no_grad():
             outs = [
                 model(self.x[i : i + self.batch_size])
@@ -211,6 +229,19 @@ class Evaluator:
                 metrics["accuracy"] = float(self.metric(out, self.y))
         model.train(mode)
         return metrics
+
+    def _evaluate_file(self, model: nn.Module, data: FileData) -> dict[str, float]:
+        """Chunk by chunk: loss and accuracy are means over chunks weighted by their size (the
+        exact mean for a loss that averages over examples)."""
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        with torch.no_grad():
+            for x, y in data.chunks(self.batch_size):
+                out = model(x)
+                sums["loss"] += float(self.loss_fn(out, y)) * len(x)
+                if self.metric is not None:
+                    sums["accuracy"] += float(self.metric(out, y)) * len(x)
+        keys = ("loss", "accuracy") if self.metric is not None else ("loss",)
+        return {k: sums[k] / len(data) for k in keys}
 
 
 def train(
@@ -242,10 +273,12 @@ def train(
     into ``stages`` by layer, over a parameter server of ``shards`` shards.
 
     ``model`` is an ``nn.Sequential`` (or a list of modules); its current parameters are the
-    initial ones and it is not modified. ``train_data``/``eval_data`` are ``(X, y)`` tensors or
-    a torch ``Dataset``. ``loss`` is ``"cross_entropy"``, ``"mse"`` or a callable
-    ``(output, target) -> scalar``. Every input is checked before any actor starts; a bad one
-    raises :class:`ConfigError` naming the parameter. See ``DownpourConfig`` for the rest.
+    initial ones and it is not modified. ``train_data``/``eval_data`` are ``(X, y)`` tensors,
+    a torch ``Dataset``, or a data file: a path or ``distbelief.data.files(path, target=...)``,
+    which each data shard reads its own part of. ``loss`` is ``"cross_entropy"``, ``"mse"``
+    or a callable ``(output, target) -> scalar``. Every input is checked before any actor
+    starts; a bad one raises :class:`ConfigError` naming the parameter. See ``DownpourConfig``
+    for the rest.
     """
     config = DownpourConfig(
         lr=lr,
@@ -270,10 +303,11 @@ def train(
     layers = as_layers(model)
     dtype = model_dtype(layers)
     loss_fn = _resolve_loss(loss)
-    x, y = _prepare(*as_tensors(train_data, "train_data"), dtype, loss)
-    if config.replicas > len(x):
+    rows = _rows(train_data, "train_data", dtype, loss)
+    x, y = rows.probe()  # in-memory data: all of it; a file: the rows that decide the checks
+    if config.replicas > len(rows):
         raise ConfigError(
-            f"replicas: {config.replicas} replicas but only {len(x)} training examples"
+            f"replicas: {config.replicas} replicas but only {len(rows)} training examples"
         )
     sizes = layer_sizes(layers)
     points = resolve_split_points(sizes, config.stages)
@@ -289,15 +323,17 @@ def train(
     _check_targets("train_data", out, y, loss, loss_fn)
     evaluator = None
     if eval_data is not None:
-        ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
+        eval_rows = _rows(eval_data, "eval_data", dtype, loss, like=rows)
+        ex, ey = eval_rows.probe()  # in-memory data: all of it
         _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
         metric = metric or default_metric(loss, ey)
-        evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
+        data = (ex, ey) if isinstance(eval_rows, TensorRows) else eval_rows
+        evaluator = Evaluator(stage_layers, data, loss_fn, metric)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         done, runtime_stats = _run(
-            config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
+            config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress
         )
 
     result_model = _assemble(stage_layers, done.weights, done.buffers)
@@ -321,8 +357,7 @@ def _run(
     stage_layers: list[list[nn.Module]],
     dtype: torch.dtype,
     loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    rows: TensorRows | FileData,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
 ) -> tuple[TrainingDone, dict[str, Any]]:
@@ -351,7 +386,7 @@ def _run(
             for k, (a, b) in enumerate(layout.shard_ranges)
         )
         n_stages = len(stage_layers)
-        ranges = replica_ranges(len(x), config.replicas)
+        ranges = replica_ranges(len(rows), config.replicas)
         steps_per_epoch = -(-(ranges[0][1] - ranges[0][0]) // config.batch_size)
         report_every = max(1, min(50, steps_per_epoch * config.epochs // 20))
         data_refs, stage_refs = [], []
@@ -361,8 +396,7 @@ def _run(
                     f"data{r}",
                     DataShard,
                     r,
-                    x[lo:hi],
-                    y[lo:hi],
+                    rows.part(lo, hi),  # a file's part is read by the data shard itself
                     config.batch_size,
                     config.epochs,
                     config.seed,
@@ -387,7 +421,7 @@ def _run(
                     for s in range(n_stages)
                 ]
             )
-        total_examples = len(x) * config.epochs
+        total_examples = len(rows) * config.epochs
         master = rt.spawn(
             "master",
             DownpourMaster,
