@@ -39,10 +39,8 @@ SCAN_ROWS = 65536
 """Rows per chunk of the checking pass and of a data shard's streaming read."""
 IN_MEMORY_PART_BYTES = 64 << 20
 """A CSV/Parquet part up to this size is kept in memory; a larger one goes to a temp file."""
-MAPPED_GROUP_ROWS = 256
-"""Rows gathered through a map before its pages are dropped: each row read through a map
-brings up to 64 KiB of pages around it into the process's RSS (the kernel's fault-around; 4,096
-random rows of a 400 MB file mapped 390 MB), so at most 256 x 64 KiB = 16 MiB stay mapped."""
+MAP_WHOLE_BYTES = 64 << 20
+"""Array files up to this size are memory-mapped; larger ones are read row by row."""
 CHUNK_BYTES = 8 << 20
 """At most this much of an array file is read at a time by the checking pass."""
 
@@ -78,26 +76,41 @@ class _ArrayFile:
 
 
 class _MappedRows:
-    """Gathers rows of an :class:`_ArrayFile` through a read-only map. Pages a map touched stay
-    in the process's RSS, so after a budget of reads the map is told to drop them."""
+    """Gathers rows of an :class:`_ArrayFile`. A small file is memory-mapped and indexed (a
+    few microseconds a mini-batch). A large one is read with positioned reads, one per run of
+    consecutive rows, into the result: its pages stay in the OS cache and out of this
+    process's RSS. (Mapped, each row read brings the pages around it into RSS - the kernel's
+    fault-around and large folios: 4,096 random rows of a 400 MB file mapped 390 MB - and
+    dropping them after each read made every read fault again, slower than reading.)"""
 
     def __init__(self, array: _ArrayFile) -> None:
         self.array = array
         self._file = open(array.path, "rb")  # noqa: SIM115 - lives as long as the reader
-        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        n = math.prod(array.shape)
-        self._rows = np.frombuffer(self._map, dtype=array.dtype, count=n, offset=array.offset)
-        self._rows = self._rows.reshape(array.shape)
+        self._row_bytes = array.row_bytes
+        self._rows: np.ndarray | None = None
+        if os.fstat(self._file.fileno()).st_size <= MAP_WHOLE_BYTES:
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            n = math.prod(array.shape)
+            rows = np.frombuffer(self._map, dtype=array.dtype, count=n, offset=array.offset)
+            self._rows = rows.reshape(array.shape)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """Rows ``rows`` (sorted) as a new array, read in file order a group at a time; after
-        each group the map's pages are dropped (read-only file pages: the next read refetches
-        them from the OS cache), so what a read leaves in RSS stays bounded."""
-        out = np.empty((len(rows), *self.array.shape[1:]), dtype=self._rows.dtype)
-        for lo in range(0, len(rows), MAPPED_GROUP_ROWS):
-            hi = lo + MAPPED_GROUP_ROWS
-            out[lo:hi] = self._rows[rows[lo:hi]]
-            self._map.madvise(mmap.MADV_DONTNEED)
+        """Rows ``rows`` (sorted) as a new array."""
+        if self._rows is not None:
+            return self._rows[rows]
+        out = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
+        if len(rows) == 0:
+            return out
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [len(rows)])).tolist()
+        fd, size, base = self._file.fileno(), self._row_bytes, self.array.offset
+        for a, b, row in zip(starts, ends, rows[starts].tolist()):
+            want = (b - a) * size
+            got = os.preadv(fd, [buffer[a * size : b * size]], base + row * size)
+            if got != want:
+                raise DataFileError(f"{self.array.path}: the file is shorter than its header says")
         return out
 
 
