@@ -4,8 +4,10 @@ the data shards themselves; bad files refused before training with the file and 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -292,3 +294,56 @@ def test_in_memory_rows_are_the_old_data_shard_input() -> None:
     part = TensorRows(x, y).part(1, 4)
     batches = part.batches(torch.tensor([2, 0, 1]), 2)
     assert [b[1].tolist() for b in batches] == [[3, 1], [2]]
+
+
+def test_every_reader_gives_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, digits_files: dict[str, tuple[Path, Path]]
+) -> None:
+    # Mapped (.npy, np.savez), positioned reads (a large .npy), streamed parts kept in memory
+    # or spilled to a temporary file (CSV, Parquet, np.savez_compressed): the same examples.
+    import distbelief.datafiles as datafiles
+
+    train, _ = digits_files["npy"]
+    x, y = np.load(train), np.load(train.with_name("y.npy"))
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=y)
+    rows = np.array([7, 3, 1000, 3, 0, len(x) - 1])
+    expected_x, expected_y = torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+
+    def read(path: Path, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        data = files(path, **kw)
+        part = data.part(0, len(data))  # a fresh reader, as a data shard opens
+        return part.read(rows)
+
+    sources = [(train, {}), (tmp_path / "packed.npz", {})]
+    sources += [(digits_files[f][0], {"target": "digit"}) for f in ("csv", "parquet")]
+    sources += [(digits_files["npz"][0], {})]
+    for spill in (False, True):
+        monkeypatch.setattr(datafiles, "IN_MEMORY_PART_BYTES", 0 if spill else 64 << 20)
+        monkeypatch.setattr(datafiles, "MAP_WHOLE_BYTES", 0 if spill else 64 << 20)
+        for path, kw in sources:
+            got_x, got_y = read(path, **kw)
+            assert torch.equal(got_x, expected_x) and torch.equal(got_y, expected_y), (path, spill)
+    assert not list(Path(tempfile.gettempdir()).glob("distbelief-part-*"))  # spills unlinked
+
+
+def test_on_ray_each_data_shard_reads_the_file_itself(
+    ray_session: None, tmp_path: Path, digits_files: dict[str, tuple[Path, Path]]
+) -> None:
+    # One replica, one stage, one shard: the same run on Ray (the data shard in its own
+    # process, reading the CSV there) as in-process on tensors.
+    train, test = digits_files["csv"]
+    npy_train = digits_files["npy"][0]
+    x, y = (
+        torch.from_numpy(np.load(npy_train)),
+        torch.from_numpy(np.load(npy_train.with_name("y.npy"))),
+    )
+    kw: dict[str, Any] = dict(loss="cross_entropy", lr=0.1, batch_size=64, epochs=1, seed=2)
+    on_ray = distbelief.train(
+        mlp([64, 16, 10]), files(train, target="digit"), runtime="ray",
+        eval_data=files(test, target="digit"), **kw,
+    )  # fmt: skip
+    local = distbelief.train(mlp([64, 16, 10]), (x, y), **kw)
+    for a, b in zip(on_ray.model.parameters(), local.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert on_ray.stats["pids"]["data0"] != os.getpid()
+    assert on_ray.history.accuracy is not None
