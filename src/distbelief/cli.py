@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,12 +24,13 @@ from rich.table import Table
 from torch import nn
 
 from . import data as datasets
-from .api import TrainResult, train
+from .api import TrainResult, available_memory, train
 from .config import DownpourConfig
 from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
 from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
+from .runtime import faults
 
 USAGE_ERROR = 2
 """Exit status for invalid arguments (the convention of click and of most Unix tools)."""
@@ -238,6 +240,20 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _check_model_fits(preset: Preset, hidden: Sequence[int]) -> None:
+    """An MLP too large to build in this machine's memory is an argument error, not a failed
+    allocation: count its parameters before making it (float32, 4 bytes each)."""
+    widths = [preset.inputs, *hidden, preset.outputs]
+    params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    free = available_memory()
+    if free is not None and params * 4 > free:
+        raise UsageFailure(
+            f"hidden: an MLP {'-'.join(map(str, widths))} has {params:,} parameters "
+            f"({params * 4 / 2**30:.1f} GiB), more than the {free / 2**30:.1f} GiB of memory "
+            f"available"
+        )
+
+
 def _truth_table(result: TrainResult, test: datasets.Data) -> list[dict[str, Any]]:
     """Each XOR input with its target and the trained model's output."""
     x, y = test
@@ -294,6 +310,7 @@ def summary(
         "staleness_mean": round(stats["staleness_mean"], 3),
         "staleness_max": stats["staleness_max"],
         "rejected_pushes": stats["rejected_pushes"],
+        "restarts": stats["restarts"],
     }
     if dataset == "xor":
         out["truth_table"] = _truth_table(result, test)
@@ -350,6 +367,8 @@ class _ProgressLine:
         self.task = self.progress.add_task(label, total=None, examples="0", loss="-")
 
     def __call__(self, report: ProgressReport) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()  # at the first report: an input refused before it is one line
         self.progress.update(
             self.task,
             completed=report.examples,
@@ -359,7 +378,6 @@ class _ProgressLine:
         )
 
     def __enter__(self) -> _ProgressLine:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -424,6 +442,14 @@ def train_command(
     eval_every: Annotated[int, _opt("Evaluate every this many examples (0: at the end).")] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
+    inject: Annotated[
+        list[str] | None,
+        _opt(
+            "Inject a fault (repeatable): KIND:ACTOR@COUNTER=N, KIND kill or exit, COUNTER "
+            "step, update (shards) or message; e.g. kill:replica0.stage1@step=100, "
+            "kill:master@message=40. A stage restarts; other actors end the run."
+        ),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object, last line.")
     ] = False,
@@ -454,13 +480,19 @@ def train_command(
     else:
         preset, _, _ = file_preset(data, target, test_data, test_split, task)
         dataset = data
-    if torch_threads < 1:
-        raise UsageFailure(f"torch-threads: must be an integer >= 1, got {torch_threads}")
+    cores = os.cpu_count() or 1
+    if not 1 <= torch_threads <= cores:
+        # torch.set_num_threads(100000) crashed the process (SIGSEGV), not an error
+        raise UsageFailure(
+            f"torch-threads: must be an integer from 1 to {cores} (this machine's cores), "
+            f"got {torch_threads}"
+        )
     if train_size is not None and train_size < 1:
         raise UsageFailure(f"train-size: must be an integer >= 1, got {train_size}")
     if address is not None and runtime != "ray":
         raise UsageFailure("address: only meaningful with --runtime ray")
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
+    _check_model_fits(preset, widths)
     settings: dict[str, Any] = dict(
         lr=preset.lr if lr is None else lr,
         batch_size=preset.batch_size if batch_size is None else batch_size,
@@ -477,6 +509,11 @@ def train_command(
         eval_every=eval_every,
         runtime_options={"address": address} if address is not None else {},
     )
+    if inject:
+        try:
+            settings["runtime_options"]["faults"] = list(faults.plan(inject))
+        except ConfigError as exc:
+            raise UsageFailure("inject" + str(exc).removeprefix("faults")) from None
     try:
         config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
         model = build_mlp(preset, widths, seed)
