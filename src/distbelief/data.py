@@ -46,7 +46,9 @@ def as_tensors(data: object, name: str = "train_data") -> Data:
             raise ConfigError(f"{name}: the data is empty")
         return x, y
     raise ConfigError(
-        f"{name}: expected an (inputs, targets) pair or a torch Dataset, got {type(data).__name__}"
+        f"{name}: expected an (inputs, targets) pair or a torch Dataset, or the path of a data "
+        f"file (.csv, .parquet, .npz, .npy); got {type(data).__name__}"
+        + (f" {data!r}" if isinstance(data, str) else "")
     )
 
 

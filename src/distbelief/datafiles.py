@@ -771,6 +771,8 @@ def as_file_data(
     """``train_data``/``eval_data`` as a :class:`FileData` if it is a path or one (checked,
     read as ``dtype``), else None. ``like``: the training data, whose width this must have."""
     if isinstance(data, (str, os.PathLike)):
+        if os.path.splitext(os.fspath(data))[1].lower() not in FORMATS:
+            return None  # not a data file's name: refused as not data at all
         try:
             data = scan(data, task=task_of_loss(loss))
         except DataFileError as exc:
