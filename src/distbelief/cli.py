@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +28,14 @@ from . import data as datasets
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig
 from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
-from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
+from .errors import (
+    ActorFailed,
+    ConfigError,
+    Deadlock,
+    RunTimeout,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
 from .runtime import faults
@@ -532,7 +540,7 @@ def train_command(
         s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     if as_json:
-        print(json.dumps(s))
+        print(strict_json(s))
     else:
         _print_summary(Console(), s)
 
@@ -605,8 +613,26 @@ def bench_command(
         Console().print(bench.table(report))
 
 
-def _fail(message: str, code: int) -> int:
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: NaN and Infinity (which json.dumps writes bare) become
+    null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
+def _fail(message: str, code: int, as_json: bool = False) -> int:
     print(f"distbelief: error: {message}", file=sys.stderr)
+    if as_json:  # whoever reads the last line of stdout gets a failure, not nothing
+        print(strict_json({"error": message, "exit_status": code}))
     return code
 
 
@@ -625,8 +651,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
     except UsageFailure as exc:
         return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
-    except (ActorFailed, RunTimeout, Deadlock) as exc:
-        return _fail(str(exc).replace("\n", " "), RUN_ERROR)
+    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
+        return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
     except (Interrupted, KeyboardInterrupt, typer.Abort):
         return _fail("interrupted", INTERRUPTED)
     if rv == INTERRUPTED:  # Ctrl-C outside a run (e.g. generating data): typer's silent exit
