@@ -97,11 +97,17 @@ def test_digits_csv_trains_and_other_formats_give_the_same_run(
         assert {k: results[fmt][k] for k in keys} == {k: s[k] for k in keys}, fmt
 
 
+@pytest.mark.parametrize("reading", ["per epoch", "per mini-batch"])
 def test_a_file_run_equals_the_same_run_on_tensors(
-    digits_files: dict[str, tuple[Path, Path]],
+    digits_files: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch, reading: str
 ) -> None:
-    # The data shard reads each mini-batch from the file (memory-mapped .npy) in the epoch's
-    # seeded order: the run is the in-memory run, bit for bit.
+    # The data shard reads its part of the file (a small part once an epoch, a large one a
+    # mini-batch at a time) in the epoch's seeded order: the run is the in-memory run, bit
+    # for bit.
+    import distbelief.datafiles as datafiles
+
+    if reading == "per mini-batch":
+        monkeypatch.setattr(datafiles, "IN_MEMORY_PART_BYTES", 0)
     train, test = digits_files["npy"]
     x, y = np.load(train), np.load(train.with_name("y.npy"))
     tx, ty = np.load(test), np.load(test.with_name("y.npy"))
