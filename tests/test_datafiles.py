@@ -330,6 +330,11 @@ def test_every_reader_gives_the_same_rows(
             got_x, got_y = read(path, **kw)
             assert torch.equal(got_x, expected_x) and torch.equal(got_y, expected_y), (path, spill)
     assert not list(Path(tempfile.gettempdir()).glob("distbelief-part-*"))  # spills unlinked
+    # A part of a Parquet file with row groups of 256 reads only the groups that hold it.
+    part = files(digits_files["parquet"][0], target="digit").part(600, 900)
+    got_x, got_y = part.read(np.array([0, 299, 57]))
+    assert torch.equal(got_x, torch.from_numpy(x[[600, 899, 657]]))
+    assert torch.equal(got_y, torch.from_numpy(y[[600, 899, 657]]))
 
 
 def test_on_ray_each_data_shard_reads_the_file_itself(

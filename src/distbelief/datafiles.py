@@ -358,9 +358,12 @@ def _open_reader(data: FileData) -> Any:
 
 
 def _stream(data: FileData) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """``(first file row, inputs, targets)`` chunks of the whole file, in order; the targets
-    are int64 labels (classify) or float64 ``(rows, k)`` (regress)."""
-    for first, x, y in _chunks(data.path, data.format, data.target, data.columns):
+    """``(first file row, inputs, targets)`` chunks of the file, in order, covering at least
+    this view's rows (Parquet: only the row groups that hold them); the targets are int64
+    labels (classify) or float64 ``(rows, k)`` (regress)."""
+    rows = data._file_rows(np.array([0, data.length - 1])) if data.length else None
+    span = (int(rows[0]), int(rows[1]) + 1) if rows is not None else None
+    for first, x, y in _chunks(data.path, data.format, data.target, data.columns, span):
         if data.task == CLASSIFY:
             y = y.reshape(len(y)).astype(np.int64)
         else:
@@ -369,12 +372,16 @@ def _stream(data: FileData) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
 
 
 def _chunks(
-    path: str, fmt: str, target: str, columns: tuple[str, ...]
+    path: str,
+    fmt: str,
+    target: str,
+    columns: tuple[str, ...],
+    span: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     if fmt == "csv":
         yield from _csv_chunks(path, target, columns)
     elif fmt == "parquet":
-        yield from _parquet_chunks(path, target, columns)
+        yield from _parquet_chunks(path, target, columns, span)
     else:
         xa, ya = _locate_arrays(path, fmt, target)
         n = xa.shape[0]
@@ -451,13 +458,20 @@ def _csv_locate(path: str, target: str) -> str | None:
 
 
 def _parquet_chunks(
-    path: str, target: str, columns: tuple[str, ...]
+    path: str, target: str, columns: tuple[str, ...], span: tuple[int, int] | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Batches of the row groups that overlap ``span`` (file rows ``lo:hi``; None: all)."""
     import pyarrow.parquet as pq
 
-    first = 0
-    for batch in pq.ParquetFile(path).iter_batches(
-        batch_size=SCAN_ROWS, columns=[*columns, target]
+    f = pq.ParquetFile(path)
+    sizes = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
+    starts = np.concatenate(([0], np.cumsum(sizes)))
+    groups = list(range(len(sizes)))
+    if span is not None:
+        groups = [g for g in groups if starts[g] < span[1] and starts[g + 1] > span[0]]
+    first = int(starts[groups[0]]) if groups else 0
+    for batch in f.iter_batches(
+        batch_size=SCAN_ROWS, row_groups=groups, columns=[*columns, target]
     ):
         for name in (*columns, target):
             col = batch.column(name)
