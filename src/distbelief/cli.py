@@ -449,7 +449,7 @@ def train_command(
         str,
         _opt(
             "Where actors run: local (in-process, one core); processes (forked workers over "
-            "shared memory: the fastest on one multi-core machine); ray (a cluster of machines)."
+            "shared memory: one machine with several cores); ray (a cluster of machines)."
         ),
     ] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
