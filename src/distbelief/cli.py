@@ -445,7 +445,13 @@ def train_command(
     warmstart_steps: Annotated[int, _opt("Steps replica 0 trains alone first.")] = 0,
     hidden: Annotated[str | None, _opt("Hidden widths, comma-separated, e.g. 256,256.")] = None,
     seed: Annotated[int, _opt("Seeds model init, data order and actor interleaving.")] = 0,
-    runtime: Annotated[str, _opt("Where actors run: local (in-process) or ray.")] = "local",
+    runtime: Annotated[
+        str,
+        _opt(
+            "Where actors run: local (in-process, one core); processes (forked workers over "
+            "shared memory: one machine with several cores); ray (a cluster of machines)."
+        ),
+    ] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
     eval_every: Annotated[int, _opt("Evaluate every this many examples (0: at the end).")] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
