@@ -27,6 +27,7 @@ from torch import nn
 from . import data as datasets
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig, SandblasterConfig
+from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
 from .errors import (
     ActorFailed,
     ConfigError,
@@ -146,6 +147,63 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 # fmt: on
+
+
+FILE_DEFAULTS = dict(
+    hidden=(128, 128), lr=0.05, batch_size=32, epochs=20, replicas=4, stages=2, shards=2,
+    optimizer="adagrad",
+)  # fmt: skip
+"""Settings of a ``--data FILE`` run: the digits preset's (an MLP of two hidden layers of 128,
+Adagrad at the shards with gamma 0.05, batch 32, 20 epochs, 4 replicas x 2 stages, 2 shards),
+which train small tabular data well; every flag overrides them."""
+
+
+def file_preset(
+    data: str,
+    target: str | None,
+    test_data: str | None,
+    test_split: float | None,
+    task: str | None,
+) -> tuple[Preset, FileData, FileData | None]:
+    """A preset for a data file: the MLP's widths come from the file, the loss from the task
+    (classify: cross-entropy over the labels; regress: mse). Each file is checked here, in one
+    streaming pass; a bad one is a usage error naming the file and where."""
+    if task is not None and task not in TASKS:
+        raise UsageFailure(f"task: must be {' or '.join(TASKS)}, got {task!r}")
+    if test_data is not None and test_split is not None:
+        raise UsageFailure("test-split: give --test-data or --test-split, not both")
+    try:
+        train_rows = scan(data, target, task)
+    except DataFileError as exc:
+        raise UsageFailure(f"data: {exc}") from None
+    test_rows = None
+    if test_split is not None:
+        try:
+            train_rows, test_rows = train_rows.split(test_split)
+        except DataFileError as exc:
+            raise UsageFailure(f"test-split: {exc}") from None
+    elif test_data is not None:
+        try:
+            # the training file's target and task; a .npy's labels are found beside it
+            test_target = None if train_rows.format == "npy" else train_rows.target
+            test_rows = scan(test_data, test_target, train_rows.task)
+        except DataFileError as exc:
+            raise UsageFailure(f"test-data: {exc}") from None
+        if test_rows.width != train_rows.width:
+            raise UsageFailure(
+                f"test-data: {test_rows.path} has {test_rows.width} features per example but "
+                f"the training data ({train_rows.path}) has {train_rows.width}"
+            )
+    classify = train_rows.task == CLASSIFY
+    outputs = max(train_rows.outputs, test_rows.outputs if test_rows else 0)
+    settings = {k: v for k, v in FILE_DEFAULTS.items() if k != "hidden"}
+    preset = Preset(
+        load=lambda seed: (train_rows, test_rows),  # type: ignore[arg-type,return-value]
+        inputs=train_rows.width, outputs=outputs, hidden=FILE_DEFAULTS["hidden"],
+        activation=nn.ReLU, output_activation=None, loss="cross_entropy" if classify else "mse",
+        **settings,
+    )  # fmt: skip
+    return preset, train_rows, test_rows
 
 
 @dataclass(frozen=True)
@@ -361,8 +419,37 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
 @app.command("train")
 def train_command(
     dataset: Annotated[
-        str, typer.Argument(help="mnist1d (the main job), xor (the seed's example) or digits.")
-    ] = "mnist1d",
+        str | None,
+        typer.Argument(
+            help="mnist1d (the main job, the default), xor (the seed's example) or digits; "
+            "or none with --data FILE.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        _opt(
+            "Train on your own data: a .csv (header row), .parquet, .npz (arrays x, y) or "
+            "x.npy (labels in y.npy beside it). The MLP's input and output widths come from "
+            "the file; defaults: hidden 128,128, adagrad lr 0.05, batch 32, 20 epochs, "
+            "4 replicas x 2 stages, 2 shards."
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        _opt("The label column (CSV, Parquet; default the last), .npz array (y) or labels .npy."),
+    ] = None,
+    test_data: Annotated[str | None, _opt("Test file, same format and columns as --data.")] = None,
+    test_split: Annotated[
+        float | None, _opt("Hold out this fraction of --data for testing (seeded, fixed).")
+    ] = None,
+    task: Annotated[
+        str | None,
+        _opt(
+            "classify (cross-entropy) or regress (mse); default: integer labels 0..999 "
+            "classify, anything else regresses."
+        ),
+    ] = None,
     replicas: Annotated[int | None, _opt("Model replicas (preset: 4; xor 25).")] = None,
     stages: Annotated[int | None, _opt("Partitions per replica, by layer (preset: 2).")] = None,
     shards: Annotated[int | None, _opt("Parameter-server shards (preset: 2).")] = None,
@@ -386,7 +473,13 @@ def train_command(
     warmstart_steps: Annotated[int | None, _opt("Steps replica 0 trains alone first.")] = None,
     hidden: Annotated[str | None, _opt("Hidden widths, comma-separated, e.g. 256,256.")] = None,
     seed: Annotated[int, _opt("Seeds model init, data order and actor interleaving.")] = 0,
-    runtime: Annotated[str, _opt("Where actors run: local (in-process) or ray.")] = "local",
+    runtime: Annotated[
+        str,
+        _opt(
+            "Where actors run: local (in-process, one core); processes (forked workers over "
+            "shared memory: one machine with several cores); ray (a cluster of machines)."
+        ),
+    ] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
     eval_every: Annotated[int, _opt("Evaluate every this many examples (0: at the end).")] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
@@ -405,11 +498,30 @@ def train_command(
 ) -> None:
     """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON)."""
     t_start = time.perf_counter()
-    preset = PRESETS.get(dataset)
-    if preset is None:
-        raise UsageFailure(
-            f"dataset: unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}"
-        )
+    if data is None:
+        given = [
+            f
+            for f, v in (
+                ("target", target),
+                ("test-data", test_data),
+                ("test-split", test_split),
+                ("task", task),
+            )
+            if v is not None
+        ]
+        if given:
+            raise UsageFailure(f"{given[0]}: only meaningful with --data FILE")
+        dataset = dataset or "mnist1d"
+        preset = PRESETS.get(dataset)
+        if preset is None:
+            raise UsageFailure(
+                f"dataset: unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}"
+            )
+    elif dataset is not None:
+        raise UsageFailure(f"data: give a dataset name ({dataset!r}) or --data FILE, not both")
+    else:
+        preset, _, _ = file_preset(data, target, test_data, test_split, task)
+        dataset = data
     cores = os.cpu_count() or 1
     if not 1 <= torch_threads <= cores:
         # torch.set_num_threads(100000) crashed the process (SIGSEGV), not an error
@@ -433,7 +545,7 @@ def train_command(
                 raise UsageFailure(
                     f"{flag}: a Downpour option; --algorithm sandblaster does not take it"
                 )
-        sb = SANDBLASTER_PRESETS[dataset]
+        sb = SANDBLASTER_PRESETS.get(dataset, SANDBLASTER_PRESETS["digits"])  # a file: digits
         settings = dict(
             algorithm="sandblaster",
             steps=sb.steps if steps is None else steps,
@@ -457,7 +569,7 @@ def train_command(
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
         return _train_and_print(dataset, preset, model, widths, settings, train_size, as_json,
-                                torch_threads, t_start)  # fmt: skip
+                                torch_threads, t_start, data is not None)  # fmt: skip
     if algorithm != "downpour":
         raise UsageFailure(
             f"algorithm: unknown algorithm {algorithm!r}; choose downpour or sandblaster"
@@ -493,7 +605,7 @@ def train_command(
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     _train_and_print(dataset, preset, model, widths, settings, train_size, as_json,
-                     torch_threads, t_start)  # fmt: skip
+                     torch_threads, t_start, data is not None)  # fmt: skip
 
 
 def _train_and_print(
@@ -506,6 +618,7 @@ def _train_and_print(
     as_json: bool,
     torch_threads: int,
     t_start: float,
+    data_file: bool = False,
 ) -> None:
     # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
     # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
@@ -515,6 +628,8 @@ def _train_and_print(
         s = _run_job(dataset, preset, model, widths, settings, train_size, as_json)
     finally:
         torch.set_num_threads(threads)
+    if data_file:
+        s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     if as_json:
         print(strict_json(s))
@@ -536,7 +651,9 @@ def _run_job(
     """Load the data, train with a progress line on stderr (unless quiet), summarise."""
     t_data = time.perf_counter()
     train_data, test_data = preset.load(settings["seed"])
-    if train_size is not None:
+    if train_size is not None and isinstance(train_data, FileData):
+        train_data = train_data.part(0, min(train_size, len(train_data)))  # the rest is not read
+    elif train_size is not None:
         train_data = (train_data[0][:train_size], train_data[1][:train_size])
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()
