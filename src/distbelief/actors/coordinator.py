@@ -204,7 +204,6 @@ class Coordinator(Actor):
             self.duplicates_dropped += 1
         if self.request is not None and isinstance(self.request, Evaluate) and not self.reducing:
             self._assign(r)
-            self._assign_idle()  # a copy may be due that only another replica can take
             if self.book.done:
                 self._reduce()
         else:
