@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from .messages import (
     TrainingDone,
 )
 from .partition import as_layers, layer_sizes, model_dtype, resolve_split_points, split_layers
+from .runlog import RunLog
 from .runtime import make_runtime
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -237,6 +239,7 @@ def train(
     timeout_s: float = 3600.0,
     runtime_options: dict[str, Any] | None = None,
     progress: Callable[[ProgressReport], None] | None = None,
+    run_dir: str | os.PathLike | RunLog | None = None,
 ) -> TrainResult:
     """Train ``model`` with Downpour SGD: ``replicas`` asynchronous model replicas, each split
     into ``stages`` by layer, over a parameter server of ``shards`` shards.
@@ -246,6 +249,8 @@ def train(
     a torch ``Dataset``. ``loss`` is ``"cross_entropy"``, ``"mse"`` or a callable
     ``(output, target) -> scalar``. Every input is checked before any actor starts; a bad one
     raises :class:`ConfigError` naming the parameter. See ``DownpourConfig`` for the rest.
+    ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
+    TensorBoard event files there (see ``runlog``); None (default) writes nothing.
     """
     config = DownpourConfig(
         lr=lr,
@@ -293,20 +298,47 @@ def train(
         _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
         metric = metric or default_metric(loss, ey)
         evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
+    runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
+    if runlog is not None:
+        runlog.start(config)
+        progress = _both(runlog, progress)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        done, runtime_stats = _run(
-            config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
-        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            done, runtime_stats = _run(
+                config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
+            )
+    except BaseException as exc:
+        if runlog is not None:
+            runlog.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
 
     result_model = _assemble(stage_layers, done.weights, done.buffers)
     stats = {**_stats(done, config), **runtime_stats}
     history = History(train=done.history["train"], eval=done.history["eval"])
+    final = None
     if evaluator is not None:
-        final = evaluator.evaluate(result_model)
-        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
+        final = {"examples": done.examples, "wall_s": done.train_s}
+        final.update(evaluator.evaluate(result_model))
+        history.eval.append(final)
+    if runlog is not None:
+        runlog.finish(stats, final)
     return TrainResult(result_model, history, stats, config)
+
+
+def _both(
+    first: Callable[[ProgressReport], None], second: Callable[[ProgressReport], None] | None
+) -> Callable[[ProgressReport], None]:
+    """One progress callback calling ``first`` then ``second`` (if any)."""
+    if second is None:
+        return first
+
+    def both(report: ProgressReport) -> None:
+        first(report)
+        second(report)
+
+    return both
 
 
 def _with_seed(config: DownpourConfig, seed: int) -> DownpourConfig:
@@ -485,6 +517,9 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "updates_applied_total": total_applied,
         "staleness_mean": sum(s["staleness_sum"] for s in done.shard_stats) / max(total_applied, 1),
         "staleness_max": int(max(s["staleness_max"] for s in done.shard_stats)),
+        "staleness_histogram": _sum_histograms(
+            [s.get("staleness_histogram", []) for s in done.shard_stats]
+        ),
         "rejected_pushes": int(sum(s["rejected_pushes"] for s in done.shard_stats)),
         "examples": done.examples,
         "steps": done.steps,
@@ -494,3 +529,12 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "seed": config.seed,
         "restarts": done.restarts,
     }
+
+
+def _sum_histograms(histograms: list[list[int]]) -> list[int]:
+    """Entry-wise sum of count lists of different lengths."""
+    total = [0] * max((len(h) for h in histograms), default=0)
+    for h in histograms:
+        for i, c in enumerate(h):
+            total[i] += c
+    return total

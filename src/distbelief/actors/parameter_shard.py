@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..layout import Segment
-from ..messages import Drain, Drained, Fetch, FetchReply, Push, ShardSnapshot, Snapshot
+from ..messages import (
+    Drain,
+    Drained,
+    Fetch,
+    FetchReply,
+    Push,
+    ShardSnapshot,
+    ShardStats,
+    Snapshot,
+    StatsRequest,
+)
 from ..optim import make_update_rule
 from ..runtime.base import Actor, receives
 
@@ -90,6 +101,7 @@ class ParameterShard(Actor):
         self.rejected_pushes = 0
         self.staleness_sum = 0
         self.staleness_max = 0
+        self.staleness_counts: list[int] = []  # entry i: updates applied with staleness i
 
     @property
     def weights(self) -> torch.Tensor:
@@ -116,6 +128,10 @@ class ParameterShard(Actor):
         self.staleness_sum += staleness
         if staleness > self.staleness_max:
             self.staleness_max = staleness
+        counts = self.staleness_counts
+        if staleness >= len(counts):
+            counts.extend([0] * (staleness + 1 - len(counts)))
+        counts[staleness] += 1
 
     @receives(Drain)
     def on_drain(self, msg: Drain, sender: object) -> None:
@@ -126,11 +142,16 @@ class ParameterShard(Actor):
     def on_snapshot(self, msg: Snapshot, sender: object) -> None:
         self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, self.weights, self.stats()))
 
-    def stats(self) -> dict[str, float]:
-        """The shard's counters."""
+    @receives(StatsRequest)
+    def on_stats_request(self, msg: StatsRequest, sender: object) -> None:
+        self.ctx.tell(sender, ShardStats(self.index, self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        """The shard's counters (a copy)."""
         return {
             "updates_applied": self.updates_applied,
             "rejected_pushes": self.rejected_pushes,
             "staleness_sum": self.staleness_sum,
             "staleness_max": self.staleness_max,
+            "staleness_histogram": list(self.staleness_counts),
         }
