@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import random
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -28,6 +31,9 @@ from .config import DownpourConfig
 from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
+from .runlog import RunLog, default_run_dir
+
+log = logging.getLogger("distbelief")
 
 USAGE_ERROR = 2
 """Exit status for invalid arguments (the convention of click and of most Unix tools)."""
@@ -138,6 +144,11 @@ PRESETS: dict[str, Preset] = {
 # fmt: on
 
 
+def _preset_help(field: str) -> str:
+    """Each preset's value of ``field``, for --help: ``mnist1d 15, xor 1, digits 20``."""
+    return ", ".join(f"{name} {getattr(p, field):g}" for name, p in PRESETS.items())
+
+
 def mlp(
     widths: Sequence[int],
     activation: type[nn.Module] = nn.ReLU,
@@ -222,6 +233,7 @@ def summary(
         "warmstart_steps": config.warmstart_steps,
         "seed": config.seed,
         "runtime": config.runtime,
+        "eval_every": config.eval_every,
         "examples": stats["examples"],
         "steps": stats["steps"],
         "wall_s": round(wall_s, 3),  # the train() call: spawn, training, evaluation
@@ -236,10 +248,16 @@ def summary(
         "staleness_mean": round(stats["staleness_mean"], 3),
         "staleness_max": stats["staleness_max"],
         "rejected_pushes": stats["rejected_pushes"],
+        # every evaluation: during training (every eval_every examples), then the final one
+        "evaluations": [{k: _rounded(v) for k, v in point.items()} for point in evals],
     }
     if dataset == "xor":
         out["truth_table"] = _truth_table(result, test)
     return out
+
+
+def _rounded(v: Any) -> Any:
+    return round(v, 4) if isinstance(v, float) else v
 
 
 def _print_summary(console: Console, s: dict[str, Any]) -> None:
@@ -263,7 +281,21 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("final training loss", fmt(s["final_loss"], ".4f"))
     table.add_row("test loss", fmt(s["test_loss"], ".4f"))
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
+    if s.get("eval_every"):
+        table.add_row("evaluated every", f"{s['eval_every']:,} examples")
+    if s.get("run_dir"):
+        table.add_row("run directory", s["run_dir"])
     console.print(table)
+    if len(s.get("evaluations", [])) > 1:
+        evals = Table(title="evaluations on the test set")
+        for name in ("examples", "training s", "test loss", "test accuracy"):
+            evals.add_column(name, justify="right")
+        for e in s["evaluations"]:
+            evals.add_row(
+                f"{e['examples']:,}", f"{e['wall_s']:.2f}", fmt(e.get("loss"), ".4f"),
+                fmt(e.get("accuracy"), ".3f"),
+            )  # fmt: skip
+        console.print(evals)
     if "truth_table" in s:
         truth = Table(title="XOR truth table")
         for name in ("A", "B", "target", "output"):
@@ -274,33 +306,88 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         console.print(truth)
 
 
-class _ProgressLine:
-    """Turns the master's ProgressReport messages into one live rich progress line (stderr)."""
+def _staleness_mean(report: ProgressReport) -> float | None:
+    applied = sum(st["updates_applied"] for st in report.shard_stats)
+    return sum(st["staleness_sum"] for st in report.shard_stats) / applied if applied else None
 
-    def __init__(self, console: Console, label: str, enabled: bool = True) -> None:
+
+class _LiveView:
+    """Shows the master's progress reports on stderr: examples/s, loss, the last test
+    accuracy, the mean staleness and, with several replicas, each replica's progress.
+
+    On a terminal it is a live rich display; to a pipe or a file it prints plain lines (no
+    control characters) at every tenth of the run and at every evaluation."""
+
+    MAX_REPLICA_ROWS = 32
+    """Above this many replicas only the totals are shown."""
+
+    def __init__(self, console: Console, label: str, replicas: int, enabled: bool = True) -> None:
+        self.console = console
+        self.label = label
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self.replicas = replicas if 1 < replicas <= self.MAX_REPLICA_ROWS else 0
+        self.accuracy: float | None = None
+        self.staleness: float | None = None
+        self.replica_loss: dict[int, float] = {}  # each replica's last reported loss
+        self.next_line = 0.0  # fraction of the run at which the next plain line is due
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             TaskProgressColumn(),
-            TextColumn("{task.fields[examples]} examples"),
-            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[text]}"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
-            disable=not enabled,
+            disable=not self.live,
         )
-        self.task = self.progress.add_task(label, total=None, examples="0", loss="-")
+        self.task = self.progress.add_task(label, total=None, text="")
+        self.replica_tasks = [
+            self.progress.add_task(f"  replica {r}", total=None, text="")
+            for r in range(self.replicas)
+        ]
 
     def __call__(self, report: ProgressReport) -> None:
-        self.progress.update(
-            self.task,
-            completed=report.examples,
-            total=report.total_examples,
-            examples=f"{report.examples:,}/{report.total_examples:,}",
-            loss=f"{report.loss:.4f}",
+        if report.evaluation is not None:
+            self.accuracy = report.evaluation.get("accuracy", self.accuracy)
+        if report.shard_stats:
+            self.staleness = _staleness_mean(report)
+        rate = report.examples / report.wall_s if report.wall_s > 0 else 0.0
+        for r, loss in enumerate(report.replica_loss):
+            if loss is not None:
+                self.replica_loss[r] = loss
+        text = (
+            f"{report.examples:,}/{report.total_examples:,} examples  {rate:,.0f} ex/s  "
+            f"loss {report.loss:.4f}  test acc "
+            + ("-" if self.accuracy is None else f"{self.accuracy:.3f}")
+            + "  staleness "
+            + ("-" if self.staleness is None else f"{self.staleness:.2f}")
         )
+        per_replica = [
+            f"{n:,} examples  {n / report.wall_s if report.wall_s > 0 else 0:,.0f} ex/s  loss "
+            + ("-" if loss is None else f"{loss:.4f}")
+            for n, loss in zip(
+                report.replica_examples,
+                [self.replica_loss.get(r) for r in range(len(report.replica_examples))],
+            )
+        ][: self.replicas]
+        if self.live:
+            total = report.total_examples
+            self.progress.update(self.task, completed=report.examples, total=total, text=text)
+            share = total / max(len(report.replica_examples), 1)
+            for task, n, line in zip(self.replica_tasks, report.replica_examples, per_replica):
+                self.progress.update(task, completed=n, total=share, text=line)
+            return
+        done = report.examples / report.total_examples if report.total_examples else 1.0
+        if not self.enabled or (done < self.next_line and report.evaluation is None):
+            return
+        while self.next_line <= done:
+            self.next_line += 0.1
+        print(f"{self.label} {done:4.0%} {text}", file=self.console.file, flush=True)
+        for r, line in enumerate(per_replica):
+            print(f"  replica {r}: {line}", file=self.console.file, flush=True)
 
-    def __enter__(self) -> _ProgressLine:
+    def __enter__(self) -> _LiveView:
         self.progress.start()
         return self
 
@@ -312,36 +399,169 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
     return typer.Option(help=help_text, show_default=False, **kwargs)
 
 
+NOT_RECORDED = frozenset({"config", "as_json", "quiet", "run_dir", "no_run_dir"})
+"""Flags of ``train`` that shape the output, not the run: left out of a run's config.toml."""
+
+
+def _param_type(param: Any) -> type:
+    """The Python type a command parameter takes (typer's own, or click's type name)."""
+    descriptor = getattr(param, "type_descriptor", None)  # typer >= 0.26 (vendored click)
+    if descriptor is not None and isinstance(descriptor.annotation, type):
+        return descriptor.annotation
+    name = getattr(getattr(param, "type", None), "name", "text")
+    return {"integer": int, "float": float, "boolean": bool}.get(name, str)
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _config_keys(command: Any) -> dict[str, Any]:
+    """Key -> parameter of ``command``: each parameter's name and its long flags' names
+    (``batch_size`` and ``batch-size``; ``json`` for ``--json``)."""
+    keys: dict[str, Any] = {}
+    for param in command.params:
+        keys[param.name] = param
+        for opt in getattr(param, "opts", ()):
+            if opt.startswith("--"):
+                keys[opt[2:]] = keys[opt[2:].replace("-", "_")] = param
+    return keys
+
+
+def load_config(ctx: typer.Context, param: Any, value: str | None) -> str | None:
+    """``--config FILE``: the TOML file's keys become the command's defaults, so flags given
+    on the command line win. The accepted keys and their types are the command's own
+    parameters (whatever flags it has). Unknown keys and wrong types are usage errors."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise UsageFailure(f"config: cannot read {value!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageFailure(f"config: {value!r} is not valid TOML: {exc}") from None
+    keys = _config_keys(ctx.command)
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        target = keys.get(key)
+        if target is None or target.name == param.name:
+            raise UsageFailure(
+                f"config: unknown key {key!r} in {value!r}; the keys are the flags of "
+                f"{ctx.info_name}, e.g. replicas, batch_size, lr"
+            )
+        kind = _param_type(target)
+        if not _fits(v, kind):
+            raise UsageFailure(
+                f"config: key {key!r} in {value!r} must be {kind.__name__}, got "
+                f"{type(v).__name__} {v!r}"
+            )
+        defaults[target.name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _seed_help() -> str:
+    return (
+        "Seeds model init, data order and actor interleaving "
+        "(default: a fresh random seed, shown in the summary and kept in the run directory)."
+    )
+
+
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     dataset: Annotated[
         str, typer.Argument(help="mnist1d (the main job), xor (the seed's example) or digits.")
     ] = "mnist1d",
-    replicas: Annotated[int | None, _opt("Model replicas (preset: 4; xor 25).")] = None,
-    stages: Annotated[int | None, _opt("Partitions per replica, by layer (preset: 2).")] = None,
-    shards: Annotated[int | None, _opt("Parameter-server shards (preset: 2).")] = None,
+    replicas: Annotated[
+        int | None, _opt(f"Model replicas (preset: {_preset_help('replicas')}).")
+    ] = None,
+    stages: Annotated[
+        int | None, _opt(f"Partitions per replica, by layer (preset: {_preset_help('stages')}).")
+    ] = None,
+    shards: Annotated[
+        int | None, _opt(f"Parameter-server shards (preset: {_preset_help('shards')}).")
+    ] = None,
     n_fetch: Annotated[int, _opt("Fetch parameters every n_fetch steps.")] = 1,
     n_push: Annotated[int, _opt("Push the accrued gradient every n_push steps.")] = 1,
-    batch_size: Annotated[int | None, _opt("Examples per mini-batch per replica.")] = None,
-    epochs: Annotated[int | None, _opt("Passes of each replica over its data.")] = None,
-    lr: Annotated[float | None, _opt("Learning rate at the shards (Adagrad's gamma).")] = None,
+    batch_size: Annotated[
+        int | None,
+        _opt(f"Examples per mini-batch per replica (preset: {_preset_help('batch_size')})."),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        _opt(f"Passes of each replica over its data (preset: {_preset_help('epochs')})."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        _opt(f"Learning rate at the shards, Adagrad's gamma (preset: {_preset_help('lr')})."),
+    ] = None,
     optimizer: Annotated[
         str | None,
         _opt("Update rule at the shards: sgd, momentum, adagrad, adam (preset: adagrad; xor sgd)."),
     ] = None,
     warmstart_steps: Annotated[int, _opt("Steps replica 0 trains alone first.")] = 0,
-    hidden: Annotated[str | None, _opt("Hidden widths, comma-separated, e.g. 256,256.")] = None,
-    seed: Annotated[int, _opt("Seeds model init, data order and actor interleaving.")] = 0,
+    hidden: Annotated[
+        str | None,
+        _opt(
+            "Hidden widths, comma-separated, e.g. 256,256; '' for none (a linear model). "
+            "Preset: mnist1d 256,256, xor 2, digits 128,128."
+        ),
+    ] = None,
+    seed: Annotated[int | None, _opt(_seed_help())] = None,
     runtime: Annotated[str, _opt("Where actors run: local (in-process) or ray.")] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
-    eval_every: Annotated[int, _opt("Evaluate every this many examples (0: at the end).")] = 0,
+    eval_every: Annotated[
+        int,
+        _opt(
+            "Evaluate on the test set every this many training examples (0: at the end only); "
+            "each evaluation is listed in the summary and the JSON."
+        ),
+    ] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
+    run_dir: Annotated[
+        str | None,
+        _opt(
+            "Write metrics.jsonl, config.toml and TensorBoard event files here "
+            "(default: runs/DATASET-YYYYmmdd-HHMMSS)."
+        ),
+    ] = None,
+    no_run_dir: Annotated[
+        bool, typer.Option("--no-run-dir", help="Write no run directory.")
+    ] = False,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="Read flags from a TOML file (keys: the flags' names, e.g. a run "
+            "directory's config.toml); flags on the command line win.",
+            is_eager=True,
+            callback=load_config,
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress display: only the summary.")
+    ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object, last line.")
+        bool, typer.Option("--json", help="Print one JSON object, last line (no progress).")
     ] = False,
 ) -> None:
-    """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON)."""
+    """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON).
+
+    Presets (every flag overrides them): mnist1d: MLP 40-256-256-10, 4 replicas x 2 stages,
+    2 shards, adagrad lr 0.05, batch 32, 15 epochs. xor: 2-2-1 sigmoid, 25 replicas x 2
+    stages, 2 shards, sgd lr 0.5, batch 1, 1 epoch. digits: MLP 64-128-128-10, 4 replicas
+    x 2 stages, 2 shards, adagrad lr 0.05, batch 32, 20 epochs.
+    """
     t_start = time.perf_counter()
     preset = PRESETS.get(dataset)
     if preset is None:
@@ -354,6 +574,10 @@ def train_command(
         raise UsageFailure(f"train-size: must be an integer >= 1, got {train_size}")
     if address is not None and runtime != "ray":
         raise UsageFailure("address: only meaningful with --runtime ray")
+    if run_dir is not None and no_run_dir:
+        raise UsageFailure("run-dir: --run-dir and --no-run-dir contradict each other")
+    if seed is None:  # as the API does: draw one, and say which (summary, JSON, config.toml)
+        seed = random.SystemRandom().randrange(2**31)
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
     settings: dict[str, Any] = dict(
         lr=preset.lr if lr is None else lr,
@@ -377,19 +601,40 @@ def train_command(
         resolve_split_points(layer_sizes(as_layers(model)), config.stages)
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
+    # What config.toml records: every flag of this command as resolved (the presets' values
+    # filled in, the seed drawn), so --config on it runs the same configuration again.
+    resolved = {k: v for k, v in ctx.params.items() if k not in NOT_RECORDED and v is not None}
+    resolved.update({k: settings[k] for k in resolved.keys() & settings.keys()})
+    resolved.update({k: settings[k] for k in PRESET_FIELDS}, hidden=",".join(map(str, widths)))
+    order = [p.name for p in ctx.command.params]
+    resolved = dict(sorted(resolved.items(), key=lambda kv: order.index(kv[0])))
+    runlog = None
+    if not no_run_dir:
+        path = run_dir if run_dir is not None else default_run_dir(dataset)
+        try:  # before any data is generated or trained: an unusable directory ends it here
+            runlog = RunLog(path, resolved, name="run-dir")
+        except ConfigError as exc:
+            raise UsageFailure(str(exc)) from None
     # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
     # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        s = _run_job(dataset, preset, model, widths, settings, train_size, as_json)
+        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog)
     finally:
         torch.set_num_threads(threads)
+        if runlog is not None:
+            runlog.close("failed")  # no-op after a finished run
     s["command_s"] = round(time.perf_counter() - t_start, 3)
+    s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
         print(json.dumps(s))
     else:
         _print_summary(Console(), s)
+
+
+PRESET_FIELDS = ("lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer", "seed")
+"""Settings a preset (or the drawn seed) fills in when the flag is not given."""
 
 
 def _run_job(
@@ -400,8 +645,9 @@ def _run_job(
     settings: dict[str, Any],
     train_size: int | None,
     quiet: bool,
+    runlog: RunLog | None = None,
 ) -> dict[str, Any]:
-    """Load the data, train with a progress line on stderr (unless quiet), summarise."""
+    """Load the data, train with a live view on stderr (unless quiet), summarise."""
     t_data = time.perf_counter()
     train_data, test_data = preset.load(settings["seed"])
     if train_size is not None:
@@ -409,9 +655,13 @@ def _run_job(
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()
     try:
-        with _ProgressLine(Console(stderr=True), dataset, enabled=not quiet) as line:
+        console = Console(stderr=True)
+        if not quiet:
+            where = f", run directory {runlog.path}" if runlog is not None else ""
+            print(f"{dataset}: seed {settings['seed']}{where}", file=console.file, flush=True)
+        with _LiveView(console, dataset, settings["replicas"], enabled=not quiet) as view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
-                           progress=line, **settings)  # fmt: skip
+                           progress=view, run_dir=runlog, **settings)  # fmt: skip
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     except TrainingInterrupted:
@@ -437,6 +687,8 @@ def bench_command(
     """Measure the engine side by side against plain PyTorch baselines, in one run."""
     from . import bench
 
+    if as_json and as_markdown:
+        raise UsageFailure("json: --json and --markdown each print the whole report; choose one")
     try:
         names = bench.parse_only(only)
         if repeats is not None and repeats < 1:
@@ -456,6 +708,28 @@ def bench_command(
         print(bench.markdown(report))
     else:
         Console().print(bench.table(report))
+
+
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[
+        list[str], typer.Argument(help="Run directories (of distbelief train --run-dir).")
+    ],
+    out: Annotated[
+        str | None, _opt("Write the plots and report.html here (default: the first RUN_DIR).")
+    ] = None,
+) -> None:
+    """Plot one or more runs: accuracy and loss against time and examples, examples/s per
+    replica, the staleness histogram, shard update rates; PNGs and one self-contained HTML
+    page. Several runs are overlaid, labelled by what differs in their configurations."""
+    from . import report
+
+    try:
+        files = report.report(run_dirs, out)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc).replace("run_dir:", "run-dir:", 1)) from None
+    for path in files:
+        print(path)
 
 
 def _fail(message: str, code: int) -> int:
