@@ -333,7 +333,7 @@ class _LiveView:
         self.next_line = 0.0  # fraction of the run at which the next plain line is due
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=24),
+            BarColumn(bar_width=10),
             TaskProgressColumn(),
             TextColumn("{task.fields[text]}"),
             TimeElapsedColumn(),
@@ -343,8 +343,7 @@ class _LiveView:
         )
         self.task = self.progress.add_task(label, total=None, text="")
         self.replica_tasks = [
-            self.progress.add_task(f"  replica {r}", total=None, text="")
-            for r in range(self.replicas)
+            self.progress.add_task(f" r{r}", total=None, text="") for r in range(self.replicas)
         ]
 
     def __call__(self, report: ProgressReport) -> None:
@@ -371,11 +370,21 @@ class _LiveView:
                 [self.replica_loss.get(r) for r in range(len(report.replica_examples))],
             )
         ][: self.replicas]
-        if self.live:
+        if self.live:  # compact: one terminal row (80 columns) per line
             total = report.total_examples
-            self.progress.update(self.task, completed=report.examples, total=total, text=text)
+            short = (
+                f"{rate:,.0f} ex/s  loss {report.loss:.3f}  acc "
+                + ("-" if self.accuracy is None else f"{self.accuracy:.3f}")
+                + "  stale "
+                + ("-" if self.staleness is None else f"{self.staleness:.2f}")
+            )
+            self.progress.update(self.task, completed=report.examples, total=total, text=short)
             share = total / max(len(report.replica_examples), 1)
-            for task, n, line in zip(self.replica_tasks, report.replica_examples, per_replica):
+            for r, (task, n) in enumerate(zip(self.replica_tasks, report.replica_examples)):
+                loss = self.replica_loss.get(r)
+                line = f"{n / report.wall_s if report.wall_s > 0 else 0:,.0f} ex/s  loss " + (
+                    "-" if loss is None else f"{loss:.3f}"
+                )
                 self.progress.update(task, completed=n, total=share, text=line)
             return
         done = report.examples / report.total_examples if report.total_examples else 1.0
@@ -678,10 +687,13 @@ def bench_command(
     ] = None,
     repeats: Annotated[int | None, _opt("Alternating repeats per comparison (best kept).")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object, last line.")
+        bool, typer.Option("--json", help="Print one JSON object, last line (not with --markdown).")
     ] = False,
     as_markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the README).")
+        bool,
+        typer.Option(
+            "--markdown", help="Print the table as Markdown, for the README (not with --json)."
+        ),
     ] = False,
 ) -> None:
     """Measure the engine side by side against plain PyTorch baselines, in one run."""
@@ -745,6 +757,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:  # diagnostics (warnings and worse) on stderr
+        logging.basicConfig(format="distbelief: %(levelname)s: %(name)s: %(message)s")
     try:
         # standalone_mode=False: click's errors reach us instead of a multi-line rich panel
         rv = command.main(args=args or ["--help"], prog_name="distbelief", standalone_mode=False)
