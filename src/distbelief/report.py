@@ -132,6 +132,28 @@ def _points(records: list[dict[str, Any]], x: str, y: str) -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+RATE_POINTS = 40
+"""Rates are drawn over intervals of at least 1/RATE_POINTS of the run: two reports a few
+microseconds apart would otherwise show a spike of thousands per second."""
+
+
+def _rates(records: list[dict[str, Any]], counter: str) -> tuple[list[float], list[float]]:
+    """``(wall_s, rate)`` points of a cumulative ``counter``, each rate over an interval of at
+    least 1/RATE_POINTS of the records' time span (from the run's start)."""
+    pts = [(r["wall_s"], r[counter]) for r in records if r.get(counter) is not None]
+    if not pts:
+        return [], []
+    step = pts[-1][0] / RATE_POINTS
+    xs, ys = [], []
+    last_t, last_n = 0.0, 0
+    for t, n in pts:
+        if t - last_t >= step and t > last_t:
+            xs.append(t)
+            ys.append((n - last_n) / (t - last_t))
+            last_t, last_n = t, n
+    return xs, ys
+
+
 def _plot_metric(runs: Sequence[Run], out: Path, metric: str, x: str) -> Path:
     """Test ``metric`` (and for loss, the training loss dashed) against ``x``."""
     xlabel = "training wall time (s)" if x == "wall_s" else "examples seen"
@@ -157,8 +179,7 @@ def _plot_replicas(runs: Sequence[Run], out: Path) -> Path:
     for i, run in enumerate(runs):
         replicas = sorted({r["replica"] for r in run.replica})
         for j, replica in enumerate(replicas):
-            xs, ys = _points([r for r in run.replica if r["replica"] == replica], "wall_s",
-                             "examples_per_s")  # fmt: skip
+            xs, ys = _rates([r for r in run.replica if r["replica"] == replica], "examples")
             # one colour per run when overlaying runs, one per replica otherwise
             color = f"C{(i if many else j) % 10}"
             if not many:
@@ -203,7 +224,7 @@ def _plot_shards(runs: Sequence[Run], out: Path) -> Path:
     styles = ["-", "--", ":", "-."]
     for i, run in enumerate(runs):
         for k in sorted({r["shard"] for r in run.shard}):
-            xs, ys = _points([r for r in run.shard if r["shard"] == k], "wall_s", "updates_per_s")
+            xs, ys = _rates([r for r in run.shard if r["shard"] == k], "updates_applied")
             label = f"{run.label}: shard {k}" if len(runs) > 1 else f"shard {k}"
             color = f"C{(i if len(runs) > 1 else k) % 10}"
             ax.plot(xs, ys, styles[k % len(styles)], color=color, label=label)

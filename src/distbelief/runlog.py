@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.toml"
+TENSORBOARD_EVERY_S = 20.0
+"""Buffered TensorBoard events go to the writer this often (and at the end). Handing the
+writer one event per report cost ~3-6 ms each on a busy 2-core machine (its thread wakes and
+takes the GIL from training): 3-4% of examples/s, against under 1% for all the JSON lines.
+TensorBoard's own writer flushes to disk every 120 s by default, so nothing is seen later."""
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -137,6 +142,8 @@ class RunLog:
         self._last_replica: dict[int, tuple[float, int]] = {}
         self._last_shard: dict[int, tuple[float, int]] = {}
         self._pending: list[tuple[str, float]] = []  # scalars of the report being logged
+        self._events: list[tuple[int, float, list[tuple[str, float]]]] = []  # not yet written
+        self._written_at = time.monotonic()
         self.closed = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -276,6 +283,7 @@ class RunLog:
             }
         )
         if self._writer is not None:
+            self._write_events()
             hist = stats.get("staleness_histogram") or []
             if sum(hist):
                 self._staleness_histogram(hist, int(stats.get("examples", 0)))
@@ -296,16 +304,25 @@ class RunLog:
             self._pending.append((tag, float(value)))
 
     def _flush_scalars(self, step: int) -> None:
-        """Hand the report's scalars to the writer as one event: the same records as
-        ``add_scalar`` writes (``simple_value``), at a sixteenth of its cost per scalar
-        (measured: ~14 us against ~220 us), so logging stays cheap next to training."""
-        if not self._pending:
-            return
+        """Keep the report's scalars as one event; hand the kept events to the writer every
+        ``TENSORBOARD_EVERY_S`` seconds."""
+        if self._pending:
+            self._events.append((step, time.time(), list(self._pending)))
+            self._pending.clear()
+        if time.monotonic() - self._written_at >= TENSORBOARD_EVERY_S:
+            self._write_events()
+
+    def _write_events(self) -> None:
+        """One event per report, holding its scalars: the same records as ``add_scalar``
+        writes (``simple_value``), at a sixteenth of its cost per scalar (~14 us against
+        ~220 us, measured)."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        values = [Summary.Value(tag=tag, simple_value=v) for tag, v in self._pending]
-        self._writer.file_writer.add_summary(Summary(value=values), step, walltime=time.time())
-        self._pending.clear()
+        for step, walltime, scalars in self._events:
+            values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars]
+            self._writer.file_writer.add_summary(Summary(value=values), step, walltime)
+        self._events.clear()
+        self._written_at = time.monotonic()
 
     def _staleness_histogram(self, counts: list[int], step: int) -> None:
         """The final staleness histogram as a TensorBoard histogram (one bucket per value)."""
