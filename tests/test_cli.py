@@ -126,6 +126,12 @@ def test_human_output_has_progress_summary_and_truth_table(
         (["--address", "ray://x:1"], "address"),
         (["--replicas", "many"], "replicas"),
         (["--no-such-flag"], "no-such-flag"),
+        (["--seed", "99999999999999999999999"], "seed"),
+        (["--torch-threads", "100000"], "torch-threads"),
+        (["--hidden", "100000,100000"], "hidden"),  # 37 GiB of float32: refused, not allocated
+        (["--lr", "1e300"], "lr"),
+        (["--inject", "kill:shard0"], "inject"),
+        (["--inject", "kill:shard9@update=3"], "faults: kill:shard9@update=3 names no actor"),
     ],
 )
 def test_invalid_arguments_exit_2_with_one_line(
@@ -202,3 +208,10 @@ def test_ctrl_c_during_a_run_exits_130_with_one_line(
     code, out, err = run(capsys, "train", "xor", "--train-size", "2000", "--replicas", "2")
     assert code == 130 and out == ""
     assert err.strip().splitlines()[-1] == "distbelief: error: interrupted"
+
+
+def test_an_injected_fault_is_survived_and_reported(capsys: pytest.CaptureFixture[str]) -> None:
+    s = run_json(capsys, "train", "digits", "--epochs", "1", "--inject",
+                 "kill:replica1.stage1@step=3")  # fmt: skip
+    assert s["restarts"] == 1
+    assert s["examples"] == 1438  # the lost step was redone, and counted once

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from conftest import mlp
@@ -77,6 +79,56 @@ def test_balanced_split_minimises_the_largest_stage():
     assert balanced_split_points([1, 1, 1, 1], 2) == [2]
     # Parameter-free layers stay with the layer before them.
     assert balanced_split_points([5, 0, 5, 0], 2) == [2]
+
+
+def _exhaustive_split_points(sizes: list[int], stages: int) -> list[int]:
+    """The reference, by trying every split into non-empty runs: the smallest largest run;
+    among those, the latest start of the last stage (free layers stay with the layer before
+    them); then the same rule for the stages before it, recursively. Small inputs only."""
+    from itertools import combinations
+
+    n = len(sizes)
+
+    def key(points: tuple[int, ...]) -> list:
+        bounds = [0, *points, n]
+        runs = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        out: list = []
+        for k in range(len(points), 0, -1):  # the whole split, then each prefix of it
+            out += [max(runs[: k + 1]), -points[k - 1]]
+        return out
+
+    return list(min(combinations(range(1, n), stages - 1), key=key))
+
+
+def test_balanced_split_equals_an_exhaustive_search():
+    rng = random.Random(1)
+    for _ in range(3000):
+        n = rng.randint(1, 9)
+        sizes = [rng.choice([0, 0, 1, 2, 3, 5, 8, 100]) for _ in range(n)]
+        stages = rng.randint(1, n)
+        assert balanced_split_points(sizes, stages) == _exhaustive_split_points(sizes, stages), (
+            sizes,
+            stages,
+        )
+
+
+@pytest.mark.timeout(30)  # a bound, not a measurement: planning used to take minutes here
+def test_planning_scales_to_thousands_of_shards_and_stages():
+    rng = random.Random(0)
+    sizes = [rng.choice([0, 10, 4096, 70_000]) for _ in range(1000)]  # a 1,000-layer model
+    points = balanced_split_points(sizes, 100)
+    assert len(points) == 99 and points == sorted(set(points))
+    bounds = [0, *points, len(sizes)]
+    stage_sizes = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+    layout = Layout.build(stage_sizes, 10_000, [n for n in sizes if n])
+    by_shard = [layout.segments_of_shard(k) for k in range(10_000)]
+    by_stage = [layout.segments_of_stage(s) for s in range(100)]
+    # Every shard holds something, and the segments tile the flat space exactly once.
+    assert all(by_shard)
+    assert sum(len(s) for s in by_stage) == len(layout.segments) == sum(len(s) for s in by_shard)
+    spans = [(seg.start, seg.stop) for seg in layout.segments]
+    assert spans[0][0] == 0 and spans[-1][1] == layout.total
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
 
 
 def test_explicit_split_points_are_validated():

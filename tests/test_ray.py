@@ -278,7 +278,7 @@ def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):
     [
         ({"adress": "x"}, r"^runtime_options: unknown option\(s\) \['adress'\]"),
         ({"placement": "scatter"}, r"^runtime_options: placement must be one of"),
-        ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^runtime_options: faults"),
+        ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^faults: 'replica0.stage0': unknown"),
     ],
 )
 def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):
@@ -289,3 +289,19 @@ def test_bad_runtime_options_are_config_errors_before_anything_starts(options, m
 def test_an_address_other_than_the_connected_clusters_is_refused(ray_session):
     with pytest.raises(distbelief.ConfigError, match="^runtime_options: address '127.0.0.1:1'"):
         toy_run(runtime_options={"address": "127.0.0.1:1"})
+
+
+@pytest.mark.parametrize(
+    "address, match",
+    [
+        ("garbage", r"'garbage' is not HOST:PORT"),
+        ("127.0.0.1:99999", r"'127.0.0.1:99999' is not HOST:PORT"),
+        ("127.0.0.1:1", r"'127.0.0.1:1': no Ray cluster answers there \(Connection refused\)"),
+    ],
+)
+def test_a_malformed_or_dead_cluster_address_is_refused_at_once(address, match):
+    # Before ray.init, which printed a traceback for the first and retried the last for minutes.
+    from distbelief.runtime.ray import check_address
+
+    with pytest.raises(distbelief.ConfigError, match=rf"^runtime_options: address {match}"):
+        check_address(address, timeout=2.0)

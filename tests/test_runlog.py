@@ -124,17 +124,21 @@ def test_flags_on_the_command_line_win_over_the_file(
 
     monkeypatch.setattr(cli, "train", fake_train)
     conf = tmp_path / "run.toml"
-    conf.write_text('dataset = "digits"\nreplicas = 3\nlr = 1\nbatch-size = 8\nno_run_dir = true\n')
+    conf.write_text(
+        'dataset = "digits"\nreplicas = 3\nlr = 1\nbatch-size = 8\nno_run_dir = true\n'
+        'inject = ["kill:replica1.stage0@step=5"]\n'  # a flag that takes several values
+    )
     code, _, err = run(capsys, "train", "--config", str(conf), "--replicas", "2")
     assert code == 2 and "stopped by the test" in err
     assert (seen["replicas"], seen["lr"], seen["batch_size"]) == (2, 1.0, 8)
     assert seen["epochs"] == 20 and seen["run_dir"] is None  # digits' preset; no run dir
+    assert len(seen["runtime_options"]["faults"]) == 1
 
 
 @pytest.mark.parametrize(
     ("text", "key"),
     [("replicaz = 3\n", "replicaz"), ('epochs = "ten"\n', "epochs"), ("lr = true\n", "lr"),
-     ("config = 'x.toml'\n", "config")],
+     ("config = 'x.toml'\n", "config"), ('inject = "kill:replica0.stage0@step=1"\n', "inject")],
 )  # fmt: skip
 def test_unknown_key_or_wrong_type_exits_2_naming_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str

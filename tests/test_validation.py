@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import mlp
@@ -47,7 +48,10 @@ def check(match: str, model=None, train_data=None, **overrides):
         (dict(optimizer="rmsprop"), r"^optimizer: unknown optimizer 'rmsprop'"),
         (dict(runtime="mpi"), r"^runtime: unknown runtime 'mpi'"),
         (dict(loss="hinge"), r"^loss: unknown loss 'hinge'"),
-        (dict(seed=-3), r"^seed: must be an integer >= 0"),
+        (dict(seed=-3), r"^seed: must be an integer from 0 to 2\*\*63 - 1"),
+        (dict(seed=2**70), r"^seed: must be an integer from 0 to 2\*\*63 - 1 or None, got 1180"),
+        (dict(batch_size=np.int64(0)), r"^batch_size: must be an integer >= 1, got 0$"),
+        (dict(lr=1e300), r"^lr: 1e\+300 overflows the model's float32"),
     ],
 )
 def test_bad_settings_name_the_parameter(overrides, match):
@@ -66,9 +70,68 @@ def test_stages_whose_shapes_do_not_chain_are_found_by_a_dry_run():
 
 def test_inputs_that_do_not_fit_the_first_layer_are_named():
     check(
-        r"^model: layer 0 \(Linear\) in stage 0 cannot take the training inputs",
+        r"^model: layer 0 \(Linear\) in stage 0 cannot take the inputs of train_data "
+        r"\(each shaped \(11,\)\)",
         train_data=data(features=11),
     )
+    check(
+        r"^model: layer 0 \(Linear\) in stage 0 cannot take the inputs of eval_data "
+        r"\(each shaped \(12,\)\)",
+        eval_data=data(features=12),
+    )
+
+
+def test_numpy_scalars_are_numbers_like_any_other():
+    numpy_settings = dict(lr=np.float64(0.1), batch_size=np.int64(8), epochs=np.int32(1))
+    result = distbelief.train(
+        mlp([10, 8, 3]), data(), **{**BASE, **numpy_settings}, seed=np.int64(4)
+    )
+    assert result.config.batch_size == 8 and type(result.config.batch_size) is int
+    assert type(result.config.lr) is float and result.stats["seed"] == 4
+
+
+def test_an_embedding_index_out_of_range_anywhere_is_named():
+    model = nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(12, 3))
+    x = torch.randint(0, 50, (32, 3), generator=torch.Generator().manual_seed(0))
+    _, y = data()
+    x[17, 2] = 50
+    check(r"^train_data: row 17 holds index 50, out of range for the first layer, Embedding "
+          r"of 50 entries", model=model, train_data=(x, y))  # fmt: skip
+    x[17, 2] = 0
+    bad = x.clone()
+    bad[3, 0] = -1
+    check(r"^eval_data: row 3 holds index -1", model=model, train_data=(x, y), eval_data=(bad, y))
+
+
+def test_batchnorm_never_meets_a_mini_batch_of_one():
+    model = nn.Sequential(nn.Linear(10, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    check(
+        r"^batch_size: replica 1's 17 examples end each epoch with a mini-batch of one",
+        model=model,
+        train_data=data(n=33),
+        replicas=2,
+    )
+
+
+def test_a_model_too_large_for_memory_is_refused_before_anything_is_copied(monkeypatch):
+    monkeypatch.setattr(distbelief.api, "available_memory", lambda: 1000)
+    check(r"^model: 115 parameters need about .* more than the 0.0 GiB", replicas=1)
+
+
+@pytest.mark.parametrize("split", [[1], [2]], ids=["stage0", "stage1"])
+def test_a_layer_working_in_place_first_in_a_stage_trains_and_leaves_the_data_alone(runtime, split):
+    # ReLU(inplace=True) first in stage 1 (after split [1]) once failed on the leaf autograd
+    # made of its input; first in the model (split [2]: stage 0 = Linear, stage 1 = ReLU...)
+    # it must not edit the data shard's mini-batches either.
+    layers = [nn.ReLU(inplace=True), nn.Linear(10, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)]
+    x, y = data()
+    before = x.clone()
+    result = distbelief.train(
+        nn.Sequential(*layers), (x, y), **BASE, stages=split, eval_data=(x, y), runtime=runtime
+    )
+    assert torch.equal(x, before)
+    with_parameters = 1 if split == [1] else 2  # split [1]: stage 0 is the ReLU alone
+    assert result.stats["updates_applied_total"] == 4 * with_parameters
 
 
 def test_labels_out_of_range_for_cross_entropy():

@@ -1,4 +1,5 @@
-"""The public entry point: ``distbelief.train`` runs Downpour SGD and returns the result."""
+"""The public entry point: ``distbelief.train`` checks every input, then hands the run to the
+algorithm's own module (``downpour.py``); the result types live here."""
 
 from __future__ import annotations
 
@@ -13,27 +14,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .config import DownpourConfig
 from .data import as_tensors, replica_ranges
-from .errors import ConfigError, TrainingInterrupted
-from .flat import flatten, load_flat, parameters_of
-from .layout import Layout
-from .messages import (
-    Begin,
-    BufferSnapshot,
-    ConnectDataShard,
-    ConnectMaster,
-    ConnectStage,
-    ProgressReport,
-    ShardSnapshot,
-    Snapshot,
-    StageBuffers,
-    TrainingDone,
+from .errors import ConfigError
+from .flat import load_flat, parameters_of
+from .messages import ProgressReport
+from .partition import (
+    as_layers,
+    edits_its_input,
+    layer_sizes,
+    model_dtype,
+    resolve_split_points,
+    split_layers,
 )
-from .partition import as_layers, layer_sizes, model_dtype, resolve_split_points, split_layers
 from .runlog import RunLog
-from .runtime import make_runtime
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -97,10 +91,13 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, loss: str | L
     return x.contiguous(), y.contiguous()
 
 
-def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> torch.Tensor:
-    """Forward a few examples through every layer; name the layer whose input does not fit."""
+def _dry_run(
+    layers: list[nn.Module], stage_of: list[int], x: torch.Tensor, name: str = "train_data"
+) -> torch.Tensor:
+    """Forward a few examples of ``name`` through every layer; name the layer whose input does
+    not fit."""
     modes = [layer.training for layer in layers]
-    out = x
+    out = x.clone()  # a layer that works in place (ReLU(inplace=True)) must not edit the data
     try:
         with torch.no_grad():
             for i, layer in enumerate(layers):
@@ -110,7 +107,7 @@ def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> t
                 except Exception as exc:
                     shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out)
                     where = (
-                        "the training inputs"
+                        f"the inputs of {name} (each shaped {tuple(x.shape[1:])})"
                         if i == 0
                         else f"the output of layer {i - 1} (shape {shape})"
                     )
@@ -127,6 +124,84 @@ def _dry_run(layers: list[nn.Module], stage_of: list[int], x: torch.Tensor) -> t
         for layer, mode in zip(layers, modes):
             layer.train(mode)
     return out
+
+
+def _check_inputs(name: str, layers: list[nn.Module], x: torch.Tensor) -> None:
+    """What a dry run on two examples cannot see: an index into a first-layer Embedding that is
+    out of range anywhere in the data (it would fail mid-run, in some replica's step)."""
+    first = layers[0]
+    if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) and not x.is_floating_point():
+        n = first.num_embeddings
+        bad = ((x < 0) | (x >= n)).reshape(len(x), -1)
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0])
+            index = int(x[row].reshape(-1)[bad[row]][0])
+            raise ConfigError(
+                f"{name}: row {row} holds index {index}, out of range for the first layer, "
+                f"{type(first).__name__} of {n} entries (indices must be in 0..{n - 1})"
+            )
+
+
+def _check_lr(config: DownpourConfig, dtype: torch.dtype) -> None:
+    """A rate the model's dtype cannot hold would turn every update into inf inside a shard."""
+    limit = torch.finfo(dtype).max
+    for name in ("lr", "local_lr"):
+        value = getattr(config, name)
+        if value > limit:
+            raise ConfigError(
+                f"{name}: {value:g} overflows the model's {str(dtype).removeprefix('torch.')} "
+                f"(largest {limit:g})"
+            )
+
+
+def _check_batches(layers: list[nn.Module], examples: int, config: DownpourConfig) -> None:
+    """BatchNorm in training mode cannot normalise a mini-batch of one example: refuse a run
+    whose epochs would end with one, instead of failing in its last step."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _modules(layers)):
+        return
+    for r, (lo, hi) in enumerate(replica_ranges(examples, config.replicas)):
+        if (hi - lo) % config.batch_size == 1:
+            raise ConfigError(
+                f"batch_size: replica {r}'s {hi - lo} examples end each epoch with a "
+                f"mini-batch of one, which BatchNorm cannot train on; choose another batch size"
+            )
+
+
+STATE_COPIES = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2}
+"""Parameter-sized tensors of optimizer state per parameter, by update rule."""
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (Linux's MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_memory(total: int, dtype: torch.dtype, config: DownpourConfig) -> None:
+    """Refuse a run whose parameter copies cannot fit in this machine's memory (in-process:
+    every replica's copy, the shards' values and optimizer state, and the initial vector),
+    instead of failing in an allocation half-way through spawning actors."""
+    if config.runtime != "local":
+        return  # the copies are spread over processes or nodes with memory of their own
+    copies = config.replicas + 2 + STATE_COPIES.get(config.optimizer, 2)
+    need = total * dtype.itemsize * copies
+    free = available_memory()
+    if free is not None and need > free:
+        raise ConfigError(
+            f"model: {total:,} parameters need about {need / 2**30:.1f} GiB for "
+            f"{config.replicas} replicas, the shards and {config.optimizer}'s state, more than "
+            f"the {free / 2**30:.1f} GiB of memory available"
+        )
+
+
+def _modules(layers: list[nn.Module]) -> list[nn.Module]:
+    return [m for layer in layers for m in layer.modules()]
 
 
 def _check_targets(
@@ -202,12 +277,10 @@ class Evaluator:
         """Metrics of a whole model, buffers included."""
         mode = model.training
         model.eval()
+        copy = edits_its_input(list(model.children()))  # the held-out data stays as it is
         with torch.no_grad():
-            outs = [
-                model(self.x[i : i + self.batch_size])
-                for i in range(0, len(self.x), self.batch_size)
-            ]
-            out = torch.cat(outs)
+            batches = self.x.split(self.batch_size)
+            out = torch.cat([model(b.clone() if copy else b) for b in batches])
             metrics = {"loss": float(self.loss_fn(out, self.y))}
             if self.metric is not None:
                 metrics["accuracy"] = float(self.metric(out, self.y))
@@ -287,44 +360,40 @@ def train(
     total = sum(sizes)
     if config.shards > total:
         raise ConfigError(f"shards: {config.shards} shards but the model has {total} parameters")
+    _check_memory(total, dtype, config)
     if total and not any(p.requires_grad for p in parameters_of(layers)):
         raise ConfigError("model: no parameter requires grad, so there is nothing to train")
+    _check_inputs("train_data", layers, x)
+    _check_lr(config, dtype)
+    _check_batches(layers, len(x), config)
     # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
     out = _dry_run(layers, stage_of, x[:2])
     _check_targets("train_data", out, y, loss, loss_fn)
     evaluator = None
     if eval_data is not None:
         ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
-        _check_targets("eval_data", _dry_run(layers, stage_of, ex[:2]), ey, loss, loss_fn)
+        _check_inputs("eval_data", layers, ex)
+        _check_targets(
+            "eval_data", _dry_run(layers, stage_of, ex[:2], "eval_data"), ey, loss, loss_fn
+        )
         metric = metric or default_metric(loss, ey)
         evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
     runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
     if runlog is not None:
         runlog.start(config)
         progress = _both(runlog, progress)
+    from .downpour import run  # here: downpour.py builds on this module's result types
 
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            done, runtime_stats = _run(
-                config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
-            )
+        result = run(config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress)
     except BaseException as exc:
         if runlog is not None:
             runlog.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         raise
-
-    result_model = _assemble(stage_layers, done.weights, done.buffers)
-    stats = {**_stats(done, config), **runtime_stats}
-    history = History(train=done.history["train"], eval=done.history["eval"])
-    final = None
-    if evaluator is not None:
-        final = {"examples": done.examples, "wall_s": done.train_s}
-        final.update(evaluator.evaluate(result_model))
-        history.eval.append(final)
     if runlog is not None:
-        runlog.finish(stats, final)
-    return TrainResult(result_model, history, stats, config)
+        final = result.history.eval[-1] if evaluator is not None else None
+        runlog.finish(result.stats, final)
+    return result
 
 
 def _both(
@@ -347,147 +416,6 @@ def _with_seed(config: DownpourConfig, seed: int) -> DownpourConfig:
     return replace(config, seed=seed)
 
 
-def _run(
-    config: DownpourConfig,
-    layers: list[nn.Module],
-    stage_layers: list[list[nn.Module]],
-    dtype: torch.dtype,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    evaluator: Evaluator | None,
-    progress: Callable[[ProgressReport], None] | None,
-) -> tuple[TrainingDone, dict[str, Any]]:
-    """Spawn and wire every actor, run until the master reports, always shut down. Returns the
-    master's report and what the runtime says of the run (its ``describe()``, if it has one)."""
-    initial = flatten(layers).to(dtype)
-    tensor_sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
-    layout = Layout.build(
-        [sum(sizes) for sizes in tensor_sizes],
-        config.shards,
-        [n for sizes in tensor_sizes for n in sizes],
-    )
-    rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
-    try:
-        shard_refs = tuple(
-            rt.spawn(
-                f"shard{k}",
-                ParameterShard,
-                k,
-                initial[a:b],
-                a,
-                layout.segments_of_shard(k),
-                config.optimizer,
-                config.lr,
-            )
-            for k, (a, b) in enumerate(layout.shard_ranges)
-        )
-        n_stages = len(stage_layers)
-        ranges = replica_ranges(len(x), config.replicas)
-        steps_per_epoch = -(-(ranges[0][1] - ranges[0][0]) // config.batch_size)
-        report_every = max(1, min(50, steps_per_epoch * config.epochs // 20))
-        data_refs, stage_refs = [], []
-        for r, (lo, hi) in enumerate(ranges):
-            data_refs.append(
-                rt.spawn(
-                    f"data{r}",
-                    DataShard,
-                    r,
-                    x[lo:hi],
-                    y[lo:hi],
-                    config.batch_size,
-                    config.epochs,
-                    config.seed,
-                    report_every,
-                )
-            )
-            stage_refs.append(
-                [
-                    rt.spawn(
-                        f"replica{r}.stage{s}",
-                        Stage,
-                        r,
-                        s,
-                        copy.deepcopy(stage_layers[s]),
-                        layout.segments_of_stage(s),
-                        layout.stage_ranges[s][0],
-                        loss_fn if s == n_stages - 1 else None,
-                        config.n_fetch,
-                        config.n_push,
-                        config.local_lr,
-                    )
-                    for s in range(n_stages)
-                ]
-            )
-        total_examples = len(x) * config.epochs
-        master = rt.spawn(
-            "master",
-            DownpourMaster,
-            config.replicas,
-            config.warmstart_steps,
-            total_examples,
-            evaluator,
-            config.eval_every,
-            max(1, total_examples // 100),
-            rt.single_threaded,
-        )
-        # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
-        buffer_stages = tuple(
-            stage_refs[0][s]
-            for s, group in enumerate(stage_layers)
-            if evaluator is not None and any(True for g in group for _ in g.buffers())
-        )
-        rt.tell(master, ConnectMaster(tuple(data_refs), shard_refs, buffer_stages))
-        for r in range(config.replicas):
-            refs = stage_refs[r]
-            rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master))
-            for s, ref in enumerate(refs):
-                rt.tell(
-                    ref,
-                    ConnectStage(
-                        refs[s - 1] if s > 0 else None,
-                        refs[s + 1] if s + 1 < n_stages else None,
-                        shard_refs,
-                        data_refs[r],
-                    ),
-                )
-        try:
-            for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
-                if isinstance(reply, TrainingDone):
-                    # A runtime may describe the run too (Ray: the node each actor ran on).
-                    describe = getattr(rt, "describe", None)
-                    return reply, (describe() if describe is not None else {})
-                if progress is not None and isinstance(reply, ProgressReport):
-                    progress(reply)
-        except KeyboardInterrupt:
-            # Ctrl-C: the runtimes stop between two messages, so every actor is whole.
-            weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
-            raise TrainingInterrupted(_assemble(stage_layers, weights, buffers)) from None
-        raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
-    finally:
-        rt.shutdown()
-
-
-INTERRUPTED = -2
-"""Tag of the snapshots collected after Ctrl-C (the master's are >= 1, and -1 the final)."""
-
-
-def _collect_trained(
-    rt: Any, shard_refs: tuple, stage_refs: list, timeout: float = 60.0
-) -> tuple[torch.Tensor, tuple]:
-    """The shards' current parameters and replica 0's buffers, asked for by the driver."""
-
-    def ask(ref: Any, request: Any, reply_type: type) -> Any:
-        for reply in rt.converse(ref, request, timeout=timeout):
-            if isinstance(reply, reply_type) and reply.tag == INTERRUPTED:
-                return reply
-        raise RuntimeError("the runtime stopped without a reply")  # pragma: no cover
-
-    weights = [ask(s, Snapshot(INTERRUPTED), ShardSnapshot).weights for s in shard_refs]
-    buffers = [ask(s, BufferSnapshot(INTERRUPTED), StageBuffers).buffers for s in stage_refs]
-    return torch.cat(weights), tuple(buffers)
-
-
 def _assemble(
     stage_layers: list[list[nn.Module]], weights: torch.Tensor, buffers: tuple
 ) -> nn.Sequential:
@@ -507,34 +435,3 @@ def _load_buffers(model: nn.Sequential, stage_lengths: list[int], buffers: tuple
             stage_model = nn.Sequential(*[model[offset + i] for i in range(length)])
             stage_model.load_state_dict(stage_buffers, strict=False)
         offset += length
-
-
-def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
-    applied = [int(s["updates_applied"]) for s in done.shard_stats]
-    total_applied = sum(applied)
-    return {
-        "updates_applied": applied,
-        "updates_applied_total": total_applied,
-        "staleness_mean": sum(s["staleness_sum"] for s in done.shard_stats) / max(total_applied, 1),
-        "staleness_max": int(max(s["staleness_max"] for s in done.shard_stats)),
-        "staleness_histogram": _sum_histograms(
-            [s.get("staleness_histogram", []) for s in done.shard_stats]
-        ),
-        "rejected_pushes": int(sum(s["rejected_pushes"] for s in done.shard_stats)),
-        "examples": done.examples,
-        "steps": done.steps,
-        "train_s": done.train_s,
-        "eval_s": done.eval_s,
-        "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
-        "seed": config.seed,
-        "restarts": done.restarts,
-    }
-
-
-def _sum_histograms(histograms: list[list[int]]) -> list[int]:
-    """Entry-wise sum of count lists of different lengths."""
-    total = [0] * max((len(h) for h in histograms), default=0)
-    for h in histograms:
-        for i, c in enumerate(h):
-            total[i] += c
-    return total

@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 import sys
 import time
 import tomllib
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -26,12 +28,13 @@ from rich.table import Table
 from torch import nn
 
 from . import data as datasets
-from .api import TrainResult, train
+from .api import TrainResult, available_memory, train
 from .config import DownpourConfig
 from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
 from .runlog import RunLog, default_run_dir
+from .runtime import faults
 
 log = logging.getLogger("distbelief")
 
@@ -191,6 +194,20 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _check_model_fits(preset: Preset, hidden: Sequence[int]) -> None:
+    """An MLP too large to build in this machine's memory is an argument error, not a failed
+    allocation: count its parameters before making it (float32, 4 bytes each)."""
+    widths = [preset.inputs, *hidden, preset.outputs]
+    params = sum(a * b + b for a, b in zip(widths, widths[1:]))
+    free = available_memory()
+    if free is not None and params * 4 > free:
+        raise UsageFailure(
+            f"hidden: an MLP {'-'.join(map(str, widths))} has {params:,} parameters "
+            f"({params * 4 / 2**30:.1f} GiB), more than the {free / 2**30:.1f} GiB of memory "
+            f"available"
+        )
+
+
 def _truth_table(result: TrainResult, test: datasets.Data) -> list[dict[str, Any]]:
     """Each XOR input with its target and the trained model's output."""
     x, y = test
@@ -248,6 +265,7 @@ def summary(
         "staleness_mean": round(stats["staleness_mean"], 3),
         "staleness_max": stats["staleness_max"],
         "rejected_pushes": stats["rejected_pushes"],
+        "restarts": stats["restarts"],
         # every evaluation: during training (every eval_every examples), then the final one
         "evaluations": [{k: _rounded(v) for k, v in point.items()} for point in evals],
     }
@@ -321,8 +339,11 @@ class _LiveView:
     MAX_REPLICA_ROWS = 32
     """Above this many replicas only the totals are shown."""
 
-    def __init__(self, console: Console, label: str, replicas: int, enabled: bool = True) -> None:
+    def __init__(
+        self, console: Console, label: str, replicas: int, enabled: bool = True, header: str = ""
+    ) -> None:
         self.console = console
+        self.header = header  # printed at the first report: a refused input stays one line
         self.label = label
         self.enabled = enabled
         self.live = enabled and console.is_terminal
@@ -347,6 +368,9 @@ class _LiveView:
         ]
 
     def __call__(self, report: ProgressReport) -> None:
+        if self.header and self.enabled:
+            print(self.header, file=self.console.file, flush=True)
+            self.header = ""
         if report.evaluation is not None:
             self.accuracy = report.evaluation.get("accuracy", self.accuracy)
         if report.shard_stats:
@@ -371,6 +395,8 @@ class _LiveView:
             )
         ][: self.replicas]
         if self.live:  # compact: one terminal row (80 columns) per line
+            if not self.progress.live.is_started:
+                self.progress.start()  # at the first report: an input refused before it is one line
             total = report.total_examples
             short = (
                 f"{rate:,.0f} ex/s  loss {report.loss:.3f}  acc "
@@ -397,7 +423,6 @@ class _LiveView:
             print(f"  replica {r}: {line}", file=self.console.file, flush=True)
 
     def __enter__(self) -> _LiveView:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -413,10 +438,15 @@ NOT_RECORDED = frozenset({"config", "as_json", "quiet", "run_dir", "no_run_dir"}
 
 
 def _param_type(param: Any) -> type:
-    """The Python type a command parameter takes (typer's own, or click's type name)."""
+    """The Python type a command parameter takes, or of each of its values if it takes
+    several (typer's own annotation, or click's type name)."""
     descriptor = getattr(param, "type_descriptor", None)  # typer >= 0.26 (vendored click)
-    if descriptor is not None and isinstance(descriptor.annotation, type):
-        return descriptor.annotation
+    if descriptor is not None:
+        kind = descriptor.annotation
+        if typing.get_origin(kind) in (list, tuple):
+            kind = (typing.get_args(kind) or (str,))[0]
+        if isinstance(kind, type):
+            return kind
     name = getattr(getattr(param, "type", None), "name", "text")
     return {"integer": int, "float": float, "boolean": bool}.get(name, str)
 
@@ -466,7 +496,13 @@ def load_config(ctx: typer.Context, param: Any, value: str | None) -> str | None
                 f"{ctx.info_name}, e.g. replicas, batch_size, lr"
             )
         kind = _param_type(target)
-        if not _fits(v, kind):
+        if getattr(target, "multiple", False) or getattr(target, "nargs", 1) == -1:
+            if not (isinstance(v, list) and all(_fits(item, kind) for item in v)):
+                raise UsageFailure(
+                    f"config: key {key!r} in {value!r} must be a list of {kind.__name__}, got "
+                    f"{type(v).__name__} {v!r}"
+                )
+        elif not _fits(v, kind):
             raise UsageFailure(
                 f"config: key {key!r} in {value!r} must be {kind.__name__}, got "
                 f"{type(v).__name__} {v!r}"
@@ -536,6 +572,14 @@ def train_command(
     ] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
+    inject: Annotated[
+        list[str] | None,
+        _opt(
+            "Inject a fault (repeatable): KIND:ACTOR@COUNTER=N, KIND kill or exit, COUNTER "
+            "step, update (shards) or message; e.g. kill:replica0.stage1@step=100, "
+            "kill:master@message=40. A stage restarts; other actors end the run."
+        ),
+    ] = None,
     run_dir: Annotated[
         str | None,
         _opt(
@@ -577,8 +621,13 @@ def train_command(
         raise UsageFailure(
             f"dataset: unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}"
         )
-    if torch_threads < 1:
-        raise UsageFailure(f"torch-threads: must be an integer >= 1, got {torch_threads}")
+    cores = os.cpu_count() or 1
+    if not 1 <= torch_threads <= cores:
+        # torch.set_num_threads(100000) crashed the process (SIGSEGV), not an error
+        raise UsageFailure(
+            f"torch-threads: must be an integer from 1 to {cores} (this machine's cores), "
+            f"got {torch_threads}"
+        )
     if train_size is not None and train_size < 1:
         raise UsageFailure(f"train-size: must be an integer >= 1, got {train_size}")
     if address is not None and runtime != "ray":
@@ -588,6 +637,7 @@ def train_command(
     if seed is None:  # as the API does: draw one, and say which (summary, JSON, config.toml)
         seed = random.SystemRandom().randrange(2**31)
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
+    _check_model_fits(preset, widths)
     settings: dict[str, Any] = dict(
         lr=preset.lr if lr is None else lr,
         batch_size=preset.batch_size if batch_size is None else batch_size,
@@ -604,6 +654,11 @@ def train_command(
         eval_every=eval_every,
         runtime_options={"address": address} if address is not None else {},
     )
+    if inject:
+        try:
+            settings["runtime_options"]["faults"] = list(faults.plan(inject))
+        except ConfigError as exc:
+            raise UsageFailure("inject" + str(exc).removeprefix("faults")) from None
     try:
         config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
         model = build_mlp(preset, widths, seed)
@@ -664,14 +719,15 @@ def _run_job(
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()
     try:
-        console = Console(stderr=True)
-        if not quiet:
-            where = f", run directory {runlog.path}" if runlog is not None else ""
-            print(f"{dataset}: seed {settings['seed']}{where}", file=console.file, flush=True)
-        with _LiveView(console, dataset, settings["replicas"], enabled=not quiet) as view:
+        where = f", run directory {runlog.path}" if runlog is not None else ""
+        header = f"{dataset}: seed {settings['seed']}{where}"
+        view = _LiveView(Console(stderr=True), dataset, settings["replicas"], not quiet, header)
+        with view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
                            progress=view, run_dir=runlog, **settings)  # fmt: skip
     except ConfigError as exc:
+        if runlog is not None:
+            runlog.discard()  # nothing was trained: leave no empty run directory behind
         raise UsageFailure(str(exc)) from None
     except TrainingInterrupted:
         raise Interrupted from None

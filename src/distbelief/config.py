@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .errors import ConfigError
 from .optim import UPDATE_RULES
 from .runtime import RUNTIMES
 
+MAX_SEED = 2**63 - 1
+"""torch.manual_seed takes seeds up to 2**64 - 1; numpy's SeedSequence any; the bound is the
+smaller signed one, so a seed also fits every int64 field it is recorded in."""
+
 
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    # numbers.Integral admits numpy's integer scalars (np.int64(32)); bools are not counts.
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -57,17 +69,19 @@ class DownpourConfig:
         for name in ("batch_size", "epochs", "replicas", "shards", "n_fetch", "n_push"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
-                raise ConfigError(f"{name}: must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"{name}: must be an integer >= 1, got {_show(v)}")
+            object.__setattr__(self, name, int(v))  # numpy scalars become plain ints
         for name in ("warmstart_steps", "eval_every"):
             v = getattr(self, name)
             if not _is_int(v) or v < 0:
-                raise ConfigError(f"{name}: must be an integer >= 0, got {v!r}")
+                raise ConfigError(f"{name}: must be an integer >= 0, got {_show(v)}")
+            object.__setattr__(self, name, int(v))
         for name, positive in (("lr", True), ("local_lr", False), ("timeout_s", True)):
             v = getattr(self, name)
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok or v < 0 or (positive and v == 0):
+            if not _is_real(v) or not math.isfinite(v) or v < 0 or (positive and v == 0):
                 bound = "> 0" if positive else ">= 0"
-                raise ConfigError(f"{name}: must be a finite number {bound}, got {v!r}")
+                raise ConfigError(f"{name}: must be a finite number {bound}, got {_show(v)}")
+            object.__setattr__(self, name, float(v))
         if self.optimizer not in UPDATE_RULES:
             raise ConfigError(
                 f"optimizer: unknown optimizer {self.optimizer!r}; "
@@ -77,11 +91,20 @@ class DownpourConfig:
             raise ConfigError(
                 f"runtime: unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}"
             )
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise ConfigError(f"seed: must be an integer >= 0 or None, got {self.seed!r}")
+        if self.seed is not None:
+            if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+                raise ConfigError(
+                    f"seed: must be an integer from 0 to 2**63 - 1 or None, got {_show(self.seed)}"
+                )
+            object.__setattr__(self, "seed", int(self.seed))
         if isinstance(self.stages, list):
             object.__setattr__(self, "stages", tuple(self.stages))
         if not (_is_int(self.stages) or isinstance(self.stages, tuple)):
             raise ConfigError(f"stages: expected a count or split points, got {self.stages!r}")
         if _is_int(self.stages) and self.stages < 1:
             raise ConfigError(f"stages: must be >= 1, got {self.stages}")
+
+
+def _show(v: object) -> str:
+    """A value as the user typed it: numpy scalars without their ``np.int64(...)`` wrapper."""
+    return repr(v.item()) if isinstance(v, np.generic) else repr(v)

@@ -14,7 +14,9 @@ several times a step). Everything here is pure.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
+from functools import cached_property
 
 Range = tuple[int, int]
 """A half-open ``[start, stop)`` range of positions in the flat parameter space."""
@@ -70,9 +72,17 @@ def pieces(start: int, stop: int, tensors: tuple[Range, ...]) -> tuple[Range, ..
 
 
 def overlaps(start: int, stop: int, ranges: tuple[Range, ...]) -> tuple[Range, ...]:
-    """The non-empty intersections of ``[start, stop)`` with each of ``ranges``, in order."""
+    """The non-empty intersections of ``[start, stop)`` with each of ``ranges``, in order.
+
+    ``ranges`` are sorted and disjoint (shard slices, tensor ranges): a binary search finds the
+    first one that can overlap, so a model of thousands of tensors over thousands of shards
+    plans in time proportional to the overlaps, not to their product.
+    """
     out = []
-    for a, b in ranges:
+    first = bisect.bisect_right(ranges, start, key=lambda r: r[1])  # first range ending > start
+    for a, b in ranges[first:]:
+        if a >= stop:
+            break
         lo, hi = max(start, a), min(stop, b)
         if lo < hi:
             out.append((lo, hi))
@@ -132,20 +142,42 @@ class Layout:
         slices = shard_ranges(total, shards)
         return cls(total, slices, stage_ranges(stage_sizes), stage_ranges(sizes))
 
-    @property
+    @cached_property
     def segments(self) -> tuple[Segment, ...]:
-        """All non-empty stage/shard overlaps, ordered by position."""
+        """All non-empty stage/shard overlaps, ordered by position (computed once)."""
         out = []
+        first_shard = 0  # stages and shards both run left to right: resume where the last ended
         for s, (a, b) in enumerate(self.stage_ranges):
-            for k, shard in enumerate(self.shard_ranges):
-                for lo, hi in overlaps(a, b, (shard,)):
+            for k in range(first_shard, len(self.shard_ranges)):
+                lo, hi = self.shard_ranges[k]
+                if lo >= b:
+                    break
+                lo, hi = max(a, lo), min(b, hi)
+                if lo < hi:
                     out.append(Segment(s, k, lo, hi, pieces(lo, hi, self.tensor_ranges)))
+                    first_shard = k
         return tuple(out)
+
+    @cached_property
+    def _by_stage(self) -> dict[int, tuple[Segment, ...]]:
+        return _group(self.segments, "stage")
+
+    @cached_property
+    def _by_shard(self) -> dict[int, tuple[Segment, ...]]:
+        return _group(self.segments, "shard")
 
     def segments_of_stage(self, stage: int) -> tuple[Segment, ...]:
         """The segments a stage fetches and pushes; it talks to no other shard."""
-        return tuple(seg for seg in self.segments if seg.stage == stage)
+        return self._by_stage.get(stage, ())
 
     def segments_of_shard(self, shard: int) -> tuple[Segment, ...]:
         """The segments a shard holds, one per stage whose range overlaps its slice."""
-        return tuple(seg for seg in self.segments if seg.shard == shard)
+        return self._by_shard.get(shard, ())
+
+
+def _group(segments: tuple[Segment, ...], key: str) -> dict[int, tuple[Segment, ...]]:
+    """Segments grouped by their stage or shard, each group in position order."""
+    groups: dict[int, list[Segment]] = {}
+    for seg in segments:
+        groups.setdefault(getattr(seg, key), []).append(seg)
+    return {k: tuple(v) for k, v in groups.items()}

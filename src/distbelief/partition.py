@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -48,29 +49,43 @@ def balanced_split_points(sizes: Sequence[int], stages: int) -> list[int]:
 
     Every stage gets at least one layer. Ties go to the split that puts parameter-free layers
     (activations) with the layer before them, so ``Linear, ReLU`` stay together.
+
+    The dynamic programme ``best[k][i] = min_j max(best[k-1][j], size(j..i))`` is computed one
+    stage count at a time over all ``i`` at once: ``best[k-1]`` is non-decreasing in ``j`` and
+    ``size(j..i)`` non-increasing, so the minimum sits where they cross, found by a binary
+    search (numpy ``searchsorted``) instead of a scan over every ``j``. A 1,000-layer model
+    splits into 100 stages in milliseconds instead of minutes.
     """
     n = len(sizes)
     if not 1 <= stages <= n:
         raise ConfigError(f"stages: {stages} stages need 1..{n} layers, the model has {n}")
-    prefix = [0]
-    for s in sizes:
-        prefix.append(prefix[-1] + s)
-    inf = float("inf")
-    # best[k][i]: smallest possible max-stage-size splitting layers[:i] into k stages.
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    choice = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0
-    for k in range(1, stages + 1):
-        for i in range(k, n - (stages - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                # '<=' prefers the latest start j: trailing parameter-free layers stay behind.
-                if cost <= best[k][i]:
-                    best[k][i], choice[k][i] = cost, j
+    prefix = np.concatenate(([0], np.cumsum(np.asarray(sizes, dtype=np.int64))))
+    # choice[k][i]: where the k-th stage starts when layers[:i] are split into k stages;
+    # best: the smallest largest-stage size for each i at the current k.
+    ends = np.arange(1, n - stages + 2)  # k = 1: layers[:i] in one stage, i = 1..n-stages+1
+    best = prefix[ends]
+    choice = [None, np.zeros(len(ends), dtype=np.int64)]
+    for k in range(2, stages + 1):
+        # Previous row covers j = k-1 .. n-stages+k-1; this row i = k .. n-stages+k.
+        j0 = k - 1
+        f = best
+        h = f + prefix[j0 : j0 + len(f)]  # f(j) >= size(j..i)  <=>  h(j) >= prefix[i]
+        i = np.arange(k, n - stages + k + 1)
+        last = i - 1 - j0  # the latest start j = i - 1, as an index into f
+        # a: the first j whose previous best reaches the last stage's size (clipped to i - 1 + 1).
+        a = np.minimum(np.searchsorted(h, prefix[i], side="left"), last + 1)
+        has_a = a <= last
+        fa = f[np.minimum(a, last)]
+        g_before = prefix[i] - prefix[j0 + np.maximum(a - 1, 0)]  # cost of starting at a - 1
+        use_a = has_a & ((a == 0) | (fa <= g_before))
+        # Among the ties at f(a), the DP takes the latest start (trailing free layers stay).
+        b = np.minimum(np.searchsorted(f, fa, side="right") - 1, last)
+        best = np.where(use_a, fa, g_before)
+        choice.append(np.where(use_a, b, a - 1) + j0)
     points = []
     i = n
     for k in range(stages, 0, -1):
-        i = choice[k][i]
+        i = int(choice[k][i - k])
         points.append(i)
     points.reverse()
     return points[1:]
@@ -115,3 +130,14 @@ def model_dtype(layers: Sequence[nn.Module]) -> torch.dtype:
     if not dtype.is_floating_point:
         raise ConfigError(f"model: parameters must be floating point, got {dtype}")
     return dtype
+
+
+def edits_its_input(layers: Sequence[nn.Module]) -> bool:
+    """Whether the first leaf module of these layers may change its input in place (e.g.
+    ``ReLU(inplace=True)``): a stage or an evaluation then feeds it a copy, since its input is
+    a message's tensor or the user's data (read-only), or a leaf autograd must not see edited."""
+    for layer in layers:
+        for module in layer.modules():
+            if not any(True for _ in module.children()):
+                return bool(getattr(module, "inplace", False))
+    return False

@@ -66,9 +66,12 @@ def prepare_dir(path: str | os.PathLike, name: str = "run_dir") -> Path:
     with the first's in the plots)."""
     p = Path(path)
     try:
-        p.mkdir(parents=True, exist_ok=True)
+        p.mkdir(parents=True)
     except FileExistsError:
-        raise ConfigError(f"{name}: {str(p)!r} exists and is not a directory") from None
+        if not p.is_dir():
+            raise ConfigError(f"{name}: {str(p)!r} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{name}: cannot create {str(p)!r}: a file is in the way") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot create {str(p)!r}: {exc.strerror or exc}") from None
     if (p / METRICS).exists():
@@ -145,6 +148,14 @@ class RunLog:
         self._events: list[tuple[int, float, list[tuple[str, float]]]] = []  # not yet written
         self._written_at = time.monotonic()
         self.closed = False
+
+    def discard(self) -> None:
+        """Remove the directory if nothing was written in it (a run refused before it began)."""
+        if self._file is None:
+            try:
+                self.path.rmdir()
+            except OSError:
+                pass  # not empty, or not ours to remove
 
     # ---------------------------------------------------------------- lifecycle
 

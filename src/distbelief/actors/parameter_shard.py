@@ -82,6 +82,9 @@ class ParameterShard(Actor):
     updates (from other replicas) the gradient did not see.
     """
 
+    updates_applied: int = 0
+    """Pushes applied so far (a fault plan can key on it: ``kill:shard1@update=500``)."""
+
     def __init__(
         self,
         index: int,

@@ -25,6 +25,7 @@ from ..messages import (
     StageDone,
     StepDone,
 )
+from ..partition import edits_its_input
 from ..runtime.base import Actor, receives
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,6 +74,7 @@ class Stage(Actor):
         self.replica = replica
         self.index = index
         self.module = nn.Sequential(*layers).train()
+        self.copy_input = edits_its_input(layers)  # e.g. ReLU(inplace=True) first
         self.params = parameters_of(self.module.children())
         # Frozen parameters (requires_grad False) get no gradient from autograd; they push
         # zeros, which every update rule turns into no change (they are all elementwise).
@@ -145,6 +147,8 @@ class Stage(Actor):
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
+        if not self.fetching:
+            return  # a reply to the fetch of this stage's previous life, before a restart
         for (shard, _, _), plan in zip(self.segments, self.reading):
             if shard != msg.shard:
                 continue
@@ -166,7 +170,7 @@ class Stage(Actor):
         x = msg.activations
         if self.previous is not None:
             x = x.detach().requires_grad_()
-        out = self.module(x)
+        out = self.module(x.clone() if self.copy_input else x)
         if self.next is not None:
             self.saved = (msg.step, x, out)
             self.ctx.tell(self.next, Forward(msg.step, out.detach(), msg.targets))
@@ -250,6 +254,8 @@ class Stage(Actor):
 
     @receives(Drained)
     def on_drained(self, msg: Drained, sender: object) -> None:
+        if not self.draining:
+            return  # the drain of this stage's previous life, before a restart
         self.draining -= 1
         if self.draining == 0:
             self._done()

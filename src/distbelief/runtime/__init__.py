@@ -14,9 +14,13 @@ RUNTIMES = ("local", "ray")
 def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runtime:
     """Create the runtime called ``name`` ("local" or "ray")."""
     if name == "local":
-        if options:
-            raise ConfigError(f"runtime: the local runtime takes no options, got {sorted(options)}")
-        return LocalRuntime(seed)
+        unknown = sorted(set(options) - {"faults", "max_restarts"})
+        if unknown:
+            raise ConfigError(
+                f"runtime_options: unknown option(s) {unknown} for the local runtime; "
+                "it takes faults, max_restarts"
+            )
+        return LocalRuntime(seed, **options)
     if name == "ray":
         try:
             from .ray import RayRuntime

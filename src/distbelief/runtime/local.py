@@ -9,6 +9,7 @@ another interleaving. Per-mailbox FIFO is stronger than the protocol's per-sende
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
 import time
@@ -16,14 +17,19 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ActorFailed, Deadlock, RunTimeout
+from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from ..messages import ActorRestarted
+from . import faults as fault_plans
 from .base import Actor, sigint_as_flag
 
 
 class _Cell:
-    """One hosted actor: its mailbox and cached handlers."""
+    """One hosted actor: its mailbox and cached handlers, and what a restart needs."""
 
-    __slots__ = ("name", "actor", "mailbox", "handlers", "ready", "ref")
+    __slots__ = (
+        "name", "actor", "mailbox", "handlers", "ready", "ref", "fault", "delivered", "told",
+        "restart_args",
+    )  # fmt: skip
 
     def __init__(self, name: str, actor: Actor) -> None:
         self.name = name
@@ -32,6 +38,10 @@ class _Cell:
         self.handlers = actor.bound_handlers()
         self.ready = False
         self.ref = LocalRef(self)
+        self.fault: fault_plans.Fault | None = None  # planned death, if any
+        self.delivered = 0  # messages delivered (counted only for an actor with a fault)
+        self.told: list[Any] = []  # what the driver told it (its wiring), replayed on restart
+        self.restart_args: tuple | None = None  # pristine constructor arguments
 
 
 class LocalRef:
@@ -63,27 +73,52 @@ class _LocalContext:
 
 
 class LocalRuntime:
-    """Hosts actors in this process and delivers their messages on the caller's thread."""
+    """Hosts actors in this process and delivers their messages on the caller's thread.
+
+    ``faults`` is a fault plan (:mod:`.faults`): a planned actor dies instead of handling the
+    message that meets its trigger, its mailbox is lost with it, and, as on Ray, a
+    ``restartable`` one is rebuilt from its constructor arguments, told its wiring again, and
+    the actor the driver converses with is told ``ActorRestarted`` (at most ``max_restarts``
+    times per actor); any other death ends the run with ``ActorFailed`` naming it.
+    """
 
     single_threaded = True
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(
+        self, seed: int | None = None, *, faults: Any = None, max_restarts: int = 5
+    ) -> None:
         self._rng = random.Random(seed)
         self._cells: dict[str, _Cell] = {}
         self._ready: list[_Cell] = []
         self._driver_ref = LocalRef(None)
         self._driver_inbox: deque[Any] = deque()
+        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
+        self._max_restarts = max_restarts
+        self._partner: LocalRef | None = None  # the actor the driver converses with
         self.delivered = 0
         """Messages delivered so far (for tests and benchmarks)."""
+        self.restarts: dict[str, int] = {}
+        """Restarts per actor name."""
 
     def spawn(self, name: str, cls: type[Actor], *args: Any, **kwargs: Any) -> LocalRef:
         if name in self._cells:
             raise ValueError(f"an actor named {name!r} already exists")
+        fault = self._faults.get(name)
+        # A restart starts from the arguments as they were given (a stage binds its layers'
+        # parameters to buffers of its own): keep a copy for an actor that may restart.
+        pristine = copy.deepcopy((args, kwargs)) if fault and cls.restartable else None
         actor = cls(*args, **kwargs)
         cell = _Cell(name, actor)
+        cell.fault, cell.restart_args = fault, pristine
         actor.bind(_LocalContext(self, cell))
         self._cells[name] = cell
         return cell.ref
+
+    def describe(self) -> dict[str, Any]:
+        """What the runtime adds to a run's stats: ``restarts_by_actor`` (as Ray's)."""
+        return {"restarts_by_actor": dict(self.restarts)}
 
     def actor(self, ref: LocalRef) -> Actor:
         """The hosted object behind a ref (in-process only: for tests and inspection)."""
@@ -100,10 +135,16 @@ class LocalRuntime:
             self._ready.append(cell)
 
     def tell(self, ref: LocalRef, message: Any) -> None:
+        if self._partner is None:  # before the run starts: wiring, replayed after a restart
+            ref._cell.told.append(message)
         self._post(ref, message, self._driver_ref)
 
     def converse(self, ref: LocalRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
+        if self._partner is None:
+            actors = {name: cell.actor for name, cell in self._cells.items()}
+            fault_plans.check_targets(self._faults.values(), actors)  # none that cannot fire
+            self._partner = ref
         self.tell(ref, message)
         inbox = self._driver_inbox
         with sigint_as_flag() as interrupted:
@@ -139,6 +180,11 @@ class LocalRuntime:
                     if last is not cell:
                         ready[i] = last
                     cell.ready = False
+                if cell.fault is not None:
+                    cell.delivered += 1
+                    if cell.fault.due(message, cell.delivered, cell.actor):
+                        self._kill(cell, message)
+                        continue
                 handler = cell.handlers.get(type(message))
                 if handler is None:
                     raise ActorFailed(
@@ -156,6 +202,31 @@ class LocalRuntime:
                         raise RunTimeout("the run did not finish within its timeout")
         finally:
             self.delivered += delivered
+
+    def _kill(self, cell: _Cell, message: Any) -> None:
+        """The planned death of ``cell``'s actor, instead of handling ``message``."""
+        fault, cell.fault = cell.fault, None  # a planned fault happens once
+        restarts = self.restarts.get(cell.name, 0)
+        if cell.restart_args is None or restarts >= self._max_restarts:
+            why = (
+                "its class is not restartable" if cell.restart_args is None else "no restarts left"
+            )
+            raise ActorFailed(
+                cell.name, type(message).__name__, RuntimeError(f"died ({fault}); {why}")
+            )
+        self.restarts[cell.name] = restarts + 1
+        if cell.mailbox:  # what was on its way to the dead actor is lost with it
+            cell.mailbox.clear()
+            if cell.ready:
+                self._ready.remove(cell)
+                cell.ready = False
+        args, kwargs = copy.deepcopy(cell.restart_args)
+        cell.actor = type(cell.actor)(*args, **kwargs)
+        cell.actor.bind(_LocalContext(self, cell))
+        cell.handlers = cell.actor.bound_handlers()
+        for told in cell.told:
+            self._post(cell.ref, told, self._driver_ref)
+        self._post(self._partner, ActorRestarted(cell.name, cell.ref), self._driver_ref)
 
     def shutdown(self) -> None:
         self._cells.clear()

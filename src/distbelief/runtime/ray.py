@@ -17,10 +17,12 @@ classes the in-process runtime hosts run here unchanged and never import Ray.
   every host its new address, replays what the driver had told it (its wiring), and then tells
   the actor the driver converses with :class:`~distbelief.messages.ActorRestarted`. Any other
   death, or a handler that raises, ends the run with :class:`ActorFailed`.
-* **Faults by plan**, keyed on (actor, step): ``faults={"replica1.stage0": 30}`` makes that
-  actor die at the first message whose ``step`` is 30 (dropping it): it reports the fault point
-  and the driver ``ray.kill``\\ s it. ``{"replica1.stage0": (30, "exit")}`` makes the process
-  exit on the spot instead (a crash).
+* **Faults by plan** (:mod:`.faults`, the same plan as the in-process runtime's), keyed on
+  an actor and a count it makes visible: ``faults=["kill:replica1.stage0@step=30"]`` makes
+  that actor die at the first message whose ``step`` is 30 (dropping it): it reports the fault
+  point and the driver ``ray.kill``\\ s it; ``exit:...`` makes the process exit on the spot
+  instead (a crash). ``@update=N`` (shards) and ``@message=N`` (any actor) count updates
+  applied and messages delivered.
 * **Lifecycle.** Without ``address`` and with Ray not yet initialised, the runtime starts a
   private single-node Ray instance (:func:`local_ray`: token authentication on, every server on
   127.0.0.1, no dashboard, its own temp dir) and stops it at shutdown. With ``address`` it joins
@@ -54,7 +56,9 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import ActorFailed, ConfigError, RunTimeout
 from ..messages import ActorRestarted
+from . import faults as fault_plans
 from .base import Actor, sigint_as_flag
+from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
 from .ray_wire import Address, Endpoint, listening_socket
 
@@ -108,8 +112,8 @@ class _Failure:
 class _FaultPoint:
     """Host -> driver: the fault plan says this actor dies now; kill it."""
 
-    def __init__(self, actor: str, step: int) -> None:
-        self.actor, self.step = actor, step
+    def __init__(self, actor: str, fault: str) -> None:
+        self.actor, self.fault = actor, fault
 
 
 # ------------------------------------------------------------------------------ the hosts
@@ -142,7 +146,7 @@ class _Host:
         cls: type[Actor],
         args: tuple,
         kwargs: dict,
-        fault: tuple[int, str] | None,
+        fault: Fault | None,
         threads: int,
         secret: bytes,
     ) -> None:
@@ -150,6 +154,7 @@ class _Host:
             torch.set_num_threads(threads)  # many actors share a node's cores
         self.name = name
         self.fault = fault
+        self.delivered = 0  # messages given to the actor (what a message= fault counts)
         self.dead = False  # past its planned fault point, or its actor raised
         self.outbox: dict[str, list] = {}
         self.refs: dict[str, RayRef] = {}
@@ -196,9 +201,11 @@ class _Host:
         message = None
         try:
             for message in batch:
-                if self.fault is not None and getattr(message, "step", None) == self.fault[0]:
-                    self._die(message.step)
-                    return
+                if self.fault is not None:
+                    self.delivered += 1
+                    if self.fault.due(message, self.delivered, self.actor):
+                        self._die()
+                        return
                 handler = handlers.get(type(message))
                 if handler is None:
                     raise TypeError(f"{type(self.actor).__name__} has no handler for this message")
@@ -221,12 +228,12 @@ class _Host:
         failure = _Failure(self.name, what, exc, traceback.format_exc())
         self.endpoint.send(DRIVER, [failure])
 
-    def _die(self, step: int) -> None:
+    def _die(self) -> None:
         self.dead = True
         self.outbox.clear()
-        if self.fault[1] == "exit":
+        if self.fault.kind == "exit":
             os._exit(1)  # a crash: the process is gone, nothing more is sent
-        self.endpoint.send(DRIVER, [_FaultPoint(self.name, step)])
+        self.endpoint.send(DRIVER, [_FaultPoint(self.name, str(self.fault))])
 
 
 _RemoteHost = ray.remote(_Host)
@@ -353,7 +360,7 @@ class _Spec:
     cls: type[Actor]
     args: tuple
     kwargs: dict
-    fault: tuple[int, str] | None
+    fault: Fault | None
     handle: Any = None
     node: str | None = None
     pid: int | None = None
@@ -373,7 +380,8 @@ class RayRuntime:
       default: use Ray if this process already initialised it, else start a local instance.
     * ``placement``: ``"spread"`` (default: stages of a replica on distinct nodes, shards
       spread), ``"pack"`` (all on the driver's node), or ``{actor name: node id}`` to pin some.
-    * ``faults``: ``{actor name: step}`` or ``{actor name: (step, "ray.kill" | "exit")}``.
+    * ``faults``: a fault plan (:mod:`.faults`), e.g. ``["kill:replica1.stage0@step=30"]``,
+      or the older ``{actor name: step}`` / ``{actor name: (step, "ray.kill" | "exit")}``.
     * ``max_restarts``: restarts allowed per actor (default 5).
     * ``health_period_s``: how often the driver checks that actors are alive (default 0.5).
     * ``startup_timeout_s``: longest wait for actors to start (default 600).
@@ -389,7 +397,7 @@ class RayRuntime:
         *,
         address: str | None = None,
         placement: str | Mapping[str, str] = "spread",
-        faults: Mapping[str, int | tuple[int, str]] | None = None,
+        faults: Any = None,
         max_restarts: int = 5,
         health_period_s: float = 0.5,
         startup_timeout_s: float = 600.0,
@@ -410,7 +418,7 @@ class RayRuntime:
             )
         self.seed = seed  # Ray interleaves as it will: only the in-process runtime is seeded
         self._placement = placement
-        self._faults = {name: _fault(name, f) for name, f in (faults or {}).items()}
+        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
         self._max_restarts = max_restarts
         self._period = health_period_s
         self._startup_timeout = startup_timeout_s
@@ -432,6 +440,7 @@ class RayRuntime:
                 if address is None:
                     self._stack.enter_context(local_ray(num_cpus=num_cpus))
                 else:
+                    check_address(address)  # ray.init retries a dead address for minutes
                     ray.init(address=address, logging_level=logging.WARNING)
                     self._stack.callback(ray.shutdown)  # disconnects; the cluster stays up
             elif not _same_address(address, ray.get_runtime_context().gcs_address):
@@ -450,7 +459,10 @@ class RayRuntime:
     def spawn(self, name: str, cls: type[Actor], *args: Any, **kwargs: Any) -> RayRef:
         if name in self._specs or name == DRIVER:
             raise ValueError(f"an actor named {name!r} already exists")
-        self._specs[name] = _Spec(cls, args, kwargs, self._faults.pop(name, None))
+        fault = self._faults.pop(name, None)
+        if fault is not None:
+            fault_plans.check_targets([fault], {name: cls})
+        self._specs[name] = _Spec(cls, args, kwargs, fault)
         self._pending.append(name)  # created together at the first send: placement sees all
         return RayRef(name)
 
@@ -532,6 +544,8 @@ class RayRuntime:
         everyone where everyone listens."""
         if not self._pending:
             return
+        if self._faults:  # planned for actors never spawned: a plan that can never fire
+            fault_plans.check_targets(self._faults.values(), dict.fromkeys(self._specs))
         names, self._pending = self._pending, []
         placed = {n: s.node for n, s in self._specs.items() if s.node is not None}
         try:
@@ -661,6 +675,27 @@ class RayRuntime:
             self._send(self._partner.name, ActorRestarted(name, RayRef(name)))
 
 
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Refuse, within seconds, a cluster address that is malformed or where nothing answers:
+    ``ray.init`` would print a traceback for the first, and keep retrying the second for
+    minutes. ``"auto"`` (the cluster this machine started) is left to Ray."""
+    if address == "auto":
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"runtime_options: address {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379, "
+            "as `ray start --head` prints it) or 'auto'"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"runtime_options: address {address!r}: no Ray cluster answers there ({reason})"
+        ) from None
+
+
 def _same_address(wanted: str | None, connected: str) -> bool:
     """Whether ``wanted`` (None and "auto" want whatever is connected) names ``connected``."""
     if wanted in (None, "auto") or wanted == connected:
@@ -670,13 +705,6 @@ def _same_address(wanted: str | None, connected: str) -> bool:
         return port == cport and socket.gethostbyname(host) == socket.gethostbyname(chost)
     except OSError:
         return False
-
-
-def _fault(name: str, fault: int | tuple[int, str]) -> tuple[int, str]:
-    step, kind = (fault, "ray.kill") if isinstance(fault, int) else tuple(fault)
-    if kind not in ("ray.kill", "exit"):
-        raise ConfigError(f"runtime_options: faults[{name!r}]: unknown kind {kind!r}")
-    return int(step), kind
 
 
 __all__ = ["RayRef", "RayRuntime", "local_ray"]

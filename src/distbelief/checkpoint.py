@@ -1,0 +1,350 @@
+"""Checkpoints on disk: a JSON manifest plus one safetensors file per PS shard. No actor code.
+
+A checkpoint is a directory ``<dir>/ckpt-<update>``:
+
+- ``shard<k>.safetensors`` per shard: its slice of the flat parameter vector (``weights``) and
+  every tensor of its optimizer state (names from :func:`flatten_state`).
+- ``manifest.json``, written last: the format version, the update count, the layout, a
+  description of the model's parameters (names, shapes, dtypes), the configuration, each
+  replica's data position, every shard's versions, counters and the non-tensor part of its
+  optimizer state, and the sha256 and size of every file.
+
+Writes are atomic: files go into a temporary directory (each written, flushed and fsynced),
+the manifest last, then one ``rename`` makes it ``ckpt-<update>``; only then are older
+checkpoints removed, so a crash at any moment leaves the previous whole checkpoint. Loading
+reads JSON and safetensors only (nothing is unpickled) and verifies every file's size and
+hash before using it; anything wrong is a :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from .errors import ConfigError
+from .flat import parameters_of
+from .layout import Layout
+
+FORMAT_VERSION = 1
+"""Bumped when the layout of a checkpoint changes; a loader refuses versions it does not know."""
+MANIFEST = "manifest.json"
+PREFIX = "ckpt-"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be used: missing, truncated, corrupted, or from another model.
+
+    A ``ConfigError`` (the CLI exits 2 with one line): the message names the file and what is
+    wrong with it."""
+
+
+@dataclass(frozen=True)
+class ShardState:
+    """Everything one PS shard needs to carry on where it stopped."""
+
+    index: int
+    """The shard's number."""
+    weights: torch.Tensor
+    """Its slice of the flat parameter vector."""
+    optimizer: Any = None
+    """Its update rules' state, e.g. ``{stage: optimizer.state_dict()}`` (any nesting of
+    dicts, lists, tensors and JSON values)."""
+    versions: Mapping[int, int] = field(default_factory=dict)
+    """Updates applied to each of its segments (by stage): versions keep increasing across
+    a restore, since staleness is computed from them."""
+    counters: Mapping[str, float] = field(default_factory=dict)
+    """updates_applied, rejected_pushes, ... at the time of the checkpoint."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded, verified checkpoint."""
+
+    path: Path
+    """The ``ckpt-<update>`` directory it was read from."""
+    update: int
+    """Updates applied over all shards when it was taken."""
+    shards: tuple[ShardState, ...]
+    """Per-shard state, by shard number."""
+    manifest: dict[str, Any]
+    """The whole manifest (layout, parameters, config, positions, files)."""
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The whole flat parameter vector."""
+        return torch.cat([s.weights for s in self.shards])
+
+    @property
+    def positions(self) -> dict[int, dict[str, int]]:
+        """Each replica's data position, e.g. ``{0: {"epoch": 2, "step": 310}}``."""
+        return {int(r): p for r, p in self.manifest["positions"].items()}
+
+
+# ------------------------------------------------------------------ describing what was trained
+
+
+def describe_parameters(layers: Iterable[nn.Module]) -> list[dict[str, Any]]:
+    """Name, shape and dtype of every parameter in layout order: what a checkpoint must match."""
+    model = nn.Sequential(*layers)
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [
+        {"name": names[id(p)], "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+        for p in parameters_of(model.children())
+    ]
+
+
+def describe_layout(layout: Layout) -> dict[str, Any]:
+    """The layout as JSON: total, shard slices, stage ranges, tensor ranges."""
+    return {
+        "total": layout.total,
+        "shard_ranges": [list(r) for r in layout.shard_ranges],
+        "stage_ranges": [list(r) for r in layout.stage_ranges],
+        "tensor_ranges": [list(r) for r in layout.tensor_ranges],
+    }
+
+
+def check_compatible(
+    checkpoint: Checkpoint, parameters: Sequence[Mapping[str, Any]], layout: Layout
+) -> None:
+    """Refuse a checkpoint of another model, or whose shards cannot be loaded as they are.
+
+    The model must match parameter for parameter (name, shape, dtype); the error names the
+    first difference. The shard slices and stage ranges must match too: re-slicing into a
+    different shard or stage count is not supported (yet), and the error says which differs.
+    """
+    where = checkpoint.path / MANIFEST
+    theirs = checkpoint.manifest["parameters"]
+    if len(theirs) != len(parameters):
+        raise CheckpointError(
+            f"resume: {where} is of a model with {len(theirs)} parameter tensors, "
+            f"this model has {len(parameters)}"
+        )
+    for mine, saved in zip(parameters, theirs):
+        for key in ("name", "shape", "dtype"):
+            if mine[key] != saved[key]:
+                raise CheckpointError(
+                    f"resume: {where} does not match the model: parameter {mine['name']!r} "
+                    f"has {key} {mine[key]}, the checkpoint's {saved['name']!r} {saved[key]}"
+                )
+    saved_layout = checkpoint.manifest["layout"]
+    now = describe_layout(layout)
+    for key, what in (("shard_ranges", "shards"), ("stage_ranges", "stages")):
+        if saved_layout[key] != now[key]:
+            raise CheckpointError(
+                f"resume: {where} was taken with {len(saved_layout[key])} {what} "
+                f"({saved_layout[key]}), this run has {len(now[key])} ({now[key]}); "
+                f"resume with the same {what}"
+            )
+
+
+# ------------------------------------------------------------------ optimizer state as tensors
+
+
+def flatten_state(state: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested state (e.g. a ``state_dict()``) into named tensors and a JSON skeleton
+    in which each tensor is ``{"tensor": name}``. Dict keys keep their type (torch's optimizer
+    state is keyed by int)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().contiguous()
+            return {"tensor": path}
+        if isinstance(value, Mapping):
+            return {"dict": [[k, walk(v, f"{path}/{k}")] for k, v in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return {"list": [walk(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return {"value": value}
+        raise TypeError(f"cannot store a {type(value).__name__} at {path!r} in a checkpoint")
+
+    return tensors, walk(state, prefix)
+
+
+def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`flatten_state`."""
+    if "tensor" in skeleton:
+        return tensors[skeleton["tensor"]]
+    if "dict" in skeleton:
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["dict"]}
+    if "list" in skeleton:
+        return [unflatten_state(v, tensors) for v in skeleton["list"]]
+    return skeleton["value"]
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _write_file(path: Path, data: bytes) -> dict[str, Any]:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    directory: str | os.PathLike,
+    update: int,
+    shards: Sequence[ShardState],
+    *,
+    layout: Layout,
+    parameters: Sequence[Mapping[str, Any]],
+    config: Mapping[str, Any],
+    positions: Mapping[int, Mapping[str, int]],
+    keep: int = 1,
+) -> Path:
+    """Write a checkpoint of ``update`` updates into ``directory`` atomically; keep the newest
+    ``keep`` whole checkpoints (this one included) and remove older ones. Returns its path."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{update:012d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    try:
+        files, shard_meta = {}, []
+        for shard in shards:
+            tensors, skeleton = flatten_state(shard.optimizer, "optimizer")
+            tensors["weights"] = shard.weights.detach().contiguous()
+            name = f"shard{shard.index}.safetensors"
+            files[name] = _write_file(tmp / name, save_tensors(tensors))
+            shard_meta.append(
+                {
+                    "index": shard.index,
+                    "file": name,
+                    "optimizer": skeleton,
+                    "versions": {str(k): int(v) for k, v in shard.versions.items()},
+                    "counters": dict(shard.counters),
+                }
+            )
+        manifest = {
+            "format": FORMAT_VERSION,
+            "update": update,
+            "layout": describe_layout(layout),
+            "parameters": [dict(p) for p in parameters],
+            "config": dict(config),
+            "positions": {str(r): dict(p) for r, p in positions.items()},
+            "shards": shard_meta,
+            "files": files,
+        }
+        text = json.dumps(manifest, indent=1, allow_nan=False).encode()
+        _write_file(tmp / MANIFEST, text)  # last: a directory without it is not a checkpoint
+        _fsync_dir(tmp)
+        if final.exists():  # the same update written again (e.g. a final one): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------ reading
+
+
+def checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The whole checkpoints in ``directory`` (those with a manifest), oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Read and verify a checkpoint: ``path`` is a ``ckpt-<update>`` directory, or a directory
+    of them (the newest is taken). Raises :class:`CheckpointError` naming the bad file."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        found = checkpoints(path)
+        if not found:
+            what = "does not exist" if not path.exists() else "holds no checkpoint"
+            raise CheckpointError(f"resume: {path} {what}")
+        path = found[-1]
+    where = path / MANIFEST
+    try:
+        manifest = json.loads(where.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"resume: {where} cannot be read as JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise CheckpointError(
+            f"resume: {where} has format {got!r}; this version reads format {FORMAT_VERSION}"
+        )
+    try:
+        files = manifest["files"]
+        shard_meta = manifest["shards"]
+        update = int(manifest["update"])
+        for key in ("layout", "parameters", "config", "positions"):
+            manifest[key]  # noqa: B018 - presence check
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"resume: {where} lacks {exc}") from None
+    shards = []
+    for meta in shard_meta:
+        name = meta["file"]
+        try:
+            tensors = load_tensors(_verified(path / name, files.get(name)))
+        except SafetensorError as exc:  # the hash matched, but the writer wrote garbage
+            raise CheckpointError(
+                f"resume: {path / name} is not a safetensors file: {exc}"
+            ) from None
+        if "weights" not in tensors:
+            raise CheckpointError(f"resume: {path / name} holds no weights")
+        shards.append(
+            ShardState(
+                index=int(meta["index"]),
+                weights=tensors["weights"],
+                optimizer=unflatten_state(meta["optimizer"], tensors),
+                versions={int(k): int(v) for k, v in meta["versions"].items()},
+                counters=meta["counters"],
+            )
+        )
+    shards.sort(key=lambda s: s.index)
+    if [s.index for s in shards] != list(range(len(manifest["layout"]["shard_ranges"]))):
+        raise CheckpointError(f"resume: {where} does not list every shard's file")
+    return Checkpoint(path, update, tuple(shards), manifest)
+
+
+def _verified(file: Path, expected: Mapping[str, Any] | None) -> bytes:
+    """The file's bytes, once its size and sha256 match the manifest's record."""
+    if expected is None:
+        raise CheckpointError(f"resume: {file} is not recorded in the manifest")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"resume: {file} cannot be read: {exc.strerror}") from None
+    if len(data) != expected["bytes"]:
+        raise CheckpointError(
+            f"resume: {file} is truncated or padded: {len(data)} bytes, "
+            f"the manifest records {expected['bytes']}"
+        )
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise CheckpointError(
+            f"resume: {file} is corrupted: its sha256 differs from the manifest's"
+        )
+    return data

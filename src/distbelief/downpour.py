@@ -1,0 +1,231 @@
+"""Wiring a Downpour SGD run: spawn the shards, data shards, stages and the master, run until
+the master reports, and build the result. ``api.train`` checks the inputs and hands over here."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .actors import DataShard, DownpourMaster, ParameterShard, Stage
+from .api import Evaluator, History, LossFn, TrainResult, _assemble
+from .config import DownpourConfig
+from .data import replica_ranges
+from .errors import TrainingInterrupted
+from .flat import flatten, parameters_of
+from .layout import Layout
+from .messages import (
+    Begin,
+    BufferSnapshot,
+    ConnectDataShard,
+    ConnectMaster,
+    ConnectStage,
+    ProgressReport,
+    ShardSnapshot,
+    Snapshot,
+    StageBuffers,
+    TrainingDone,
+)
+from .runtime import make_runtime
+
+
+def run(
+    config: DownpourConfig,
+    layers: list[nn.Module],
+    stage_layers: list[list[nn.Module]],
+    dtype: torch.dtype,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    evaluator: Evaluator | None,
+    progress: Callable[[ProgressReport], None] | None,
+) -> TrainResult:
+    """Run Downpour SGD with a checked ``config`` and return the result."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        done, runtime_stats = _run(
+            config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
+        )
+
+    result_model = _assemble(stage_layers, done.weights, done.buffers)
+    stats = {**_stats(done, config), **runtime_stats}
+    history = History(train=done.history["train"], eval=done.history["eval"])
+    if evaluator is not None:
+        final = evaluator.evaluate(result_model)
+        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
+    return TrainResult(result_model, history, stats, config)
+
+
+def _run(
+    config: DownpourConfig,
+    layers: list[nn.Module],
+    stage_layers: list[list[nn.Module]],
+    dtype: torch.dtype,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    evaluator: Evaluator | None,
+    progress: Callable[[ProgressReport], None] | None,
+) -> tuple[TrainingDone, dict[str, Any]]:
+    """Spawn and wire every actor, run until the master reports, always shut down. Returns the
+    master's report and what the runtime says of the run (its ``describe()``, if it has one)."""
+    initial = flatten(layers).to(dtype)
+    tensor_sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
+    layout = Layout.build(
+        [sum(sizes) for sizes in tensor_sizes],
+        config.shards,
+        [n for sizes in tensor_sizes for n in sizes],
+    )
+    rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
+    try:
+        shard_refs = tuple(
+            rt.spawn(
+                f"shard{k}",
+                ParameterShard,
+                k,
+                initial[a:b],
+                a,
+                layout.segments_of_shard(k),
+                config.optimizer,
+                config.lr,
+            )
+            for k, (a, b) in enumerate(layout.shard_ranges)
+        )
+        n_stages = len(stage_layers)
+        ranges = replica_ranges(len(x), config.replicas)
+        steps_per_epoch = -(-(ranges[0][1] - ranges[0][0]) // config.batch_size)
+        report_every = max(1, min(50, steps_per_epoch * config.epochs // 20))
+        data_refs, stage_refs = [], []
+        for r, (lo, hi) in enumerate(ranges):
+            data_refs.append(
+                rt.spawn(
+                    f"data{r}",
+                    DataShard,
+                    r,
+                    x[lo:hi],
+                    y[lo:hi],
+                    config.batch_size,
+                    config.epochs,
+                    config.seed,
+                    report_every,
+                )
+            )
+            stage_refs.append(
+                [
+                    rt.spawn(
+                        f"replica{r}.stage{s}",
+                        Stage,
+                        r,
+                        s,
+                        copy.deepcopy(stage_layers[s]),
+                        layout.segments_of_stage(s),
+                        layout.stage_ranges[s][0],
+                        loss_fn if s == n_stages - 1 else None,
+                        config.n_fetch,
+                        config.n_push,
+                        config.local_lr,
+                    )
+                    for s in range(n_stages)
+                ]
+            )
+        total_examples = len(x) * config.epochs
+        master = rt.spawn(
+            "master",
+            DownpourMaster,
+            config.replicas,
+            config.warmstart_steps,
+            total_examples,
+            evaluator,
+            config.eval_every,
+            max(1, total_examples // 100),
+            rt.single_threaded,
+        )
+        # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
+        buffer_stages = tuple(
+            stage_refs[0][s]
+            for s, group in enumerate(stage_layers)
+            if evaluator is not None and any(True for g in group for _ in g.buffers())
+        )
+        rt.tell(master, ConnectMaster(tuple(data_refs), shard_refs, buffer_stages))
+        for r in range(config.replicas):
+            refs = stage_refs[r]
+            rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master))
+            for s, ref in enumerate(refs):
+                rt.tell(
+                    ref,
+                    ConnectStage(
+                        refs[s - 1] if s > 0 else None,
+                        refs[s + 1] if s + 1 < n_stages else None,
+                        shard_refs,
+                        data_refs[r],
+                    ),
+                )
+        try:
+            for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
+                if isinstance(reply, TrainingDone):
+                    # A runtime may describe the run too (Ray: the node each actor ran on).
+                    describe = getattr(rt, "describe", None)
+                    return reply, (describe() if describe is not None else {})
+                if progress is not None and isinstance(reply, ProgressReport):
+                    progress(reply)
+        except KeyboardInterrupt:
+            # Ctrl-C: the runtimes stop between two messages, so every actor is whole.
+            weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+            raise TrainingInterrupted(_assemble(stage_layers, weights, buffers)) from None
+        raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
+    finally:
+        rt.shutdown()
+
+
+INTERRUPTED = -2
+"""Tag of the snapshots collected after Ctrl-C (the master's are >= 1, and -1 the final)."""
+
+
+def _collect_trained(
+    rt: Any, shard_refs: tuple, stage_refs: list, timeout: float = 60.0
+) -> tuple[torch.Tensor, tuple]:
+    """The shards' current parameters and replica 0's buffers, asked for by the driver."""
+
+    def ask(ref: Any, request: Any, reply_type: type) -> Any:
+        for reply in rt.converse(ref, request, timeout=timeout):
+            if isinstance(reply, reply_type) and reply.tag == INTERRUPTED:
+                return reply
+        raise RuntimeError("the runtime stopped without a reply")  # pragma: no cover
+
+    weights = [ask(s, Snapshot(INTERRUPTED), ShardSnapshot).weights for s in shard_refs]
+    buffers = [ask(s, BufferSnapshot(INTERRUPTED), StageBuffers).buffers for s in stage_refs]
+    return torch.cat(weights), tuple(buffers)
+
+
+def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
+    applied = [int(s["updates_applied"]) for s in done.shard_stats]
+    total_applied = sum(applied)
+    return {
+        "updates_applied": applied,
+        "updates_applied_total": total_applied,
+        "staleness_mean": sum(s["staleness_sum"] for s in done.shard_stats) / max(total_applied, 1),
+        "staleness_max": int(max(s["staleness_max"] for s in done.shard_stats)),
+        "staleness_histogram": _sum_histograms(
+            [s.get("staleness_histogram", []) for s in done.shard_stats]
+        ),
+        "rejected_pushes": int(sum(s["rejected_pushes"] for s in done.shard_stats)),
+        "examples": done.examples,
+        "steps": done.steps,
+        "train_s": done.train_s,
+        "eval_s": done.eval_s,
+        "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
+        "seed": config.seed,
+        "restarts": done.restarts,
+    }
+
+
+def _sum_histograms(histograms: list[list[int]]) -> list[int]:
+    """Entry-wise sum of count lists of different lengths."""
+    total = [0] * max((len(h) for h in histograms), default=0)
+    for h in histograms:
+        for i, c in enumerate(h):
+            total[i] += c
+    return total

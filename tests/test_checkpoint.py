@@ -1,0 +1,161 @@
+"""Checkpoints on disk: round trip, atomic replacement, and every way a file can be wrong."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import mlp
+
+from distbelief import checkpoint as ckpt
+from distbelief.flat import flatten
+from distbelief.layout import Layout
+
+
+def _layout(model, shards: int = 2) -> Layout:
+    sizes = [p.numel() for p in model.parameters()]
+    return Layout.build([sum(sizes)], shards, sizes)
+
+
+def _adagrad_after(steps: int, param: torch.nn.Parameter, opt: torch.optim.Optimizer) -> None:
+    g = torch.Generator().manual_seed(steps)
+    for _ in range(steps):
+        param.grad = torch.randn(param.shape, generator=g, dtype=param.dtype)
+        opt.step()
+
+
+def _shards(model, layout: Layout, steps: int = 3) -> tuple[list, list]:
+    """Shard states whose optimizers took ``steps`` Adagrad steps, and those optimizers."""
+    flat = flatten(model.children())
+    states, opts = [], []
+    for k, (a, b) in enumerate(layout.shard_ranges):
+        p = torch.nn.Parameter(flat[a:b].clone())
+        opt = torch.optim.Adagrad([p], lr=0.1)
+        _adagrad_after(steps, p, opt)
+        opts.append((p, opt))
+        states.append(
+            ckpt.ShardState(
+                k, p.detach().clone(), {0: opt.state_dict()}, {0: 7 + k}, {"updates_applied": 3}
+            )
+        )
+    return states, opts
+
+
+def _save(root: Path, update: int = 12, model=None, shards: int = 2, **kw) -> Path:
+    model = model or mlp([3, 5, 2])
+    layout = _layout(model, shards)
+    states, _ = _shards(model, layout)
+    return ckpt.save(
+        root,
+        update,
+        states,
+        layout=layout,
+        parameters=ckpt.describe_parameters(model),
+        config={"lr": 0.1, "optimizer": "adagrad"},
+        positions={0: {"epoch": 1, "step": 40}, 1: {"epoch": 1, "step": 38}},
+        **kw,
+    )
+
+
+def test_round_trip_restores_weights_versions_positions_and_optimizer_state(tmp_path):
+    model = mlp([3, 5, 2])
+    layout = _layout(model)
+    states, opts = _shards(model, layout)
+    path = ckpt.save(
+        tmp_path, 12, states, layout=layout, parameters=ckpt.describe_parameters(model),
+        config={"lr": 0.1}, positions={0: {"epoch": 1, "step": 40}},
+    )  # fmt: skip
+    loaded = ckpt.load(tmp_path)
+    assert loaded.path == path and loaded.update == 12
+    assert loaded.positions == {0: {"epoch": 1, "step": 40}}
+    assert torch.equal(loaded.weights, torch.cat([s.weights for s in states]))
+    ckpt.check_compatible(loaded, ckpt.describe_parameters(model), layout)
+    for saved, (p, opt) in zip(loaded.shards, opts):
+        assert saved.versions == {0: 7 + saved.index}
+        # An optimizer restored from the checkpoint continues exactly as the original does.
+        p2 = torch.nn.Parameter(saved.weights.clone())
+        opt2 = torch.optim.Adagrad([p2], lr=0.1)
+        opt2.load_state_dict(saved.optimizer[0])
+        _adagrad_after(4, p, opt)
+        _adagrad_after(4, p2, opt2)
+        assert torch.equal(p, p2)
+
+
+def test_a_newer_checkpoint_replaces_the_older_only_once_whole(tmp_path):
+    first = _save(tmp_path, update=10)
+    # A crash half-way through the next write leaves a temporary directory: it is not a
+    # checkpoint, and the previous one still loads.
+    (tmp_path / ".tmp-crashed").mkdir()
+    (tmp_path / ".tmp-crashed" / "shard0.safetensors").write_bytes(b"half")
+    assert ckpt.load(tmp_path).path == first
+    second = _save(tmp_path, update=20)
+    assert ckpt.checkpoints(tmp_path) == [second] and not first.exists()
+    third = _save(tmp_path, update=30, keep=2)
+    assert ckpt.checkpoints(tmp_path) == [second, third]
+    assert ckpt.load(tmp_path).update == 30
+
+
+def _corrupt_last_byte(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda d: (d / "shard1.safetensors").write_bytes(b"x" * 10), r"shard1.* truncated"),
+        (lambda d: _corrupt_last_byte(d / "shard0.safetensors"), r"shard0.* corrupted"),
+        (lambda d: (d / "shard0.safetensors").unlink(), r"shard0.* cannot be read"),
+        (lambda d: (d / "manifest.json").write_text("{not json"), r"manifest.json cannot be read"),
+        (
+            lambda d: (d / "manifest.json").write_text(json.dumps({"format": 99})),
+            r"manifest.json has format 99",
+        ),
+    ],
+    ids=["truncated", "corrupted", "missing", "not-json", "format"],
+)
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage, match):
+    path = _save(tmp_path)
+    damage(path)
+    with pytest.raises(ckpt.CheckpointError, match=rf"^resume: .*{match}"):
+        ckpt.load(path)
+
+
+def test_no_checkpoint_where_one_is_expected(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load(tmp_path / "nowhere")
+    with pytest.raises(ckpt.CheckpointError, match="holds no checkpoint"):
+        ckpt.load(tmp_path)
+
+
+def test_a_checkpoint_of_another_model_or_layout_is_refused_naming_the_mismatch(tmp_path):
+    _save(tmp_path, model=mlp([3, 5, 2]), shards=2)
+    loaded = ckpt.load(tmp_path)
+    wider = mlp([3, 6, 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"parameter '0.weight' has shape \[6, 3\]"):
+        ckpt.check_compatible(loaded, ckpt.describe_parameters(wider), _layout(wider))
+    deeper = mlp([3, 5, 5, 2])
+    with pytest.raises(ckpt.CheckpointError, match="with 4 parameter tensors, this model has 6"):
+        ckpt.check_compatible(loaded, ckpt.describe_parameters(deeper), _layout(deeper, 2))
+    same = mlp([3, 5, 2])
+    with pytest.raises(ckpt.CheckpointError, match="taken with 2 shards .* this run has 3"):
+        ckpt.check_compatible(loaded, ckpt.describe_parameters(same), _layout(same, 3))
+    as_double = mlp([3, 5, 2], dtype=torch.float64)
+    with pytest.raises(ckpt.CheckpointError, match="has dtype float64"):
+        ckpt.check_compatible(loaded, ckpt.describe_parameters(as_double), _layout(as_double))
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    _save(tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was unpickled")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    assert ckpt.load(tmp_path).update == 12
