@@ -272,8 +272,13 @@ def test_ctrl_c_stops_training_and_keeps_what_was_trained(runtime):
 def test_nan_push_is_rejected_counted_and_parameters_stay_finite():
     model = mlp([10, 16, 3])
     x, y = toy_data(n=64)
-    x[40, 3] = float("nan")  # one poisoned example: its mini-batch's gradient is NaN
-    result = run(model, (x, y), epochs=1, shards=2)
+    calls = {"n": 0}
+
+    def loss(out, target):  # one poisoned step: its mini-batch's gradient is NaN
+        calls["n"] += 1
+        return F.cross_entropy(out, target) * (float("nan") if calls["n"] == 3 else 1.0)
+
+    result = run(model, (x, y), epochs=1, shards=2, loss=loss)  # NaN data is refused up front
     assert result.stats["rejected_pushes"] == 2  # one push to each shard
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     assert result.stats["updates_applied_total"] == 2 * (64 // 16 - 1)

@@ -203,3 +203,19 @@ def test_a_list_of_modules_is_a_model():
 
 def test_a_custom_loss_must_return_a_scalar():
     check(r"^loss: must return a scalar tensor", loss=lambda out, t: out.sum(dim=1))
+
+
+def test_nan_or_inf_in_the_data_is_refused_naming_the_first_row():
+    x, y = data()
+    x[9, 4], x[20, 0] = float("inf"), float("nan")
+    check(
+        r"^train_data: row 9 of the inputs holds inf \(2 rows hold NaN or Inf\)", train_data=(x, y)
+    )
+    targets = torch.zeros(32, 3)
+    targets[30, 1] = float("nan")
+    check(
+        r"^eval_data: row 30 of the targets holds nan",
+        loss="mse",
+        train_data=(data()[0], torch.zeros(32, 3)),
+        eval_data=(data()[0], targets),
+    )

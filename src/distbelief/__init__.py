@@ -6,7 +6,14 @@ updating a sharded parameter server. See :func:`train`.
 
 from .api import LOSSES, History, TrainResult, train
 from .config import DownpourConfig
-from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
+from .errors import (
+    ActorFailed,
+    ConfigError,
+    Deadlock,
+    RunTimeout,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from .layout import Layout, Segment
 
 __version__ = "0.1.0"
@@ -22,6 +29,7 @@ __all__ = [
     "RunTimeout",
     "Segment",
     "TrainResult",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "train",
 ]

@@ -126,9 +126,22 @@ def _dry_run(
     return out
 
 
-def _check_inputs(name: str, layers: list[nn.Module], x: torch.Tensor) -> None:
-    """What a dry run on two examples cannot see: an index into a first-layer Embedding that is
-    out of range anywhere in the data (it would fail mid-run, in some replica's step)."""
+def _check_inputs(
+    name: str, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor | None = None
+) -> None:
+    """What a dry run on two examples cannot see: NaN or Inf anywhere in the data (every push
+    of a batch holding one would be rejected, silently), or an index into a first-layer
+    Embedding that is out of range (it would fail mid-run, in some replica's step)."""
+    for part, values in (("inputs", x), ("targets", y)):
+        if values is not None and values.is_floating_point():
+            bad = ~torch.isfinite(values.reshape(len(values), -1)).all(dim=1)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                value = values[row].reshape(-1)[~torch.isfinite(values[row].reshape(-1))][0]
+                raise ConfigError(
+                    f"{name}: row {row} of the {part} holds {float(value)} "
+                    f"({int(bad.sum())} rows hold NaN or Inf); clean or drop them"
+                )
     first = layers[0]
     if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) and not x.is_floating_point():
         n = first.num_embeddings
@@ -363,7 +376,7 @@ def train(
     _check_memory(total, dtype, config)
     if total and not any(p.requires_grad for p in parameters_of(layers)):
         raise ConfigError("model: no parameter requires grad, so there is nothing to train")
-    _check_inputs("train_data", layers, x)
+    _check_inputs("train_data", layers, x, y)
     _check_lr(config, dtype)
     _check_batches(layers, len(x), config)
     # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
@@ -372,7 +385,7 @@ def train(
     evaluator = None
     if eval_data is not None:
         ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
-        _check_inputs("eval_data", layers, ex)
+        _check_inputs("eval_data", layers, ex, ey)
         _check_targets(
             "eval_data", _dry_run(layers, stage_of, ex[:2], "eval_data"), ey, loss, loss_fn
         )

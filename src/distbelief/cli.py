@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -30,7 +31,14 @@ from torch import nn
 from . import data as datasets
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig
-from .errors import ActorFailed, ConfigError, Deadlock, RunTimeout, TrainingInterrupted
+from .errors import (
+    ActorFailed,
+    ConfigError,
+    Deadlock,
+    RunTimeout,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
 from .runlog import RunLog, default_run_dir
@@ -692,7 +700,7 @@ def train_command(
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
-        print(json.dumps(s))
+        print(strict_json(s))
     else:
         _print_summary(Console(), s)
 
@@ -800,8 +808,26 @@ def report_command(
         print(path)
 
 
-def _fail(message: str, code: int) -> int:
+def strict_json(value: Any) -> str:
+    """JSON that every parser reads: NaN and Infinity (which json.dumps writes bare) become
+    null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
+def _fail(message: str, code: int, as_json: bool = False) -> int:
     print(f"distbelief: error: {message}", file=sys.stderr)
+    if as_json:  # whoever reads the last line of stdout gets a failure, not nothing
+        print(strict_json({"error": message, "exit_status": code}))
     return code
 
 
@@ -822,8 +848,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
     except UsageFailure as exc:
         return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
-    except (ActorFailed, RunTimeout, Deadlock) as exc:
-        return _fail(str(exc).replace("\n", " "), RUN_ERROR)
+    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
+        return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
     except (Interrupted, KeyboardInterrupt, typer.Abort):
         return _fail("interrupted", INTERRUPTED)
     if rv == INTERRUPTED:  # Ctrl-C outside a run (e.g. generating data): typer's silent exit

@@ -4,6 +4,8 @@ the master reports, and build the result. ``api.train`` checks the inputs and ha
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +16,7 @@ from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .api import Evaluator, History, LossFn, TrainResult, _assemble
 from .config import DownpourConfig
 from .data import replica_ranges
-from .errors import TrainingInterrupted
+from .errors import TrainingDiverged, TrainingInterrupted
 from .flat import flatten, parameters_of
 from .layout import Layout
 from .messages import (
@@ -23,6 +25,7 @@ from .messages import (
     ConnectDataShard,
     ConnectMaster,
     ConnectStage,
+    Diverged,
     ProgressReport,
     ShardSnapshot,
     Snapshot,
@@ -30,6 +33,8 @@ from .messages import (
     TrainingDone,
 )
 from .runtime import make_runtime
+
+log = logging.getLogger("distbelief")
 
 
 def run(
@@ -53,8 +58,25 @@ def run(
     result_model = _assemble(stage_layers, done.weights, done.buffers)
     stats = {**_stats(done, config), **runtime_stats}
     history = History(train=done.history["train"], eval=done.history["eval"])
+    # A run that learned nothing is never returned as a result (see TrainingDiverged).
+    if not bool(torch.isfinite(done.weights).all()):
+        raise TrainingDiverged("the final parameters hold NaN or Inf", None, stats)
+    rejected, applied = stats["rejected_pushes"], stats["updates_applied_total"]
+    if rejected > applied:
+        raise TrainingDiverged(
+            f"{rejected:,} of {rejected + applied:,} pushes held NaN or Inf and were rejected",
+            result_model,
+            stats,
+        )
+    if rejected:
+        log.warning(
+            "%d of %d pushes held NaN or Inf and were rejected", rejected, rejected + applied
+        )
     if evaluator is not None:
         final = evaluator.evaluate(result_model)
+        if not math.isfinite(final["loss"]):
+            loss = final["loss"]
+            raise TrainingDiverged(f"the final evaluation loss is {loss}", result_model, stats)
         history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
     return TrainResult(result_model, history, stats, config)
 
@@ -171,6 +193,11 @@ def _run(
                     return reply, (describe() if describe is not None else {})
                 if progress is not None and isinstance(reply, ProgressReport):
                     progress(reply)
+                if isinstance(reply, Diverged):
+                    weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+                    finite = bool(torch.isfinite(weights).all())
+                    model = _assemble(stage_layers, weights, buffers) if finite else None
+                    raise TrainingDiverged(reply.reason, model)
         except KeyboardInterrupt:
             # Ctrl-C: the runtimes stop between two messages, so every actor is whole.
             weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
@@ -219,6 +246,7 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
         "seed": config.seed,
         "restarts": done.restarts,
+        "nonfinite_steps": done.nonfinite_steps,
     }
 
 

@@ -30,6 +30,29 @@ class Deadlock(RuntimeError):
     """The in-process runtime has no message left to deliver but the run is not finished."""
 
 
+class TrainingDiverged(RuntimeError):
+    """Training went wrong in a way more steps cannot fix: most steps' losses were NaN or Inf
+    (so the shards rejected their pushes), an evaluation loss was, most pushes were rejected, or
+    the final parameters hold NaN or Inf. A run that looks finished but learned nothing is never
+    returned as a result.
+
+    ``reason`` says what and when; ``model`` holds the shards' parameters when the run stopped
+    (and replica 0's buffers) if they are all finite, else None; ``stats`` the run's counters
+    where they were collected (an empty dict otherwise).
+    """
+
+    def __init__(self, reason: str, model: Any = None, stats: dict | None = None) -> None:
+        kept = (
+            "the parameters when it stopped are in .model"
+            if model is not None
+            else ("its parameters hold NaN or Inf, so none are kept")
+        )
+        super().__init__(f"training diverged: {reason}; {kept}")
+        self.reason = reason
+        self.model = model
+        self.stats = stats or {}
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped :func:`distbelief.train`; nothing trained until then is lost.
 

@@ -115,6 +115,16 @@ class TrainingDone:
     """Mini-batch steps over all replicas."""
     restarts: int = 0
     """Actors that died and were restarted during the run (ActorRestarted notices)."""
+    nonfinite_steps: int = 0
+    """Steps whose loss was NaN or Inf (a few are tolerated; their pushes were rejected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Diverged:
+    """Master -> driver: training diverged; stop the run (see ``TrainingDiverged``)."""
+
+    reason: str
+    """What went wrong, and when (in examples)."""
 
 
 # ---------------------------------------------------------------- runtime -> master
@@ -161,7 +171,9 @@ class Progress:
     examples: int
     """Examples in those steps."""
     loss_sum: float
-    """Sum of the mini-batch losses of those steps."""
+    """Sum of the mini-batch losses of those steps whose loss was finite."""
+    nonfinite_steps: int = 0
+    """Steps among those whose loss was NaN or Inf (the shards reject their pushes)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..data import epoch_order
@@ -51,7 +53,7 @@ class DataShard(Actor):
         self.steps = 0
         self.examples = 0
         self.warmstart_steps = 0
-        self.window_steps = self.window_examples = 0
+        self.window_steps = self.window_examples = self.window_nonfinite = 0
         self.window_loss = 0.0
         self.stage_buffers: dict[int, dict] = {}
         self.stages: tuple = ()
@@ -95,7 +97,10 @@ class DataShard(Actor):
         self.examples += self._batch
         self.window_steps += 1
         self.window_examples += self._batch
-        self.window_loss += msg.loss
+        if math.isfinite(msg.loss):
+            self.window_loss += msg.loss
+        else:
+            self.window_nonfinite += 1  # its pushes are rejected at the shards; the master judges
         if self.steps == self.warmstart_steps:
             self.ctx.tell(self.master, WarmstartDone(self.replica))
         if self.window_steps == self.report_every:
@@ -116,9 +121,15 @@ class DataShard(Actor):
         if self.window_steps:
             self.ctx.tell(
                 self.master,
-                Progress(self.replica, self.window_steps, self.window_examples, self.window_loss),
+                Progress(
+                    self.replica,
+                    self.window_steps,
+                    self.window_examples,
+                    self.window_loss,
+                    self.window_nonfinite,
+                ),
             )
-        self.window_steps = self.window_examples = 0
+        self.window_steps = self.window_examples = self.window_nonfinite = 0
         self.window_loss = 0.0
 
     @receives(ActorRestarted)

@@ -3,7 +3,9 @@ and assembles the final parameters from the shards."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +16,7 @@ from ..messages import (
     Begin,
     BufferSnapshot,
     ConnectMaster,
+    Diverged,
     Progress,
     ProgressReport,
     ReplicaDone,
@@ -35,6 +38,8 @@ Evaluator = Callable[[torch.Tensor, Buffers], dict[str, float]]
 ``{"loss": ..., "accuracy": ...}``."""
 
 FINAL = -1  # snapshot tag of the final parameter collection
+DIVERGED_WINDOW = 8
+"""Steps of a replica over which most losses being NaN or Inf means the run diverged."""
 
 
 class DownpourMaster(Actor):
@@ -83,6 +88,9 @@ class DownpourMaster(Actor):
         self.replica_examples = [0] * replicas
         self.replica_window = [[0.0, 0] for _ in range(replicas)]  # loss sum, steps
         self.shard_stats: dict[int, dict[str, Any]] = {}  # the latest ShardStats, by shard
+        self.nonfinite_steps = 0  # steps whose loss was NaN or Inf (their pushes rejected)
+        self.recent: dict[int, deque[tuple[int, int]]] = {}  # replica -> (steps, non-finite)
+        self.diverged = False
 
     @receives(ConnectMaster)
     def on_connect(self, msg: ConnectMaster, sender: object) -> None:
@@ -119,13 +127,27 @@ class DownpourMaster(Actor):
     def on_progress(self, msg: Progress, sender: object) -> None:
         self.examples += msg.examples
         self.steps += msg.steps
+        self.nonfinite_steps += msg.nonfinite_steps
+        # A bad batch now and then is counted (its push rejected); most of a replica's last
+        # DIVERGED_WINDOW steps or more is divergence.
+        recent = self.recent.setdefault(msg.replica, deque())
+        recent.append((msg.steps, msg.nonfinite_steps))
+        while len(recent) > 1 and sum(s for s, _ in recent) - recent[0][0] >= DIVERGED_WINDOW:
+            recent.popleft()
+        steps, bad = sum(s for s, _ in recent), sum(b for _, b in recent)
+        if bad >= 2 and 2 * bad > steps:
+            self._diverge(
+                f"{bad} of replica {msg.replica}'s last {steps} steps had a NaN or Inf loss "
+                f"(at {self.examples:,} examples)"
+            )
+            return
         self.window_loss += msg.loss_sum
-        self.window_steps += msg.steps
+        self.window_steps += msg.steps - msg.nonfinite_steps
         r = msg.replica
         self.replica_steps[r] += msg.steps
         self.replica_examples[r] += msg.examples
         self.replica_window[r][0] += msg.loss_sum
-        self.replica_window[r][1] += msg.steps
+        self.replica_window[r][1] += msg.steps - msg.nonfinite_steps
         if self.examples >= self.next_report or self.examples == self.total_examples:
             loss = self.window_loss / max(self.window_steps, 1)
             self.history["train"].append(
@@ -226,12 +248,23 @@ class DownpourMaster(Actor):
                 examples=examples,
                 steps=sum(d.steps for d in self.done.values()),
                 restarts=self.restarts,
+                nonfinite_steps=self.nonfinite_steps,
             ),
         )
+
+    def _diverge(self, reason: str) -> None:
+        """Tell the driver, once; it stops the run and keeps what it can."""
+        if not self.diverged:
+            self.diverged = True
+            self.ctx.tell(self.driver, Diverged(reason))
 
     def _evaluate(self, weights: torch.Tensor, buffers: Buffers) -> None:
         t = time.perf_counter()
         metrics = self.evaluator(weights, buffers)
+        if not math.isfinite(metrics["loss"]):
+            self._diverge(
+                f"the evaluation loss was {metrics['loss']} at {self.examples:,} examples"
+            )
         self.history["eval"].append({"examples": self.examples, "wall_s": self._wall(), **metrics})
         if self.eval_pauses_training:
             self.eval_s += time.perf_counter() - t
