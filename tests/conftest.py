@@ -16,7 +16,7 @@ from torch import nn  # noqa: E402
 
 torch.set_num_threads(1)
 
-RUNTIMES = ["local", *(["ray"] if importlib.util.find_spec("ray") else [])]
+RUNTIMES = ["local", "processes", *(["ray"] if importlib.util.find_spec("ray") else [])]
 
 
 @pytest.fixture(params=RUNTIMES)

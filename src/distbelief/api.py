@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DownpourConfig
-from .data import as_tensors, replica_ranges
+from .data import TensorRows, as_tensors, replica_ranges
+from .datafiles import FileData, as_file_data
 from .errors import ConfigError
 from .flat import load_flat, parameters_of
 from .messages import ProgressReport
@@ -89,6 +90,17 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, loss: str | L
     if y.is_floating_point() or loss == "mse":
         y = y.to(dtype)
     return x.contiguous(), y.contiguous()
+
+
+def _rows(
+    data: Any, name: str, dtype: torch.dtype, loss: str | LossFn, like: Any = None
+) -> TensorRows | FileData:
+    """``train_data``/``eval_data`` as rows: a data file (checked, read later by the data
+    shards themselves) or in-memory tensors."""
+    files = as_file_data(data, name, dtype, loss, like if isinstance(like, FileData) else None)
+    if files is not None:
+        return files
+    return TensorRows(*_prepare(*as_tensors(data, name), dtype, loss))
 
 
 def _dry_run(
@@ -262,7 +274,7 @@ class Evaluator:
     def __init__(
         self,
         stage_layers: list[list[nn.Module]],
-        data: tuple[torch.Tensor, torch.Tensor],
+        data: tuple[torch.Tensor, torch.Tensor] | FileData,
         loss_fn: LossFn,
         metric: Metric | None,
         batch_size: int = 4096,
@@ -270,7 +282,9 @@ class Evaluator:
         self.stage_lengths = [len(group) for group in stage_layers]
         layers = [layer for group in stage_layers for layer in group]
         self.model = nn.Sequential(*copy.deepcopy(layers)).eval()
-        self.x, self.y = data
+        # A file is read a chunk at a time at each evaluation, never held whole.
+        self.file = data if isinstance(data, FileData) else None
+        self.x, self.y = (None, None) if self.file is not None else data
         self.loss_fn = loss_fn
         self.metric = metric
         self.batch_size = batch_size
@@ -290,6 +304,10 @@ class Evaluator:
         """Metrics of a whole model, buffers included."""
         mode = model.training
         model.eval()
+        if self.file is not None:
+            metrics = self._evaluate_file(model, self.file)
+            model.train(mode)
+            return metrics
         copy = edits_its_input(list(model.children()))  # the held-out data stays as it is
         with torch.no_grad():
             batches = self.x.split(self.batch_size)
@@ -299,6 +317,19 @@ class Evaluator:
                 metrics["accuracy"] = float(self.metric(out, self.y))
         model.train(mode)
         return metrics
+
+    def _evaluate_file(self, model: nn.Module, data: FileData) -> dict[str, float]:
+        """Chunk by chunk: loss and accuracy are means over chunks weighted by their size (the
+        exact mean for a loss that averages over examples)."""
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        with torch.no_grad():
+            for x, y in data.chunks(self.batch_size):
+                out = model(x)  # a fresh tensor per chunk: a layer may edit it in place
+                sums["loss"] += float(self.loss_fn(out, y)) * len(x)
+                if self.metric is not None:
+                    sums["accuracy"] += float(self.metric(out, y)) * len(x)
+        keys = ("loss", "accuracy") if self.metric is not None else ("loss",)
+        return {k: sums[k] / len(data) for k in keys}
 
 
 def train(
@@ -361,10 +392,11 @@ def train(
     layers = as_layers(model)
     dtype = model_dtype(layers)
     loss_fn = _resolve_loss(loss)
-    x, y = _prepare(*as_tensors(train_data, "train_data"), dtype, loss)
-    if config.replicas > len(x):
+    rows = _rows(train_data, "train_data", dtype, loss)
+    x, y = rows.probe()  # in-memory data: all of it; a file: the rows that decide the checks
+    if config.replicas > len(rows):
         raise ConfigError(
-            f"replicas: {config.replicas} replicas but only {len(x)} training examples"
+            f"replicas: {config.replicas} replicas but only {len(rows)} training examples"
         )
     sizes = layer_sizes(layers)
     points = resolve_split_points(sizes, config.stages)
@@ -376,21 +408,23 @@ def train(
     _check_memory(total, dtype, config)
     if total and not any(p.requires_grad for p in parameters_of(layers)):
         raise ConfigError("model: no parameter requires grad, so there is nothing to train")
-    _check_inputs("train_data", layers, x, y)
+    _check_inputs("train_data", layers, x, y)  # a file's every row: checked when scanned
     _check_lr(config, dtype)
-    _check_batches(layers, len(x), config)
+    _check_batches(layers, len(rows), config)
     # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
     out = _dry_run(layers, stage_of, x[:2])
     _check_targets("train_data", out, y, loss, loss_fn)
     evaluator = None
     if eval_data is not None:
-        ex, ey = _prepare(*as_tensors(eval_data, "eval_data"), dtype, loss)
+        eval_rows = _rows(eval_data, "eval_data", dtype, loss, like=rows)
+        ex, ey = eval_rows.probe()  # in-memory data: all of it
         _check_inputs("eval_data", layers, ex, ey)
         _check_targets(
             "eval_data", _dry_run(layers, stage_of, ex[:2], "eval_data"), ey, loss, loss_fn
         )
         metric = metric or default_metric(loss, ey)
-        evaluator = Evaluator(stage_layers, (ex, ey), loss_fn, metric)
+        data = (ex, ey) if isinstance(eval_rows, TensorRows) else eval_rows
+        evaluator = Evaluator(stage_layers, data, loss_fn, metric)
     runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
     if runlog is not None:
         runlog.start(config)
@@ -398,7 +432,7 @@ def train(
     from .downpour import run  # here: downpour.py builds on this module's result types
 
     try:
-        result = run(config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress)
+        result = run(config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress)
     except BaseException as exc:
         if runlog is not None:
             runlog.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")

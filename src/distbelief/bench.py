@@ -16,6 +16,10 @@ slows a run down). Ratios are *engine / baseline* throughput: 1.0 is parity, hig
   ``Push`` messages, against bare ``torch.optim.Adagrad`` steps on a tensor of the same size.
 - ``xor``: the seed's setting (50,000 single-example SGD steps over 25 replicas) against a
   plain loop doing the same 50,000 single-example steps.
+- ``hogwild``: distbelief's fastest multi-core configuration on one machine (the ``processes``
+  runtime, 2 replicas x 1 stage x 1 shard, Adagrad, n_fetch = n_push = 1) against Hogwild
+  (``benchmarks/hogwild.py``: PyTorch's ``mnist_hogwild`` pattern with 2 worker processes) on
+  the same model, data, batch and optimizer; start-up (call wall time - training time) too.
 
 All sides run with one torch intra-op thread (see ``TORCH_THREADS``).
 """
@@ -23,6 +27,7 @@ All sides run with one torch intra-op thread (see ``TORCH_THREADS``).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import platform
@@ -34,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +53,7 @@ from .data import mnist1d, replica_batches, xor
 from .layout import Layout
 from .messages import Drain, Drained, Push
 
-BENCHMARKS = ("overhead", "scaling", "shard", "xor")
+BENCHMARKS = ("overhead", "scaling", "shard", "xor", "hogwild")
 TORCH_THREADS = 1
 """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core machine torch's
 spinning worker threads made runs 20-80x slower when another process was busy. Both sides of
@@ -79,12 +85,14 @@ class Sizes:
     """Replicas of the XOR comparison."""
     repeats: int
     """Alternating repeats per comparison; the best run of each side is kept."""
+    hogwild_epochs: int = 15
+    """Epochs of each run of the Hogwild comparison (the main job's 15)."""
 
 
 FULL = Sizes(
     10_000, 4, (1, 2, 4, 8, 16, 32), 3, (1_000_000, 10_000_000), 500_000_000, 50_000, 25, 5
 )
-QUICK = Sizes(1_000, 1, (1, 2), 1, (10_000,), 2_000_000, 500, 5, 1)
+QUICK = Sizes(1_000, 1, (1, 2), 1, (10_000,), 2_000_000, 500, 5, 1, hogwild_epochs=1)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -465,6 +473,73 @@ def xor_seed(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list
     ]
 
 
+# ------------------------------------------------------------------------------ hogwild
+
+HOGWILD_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "hogwild.py"
+"""The Hogwild baseline (a script of the source checkout, runnable on its own)."""
+
+
+def _hogwild_module() -> Any:
+    if not HOGWILD_SCRIPT.is_file():
+        raise FileNotFoundError(f"hogwild: needs the source checkout's {HOGWILD_SCRIPT}")
+    spec = importlib.util.spec_from_file_location("distbelief_hogwild_baseline", HOGWILD_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def hogwild(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The processes runtime at 2 replicas against Hogwild with 2 workers, alternating."""
+    baseline = _hogwild_module()
+    train_data = _mnist1d_train(sizes.mnist1d_samples)
+    lr, batch, epochs, workers = 0.05, 32, sizes.hogwild_epochs, 2
+    engine: list[float] = []
+    plain: list[float] = []
+    startup: list[float] = []
+    plain_startup: list[float] = []
+    for rep in range(repeats):
+        h = baseline.hogwild(
+            mlp(MLP, seed=seed), train_data, workers=workers, lr=lr, batch_size=batch,
+            epochs=epochs, seed=seed,
+        )  # fmt: skip
+        plain.append(h["examples_per_s"])
+        plain_startup.append(h["wall_s"] - h["train_s"])
+        t = time.perf_counter()
+        result = train(
+            mlp(MLP, seed=seed),
+            train_data,
+            loss="cross_entropy",
+            lr=lr,
+            batch_size=batch,
+            epochs=epochs,
+            replicas=workers,
+            optimizer="adagrad",
+            seed=seed,
+            runtime="processes",
+        )
+        startup.append(time.perf_counter() - t - result.stats["train_s"])
+        engine.append(result.stats["examples_per_s"])
+        _say(
+            log,
+            f"hogwild repeat {rep + 1}/{repeats}: Hogwild {plain[-1]:,.0f} ex/s, "
+            f"processes runtime {engine[-1]:,.0f} ex/s",
+        )
+    return [
+        {
+            "config": f"{workers} replicas x 1 stage, 1 shard, adagrad, runtime processes",
+            "replicas": workers,
+            "examples_per_s": round(max(engine)),
+            "baseline_examples_per_s": round(max(plain)),
+            "ratio": _paired_ratio(engine, plain),
+            "best_ratio": _ratio(max(engine), max(plain)),
+            "startup_s": round(statistics.median(startup), 3),
+            "baseline_startup_s": round(statistics.median(plain_startup), 3),
+            "samples": [round(v) for v in engine],
+            "baseline_samples": [round(v) for v in plain],
+        }
+    ]
+
+
 # ------------------------------------------------------------------------------ driver
 
 
@@ -508,7 +583,10 @@ def run(
         "repeats": repeats,
         "sizes": asdict(sizes),
     }
-    steps = {"overhead": overhead, "scaling": scaling, "shard": shard, "xor": xor_seed}
+    steps = {
+        "overhead": overhead, "scaling": scaling, "shard": shard, "xor": xor_seed,
+        "hogwild": hogwild,
+    }  # fmt: skip
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[]):
@@ -552,6 +630,13 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             "XOR seed", f"{x['examples']:,} single-example steps, {x['replicas']} replicas, "
             f"{x['config']}", f"{x['train_s']:.2f} s (time x{x['time_ratio']:.2f})",
             f"plain torch loop {x['baseline_s']:.2f} s", f"{x['ratio']:.2f}",
+        ))  # fmt: skip
+    for r in report.get("hogwild", []):
+        out.append((
+            "Hogwild", r["config"],
+            f"{r['examples_per_s']:,} ex/s, start-up {r['startup_s']:.2f} s",
+            f"Hogwild, {r['replicas']} processes {r['baseline_examples_per_s']:,} ex/s, "
+            f"start-up {r['baseline_startup_s']:.2f} s", f"{r['ratio']:.2f}",
         ))  # fmt: skip
     return out
 

@@ -19,6 +19,7 @@ import tomllib
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 from . import data as datasets
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig
+from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
 from .errors import (
     ActorFailed,
     ConfigError,
@@ -158,6 +160,63 @@ PRESETS: dict[str, Preset] = {
 def _preset_help(field: str) -> str:
     """Each preset's value of ``field``, for --help: ``mnist1d 15, xor 1, digits 20``."""
     return ", ".join(f"{name} {getattr(p, field):g}" for name, p in PRESETS.items())
+
+
+FILE_DEFAULTS = dict(
+    hidden=(128, 128), lr=0.05, batch_size=32, epochs=20, replicas=4, stages=2, shards=2,
+    optimizer="adagrad",
+)  # fmt: skip
+"""Settings of a ``--data FILE`` run: the digits preset's (an MLP of two hidden layers of 128,
+Adagrad at the shards with gamma 0.05, batch 32, 20 epochs, 4 replicas x 2 stages, 2 shards),
+which train small tabular data well; every flag overrides them."""
+
+
+def file_preset(
+    data: str,
+    target: str | None,
+    test_data: str | None,
+    test_split: float | None,
+    task: str | None,
+) -> tuple[Preset, FileData, FileData | None]:
+    """A preset for a data file: the MLP's widths come from the file, the loss from the task
+    (classify: cross-entropy over the labels; regress: mse). Each file is checked here, in one
+    streaming pass; a bad one is a usage error naming the file and where."""
+    if task is not None and task not in TASKS:
+        raise UsageFailure(f"task: must be {' or '.join(TASKS)}, got {task!r}")
+    if test_data is not None and test_split is not None:
+        raise UsageFailure("test-split: give --test-data or --test-split, not both")
+    try:
+        train_rows = scan(data, target, task)
+    except DataFileError as exc:
+        raise UsageFailure(f"data: {exc}") from None
+    test_rows = None
+    if test_split is not None:
+        try:
+            train_rows, test_rows = train_rows.split(test_split)
+        except DataFileError as exc:
+            raise UsageFailure(f"test-split: {exc}") from None
+    elif test_data is not None:
+        try:
+            # the training file's target and task; a .npy's labels are found beside it
+            test_target = None if train_rows.format == "npy" else train_rows.target
+            test_rows = scan(test_data, test_target, train_rows.task)
+        except DataFileError as exc:
+            raise UsageFailure(f"test-data: {exc}") from None
+        if test_rows.width != train_rows.width:
+            raise UsageFailure(
+                f"test-data: {test_rows.path} has {test_rows.width} features per example but "
+                f"the training data ({train_rows.path}) has {train_rows.width}"
+            )
+    classify = train_rows.task == CLASSIFY
+    outputs = max(train_rows.outputs, test_rows.outputs if test_rows else 0)
+    settings = {k: v for k, v in FILE_DEFAULTS.items() if k != "hidden"}
+    preset = Preset(
+        load=lambda seed: (train_rows, test_rows),  # type: ignore[arg-type,return-value]
+        inputs=train_rows.width, outputs=outputs, hidden=FILE_DEFAULTS["hidden"],
+        activation=nn.ReLU, output_activation=None, loss="cross_entropy" if classify else "mse",
+        **settings,
+    )  # fmt: skip
+    return preset, train_rows, test_rows
 
 
 def mlp(
@@ -531,8 +590,37 @@ def _seed_help() -> str:
 def train_command(
     ctx: typer.Context,
     dataset: Annotated[
-        str, typer.Argument(help="mnist1d (the main job), xor (the seed's example) or digits.")
-    ] = "mnist1d",
+        str | None,
+        typer.Argument(
+            help="mnist1d (the main job, the default), xor (the seed's example) or digits; "
+            "or none with --data FILE.",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        _opt(
+            "Train on your own data: a .csv (header row), .parquet, .npz (arrays x, y) or "
+            "x.npy (labels in y.npy beside it). The MLP's input and output widths come from "
+            "the file; defaults: hidden 128,128, adagrad lr 0.05, batch 32, 20 epochs, "
+            "4 replicas x 2 stages, 2 shards."
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        _opt("The label column (CSV, Parquet; default the last), .npz array (y) or labels .npy."),
+    ] = None,
+    test_data: Annotated[str | None, _opt("Test file, same format and columns as --data.")] = None,
+    test_split: Annotated[
+        float | None, _opt("Hold out this fraction of --data for testing (seeded, fixed).")
+    ] = None,
+    task: Annotated[
+        str | None,
+        _opt(
+            "classify (cross-entropy) or regress (mse); default: integer labels 0..999 "
+            "classify, anything else regresses."
+        ),
+    ] = None,
     replicas: Annotated[
         int | None, _opt(f"Model replicas (preset: {_preset_help('replicas')}).")
     ] = None,
@@ -569,7 +657,13 @@ def train_command(
         ),
     ] = None,
     seed: Annotated[int | None, _opt(_seed_help())] = None,
-    runtime: Annotated[str, _opt("Where actors run: local (in-process) or ray.")] = "local",
+    runtime: Annotated[
+        str,
+        _opt(
+            "Where actors run: local (in-process, one core); processes (forked workers over "
+            "shared memory: one machine with several cores); ray (a cluster of machines)."
+        ),
+    ] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
     eval_every: Annotated[
         int,
@@ -624,11 +718,30 @@ def train_command(
     x 2 stages, 2 shards, adagrad lr 0.05, batch 32, 20 epochs.
     """
     t_start = time.perf_counter()
-    preset = PRESETS.get(dataset)
-    if preset is None:
-        raise UsageFailure(
-            f"dataset: unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}"
-        )
+    if data is None:
+        given = [
+            f
+            for f, v in (
+                ("target", target),
+                ("test-data", test_data),
+                ("test-split", test_split),
+                ("task", task),
+            )
+            if v is not None
+        ]
+        if given:
+            raise UsageFailure(f"{given[0]}: only meaningful with --data FILE")
+        dataset = dataset or "mnist1d"
+        preset = PRESETS.get(dataset)
+        if preset is None:
+            raise UsageFailure(
+                f"dataset: unknown dataset {dataset!r}; choose one of {', '.join(PRESETS)}"
+            )
+    elif dataset is not None:
+        raise UsageFailure(f"data: give a dataset name ({dataset!r}) or --data FILE, not both")
+    else:
+        preset, _, _ = file_preset(data, target, test_data, test_split, task)
+        dataset = data
     cores = os.cpu_count() or 1
     if not 1 <= torch_threads <= cores:
         # torch.set_num_threads(100000) crashed the process (SIGSEGV), not an error
@@ -678,11 +791,14 @@ def train_command(
     resolved = {k: v for k, v in ctx.params.items() if k not in NOT_RECORDED and v is not None}
     resolved.update({k: settings[k] for k in resolved.keys() & settings.keys()})
     resolved.update({k: settings[k] for k in PRESET_FIELDS}, hidden=",".join(map(str, widths)))
+    if data is None:
+        resolved["dataset"] = dataset  # the default (mnist1d) too: a report names it
     order = [p.name for p in ctx.command.params]
     resolved = dict(sorted(resolved.items(), key=lambda kv: order.index(kv[0])))
     runlog = None
     if not no_run_dir:
-        path = run_dir if run_dir is not None else default_run_dir(dataset)
+        name = Path(data).stem if data else dataset
+        path = run_dir if run_dir is not None else default_run_dir(name)
         try:  # before any data is generated or trained: an unusable directory ends it here
             runlog = RunLog(path, resolved, name="run-dir")
         except ConfigError as exc:
@@ -697,6 +813,8 @@ def train_command(
         torch.set_num_threads(threads)
         if runlog is not None:
             runlog.close("failed")  # no-op after a finished run
+    if data is not None:
+        s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
@@ -722,7 +840,9 @@ def _run_job(
     """Load the data, train with a live view on stderr (unless quiet), summarise."""
     t_data = time.perf_counter()
     train_data, test_data = preset.load(settings["seed"])
-    if train_size is not None:
+    if train_size is not None and isinstance(train_data, FileData):
+        train_data = train_data.part(0, min(train_size, len(train_data)))  # the rest is not read
+    elif train_size is not None:
         train_data = (train_data[0][:train_size], train_data[1][:train_size])
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()

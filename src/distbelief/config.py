@@ -57,7 +57,8 @@ class DownpourConfig:
     seed: int | None = None
     """Seeds data order, actor interleaving and torch's RNG; None draws one (see result)."""
     runtime: str = "local"
-    """Where actors run: 'local' (in-process, default) or 'ray'."""
+    """Where actors run: 'local' (in-process, one core, default), 'processes' (forked
+    worker processes over shared memory: one machine's cores) or 'ray' (a cluster)."""
     runtime_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the runtime (e.g. Ray's address)."""
     eval_every: int = 0

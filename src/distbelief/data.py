@@ -3,11 +3,16 @@ ships inside an installed package."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .datafiles import FileData, files
 from .errors import ConfigError
+
+__all__ = ["FileData", "TensorRows", "files"]  # and the functions below
 
 Data = tuple[torch.Tensor, torch.Tensor]
 """Inputs and targets, first dimension = examples."""
@@ -41,8 +46,36 @@ def as_tensors(data: object, name: str = "train_data") -> Data:
             raise ConfigError(f"{name}: the data is empty")
         return x, y
     raise ConfigError(
-        f"{name}: expected an (inputs, targets) pair or a torch Dataset, got {type(data).__name__}"
+        f"{name}: expected an (inputs, targets) pair or a torch Dataset, or the path of a data "
+        f"file (.csv, .parquet, .npz, .npy); got {type(data).__name__}"
+        + (f" {data!r}" if isinstance(data, str) else "")
     )
+
+
+@dataclass(frozen=True)
+class TensorRows:
+    """In-memory examples, as a data shard holds them (a file is a :class:`FileData`)."""
+
+    x: torch.Tensor
+    """Inputs, first dimension = examples."""
+    y: torch.Tensor
+    """Targets, first dimension = examples."""
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def probe(self) -> Data:
+        """The examples the checks before training look at: all of them."""
+        return self.x, self.y
+
+    def part(self, lo: int, hi: int) -> TensorRows:
+        """Examples ``lo:hi`` (views, no copy)."""
+        return TensorRows(self.x[lo:hi], self.y[lo:hi])
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> list[Data]:
+        """One epoch's mini-batches in ``order``: one gather and one split, each mini-batch a
+        view (never mutated: see messages)."""
+        return list(zip(self.x[order].split(batch_size), self.y[order].split(batch_size)))
 
 
 def replica_ranges(n: int, replicas: int) -> list[tuple[int, int]]:

@@ -15,7 +15,8 @@ from torch import nn
 from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .api import Evaluator, History, LossFn, TrainResult, _assemble
 from .config import DownpourConfig
-from .data import replica_ranges
+from .data import TensorRows, replica_ranges
+from .datafiles import FileData
 from .errors import TrainingDiverged, TrainingInterrupted
 from .flat import flatten, parameters_of
 from .layout import Layout
@@ -43,8 +44,7 @@ def run(
     stage_layers: list[list[nn.Module]],
     dtype: torch.dtype,
     loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    rows: TensorRows | FileData,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
 ) -> TrainResult:
@@ -52,7 +52,7 @@ def run(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         done, runtime_stats = _run(
-            config, layers, stage_layers, dtype, loss_fn, x, y, evaluator, progress
+            config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress
         )
 
     result_model = _assemble(stage_layers, done.weights, done.buffers)
@@ -87,8 +87,7 @@ def _run(
     stage_layers: list[list[nn.Module]],
     dtype: torch.dtype,
     loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    rows: TensorRows | FileData,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
 ) -> tuple[TrainingDone, dict[str, Any]]:
@@ -117,7 +116,7 @@ def _run(
             for k, (a, b) in enumerate(layout.shard_ranges)
         )
         n_stages = len(stage_layers)
-        ranges = replica_ranges(len(x), config.replicas)
+        ranges = replica_ranges(len(rows), config.replicas)
         steps_per_epoch = -(-(ranges[0][1] - ranges[0][0]) // config.batch_size)
         report_every = max(1, min(50, steps_per_epoch * config.epochs // 20))
         data_refs, stage_refs = [], []
@@ -127,8 +126,7 @@ def _run(
                     f"data{r}",
                     DataShard,
                     r,
-                    x[lo:hi],
-                    y[lo:hi],
+                    rows.part(lo, hi),  # a file's part is read by the data shard itself
                     config.batch_size,
                     config.epochs,
                     config.seed,
@@ -153,7 +151,7 @@ def _run(
                     for s in range(n_stages)
                 ]
             )
-        total_examples = len(x) * config.epochs
+        total_examples = len(rows) * config.epochs
         master = rt.spawn(
             "master",
             DownpourMaster,

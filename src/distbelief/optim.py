@@ -39,3 +39,28 @@ def make_update_rule(name: str, params: Params, lr: float) -> torch.optim.Optimi
             f"optimizer: unknown optimizer {name!r}; choose one of {', '.join(UPDATE_RULES)}"
         ) from None
     return builder(params, lr)
+
+
+def materialize_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create now every per-parameter state the update rule would create at its first step,
+    with the values it would give it, so that no later step differs: a runtime can then move
+    all of the state into shared memory before its processes start. (Adagrad creates its
+    state eagerly; momentum's buffer, created as a copy of the first gradient, equals a zero
+    buffer after ``buf * momentum + g``; Adam's moments start at zero.)"""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state:
+                continue
+            if isinstance(optimizer, torch.optim.Adam):
+                double = torch.get_default_dtype() == torch.float64  # torch's own rule
+                scalar = torch.float64 if double else torch.float32
+                state["step"] = torch.tensor(0.0, dtype=scalar)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p)
+            elif isinstance(optimizer, torch.optim.SGD) and group["momentum"] != 0:
+                if group["dampening"] != 0 or group["nesterov"]:
+                    raise ValueError("materialize_state: momentum with dampening or nesterov")
+                state["momentum_buffer"] = torch.zeros_like(p)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import Any
 
 from ..data import epoch_order
 from ..messages import (
@@ -25,6 +24,10 @@ from ..runtime.base import Actor, receives
 class DataShard(Actor):
     """Owns the replica's examples, reshuffles them each epoch (seeded), counts epochs.
 
+    ``rows`` is its part of the data: in-memory tensors (``data.TensorRows``, gathered once
+    per epoch) or a file (``datafiles.FileData``), which it reads itself, one mini-batch at a
+    time, in the process it runs in.
+
     One mini-batch is in flight at a time: the next is sent when the first stage reports the
     previous step's backward pass done, as in the seed. When a runtime restarts one of the
     replica's stages, the in-flight mini-batch is sent again (its step redone from fresh
@@ -34,16 +37,14 @@ class DataShard(Actor):
     def __init__(
         self,
         replica: int,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
+        rows: Any,
         batch_size: int,
         epochs: int,
         seed: int,
         report_every: int,
     ) -> None:
         self.replica = replica
-        self.inputs = inputs
-        self.targets = targets
+        self.rows = rows
         self.batch_size = batch_size
         self.epochs = epochs
         self.seed = seed
@@ -58,7 +59,7 @@ class DataShard(Actor):
         self.stage_buffers: dict[int, dict] = {}
         self.stages: tuple = ()
         self.master = None
-        self._epoch_batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._epoch_batches: Any = []  # a list, or a file's batches read when asked for
         self._in_flight: Forward | None = None  # the mini-batch sent and not yet done
         self._finishing = False  # Finish sent to the stages
         self._replica_done = False
@@ -74,12 +75,8 @@ class DataShard(Actor):
         self._send_batch()
 
     def _shuffle(self) -> None:
-        # One gather and one split per epoch; each mini-batch is a view (never mutated: see
-        # messages), made here rather than sliced per step.
-        order = epoch_order(len(self.inputs), self.seed, self.replica, self.epoch)
-        inputs = self.inputs[order].split(self.batch_size)
-        targets = self.targets[order].split(self.batch_size)
-        self._epoch_batches = list(zip(inputs, targets))
+        order = epoch_order(len(self.rows), self.seed, self.replica, self.epoch)
+        self._epoch_batches = self.rows.batches(order, self.batch_size)
 
     def _send_batch(self) -> None:
         x, y = self._epoch_batches[self.batch_index]

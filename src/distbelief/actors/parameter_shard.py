@@ -21,7 +21,7 @@ from ..messages import (
     Snapshot,
     StatsRequest,
 )
-from ..optim import make_update_rule
+from ..optim import make_update_rule, materialize_state
 from ..runtime.base import Actor, receives
 
 
@@ -34,6 +34,10 @@ def finite(tensors: Sequence[torch.Tensor]) -> bool:
     else:
         total = sum(t.sum().item() for t in tensors)
     return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+STALENESS_BUCKETS = 1024
+"""Entries of a shard's staleness histogram; the last counts every staleness beyond it."""
 
 
 class HeldSegment:
@@ -52,8 +56,27 @@ class HeldSegment:
         self.parts = [None if (lo, hi) == (0, len(values)) else slice(lo, hi) for lo, hi in pieces]
         self.params = [nn.Parameter(values[part or slice(None)]) for part in self.parts]
         self.update_rule = make_update_rule(optimizer, self.params, lr)
-        self.version = 0
+        # The version in a tensor (read through a numpy view: fast scalar updates), so that
+        # share_memory can move it with the values.
+        self._version_cell = torch.zeros(1, dtype=torch.int64)
+        self._version = self._version_cell.numpy()
         self.readers: set[int] = set()  # replicas whose stage reads ``values``
+
+    @property
+    def version(self) -> int:
+        """Updates applied to the segment so far."""
+        return int(self._version[0])
+
+    def share_memory(self) -> None:
+        """Move values, version and the update rule's state into shared memory, in place."""
+        self.values.share_memory_()  # the parameters are views of it: they follow
+        materialize_state(self.update_rule)
+        for state in self.update_rule.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.share_memory_()
+        self._version_cell.share_memory_()
+        self._version = self._version_cell.numpy()  # a view of the moved storage
 
     def copy_on_write(self) -> None:
         """Give the parameters a copy of ``values`` to update; the readers keep the old."""
@@ -71,7 +94,7 @@ class HeldSegment:
         self.update_rule.step()
         for p in self.params:
             p.grad = None
-        self.version += 1
+        self._version[0] += 1
 
 
 class ParameterShard(Actor):
@@ -80,10 +103,15 @@ class ParameterShard(Actor):
     The version of a segment counts the updates applied to it. A stage quotes the version it
     fetched when it pushes, so ``staleness = version now - version fetched`` is the number of
     updates (from other replicas) the gradient did not see.
+
+    Shareable: a runtime running actors in several processes of one machine may host the shard
+    in all of them at once (see ``Actor.shareable``). ``share_memory`` then moves the values,
+    the update rule's state, the versions and the counters into shared memory, and a fetch
+    lends the stage a copy of the values made for it (refreshed in place by its next fetch)
+    rather than the values themselves: another process's push may update those at any time.
     """
 
-    updates_applied: int = 0
-    """Pushes applied so far (a fault plan can key on it: ``kill:shard1@update=500``)."""
+    shareable = True
 
     def __init__(
         self,
@@ -100,11 +128,35 @@ class ParameterShard(Actor):
             values = initial[seg.start - start : seg.stop - start].clone()
             pieces = [(a - seg.start, b - seg.start) for a, b in seg.pieces]
             self.held[seg.stage] = HeldSegment(values, pieces, optimizer, lr)
-        self.updates_applied = 0
-        self.rejected_pushes = 0
-        self.staleness_sum = 0
-        self.staleness_max = 0
-        self.staleness_counts: list[int] = []  # entry i: updates applied with staleness i
+        # updates_applied, rejected_pushes, staleness_sum, staleness_max: in a tensor so that
+        # share_memory can move them, updated through a numpy view (fast scalar updates).
+        self._counter_cells = torch.zeros(4, dtype=torch.int64)
+        self._counts = self._counter_cells.numpy()
+        # entry i: updates applied with staleness i (the last entry: STALENESS_BUCKETS - 1 or
+        # more); a tensor for the same reason as the counters
+        self._staleness_cells = torch.zeros(STALENESS_BUCKETS, dtype=torch.int64)
+        self._staleness = self._staleness_cells.numpy()
+        self._copies: dict[tuple[int, int], torch.Tensor] | None = None  # shared: lent copies
+
+    def share_memory(self) -> None:
+        """Move every state a handler changes into shared memory (see the class doc)."""
+        for held in self.held.values():
+            held.share_memory()
+        self._counter_cells.share_memory_()
+        self._counts = self._counter_cells.numpy()
+        self._staleness_cells.share_memory_()
+        self._staleness = self._staleness_cells.numpy()
+        self._copies = {}
+
+    @property
+    def updates_applied(self) -> int:
+        """Pushes applied so far (a fault plan can key on it: ``kill:shard1@update=500``)."""
+        return int(self._counts[0])
+
+    @property
+    def rejected_pushes(self) -> int:
+        """Pushes dropped because a gradient was not finite."""
+        return int(self._counts[1])
 
     @property
     def weights(self) -> torch.Tensor:
@@ -114,27 +166,33 @@ class ParameterShard(Actor):
     @receives(Fetch)
     def on_fetch(self, msg: Fetch, sender: object) -> None:
         held = self.held[msg.stage]
-        held.readers.add(msg.replica)  # lent, not copied: see HeldSegment
-        self.ctx.tell(sender, FetchReply(self.index, held.values, held.version))
+        if self._copies is None:
+            held.readers.add(msg.replica)  # lent, not copied: see HeldSegment
+            values = held.values
+        else:  # shared memory: the stage's own copy, which only its next fetch changes
+            values = self._copies.get((msg.replica, msg.stage))
+            if values is None:
+                values = self._copies[msg.replica, msg.stage] = held.values.clone()
+            else:
+                values.copy_(held.values)
+        self.ctx.tell(sender, FetchReply(self.index, values, held.version))
 
     @receives(Push)
     def on_push(self, msg: Push, sender: object) -> None:
         held = self.held[msg.stage]
         if msg.done_reading:
             held.readers.discard(msg.replica)
+        counts = self._counts
         if not finite(msg.grads):
-            self.rejected_pushes += 1  # a NaN/Inf push would poison every replica: drop it
+            counts[1] += 1  # a NaN/Inf push would poison every replica: drop it
             return
         staleness = held.version - msg.fetched_version
         held.apply(msg.grads)
-        self.updates_applied += 1
-        self.staleness_sum += staleness
-        if staleness > self.staleness_max:
-            self.staleness_max = staleness
-        counts = self.staleness_counts
-        if staleness >= len(counts):
-            counts.extend([0] * (staleness + 1 - len(counts)))
-        counts[staleness] += 1
+        counts[0] += 1
+        counts[2] += staleness
+        if staleness > counts[3]:
+            counts[3] = staleness
+        self._staleness[min(staleness, STALENESS_BUCKETS - 1)] += 1
 
     @receives(Drain)
     def on_drain(self, msg: Drain, sender: object) -> None:
@@ -151,10 +209,12 @@ class ParameterShard(Actor):
 
     def stats(self) -> dict[str, Any]:
         """The shard's counters (a copy)."""
+        applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
+        used = int(self._staleness.nonzero()[0].max()) + 1 if applied else 0
         return {
-            "updates_applied": self.updates_applied,
-            "rejected_pushes": self.rejected_pushes,
-            "staleness_sum": self.staleness_sum,
-            "staleness_max": self.staleness_max,
-            "staleness_histogram": list(self.staleness_counts),
+            "updates_applied": applied,
+            "rejected_pushes": rejected,
+            "staleness_sum": staleness_sum,
+            "staleness_max": staleness_max,
+            "staleness_histogram": [int(c) for c in self._staleness[:used]],
         }

@@ -8,11 +8,11 @@ from ..errors import ConfigError
 from .base import Actor, Context, Runtime, receives
 from .local import LocalRuntime
 
-RUNTIMES = ("local", "ray")
+RUNTIMES = ("local", "processes", "ray")
 
 
 def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runtime:
-    """Create the runtime called ``name`` ("local" or "ray")."""
+    """Create the runtime called ``name`` ("local", "processes" or "ray")."""
     if name == "local":
         unknown = sorted(set(options) - {"faults", "max_restarts"})
         if unknown:
@@ -21,6 +21,10 @@ def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runti
                 "it takes faults, max_restarts"
             )
         return LocalRuntime(seed, **options)
+    if name == "processes":
+        from .processes import ProcessesRuntime
+
+        return ProcessesRuntime(seed=seed, **options)
     if name == "ray":
         try:
             from .ray import RayRuntime

@@ -52,7 +52,18 @@ class Actor:
     """Whether a runtime that supervises actors (Ray) may respawn a dead one from its
     constructor arguments; it then tells the actor the driver converses with
     ``messages.ActorRestarted``. Only actors whose lost state the run can redo say True."""
+    shareable: ClassVar[bool] = False
+    """Whether a runtime that runs actors in several processes of one machine (``processes``)
+    may host this actor in every one of them at once. It calls :meth:`share_memory` once,
+    before the processes start; then each process handles the messages sent to the actor from
+    that process, one message at a time over all processes (under a lock), so that the actor
+    behaves as one actor with per-sender FIFO. Only actors whose every state a handler changes
+    lives in tensors that ``share_memory`` moves to shared memory say True."""
     ctx: Context
+
+    def share_memory(self) -> None:
+        """Move every state a handler changes into shared memory (see ``shareable``)."""
+        raise NotImplementedError(f"{type(self).__name__} is not shareable")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,0 +1,642 @@
+"""The processes runtime: one machine's cores, actors in forked processes over shared memory.
+
+The in-process runtime uses one core; the Ray runtime pays a process per actor, a socket and a
+serializer per hop, and seconds of start-up. On one multi-core machine this one is faster:
+
+* **Fork, don't start.** Every actor is built in the driver's process (which has imported torch
+  already) by :meth:`ProcessesRuntime.spawn`; the worker processes are forked from it when the
+  run starts, so a worker is ready in milliseconds and inherits its actors and their mail.
+* **Fewer processes, function-call hops.** An actor's *group* is the first number in its name
+  (``"data1"``, ``"replica1.stage0"`` -> group 1); group g lives in worker ``g % processes``.
+  A replica's data shard and stages thus share a worker, and a hop between them is a function
+  call on that worker's run queue (the in-process runtime's: seeded, one message at a time).
+  Actors without a number (the master) live in the driver's process.
+* **Shared actors.** An actor whose class is ``shareable`` (the parameter shards) is hosted in
+  every process at once over shared memory (see ``Actor.shareable``): each process handles the
+  messages its own actors send it, under one lock per actor across processes. A fetch or a
+  push is a function call that moves no byte through a pipe; the update still goes through the
+  shard's update rule, and its versions count staleness.
+* **Between processes**, messages are pickled (a copy at the boundary) onto one pipe per
+  ordered pair of processes (per-sender FIFO), written by a writer thread so that a full pipe
+  never stalls a run loop.
+* **Supervision.** A worker whose actor raises reports it and stops; a worker that dies is named
+  by the actor it was handling (one shared slot per worker). Either ends the run with
+  :class:`ActorFailed`. There are no restarts here: a run on one machine is simply run again.
+  Workers ignore SIGINT (Ctrl-C is the driver's: :func:`sigint_as_flag`) and exit when the
+  driver's process is gone. :meth:`ProcessesRuntime.shutdown` kills and reaps every worker;
+  shared memory uses torch's file-descriptor strategy (unlinked at creation), so nothing is
+  left in ``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import random
+import re
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+
+from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from . import faults as fault_plans
+from .base import Actor, sigint_as_flag
+
+DRIVER = "driver"
+"""The driver's name as a sender and receiver."""
+SHARED = -1
+"""Home of an actor hosted in every process."""
+BATCH = 64
+"""Messages a run loop delivers between two looks at its pipes."""
+
+
+class ProcRef:
+    """Address of an actor hosted by a ProcessesRuntime: its name (valid in every process)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ProcRef) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __reduce__(self) -> tuple:
+        return ProcRef, (self.name,)
+
+    def __repr__(self) -> str:
+        return f"ProcRef({self.name!r})"
+
+
+class _Failure:
+    """Worker -> driver: a hosted actor raised."""
+
+    def __init__(self, actor: str, message: str, error: BaseException, trace: str) -> None:
+        self.actor, self.message, self.trace = actor, message, trace
+        try:
+            pickle.dumps(error)
+            self.error = error
+        except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
+            self.error = RuntimeError(repr(error))
+
+
+class _Probe:
+    """Driver -> worker: is the worker idle, and how many messages has it sent to and received
+    from each process? (Quiescence detection: see ``ProcessesRuntime._look_for_deadlock``.)"""
+
+    def __init__(self, wave: int) -> None:
+        self.wave = wave
+
+
+class _ProbeReply:
+    """Worker -> driver: the answer to a :class:`_Probe`."""
+
+    def __init__(self, wave: int, index: int, idle: bool, sent: list, received: list) -> None:
+        self.wave, self.index, self.idle = wave, index, idle
+        self.sent, self.received = sent, received
+
+
+class _Cell:
+    """One hosted actor in one process: its mailbox and cached handlers."""
+
+    __slots__ = (
+        "name", "index", "actor", "mailbox", "handlers", "ready", "lock", "home", "fault",
+        "delivered",
+    )  # fmt: skip
+
+    def __init__(self, name: str, index: int, actor: Actor, home: int) -> None:
+        self.name = name
+        self.index = index
+        self.actor = actor
+        self.home = home
+        self.mailbox: deque[tuple[ProcRef, Any]] = deque()
+        self.handlers = actor.bound_handlers()
+        self.ready = False
+        self.lock: Any = None  # shared actors: one lock across processes
+        self.fault: fault_plans.Fault | None = None  # planned death, if any
+        self.delivered = 0  # messages delivered here (counted only for an actor with a fault)
+
+
+class _Context:
+    __slots__ = ("name", "self_ref", "_host")
+
+    def __init__(self, host: _Host, name: str) -> None:
+        self.name = name
+        self.self_ref = ProcRef(name)
+        self._host = host
+
+    def tell(self, ref: ProcRef, message: Any) -> None:
+        self._host.post(ref.name, message, self.self_ref)
+
+
+class _Host:
+    """The actors one process runs, its run queue and its ends of the pipes."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.index = 0  # 0: the driver's process; 1..N: the workers
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.cells: dict[str, _Cell] = {}
+        self.ready: list[_Cell] = []
+        self.route: dict[str, int] = {}  # actor name -> home process (SHARED: every one)
+        self.inbox: deque[Any] = deque()  # the driver's mail (process 0 only)
+        self.started = False
+        self.inbound: dict[Connection, int] = {}  # reader -> the process writing to it
+        self.outbound: dict[int, Connection] = {}
+        self.out_queue: queue.SimpleQueue | None = None
+        self.writer: threading.Thread | None = None
+        self.current: Any = None  # shared ints: the cell index each process is handling
+        self.names: list[str] = []  # cell index -> actor name
+        self.failed: _Failure | None = None
+        self.delivered = 0
+        # Messages sent to / received from each process (probes not counted), for the
+        # quiescence detection; a probe seen by a worker, answered after its pipes are drained.
+        self.sent: list[int] = []
+        self.received: list[int] = []
+        self.probe: _Probe | None = None
+        self.probe_replies: dict[int, _ProbeReply] = {}
+
+    # ------------------------------------------------------------------ posting
+
+    def post(self, name: str, message: Any, sender: ProcRef) -> None:
+        """Put ``message`` in the mailbox of ``name``, here or in its home process."""
+        home = self.route.get(name, 0) if self.started else self.index
+        if home != self.index and home != SHARED:
+            data = pickle.dumps((name, sender.name, message), protocol=pickle.HIGHEST_PROTOCOL)
+            self.out_queue.put((home, data))
+            self.sent[home] += 1
+            return
+        if name == DRIVER:
+            self.inbox.append(message)
+            return
+        cell = self.cells[name]
+        cell.mailbox.append((sender, message))
+        if not cell.ready:
+            cell.ready = True
+            self.ready.append(cell)
+
+    def _write(self) -> None:
+        """The writer thread: pickled envelopes to their processes' pipes, in order."""
+        out = self.out_queue
+        while True:
+            item = out.get()
+            if item is None:
+                return
+            home, data = item
+            try:
+                self.outbound[home].send_bytes(data)
+            except (OSError, ValueError):  # the reader is gone: the run is ending anyway
+                pass
+
+    def receive(self, timeout: float) -> list[Connection]:
+        """Move what the pipes hold into mailboxes; wait up to ``timeout`` s for some first."""
+        readers = wait(list(self.inbound), timeout) if timeout > 0 else self._readable()
+        for conn in readers:
+            self._drain(conn)
+        return readers
+
+    def _readable(self) -> list[Connection]:
+        return [conn for conn in self.inbound if conn.poll()]
+
+    def _drain(self, conn: Connection) -> None:
+        while conn.poll():
+            try:
+                data = conn.recv_bytes()
+            except (EOFError, OSError):
+                del self.inbound[conn]  # the writer is gone (its death is noticed elsewhere)
+                return
+            name, sender, message = pickle.loads(data)
+            if isinstance(message, _Probe):
+                self.probe = message
+                continue
+            if isinstance(message, _ProbeReply):
+                self.probe_replies[message.index] = message
+                continue
+            self.received[self.inbound[conn]] += 1
+            if isinstance(message, _Failure) and name == DRIVER:
+                self.failed = message
+                return
+            self.post(name, message, ProcRef(sender))
+
+    # ------------------------------------------------------------------ delivering
+
+    def deliver(self, budget: int) -> int:
+        """Deliver up to ``budget`` messages, one at a time; returns how many."""
+        ready = self.ready
+        uniform = self.rng.random
+        current, slot = self.current, self.index
+        done = 0
+        while ready and done < budget and not self.inbox:
+            n = len(ready)
+            i = int(uniform() * n) if n > 1 else 0
+            cell = ready[i]
+            mailbox = cell.mailbox
+            sender, message = mailbox.popleft()
+            if not mailbox:
+                last = ready.pop()  # swap-remove: order in `ready` is irrelevant to the pick
+                if last is not cell:
+                    ready[i] = last
+                cell.ready = False
+            if cell.fault is not None:
+                self._maybe_die(cell, message)
+            handler = cell.handlers.get(type(message))
+            if handler is None:
+                raise ActorFailed(
+                    cell.name, type(message).__name__, TypeError("no handler for this message")
+                )
+            if current is not None:
+                current[slot] = cell.index
+            try:
+                if cell.lock is None:
+                    handler(message, sender)
+                else:
+                    if not cell.lock.acquire(timeout=LOCK_TIMEOUT_S):
+                        raise RunTimeout(
+                            f"waited {LOCK_TIMEOUT_S:.0f} s for the lock of shared actor "
+                            f"{cell.name!r}"
+                        )
+                    try:
+                        handler(message, sender)
+                    finally:
+                        cell.lock.release()
+            except Exception as exc:
+                raise ActorFailed(cell.name, type(message).__name__, exc) from exc
+            if current is not None:
+                current[slot] = -1
+            done += 1
+        self.delivered += done
+        return done
+
+    def _maybe_die(self, cell: _Cell, message: Any) -> None:
+        """The fault plan: die instead of handling ``message`` if it meets the trigger. There
+        are no restarts on this runtime, so a planned death ends the run naming the actor."""
+        cell.delivered += 1
+        fault = cell.fault
+        if not fault.due(message, cell.delivered, cell.actor):
+            return
+        if fault.kind == "exit" and self.index > 0:
+            self.current[self.index] = cell.index  # the driver names the actor it was handling
+            os._exit(70)  # a crash of the process itself
+        raise ActorFailed(
+            cell.name,
+            type(message).__name__,
+            RuntimeError(f"killed by the fault plan ({fault}); this runtime does not restart"),
+        )
+
+
+PROBE_AFTER_S = 0.25
+"""How long the driver's process waits idle before it probes the workers for a deadlock."""
+LOCK_TIMEOUT_S = 60.0
+"""Longest a process waits for a shared actor's lock (held for one handler at a time; a
+holder that died is noticed by the driver long before)."""
+
+
+def _group(name: str) -> int | None:
+    """``"replica1.stage0"`` -> 1, ``"data3"`` -> 3, ``"master"`` -> None."""
+    match = re.search(r"\d+", name)
+    return int(match.group()) if match else None
+
+
+def _worker_main(host: _Host, threads: int, parent: int) -> None:
+    """A worker's life: run its actors until the driver kills it (or is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if host.index > 1 and host.seed is not None:
+        torch.manual_seed(host.seed + 7919 * host.index)  # workers draw different numbers
+    host.writer = threading.Thread(target=host._write, name="distbelief-writer", daemon=True)
+    host.writer.start()
+    alive = True
+    while True:
+        host.receive(0.0)
+        if host.probe is not None:
+            idle = not (alive and host.ready)
+            reply = _ProbeReply(host.probe.wave, host.index, idle, host.sent[:], host.received[:])
+            host.out_queue.put((0, pickle.dumps((DRIVER, "", reply))))
+            host.probe = None
+        if alive and host.ready:
+            try:
+                host.deliver(BATCH)
+            except ActorFailed as exc:
+                # Stop handling anything; the driver ends the run and kills this process.
+                alive = False
+                failure = _Failure(
+                    exc.actor, exc.message, exc.cause, "".join(traceback.format_exception(exc))
+                )
+                host.post(DRIVER, failure, ProcRef(exc.actor))
+            continue
+        host.receive(0.5)
+        if os.getppid() != parent:
+            os._exit(1)  # the driver is gone: nobody will collect what this process does
+
+
+class ProcessesRuntime:
+    """Hosts actors in forked worker processes of this machine (see the module doc).
+
+    Options: ``processes`` (workers; default: as many as groups, at most the machine's CPUs),
+    ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's),
+    ``faults`` (a fault plan, :mod:`.faults`: the planned actor dies and, as this runtime
+    restarts nothing, the run ends with ``ActorFailed`` naming it; a ``message=N`` count of a
+    shared actor counts the messages handled in each process), ``max_restarts`` (accepted for
+    the other runtimes' sake; nothing is restarted here).
+    """
+
+    single_threaded = False
+
+    def __init__(
+        self,
+        seed: int | None = None,
+        *,
+        processes: int | None = None,
+        threads_per_process: int = 1,
+        faults: Any = None,
+        max_restarts: int = 0,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise ConfigError(
+                f"runtime_options: unknown option(s) {sorted(unknown)} for the processes "
+                "runtime; it takes processes, threads_per_process, faults, max_restarts"
+            )
+        if not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise ConfigError("runtime: 'processes' forks its workers; this platform cannot fork")
+        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        ok = processes is None or (isinstance(processes, int) and processes >= 1)
+        if not ok or isinstance(processes, bool):
+            raise ConfigError(
+                f"runtime_options: processes must be an integer >= 1, got {processes!r}"
+            )
+        if not isinstance(threads_per_process, int) or threads_per_process < 0:
+            raise ConfigError(
+                "runtime_options: threads_per_process must be an integer >= 0, "
+                f"got {threads_per_process!r}"
+            )
+        self._processes = processes
+        self._threads = threads_per_process
+        self._host = _Host(seed)
+        self._groups: dict[int, int] = {}  # group number -> order of first appearance
+        self._workers: list[Any] = []  # multiprocessing.Process, worker i at [i - 1]
+        self._driver_ref = ProcRef(DRIVER)
+        self._closed = False
+        self._wave: tuple[int, tuple] | None = None  # the probe wave out: number, own counts
+        self._waves_sent = 0
+        self._last_quiet: tuple | None = None  # counts of the last wave that found all quiet
+        self._next_probe = 0.0
+
+    # -------------------------------------------------------------- the Runtime protocol
+
+    def spawn(self, name: str, cls: type[Actor], *args: Any, **kwargs: Any) -> ProcRef:
+        host = self._host
+        if name in host.cells or name == DRIVER:
+            raise ValueError(f"an actor named {name!r} already exists")
+        actor = cls(*args, **kwargs)
+        if cls.shareable:
+            if host.started:
+                raise ValueError(f"{name!r}: a shared actor must be spawned before the run starts")
+            home = SHARED
+        else:
+            group = _group(name)
+            if group is not None and not host.started:
+                self._groups.setdefault(group, len(self._groups))
+            home = 0  # grouped actors get their worker at the start (see _start)
+        cell = _Cell(name, len(host.names), actor, home)
+        cell.fault = self._faults.get(name)
+        host.names.append(name)
+        actor.bind(_Context(host, name))
+        host.cells[name] = cell
+        host.route[name] = home
+        return ProcRef(name)
+
+    def actor(self, ref: ProcRef) -> Actor:
+        """The object behind a ref, as this (the driver's) process holds it."""
+        return self._host.cells[ref.name].actor
+
+    def tell(self, ref: ProcRef, message: Any) -> None:
+        self._host.post(ref.name, message, self._driver_ref)
+
+    def converse(self, ref: ProcRef, message: Any, *, timeout: float) -> Iterator[Any]:
+        deadline = time.monotonic() + timeout
+        if not self._host.started:
+            actors = {name: cell.actor for name, cell in self._host.cells.items()}
+            fault_plans.check_targets(self._faults.values(), actors)  # none that cannot fire
+            self._start()
+        host = self._host
+        self.tell(ref, message)
+        inbox = host.inbox
+        with sigint_as_flag() as interrupted:
+            while True:
+                self._run_until_reply(deadline, interrupted)
+                while inbox:
+                    yield inbox.popleft()
+
+    def _run_until_reply(self, deadline: float, interrupted: threading.Event) -> None:
+        host = self._host
+        while not host.inbox:
+            if interrupted.is_set():
+                raise KeyboardInterrupt  # between two messages: every actor is whole
+            if time.monotonic() > deadline:
+                raise RunTimeout("the run did not finish within its timeout")
+            host.receive(0.0)
+            self._check_workers()
+            if host.ready:
+                host.deliver(BATCH)
+                self._last_quiet = None
+                self._next_probe = time.monotonic() + PROBE_AFTER_S
+                continue
+            if host.inbox:
+                return
+            if not self._workers:
+                raise Deadlock(
+                    "no actor has a message to handle, but the driver got no reply: "
+                    "a message was lost or an actor is waiting for a reply that never comes"
+                )
+            self._look_for_deadlock()
+            sentinels = [w.sentinel for w in self._workers]
+            wait([*host.inbound, *sentinels], min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _look_for_deadlock(self) -> None:
+        """Called while the driver's process is idle. Every ``PROBE_AFTER_S`` it asks every
+        worker whether it is idle and what it has sent and received (a probe *wave*). When two
+        successive waves find every process idle, every message sent received, and no count
+        changed in between, no message is left anywhere and none can appear: the run is
+        deadlocked (the four-counter method of termination detection)."""
+        host = self._host
+        counts = (host.sent[:], host.received[:])
+        now = time.monotonic()
+        wave = self._wave
+        if wave is not None and len(host.probe_replies) == len(self._workers):
+            replies = sorted(host.probe_replies.values(), key=lambda r: r.index)
+            host.probe_replies = {}
+            self._wave = None
+            sent = [counts[0], *(r.sent for r in replies)]
+            received = [counts[1], *(r.received for r in replies)]
+            quiet = all(r.idle and r.wave == wave[0] for r in replies) and counts == wave[1]
+            balanced = all(
+                sent[a][b] == received[b][a] for a in range(len(sent)) for b in range(len(sent))
+            )
+            snapshot = (sent, received)
+            if quiet and balanced and snapshot == self._last_quiet:
+                raise Deadlock(
+                    "no actor in any process has a message to handle, but the driver got no "
+                    "reply: a message was lost or an actor is waiting for a reply that never comes"
+                )
+            self._last_quiet = snapshot if quiet and balanced else None
+            self._next_probe = now + (0.0 if self._last_quiet else PROBE_AFTER_S)
+        if self._wave is None and now >= self._next_probe:
+            number = self._waves_sent = self._waves_sent + 1
+            self._wave = (number, counts)
+            probe = pickle.dumps(("", DRIVER, _Probe(number)))
+            for i in range(1, len(self._workers) + 1):
+                host.out_queue.put((i, probe))
+
+    def _check_workers(self) -> None:
+        host = self._host
+        if host.failed is not None:
+            f = host.failed
+            raise ActorFailed(f.actor, f.message, f.error)
+        for i, worker in enumerate(self._workers, start=1):
+            if worker.exitcode is None:
+                continue
+            host.receive(0.0)  # what it said before dying (a failure report) comes first
+            if host.failed is not None:
+                f = host.failed
+                raise ActorFailed(f.actor, f.message, f.error)
+            slot = host.current[i]
+            if slot >= 0:
+                name = host.names[slot]
+            else:
+                name = ", ".join(c for c, home in self._homes.items() if home == i) or f"worker {i}"
+            raise ActorFailed(
+                name,
+                "a message" if slot >= 0 else "no message (idle)",
+                RuntimeError(f"its process {worker.pid} died (exit code {worker.exitcode})"),
+            )
+
+    # -------------------------------------------------------------- start and shutdown
+
+    def _start(self) -> None:
+        """Share the shared actors' memory, fork the workers, wire the pipes."""
+        host = self._host
+        ctx = multiprocessing.get_context("fork")
+        groups = len(self._groups)
+        n = min(groups, self._processes or os.cpu_count() or 1) if groups else 0
+        # Groups to workers: the g-th group to appear goes to worker g % n + 1.
+        homes = {}
+        for name, cell in host.cells.items():
+            if cell.home == SHARED:
+                cell.actor.share_memory()
+                cell.lock = ctx.Lock()
+            elif n and _group(name) is not None:
+                cell.home = self._groups[_group(name)] % n + 1
+            homes[name] = host.route[name] = cell.home
+        self._homes = homes
+        host.current = ctx.RawArray("i", [-1] * (n + 1))
+        pipes = {
+            (a, b): ctx.Pipe(duplex=False) for a in range(n + 1) for b in range(n + 1) if a != b
+        }
+        host.started = True
+        host.sent, host.received = [0] * (n + 1), [0] * (n + 1)
+        host.out_queue = queue.SimpleQueue()
+        parent = os.getpid()
+        for i in range(1, n + 1):
+            worker = ctx.Process(
+                target=_run_worker,
+                args=(host, i, pipes, self._threads, parent),
+                name=f"distbelief-worker{i}",
+                daemon=True,
+            )
+            worker.start()
+            self._workers.append(worker)
+        _keep_ends(host, 0, pipes)
+        _keep_cells(host, 0)
+        host.writer = threading.Thread(target=host._write, name="distbelief-writer", daemon=True)
+        host.writer.start()
+
+    def describe(self) -> dict[str, Any]:
+        """What a run's stats record: ``processes`` (actor -> the process it ran in: 0 is the
+        driver's, "shared" all of them), ``worker_pids`` and ``restarts_by_actor``."""
+        homes = getattr(self, "_homes", {})
+        return {
+            "processes": {n: ("shared" if h == SHARED else h) for n, h in homes.items()},
+            "worker_pids": [w.pid for w in self._workers],
+            "restarts_by_actor": {},  # as the other runtimes report; nothing restarts here
+        }
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        host = self._host
+        for worker in self._workers:
+            if worker.exitcode is None:
+                worker.kill()
+        stuck = []
+        for worker in self._workers:
+            worker.join(10.0)
+            if worker.exitcode is None:
+                stuck.append(worker.pid)
+            else:
+                worker.close()
+        if host.writer is not None:
+            host.out_queue.put(None)
+            host.writer.join(10.0)
+        for conn in [*host.inbound, *host.outbound.values()]:
+            conn.close()
+        host.inbound.clear()
+        host.outbound.clear()
+        host.cells.clear()  # the actors, and with them the shared memory, are freed
+        host.ready.clear()
+        host.inbox.clear()
+        if stuck:
+            raise RunTimeout(f"worker processes {stuck} did not exit within 10 s of SIGKILL")
+
+
+def _keep_ends(host: _Host, index: int, pipes: dict) -> None:
+    """Keep this process's ends of the pipes; close every other end it inherited."""
+    for (a, b), (reader, writer) in pipes.items():
+        if b == index:
+            host.inbound[reader] = a
+        else:
+            reader.close()
+        if a == index:
+            host.outbound[b] = writer
+        else:
+            writer.close()
+
+
+def _keep_cells(host: _Host, index: int) -> None:
+    """Keep the actors this process runs (shared ones too); mail for shared actors that the
+    driver told before the start is the driver's process's to handle."""
+    host.index = index
+    for name in list(host.cells):
+        cell = host.cells[name]
+        if cell.home == index or cell.home == SHARED:
+            if cell.home == SHARED and index != 0:
+                cell.mailbox.clear()
+            continue
+        del host.cells[name]
+    host.ready[:] = [cell for cell in host.cells.values() if cell.mailbox]
+    for cell in host.cells.values():
+        cell.ready = bool(cell.mailbox)
+
+
+def _run_worker(host: _Host, index: int, pipes: dict, threads: int, parent: int) -> None:
+    host.rng = random.Random(None if host.seed is None else host.seed * 1_000_003 + index)
+    _keep_ends(host, index, pipes)
+    _keep_cells(host, index)
+    host.inbox.clear()
+    _worker_main(host, threads, parent)

@@ -1,0 +1,220 @@
+"""The processes runtime: actors in forked workers, shared actors over shared memory, failures
+named, nothing left behind."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+
+import distbelief
+from distbelief.actors import ParameterShard
+from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from distbelief.layout import Layout
+from distbelief.optim import UPDATE_RULES, make_update_rule, materialize_state
+from distbelief.runtime import Actor, make_runtime, receives
+from distbelief.runtime.processes import ProcessesRuntime
+
+
+class Go:
+    pass
+
+
+class Count(Actor):
+    """Sends ``n`` numbered messages to ``to``."""
+
+    def __init__(self, to: object, n: int) -> None:
+        self.to, self.n = to, n
+
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        for i in range(self.n):
+            self.ctx.tell(self.to, i)
+
+
+class Check(Actor):
+    """Replies ``(pid, numbers seen)`` to the driver once ``n`` numbers came, if they came in
+    order (per-sender FIFO)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.seen = n, []
+
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        self.driver = sender
+
+    @receives(int)
+    def on_number(self, msg: int, sender: object) -> None:
+        assert msg == len(self.seen), f"got {msg} after {len(self.seen)}"
+        self.seen.append(msg)
+        if len(self.seen) == self.n:
+            self.ctx.tell(self.driver, (os.getpid(), len(self.seen)))
+
+
+def test_messages_between_workers_keep_per_sender_order():
+    rt = ProcessesRuntime(seed=0)
+    try:
+        check = rt.spawn("check1", Check, 2000)
+        count = rt.spawn("count0", Count, check, 2000)
+        rt.tell(check, Go())
+        rt.tell(count, Go())
+        pid, seen = next(iter(rt.converse(check, Go(), timeout=60)))
+        assert seen == 2000
+        assert pid != os.getpid() and pid in rt.describe()["worker_pids"]
+        # Groups take workers in the order they first appear: check1's group 1 first.
+        assert rt.describe()["processes"] == {"check1": 1, "count0": 2}
+    finally:
+        rt.shutdown()
+
+
+class Boom(Actor):
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        raise ValueError("kaboom")
+
+
+class Die(Actor):
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        os._exit(3)  # a crash: no exception, no report
+
+
+class Silent(Actor):
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        pass
+
+
+def test_an_actor_raising_in_a_worker_ends_the_run_naming_it():
+    rt = ProcessesRuntime(seed=0)
+    try:
+        ref = rt.spawn("replica1.stage0", Boom)
+        with pytest.raises(ActorFailed, match=r"replica1\.stage0.*Go.*kaboom") as info:
+            next(iter(rt.converse(ref, Go(), timeout=60)))
+        assert isinstance(info.value.cause, ValueError)
+    finally:
+        rt.shutdown()
+
+
+def test_a_worker_that_dies_is_an_error_naming_the_actor_not_a_hang():
+    rt = ProcessesRuntime(seed=0)
+    try:
+        rt.spawn("replica0.stage0", Silent)
+        ref = rt.spawn("replica1.stage0", Die)
+        with pytest.raises(ActorFailed, match=r"replica1\.stage0.*exit code 3"):
+            next(iter(rt.converse(ref, Go(), timeout=60)))
+    finally:
+        rt.shutdown()
+
+
+class Busy(Actor):
+    """Keeps itself busy forever and never replies."""
+
+    @receives(Go)
+    def on_go(self, msg: Go, sender: object) -> None:
+        self.ctx.tell(self.ctx.self_ref, Go())
+
+
+def test_a_reply_that_never_comes_is_a_deadlock_error_not_a_hang():
+    rt = ProcessesRuntime(seed=0)
+    try:
+        rt.spawn("replica0.stage0", Busy)  # a worker busy elsewhere does not hide the deadlock
+        ref = rt.spawn("replica1.stage0", Silent)
+        with pytest.raises(Deadlock, match="no actor in any process"):
+            next(iter(rt.converse(ref, Go(), timeout=60)))
+    finally:
+        rt.shutdown()
+
+
+def test_a_run_that_never_ends_is_a_timeout():
+    rt = ProcessesRuntime(seed=0)
+    try:
+        ref = rt.spawn("replica1.stage0", Busy)
+        with pytest.raises(RunTimeout, match="timeout"):
+            next(iter(rt.converse(ref, Go(), timeout=1.0)))
+    finally:
+        rt.shutdown()
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def test_shutdown_leaves_no_worker_and_no_shared_memory():
+    fds, shm = _fds(), _shm()
+    rt = make_runtime("processes", seed=0)
+    layout = Layout.build([100], 1, [100])
+    segments = layout.segments_of_shard(0)
+    shard = rt.spawn("shard0", ParameterShard, 0, torch.zeros(100), 0, segments, "adagrad", 0.1)
+    check = rt.spawn("check1", Check, 3)
+    count = rt.spawn("count2", Count, check, 3)
+    rt.tell(check, Go())
+    assert next(iter(rt.converse(count, Go(), timeout=60)))[1] == 3
+    workers = [w.pid for w in rt._workers]
+    assert len(workers) == 2 and rt.actor(shard).held[0].values.is_shared()
+    rt.shutdown()
+    del rt, shard, count, check
+    gc.collect()
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert _shm() == shm
+    assert _fds() == fds
+
+
+def test_replicas_in_two_workers_update_one_shared_shard(mnist1d_data):
+    (x, y), _ = mnist1d_data
+    x, y = x[:512], y[:512]
+    result = distbelief.train(
+        mlp([40, 32, 10]), (x, y), loss="cross_entropy", lr=0.05, batch_size=16, epochs=2,
+        replicas=2, shards=2, optimizer="adagrad", seed=0, runtime="processes",
+    )  # fmt: skip
+    # Every push of both workers counted by each shard (the counters are shared), and staleness
+    # measured from versions both workers advance.
+    assert result.stats["updates_applied"] == [result.stats["steps"]] * 2
+    assert result.stats["steps"] == 2 * 2 * (256 // 16)
+    assert result.stats["processes"] == {
+        "shard0": "shared", "shard1": "shared", "master": 0,
+        "data0": 1, "replica0.stage0": 1, "data1": 2, "replica1.stage0": 2,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("rule", list(UPDATE_RULES))
+def test_materialized_state_changes_no_step(rule):
+    torch.manual_seed(0)
+    grads = [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    fresh = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    early = nn.Parameter(fresh.detach().clone())
+    a, b = make_update_rule(rule, [fresh], 0.1), make_update_rule(rule, [early], 0.1)
+    materialize_state(b)
+    assert b.state[early] or rule == "sgd"
+    for g in grads:
+        for p, opt in ((fresh, a), (early, b)):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.equal(fresh, early)
+
+
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="^runtime_options: unknown option"):
+        make_runtime("processes", address="x")
+    with pytest.raises(ConfigError, match="^runtime_options: processes must be"):
+        make_runtime("processes", processes=0)
+
+
+def test_a_planned_crash_in_a_worker_ends_the_run_naming_the_actor():
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    with pytest.raises(ActorFailed, match=r"^actor 'replica1\.stage0' failed.*exit code 70"):
+        distbelief.train(
+            mlp([10, 8, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1,
+            replicas=2, seed=0, runtime="processes",
+            runtime_options={"faults": ["exit:replica1.stage0@step=2"]},
+        )  # fmt: skip
