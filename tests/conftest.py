@@ -53,3 +53,11 @@ def mnist1d_data():
     from distbelief.data import mnist1d
 
     return mnist1d()
+
+
+@pytest.fixture
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Run in an empty temporary directory, so that the command's default run directory
+    (``runs/...``) lands there and not in the repository."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -18,9 +18,11 @@ from distbelief.messages import (
     ProgressReport,
     ReplicaDone,
     ShardSnapshot,
+    ShardStats,
     Snapshot,
     StageBuffers,
     StartReplica,
+    StatsRequest,
     TrainingDone,
     WarmstartDone,
 )
@@ -73,7 +75,8 @@ def test_final_snapshot_is_assembled_in_shard_order_after_every_replica_is_done(
     master.on_begin(Begin(), "driver")
     ctx.take()
     master.on_progress(Progress(0, 10, 150, 15.0), "d0")
-    assert [type(m) for _, m in ctx.take()] == [ProgressReport]
+    # the report, and a request for each shard's counters (they ride on the next report)
+    assert [type(m) for _, m in ctx.take()] == [ProgressReport, StatsRequest, StatsRequest]
     master.on_replica_done(ReplicaDone(0, 10, 150, ({},)), "d0")
     assert ctx.take() == []
     master.on_replica_done(ReplicaDone(1, 10, 150, ({},)), "d1")
@@ -123,7 +126,7 @@ def test_evaluation_is_requested_every_eval_every_examples():
 def test_an_evaluation_waits_for_replica_0s_buffers_too():
     master, ctx, evaluated = evaluating_master(buffer_stages=("r0.stage1",))
     master.on_progress(Progress(0, 10, 100, 5.0), "d0")
-    asks = [(to, m) for to, m in ctx.take() if not isinstance(m, ProgressReport)]
+    asks = [(to, m) for to, m in ctx.take() if not isinstance(m, (ProgressReport, StatsRequest))]
     assert asks == [("s0", Snapshot(1)), ("s1", Snapshot(1)), ("r0.stage1", BufferSnapshot(1))]
     for k in range(2):
         master.on_shard_snapshot(ShardSnapshot(k, 1, torch.tensor([float(k)]), STATS), f"s{k}")
@@ -133,6 +136,32 @@ def test_an_evaluation_waits_for_replica_0s_buffers_too():
     ((weights, buffers),) = evaluated
     assert torch.equal(weights, torch.tensor([0.0, 1.0]))
     assert list(buffers) == [1] and buffers[1] is mean
+
+
+def test_reports_carry_each_replica_the_shards_counters_and_evaluations():
+    master, ctx = stepped_master(
+        replicas=2, warmstart=0, evaluator=lambda w, b: {"loss": 0.5}, eval_every=200
+    )
+    master.on_begin(Begin(), "driver")
+    ctx.take()
+    master.on_progress(Progress(1, 10, 150, 20.0), "d1")
+    (report,) = [m for _, m in ctx.take() if isinstance(m, ProgressReport)]
+    assert report.replica_steps == (0, 10) and report.replica_examples == (0, 150)
+    assert report.replica_loss == (None, 2.0) and report.shard_stats == ()
+    hist = {**STATS, "updates_applied": 3, "staleness_sum": 2, "staleness_histogram": [1, 2]}
+    master.on_shard_stats(ShardStats(1, hist), "s1")
+    master.on_shard_stats(ShardStats(0, STATS), "s0")
+    master.on_progress(Progress(0, 8, 120, 8.0), "d0")  # 270 examples: an evaluation too
+    msgs = [m for _, m in ctx.take()]
+    (report,) = [m for m in msgs if isinstance(m, ProgressReport)]
+    assert report.replica_examples == (120, 150) and report.replica_loss == (1.0, None)
+    assert [s["staleness_histogram"] for s in report.shard_stats[1:]] == [[1, 2]]
+    assert report.evaluation is None
+    for k in range(2):
+        master.on_shard_snapshot(ShardSnapshot(k, 1, torch.zeros(2), STATS), f"s{k}")
+    (to, announced), *_ = ctx.take()
+    assert to == "driver" and announced.evaluation == {"loss": 0.5}
+    assert announced.examples == 270
 
 
 # ------------------------------------------------------------------ through train()

@@ -4,6 +4,7 @@ algorithm's own module (``downpour.py``); the result types live here."""
 from __future__ import annotations
 
 import copy
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from .partition import (
     resolve_split_points,
     split_layers,
 )
+from .runlog import RunLog
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -371,6 +373,7 @@ def train(
     timeout_s: float = 3600.0,
     runtime_options: dict[str, Any] | None = None,
     progress: Callable[[ProgressReport], None] | None = None,
+    run_dir: str | os.PathLike | RunLog | None = None,
 ) -> TrainResult:
     """Train ``model`` with Downpour SGD (``algorithm="downpour"``, the default:
     ``replicas`` asynchronous model replicas, each split into ``stages`` by layer, over a
@@ -385,6 +388,8 @@ def train(
     ``epochs`` (see ``DownpourConfig``); Sandblaster takes ``steps``, ``history``,
     ``portions`` and an optional ``batch_size`` (see ``SandblasterConfig``). An option of the
     other algorithm is a ``ConfigError``.
+    ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
+    TensorBoard event files there (see ``runlog``); None (default) writes nothing.
     """
     given = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                  warmstart_steps=warmstart_steps, local_lr=local_lr, steps=steps,
@@ -466,14 +471,42 @@ def train(
         metric = metric or default_metric(loss, ey)
         data = (ex, ey) if isinstance(eval_rows, TensorRows) else eval_rows
         evaluator = Evaluator(stage_layers, data, loss_fn, metric)
-    # Imported here: the algorithms' modules build on this module's result types.
-    if isinstance(config, SandblasterConfig):
-        from .sandblaster import run as run_sandblaster
+    runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
+    if runlog is not None:
+        runlog.start(config)
+        progress = _both(runlog, progress)
+    try:
+        # Imported here: the algorithms' modules build on this module's result types.
+        if isinstance(config, SandblasterConfig):
+            from .sandblaster import run as run_sandblaster
 
-        return run_sandblaster(config, layers, dtype, loss_fn, x, y, evaluator, progress)
-    from .downpour import run
+            result = run_sandblaster(config, layers, dtype, loss_fn, x, y, evaluator, progress)
+        else:
+            from .downpour import run
 
-    return run(config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress)
+            result = run(config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress)
+    except BaseException as exc:
+        if runlog is not None:
+            runlog.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+        raise
+    if runlog is not None:
+        final = result.history.eval[-1] if evaluator is not None else None
+        runlog.finish(result.stats, final)
+    return result
+
+
+def _both(
+    first: Callable[[ProgressReport], None], second: Callable[[ProgressReport], None] | None
+) -> Callable[[ProgressReport], None]:
+    """One progress callback calling ``first`` then ``second`` (if any)."""
+    if second is None:
+        return first
+
+    def both(report: ProgressReport) -> None:
+        first(report)
+        second(report)
+
+    return both
 
 
 _EXAMPLE = {"lr": 0.05, "batch_size": 32, "epochs": 5}

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
+import random
 import sys
 import time
+import tomllib
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -38,7 +43,10 @@ from .errors import (
 )
 from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
+from .runlog import RunLog, default_run_dir
 from .runtime import faults
+
+log = logging.getLogger("distbelief")
 
 USAGE_ERROR = 2
 """Exit status for invalid arguments (the convention of click and of most Unix tools)."""
@@ -147,6 +155,11 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 # fmt: on
+
+
+def _preset_help(field: str) -> str:
+    """Each preset's value of ``field``, for --help: ``mnist1d 15, xor 1, digits 20``."""
+    return ", ".join(f"{name} {getattr(p, field):g}" for name, p in PRESETS.items())
 
 
 FILE_DEFAULTS = dict(
@@ -324,6 +337,7 @@ def summary(
         "warmstart_steps": config.warmstart_steps,
         "seed": config.seed,
         "runtime": config.runtime,
+        "eval_every": config.eval_every,
         "examples": stats["examples"],
         "steps": stats["steps"],
         "wall_s": round(wall_s, 3),  # the train() call: spawn, training, evaluation
@@ -339,10 +353,16 @@ def summary(
         "staleness_max": stats["staleness_max"],
         "rejected_pushes": stats["rejected_pushes"],
         "restarts": stats["restarts"],
+        # every evaluation: during training (every eval_every examples), then the final one
+        "evaluations": [{k: _rounded(v) for k, v in point.items()} for point in evals],
     }
     if dataset == "xor":
         out["truth_table"] = _truth_table(result, test)
     return out
+
+
+def _rounded(v: Any) -> Any:
+    return round(v, 4) if isinstance(v, float) else v
 
 
 def _print_summary(console: Console, s: dict[str, Any]) -> None:
@@ -366,7 +386,21 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("final training loss", fmt(s["final_loss"], ".4f"))
     table.add_row("test loss", fmt(s["test_loss"], ".4f"))
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
+    if s.get("eval_every"):
+        table.add_row("evaluated every", f"{s['eval_every']:,} examples")
+    if s.get("run_dir"):
+        table.add_row("run directory", s["run_dir"])
     console.print(table)
+    if len(s.get("evaluations", [])) > 1:
+        evals = Table(title="evaluations on the test set")
+        for name in ("examples", "training s", "test loss", "test accuracy"):
+            evals.add_column(name, justify="right")
+        for e in s["evaluations"]:
+            evals.add_row(
+                f"{e['examples']:,}", f"{e['wall_s']:.2f}", fmt(e.get("loss"), ".4f"),
+                fmt(e.get("accuracy"), ".3f"),
+            )  # fmt: skip
+        console.print(evals)
     if "truth_table" in s:
         truth = Table(title="XOR truth table")
         for name in ("A", "B", "target", "output"):
@@ -377,35 +411,105 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         console.print(truth)
 
 
-class _ProgressLine:
-    """Turns the master's ProgressReport messages into one live rich progress line (stderr)."""
+def _staleness_mean(report: ProgressReport) -> float | None:
+    applied = sum(st["updates_applied"] for st in report.shard_stats)
+    return sum(st["staleness_sum"] for st in report.shard_stats) / applied if applied else None
 
-    def __init__(self, console: Console, label: str, enabled: bool = True) -> None:
+
+class _LiveView:
+    """Shows the master's progress reports on stderr: examples/s, loss, the last test
+    accuracy, the mean staleness and, with several replicas, each replica's progress.
+
+    On a terminal it is a live rich display; to a pipe or a file it prints plain lines (no
+    control characters) at every tenth of the run and at every evaluation."""
+
+    MAX_REPLICA_ROWS = 32
+    """Above this many replicas only the totals are shown."""
+
+    def __init__(
+        self, console: Console, label: str, replicas: int, enabled: bool = True, header: str = ""
+    ) -> None:
+        self.console = console
+        self.header = header  # printed at the first report: a refused input stays one line
+        self.label = label
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self.replicas = replicas if 1 < replicas <= self.MAX_REPLICA_ROWS else 0
+        self.accuracy: float | None = None
+        self.staleness: float | None = None
+        self.replica_loss: dict[int, float] = {}  # each replica's last reported loss
+        self.next_line = 0.0  # fraction of the run at which the next plain line is due
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=10),
             TaskProgressColumn(),
-            TextColumn("{task.fields[examples]} examples"),
-            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[text]}"),
             TimeElapsedColumn(),
             console=console,
             transient=False,
-            disable=not enabled,
+            disable=not self.live,
         )
-        self.task = self.progress.add_task(label, total=None, examples="0", loss="-")
+        self.task = self.progress.add_task(label, total=None, text="")
+        self.replica_tasks = [
+            self.progress.add_task(f" r{r}", total=None, text="") for r in range(self.replicas)
+        ]
 
     def __call__(self, report: ProgressReport) -> None:
-        if not self.progress.live.is_started:
-            self.progress.start()  # at the first report: an input refused before it is one line
-        self.progress.update(
-            self.task,
-            completed=report.examples,
-            total=report.total_examples,
-            examples=f"{report.examples:,}/{report.total_examples:,}",
-            loss=f"{report.loss:.4f}",
+        if self.header and self.enabled:
+            print(self.header, file=self.console.file, flush=True)
+            self.header = ""
+        if report.evaluation is not None:
+            self.accuracy = report.evaluation.get("accuracy", self.accuracy)
+        if report.shard_stats:
+            self.staleness = _staleness_mean(report)
+        rate = report.examples / report.wall_s if report.wall_s > 0 else 0.0
+        for r, loss in enumerate(report.replica_loss):
+            if loss is not None:
+                self.replica_loss[r] = loss
+        text = (
+            f"{report.examples:,}/{report.total_examples:,} examples  {rate:,.0f} ex/s  "
+            f"loss {report.loss:.4f}  test acc "
+            + ("-" if self.accuracy is None else f"{self.accuracy:.3f}")
+            + "  staleness "
+            + ("-" if self.staleness is None else f"{self.staleness:.2f}")
         )
+        per_replica = [
+            f"{n:,} examples  {n / report.wall_s if report.wall_s > 0 else 0:,.0f} ex/s  loss "
+            + ("-" if loss is None else f"{loss:.4f}")
+            for n, loss in zip(
+                report.replica_examples,
+                [self.replica_loss.get(r) for r in range(len(report.replica_examples))],
+            )
+        ][: self.replicas]
+        if self.live:  # compact: one terminal row (80 columns) per line
+            if not self.progress.live.is_started:
+                self.progress.start()  # at the first report: an input refused before it is one line
+            total = report.total_examples
+            short = (
+                f"{rate:,.0f} ex/s  loss {report.loss:.3f}  acc "
+                + ("-" if self.accuracy is None else f"{self.accuracy:.3f}")
+                + "  stale "
+                + ("-" if self.staleness is None else f"{self.staleness:.2f}")
+            )
+            self.progress.update(self.task, completed=report.examples, total=total, text=short)
+            share = total / max(len(report.replica_examples), 1)
+            for r, (task, n) in enumerate(zip(self.replica_tasks, report.replica_examples)):
+                loss = self.replica_loss.get(r)
+                line = f"{n / report.wall_s if report.wall_s > 0 else 0:,.0f} ex/s  loss " + (
+                    "-" if loss is None else f"{loss:.3f}"
+                )
+                self.progress.update(task, completed=n, total=share, text=line)
+            return
+        done = report.examples / report.total_examples if report.total_examples else 1.0
+        if not self.enabled or (done < self.next_line and report.evaluation is None):
+            return
+        while self.next_line <= done:
+            self.next_line += 0.1
+        print(f"{self.label} {done:4.0%} {text}", file=self.console.file, flush=True)
+        for r, line in enumerate(per_replica):
+            print(f"  replica {r}: {line}", file=self.console.file, flush=True)
 
-    def __enter__(self) -> _ProgressLine:
+    def __enter__(self) -> _LiveView:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -416,8 +520,95 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
     return typer.Option(help=help_text, show_default=False, **kwargs)
 
 
+NOT_RECORDED = frozenset({"config", "as_json", "quiet", "run_dir", "no_run_dir"})
+"""Flags of ``train`` that shape the output, not the run: left out of a run's config.toml."""
+
+
+def _param_type(param: Any) -> type:
+    """The Python type a command parameter takes, or of each of its values if it takes
+    several (typer's own annotation, or click's type name)."""
+    descriptor = getattr(param, "type_descriptor", None)  # typer >= 0.26 (vendored click)
+    if descriptor is not None:
+        kind = descriptor.annotation
+        if typing.get_origin(kind) in (list, tuple):
+            kind = (typing.get_args(kind) or (str,))[0]
+        if isinstance(kind, type):
+            return kind
+    name = getattr(getattr(param, "type", None), "name", "text")
+    return {"integer": int, "float": float, "boolean": bool}.get(name, str)
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _config_keys(command: Any) -> dict[str, Any]:
+    """Key -> parameter of ``command``: each parameter's name and its long flags' names
+    (``batch_size`` and ``batch-size``; ``json`` for ``--json``)."""
+    keys: dict[str, Any] = {}
+    for param in command.params:
+        keys[param.name] = param
+        for opt in getattr(param, "opts", ()):
+            if opt.startswith("--"):
+                keys[opt[2:]] = keys[opt[2:].replace("-", "_")] = param
+    return keys
+
+
+def load_config(ctx: typer.Context, param: Any, value: str | None) -> str | None:
+    """``--config FILE``: the TOML file's keys become the command's defaults, so flags given
+    on the command line win. The accepted keys and their types are the command's own
+    parameters (whatever flags it has). Unknown keys and wrong types are usage errors."""
+    if value is None:
+        return None
+    try:
+        with open(value, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise UsageFailure(f"config: cannot read {value!r}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageFailure(f"config: {value!r} is not valid TOML: {exc}") from None
+    keys = _config_keys(ctx.command)
+    defaults: dict[str, Any] = {}
+    for key, v in data.items():
+        target = keys.get(key)
+        if target is None or target.name == param.name:
+            raise UsageFailure(
+                f"config: unknown key {key!r} in {value!r}; the keys are the flags of "
+                f"{ctx.info_name}, e.g. replicas, batch_size, lr"
+            )
+        kind = _param_type(target)
+        if getattr(target, "multiple", False) or getattr(target, "nargs", 1) == -1:
+            if not (isinstance(v, list) and all(_fits(item, kind) for item in v)):
+                raise UsageFailure(
+                    f"config: key {key!r} in {value!r} must be a list of {kind.__name__}, got "
+                    f"{type(v).__name__} {v!r}"
+                )
+        elif not _fits(v, kind):
+            raise UsageFailure(
+                f"config: key {key!r} in {value!r} must be {kind.__name__}, got "
+                f"{type(v).__name__} {v!r}"
+            )
+        defaults[target.name] = v
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _seed_help() -> str:
+    return (
+        "Seeds model init, data order and actor interleaving "
+        "(default: a fresh random seed, shown in the summary and kept in the run directory)."
+    )
+
+
 @app.command("train")
 def train_command(
+    ctx: typer.Context,
     dataset: Annotated[
         str | None,
         typer.Argument(
@@ -450,9 +641,15 @@ def train_command(
             "classify, anything else regresses."
         ),
     ] = None,
-    replicas: Annotated[int | None, _opt("Model replicas (preset: 4; xor 25).")] = None,
-    stages: Annotated[int | None, _opt("Partitions per replica, by layer (preset: 2).")] = None,
-    shards: Annotated[int | None, _opt("Parameter-server shards (preset: 2).")] = None,
+    replicas: Annotated[
+        int | None, _opt(f"Model replicas (preset: {_preset_help('replicas')}).")
+    ] = None,
+    stages: Annotated[
+        int | None, _opt(f"Partitions per replica, by layer (preset: {_preset_help('stages')}).")
+    ] = None,
+    shards: Annotated[
+        int | None, _opt(f"Parameter-server shards (preset: {_preset_help('shards')}).")
+    ] = None,
     algorithm: Annotated[
         str, _opt("downpour (asynchronous SGD, default) or sandblaster (L-BFGS).")
     ] = "downpour",
@@ -463,16 +660,31 @@ def train_command(
     ] = None,
     n_fetch: Annotated[int | None, _opt("Fetch parameters every n_fetch steps (1).")] = None,
     n_push: Annotated[int | None, _opt("Push the accrued gradient every n_push steps (1).")] = None,
-    batch_size: Annotated[int | None, _opt("Examples per mini-batch per replica.")] = None,
-    epochs: Annotated[int | None, _opt("Passes of each replica over its data.")] = None,
-    lr: Annotated[float | None, _opt("Learning rate at the shards (Adagrad's gamma).")] = None,
+    batch_size: Annotated[
+        int | None,
+        _opt(f"Examples per mini-batch per replica (preset: {_preset_help('batch_size')})."),
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        _opt(f"Passes of each replica over its data (preset: {_preset_help('epochs')})."),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        _opt(f"Learning rate at the shards, Adagrad's gamma (preset: {_preset_help('lr')})."),
+    ] = None,
     optimizer: Annotated[
         str | None,
         _opt("Update rule at the shards: sgd, momentum, adagrad, adam (preset: adagrad; xor sgd)."),
     ] = None,
-    warmstart_steps: Annotated[int | None, _opt("Steps replica 0 trains alone first.")] = None,
-    hidden: Annotated[str | None, _opt("Hidden widths, comma-separated, e.g. 256,256.")] = None,
-    seed: Annotated[int, _opt("Seeds model init, data order and actor interleaving.")] = 0,
+    warmstart_steps: Annotated[int | None, _opt("Steps replica 0 trains alone first (0).")] = None,
+    hidden: Annotated[
+        str | None,
+        _opt(
+            "Hidden widths, comma-separated, e.g. 256,256; '' for none (a linear model). "
+            "Preset: mnist1d 256,256, xor 2, digits 128,128."
+        ),
+    ] = None,
+    seed: Annotated[int | None, _opt(_seed_help())] = None,
     runtime: Annotated[
         str,
         _opt(
@@ -481,7 +693,13 @@ def train_command(
         ),
     ] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
-    eval_every: Annotated[int, _opt("Evaluate every this many examples (0: at the end).")] = 0,
+    eval_every: Annotated[
+        int,
+        _opt(
+            "Evaluate on the test set every this many training examples (0: at the end only); "
+            "each evaluation is listed in the summary and the JSON."
+        ),
+    ] = 0,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
     inject: Annotated[
@@ -492,11 +710,41 @@ def train_command(
             "kill:master@message=40. A stage restarts; other actors end the run."
         ),
     ] = None,
+    run_dir: Annotated[
+        str | None,
+        _opt(
+            "Write metrics.jsonl, config.toml and TensorBoard event files here "
+            "(default: runs/DATASET-YYYYmmdd-HHMMSS)."
+        ),
+    ] = None,
+    no_run_dir: Annotated[
+        bool, typer.Option("--no-run-dir", help="Write no run directory.")
+    ] = False,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="Read flags from a TOML file (keys: the flags' names, e.g. a run "
+            "directory's config.toml); flags on the command line win.",
+            is_eager=True,
+            callback=load_config,
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress display: only the summary.")
+    ] = False,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object, last line.")
+        bool, typer.Option("--json", help="Print one JSON object, last line (no progress).")
     ] = False,
 ) -> None:
-    """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON)."""
+    """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON).
+
+    Presets (every flag overrides them): mnist1d: MLP 40-256-256-10, 4 replicas x 2 stages,
+    2 shards, adagrad lr 0.05, batch 32, 15 epochs. xor: 2-2-1 sigmoid, 25 replicas x 2
+    stages, 2 shards, sgd lr 0.5, batch 1, 1 epoch. digits: MLP 64-128-128-10, 4 replicas
+    x 2 stages, 2 shards, adagrad lr 0.05, batch 32, 20 epochs.
+    """
     t_start = time.perf_counter()
     if data is None:
         given = [
@@ -533,6 +781,10 @@ def train_command(
         raise UsageFailure(f"train-size: must be an integer >= 1, got {train_size}")
     if address is not None and runtime != "ray":
         raise UsageFailure("address: only meaningful with --runtime ray")
+    if run_dir is not None and no_run_dir:
+        raise UsageFailure("run-dir: --run-dir and --no-run-dir contradict each other")
+    if seed is None:  # as the API does: draw one, and say which (summary, JSON, config.toml)
+        seed = random.SystemRandom().randrange(2**31)
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
     _check_model_fits(preset, widths)
     if algorithm == "sandblaster":
@@ -558,85 +810,90 @@ def train_command(
             runtime=runtime,
             runtime_options={"address": address} if address is not None else {},
         )
-        if inject:
-            try:
-                settings["runtime_options"]["faults"] = list(faults.plan(inject))
-            except ConfigError as exc:
-                raise UsageFailure("inject" + str(exc).removeprefix("faults")) from None
         try:
             SandblasterConfig(**{k: v for k, v in settings.items() if k != "algorithm"})
             model = build_mlp(preset, widths, seed)
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
-        return _train_and_print(dataset, preset, model, widths, settings, train_size, as_json,
-                                torch_threads, t_start, data is not None)  # fmt: skip
-    if algorithm != "downpour":
-        raise UsageFailure(
-            f"algorithm: unknown algorithm {algorithm!r}; choose downpour or sandblaster"
+    else:
+        if algorithm != "downpour":
+            raise UsageFailure(
+                f"algorithm: unknown algorithm {algorithm!r}; choose downpour or sandblaster"
+            )
+        for name, value in (("steps", steps), ("history", history), ("portions", portions)):
+            if value is not None:
+                raise UsageFailure(f"{name}: a Sandblaster option; give --algorithm sandblaster")
+        settings: dict[str, Any] = dict(
+            lr=preset.lr if lr is None else lr,
+            batch_size=preset.batch_size if batch_size is None else batch_size,
+            epochs=preset.epochs if epochs is None else epochs,
+            stages=preset.stages if stages is None else stages,
+            replicas=preset.replicas if replicas is None else replicas,
+            shards=preset.shards if shards is None else shards,
+            optimizer=preset.optimizer if optimizer is None else optimizer,
+            n_fetch=1 if n_fetch is None else n_fetch,
+            n_push=1 if n_push is None else n_push,
+            warmstart_steps=0 if warmstart_steps is None else warmstart_steps,
+            seed=seed,
+            runtime=runtime,
+            eval_every=eval_every,
+            runtime_options={"address": address} if address is not None else {},
         )
-    for name, value in (("steps", steps), ("history", history), ("portions", portions)):
-        if value is not None:
-            raise UsageFailure(f"{name}: a Sandblaster option; give --algorithm sandblaster")
-    settings: dict[str, Any] = dict(
-        lr=preset.lr if lr is None else lr,
-        batch_size=preset.batch_size if batch_size is None else batch_size,
-        epochs=preset.epochs if epochs is None else epochs,
-        stages=preset.stages if stages is None else stages,
-        replicas=preset.replicas if replicas is None else replicas,
-        shards=preset.shards if shards is None else shards,
-        optimizer=preset.optimizer if optimizer is None else optimizer,
-        n_fetch=1 if n_fetch is None else n_fetch,
-        n_push=1 if n_push is None else n_push,
-        warmstart_steps=0 if warmstart_steps is None else warmstart_steps,
-        seed=seed,
-        runtime=runtime,
-        eval_every=eval_every,
-        runtime_options={"address": address} if address is not None else {},
-    )
+        try:
+            config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
+            model = build_mlp(preset, widths, seed)
+            resolve_split_points(layer_sizes(as_layers(model)), config.stages)
+        except ConfigError as exc:
+            raise UsageFailure(str(exc)) from None
     if inject:
         try:
             settings["runtime_options"]["faults"] = list(faults.plan(inject))
         except ConfigError as exc:
             raise UsageFailure("inject" + str(exc).removeprefix("faults")) from None
-    try:
-        config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
-        model = build_mlp(preset, widths, seed)
-        resolve_split_points(layer_sizes(as_layers(model)), config.stages)
-    except ConfigError as exc:
-        raise UsageFailure(str(exc)) from None
-    _train_and_print(dataset, preset, model, widths, settings, train_size, as_json,
-                     torch_threads, t_start, data is not None)  # fmt: skip
-
-
-def _train_and_print(
-    dataset: str,
-    preset: Preset,
-    model: nn.Sequential,
-    widths: Sequence[int],
-    settings: dict[str, Any],
-    train_size: int | None,
-    as_json: bool,
-    torch_threads: int,
-    t_start: float,
-    data_file: bool = False,
-) -> None:
+    # What config.toml records: every flag of this command as resolved (the presets' values
+    # filled in, the seed drawn), so --config on it runs the same configuration again.
+    resolved = {k: v for k, v in ctx.params.items() if k not in NOT_RECORDED and v is not None}
+    resolved.update({k: settings[k] for k in resolved.keys() & settings.keys()})
+    filled = [k for k in (*PRESET_FIELDS, *SANDBLASTER_FIELDS) if settings.get(k) is not None]
+    resolved.update({k: settings[k] for k in filled}, hidden=",".join(map(str, widths)))
+    if data is None:
+        resolved["dataset"] = dataset  # the default (mnist1d) too: a report names it
+    order = [p.name for p in ctx.command.params]
+    resolved = dict(sorted(resolved.items(), key=lambda kv: order.index(kv[0])))
+    runlog = None
+    if not no_run_dir:
+        name = Path(data).stem if data else dataset
+        path = run_dir if run_dir is not None else default_run_dir(name)
+        try:  # before any data is generated or trained: an unusable directory ends it here
+            runlog = RunLog(path, resolved, name="run-dir")
+        except ConfigError as exc:
+            raise UsageFailure(str(exc)) from None
     # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
     # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        s = _run_job(dataset, preset, model, widths, settings, train_size, as_json)
+        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog)
     finally:
         torch.set_num_threads(threads)
-    if data_file:
+        if runlog is not None:
+            runlog.close("failed")  # no-op after a finished run
+    if data is not None:
         s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
     s["command_s"] = round(time.perf_counter() - t_start, 3)
+    s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
         print(strict_json(s))
     elif s.get("algorithm") == "sandblaster":
         _print_sandblaster_summary(Console(), s)
     else:
         _print_summary(Console(), s)
+
+
+PRESET_FIELDS = ("lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer", "seed")
+"""Settings a preset (or the drawn seed) fills in when the flag is not given."""
+SANDBLASTER_FIELDS = ("algorithm", "steps", "history")
+"""What a Sandblaster preset fills in besides those."""
 
 
 def _run_job(
@@ -647,8 +904,9 @@ def _run_job(
     settings: dict[str, Any],
     train_size: int | None,
     quiet: bool,
+    runlog: RunLog | None = None,
 ) -> dict[str, Any]:
-    """Load the data, train with a progress line on stderr (unless quiet), summarise."""
+    """Load the data, train with a live view on stderr (unless quiet), summarise."""
     t_data = time.perf_counter()
     train_data, test_data = preset.load(settings["seed"])
     if train_size is not None and isinstance(train_data, FileData):
@@ -658,10 +916,15 @@ def _run_job(
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()
     try:
-        with _ProgressLine(Console(stderr=True), dataset, enabled=not quiet) as line:
+        where = f", run directory {runlog.path}" if runlog is not None else ""
+        header = f"{dataset}: seed {settings['seed']}{where}"
+        view = _LiveView(Console(stderr=True), dataset, settings["replicas"], not quiet, header)
+        with view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
-                           progress=line, **settings)  # fmt: skip
+                           progress=view, run_dir=runlog, **settings)  # fmt: skip
     except ConfigError as exc:
+        if runlog is not None:
+            runlog.discard()  # nothing was trained: leave no empty run directory behind
         raise UsageFailure(str(exc)) from None
     except TrainingInterrupted:
         raise Interrupted from None
@@ -746,15 +1009,20 @@ def bench_command(
     ] = None,
     repeats: Annotated[int | None, _opt("Alternating repeats per comparison (best kept).")] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object, last line.")
+        bool, typer.Option("--json", help="Print one JSON object, last line (not with --markdown).")
     ] = False,
     as_markdown: Annotated[
-        bool, typer.Option("--markdown", help="Print the table as Markdown (for the README).")
+        bool,
+        typer.Option(
+            "--markdown", help="Print the table as Markdown, for the README (not with --json)."
+        ),
     ] = False,
 ) -> None:
     """Measure the engine side by side against plain PyTorch baselines, in one run."""
     from . import bench
 
+    if as_json and as_markdown:
+        raise UsageFailure("json: --json and --markdown each print the whole report; choose one")
     try:
         names = bench.parse_only(only)
         if repeats is not None and repeats < 1:
@@ -774,6 +1042,28 @@ def bench_command(
         print(bench.markdown(report))
     else:
         Console().print(bench.table(report))
+
+
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[
+        list[str], typer.Argument(help="Run directories (of distbelief train --run-dir).")
+    ],
+    out: Annotated[
+        str | None, _opt("Write the plots and report.html here (default: the first RUN_DIR).")
+    ] = None,
+) -> None:
+    """Plot one or more runs: accuracy and loss against time and examples, examples/s per
+    replica, the staleness histogram, shard update rates; PNGs and one self-contained HTML
+    page. Several runs are overlaid, labelled by what differs in their configurations."""
+    from . import report
+
+    try:
+        files = report.report(run_dirs, out)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc).replace("run_dir:", "run-dir:", 1)) from None
+    for path in files:
+        print(path)
 
 
 def strict_json(value: Any) -> str:
@@ -807,6 +1097,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:  # diagnostics (warnings and worse) on stderr
+        logging.basicConfig(format="distbelief: %(levelname)s: %(name)s: %(message)s")
     try:
         # standalone_mode=False: click's errors reach us instead of a multi-line rich panel
         rv = command.main(args=args or ["--help"], prog_name="distbelief", standalone_mode=False)

@@ -233,6 +233,9 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "updates_applied_total": total_applied,
         "staleness_mean": sum(s["staleness_sum"] for s in done.shard_stats) / max(total_applied, 1),
         "staleness_max": int(max(s["staleness_max"] for s in done.shard_stats)),
+        "staleness_histogram": _sum_histograms(
+            [s.get("staleness_histogram", []) for s in done.shard_stats]
+        ),
         "rejected_pushes": int(sum(s["rejected_pushes"] for s in done.shard_stats)),
         "examples": done.examples,
         "steps": done.steps,
@@ -243,3 +246,12 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "restarts": done.restarts,
         "nonfinite_steps": done.nonfinite_steps,
     }
+
+
+def _sum_histograms(histograms: list[list[int]]) -> list[int]:
+    """Entry-wise sum of count lists of different lengths."""
+    total = [0] * max((len(h) for h in histograms), default=0)
+    for h in histograms:
+        for i, c in enumerate(h):
+            total[i] += c
+    return total

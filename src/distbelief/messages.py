@@ -80,6 +80,17 @@ class ProgressReport:
     """Mean training loss over the steps since the previous report."""
     wall_s: float
     """Seconds since training began."""
+    replica_steps: tuple[int, ...] = ()
+    """Steps each replica has completed so far, by replica."""
+    replica_examples: tuple[int, ...] = ()
+    """Examples each replica has processed so far, by replica."""
+    replica_loss: tuple[float | None, ...] = ()
+    """Each replica's mean training loss since the previous report (None: no step since)."""
+    shard_stats: tuple[dict[str, Any], ...] = ()
+    """Each shard's latest counters (see ``ShardStats``), as of its last reply; () before."""
+    evaluation: dict[str, float] | None = None
+    """Set when this report announces an evaluation during training: its ``loss`` (and
+    ``accuracy``), measured at ``examples`` and ``wall_s``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +99,8 @@ class TrainingDone:
 
     weights: torch.Tensor
     """Final flat parameter vector assembled from all shards."""
-    shard_stats: tuple[dict[str, float], ...]
-    """Per-shard counters: updates applied, staleness sum and max, rejected pushes."""
+    shard_stats: tuple[dict[str, Any], ...]
+    """Per-shard counters: updates applied, staleness sum, max and histogram, rejected pushes."""
     buffers: tuple[dict[str, torch.Tensor], ...]
     """Replica 0's module buffers per stage (e.g. BatchNorm statistics; not on the PS)."""
     history: dict[str, list]
@@ -332,8 +343,24 @@ class ShardSnapshot:
     """The request's tag."""
     weights: torch.Tensor
     """A copy of the shard's slice."""
-    stats: dict[str, float]
-    """updates_applied, rejected_pushes, staleness_sum, staleness_max."""
+    stats: dict[str, Any]
+    """The shard's counters, as in ``ShardStats``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Master -> shard: send your counters (asked at every progress report; cheap)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStats:
+    """Shard -> master: a shard's counters, for the driver's live view and run log."""
+
+    shard: int
+    """Shard index."""
+    stats: dict[str, Any]
+    """``updates_applied``, ``rejected_pushes``, ``staleness_sum``, ``staleness_max`` and
+    ``staleness_histogram`` (a list: entry i counts the updates applied with staleness i)."""
 
 
 # ================================================================ Sandblaster L-BFGS

@@ -7,6 +7,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,9 +21,11 @@ from ..messages import (
     ProgressReport,
     ReplicaDone,
     ShardSnapshot,
+    ShardStats,
     Snapshot,
     StageBuffers,
     StartReplica,
+    StatsRequest,
     TrainingDone,
     WarmstartDone,
 )
@@ -80,6 +83,11 @@ class DownpourMaster(Actor):
         self.t_end = 0.0
         self.eval_s = 0.0
         self.restarts = 0  # actors the runtime respawned (ActorRestarted)
+        # Per replica, for the driver's live view and run log (ProgressReport).
+        self.replica_steps = [0] * replicas
+        self.replica_examples = [0] * replicas
+        self.replica_window = [[0.0, 0] for _ in range(replicas)]  # loss sum, steps
+        self.shard_stats: dict[int, dict[str, Any]] = {}  # the latest ShardStats, by shard
         self.nonfinite_steps = 0  # steps whose loss was NaN or Inf (their pushes rejected)
         self.recent: dict[int, deque[tuple[int, int]]] = {}  # replica -> (steps, non-finite)
         self.diverged = False
@@ -135,16 +143,22 @@ class DownpourMaster(Actor):
             return
         self.window_loss += msg.loss_sum
         self.window_steps += msg.steps - msg.nonfinite_steps
+        r = msg.replica
+        self.replica_steps[r] += msg.steps
+        self.replica_examples[r] += msg.examples
+        self.replica_window[r][0] += msg.loss_sum
+        self.replica_window[r][1] += msg.steps - msg.nonfinite_steps
         if self.examples >= self.next_report or self.examples == self.total_examples:
             loss = self.window_loss / max(self.window_steps, 1)
             self.history["train"].append(
                 {"examples": self.examples, "wall_s": self._wall(), "loss": loss}
             )
-            self.ctx.tell(
-                self.driver,
-                ProgressReport(self.examples, self.total_examples, loss, self._wall()),
-            )
+            self.ctx.tell(self.driver, self._report(loss))
             self.window_loss, self.window_steps = 0.0, 0
+            for window in self.replica_window:
+                window[0], window[1] = 0.0, 0
+            for shard in self.shards:  # their replies ride on the next report
+                self.ctx.tell(shard, StatsRequest())
             while self.next_report <= self.examples:
                 self.next_report += self.report_every_examples
         if self.next_eval is not None and self.examples >= self.next_eval:
@@ -153,6 +167,23 @@ class DownpourMaster(Actor):
             if self.evaluator is not None and self.examples < self.total_examples:
                 self.eval_tag += 1
                 self._snapshot(self.eval_tag)
+
+    def _report(self, loss: float, evaluation: dict[str, float] | None = None) -> ProgressReport:
+        return ProgressReport(
+            self.examples,
+            self.total_examples,
+            loss,
+            self._wall(),
+            tuple(self.replica_steps),
+            tuple(self.replica_examples),
+            tuple(w[0] / w[1] if w[1] else None for w in self.replica_window),
+            tuple(self.shard_stats[k] for k in sorted(self.shard_stats)),
+            evaluation,
+        )
+
+    @receives(ShardStats)
+    def on_shard_stats(self, msg: ShardStats, sender: object) -> None:
+        self.shard_stats[msg.shard] = {**msg.stats, "wall_s": self._wall()}
 
     def _snapshot(self, tag: int) -> None:
         self.snapshots[tag] = {}
@@ -182,6 +213,8 @@ class DownpourMaster(Actor):
     @receives(ShardSnapshot)
     def on_shard_snapshot(self, msg: ShardSnapshot, sender: object) -> None:
         self.snapshots[msg.tag][msg.shard] = msg
+        if msg.tag != FINAL:
+            self.shard_stats[msg.shard] = {**msg.stats, "wall_s": self._wall()}
         self._collected(msg.tag)
 
     @receives(StageBuffers)
@@ -235,3 +268,5 @@ class DownpourMaster(Actor):
         self.history["eval"].append({"examples": self.examples, "wall_s": self._wall(), **metrics})
         if self.eval_pauses_training:
             self.eval_s += time.perf_counter() - t
+        last = self.history["train"][-1]["loss"] if self.history["train"] else float("nan")
+        self.ctx.tell(self.driver, self._report(last, dict(metrics)))

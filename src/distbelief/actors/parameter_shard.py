@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..layout import Segment
-from ..messages import Drain, Drained, Fetch, FetchReply, Push, ShardSnapshot, Snapshot
+from ..messages import (
+    Drain,
+    Drained,
+    Fetch,
+    FetchReply,
+    Push,
+    ShardSnapshot,
+    ShardStats,
+    Snapshot,
+    StatsRequest,
+)
 from ..optim import make_update_rule, materialize_state
 from ..runtime.base import Actor, receives
 
@@ -23,6 +34,10 @@ def finite(tensors: Sequence[torch.Tensor]) -> bool:
     else:
         total = sum(t.sum().item() for t in tensors)
     return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+STALENESS_BUCKETS = 1024
+"""Entries of a shard's staleness histogram; the last counts every staleness beyond it."""
 
 
 class HeldSegment:
@@ -117,6 +132,10 @@ class ParameterShard(Actor):
         # share_memory can move them, updated through a numpy view (fast scalar updates).
         self._counter_cells = torch.zeros(4, dtype=torch.int64)
         self._counts = self._counter_cells.numpy()
+        # entry i: updates applied with staleness i (the last entry: STALENESS_BUCKETS - 1 or
+        # more); a tensor for the same reason as the counters
+        self._staleness_cells = torch.zeros(STALENESS_BUCKETS, dtype=torch.int64)
+        self._staleness = self._staleness_cells.numpy()
         self._copies: dict[tuple[int, int], torch.Tensor] | None = None  # shared: lent copies
 
     def share_memory(self) -> None:
@@ -125,6 +144,8 @@ class ParameterShard(Actor):
             held.share_memory()
         self._counter_cells.share_memory_()
         self._counts = self._counter_cells.numpy()
+        self._staleness_cells.share_memory_()
+        self._staleness = self._staleness_cells.numpy()
         self._copies = {}
 
     @property
@@ -171,6 +192,7 @@ class ParameterShard(Actor):
         counts[2] += staleness
         if staleness > counts[3]:
             counts[3] = staleness
+        self._staleness[min(staleness, STALENESS_BUCKETS - 1)] += 1
 
     @receives(Drain)
     def on_drain(self, msg: Drain, sender: object) -> None:
@@ -181,12 +203,18 @@ class ParameterShard(Actor):
     def on_snapshot(self, msg: Snapshot, sender: object) -> None:
         self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, self.weights, self.stats()))
 
-    def stats(self) -> dict[str, float]:
-        """The shard's counters."""
+    @receives(StatsRequest)
+    def on_stats_request(self, msg: StatsRequest, sender: object) -> None:
+        self.ctx.tell(sender, ShardStats(self.index, self.stats()))
+
+    def stats(self) -> dict[str, Any]:
+        """The shard's counters (a copy)."""
         applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
+        used = int(self._staleness.nonzero()[0].max()) + 1 if applied else 0
         return {
             "updates_applied": applied,
             "rejected_pushes": rejected,
             "staleness_sum": staleness_sum,
             "staleness_max": staleness_max,
+            "staleness_histogram": [int(c) for c in self._staleness[:used]],
         }
