@@ -224,7 +224,7 @@ SANDBLASTER_FIELDS = (
 
 
 def test_sandblaster_mnist1d_preset_learns(capsys: pytest.CaptureFixture[str]) -> None:
-    s = run_json(capsys, "train", "--algorithm", "sandblaster")
+    s = run_json(capsys, "train", "--algorithm", "sandblaster", "--seed", "0")  # 0.65 at seed 0
     missing = [f for f in SANDBLASTER_FIELDS if f not in s]
     assert not missing, missing
     assert (s["algorithm"], s["replicas"], s["shards"], s["hidden"]) == (
