@@ -150,14 +150,15 @@ def test_batches_and_portion_ranges_cover_every_example_once():
 # ------------------------------------------------------------------------------ runs
 
 
-def test_convex_optimum_matches_torch_lbfgs(convex):
+def test_convex_optimum_matches_torch_lbfgs(runtime, convex):
     """Full batch, float64: Sandblaster over 3 replicas and 2 shards ends within 1e-4
     (relative) of torch.optim.LBFGS run to convergence in one process."""
     x, y = convex
     optimum = torch_lbfgs(logistic(), x, y, steps=400, history=10)
     result = sandblaster(
-        logistic(), (x, y), steps=150, history=10, replicas=3, shards=2, portions=6
-    )
+        logistic(), (x, y), steps=150, history=10, replicas=3, shards=2, portions=6,
+        runtime=runtime,
+    )  # fmt: skip
     assert result.stats["steps"] <= 150 and result.stats["function_evals"] >= result.stats["steps"]
     with torch.no_grad():
         final = float(F.cross_entropy(result.model(x), y))
