@@ -159,3 +159,75 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     assert ckpt.load(tmp_path).update == 12
+
+
+# ------------------------------------------------------------------ a shard's own state
+
+
+def _shard(model, layout: Layout, k: int, optimizer: str = "adagrad", state=None):
+    from distbelief.actors import ParameterShard
+
+    a, b = layout.shard_ranges[k]
+    flat = flatten(model.children())
+    return ParameterShard(k, flat[a:b], a, layout.segments_of_shard(k), optimizer, 0.1, state)
+
+
+def _step(shard, seed: int) -> None:
+    """One push to each of the shard's segments, applied as on_push does."""
+    g = torch.Generator().manual_seed(seed)
+    for held in shard.held.values():
+        held.apply([torch.randn(hi - lo, generator=g) for lo, hi in _pieces(held)])
+
+
+def _pieces(held) -> list[tuple[int, int]]:
+    return [(0, len(held.values)) if part is None else (part.start, part.stop) for part in held.parts]
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam", "momentum"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_shard_restored_from_disk_steps_exactly_as_the_original(tmp_path, optimizer, shared):
+    model = mlp([3, 5, 4, 2])
+    sizes = [p.numel() for p in model.parameters()]
+    # two stages, so that a shard holds two segments with their own rules and versions
+    layout = Layout.build([sizes[0] + sizes[1], sum(sizes[2:])], 2, sizes)
+    originals = [_shard(model, layout, k, optimizer) for k in range(2)]
+    for k, shard in enumerate(originals):
+        for i in range(3 + k):
+            _step(shard, 10 * k + i)
+    path = ckpt.save(
+        tmp_path, 7, [s.export_state() for s in originals], layout=layout,
+        parameters=ckpt.describe_parameters(model), config={}, positions={},
+    )  # fmt: skip
+    loaded = ckpt.load(path)
+    for k, original in enumerate(originals):
+        restored = _shard(model, layout, k, optimizer)
+        if shared:
+            restored.share_memory()  # restore writes into the shared tensors in place
+        restored.restore(loaded.shards[k])
+        assert restored.updates_applied == original.updates_applied
+        assert {s: h.version for s, h in restored.held.items()} == {
+            s: h.version for s, h in original.held.items()
+        }
+        for shard in (original, restored):
+            _step(shard, 99)
+        assert torch.equal(restored.weights, original.weights)
+
+
+def test_a_shard_restored_without_optimizer_state_starts_its_rule_afresh():
+    model = mlp([3, 5, 2])
+    layout = _layout(model, 1)
+    original = _shard(model, layout, 0)
+    _step(original, 1)
+    state = original.export_state()
+    fresh = _shard(model, layout, 0)
+    fresh.restore(ckpt.ShardState(0, state.weights, None, state.versions))
+    again = _shard(model, layout, 0, state=ckpt.ShardState(0, state.weights))
+    for shard in (fresh, again):
+        _step(shard, 2)
+    # Adagrad afresh: the second step is as large as a first step, not damped by the first.
+    assert torch.equal(fresh.weights, again.weights)
+    _step(original, 2)
+    assert not torch.equal(fresh.weights, original.weights)
+    assert fresh.held[0].version == 2 and again.held[0].version == 1
+    with pytest.raises(ValueError, match="shard 1 given to shard 0"):
+        fresh.restore(ckpt.ShardState(1, state.weights))

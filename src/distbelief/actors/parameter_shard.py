@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint import ShardState
 from ..layout import Segment
 from ..messages import (
     Drain,
@@ -56,6 +58,7 @@ class HeldSegment:
         self.parts = [None if (lo, hi) == (0, len(values)) else slice(lo, hi) for lo, hi in pieces]
         self.params = [nn.Parameter(values[part or slice(None)]) for part in self.parts]
         self.update_rule = make_update_rule(optimizer, self.params, lr)
+        self._rule = (optimizer, lr)  # to start the update rule afresh (restore)
         # The version in a tensor (read through a numpy view: fast scalar updates), so that
         # share_memory can move it with the values.
         self._version_cell = torch.zeros(1, dtype=torch.int64)
@@ -84,6 +87,39 @@ class HeldSegment:
         for p, part in zip(self.params, self.parts):
             p.data = values if part is None else values[part]
         self.readers.clear()
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """A copy of the update rule's ``state_dict()`` (the shard keeps stepping the original)."""
+        return copy.deepcopy(self.update_rule.state_dict())
+
+    def restore(
+        self, values: torch.Tensor, version: int, optimizer_state: Mapping[str, Any] | None
+    ) -> None:
+        """Take ``values``, ``version`` and the update rule's state (``None``: start it afresh).
+
+        Values and state are copied in place, so a shard in shared memory stays shared; the
+        readers of the old values get a copy first (they are lent, see the class doc)."""
+        if values.shape != self.values.shape:
+            raise ValueError(f"restore: {values.numel()} values for a segment of {len(self.values)}")
+        if self.readers:
+            self.copy_on_write()
+        self.values.copy_(values)
+        self._version[0] = version
+        shared = self.values.is_shared()
+        if optimizer_state is None and not shared:
+            self.update_rule = make_update_rule(self._rule[0], self.params, self._rule[1])
+            return
+        if not shared:
+            self.update_rule.load_state_dict(optimizer_state)
+            return
+        # Shared memory: write into the tensors every process already maps. A fresh start is
+        # zeros, as every rule of optim.UPDATE_RULES begins.
+        by_index = (optimizer_state or {}).get("state", {})
+        for i, p in enumerate(self.params):
+            for key, value in self.update_rule.state[p].items():
+                if isinstance(value, torch.Tensor):
+                    new = by_index.get(i, {}).get(key) if optimizer_state is not None else None
+                    value.copy_(new) if new is not None else value.zero_()
 
     def apply(self, grads: Sequence[torch.Tensor]) -> None:
         """One optimizer step with the pushed pieces as the gradient."""
@@ -121,6 +157,7 @@ class ParameterShard(Actor):
         segments: tuple[Segment, ...],
         optimizer: str,
         lr: float,
+        state: ShardState | None = None,
     ) -> None:
         self.index = index
         self.held: dict[int, HeldSegment] = {}
@@ -137,6 +174,8 @@ class ParameterShard(Actor):
         self._staleness_cells = torch.zeros(STALENESS_BUCKETS, dtype=torch.int64)
         self._staleness = self._staleness_cells.numpy()
         self._copies: dict[tuple[int, int], torch.Tensor] | None = None  # shared: lent copies
+        if state is not None:  # resumed from a checkpoint
+            self.restore(state)
 
     def share_memory(self) -> None:
         """Move every state a handler changes into shared memory (see the class doc)."""
@@ -162,6 +201,48 @@ class ParameterShard(Actor):
     def weights(self) -> torch.Tensor:
         """A copy of the shard's slice (its segments tile it, in order)."""
         return torch.cat([held.values for held in self.held.values()])
+
+    def export_state(self) -> ShardState:
+        """Everything needed to carry on from here: a copy of the slice, each segment's update
+        rule state and version (keyed by stage), and the counters."""
+        applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
+        return ShardState(
+            index=self.index,
+            weights=self.weights,
+            optimizer={stage: held.optimizer_state() for stage, held in self.held.items()},
+            versions={stage: held.version for stage, held in self.held.items()},
+            counters={
+                "updates_applied": applied,
+                "rejected_pushes": rejected,
+                "staleness_sum": staleness_sum,
+                "staleness_max": staleness_max,
+            },
+        )
+
+    def restore(self, state: ShardState) -> None:
+        """Carry on from ``state`` (see :meth:`export_state`). Its optimizer state may be
+        ``None`` (or miss a stage): that segment's update rule starts afresh. Counters, if
+        given, are restored too; versions only ever come from ``state``, so staleness stays
+        right after a restore."""
+        if state.index != self.index:
+            raise ValueError(f"restore: the state of shard {state.index} given to shard {self.index}")
+        if state.weights.numel() != sum(len(h.values) for h in self.held.values()):
+            raise ValueError(
+                f"restore: shard {self.index} holds "
+                f"{sum(len(h.values) for h in self.held.values())} values, the state "
+                f"{state.weights.numel()}"
+            )
+        offset = 0
+        for stage, held in self.held.items():
+            n = len(held.values)
+            optimizer = (state.optimizer or {}).get(stage)
+            held.restore(
+                state.weights[offset : offset + n], int(state.versions.get(stage, 0)), optimizer
+            )
+            offset += n
+        for i, key in enumerate(("updates_applied", "rejected_pushes", "staleness_sum", "staleness_max")):
+            if key in state.counters:
+                self._counts[i] = int(state.counters[key])
 
     @receives(Fetch)
     def on_fetch(self, msg: Fetch, sender: object) -> None:
