@@ -374,6 +374,7 @@ def train(
     runtime_options: dict[str, Any] | None = None,
     progress: Callable[[ProgressReport], None] | None = None,
     run_dir: str | os.PathLike | RunLog | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``model`` with Downpour SGD (``algorithm="downpour"``, the default:
     ``replicas`` asynchronous model replicas, each split into ``stages`` by layer, over a
@@ -390,6 +391,8 @@ def train(
     other algorithm is a ``ConfigError``.
     ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
     TensorBoard event files there (see ``runlog``); None (default) writes nothing.
+    ``checkpoint_dir`` (Downpour only): where checkpoints are; a shard the runtime restarts
+    is restored from the newest one when it is newer than the replicas' copies.
     """
     given = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                  warmstart_steps=warmstart_steps, local_lr=local_lr, steps=steps,
@@ -408,6 +411,8 @@ def train(
             raise ConfigError("stages: Sandblaster's replicas are not split into stages (use 1)")
         if eval_every:
             raise ConfigError("eval_every: Sandblaster evaluates at the end only")
+        if checkpoint_dir is not None:
+            raise ConfigError("checkpoint_dir: Sandblaster has no checkpoints yet (Downpour has)")
         options = {k: v for k, v in given.items() if k in SANDBLASTER_ONLY and v is not None}
         config = SandblasterConfig(
             **options, batch_size=batch_size, replicas=replicas, shards=shards, seed=seed,
@@ -429,6 +434,7 @@ def train(
             runtime_options=dict(runtime_options or {}),
             eval_every=eval_every,
             timeout_s=timeout_s,
+            checkpoint_dir=checkpoint_dir,
         )
     if config.seed is None:
         config = _with_seed(config, random.SystemRandom().randrange(2**31))

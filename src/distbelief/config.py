@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,8 +66,16 @@ class DownpourConfig:
     """Evaluate on eval data every this many training examples (0: only at the end)."""
     timeout_s: float = 3600.0
     """Longest a run may take before it is stopped with an error naming the wait."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints are (``ckpt-<update>`` directories): a restarted shard is restored
+    from the newest one where it is newer than every replica's copy. None: no checkpoints."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint_dir is not None:  # absolute: a Ray actor has another cwd
+            v = self.checkpoint_dir
+            if not isinstance(v, (str, os.PathLike)) or not str(v):
+                raise ConfigError(f"checkpoint_dir: expected a directory path, got {_show(v)}")
+            object.__setattr__(self, "checkpoint_dir", os.path.abspath(v))
         for name in ("batch_size", "epochs", "replicas", "shards", "n_fetch", "n_push"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:

@@ -162,6 +162,7 @@ def _run(
             config.eval_every,
             max(1, total_examples // 100),
             rt.single_threaded,
+            checkpoint_dir=config.checkpoint_dir,
         )
         # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
         buffer_stages = tuple(
@@ -169,7 +170,12 @@ def _run(
             for s, group in enumerate(stage_layers)
             if evaluator is not None and any(True for g in group for _ in g.buffers())
         )
-        rt.tell(master, ConnectMaster(tuple(data_refs), shard_refs, buffer_stages))
+        rt.tell(
+            master,
+            ConnectMaster(
+                tuple(data_refs), shard_refs, buffer_stages, tuple(map(tuple, stage_refs))
+            ),
+        )
         for r in range(config.replicas):
             refs = stage_refs[r]
             rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master))
@@ -245,6 +251,7 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
         "seed": config.seed,
         "restarts": done.restarts,
         "nonfinite_steps": done.nonfinite_steps,
+        "recoveries": [dict(r) for r in done.recoveries],
     }
 
 

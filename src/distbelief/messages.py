@@ -58,6 +58,9 @@ class ConnectMaster:
     buffer_stages: tuple[Any, ...] = ()
     """Refs of replica 0's stages whose layers hold buffers (e.g. BatchNorm statistics, which
     the PS does not hold): an evaluation during training asks them for their buffers."""
+    stages: tuple[tuple[Any, ...], ...] = ()
+    """Refs of every replica's stages (``stages[replica][stage]``): when a shard is restarted
+    the master asks them for their copies of its segments (``CopyRequest``)."""
 
 
 # ---------------------------------------------------------------- driver <-> master
@@ -117,6 +120,9 @@ class TrainingDone:
     """Actors that died and were restarted during the run (ActorRestarted notices)."""
     nonfinite_steps: int = 0
     """Steps whose loss was NaN or Inf (a few are tolerated; their pushes were rejected)."""
+    recoveries: tuple[dict[str, Any], ...] = ()
+    """One record per restarted shard, data shard or master: what it was restored from and,
+    for a shard, the updates lost (see ``recovery.choose``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,92 @@ class ActorRestarted:
     """The actor's name."""
     ref: Any
     """Its ref, the same as before the restart."""
+
+
+# ---------------------------------------------------------------- recovery (see recovery.py)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyRequest:
+    """Master -> stage: a shard was restarted; send your copy of its segments."""
+
+    shard: int
+    """Index of the restarted shard."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCopy:
+    """Stage -> master: the stage's copy of its segment on a shard (the values it fetched
+    last, as it reads them now), or only its length when it has none."""
+
+    shard: int
+    """Index of the shard asked about."""
+    replica: int
+    """Replica of the replying stage."""
+    stage: int
+    """Index of the replying stage (which segment of the shard it is)."""
+    length: int
+    """Elements of the segment (0: the stage has none on this shard)."""
+    values: torch.Tensor | None
+    """A copy of the values, or None when the stage has not fetched them (yet)."""
+    version: int
+    """The segment's version when the stage fetched it (-1 with no values)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreShard:
+    """Master -> restarted shard: carry on from these segments; until it arrives the shard
+    holds back every message (fetches are answered, pushes applied, after it)."""
+
+    values: dict[int, torch.Tensor]
+    """New values per segment (by stage); a segment left out keeps its initial values at
+    version 0 (no copy of it existed anywhere)."""
+    versions: dict[int, int]
+    """Version per segment restored (by stage)."""
+    optimizer: dict[int, Any]
+    """Update-rule state per segment (by stage); a segment left out starts it afresh."""
+    counters: dict[str, int]
+    """``rejected_pushes``, ``staleness_sum``, ``staleness_max`` as last known (the shard sets
+    ``updates_applied`` to the sum of the restored versions)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Restarted master -> data shard: where is your replica? (reply ``ReplicaStatus``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """Data shard -> master: its replica's position, as a restarted master rebuilds from."""
+
+    replica: int
+    """Replica index."""
+    started: bool
+    """Whether the replica was started (``StartReplica`` or ``ResumeReplica``)."""
+    steps: int
+    """Steps reported to the master so far (in ``Progress``; later ones come in Progress)."""
+    examples: int
+    """Examples in those steps."""
+    step_base: int
+    """The data shard's step numbering base (bumped by each of its restarts)."""
+    done: ReplicaDone | None
+    """The replica's ``ReplicaDone`` when it is finished, else None."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReplica:
+    """Master -> restarted data shard: carry on from ``steps`` steps (its epoch order is a
+    function of the seed and the epoch, so the position is the step count)."""
+
+    steps: int
+    """Steps done, as reported to the master."""
+    examples: int
+    """Examples in those steps."""
+    step_base: int
+    """Number steps from here on from this base, above every step of the data shard's
+    earlier life still on its way through the stages (whose replies it then ignores)."""
+    warmstart_steps: int = 0
+    """As in ``StartReplica``: report ``WarmstartDone`` at this step (0: not any more)."""
 
 
 # ---------------------------------------------------------------- master <-> data shards

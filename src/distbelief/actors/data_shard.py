@@ -13,8 +13,11 @@ from ..messages import (
     Forward,
     Progress,
     ReplicaDone,
+    ReplicaStatus,
+    ResumeReplica,
     StageDone,
     StartReplica,
+    StatusRequest,
     StepDone,
     WarmstartDone,
 )
@@ -32,7 +35,17 @@ class DataShard(Actor):
     previous step's backward pass done, as in the seed. When a runtime restarts one of the
     replica's stages, the in-flight mini-batch is sent again (its step redone from fresh
     parameters) and a step reported twice counts once.
+
+    Restartable: a respawned data shard waits for the master's ``ResumeReplica`` (or, if its
+    replica had not started, ``StartReplica``), which gives it the steps its replica had
+    reported; the epoch order being a function of the seed and the epoch, that is its
+    position. The steps after the last report are done again. Its steps are numbered from a
+    new base, so what its earlier life left in flight through the stages is told apart.
     """
+
+    restartable = True
+    STEP_BASE = 1 << 40
+    """Step numbers of each life of a data shard start at a multiple of this."""
 
     def __init__(
         self,
@@ -63,6 +76,9 @@ class DataShard(Actor):
         self._in_flight: Forward | None = None  # the mini-batch sent and not yet done
         self._finishing = False  # Finish sent to the stages
         self._replica_done = False
+        self._done_message: ReplicaDone | None = None
+        self.started = False
+        self.step_base = 0  # Forward.step = step_base + steps (see the class doc)
 
     @receives(ConnectDataShard)
     def on_connect(self, msg: ConnectDataShard, sender: object) -> None:
@@ -70,9 +86,42 @@ class DataShard(Actor):
 
     @receives(StartReplica)
     def on_start(self, msg: StartReplica, sender: object) -> None:
+        if self.started:
+            return  # a restarted master does not know who it started: once is enough
+        self.started = True
         self.warmstart_steps = msg.warmstart_steps
         self._shuffle()
         self._send_batch()
+
+    @receives(ResumeReplica)
+    def on_resume(self, msg: ResumeReplica, sender: object) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.warmstart_steps = msg.warmstart_steps
+        self.step_base = msg.step_base
+        self.steps, self.examples = msg.steps, msg.examples
+        per_epoch = -(-len(self.rows) // self.batch_size)
+        self.epoch, self.batch_index = divmod(msg.steps, per_epoch)
+        if self.epoch >= self.epochs:
+            self._finish()
+            return
+        self._shuffle()
+        self._send_batch()
+
+    @receives(StatusRequest)
+    def on_status_request(self, msg: StatusRequest, sender: object) -> None:
+        self.ctx.tell(
+            sender,
+            ReplicaStatus(
+                self.replica,
+                self.started,
+                self.steps - self.window_steps,
+                self.examples - self.window_examples,
+                self.step_base,
+                self._done_message,
+            ),
+        )
 
     def _shuffle(self) -> None:
         order = epoch_order(len(self.rows), self.seed, self.replica, self.epoch)
@@ -82,7 +131,7 @@ class DataShard(Actor):
         x, y = self._epoch_batches[self.batch_index]
         self.batch_index += 1
         self._batch = len(x)
-        self._in_flight = Forward(self.steps, x, y)
+        self._in_flight = Forward(self.step_base + self.steps, x, y)
         self.ctx.tell(self.stages[0], self._in_flight)
 
     @receives(StepDone)
@@ -107,12 +156,15 @@ class DataShard(Actor):
             self.batch_index = 0
             if self.epoch == self.epochs:
                 self._report()
-                self._finishing = True
-                for stage in self.stages:
-                    self.ctx.tell(stage, Finish())
+                self._finish()
                 return
             self._shuffle()
         self._send_batch()
+
+    def _finish(self) -> None:
+        self._finishing = True
+        for stage in self.stages:
+            self.ctx.tell(stage, Finish())
 
     def _report(self) -> None:
         if self.window_steps:
@@ -140,12 +192,11 @@ class DataShard(Actor):
 
     @receives(StageDone)
     def on_stage_done(self, msg: StageDone, sender: object) -> None:
-        if self._replica_done:
-            return
+        if self._replica_done or not self._finishing:
+            return  # not finishing: a reply to this data shard's earlier life
         self.stage_buffers[msg.stage] = msg.buffers
         if len(self.stage_buffers) == len(self.stages):
             self._replica_done = True
             buffers = tuple(self.stage_buffers[s] for s in range(len(self.stages)))
-            self.ctx.tell(
-                self.master, ReplicaDone(self.replica, self.steps, self.examples, buffers)
-            )
+            self._done_message = ReplicaDone(self.replica, self.steps, self.examples, buffers)
+            self.ctx.tell(self.master, self._done_message)

@@ -11,25 +11,33 @@ from typing import Any
 
 import torch
 
+from .. import checkpoint, recovery
 from ..messages import (
     ActorRestarted,
     Begin,
     BufferSnapshot,
     ConnectMaster,
+    CopyRequest,
     Diverged,
     Progress,
     ProgressReport,
     ReplicaDone,
+    ReplicaStatus,
+    RestoreShard,
+    ResumeReplica,
+    SegmentCopy,
     ShardSnapshot,
     ShardStats,
     Snapshot,
     StageBuffers,
     StartReplica,
     StatsRequest,
+    StatusRequest,
     TrainingDone,
     WarmstartDone,
 )
 from ..runtime.base import Actor, receives
+from .data_shard import DataShard
 
 Buffers = dict[int, dict[str, torch.Tensor]]
 """Module buffers of replica 0's stages: stage index -> buffer name -> tensor."""
@@ -43,7 +51,18 @@ DIVERGED_WINDOW = 8
 
 
 class DownpourMaster(Actor):
-    """Coordinates one Downpour SGD run. Steppable: every decision is one message handler."""
+    """Coordinates one Downpour SGD run. Steppable: every decision is one message handler.
+
+    It also recovers what a runtime restarts (``ActorRestarted``): a parameter shard from the
+    newest copies of its segments the replicas' stages hold, or the newest checkpoint in
+    ``checkpoint_dir`` where that is newer (see ``recovery``); a data shard from the steps
+    its replica reported; and itself (restartable), from what the data shards and shards
+    report: each replica's steps, examples and whether it is done, and the shards' counters.
+    A restarted master's history (loss curve, evaluations) starts at its restart, and its
+    training time is counted from then.
+    """
+
+    restartable = True
 
     def __init__(
         self,
@@ -54,6 +73,7 @@ class DownpourMaster(Actor):
         eval_every: int,
         report_every_examples: int,
         eval_pauses_training: bool = True,
+        checkpoint_dir: str | None = None,
     ) -> None:
         self.replicas = replicas
         self.warmstart_steps = warmstart_steps
@@ -64,6 +84,7 @@ class DownpourMaster(Actor):
         # In one thread evaluation pauses training, so its time is not training time; where
         # replicas run in parallel with the master it is, and is not subtracted.
         self.eval_pauses_training = eval_pauses_training
+        self.checkpoint_dir = checkpoint_dir  # where a restarted shard's checkpoint may be
         self.data_shards: tuple = ()
         self.shards: tuple = ()
         self.driver = None
@@ -91,16 +112,25 @@ class DownpourMaster(Actor):
         self.nonfinite_steps = 0  # steps whose loss was NaN or Inf (their pushes rejected)
         self.recent: dict[int, deque[tuple[int, int]]] = {}  # replica -> (steps, non-finite)
         self.diverged = False
+        self.stages: tuple[tuple, ...] = ()  # stages[replica][stage]
+        self.recoveries: list[dict[str, Any]] = []  # one record per actor recovered
+        self.shard_recovery: dict[int, dict[str, Any]] = {}  # shard -> copies awaited, got
+        self.step_base = [0] * replicas  # each data shard's step numbering base
+        self.status_in: set[int] = set()  # a restarted master: replicas that reported
 
     @receives(ConnectMaster)
     def on_connect(self, msg: ConnectMaster, sender: object) -> None:
         self.data_shards, self.shards = msg.data_shards, msg.shards
         self.buffer_stages = msg.buffer_stages
+        self.stages = msg.stages
 
     @receives(Begin)
     def on_begin(self, msg: Begin, sender: object) -> None:
         self.driver = sender
         self.t0 = time.perf_counter()
+        self._begin()
+
+    def _begin(self) -> None:
         if self.warmstart_steps > 0:
             self._start(0, self.warmstart_steps)  # replica 0 alone first, as in the paper
         else:
@@ -118,13 +148,22 @@ class DownpourMaster(Actor):
 
     @receives(WarmstartDone)
     def on_warmstart_done(self, msg: WarmstartDone, sender: object) -> None:
-        self._unleash()
+        if self._known(msg.replica):
+            self._unleash()
+
+    def _known(self, replica: int) -> bool:
+        """Whether this master counts the replica's messages: always, unless it is a
+        restarted master that has not had the replica's ``ReplicaStatus`` yet (which covers
+        every message the data shard sent before it)."""
+        return not self.restarted or replica in self.status_in
 
     def _wall(self) -> float:
         return time.perf_counter() - self.t0 - self.eval_s
 
     @receives(Progress)
     def on_progress(self, msg: Progress, sender: object) -> None:
+        if not self._known(msg.replica):
+            return
         self.examples += msg.examples
         self.steps += msg.steps
         self.nonfinite_steps += msg.nonfinite_steps
@@ -196,14 +235,143 @@ class DownpourMaster(Actor):
 
     @receives(ActorRestarted)
     def on_actor_restarted(self, msg: ActorRestarted, sender: object) -> None:
-        # A runtime respawned a dead actor: count it, and let each data shard resume its
-        # replica if the actor was one of its stages (the one that was, resends its mini-batch).
+        # A runtime respawned a dead actor: count it and recover it. For a stage, each data
+        # shard resumes its replica if the stage was one of its own (that one resends its
+        # mini-batch), and a shard's recovery waiting on the stage asks its new life.
         self.restarts += 1
+        if msg.name == self.ctx.name:
+            self._recover_master(sender)
+            return
+        if msg.ref in self.shards:
+            self._recover_shard(self.shards.index(msg.ref))
+            return
+        if msg.ref in self.data_shards:
+            self._resume_replica(self.data_shards.index(msg.ref))
+            return
+        for shard, waiting in self.shard_recovery.items():
+            for r, s in waiting["pending"]:
+                if self.stages[r][s] == msg.ref:
+                    self.ctx.tell(msg.ref, CopyRequest(shard))
         for data_shard in self.data_shards:
             self.ctx.tell(data_shard, msg)
 
+    # -------------------------------------------------------------- recovery
+
+    def _recover_shard(self, k: int) -> None:
+        """Ask every stage for its copy of shard ``k``'s segments (``on_segment_copy``)."""
+        pending = {(r, s) for r, refs in enumerate(self.stages) for s in range(len(refs))}
+        self.shard_recovery[k] = {"pending": pending, "copies": [], "lengths": {}}
+        for r, s in sorted(pending):
+            self.ctx.tell(self.stages[r][s], CopyRequest(k))
+        for tag, got in self.snapshots.items():
+            if k not in got:  # asked of the dead shard: ask the new one (it answers restored)
+                self.ctx.tell(self.shards[k], Snapshot(tag))
+        if not pending:
+            self._restore_shard(k)
+
+    @receives(SegmentCopy)
+    def on_segment_copy(self, msg: SegmentCopy, sender: object) -> None:
+        waiting = self.shard_recovery.get(msg.shard)
+        if waiting is None or (msg.replica, msg.stage) not in waiting["pending"]:
+            return
+        waiting["pending"].discard((msg.replica, msg.stage))
+        if msg.length:
+            waiting["lengths"][msg.stage] = msg.length
+            waiting["copies"].append((msg.replica, msg.stage, msg.values, msg.version))
+        if not waiting["pending"]:
+            self._restore_shard(msg.shard)
+
+    def _restore_shard(self, k: int) -> None:
+        """Every copy is in: restore shard ``k`` from the newest source of each segment."""
+        waiting = self.shard_recovery.pop(k)
+        lengths = waiting["lengths"]
+        saved, note = None, None
+        found = checkpoint.checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
+        if found:
+            try:
+                state = checkpoint.load(found[-1]).shards[k]
+                saved = recovery.split_checkpoint(state, lengths)
+            except (checkpoint.CheckpointError, ValueError, IndexError) as exc:
+                note = f"checkpoint {found[-1]} not used: {exc}"  # the copies still serve
+        stats = self.shard_stats.get(k, {})
+        restore = recovery.choose(
+            k, lengths, waiting["copies"], saved, int(stats.get("updates_applied", 0))
+        )
+        counters = {
+            key: int(stats.get(key, 0))
+            for key in ("rejected_pushes", "staleness_sum", "staleness_max")
+        }
+        self.ctx.tell(
+            self.shards[k],
+            RestoreShard(restore.values, restore.versions, restore.optimizer, counters),
+        )
+        record = {**restore.record, "checkpoint": str(found[-1]) if found else None}
+        if note:
+            record["note"] = note
+        self.recoveries.append(record)
+
+    def _resume_replica(self, r: int) -> None:
+        """A data shard was restarted: resume it at the steps its replica reported."""
+        if r not in self.started or r in self.done:
+            return  # not started: StartReplica will come; done: nothing is left for it
+        self.step_base[r] += DataShard.STEP_BASE
+        warmstart = self.warmstart_steps if r == 0 and len(self.started) < self.replicas else 0
+        if warmstart and self.replica_steps[0] >= warmstart:
+            self._unleash()  # its WarmstartDone may have been lost with it
+            warmstart = 0
+        self.ctx.tell(
+            self.data_shards[r],
+            ResumeReplica(
+                self.replica_steps[r], self.replica_examples[r], self.step_base[r], warmstart
+            ),
+        )
+        self.recoveries.append(
+            {"actor": f"data{r}", "resumed_at_step": self.replica_steps[r], "source": "master"}
+        )
+
+    def _recover_master(self, driver: object) -> None:
+        """This master is a restarted one: learn where every replica is (``ReplicaStatus``)."""
+        self.driver = driver  # the runtime's notice comes from the driver
+        self.t0 = time.perf_counter()
+        for data_shard in self.data_shards:
+            self.ctx.tell(data_shard, StatusRequest())
+        for shard in self.shards:
+            self.ctx.tell(shard, StatsRequest())
+        self.recoveries.append({"actor": "master", "source": "data shards and shards"})
+
+    @receives(ReplicaStatus)
+    def on_replica_status(self, msg: ReplicaStatus, sender: object) -> None:
+        r = msg.replica
+        if r in self.status_in:
+            return
+        self.status_in.add(r)
+        self.step_base[r] = msg.step_base
+        if msg.started:
+            self.started.add(r)
+        self.replica_steps[r], self.replica_examples[r] = msg.steps, msg.examples
+        if msg.done is not None:
+            self.done[r] = msg.done
+        if len(self.status_in) < self.replicas:
+            return
+        self.examples, self.steps = sum(self.replica_examples), sum(self.replica_steps)
+        every = self.report_every_examples
+        self.next_report = (self.examples // every + 1) * every
+        if self.eval_every > 0:
+            self.next_eval = (self.examples // self.eval_every + 1) * self.eval_every
+        if not self.started:
+            self._begin()  # it died before Begin, or with it
+        elif len(self.started) < self.replicas and (
+            self.replica_steps[0] >= self.warmstart_steps or 0 in self.done
+        ):
+            self._unleash()  # the warmstart ended, its WarmstartDone lost with the master
+        if len(self.done) == self.replicas:
+            self.t_end = time.perf_counter()
+            self._snapshot(FINAL)
+
     @receives(ReplicaDone)
     def on_replica_done(self, msg: ReplicaDone, sender: object) -> None:
+        if not self._known(msg.replica) or msg.replica in self.done:
+            return
         self.done[msg.replica] = msg
         self._unleash()  # a warmstart longer than replica 0's run ends the warmstart too
         if len(self.done) == self.replicas:
@@ -212,6 +380,8 @@ class DownpourMaster(Actor):
 
     @receives(ShardSnapshot)
     def on_shard_snapshot(self, msg: ShardSnapshot, sender: object) -> None:
+        if msg.tag not in self.snapshots:
+            return  # asked by this master's earlier life, or answered twice after a restart
         self.snapshots[msg.tag][msg.shard] = msg
         if msg.tag != FINAL:
             self.shard_stats[msg.shard] = {**msg.stats, "wall_s": self._wall()}
@@ -219,6 +389,8 @@ class DownpourMaster(Actor):
 
     @receives(StageBuffers)
     def on_stage_buffers(self, msg: StageBuffers, sender: object) -> None:
+        if msg.tag not in self.buffers:
+            return  # asked by this master's earlier life
         self.buffers[msg.tag][msg.stage] = msg.buffers
         self._collected(msg.tag)
 
@@ -249,6 +421,7 @@ class DownpourMaster(Actor):
                 steps=sum(d.steps for d in self.done.values()),
                 restarts=self.restarts,
                 nonfinite_steps=self.nonfinite_steps,
+                recoveries=tuple(self.recoveries),
             ),
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from ..messages import (
     Fetch,
     FetchReply,
     Push,
+    RestoreShard,
     ShardSnapshot,
     ShardStats,
     Snapshot,
@@ -145,9 +146,16 @@ class ParameterShard(Actor):
     the update rule's state, the versions and the counters into shared memory, and a fetch
     lends the stage a copy of the values made for it (refreshed in place by its next fetch)
     rather than the values themselves: another process's push may update those at any time.
+
+    Restartable: a runtime may respawn a dead shard from its constructor arguments (its
+    initial values). The respawned shard holds back every message until the master's
+    ``RestoreShard`` gives it its segments again (from the replicas' copies or a checkpoint,
+    see ``recovery``); then it handles them in the order they came: fetches are answered
+    with the restored values, pushes applied to them.
     """
 
     shareable = True
+    restartable = True
 
     def __init__(
         self,
@@ -174,8 +182,45 @@ class ParameterShard(Actor):
         self._staleness_cells = torch.zeros(STALENESS_BUCKETS, dtype=torch.int64)
         self._staleness = self._staleness_cells.numpy()
         self._copies: dict[tuple[int, int], torch.Tensor] | None = None  # shared: lent copies
+        # A restarted shard's held-back messages (handler, message, sender), until restored.
+        self._held_back: list[tuple[Callable, Any, Any]] | None = None
         if state is not None:  # resumed from a checkpoint
             self.restore(state)
+
+    def bound_handlers(self) -> dict[type, Callable[[Any, Any], None]]:
+        """As every actor's; a restarted shard's handlers hold messages back until it is
+        restored (only then: a shard that never died pays nothing for it)."""
+        handlers = super().bound_handlers()
+        if not self.restarted:
+            return handlers
+        self._held_back = []
+
+        def holding(handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+            def hold_or_handle(msg: Any, sender: Any) -> None:
+                if self._held_back is None:
+                    handler(msg, sender)
+                else:
+                    self._held_back.append((handler, msg, sender))
+
+            return hold_or_handle
+
+        out = {t: holding(h) for t, h in handlers.items()}
+        out[RestoreShard] = handlers[RestoreShard]
+        return out
+
+    @receives(RestoreShard)
+    def on_restore_shard(self, msg: RestoreShard, sender: object) -> None:
+        for stage, held in self.held.items():
+            values = msg.values.get(stage)
+            if values is not None:
+                held.restore(values, int(msg.versions.get(stage, 0)), msg.optimizer.get(stage))
+        counts = self._counts
+        counts[0] = sum(held.version for held in self.held.values())
+        for i, key in enumerate(("rejected_pushes", "staleness_sum", "staleness_max"), 1):
+            counts[i] = int(msg.counters.get(key, 0))
+        held_back, self._held_back = self._held_back, None
+        for handler, message, who in held_back or ():
+            handler(message, who)
 
     def share_memory(self) -> None:
         """Move every state a handler changes into shared memory (see the class doc)."""
@@ -267,7 +312,9 @@ class ParameterShard(Actor):
         if not finite(msg.grads):
             counts[1] += 1  # a NaN/Inf push would poison every replica: drop it
             return
-        staleness = held.version - msg.fetched_version
+        # Clamped: a push fetched from a shard's earlier life may quote more than a restore
+        # found (a copy newer than every copy left, lost with the shard).
+        staleness = max(0, held.version - msg.fetched_version)
         held.apply(msg.grads)
         counts[0] += 1
         counts[2] += staleness
@@ -291,7 +338,9 @@ class ParameterShard(Actor):
     def stats(self) -> dict[str, Any]:
         """The shard's counters (a copy)."""
         applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
-        used = int(self._staleness.nonzero()[0].max()) + 1 if applied else 0
+        # (applied may be > 0 with an empty histogram: counters restored, histogram not)
+        nonzero = self._staleness.nonzero()[0]
+        used = int(nonzero.max()) + 1 if len(nonzero) else 0
         return {
             "updates_applied": applied,
             "rejected_pushes": rejected,

@@ -14,6 +14,7 @@ from ..messages import (
     Backward,
     BufferSnapshot,
     ConnectStage,
+    CopyRequest,
     Drain,
     Drained,
     Fetch,
@@ -21,6 +22,7 @@ from ..messages import (
     Finish,
     Forward,
     Push,
+    SegmentCopy,
     StageBuffers,
     StageDone,
     StepDone,
@@ -115,9 +117,9 @@ class Stage(Actor):
         self.accrued_steps = 0
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: Forward | None = None  # forward waiting for fetch replies
-        self.fetching = 0  # fetch replies outstanding
+        self.fetching: set[int] = set()  # shards whose fetch reply is outstanding
         self.prefetched = -1  # the step whose fetch was issued ahead
-        self.draining = 0  # drain replies outstanding
+        self.draining: set[int] = set()  # shards whose drain reply is outstanding
         self.saved: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, input, output
         self.previous = self.next = self.data_shard = None
         self.shards: tuple = ()
@@ -141,13 +143,13 @@ class Stage(Actor):
 
     def _fetch(self) -> None:
         self.fetched = True
-        self.fetching = len(self.segments)
+        self.fetching = {shard for shard, _, _ in self.segments}
         for shard, _, _ in self.segments:
             self.ctx.tell(self.shards[shard], Fetch(self.replica, self.index))
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
-        if not self.fetching:
+        if msg.shard not in self.fetching:
             return  # a reply to the fetch of this stage's previous life, before a restart
         for (shard, _, _), plan in zip(self.segments, self.reading):
             if shard != msg.shard:
@@ -161,8 +163,8 @@ class Stage(Actor):
                 for p, part in in_place:
                     p.data = values[part].view_as(p)
             self.versions[shard] = msg.version
-        self.fetching -= 1
-        if self.fetching == 0 and self.pending is not None:
+        self.fetching.discard(msg.shard)
+        if not self.fetching and self.pending is not None:
             pending, self.pending = self.pending, None
             self._forward(pending)
 
@@ -248,17 +250,37 @@ class Stage(Actor):
         if not self.segments:
             self._done()
             return
-        self.draining = len(self.segments)
+        self.draining = {shard for shard, _, _ in self.segments}
         for shard, _, _ in self.segments:
             self.ctx.tell(self.shards[shard], Drain(self.index))
 
     @receives(Drained)
     def on_drained(self, msg: Drained, sender: object) -> None:
-        if not self.draining:
+        if msg.shard not in self.draining:
             return  # the drain of this stage's previous life, before a restart
-        self.draining -= 1
-        if self.draining == 0:
+        self.draining.discard(msg.shard)
+        if not self.draining:
             self._done()
+
+    @receives(CopyRequest)
+    def on_copy_request(self, msg: CopyRequest, sender: object) -> None:
+        # What was on its way to the dead shard is lost: ask the new one again.
+        if msg.shard in self.fetching:
+            self.ctx.tell(self.shards[msg.shard], Fetch(self.replica, self.index))
+        if msg.shard in self.draining:
+            self.ctx.tell(self.shards[msg.shard], Drain(self.index))
+        # The values as the stage reads them now: what it fetched at ``versions[shard]``
+        # (with local steps, moved on by them), or before any fetch the initial values,
+        # which are version 0. Its parameters laid end to end are the stage's range, so a
+        # segment is a slice of their concatenation.
+        length, values, version = 0, None, -1
+        for shard, lo, hi in self.segments:
+            if shard == msg.shard:
+                flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+                length, values, version = hi - lo, flat[lo:hi].clone(), self.versions[shard]
+        self.ctx.tell(
+            sender, SegmentCopy(msg.shard, self.replica, self.index, length, values, version)
+        )
 
     @receives(BufferSnapshot)
     def on_buffer_snapshot(self, msg: BufferSnapshot, sender: object) -> None:

@@ -52,6 +52,10 @@ class Actor:
     """Whether a runtime that supervises actors (Ray) may respawn a dead one from its
     constructor arguments; it then tells the actor the driver converses with
     ``messages.ActorRestarted``. Only actors whose lost state the run can redo say True."""
+    restarted: bool = False
+    """Set to True by the runtime on a respawned actor before it delivers anything to it (and
+    before it asks for ``bound_handlers``): the actor knows it lost its state and may wait to
+    be told it again (a parameter shard waits for ``RestoreShard``)."""
     shareable: ClassVar[bool] = False
     """Whether a runtime that runs actors in several processes of one machine (``processes``)
     may host this actor in every one of them at once. It calls :meth:`share_memory` once,

@@ -222,6 +222,7 @@ class LocalRuntime:
                 cell.ready = False
         args, kwargs = copy.deepcopy(cell.restart_args)
         cell.actor = type(cell.actor)(*args, **kwargs)
+        cell.actor.restarted = True  # before anything is delivered (see Actor.restarted)
         cell.actor.bind(_LocalContext(self, cell))
         cell.handlers = cell.actor.bound_handlers()
         for told in cell.told:

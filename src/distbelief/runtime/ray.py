@@ -149,6 +149,7 @@ class _Host:
         fault: Fault | None,
         threads: int,
         secret: bytes,
+        restarted: bool = False,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)  # many actors share a node's cores
@@ -163,6 +164,8 @@ class _Host:
         self.sock = listening_socket(ray.util.get_node_ip_address())
         self.endpoint = Endpoint(name, secret, self._deliver, self._undecodable)
         self.actor = cls(*args, **kwargs)
+        if restarted:  # before anything is delivered (see Actor.restarted)
+            self.actor.restarted = True
         self.actor.bind(_HostContext(name, self.outbox))
         self.handlers = self.actor.bound_handlers()
 
@@ -524,7 +527,7 @@ class RayRuntime:
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         return [me, *(n for n in alive if n != me)] if me in alive else alive
 
-    def _create(self, name: str, node: str) -> None:
+    def _create(self, name: str, node: str, restarted: bool = False) -> None:
         spec = self._specs[name]
         spec.node, spec.sent = node, 0
         spec.handle = _RemoteHost.options(
@@ -532,7 +535,16 @@ class RayRuntime:
             max_restarts=0,
             max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-        ).remote(name, spec.cls, spec.args, spec.kwargs, spec.fault, self._threads, self._secret)
+        ).remote(
+            name,
+            spec.cls,
+            spec.args,
+            spec.kwargs,
+            spec.fault,
+            self._threads,
+            self._secret,
+            restarted,
+        )
 
     def _addresses(self) -> dict[str, Address]:
         out = {n: s.address for n, s in self._specs.items() if s.address is not None}
@@ -664,7 +676,7 @@ class RayRuntime:
             ray.kill(spec.handle, no_restart=True)
         placed = {n: s.node for n, s in self._specs.items() if s.node is not None}
         spec.fault = None  # a planned fault happens once
-        self._create(name, replace_node(name, self._live_nodes(), placed, spec.node))
+        self._create(name, replace_node(name, self._live_nodes(), placed, spec.node), True)
         limit = min(deadline, time.monotonic() + self._startup_timeout)
         self._start([name], limit)
         self._update([n for n in self._specs if n != name], {name: spec.address}, limit)

@@ -1,0 +1,280 @@
+"""Recovery of a dead parameter shard, data shard or master: the choice of sources (pure), the
+restarted shard holding messages back, and whole runs with planned deaths (in one process;
+the Ray runs are in test_ray.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import mlp
+
+import distbelief
+from distbelief import checkpoint
+from distbelief.actors import ParameterShard
+from distbelief.checkpoint import ShardState
+from distbelief.flat import flatten, parameters_of
+from distbelief.layout import Layout, Segment
+from distbelief.messages import Fetch, FetchReply, Push, RestoreShard
+from distbelief.partition import layer_sizes, resolve_split_points, split_layers
+from distbelief.recovery import SegmentSource, choose, split_checkpoint
+
+# ------------------------------------------------------------------ choosing sources (pure)
+
+
+def test_the_newest_copy_of_each_segment_wins_and_its_optimizer_state_only_from_a_checkpoint():
+    lengths = {0: 2, 1: 3}
+    copies = [
+        (0, 0, torch.full((2,), 1.0), 7),
+        (1, 0, torch.full((2,), 2.0), 9),  # newest of segment 0
+        (0, 1, torch.full((3,), 3.0), 4),
+        (1, 1, None, -1),  # no copy
+    ]
+    saved = {
+        0: SegmentSource("checkpoint", torch.zeros(2), 5, {"state": "a"}),
+        1: SegmentSource("checkpoint", torch.zeros(3), 6, {"state": "b"}),  # newest of 1
+    }
+    restore = choose(1, lengths, copies, saved, applied_known=20)
+    torch.testing.assert_close(restore.values[0], torch.full((2,), 2.0))
+    torch.testing.assert_close(restore.values[1], torch.zeros(3))
+    assert restore.versions == {0: 9, 1: 6}
+    assert restore.optimizer == {1: {"state": "b"}}
+    assert restore.record == {
+        "actor": "shard1",
+        "restored_version": 15,
+        "lost_updates": 5,
+        "optimizer": "mixed",
+        "source": "checkpoint+replica1",
+        "sources": {0: "replica1", 1: "checkpoint"},
+    }
+
+
+def test_a_segment_without_any_source_keeps_its_initial_values_and_a_tie_goes_to_the_checkpoint():
+    saved = {0: SegmentSource("checkpoint", torch.ones(2), 3, {"s": 1})}
+    restore = choose(0, {0: 2, 1: 2}, [(0, 0, torch.zeros(2), 3)], saved, applied_known=1)
+    assert restore.record["sources"] == {0: "checkpoint", 1: "initial"}
+    assert 1 not in restore.values and restore.versions[1] == 0
+    assert restore.record["lost_updates"] == 0  # never negative: the report was older
+    only_copies = choose(0, {0: 2}, [(3, 0, torch.zeros(2), 3)])
+    assert only_copies.record["optimizer"] == "fresh" and only_copies.record["source"] == "replica3"
+    with pytest.raises(ValueError, match="holds 3 values of shard 0's segment of 2"):
+        choose(0, {0: 2}, [(0, 0, torch.zeros(3), 1)])
+
+
+def test_a_checkpointed_slice_is_cut_into_its_segments_in_stage_order():
+    state = ShardState(0, torch.arange(5.0), {1: {"x": 1}}, {0: 4, 1: 8})
+    parts = split_checkpoint(state, {1: 3, 0: 2})
+    torch.testing.assert_close(parts[0].values, torch.arange(2.0))
+    torch.testing.assert_close(parts[1].values, torch.arange(2.0, 5.0))
+    assert (parts[0].version, parts[1].version) == (4, 8)
+    assert (parts[0].optimizer, parts[1].optimizer) == (None, {"x": 1})
+    with pytest.raises(ValueError, match="holds 5 values, its segments 4"):
+        split_checkpoint(state, {0: 2, 1: 2})
+
+
+# ------------------------------------------------------------------ a restarted shard
+
+
+class Recording:
+    name = "shard0"
+    self_ref = "shard0"
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, object]] = []
+
+    def tell(self, ref: object, message: object) -> None:
+        self.sent.append((ref, message))
+
+
+def _shard(restarted: bool) -> tuple[ParameterShard, dict, Recording]:
+    seg = Segment(stage=0, shard=0, start=0, stop=4, pieces=((0, 4),))
+    shard = ParameterShard(0, torch.zeros(4), 0, (seg,), "adagrad", 0.1)
+    shard.restarted = restarted  # as the runtime sets it, before asking for the handlers
+    ctx = Recording()
+    shard.bind(ctx)
+    return shard, shard.bound_handlers(), ctx
+
+
+def test_a_restarted_shard_holds_every_message_back_until_it_is_restored():
+    shard, handlers, ctx = _shard(restarted=True)
+    handlers[Push](Push(1, 0, (torch.ones(4),), fetched_version=12), "stage")
+    handlers[Fetch](Fetch(0, 0), "stage")
+    assert ctx.sent == [] and shard.updates_applied == 0
+    restore = RestoreShard({0: torch.full((4,), 5.0)}, {0: 10}, {}, {"rejected_pushes": 2})
+    handlers[RestoreShard](restore, "master")
+    # The push was applied to the restored values (staleness clamped at 0: it quoted a
+    # version newer than the restore found), then the fetch answered with the result.
+    ((_, reply),) = ctx.sent
+    assert isinstance(reply, FetchReply) and reply.version == 11
+    assert bool((reply.weights < 5.0).all())
+    stats = shard.stats()
+    assert (stats["updates_applied"], stats["rejected_pushes"], stats["staleness_max"]) == (
+        11,
+        2,
+        0,
+    )
+
+
+def test_a_shard_that_never_died_handles_messages_at_once():
+    _, handlers, ctx = _shard(restarted=False)
+    handlers[Fetch](Fetch(0, 0), "stage")
+    assert isinstance(ctx.sent[0][1], FetchReply)
+
+
+# ------------------------------------------------------------------ whole runs, in one process
+
+
+def toy(n: int = 256):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def run(faults, **kw):
+    args = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=3, seed=0)
+    args.update(replicas=2, stages=2, shards=2, optimizer="adagrad")
+    args.update(kw)
+    model = args.pop("model", None) or mlp([10, 16, 16, 3])
+    opts = {"faults": faults, **args.pop("runtime_options", {})}
+    return distbelief.train(model, args.pop("data", None) or toy(), runtime_options=opts, **args)
+
+
+def test_main_job_with_a_shard_killed_mid_run_recovers_from_the_replicas_copies(mnist1d_data):
+    """The main job's settings (MNIST-1D, 4 replicas x 2 stages, 2 shards, Adagrad 0.05,
+    batch 32, 15 epochs): shard1 dies after 3,000 of its ~3,780 updates, is restored from the
+    newest replica's copy (no checkpoint), and the run keeps the main job's accuracy band. The
+    in-process runtime is seeded: this run is the same every time."""
+    train, test = mnist1d_data
+    killed_at = 3000
+    result = distbelief.train(
+        mlp([40, 256, 256, 10]), train, loss="cross_entropy", lr=0.05, batch_size=32,
+        epochs=15, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
+        seed=0, runtime_options={"faults": [f"kill:shard1@update={killed_at}"]},
+    )  # fmt: skip
+    assert result.history.accuracy >= 0.70
+    assert result.stats["restarts_by_actor"] == {"shard1": 1}
+    assert result.stats["examples"] == 15 * len(train[0])
+    (rec,) = result.stats["recoveries"]
+    assert rec["actor"] == "shard1" and rec["source"].startswith("replica")
+    assert rec["optimizer"] == "fresh" and rec["checkpoint"] is None
+    # It had applied exactly killed_at updates; replicas fetch every step, so the newest copy
+    # is a few updates behind at most; what is reported lost is no more than that gap.
+    assert killed_at - 8 <= rec["restored_version"] <= killed_at
+    assert 0 <= rec["lost_updates"] <= killed_at - rec["restored_version"]
+    # Versions kept increasing across the restore: the shard counts on from there.
+    assert result.stats["updates_applied"][1] > rec["restored_version"]
+
+
+def _shard_states(model, stages: int, shards: int, optimizer: str, lr: float, version: int):
+    """Fresh shards' states as the run would lay them out, their versions set to ``version``."""
+    layers = list(model.children())
+    stage_layers = split_layers(layers, resolve_split_points(layer_sizes(layers), stages))
+    sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
+    layout = Layout.build([sum(s) for s in sizes], shards, [n for s in sizes for n in s])
+    initial = flatten(layers)
+    out = []
+    for k, (a, b) in enumerate(layout.shard_ranges):
+        shard = ParameterShard(k, initial[a:b], a, layout.segments_of_shard(k), optimizer, lr)
+        state = shard.export_state()
+        out.append(
+            ShardState(k, state.weights, state.optimizer, dict.fromkeys(state.versions, version))
+        )
+    return out, layout
+
+
+def _write_checkpoint(directory, model, version: int):
+    states, layout = _shard_states(model, 2, 2, "adagrad", 0.1, version)
+    return checkpoint.save(
+        directory, version, states, layout=layout, parameters=[], config={}, positions={}
+    )
+
+
+def test_a_checkpoint_older_than_the_copies_is_passed_over(tmp_path):
+    model = mlp([10, 16, 16, 3])
+    _write_checkpoint(tmp_path, model, version=0)
+    result = run(["kill:shard1@update=30"], model=model, checkpoint_dir=tmp_path)
+    (rec,) = result.stats["recoveries"]
+    assert rec["source"].startswith("replica") and rec["optimizer"] == "fresh"
+    assert rec["checkpoint"].endswith("ckpt-000000000000")
+    assert result.stats["examples"] == 3 * 256
+
+
+def test_a_checkpoint_newer_than_the_copies_restores_values_versions_and_optimizer(tmp_path):
+    model = mlp([10, 16, 16, 3])
+    _write_checkpoint(tmp_path, model, version=10_000)
+    result = run(["kill:shard1@update=30"], model=model, checkpoint_dir=tmp_path)
+    (rec,) = result.stats["recoveries"]
+    assert rec["source"] == "checkpoint" and rec["optimizer"] == "checkpoint"
+    segments = len(rec["sources"])
+    assert rec["restored_version"] == 10_000 * segments
+    assert result.stats["updates_applied"][1] > rec["restored_version"]  # counts on from it
+    assert torch.isfinite(flatten(result.model.children())).all()
+
+
+def test_a_broken_checkpoint_is_noted_and_the_copies_serve(tmp_path):
+    model = mlp([10, 16, 16, 3])
+    path = _write_checkpoint(tmp_path, model, version=10_000)
+    (path / "shard1.safetensors").write_bytes(b"garbage")
+    result = run(["kill:shard1@update=30"], model=model, checkpoint_dir=tmp_path)
+    (rec,) = result.stats["recoveries"]
+    assert rec["source"].startswith("replica") and "shard1.safetensors" in rec["note"]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "kill:shard0@update=1",  # before most stages fetched: copies at version 0 or 1
+        "exit:shard1@update=40",
+        "kill:shard0@message=30",
+    ],
+)
+def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(fault):
+    result = run([fault])
+    assert result.stats["restarts"] == 1
+    assert result.stats["examples"] == 3 * 256
+    assert result.stats["recoveries"][0]["actor"] == fault.split(":")[1].split("@")[0]
+    assert torch.isfinite(flatten(result.model.children())).all()
+
+
+def test_a_shard_killed_while_the_replicas_drain_at_the_end_is_recovered():
+    # 2 replicas x 3 epochs of 8 steps push 48 times to each of shard0's 2 segments: killed at
+    # its last update the shard dies while the stages wait for Drained (or the final
+    # snapshot): both are asked of the new shard.
+    result = run(["kill:shard0@update=96"])
+    assert result.stats["restarts_by_actor"] == {"shard0": 1}
+    assert result.stats["examples"] == 3 * 256
+
+
+@pytest.mark.parametrize(
+    "fault", ["kill:data0@message=20", "exit:data1@step=3", "kill:data1@message=3"]
+)
+def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(fault):
+    result = run([fault])
+    name = fault.split(":")[1].split("@")[0]
+    assert result.stats["restarts_by_actor"] == {name: 1}
+    assert result.stats["examples"] == 3 * 256  # steps redone after the report count once
+    assert result.stats["steps"] == 2 * 3 * 8
+    (rec,) = result.stats["recoveries"]
+    assert rec["actor"] == name and 0 <= rec["resumed_at_step"] <= 24
+
+
+@pytest.mark.parametrize(
+    "fault", ["kill:master@message=2", "kill:master@message=40", "exit:master@message=95"]
+)
+def test_the_master_killed_is_rebuilt_from_the_data_shards_and_the_run_completes(fault):
+    result = run([fault], warmstart_steps=4)
+    assert result.stats["restarts_by_actor"] == {"master": 1}
+    assert result.stats["examples"] == 3 * 256
+    assert result.stats["steps"] == 2 * 3 * 8
+    assert [r["actor"] for r in result.stats["recoveries"]] == ["master"]
+
+
+def test_a_shard_with_no_restarts_left_ends_the_run_naming_it():
+    with pytest.raises(distbelief.ActorFailed, match="^actor 'shard1' failed.*no restarts left"):
+        run(["kill:shard1@update=4"], runtime_options={"max_restarts": 0})
+
+
+@pytest.mark.parametrize(
+    "fault, actor", [("kill:shard1@update=4", "shard1"), ("kill:master@message=3", "master")]
+)
+def test_the_processes_runtime_restarts_nothing_and_ends_the_run_naming_the_actor(fault, actor):
+    with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed"):
+        run([fault], runtime="processes", replicas=1, stages=1, epochs=1)
