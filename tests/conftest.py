@@ -61,3 +61,37 @@ def in_tmp_dir(tmp_path, monkeypatch):
     (``runs/...``) lands there and not in the repository."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def _shard_states(model, stages: int, shards: int, optimizer: str, lr: float, version: int):
+    """Fresh shards' states as the run would lay them out, their versions set to ``version``."""
+    from distbelief.actors import ParameterShard
+    from distbelief.checkpoint import ShardState
+    from distbelief.flat import flatten, parameters_of
+    from distbelief.layout import Layout
+    from distbelief.partition import layer_sizes, resolve_split_points, split_layers
+
+    layers = list(model.children())
+    stage_layers = split_layers(layers, resolve_split_points(layer_sizes(layers), stages))
+    sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
+    layout = Layout.build([sum(s) for s in sizes], shards, [n for s in sizes for n in s])
+    initial = flatten(layers)
+    out = []
+    for k, (a, b) in enumerate(layout.shard_ranges):
+        shard = ParameterShard(k, initial[a:b], a, layout.segments_of_shard(k), optimizer, lr)
+        state = shard.export_state()
+        out.append(
+            ShardState(k, state.weights, state.optimizer, dict.fromkeys(state.versions, version))
+        )
+    return out, layout
+
+
+def write_checkpoint(directory, model, version: int):
+    """A checkpoint of fresh shards of ``model`` (2 stages, 2 shards, Adagrad) at ``version``:
+    what a restarted shard may be restored from."""
+    from distbelief import checkpoint
+
+    states, layout = _shard_states(model, 2, 2, "adagrad", 0.1, version)
+    return checkpoint.save(
+        directory, version, states, layout=layout, parameters=[], config={}, positions={}
+    )

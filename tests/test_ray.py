@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from conftest import mlp, write_checkpoint
 
 ray = pytest.importorskip("ray")
 import psutil  # noqa: E402  (Ray ships it)
@@ -249,10 +249,60 @@ def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_s
     assert_gone([p.pid for p in _hosts()])
 
 
-def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(ray_session):
-    with pytest.raises(distbelief.ActorFailed, match="'data0'.*died"):
-        toy_run(runtime_options={"faults": {"data0": 3}})
+@pytest.mark.parametrize(
+    "fault, actor", [({"data0": 3}, "data0"), (["kill:shard0@update=4"], "shard0")]
+)
+def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(
+    ray_session, fault, actor
+):
+    # No restarts left: the run ends naming the actor (within the health period), never hangs.
+    with pytest.raises(distbelief.ActorFailed, match=f"'{actor}'.*died"):
+        toy_run(runtime_options={"faults": fault, "max_restarts": 0})
     assert_gone([p.pid for p in _hosts()])
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True])
+def test_mnist1d_survives_a_killed_parameter_shard(
+    ray_session, mnist1d_data, tmp_path, with_checkpoint
+):
+    """shard1 dies after 300 of its ~630 updates; it is restored from the newest replica's
+    copy (the checkpoint, of the initial parameters, is older) while the replicas keep going.
+    The band is the stage-kill test's (5 epochs, not the main job's 15: 0.60)."""
+    model = mlp([40, 256, 256, 10])
+    if with_checkpoint:
+        write_checkpoint(tmp_path, model, version=0)
+    result = distbelief.train(
+        model, mnist1d_data[0], loss="cross_entropy", lr=0.05, batch_size=32, epochs=5,
+        stages=2, replicas=2, shards=2, optimizer="adagrad", eval_data=mnist1d_data[1], seed=0,
+        runtime="ray", runtime_options={"faults": ["kill:shard1@update=300"]},
+        checkpoint_dir=tmp_path if with_checkpoint else None,
+    )  # fmt: skip
+    assert result.history.accuracy >= 0.60
+    assert result.stats["restarts_by_actor"] == {"shard1": 1}
+    assert result.stats["examples"] == 5 * len(mnist1d_data[0][0])
+    (rec,) = result.stats["recoveries"]
+    assert rec["source"].startswith("replica") and rec["optimizer"] == "fresh"
+    # It died at 300 or a little later (the fault is checked as messages arrive); the
+    # replicas' newest copy is a few updates behind; the loss reported is no more than that.
+    assert 300 - 16 <= rec["restored_version"] <= 300 + 16
+    assert 0 <= rec["lost_updates"] <= max(0, 300 + 16 - rec["restored_version"])
+    assert (rec["checkpoint"] is not None) == with_checkpoint
+    first, second = result.stats["pids"]["shard1"]
+    assert first != second
+
+
+@pytest.mark.parametrize("fault", ["kill:data0@message=20", "exit:master@message=40"])
+def test_a_killed_data_shard_or_master_is_recovered_and_the_run_completes(ray_session, fault):
+    name = fault.split(":")[1].split("@")[0]
+    result = toy_run(
+        replicas=2, stages=2, shards=2, epochs=3, optimizer="adagrad", data=toy_data(256),
+        runtime_options={"faults": [fault]},
+    )  # fmt: skip
+    assert result.stats["restarts_by_actor"] == {name: 1}
+    assert result.stats["examples"] == 3 * 256
+    assert result.stats["steps"] == 2 * 3 * 8
+    assert [r["actor"] for r in result.stats["recoveries"]] == [name]
+    assert torch.isfinite(flatten(result.model.children())).all()
 
 
 def test_every_listening_port_is_on_loopback_and_token_auth_is_on(ray_session):

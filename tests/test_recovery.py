@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mlp
+from conftest import mlp, write_checkpoint
 
 import distbelief
-from distbelief import checkpoint
 from distbelief.actors import ParameterShard
 from distbelief.checkpoint import ShardState
-from distbelief.flat import flatten, parameters_of
-from distbelief.layout import Layout, Segment
+from distbelief.flat import flatten
+from distbelief.layout import Segment
 from distbelief.messages import Fetch, FetchReply, Push, RestoreShard
-from distbelief.partition import layer_sizes, resolve_split_points, split_layers
 from distbelief.recovery import SegmentSource, choose, split_checkpoint
 
 # ------------------------------------------------------------------ choosing sources (pure)
@@ -163,33 +161,9 @@ def test_main_job_with_a_shard_killed_mid_run_recovers_from_the_replicas_copies(
     assert result.stats["updates_applied"][1] > rec["restored_version"]
 
 
-def _shard_states(model, stages: int, shards: int, optimizer: str, lr: float, version: int):
-    """Fresh shards' states as the run would lay them out, their versions set to ``version``."""
-    layers = list(model.children())
-    stage_layers = split_layers(layers, resolve_split_points(layer_sizes(layers), stages))
-    sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
-    layout = Layout.build([sum(s) for s in sizes], shards, [n for s in sizes for n in s])
-    initial = flatten(layers)
-    out = []
-    for k, (a, b) in enumerate(layout.shard_ranges):
-        shard = ParameterShard(k, initial[a:b], a, layout.segments_of_shard(k), optimizer, lr)
-        state = shard.export_state()
-        out.append(
-            ShardState(k, state.weights, state.optimizer, dict.fromkeys(state.versions, version))
-        )
-    return out, layout
-
-
-def _write_checkpoint(directory, model, version: int):
-    states, layout = _shard_states(model, 2, 2, "adagrad", 0.1, version)
-    return checkpoint.save(
-        directory, version, states, layout=layout, parameters=[], config={}, positions={}
-    )
-
-
 def test_a_checkpoint_older_than_the_copies_is_passed_over(tmp_path):
     model = mlp([10, 16, 16, 3])
-    _write_checkpoint(tmp_path, model, version=0)
+    write_checkpoint(tmp_path, model, version=0)
     result = run(["kill:shard1@update=30"], model=model, checkpoint_dir=tmp_path)
     (rec,) = result.stats["recoveries"]
     assert rec["source"].startswith("replica") and rec["optimizer"] == "fresh"
@@ -199,7 +173,7 @@ def test_a_checkpoint_older_than_the_copies_is_passed_over(tmp_path):
 
 def test_a_checkpoint_newer_than_the_copies_restores_values_versions_and_optimizer(tmp_path):
     model = mlp([10, 16, 16, 3])
-    _write_checkpoint(tmp_path, model, version=10_000)
+    write_checkpoint(tmp_path, model, version=10_000)
     result = run(["kill:shard1@update=30"], model=model, checkpoint_dir=tmp_path)
     (rec,) = result.stats["recoveries"]
     assert rec["source"] == "checkpoint" and rec["optimizer"] == "checkpoint"
@@ -211,7 +185,7 @@ def test_a_checkpoint_newer_than_the_copies_restores_values_versions_and_optimiz
 
 def test_a_broken_checkpoint_is_noted_and_the_copies_serve(tmp_path):
     model = mlp([10, 16, 16, 3])
-    path = _write_checkpoint(tmp_path, model, version=10_000)
+    path = write_checkpoint(tmp_path, model, version=10_000)
     (path / "shard1.safetensors").write_bytes(b"garbage")
     result = run(["kill:shard1@update=30"], model=model, checkpoint_dir=tmp_path)
     (rec,) = result.stats["recoveries"]
