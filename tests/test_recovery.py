@@ -252,3 +252,43 @@ def test_a_shard_with_no_restarts_left_ends_the_run_naming_it():
 def test_the_processes_runtime_restarts_nothing_and_ends_the_run_naming_the_actor(fault, actor):
     with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed"):
         run([fault], runtime="processes", replicas=1, stages=1, epochs=1)
+
+
+# ------------------------------------------------------------------ the master, stepped
+
+
+def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_earlier_life():
+    from distbelief.actors import DownpourMaster
+    from distbelief.messages import (
+        ActorRestarted,
+        ConnectMaster,
+        CopyRequest,
+        SegmentCopy,
+        ShardStats,
+        StatsRequest,
+        StatusRequest,
+    )
+
+    master = DownpourMaster(1, 0, 64, None, 0, 16)
+    master.restarted = True
+    ctx = Recording()
+    ctx.name = ctx.self_ref = "master"
+    master.bind(ctx)
+    stages = (("r0s0", "r0s1"),)
+    master.receive(ConnectMaster(("data0",), ("shard0",), (), stages), "driver")
+    master.receive(ActorRestarted("master", "master"), "driver")
+    assert [(to, type(m)) for to, m in ctx.sent] == [
+        ("data0", StatusRequest),
+        ("shard0", StatsRequest),
+    ]
+    ctx.sent.clear()
+    master.receive(ShardStats(0, {"awaiting_restore": True}), "shard0")
+    assert sorted(to for to, m in ctx.sent if isinstance(m, CopyRequest)) == ["r0s0", "r0s1"]
+    ctx.sent.clear()
+    master.receive(SegmentCopy(0, 0, 0, 2, torch.ones(2), 5), "r0s0")
+    master.receive(ShardStats(0, {"awaiting_restore": True}), "shard0")  # asked before: no
+    assert ctx.sent == []
+    master.receive(SegmentCopy(0, 0, 1, 0, None, -1), "r0s1")
+    ((to, restore),) = ctx.sent
+    assert to == "shard0" and isinstance(restore, RestoreShard) and restore.versions == {0: 5}
+    assert master.recoveries[-1]["source"] == "replica0"

@@ -115,6 +115,7 @@ class DownpourMaster(Actor):
         self.stages: tuple[tuple, ...] = ()  # stages[replica][stage]
         self.recoveries: list[dict[str, Any]] = []  # one record per actor recovered
         self.shard_recovery: dict[int, dict[str, Any]] = {}  # shard -> copies awaited, got
+        self.shards_recovered: set[int] = set()  # shards this master began to recover
         self.step_base = [0] * replicas  # each data shard's step numbering base
         self.status_in: set[int] = set()  # a restarted master: replicas that reported
 
@@ -222,6 +223,11 @@ class DownpourMaster(Actor):
 
     @receives(ShardStats)
     def on_shard_stats(self, msg: ShardStats, sender: object) -> None:
+        if msg.stats.get("awaiting_restore"):
+            # A restarted shard whose restore was lost with an earlier life of this master.
+            if msg.shard not in self.shards_recovered:  # (else: asked before its restore)
+                self._recover_shard(msg.shard)
+            return
         self.shard_stats[msg.shard] = {**msg.stats, "wall_s": self._wall()}
 
     def _snapshot(self, tag: int) -> None:
@@ -259,6 +265,7 @@ class DownpourMaster(Actor):
 
     def _recover_shard(self, k: int) -> None:
         """Ask every stage for its copy of shard ``k``'s segments (``on_segment_copy``)."""
+        self.shards_recovered.add(k)
         pending = {(r, s) for r, refs in enumerate(self.stages) for s in range(len(refs))}
         self.shard_recovery[k] = {"pending": pending, "copies": [], "lengths": {}}
         for r, s in sorted(pending):

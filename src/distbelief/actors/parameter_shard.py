@@ -206,6 +206,8 @@ class ParameterShard(Actor):
 
         out = {t: holding(h) for t, h in handlers.items()}
         out[RestoreShard] = handlers[RestoreShard]
+        # Answered at once: a master restarted meanwhile learns that this shard still waits.
+        out[StatsRequest] = handlers[StatsRequest]
         return out
 
     @receives(RestoreShard)
@@ -336,7 +338,10 @@ class ParameterShard(Actor):
         self.ctx.tell(sender, ShardStats(self.index, self.stats()))
 
     def stats(self) -> dict[str, Any]:
-        """The shard's counters (a copy)."""
+        """The shard's counters (a copy); a restarted shard not yet restored says
+        ``awaiting_restore`` instead."""
+        if self._held_back is not None:
+            return {"awaiting_restore": True}
         applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
         # (applied may be > 0 with an empty histogram: counters restored, histogram not)
         nonzero = self._staleness.nonzero()[0]
