@@ -40,6 +40,7 @@ def test_the_newest_copy_of_each_segment_wins_and_its_optimizer_state_only_from_
         "actor": "shard1",
         "restored_version": 15,
         "lost_updates": 5,
+        "applied_last_reported": 20,
         "optimizer": "mixed",
         "source": "checkpoint+replica1",
         "sources": {0: "replica1", 1: "checkpoint"},

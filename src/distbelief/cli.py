@@ -353,6 +353,7 @@ def summary(
         "staleness_max": stats["staleness_max"],
         "rejected_pushes": stats["rejected_pushes"],
         "restarts": stats["restarts"],
+        "recoveries": stats.get("recoveries", []),  # restored shards, data shards, master
         # every evaluation: during training (every eval_every examples), then the final one
         "evaluations": [{k: _rounded(v) for k, v in point.items()} for point in evals],
     }
@@ -707,7 +708,8 @@ def train_command(
         _opt(
             "Inject a fault (repeatable): KIND:ACTOR@COUNTER=N, KIND kill or exit, COUNTER "
             "step, update (shards) or message; e.g. kill:replica0.stage1@step=100, "
-            "kill:master@message=40. A stage restarts; other actors end the run."
+            "kill:master@message=40. On local and ray every Downpour actor restarts (a "
+            "shard restored from the replicas' copies or the checkpoint); processes restarts none."
         ),
     ] = None,
     run_dir: Annotated[

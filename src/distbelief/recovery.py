@@ -51,6 +51,7 @@ class Restore:
     """Update-rule state per segment (by stage); left out: fresh."""
     record: dict[str, Any]
     """``actor``, ``restored_version`` (summed over segments), ``lost_updates``,
+    ``applied_last_reported`` (the dead shard's ``updates_applied`` as last reported),
     ``optimizer`` (``checkpoint``, ``fresh`` or ``mixed``), ``source`` (``replica<r>``,
     ``checkpoint``, ``initial``, or several joined by ``+``), ``sources`` (by stage)."""
 
@@ -112,6 +113,7 @@ def choose(
         "actor": f"shard{shard}",
         "restored_version": restored,
         "lost_updates": max(0, applied_known - restored),
+        "applied_last_reported": applied_known,
         "optimizer": kinds.pop() if len(kinds) == 1 else "mixed",
         "source": "+".join(sorted({src.name for src in sources.values()})),
         "sources": {s: src.name for s, src in sources.items()},

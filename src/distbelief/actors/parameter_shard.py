@@ -316,7 +316,9 @@ class ParameterShard(Actor):
             return
         # Clamped: a push fetched from a shard's earlier life may quote more than a restore
         # found (a copy newer than every copy left, lost with the shard).
-        staleness = max(0, held.version - msg.fetched_version)
+        staleness = held.version - msg.fetched_version
+        if staleness < 0:
+            staleness = 0
         held.apply(msg.grads)
         counts[0] += 1
         counts[2] += staleness
