@@ -215,6 +215,8 @@ class ReplicaStatus:
     """The data shard's step numbering base (bumped by each of its restarts)."""
     done: ReplicaDone | None
     """The replica's ``ReplicaDone`` when it is finished, else None."""
+    steps_done: int = 0
+    """Steps done, reported or not yet (whether a warmstart is over)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,6 +120,7 @@ class DataShard(Actor):
                 self.examples - self.window_examples,
                 self.step_base,
                 self._done_message,
+                self.steps,
             ),
         )
 

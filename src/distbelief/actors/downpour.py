@@ -118,6 +118,7 @@ class DownpourMaster(Actor):
         self.shards_recovered: set[int] = set()  # shards this master began to recover
         self.step_base = [0] * replicas  # each data shard's step numbering base
         self.status_in: set[int] = set()  # a restarted master: replicas that reported
+        self.warm_steps_done = 0  # a restarted master: replica 0's steps, as it last said
 
     @receives(ConnectMaster)
     def on_connect(self, msg: ConnectMaster, sender: object) -> None:
@@ -252,7 +253,14 @@ class DownpourMaster(Actor):
             self._recover_shard(self.shards.index(msg.ref))
             return
         if msg.ref in self.data_shards:
-            self._resume_replica(self.data_shards.index(msg.ref))
+            r = self.data_shards.index(msg.ref)
+            if self._known(r):
+                self._resume_replica(r)
+            else:  # this restarted master's StatusRequest died with it: ask the new one
+                self.ctx.tell(msg.ref, StatusRequest())  # (what it had done is lost: redone)
+                self.recoveries.append(
+                    {"actor": f"data{r}", "resumed_at_step": 0, "source": "none: starts over"}
+                )
             return
         for shard, waiting in self.shard_recovery.items():
             for r, s in waiting["pending"]:
@@ -358,6 +366,8 @@ class DownpourMaster(Actor):
         self.replica_steps[r], self.replica_examples[r] = msg.steps, msg.examples
         if msg.done is not None:
             self.done[r] = msg.done
+        if r == 0:
+            self.warm_steps_done = msg.steps_done
         if len(self.status_in) < self.replicas:
             return
         self.examples, self.steps = sum(self.replica_examples), sum(self.replica_steps)
@@ -368,7 +378,9 @@ class DownpourMaster(Actor):
         if not self.started:
             self._begin()  # it died before Begin, or with it
         elif len(self.started) < self.replicas and (
-            self.replica_steps[0] >= self.warmstart_steps or 0 in self.done
+            self.started != {0}  # others run: the warmstart is over (replica 0 started over)
+            or self.warm_steps_done >= self.warmstart_steps
+            or 0 in self.done
         ):
             self._unleash()  # the warmstart ended, its WarmstartDone lost with the master
         if len(self.done) == self.replicas:
