@@ -293,3 +293,20 @@ def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_ear
     ((to, restore),) = ctx.sent
     assert to == "shard0" and isinstance(restore, RestoreShard) and restore.versions == {0: 5}
     assert master.recoveries[-1]["source"] == "replica0"
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        ["kill:data0@message=2", "exit:master@message=1"],  # data0 dies answering its status
+        ["kill:shard1@update=20", "kill:master@message=50"],
+        ["kill:data1@message=9", "kill:master@message=21"],
+    ],
+)
+def test_two_actors_killed_are_both_recovered_and_the_run_completes(faults):
+    result = run(faults, warmstart_steps=6)
+    assert sorted(result.stats["restarts_by_actor"]) == sorted(
+        f.split(":")[1].split("@")[0] for f in faults
+    )
+    assert result.stats["examples"] == 3 * 256
+    assert torch.isfinite(flatten(result.model.children())).all()
