@@ -52,10 +52,11 @@ def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
         assert xor["examples"] == bench.QUICK.xor_examples and positive(xor["ratio"])
         assert xor["ratio"] == pytest.approx(xor["baseline_s"] / xor["train_s"], rel=0.01)
         assert xor["time_ratio"] == pytest.approx(xor["train_s"] / xor["baseline_s"], rel=0.01)
-    (hogwild,) = report["hogwild"]
-    assert hogwild["replicas"] == 2 and "processes" in hogwild["config"]
-    assert positive(hogwild["examples_per_s"]) and positive(hogwild["baseline_examples_per_s"])
-    assert positive(hogwild["ratio"]) and hogwild["startup_s"] >= 0
+    assert [r["shard_updates"] for r in report["hogwild"]] == ["locked", "hogwild"]
+    for hogwild in report["hogwild"]:
+        assert hogwild["replicas"] == 2 and "processes" in hogwild["config"]
+        assert positive(hogwild["examples_per_s"]) and positive(hogwild["baseline_examples_per_s"])
+        assert positive(hogwild["ratio"]) and hogwild["startup_s"] >= 0
     sb = report["sandblaster"]
     assert sb["time_to_accuracy"]["target"] == 0.60
     assert [r["portions"] for r in sb["straggler"]] == [32, 4]
@@ -71,7 +72,8 @@ def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
 
 
 def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) -> None:
-    n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 2 + 1
+    n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 2
+    n += len(bench.HOGWILD_MODES)
     n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()

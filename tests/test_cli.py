@@ -131,6 +131,8 @@ def test_human_output_has_progress_summary_and_truth_table(
         (["--hidden", "100000,100000"], "hidden"),  # 37 GiB of float32: refused, not allocated
         (["--lr", "1e300"], "lr"),
         (["--inject", "kill:shard0"], "inject"),
+        (["--shard-updates", "hogwild"], "shard-updates: applies to --runtime processes"),
+        (["--runtime", "processes", "--shard-updates", "racy"], "shard-updates: choose"),
         (["--inject", "kill:shard9@update=3"], "faults: kill:shard9@update=3 names no actor"),
     ],
 )
@@ -171,6 +173,22 @@ def test_console_script_is_installed_and_fails_cleanly() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == "distbelief: error: replicas: must be an integer >= 1, got 0"
     assert proc.stdout == ""
+
+
+def test_shard_updates_reach_the_processes_runtime(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_train(*args: Any, **kwargs: Any) -> None:
+        seen.update(kwargs)
+        raise ConfigError("runtime: stopped by the test")
+
+    monkeypatch.setattr(cli, "train", fake_train)
+    argv = ("train", "digits", "--runtime", "processes", "--shard-updates", "hogwild")
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "stopped by the test" in err
+    assert seen["runtime_options"] == {"shard_updates": "hogwild"}
 
 
 def test_address_reaches_the_ray_runtime(

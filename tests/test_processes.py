@@ -14,6 +14,7 @@ from torch import nn
 import distbelief
 from distbelief.actors import ParameterShard
 from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from distbelief.flat import flatten
 from distbelief.layout import Layout
 from distbelief.optim import UPDATE_RULES, make_update_rule, materialize_state
 from distbelief.runtime import Actor, make_runtime, receives
@@ -170,17 +171,22 @@ def test_shutdown_leaves_no_worker_and_no_shared_memory():
     assert _fds() == fds
 
 
-def test_replicas_in_two_workers_update_one_shared_shard(mnist1d_data):
+@pytest.mark.parametrize("shard_updates", ["locked", "hogwild"])
+def test_replicas_in_two_workers_update_one_shared_shard(mnist1d_data, shard_updates):
     (x, y), _ = mnist1d_data
     x, y = x[:512], y[:512]
     result = distbelief.train(
         mlp([40, 32, 10]), (x, y), loss="cross_entropy", lr=0.05, batch_size=16, epochs=2,
         replicas=2, shards=2, optimizer="adagrad", seed=0, runtime="processes",
+        runtime_options={"shard_updates": shard_updates},
     )  # fmt: skip
     # Every push of both workers counted by each shard (the counters are shared), and staleness
-    # measured from versions both workers advance.
+    # measured from versions both workers advance: with hogwild updates too, whose bookkeeping
+    # stays under the lock.
     assert result.stats["updates_applied"] == [result.stats["steps"]] * 2
     assert result.stats["steps"] == 2 * 2 * (256 // 16)
+    assert sum(result.stats["staleness_histogram"]) == 2 * result.stats["steps"]
+    assert torch.isfinite(flatten(result.model.children())).all()
     assert result.stats["processes"] == {
         "shard0": "shared", "shard1": "shared", "master": 0,
         "data0": 1, "replica0.stage0": 1, "data1": 2, "replica1.stage0": 2,
@@ -203,7 +209,33 @@ def test_materialized_state_changes_no_step(rule):
     assert torch.equal(fresh, early)
 
 
+def test_hogwild_updates_of_one_replica_are_the_locked_updates_exactly(mnist1d_data):
+    # One replica: nothing races, so leaving the lock out of the update must change no number.
+    (x, y), _ = mnist1d_data
+    runs = [
+        distbelief.train(
+            mlp([40, 32, 10]),
+            (x[:256], y[:256]),
+            loss="cross_entropy",
+            lr=0.05,
+            batch_size=16,
+            epochs=2,
+            shards=2,
+            optimizer="adagrad",
+            seed=0,
+            runtime="processes",
+            runtime_options={"shard_updates": mode},
+        )  # fmt: skip
+        for mode in ("locked", "hogwild")
+    ]
+    locked, hogwild = (flatten(r.model.children()) for r in runs)
+    assert torch.equal(locked, hogwild)
+    assert runs[0].stats["staleness_histogram"] == runs[1].stats["staleness_histogram"]
+
+
 def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="^runtime_options: shard_updates must be one of"):
+        make_runtime("processes", shard_updates="racy")
     with pytest.raises(ConfigError, match="^runtime_options: unknown option"):
         make_runtime("processes", address="x")
     with pytest.raises(ConfigError, match="^runtime_options: processes must be"):

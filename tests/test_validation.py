@@ -138,17 +138,19 @@ def test_labels_out_of_range_for_cross_entropy():
     x, y = data()
     y[5] = 3
     check(
-        r"^train_data: label 3 is out of range for cross_entropy over the model's 3 outputs",
+        r"^train_data: row 5: label 3 is out of range for cross_entropy over the model's 3 "
+        "outputs",
         train_data=(x, y),
     )
     y[5] = -1
-    check(r"^train_data: label -1 is out of range", train_data=(x, y))
+    y[2] = -1  # the first bad row is named
+    check(r"^train_data: row 2: label -1 is out of range", train_data=(x, y))
 
 
 def test_eval_labels_out_of_range_are_named_too():
     x, y = data()
     y[0] = 9
-    check(r"^eval_data: label 9 is out of range", eval_data=(x, y))
+    check(r"^eval_data: row 0: label 9 is out of range", eval_data=(x, y))
 
 
 def test_float_labels_for_cross_entropy_are_rejected():

@@ -246,9 +246,12 @@ def _check_targets(
         classes = out.shape[1] if out.dim() > 1 else out.shape[0]
         lo, hi = int(y.min()), int(y.max())
         if lo < 0 or hi >= classes:
-            bad = lo if lo < 0 else hi
+            wrong = (y < 0) | (y >= classes)
+            row = int(wrong.reshape(len(y), -1).any(1).nonzero()[0, 0])  # the first bad row
+            bad = int(y[row].reshape(-1)[wrong[row].reshape(-1)][0])
             raise ConfigError(
-                f"{name}: label {bad} is out of range for cross_entropy over the model's "
+                f"{name}: row {row}: label {bad} is out of range for cross_entropy over the "
+                "model's "
                 f"{classes} outputs (labels must be in 0..{classes - 1})"
             )
     elif loss == "mse" and tuple(out.shape[1:]) != tuple(y.shape[1:]):

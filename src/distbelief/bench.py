@@ -17,7 +17,8 @@ slows a run down). Ratios are *engine / baseline* throughput: 1.0 is parity, hig
 - ``xor``: the seed's setting (50,000 single-example SGD steps over 25 replicas) against a
   plain loop doing the same 50,000 single-example steps.
 - ``hogwild``: distbelief's fastest multi-core configuration on one machine (the ``processes``
-  runtime, 2 replicas x 1 stage x 1 shard, Adagrad, n_fetch = n_push = 1) against Hogwild
+  runtime, 2 replicas x 1 stage x 1 shard, Adagrad, n_fetch = n_push = 1; one row with the
+  shard's updates locked, one with ``shard_updates="hogwild"``) against Hogwild
   (``benchmarks/hogwild.py``: PyTorch's ``mnist_hogwild`` pattern with 2 worker processes) on
   the same model, data, batch and optimizer; start-up (call wall time - training time) too.
 - ``sandblaster``: time to 0.60 test accuracy on MNIST-1D, Sandblaster L-BFGS against Downpour
@@ -514,14 +515,19 @@ def _hogwild_module() -> Any:
     return module
 
 
+HOGWILD_MODES = ("locked", "hogwild")
+"""The processes runtime's ``shard_updates`` modes, each a row against the same Hogwild runs."""
+
+
 def hogwild(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[dict[str, Any]]:
-    """The processes runtime at 2 replicas against Hogwild with 2 workers, alternating."""
+    """The processes runtime at 2 replicas, in each ``shard_updates`` mode, against Hogwild
+    with 2 workers, alternating: one row per mode, each with its median of paired ratios."""
     baseline = _hogwild_module()
     train_data = _mnist1d_train(sizes.mnist1d_samples)
     lr, batch, epochs, workers = 0.05, 32, sizes.hogwild_epochs, 2
-    engine: list[float] = []
+    engine: dict[str, list[float]] = {mode: [] for mode in HOGWILD_MODES}
+    startup: dict[str, list[float]] = {mode: [] for mode in HOGWILD_MODES}
     plain: list[float] = []
-    startup: list[float] = []
     plain_startup: list[float] = []
     for rep in range(repeats):
         h = baseline.hogwild(
@@ -530,39 +536,45 @@ def hogwild(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[
         )  # fmt: skip
         plain.append(h["examples_per_s"])
         plain_startup.append(h["wall_s"] - h["train_s"])
-        t = time.perf_counter()
-        result = train(
-            mlp(MLP, seed=seed),
-            train_data,
-            loss="cross_entropy",
-            lr=lr,
-            batch_size=batch,
-            epochs=epochs,
-            replicas=workers,
-            optimizer="adagrad",
-            seed=seed,
-            runtime="processes",
-        )
-        startup.append(time.perf_counter() - t - result.stats["train_s"])
-        engine.append(result.stats["examples_per_s"])
+        for mode in HOGWILD_MODES:
+            t = time.perf_counter()
+            result = train(
+                mlp(MLP, seed=seed),
+                train_data,
+                loss="cross_entropy",
+                lr=lr,
+                batch_size=batch,
+                epochs=epochs,
+                replicas=workers,
+                optimizer="adagrad",
+                seed=seed,
+                runtime="processes",
+                runtime_options={"shard_updates": mode},
+            )
+            startup[mode].append(time.perf_counter() - t - result.stats["train_s"])
+            engine[mode].append(result.stats["examples_per_s"])
         _say(
             log,
-            f"hogwild repeat {rep + 1}/{repeats}: Hogwild {plain[-1]:,.0f} ex/s, "
-            f"processes runtime {engine[-1]:,.0f} ex/s",
+            f"hogwild repeat {rep + 1}/{repeats}: Hogwild {plain[-1]:,.0f} ex/s, processes "
+            "runtime "
+            + ", ".join(f"{mode} {engine[mode][-1]:,.0f} ex/s" for mode in HOGWILD_MODES),
         )
     return [
         {
-            "config": f"{workers} replicas x 1 stage, 1 shard, adagrad, runtime processes",
+            "config": f"{workers} replicas x 1 stage, 1 shard, adagrad, runtime processes, "
+            f"shard_updates {mode}",
             "replicas": workers,
-            "examples_per_s": round(max(engine)),
+            "shard_updates": mode,
+            "examples_per_s": round(max(engine[mode])),
             "baseline_examples_per_s": round(max(plain)),
-            "ratio": _paired_ratio(engine, plain),
-            "best_ratio": _ratio(max(engine), max(plain)),
-            "startup_s": round(statistics.median(startup), 3),
+            "ratio": _paired_ratio(engine[mode], plain),
+            "best_ratio": _ratio(max(engine[mode]), max(plain)),
+            "startup_s": round(statistics.median(startup[mode]), 3),
             "baseline_startup_s": round(statistics.median(plain_startup), 3),
-            "samples": [round(v) for v in engine],
+            "samples": [round(v) for v in engine[mode]],
             "baseline_samples": [round(v) for v in plain],
         }
+        for mode in HOGWILD_MODES
     ]
 
 

@@ -45,6 +45,7 @@ from .messages import ProgressReport
 from .partition import as_layers, layer_sizes, resolve_split_points
 from .runlog import RunLog, default_run_dir
 from .runtime import faults
+from .runtime.processes import SHARD_UPDATES
 
 log = logging.getLogger("distbelief")
 
@@ -694,6 +695,14 @@ def train_command(
         ),
     ] = "local",
     address: Annotated[str | None, _opt("Ray cluster address (with --runtime ray).")] = None,
+    shard_updates: Annotated[
+        str | None,
+        _opt(
+            "With --runtime processes: locked (default; a shard applies one push at a time) "
+            "or hogwild (pushes from different processes apply at once, unsynchronized as in "
+            "Hogwild; staleness still counted): the fastest on one machine."
+        ),
+    ] = None,
     eval_every: Annotated[
         int,
         _opt(
@@ -847,6 +856,14 @@ def train_command(
             resolve_split_points(layer_sizes(as_layers(model)), config.stages)
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
+    if shard_updates is not None:
+        if runtime != "processes":
+            raise UsageFailure("shard-updates: applies to --runtime processes only")
+        if shard_updates not in SHARD_UPDATES:
+            raise UsageFailure(
+                f"shard-updates: choose {' or '.join(SHARD_UPDATES)}, got {shard_updates!r}"
+            )
+        settings["runtime_options"]["shard_updates"] = shard_updates
     if inject:
         try:
             settings["runtime_options"]["faults"] = list(faults.plan(inject))

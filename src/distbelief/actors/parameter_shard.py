@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -38,6 +40,8 @@ def finite(tensors: Sequence[torch.Tensor]) -> bool:
         total = sum(t.sum().item() for t in tensors)
     return math.isfinite(total) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
+
+_UNLOCKED = contextlib.nullcontext()
 
 STALENESS_BUCKETS = 1024
 """Entries of a shard's staleness histogram; the last counts every staleness beyond it."""
@@ -101,7 +105,9 @@ class HeldSegment:
         Values and state are copied in place, so a shard in shared memory stays shared; the
         readers of the old values get a copy first (they are lent, see the class doc)."""
         if values.shape != self.values.shape:
-            raise ValueError(f"restore: {values.numel()} values for a segment of {len(self.values)}")
+            raise ValueError(
+                f"restore: {values.numel()} values for a segment of {len(self.values)}"
+            )
         if self.readers:
             self.copy_on_write()
         self.values.copy_(values)
@@ -123,15 +129,19 @@ class HeldSegment:
                     value.copy_(new) if new is not None else value.zero_()
 
     def apply(self, grads: Sequence[torch.Tensor]) -> None:
-        """One optimizer step with the pushed pieces as the gradient."""
+        """One optimizer step with the pushed pieces as the gradient, counted in the version."""
         if self.readers:
             self.copy_on_write()
+        self.step(grads)
+        self._version[0] += 1
+
+    def step(self, grads: Sequence[torch.Tensor]) -> None:
+        """The update rule's step alone: the caller counts it in the version."""
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g
         self.update_rule.step()
         for p in self.params:
             p.grad = None
-        self._version[0] += 1
 
 
 class ParameterShard(Actor):
@@ -146,6 +156,14 @@ class ParameterShard(Actor):
     the update rule's state, the versions and the counters into shared memory, and a fetch
     lends the stage a copy of the values made for it (refreshed in place by its next fetch)
     rather than the values themselves: another process's push may update those at any time.
+    Every read or change of the shared state happens under the lock the runtime gives, and only
+    that: a pushed gradient's finiteness check runs outside. With ``hogwild`` updates (the
+    user's choice, see ``share_memory``) only the bookkeeping does: a push claims its version
+    and counts its staleness under the lock, then applies the update rule without it, and a
+    fetch copies without it, as Hogwild (Recht et al., 2011) reads and writes shared
+    parameters: pushes from two processes may interleave element by element, and a fetch may
+    see a push half applied. It removes the wait for the lock, the bulk of what a second core
+    costs when replicas share a shard.
 
     Restartable: a runtime may respawn a dead shard from its constructor arguments (its
     initial values). The respawned shard holds back every message until the master's
@@ -182,6 +200,10 @@ class ParameterShard(Actor):
         self._staleness_cells = torch.zeros(STALENESS_BUCKETS, dtype=torch.int64)
         self._staleness = self._staleness_cells.numpy()
         self._copies: dict[tuple[int, int], torch.Tensor] | None = None  # shared: lent copies
+        # Held around every read or change of the state above: a no-op where one thread
+        # runs the shard, a lock across processes once shared (share_memory).
+        self._lock: AbstractContextManager[Any] = contextlib.nullcontext()
+        self._hogwild = False
         # A restarted shard's held-back messages (handler, message, sender), until restored.
         self._held_back: list[tuple[Callable, Any, Any]] | None = None
         if state is not None:  # resumed from a checkpoint
@@ -212,20 +234,23 @@ class ParameterShard(Actor):
 
     @receives(RestoreShard)
     def on_restore_shard(self, msg: RestoreShard, sender: object) -> None:
-        for stage, held in self.held.items():
-            values = msg.values.get(stage)
-            if values is not None:
-                held.restore(values, int(msg.versions.get(stage, 0)), msg.optimizer.get(stage))
-        counts = self._counts
-        counts[0] = sum(held.version for held in self.held.values())
-        for i, key in enumerate(("rejected_pushes", "staleness_sum", "staleness_max"), 1):
-            counts[i] = int(msg.counters.get(key, 0))
+        with self._lock:
+            for stage, held in self.held.items():
+                values = msg.values.get(stage)
+                if values is not None:
+                    version = int(msg.versions.get(stage, 0))
+                    held.restore(values, version, msg.optimizer.get(stage))
+            counts = self._counts
+            counts[0] = sum(held.version for held in self.held.values())
+            for i, key in enumerate(("rejected_pushes", "staleness_sum", "staleness_max"), 1):
+                counts[i] = int(msg.counters.get(key, 0))
         held_back, self._held_back = self._held_back, None
         for handler, message, who in held_back or ():
             handler(message, who)
 
-    def share_memory(self) -> None:
-        """Move every state a handler changes into shared memory (see the class doc)."""
+    def share_memory(self, lock: AbstractContextManager[Any], hogwild: bool = False) -> None:
+        """Move every state a handler changes into shared memory, guarded by ``lock`` from
+        now on; with ``hogwild``, updates and fetches leave it out (see the class doc)."""
         for held in self.held.values():
             held.share_memory()
         self._counter_cells.share_memory_()
@@ -233,6 +258,8 @@ class ParameterShard(Actor):
         self._staleness_cells.share_memory_()
         self._staleness = self._staleness_cells.numpy()
         self._copies = {}
+        self._lock = lock
+        self._hogwild = hogwild
 
     @property
     def updates_applied(self) -> int:
@@ -251,13 +278,17 @@ class ParameterShard(Actor):
 
     def export_state(self) -> ShardState:
         """Everything needed to carry on from here: a copy of the slice, each segment's update
-        rule state and version (keyed by stage), and the counters."""
-        applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
+        rule state and version (keyed by stage), and the counters. Takes the shard's lock."""
+        with self._lock:
+            applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
+            weights = self.weights
+            optimizer = {stage: held.optimizer_state() for stage, held in self.held.items()}
+            versions = {stage: held.version for stage, held in self.held.items()}
         return ShardState(
             index=self.index,
-            weights=self.weights,
-            optimizer={stage: held.optimizer_state() for stage, held in self.held.items()},
-            versions={stage: held.version for stage, held in self.held.items()},
+            weights=weights,
+            optimizer=optimizer,
+            versions=versions,
             counters={
                 "updates_applied": applied,
                 "rejected_pushes": rejected,
@@ -272,7 +303,9 @@ class ParameterShard(Actor):
         given, are restored too; versions only ever come from ``state``, so staleness stays
         right after a restore."""
         if state.index != self.index:
-            raise ValueError(f"restore: the state of shard {state.index} given to shard {self.index}")
+            raise ValueError(
+                f"restore: the state of shard {state.index} given to shard {self.index}"
+            )
         if state.weights.numel() != sum(len(h.values) for h in self.held.values()):
             raise ValueError(
                 f"restore: shard {self.index} holds "
@@ -287,7 +320,9 @@ class ParameterShard(Actor):
                 state.weights[offset : offset + n], int(state.versions.get(stage, 0)), optimizer
             )
             offset += n
-        for i, key in enumerate(("updates_applied", "rejected_pushes", "staleness_sum", "staleness_max")):
+        for i, key in enumerate(
+            ("updates_applied", "rejected_pushes", "staleness_sum", "staleness_max")
+        ):
             if key in state.counters:
                 self._counts[i] = int(state.counters[key])
 
@@ -296,35 +331,44 @@ class ParameterShard(Actor):
         held = self.held[msg.stage]
         if self._copies is None:
             held.readers.add(msg.replica)  # lent, not copied: see HeldSegment
-            values = held.values
+            values, version = held.values, held.version
         else:  # shared memory: the stage's own copy, which only its next fetch changes
             values = self._copies.get((msg.replica, msg.stage))
-            if values is None:
-                values = self._copies[msg.replica, msg.stage] = held.values.clone()
-            else:
-                values.copy_(held.values)
-        self.ctx.tell(sender, FetchReply(self.index, values, held.version))
+            with self._lock if not self._hogwild else _UNLOCKED:
+                version = held.version
+                if values is None:
+                    values = self._copies[msg.replica, msg.stage] = held.values.clone()
+                else:
+                    values.copy_(held.values)
+        self.ctx.tell(sender, FetchReply(self.index, values, version))
 
     @receives(Push)
     def on_push(self, msg: Push, sender: object) -> None:
         held = self.held[msg.stage]
         if msg.done_reading:
             held.readers.discard(msg.replica)
+        ok = finite(msg.grads)  # the message alone: outside the lock
         counts = self._counts
-        if not finite(msg.grads):
-            counts[1] += 1  # a NaN/Inf push would poison every replica: drop it
-            return
-        # Clamped: a push fetched from a shard's earlier life may quote more than a restore
-        # found (a copy newer than every copy left, lost with the shard).
-        staleness = held.version - msg.fetched_version
-        if staleness < 0:
-            staleness = 0
-        held.apply(msg.grads)
-        counts[0] += 1
-        counts[2] += staleness
-        if staleness > counts[3]:
-            counts[3] = staleness
-        self._staleness[min(staleness, STALENESS_BUCKETS - 1)] += 1
+        with self._lock:
+            if not ok:
+                counts[1] += 1  # a NaN/Inf push would poison every replica: drop it
+                return
+            # Clamped: a push fetched from a shard's earlier life may quote more than a
+            # restore found (a copy newer than every copy left, lost with the shard).
+            staleness = held.version - msg.fetched_version
+            if staleness < 0:
+                staleness = 0
+            if self._hogwild:
+                held._version[0] += 1  # claimed here, applied below without the lock
+            else:
+                held.apply(msg.grads)
+            counts[0] += 1
+            counts[2] += staleness
+            if staleness > counts[3]:
+                counts[3] = staleness
+            self._staleness[min(staleness, STALENESS_BUCKETS - 1)] += 1
+        if self._hogwild:
+            held.step(msg.grads)
 
     @receives(Drain)
     def on_drain(self, msg: Drain, sender: object) -> None:
@@ -333,11 +377,15 @@ class ParameterShard(Actor):
 
     @receives(Snapshot)
     def on_snapshot(self, msg: Snapshot, sender: object) -> None:
-        self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, self.weights, self.stats()))
+        with self._lock:
+            weights, stats = self.weights, self.stats()
+        self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, weights, stats))
 
     @receives(StatsRequest)
     def on_stats_request(self, msg: StatsRequest, sender: object) -> None:
-        self.ctx.tell(sender, ShardStats(self.index, self.stats()))
+        with self._lock:
+            stats = self.stats()
+        self.ctx.tell(sender, ShardStats(self.index, stats))
 
     def stats(self) -> dict[str, Any]:
         """The shard's counters (a copy); a restarted shard not yet restored says

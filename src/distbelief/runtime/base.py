@@ -14,6 +14,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol, TypeVar
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -60,13 +61,17 @@ class Actor:
     """Whether a runtime that runs actors in several processes of one machine (``processes``)
     may host this actor in every one of them at once. It calls :meth:`share_memory` once,
     before the processes start; then each process handles the messages sent to the actor from
-    that process, one message at a time over all processes (under a lock), so that the actor
-    behaves as one actor with per-sender FIFO. Only actors whose every state a handler changes
-    lives in tensors that ``share_memory`` moves to shared memory say True."""
+    that process, so that the actor behaves as one actor with per-sender FIFO. Handlers of
+    different processes run at the same time: the actor holds the lock it is given around
+    every section that reads or changes shared state, and only those (work on the message
+    alone, e.g. checking a pushed gradient, runs in parallel). Only actors whose every state a
+    handler changes lives in tensors that ``share_memory`` moves to shared memory say True."""
     ctx: Context
 
-    def share_memory(self) -> None:
-        """Move every state a handler changes into shared memory (see ``shareable``)."""
+    def share_memory(self, lock: AbstractContextManager[Any], hogwild: bool = False) -> None:
+        """Move every state a handler changes into shared memory, and guard it with ``lock``
+        from now on (see ``shareable``). ``hogwild``: the user allows the actor to leave the
+        lock out where racing writes only blur numbers, never its bookkeeping."""
         raise NotImplementedError(f"{type(self).__name__} is not shareable")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -112,8 +112,7 @@ class _Cell:
     """One hosted actor in one process: its mailbox and cached handlers."""
 
     __slots__ = (
-        "name", "index", "actor", "mailbox", "handlers", "ready", "lock", "home", "fault",
-        "delivered",
+        "name", "index", "actor", "mailbox", "handlers", "ready", "home", "fault", "delivered",
     )  # fmt: skip
 
     def __init__(self, name: str, index: int, actor: Actor, home: int) -> None:
@@ -124,7 +123,6 @@ class _Cell:
         self.mailbox: deque[tuple[ProcRef, Any]] = deque()
         self.handlers = actor.bound_handlers()
         self.ready = False
-        self.lock: Any = None  # shared actors: one lock across processes
         self.fault: fault_plans.Fault | None = None  # planned death, if any
         self.delivered = 0  # messages delivered here (counted only for an actor with a fault)
 
@@ -259,18 +257,7 @@ class _Host:
             if current is not None:
                 current[slot] = cell.index
             try:
-                if cell.lock is None:
-                    handler(message, sender)
-                else:
-                    if not cell.lock.acquire(timeout=LOCK_TIMEOUT_S):
-                        raise RunTimeout(
-                            f"waited {LOCK_TIMEOUT_S:.0f} s for the lock of shared actor "
-                            f"{cell.name!r}"
-                        )
-                    try:
-                        handler(message, sender)
-                    finally:
-                        cell.lock.release()
+                handler(message, sender)
             except Exception as exc:
                 raise ActorFailed(cell.name, type(message).__name__, exc) from exc
             if current is not None:
@@ -298,9 +285,30 @@ class _Host:
 
 PROBE_AFTER_S = 0.25
 """How long the driver's process waits idle before it probes the workers for a deadlock."""
+SHARD_UPDATES = ("locked", "hogwild")
+"""How a shared shard applies pushes from several processes (``shard_updates``)."""
 LOCK_TIMEOUT_S = 60.0
 """Longest a process waits for a shared actor's lock (held for one handler at a time; a
 holder that died is noticed by the driver long before)."""
+
+
+class _TimedLock:
+    """A lock across processes for a shared actor's critical sections, as a context manager
+    whose wait is bounded: a holder that died is noticed by the driver long before."""
+
+    __slots__ = ("_lock", "_name")
+
+    def __init__(self, lock: Any, name: str) -> None:
+        self._lock, self._name = lock, name
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise RunTimeout(
+                f"waited {LOCK_TIMEOUT_S:.0f} s for the lock of shared actor {self._name!r}"
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _group(name: str) -> int | None:
@@ -350,7 +358,10 @@ class ProcessesRuntime:
     ``faults`` (a fault plan, :mod:`.faults`: the planned actor dies and, as this runtime
     restarts nothing, the run ends with ``ActorFailed`` naming it; a ``message=N`` count of a
     shared actor counts the messages handled in each process), ``max_restarts`` (accepted for
-    the other runtimes' sake; nothing is restarted here).
+    the other runtimes' sake; nothing is restarted here), ``shard_updates``: ``"locked"``
+    (default: a shard applies one push at a time, exactly as in one process) or ``"hogwild"``
+    (pushes from different processes apply at the same time, unsynchronized as in Hogwild;
+    versions, staleness and counters still counted exactly: see ``ParameterShard``).
     """
 
     single_threaded = False
@@ -363,13 +374,21 @@ class ProcessesRuntime:
         threads_per_process: int = 1,
         faults: Any = None,
         max_restarts: int = 0,
+        shard_updates: str = "locked",
         **unknown: Any,
     ) -> None:
         if unknown:
             raise ConfigError(
                 f"runtime_options: unknown option(s) {sorted(unknown)} for the processes "
-                "runtime; it takes processes, threads_per_process, faults, max_restarts"
+                "runtime; it takes processes, threads_per_process, faults, max_restarts, "
+                "shard_updates"
             )
+        if shard_updates not in SHARD_UPDATES:
+            raise ConfigError(
+                f"runtime_options: shard_updates must be one of {', '.join(SHARD_UPDATES)}, "
+                f"got {shard_updates!r}"
+            )
+        self._hogwild = shard_updates == "hogwild"
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
         if "fork" not in multiprocessing.get_all_start_methods():
@@ -538,8 +557,8 @@ class ProcessesRuntime:
         homes = {}
         for name, cell in host.cells.items():
             if cell.home == SHARED:
-                cell.actor.share_memory()
-                cell.lock = ctx.Lock()
+                # The actor holds the lock itself, around its critical sections only.
+                cell.actor.share_memory(_TimedLock(ctx.Lock(), name), hogwild=self._hogwild)
             elif n and _group(name) is not None:
                 cell.home = self._groups[_group(name)] % n + 1
             homes[name] = host.route[name] = cell.home
