@@ -49,7 +49,7 @@ import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from . import faults as fault_plans
-from .base import Actor, sigint_as_flag
+from .base import Actor, Failure, NamedRef, sigint_as_flag
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -59,37 +59,11 @@ BATCH = 64
 """Messages a run loop delivers between two looks at its pipes."""
 
 
-class ProcRef:
+class ProcRef(NamedRef):
     """Address of an actor hosted by a ProcessesRuntime: its name (valid in every process)."""
 
-    __slots__ = ("name",)
+    __slots__ = ()
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ProcRef) and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __reduce__(self) -> tuple:
-        return ProcRef, (self.name,)
-
-    def __repr__(self) -> str:
-        return f"ProcRef({self.name!r})"
-
-
-class _Failure:
-    """Worker -> driver: a hosted actor raised."""
-
-    def __init__(self, actor: str, message: str, error: BaseException, trace: str) -> None:
-        self.actor, self.message, self.trace = actor, message, trace
-        try:
-            pickle.dumps(error)
-            self.error = error
-        except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
-            self.error = RuntimeError(repr(error))
 
 
 class _Probe:
@@ -157,7 +131,7 @@ class _Host:
         self.writer: threading.Thread | None = None
         self.current: Any = None  # shared ints: the cell index each process is handling
         self.names: list[str] = []  # cell index -> actor name
-        self.failed: _Failure | None = None
+        self.failed: Failure | None = None
         self.delivered = 0
         # Messages sent to / received from each process (probes not counted), for the
         # quiescence detection; a probe seen by a worker, answered after its pipes are drained.
@@ -223,7 +197,7 @@ class _Host:
                 self.probe_replies[message.index] = message
                 continue
             self.received[self.inbound[conn]] += 1
-            if isinstance(message, _Failure) and name == DRIVER:
+            if isinstance(message, Failure) and name == DRIVER:
                 self.failed = message
                 return
             self.post(name, message, ProcRef(sender))
@@ -340,7 +314,7 @@ def _worker_main(host: _Host, threads: int, parent: int) -> None:
             except ActorFailed as exc:
                 # Stop handling anything; the driver ends the run and kills this process.
                 alive = False
-                failure = _Failure(
+                failure = Failure(
                     exc.actor, exc.message, exc.cause, "".join(traceback.format_exception(exc))
                 )
                 host.post(DRIVER, failure, ProcRef(exc.actor))

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pickle
 import queue
 import secrets
 import shutil
@@ -57,7 +56,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import ActorFailed, ConfigError, RunTimeout
 from ..messages import ActorRestarted
 from . import faults as fault_plans
-from .base import Actor, sigint_as_flag
+from .base import Actor, Failure, NamedRef, sigint_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
 from .ray_wire import Address, Endpoint, listening_socket
@@ -75,38 +74,12 @@ LOCAL_SYSTEM_CONFIG = {
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-class RayRef:
+class RayRef(NamedRef):
     """Address of an actor hosted by a RayRuntime: its name, which every host resolves to the
     actor's current address (so a ref stays valid when its actor is respawned elsewhere)."""
 
-    __slots__ = ("name",)
+    __slots__ = ()
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RayRef) and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __reduce__(self) -> tuple:
-        return RayRef, (self.name,)
-
-    def __repr__(self) -> str:
-        return f"RayRef({self.name!r})"
-
-
-class _Failure:
-    """Host -> driver: the hosted actor raised."""
-
-    def __init__(self, actor: str, message: str, error: BaseException, trace: str) -> None:
-        self.actor, self.message, self.trace = actor, message, trace
-        try:
-            pickle.dumps(error)
-            self.error = error
-        except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
-            self.error = RuntimeError(repr(error))
 
 
 class _FaultPoint:
@@ -225,7 +198,7 @@ class _Host:
     def _fail(self, what: str, exc: BaseException) -> None:
         self.dead = True
         self.outbox.clear()
-        failure = _Failure(self.name, what, exc, traceback.format_exc())
+        failure = Failure(self.name, what, exc, traceback.format_exc())
         self.endpoint.send(DRIVER, [failure])
 
     def _die(self) -> None:
@@ -641,7 +614,7 @@ class RayRuntime:
         return out
 
     def _driver_mail(self, sender: str, message: Any) -> list[Any]:
-        if isinstance(message, _Failure):
+        if isinstance(message, Failure):
             error = message.error
             with contextlib.suppress(Exception):
                 error.add_note(f"in actor {message.actor!r}:\n{message.trace}")
