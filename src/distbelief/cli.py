@@ -716,7 +716,9 @@ def train_command(
         _opt(
             "Inject a fault (repeatable): KIND:ACTOR@COUNTER=N, KIND kill or exit, COUNTER "
             "step, update (shards) or message; e.g. kill:replica0.stage1@step=100, "
-            "kill:master@message=40. A stage restarts; other actors end the run."
+            "kill:master@message=40. A stage restarts; other actors end the run. Or slow an "
+            "actor (or a replica's stages) down: delay:ACTOR=DURATION, e.g. delay:shard0=5ms, "
+            "delay:replica1=0.2s: each message it handles takes that much longer."
         ),
     ] = None,
     run_dir: Annotated[

@@ -65,7 +65,6 @@ class ProcRef(NamedRef):
     __slots__ = ()
 
 
-
 class _Probe:
     """Driver -> worker: is the worker idle, and how many messages has it sent to and received
     from each process? (Quiescence detection: see ``ProcessesRuntime._look_for_deadlock``.)"""
@@ -329,13 +328,14 @@ class ProcessesRuntime:
 
     Options: ``processes`` (workers; default: as many as groups, at most the machine's CPUs),
     ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's),
-    ``faults`` (a fault plan, :mod:`.faults`: the planned actor dies and, as this runtime
-    restarts nothing, the run ends with ``ActorFailed`` naming it; a ``message=N`` count of a
-    shared actor counts the messages handled in each process), ``max_restarts`` (accepted for
-    the other runtimes' sake; nothing is restarted here), ``shard_updates``: ``"locked"``
-    (default: a shard applies one push at a time, exactly as in one process) or ``"hogwild"``
-    (pushes from different processes apply at the same time, unsynchronized as in Hogwild;
-    versions, staleness and counters still counted exactly: see ``ParameterShard``).
+    ``faults`` (a fault plan, :mod:`.faults`: a delayed actor sleeps in its handler; the
+    planned actor dies and, as this runtime restarts nothing, the run ends with
+    ``ActorFailed`` naming it; a ``message=N`` count of a shared actor counts the messages
+    handled in each process), ``max_restarts`` (accepted for the other runtimes' sake;
+    nothing is restarted here), ``shard_updates``: ``"locked"`` (default: a shard applies
+    one push at a time, exactly as in one process) or ``"hogwild"`` (pushes from different
+    processes apply at the same time, unsynchronized as in Hogwild; versions, staleness and
+    counters still counted exactly: see ``ParameterShard``).
     """
 
     single_threaded = False
@@ -367,7 +367,8 @@ class ProcessesRuntime:
             raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ConfigError("runtime: 'processes' forks its workers; this platform cannot fork")
-        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        self._plan = fault_plans.plan(faults)
+        self._faults = fault_plans.kills(self._plan)
         ok = processes is None or (isinstance(processes, int) and processes >= 1)
         if not ok or isinstance(processes, bool):
             raise ConfigError(
@@ -408,6 +409,9 @@ class ProcessesRuntime:
             home = 0  # grouped actors get their worker at the start (see _start)
         cell = _Cell(name, len(host.names), actor, home)
         cell.fault = self._faults.get(name)
+        # A delay is a sleep in the handler; a shared actor's in each process that handles
+        # its messages, outside its lock (the lock guards its shared state only).
+        cell.handlers = fault_plans.slowed(cell.handlers, fault_plans.delay_of(self._plan, name))
         host.names.append(name)
         actor.bind(_Context(host, name))
         host.cells[name] = cell
@@ -425,7 +429,7 @@ class ProcessesRuntime:
         deadline = time.monotonic() + timeout
         if not self._host.started:
             actors = {name: cell.actor for name, cell in self._host.cells.items()}
-            fault_plans.check_targets(self._faults.values(), actors)  # none that cannot fire
+            fault_plans.check_targets(self._plan, actors)  # none that cannot fire
             self._start()
         host = self._host
         self.tell(ref, message)

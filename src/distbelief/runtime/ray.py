@@ -81,7 +81,6 @@ class RayRef(NamedRef):
     __slots__ = ()
 
 
-
 class _FaultPoint:
     """Host -> driver: the fault plan says this actor dies now; kill it."""
 
@@ -122,6 +121,7 @@ class _Host:
         fault: Fault | None,
         threads: int,
         secret: bytes,
+        delay: float = 0.0,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)  # many actors share a node's cores
@@ -137,7 +137,9 @@ class _Host:
         self.endpoint = Endpoint(name, secret, self._deliver, self._undecodable)
         self.actor = cls(*args, **kwargs)
         self.actor.bind(_HostContext(name, self.outbox))
-        self.handlers = self.actor.bound_handlers()
+        # A planned delay sleeps in the handler, on this host's event loop: nothing else of
+        # this actor runs meanwhile, as on a slow machine.
+        self.handlers = fault_plans.slowed(self.actor.bound_handlers(), delay)
 
     async def start(self, addresses: dict[str, Address]) -> tuple[str, int, Address]:
         """Listen, learn the peers' addresses; returns node id, pid and listening address."""
@@ -334,6 +336,8 @@ class _Spec:
     args: tuple
     kwargs: dict
     fault: Fault | None
+    delay: float = 0.0
+    """Seconds added to each message it handles (a planned delay, :mod:`.faults`)."""
     handle: Any = None
     node: str | None = None
     pid: int | None = None
@@ -391,7 +395,9 @@ class RayRuntime:
             )
         self.seed = seed  # Ray interleaves as it will: only the in-process runtime is seeded
         self._placement = placement
-        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        self._plan = fault_plans.plan(faults)
+        self._faults = fault_plans.kills(self._plan)
+        self._delays = fault_plans.delays(self._plan)
         self._max_restarts = max_restarts
         self._period = health_period_s
         self._startup_timeout = startup_timeout_s
@@ -435,7 +441,8 @@ class RayRuntime:
         fault = self._faults.pop(name, None)
         if fault is not None:
             fault_plans.check_targets([fault], {name: cls})
-        self._specs[name] = _Spec(cls, args, kwargs, fault)
+        delay = fault_plans.delay_of(self._delays, name)
+        self._specs[name] = _Spec(cls, args, kwargs, fault, delay)
         self._pending.append(name)  # created together at the first send: placement sees all
         return RayRef(name)
 
@@ -505,7 +512,10 @@ class RayRuntime:
             max_restarts=0,
             max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-        ).remote(name, spec.cls, spec.args, spec.kwargs, spec.fault, self._threads, self._secret)
+        ).remote(
+            name, spec.cls, spec.args, spec.kwargs, spec.fault, self._threads, self._secret,
+            spec.delay,
+        )  # fmt: skip
 
     def _addresses(self) -> dict[str, Address]:
         out = {n: s.address for n, s in self._specs.items() if s.address is not None}
@@ -517,8 +527,9 @@ class RayRuntime:
         everyone where everyone listens."""
         if not self._pending:
             return
-        if self._faults:  # planned for actors never spawned: a plan that can never fire
-            fault_plans.check_targets(self._faults.values(), dict.fromkeys(self._specs))
+        if self._faults or self._delays:  # for actors never spawned: a plan that cannot fire
+            planned = (*self._faults.values(), *self._delays)
+            fault_plans.check_targets(planned, dict.fromkeys(self._specs))
         names, self._pending = self._pending, []
         placed = {n: s.node for n, s in self._specs.items() if s.node is not None}
         try:
