@@ -128,6 +128,14 @@ class LocalRuntime:
         """What the runtime adds to a run's stats: ``restarts_by_actor`` (as Ray's)."""
         return {"restarts_by_actor": dict(self.restarts)}
 
+    def hosted(self) -> list[str]:
+        """Names of the actors this runtime hosts now (none once it is shut down)."""
+        return list(self._cells)
+
+    def queued(self) -> int:
+        """Messages waiting in mailboxes now, the driver's included (for soak tests)."""
+        return len(self._driver_inbox) + sum(len(c.mailbox) for c in self._cells.values())
+
     def actor(self, ref: LocalRef) -> Actor:
         """The hosted object behind a ref (in-process only: for tests and inspection)."""
         return ref._cell.actor
