@@ -20,7 +20,13 @@ from distbelief.data import replica_batches  # noqa: E402
 from distbelief.flat import flatten  # noqa: E402
 from distbelief.messages import FetchReply, Forward, Push  # noqa: E402
 from distbelief.runtime.ray_placement import plan_placement, replace_node  # noqa: E402
-from distbelief.runtime.ray_wire import Endpoint, decode, encode, listening_socket  # noqa: E402
+from distbelief.runtime.ray_wire import (  # noqa: E402
+    Endpoint,
+    FlowControl,
+    decode,
+    encode,
+    listening_socket,
+)
 
 # ------------------------------------------------------------------------------ data plane
 
@@ -100,6 +106,69 @@ def test_endpoints_keep_each_senders_order():
 def test_a_peer_without_the_runs_secret_is_dropped_unheard():
     got = asyncio.run(_exchange(b"x" * 32, 3))
     assert got == []
+
+
+async def _relay_to_a_slow_receiver(flow: FlowControl | None, n: int, size: int) -> tuple:
+    """Source "s" sends ``n`` frames of ``size`` bytes to relay "m", which forwards each to
+    "r", whose handler sleeps 5 ms per message (on a loop of its own, as another process).
+    Returns the steps "r" got, in order, and the relay's flow statistics."""
+    import threading
+    import time
+
+    secret = b"s" * 32
+    got: list[int] = []
+    done = threading.Event()
+
+    def slow(sender: str, messages: list) -> None:
+        for m in messages:
+            time.sleep(0.005)
+            got.append(m.step)
+        if len(got) == n:
+            done.set()
+
+    r_loop = asyncio.new_event_loop()
+    r_thread = threading.Thread(target=r_loop.run_forever, daemon=True)
+    r_thread.start()
+    r = Endpoint("r", secret, slow)
+    r_sock = listening_socket("127.0.0.1")
+    asyncio.run_coroutine_threadsafe(r.listen(r_sock), r_loop).result(10)
+    m = Endpoint("m", secret, lambda sender, messages: m.send("r", messages), flow=flow)
+    m_sock = listening_socket("127.0.0.1")
+    await m.listen(m_sock)
+    m.set_addresses({"r": r_sock.getsockname()[:2]})
+    s = Endpoint("s", secret, lambda *_: None)
+    s.set_addresses({"m": m_sock.getsockname()[:2]})
+    for i in range(n):
+        s.send("m", [Forward(i, torch.full((size // 4,), float(i)), torch.tensor([i]))])
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, done.wait, 60)
+    stats = m.flow_stats()
+    s.close()
+    m.close()
+    r_loop.call_soon_threadsafe(r.close)
+    r_loop.call_soon_threadsafe(r_loop.stop)
+    r_thread.join(10)
+    return got, stats
+
+
+def test_flow_control_bounds_what_a_relay_buffers_towards_a_slow_receiver():
+    """Without it the relay would buffer whatever the kernel does not take of 16 MiB; with a
+    256 KiB window it waits (stops reading its source) and holds at most the window plus the
+    frame in hand, and every message still arrives, in order."""
+    n, size, window = 256, 64 * 1024, 256 * 1024
+    got, stats = asyncio.run(_relay_to_a_slow_receiver(FlowControl(window, 30.0), n, size))
+    assert got == list(range(n))
+    assert stats["waits"] >= 1 and stats["timeouts"] == 0
+    assert 0 < stats["peak_buffered"] <= window + 2 * (size + 4096), stats
+
+
+def test_a_wait_that_lasts_past_the_timeout_lets_one_more_frame_through():
+    """A relay that can never drain (its receiver takes 5 ms a message and the timeout is
+    tiny) still handles everything, a frame per timeout, and counts the timeouts."""
+    n, size = 256, 64 * 1024
+    got, stats = asyncio.run(_relay_to_a_slow_receiver(FlowControl(64 * 1024, 0.01), n, size))
+    assert got == list(range(n))
+    assert stats["timeouts"] >= 1
 
 
 # ------------------------------------------------------------------------------ placement

@@ -59,7 +59,7 @@ from . import faults as fault_plans
 from .base import Actor, Failure, NamedRef, sigint_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
-from .ray_wire import Address, Endpoint, listening_socket
+from .ray_wire import Address, Endpoint, FlowControl, listening_socket
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -122,6 +122,7 @@ class _Host:
         threads: int,
         secret: bytes,
         delay: float = 0.0,
+        flow: FlowControl | None = None,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)  # many actors share a node's cores
@@ -134,7 +135,9 @@ class _Host:
         self.from_driver = 0
         self.driver_progress: asyncio.Event | None = None
         self.sock = listening_socket(ray.util.get_node_ip_address())
-        self.endpoint = Endpoint(name, secret, self._deliver, self._undecodable)
+        self.endpoint = Endpoint(
+            name, secret, self._deliver, self._undecodable, flow=flow, exempt=(DRIVER,)
+        )
         self.actor = cls(*args, **kwargs)
         self.actor.bind(_HostContext(name, self.outbox))
         # A planned delay sleeps in the handler, on this host's event loop: nothing else of
@@ -161,6 +164,10 @@ class _Host:
 
     async def ping(self) -> None:
         """Answered while alive: the driver's death watch."""
+
+    async def flow_stats(self) -> dict[str, Any]:
+        """What flow control did in this host (see ``ray_wire.Endpoint.flow_stats``)."""
+        return self.endpoint.flow_stats()
 
     def _deliver(self, sender: str, batch: list) -> None:
         """Handle a batch of messages from one sender, then send what they told."""
@@ -364,6 +371,11 @@ class RayRuntime:
     * ``startup_timeout_s``: longest wait for actors to start (default 600).
     * ``threads_per_actor``: torch threads per actor process (default 1; 0 leaves Ray's).
     * ``num_cpus``: CPUs of a local instance (default: the machine's).
+    * ``flow_window_bytes``: an actor that has more than this many bytes buffered towards one
+      peer waits, handling nothing more, until that peer takes them (default 1 MiB; 0 turns
+      flow control off). See ``ray_wire`` (flow control) for how cycles cannot deadlock.
+    * ``flow_timeout_s``: longest such wait before one more message is handled anyway,
+      counted and logged (default 5).
     """
 
     single_threaded = False
@@ -380,14 +392,29 @@ class RayRuntime:
         startup_timeout_s: float = 600.0,
         threads_per_actor: int = 1,
         num_cpus: int | None = None,
+        flow_window_bytes: int = FlowControl.window,
+        flow_timeout_s: float = FlowControl.timeout_s,
         **unknown: Any,
     ) -> None:
         if unknown:
             raise ConfigError(
                 f"runtime_options: unknown option(s) {sorted(unknown)} for the ray runtime; "
                 "it takes address, placement, faults, max_restarts, health_period_s, "
-                "startup_timeout_s, threads_per_actor, num_cpus"
+                "startup_timeout_s, threads_per_actor, num_cpus, flow_window_bytes, "
+                "flow_timeout_s"
             )
+        if not isinstance(flow_window_bytes, int) or flow_window_bytes < 0:
+            raise ConfigError(
+                "runtime_options: flow_window_bytes must be a whole number of bytes >= 0 "
+                f"(0: no flow control), got {flow_window_bytes!r}"
+            )
+        if not isinstance(flow_timeout_s, (int, float)) or not flow_timeout_s > 0:
+            raise ConfigError(
+                f"runtime_options: flow_timeout_s must be a number > 0, got {flow_timeout_s!r}"
+            )
+        self._flow = (
+            FlowControl(flow_window_bytes, float(flow_timeout_s)) if flow_window_bytes else None
+        )
         if not isinstance(placement, Mapping) and placement not in STRATEGIES:
             raise ConfigError(
                 f"runtime_options: placement must be one of {', '.join(STRATEGIES)} or "
@@ -489,11 +516,33 @@ class RayRuntime:
 
     def describe(self) -> dict[str, Any]:
         """What a run's stats record of the runtime: ``nodes`` (actor -> node id), ``pids``
-        (actor -> every process id it ran in) and ``restarts_by_actor``."""
+        (actor -> every process id it ran in), ``restarts_by_actor`` and ``flow`` (see
+        :meth:`flow_stats`)."""
         return {
             "nodes": self.nodes,
             "pids": {name: list(p) for name, p in self.pids.items()},
             "restarts_by_actor": dict(self.restarts),
+            "flow": self.flow_stats(),
+        }
+
+    def flow_stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """What flow control did so far, per live actor (``ray_wire.Endpoint.flow_stats``:
+        ``waits``, ``waited_s``, ``timeouts``, ``peak_buffered`` bytes towards one peer), and
+        over all of them: ``peak_buffered`` (the largest), ``waits`` and ``timeouts`` (sums).
+        Actors that do not answer within ``timeout`` are left out."""
+        calls = {s.handle.flow_stats.remote(): n for n, s in self._specs.items() if s.handle}
+        done = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)[0] if calls else []
+        by_actor = {}
+        for ref in done:
+            with contextlib.suppress(Exception):
+                by_actor[calls[ref]] = ray.get(ref)
+        stats = by_actor.values()
+        return {
+            "window_bytes": self._flow.window if self._flow else 0,
+            "peak_buffered": max((s["peak_buffered"] for s in stats), default=0),
+            "waits": sum(s["waits"] for s in stats),
+            "timeouts": sum(s["timeouts"] for s in stats),
+            "by_actor": by_actor,
         }
 
     # -------------------------------------------------------------- internals
@@ -514,7 +563,7 @@ class RayRuntime:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         ).remote(
             name, spec.cls, spec.args, spec.kwargs, spec.fault, self._threads, self._secret,
-            spec.delay,
+            spec.delay, self._flow,
         )  # fmt: skip
 
     def _addresses(self) -> dict[str, Address]:
