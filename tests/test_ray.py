@@ -311,6 +311,31 @@ def _loss_failing_on_call(n: int):
     return loss
 
 
+def test_a_slow_shard_makes_its_senders_wait_and_what_they_buffer_stays_bounded(ray_session):
+    """shard0 takes 10 ms more per message; the stage fetches once and then pushes every step
+    (n_fetch 1000), about 140 KB to shard0 each: unchecked, the stage would buffer most of
+    128 pushes (18 MB). With a 256 KiB window it waits instead, and the run is whole."""
+    window = 256 * 1024
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2048, 10, generator=g), torch.randint(0, 3, (2048,), generator=g)
+    model = mlp([10, 256, 256, 3])
+    push = sum(p.numel() for p in model.parameters()) * 4 // 2  # shard0's half, float32
+    result = toy_run(
+        model=model,
+        data=(x, y),
+        shards=2,
+        n_fetch=1000,
+        runtime_options={"faults": ["delay:shard0=10ms"], "flow_window_bytes": window},
+    )
+    assert result.stats["examples"] == 2048 and result.stats["updates_applied"] == [128, 128]
+    flow = result.stats["flow"]
+    assert flow["window_bytes"] == window
+    assert flow["by_actor"]["replica0.stage0"]["waits"] >= 1
+    assert flow["timeouts"] == 0
+    assert 0 < flow["peak_buffered"] <= window + 2 * push, flow
+    assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
+
+
 def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_session):
     assert_gone([p.pid for p in _hosts()])  # earlier tests' actors, if still exiting
     with pytest.raises(distbelief.ActorFailed, match="replica0.stage1.*loss blew up"):
