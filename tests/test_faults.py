@@ -165,7 +165,7 @@ def test_a_delay_in_one_thread_sleeps_per_message_and_leaves_the_result_bit_for_
     kw = dict(replicas=2, stages=2, shards=2, epochs=2)
     plain = run(None, **kw)
     naps: list[float] = []
-    monkeypatch.setattr(fault_plans.time, "sleep", naps.append)
+    monkeypatch.setattr(fault_plans, "_sleep", naps.append)
     slow = run(["delay:replica1=3ms"], **kw)
     torch.testing.assert_close(
         flatten(slow.model.children()), flatten(plain.model.children()), rtol=0, atol=0

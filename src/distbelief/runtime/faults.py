@@ -41,6 +41,7 @@ TRIGGERS = ("step", "update", "message")
 _TEXT = re.compile(r"^(?P<kind>\w+):(?P<actor>[\w.]+)@(?P<at>\w+)=(?P<count>\d+)$")
 _DELAY = re.compile(r"^delay:(?P<actor>[\w.]+)=(?P<amount>\d+(?:\.\d*)?|\.\d+)(?P<unit>us|ms|s)$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+_sleep = time.sleep  # what a delay calls (tests replace it)
 MAX_DELAY_S = 60.0
 """Longest delay per message a plan may ask for (a longer one is a typo in the unit)."""
 _LEGACY_KINDS = {"ray.kill": "kill", "exit": "exit", "kill": "kill"}
@@ -174,7 +175,7 @@ def slowed(
     delays."""
     if seconds <= 0:
         return handlers
-    pause = sleep or time.sleep
+    pause = sleep or _sleep
 
     def slow(handler: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
         def handle(message: Any, sender: Any) -> None:
