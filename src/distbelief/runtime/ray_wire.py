@@ -19,10 +19,12 @@ call through Ray cost ~1 ms per hop on a loaded 2-core machine and one of these 
   towards some peer passes ``window`` bytes *waits*: it stops reading (hence handling) what
   its own peers send it until the buffer drains, and the wait propagates back to whoever
   produces the traffic (the data shards, which send a step only when the previous one is
-  done). Two exceptions break the cycles that could deadlock: a waiting endpoint still reads
-  from the peer it waits for (a stage waiting on a shard still takes that shard's replies), and
-  from the driver. Longer cycles are broken by a timeout: after ``timeout_s`` of waiting it
-  handles one more frame and waits again, counted and logged, never a silent deadlock.
+  done). What breaks the cycles that could deadlock: one frame alone never makes its sender
+  wait, however big (so a reply never waits for its requester, which sends no second request
+  before reading it); a waiting endpoint still reads from the peer it waits for (a stage
+  waiting on a shard still takes that shard's replies) and from the driver. Any other cycle is
+  broken by a timeout: after ``timeout_s`` of waiting the endpoint handles one more frame and
+  waits again, counted and logged, never a silent deadlock.
 
 Nothing here imports Ray; an :class:`Endpoint` lives in one asyncio event loop.
 """
@@ -60,9 +62,10 @@ class FlowControl:
     """How much one sender may have buffered towards one receiver before it waits."""
 
     window: int = 1 << 20
-    """Bytes buffered towards one peer (written, not yet taken by the kernel) above which the
-    sender waits; it goes on once they fall to a quarter of it. 1 MiB: a few pushes of a
-    mid-sized model, far below what a slow shard would pile up."""
+    """Bytes buffered towards one peer (written, not yet taken by the kernel) above which,
+    not counting the last frame written, the sender waits; it goes on once they fall to a
+    quarter of it. 1 MiB: a few pushes of a mid-sized model, far below what a slow shard would
+    pile up. (The last frame is not counted so that one frame, however big, never waits.)"""
     timeout_s: float = 5.0
     """Longest wait before one more frame is handled anyway (see the module doc)."""
 
@@ -211,7 +214,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.big_filled = 0
         self.held = False  # reading paused by flow control
         self.writing_paused = False  # the transport's buffer is above the window
+        self.over = False  # ... by more than the last frame: the sender waits (see write)
         self.queued_bytes = 0  # frames waiting for the handshake
+        self.queued_last = 0  # the last of them
 
     # asyncio.BufferedProtocol ---------------------------------------------------------
 
@@ -228,18 +233,21 @@ class _Connection(asyncio.BufferedProtocol):
             self._write_raw(MAGIC + self.nonce + me + b"\x00" + self.peer.encode())
 
     def pause_writing(self) -> None:
-        self.writing_paused = True
-        self.endpoint._congestion(self)
+        self.writing_paused = True  # whether to wait is decided in write, which caused it
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        self.endpoint._congestion(self)
+        if self.over:
+            self.over = False
+            self.endpoint._congestion(self)
 
     @property
     def congested(self) -> bool:
         """Whether a sender writing here should wait (see :class:`FlowControl`)."""
         flow = self.endpoint.flow
-        return self.writing_paused or (flow is not None and self.queued_bytes > flow.window)
+        if self.over:
+            return True
+        return flow is not None and self.queued_bytes - self.queued_last > flow.window
 
     def hold(self) -> None:
         """Stop reading (flow control): frames stay in the kernel's buffers, then the peer's."""
@@ -326,7 +334,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             self._write_raw(_mac(secret, b"client", nonce, me, self.peer.encode()))
             self.authenticated = True
-            queue, self.queue, self.queued_bytes = self.queue, [], 0
+            queue, self.queue, self.queued_bytes, self.queued_last = self.queue, [], 0, 0
             for parts in queue:
                 self.write(parts)
             self.endpoint._congestion(self)
@@ -366,20 +374,31 @@ class _Connection(asyncio.BufferedProtocol):
         if not self.authenticated:
             frame = [bytes(p) for p in parts]  # the sender may reuse its tensors
             self.queue.append(frame)
-            self.queued_bytes += sum(map(len, frame))
+            self.queued_last = sum(map(len, frame))
+            self.queued_bytes += self.queued_last
             self.endpoint.peak_buffered = max(self.endpoint.peak_buffered, self.queued_bytes)
             if self.endpoint.flow is not None and self.congested:
                 self.endpoint._congestion(self)
             return
         transport = self.transport
-        if sum(map(len, parts)) <= 65536:  # one write for small frames, no join for big ones
+        size = sum(map(len, parts))
+        if size <= 65536:  # one write for small frames, no join for big ones
             transport.write(b"".join(parts))
         else:
             for p in parts:
                 transport.write(p)
+        endpoint = self.endpoint
         buffered = transport.get_write_buffer_size()
-        if buffered > self.endpoint.peak_buffered:
-            self.endpoint.peak_buffered = buffered
+        if buffered > endpoint.peak_buffered:
+            endpoint.peak_buffered = buffered
+        # Above the window by more than this frame: a frame sent before it is still there, so
+        # the peer is slow to take them: wait. One frame alone, however big, never makes the
+        # sender wait: a reply (a shard's fetch reply) then never waits for its requester,
+        # which sends no second request before it has read the reply (no cycle through it).
+        if self.writing_paused and not self.over and endpoint.flow is not None:
+            if buffered > endpoint.flow.window + size:
+                self.over = True
+                endpoint._congestion(self)
 
 
 class Endpoint:
