@@ -18,12 +18,14 @@ A plan may also slow actors down: ``delay:ACTOR=DURATION`` (``delay:shard0=5ms``
 take that much longer, from the first message to the last. ``ACTOR`` is an actor's name or a
 replica's prefix (``replica1`` slows every stage of replica 1, as a slow machine would; an
 exact name wins over a prefix). Every runtime sleeps in the actor's handler, before it
-handles the message (a shard hosted in several processes sleeps holding its lock: it is one
-slow machine). Where actors run in parallel (processes, Ray) only that actor is slow and its
-senders feel it; on the in-process runtime one thread runs every actor, so a slow actor is a
-slow machine the whole run shares: the run takes longer and the seeded interleaving, hence the
-result, stays exactly that of the run without the delay. (Sandblaster's ``slow_replicas``
-option is the relative form of a straggler in one thread: it skips run-queue turns.)
+handles the message (on ``processes`` a shard is hosted in every process and its lock guards
+its state only, so each process sleeps for the messages it hands the shard, and those sleeps
+overlap: a slow link to the shard more than one slow machine). Where actors run in parallel
+(processes, Ray) only that actor is slow and its senders feel it; on the in-process runtime
+one thread runs every actor, so a slow actor is a slow machine the whole run shares: the run
+takes longer and the seeded interleaving, hence the result, stays exactly that of the run
+without the delay. (Sandblaster's ``slow_replicas`` option is the relative form of a
+straggler in one thread: it skips run-queue turns.)
 """
 
 from __future__ import annotations
