@@ -15,12 +15,14 @@ from torch import nn
 from ..checkpoint import ShardState
 from ..layout import Segment
 from ..messages import (
+    CheckpointRequest,
     Drain,
     Drained,
     Fetch,
     FetchReply,
     Push,
     ShardSnapshot,
+    ShardStateReply,
     ShardStats,
     Snapshot,
     StatsRequest,
@@ -327,6 +329,10 @@ class ParameterShard(Actor):
         with self._lock:
             weights, stats = self.weights, self.stats()
         self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, weights, stats))
+
+    @receives(CheckpointRequest)
+    def on_checkpoint_request(self, msg: CheckpointRequest, sender: object) -> None:
+        self.ctx.tell(sender, ShardStateReply(self.index, msg.tag, self.export_state()))
 
     @receives(StatsRequest)
     def on_stats_request(self, msg: StatsRequest, sender: object) -> None:
