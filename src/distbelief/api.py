@@ -422,7 +422,7 @@ def train(
         for name, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume),
                         ("checkpoint_every", checkpoint_every or None)):  # fmt: skip
             if v is not None:
-                raise ConfigError(f"{name}: Sandblaster runs have no checkpoints yet (Downpour has)")
+                raise ConfigError(f"{name}: Sandblaster has no checkpoints yet (Downpour has)")
         if stages != 1:
             raise ConfigError("stages: Sandblaster's replicas are not split into stages (use 1)")
         if eval_every:
@@ -541,9 +541,7 @@ def _check_checkpoint_dir(path: str | None) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(
-            f"checkpoint_dir: cannot use {path}: {exc.strerror or exc}"
-        ) from None
+        raise ConfigError(f"checkpoint_dir: cannot use {path}: {exc.strerror or exc}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"checkpoint_dir: {path} is not writable")
 

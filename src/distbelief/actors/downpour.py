@@ -276,19 +276,17 @@ class DownpourMaster(Actor):
             return
         # The final evaluation is the driver's, on the returned model (with replica 0's buffers).
         examples = sum(d.examples for d in self.done.values())
-        self.training_done = (
-            TrainingDone(
-                weights=weights,
-                shard_stats=tuple(got[k].stats for k in range(len(self.shards))),
-                buffers=self.done[0].buffers,
-                history=self.history,
-                train_s=self.t_end - self.t0 - self.eval_s,
-                eval_s=self.eval_s,
-                examples=examples,
-                steps=sum(d.steps for d in self.done.values()),
-                restarts=self.restarts,
-                nonfinite_steps=self.nonfinite_steps,
-            )
+        self.training_done = TrainingDone(
+            weights=weights,
+            shard_stats=tuple(got[k].stats for k in range(len(self.shards))),
+            buffers=self.done[0].buffers,
+            history=self.history,
+            train_s=self.t_end - self.t0 - self.eval_s,
+            eval_s=self.eval_s,
+            examples=examples,
+            steps=sum(d.steps for d in self.done.values()),
+            restarts=self.restarts,
+            nonfinite_steps=self.nonfinite_steps,
         )
         if self.checkpointer is not None and not self.diverged:
             self.final_tag = self._checkpoint()  # TrainingDone goes once it is written
