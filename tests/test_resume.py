@@ -295,3 +295,32 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     assert resumed["updates_applied"] == full["updates_applied"]
     assert abs(resumed["test_accuracy"] - full["test_accuracy"]) <= 0.01
     assert full["test_accuracy"] > 0.3  # it learned something: the comparison means something
+
+
+def test_checkpoint_flags_that_cannot_work_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, err = main([*TINY, "--checkpoint-every", "5"]), capsys.readouterr().err
+    assert code == 2 and err.startswith(
+        "distbelief: error: checkpoint-every: give --checkpoint-dir"
+    )
+    code = main(["train", "digits", "--algorithm", "sandblaster", "--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1  # no checkpoint there, or Sandblaster
+    code = main(["train", "digits", "--algorithm", "sandblaster", "--checkpoint-dir", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "checkpoint-dir: a Downpour option" in err
+    # a checkpoint written through the API records no flags of the command
+    distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=1, checkpoint_dir=tmp_path, **KW)
+    err = resume_fails(capsys, tmp_path)
+    assert "records no flags of distbelief train" in err
+
+
+def test_checkpoints_go_into_the_run_directory_by_default(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    flags = [a for a in TINY if a != "--no-run-dir"]
+    assert main([*flags, "--checkpoint-every", "20", "--run-dir", str(tmp_path / "run")]) == 0
+    ckpt = checkpoint.load(tmp_path / "run" / "checkpoints")
+    assert ckpt.manifest["config"]["checkpoint_every"] == 20
+    assert ckpt.manifest["config"]["meta"]["hidden"] == "16"  # the command's flags, for --resume
