@@ -24,6 +24,7 @@ from distbelief.cli import main
 from distbelief.data import TensorRows
 from distbelief.layout import Layout
 from distbelief.messages import (
+    CheckpointMark,
     CheckpointRequest,
     ConnectDataShard,
     DataPosition,
@@ -133,10 +134,12 @@ def test_positions_are_rounded_down_to_the_last_push() -> None:
     shard.receive(StartReplica(0), None)
     for step in range(12, 12 + 7):  # 7 steps done since the start: 6 of them pushed
         shard.receive(StepDone(step, 0.5), None)
+    told.clear()
     shard.receive(CheckpointRequest(1), "master")
-    position = told[-1]
+    position, mark = told  # to the master; and to its stage, behind the stage's pushes
     assert isinstance(position, DataPosition)
     assert (position.epoch, position.step, position.steps, position.examples) == (1, 8, 18, 180)
+    assert mark == CheckpointMark(1, "master")
 
 
 def test_a_diverged_state_is_never_written(tmp_path: Path) -> None:
@@ -324,3 +327,40 @@ def test_checkpoints_go_into_the_run_directory_by_default(
     ckpt = checkpoint.load(tmp_path / "run" / "checkpoints")
     assert ckpt.manifest["config"]["checkpoint_every"] == 20
     assert ckpt.manifest["config"]["meta"]["hidden"] == "16"  # the command's flags, for --resume
+
+
+def test_the_master_asks_the_shards_only_after_every_position_and_mark() -> None:
+    # The shards' states are taken only when every stage's mark has come back from every
+    # shard: each travelled behind that stage's pushes, so the positions are not ahead.
+    from distbelief.actors import DownpourMaster
+    from distbelief.messages import CheckpointMarked, ConnectMaster, ShardStateReply
+
+    told: list[tuple[Any, Any]] = []
+    submitted: list[tuple] = []
+
+    class Ctx:
+        name, self_ref = "master", "master"
+
+        def tell(self, ref: Any, message: Any) -> None:
+            told.append((ref, message))
+
+    class Writer:
+        def submit(self, update: int, shards: Any, positions: Any, *, wait: bool) -> bool:
+            submitted.append((update, positions, wait))
+            return True
+
+    master = DownpourMaster(1, 0, 100, None, 0, 10, checkpointer=Writer(), checkpoint_every=5,
+                            checkpoint_marks=2)  # fmt: skip
+    master.bind(Ctx())
+    master.receive(ConnectMaster(("data0",), ("shard0", "shard1")), None)
+    tag = master._checkpoint()
+    assert told == [("data0", CheckpointRequest(tag))]
+    master.receive(DataPosition(0, tag, 0, 4, 4, 40), "data0")
+    master.receive(CheckpointMarked(tag, 0), "shard0")
+    assert len(told) == 1  # one mark still on its way
+    master.receive(CheckpointMarked(tag, 1), "shard1")
+    assert told[1:] == [("shard0", CheckpointRequest(tag)), ("shard1", CheckpointRequest(tag))]
+    for k in (0, 1):
+        state = checkpoint.ShardState(k, torch.ones(2), None, {0: 3}, {"updates_applied": 3})
+        master.receive(ShardStateReply(k, tag, state), f"shard{k}")
+    assert submitted == [(6, {0: {"epoch": 0, "step": 4, "steps": 4, "examples": 40}}, False)]

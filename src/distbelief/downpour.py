@@ -252,6 +252,9 @@ def _run(
             checkpointer=checkpointer,
             checkpoint_every=config.checkpoint_every,
             resumed=resumed,
+            # one mark per (replica, stage, shard) segment
+            checkpoint_marks=config.replicas
+            * sum(len(layout.segments_of_stage(s)) for s in range(n_stages)),
         )
         # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
         buffer_stages = tuple(

@@ -369,12 +369,35 @@ class ShardStats:
 class CheckpointRequest:
     """Master -> data shard, then master -> shard: your part of checkpoint ``tag``.
 
-    The master asks every data shard first and the shards only once every position is in,
-    so that the pushes of the steps before a recorded position were sent before the shards
-    export their state: resuming from that position never skips a mini-batch."""
+    A data shard replies with its replica's position (``DataPosition``) and sends a
+    ``CheckpointMark`` through each of its stages to their shards. The master asks the shards
+    for their state only once every position and every mark is in: each mark travelled after
+    its stage's pushes on the same ordered channel, so those pushes were applied before the
+    shard answered it, and resuming from the positions never skips a mini-batch."""
 
     tag: int
     """Matches the replies to the request (checkpoints are numbered from 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMark:
+    """Data shard -> its stages -> their shards: every push the stage sent before this one
+    is applied once the shard has handled it (per-sender FIFO)."""
+
+    tag: int
+    """The checkpoint's tag."""
+    reply_to: Any
+    """The master, whom the shard tells ``CheckpointMarked``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMarked:
+    """Shard -> master: a stage's ``CheckpointMark`` reached this shard."""
+
+    tag: int
+    """The checkpoint's tag."""
+    shard: int
+    """Index of the replying shard."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from typing import Any
 from ..data import epoch_order
 from ..messages import (
     ActorRestarted,
+    CheckpointMark,
     CheckpointRequest,
     ConnectDataShard,
     DataPosition,
@@ -145,6 +146,8 @@ class DataShard(Actor):
         # Every mini-batch of an epoch but the last is full.
         examples = epoch * len(self.rows) + step * self.batch_size
         self.ctx.tell(sender, DataPosition(self.replica, msg.tag, epoch, step, steps, examples))
+        for stage in self.stages:  # behind the stages' pushes, to the shards
+            self.ctx.tell(stage, CheckpointMark(msg.tag, sender))
 
     def _report(self) -> None:
         if self.window_steps:

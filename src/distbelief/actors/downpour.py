@@ -16,6 +16,7 @@ from ..messages import (
     ActorRestarted,
     Begin,
     BufferSnapshot,
+    CheckpointMarked,
     CheckpointRequest,
     ConnectMaster,
     DataPosition,
@@ -69,6 +70,7 @@ class DownpourMaster(Actor):
         checkpointer: Any = None,
         checkpoint_every: int = 0,
         resumed: Mapping[str, int] | None = None,
+        checkpoint_marks: int = 0,
     ) -> None:
         self.replicas = replicas
         self.warmstart_steps = warmstart_steps
@@ -116,6 +118,8 @@ class DownpourMaster(Actor):
             self.next_eval += eval_every
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_marks = checkpoint_marks  # CheckpointMarked per checkpoint (segments)
+        self.marks: dict[int, int] = {}  # tag -> marks received
         self.next_checkpoint = self.steps + checkpoint_every
         self.checkpoint_tag = 0
         self.positions: dict[int, dict[int, DataPosition]] = {}  # tag -> replica -> position
@@ -199,7 +203,7 @@ class DownpourMaster(Actor):
         if self.checkpoint_every and self.steps >= self.next_checkpoint:
             while self.next_checkpoint <= self.steps:
                 self.next_checkpoint += self.checkpoint_every
-            if not self.positions:  # the previous one's requests are all answered
+            if len(self.positions) < 2:  # (one lost with a dead stage is dropped later)
                 self._checkpoint()
         if self.next_eval is not None and self.examples >= self.next_eval:
             while self.next_eval <= self.examples:
@@ -306,19 +310,30 @@ class DownpourMaster(Actor):
         """Ask every data shard for its position (the shards are asked once all are in)."""
         self.checkpoint_tag += 1
         tag = self.checkpoint_tag
-        self.positions[tag], self.states[tag] = {}, {}
+        self.positions[tag], self.states[tag], self.marks[tag] = {}, {}, 0
         for data_shard in self.data_shards:
             self.ctx.tell(data_shard, CheckpointRequest(tag))
         return tag
 
     @receives(DataPosition)
     def on_data_position(self, msg: DataPosition, sender: object) -> None:
-        got = self.positions[msg.tag]
-        got[msg.replica] = msg
-        if len(got) == self.replicas:
-            # Only now: every push before those positions was sent before this request.
+        if msg.tag in self.positions:
+            self.positions[msg.tag][msg.replica] = msg
+            self._ask_shards(msg.tag)
+
+    @receives(CheckpointMarked)
+    def on_checkpoint_marked(self, msg: CheckpointMarked, sender: object) -> None:
+        if msg.tag in self.marks:
+            self.marks[msg.tag] += 1
+            self._ask_shards(msg.tag)
+
+    def _ask_shards(self, tag: int) -> None:
+        """Once every position and every mark is in, every push before those positions has
+        been applied (see CheckpointRequest): now the shards' states are taken."""
+        if len(self.positions[tag]) == self.replicas and self.marks[tag] == self.checkpoint_marks:
+            del self.marks[tag]
             for shard in self.shards:
-                self.ctx.tell(shard, CheckpointRequest(msg.tag))
+                self.ctx.tell(shard, CheckpointRequest(tag))
 
     @receives(ShardStateReply)
     def on_shard_state(self, msg: ShardStateReply, sender: object) -> None:
@@ -328,6 +343,10 @@ class DownpourMaster(Actor):
             return
         positions = self.positions.pop(msg.tag)
         del self.states[msg.tag]
+        for older in [t for t in self.positions if t < msg.tag and t != self.final_tag]:
+            # superseded (its marks lost with a stage that died): forget it
+            del self.positions[older], self.states[older]
+            self.marks.pop(older, None)
         final = msg.tag == self.final_tag
         if self.diverged and not final:
             return  # never replace the last good checkpoint with a diverged state
