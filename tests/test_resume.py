@@ -294,7 +294,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
     assert code == 0
     assert main([*flags, "--json"]) == 0
     full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert resumed["resumed_from_update"] >= killed_at  # (a later one may have landed)
+    assert resumed["resumed_from_update"] == killed_at
+    assert resumed["updates_lost"] is not None and resumed["updates_lost"] >= 0
     assert resumed["updates_applied"] == full["updates_applied"]
     assert abs(resumed["test_accuracy"] - full["test_accuracy"]) <= 0.01
     assert full["test_accuracy"] > 0.3  # it learned something: the comparison means something
@@ -364,3 +365,26 @@ def test_the_master_asks_the_shards_only_after_every_position_and_mark() -> None
         state = checkpoint.ShardState(k, torch.ones(2), None, {0: 3}, {"updates_applied": 3})
         master.receive(ShardStateReply(k, tag, state), f"shard{k}")
     assert submitted == [(6, {0: {"epoch": 0, "step": 4, "steps": 4, "examples": 40}}, False)]
+
+
+def test_a_run_that_diverges_leaves_the_last_good_checkpoint(tmp_path: Path) -> None:
+    sgd = {**KW, "optimizer": "sgd"}
+    distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=1, checkpoint_dir=tmp_path, **sgd)
+    good = checkpoint.load(tmp_path)
+    with pytest.raises(distbelief.TrainingDiverged):
+        distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=2, checkpoint_dir=tmp_path,
+                         checkpoint_every=4, **{**sgd, "lr": 1e30})  # fmt: skip
+    kept = checkpoint.load(tmp_path)  # whole, and the same one
+    assert kept.path == good.path and torch.equal(kept.weights, good.weights)
+
+
+def test_a_write_cut_off_by_a_kill_is_cleaned_up_by_the_next_run(tmp_path: Path) -> None:
+    distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=1, checkpoint_dir=tmp_path, **KW)
+    partial = tmp_path / ".tmp-cutoff"  # as a SIGKILL during a write leaves it
+    partial.mkdir()
+    (partial / "shard0.safetensors").write_bytes(b"half")
+    assert checkpoint.load(tmp_path).update == 32  # never taken for a checkpoint
+    kw = {k: v for k, v in KW.items() if k != "seed"}
+    distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=2, resume=tmp_path,
+                     checkpoint_dir=tmp_path, **kw)  # fmt: skip
+    assert not partial.exists() and checkpoint.load(tmp_path).update == 64

@@ -352,6 +352,18 @@ def _verified(file: Path, expected: Mapping[str, Any] | None) -> bytes:
 
 # ------------------------------------------------------------------ periodic writing during a run
 
+
+def remove_partial(directory: str | os.PathLike) -> list[Path]:
+    """Remove what a write cut off by a crash left in ``directory`` (``.tmp-*``: never a
+    checkpoint, since the rename that makes one is the last step). Call it before a run that
+    writes there starts; returns what was removed."""
+    root = Path(directory)
+    stale = [p for p in root.glob(".tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 PROGRESS = "progress.json"
 """Beside the checkpoints: the updates applied at the last progress report, rewritten at each
 one, so that a resumed run can say how many updates the kill lost (at least)."""

@@ -21,6 +21,7 @@ from .checkpoint import (
     check_compatible,
     describe_parameters,
     load,
+    remove_partial,
     updates_lost,
 )
 from .config import DownpourConfig
@@ -171,6 +172,7 @@ def _run(
     positions: Mapping[int, Mapping[str, int]] = resume.positions if resume is not None else {}
     checkpointer = None
     if config.checkpoint_dir is not None:
+        remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
         checkpointer = Checkpointer(
             config.checkpoint_dir,
             layout=layout,
