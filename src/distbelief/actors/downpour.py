@@ -52,9 +52,9 @@ class DownpourMaster(Actor):
 
     With a ``checkpointer`` it takes a checkpoint every ``checkpoint_every`` steps (over all
     replicas, seen at their progress reports) and one at the end: it asks every data shard
-    for its replica's position, then, with all of them in, every shard for its state (see
-    ``CheckpointRequest``), and hands the lot to the checkpointer, which writes it while
-    training goes on. ``resumed`` (``examples``, ``steps``) is what a checkpoint resumed
+    for its replica's position, then, with every position and every stage's mark in, every
+    shard for its state (see ``CheckpointRequest``), and hands the lot to the checkpointer,
+    which writes it while training goes on. ``resumed`` (``examples``, ``steps``) is what a checkpoint resumed
     from had done already: the progress counts and schedules carry on from there.
     """
 
@@ -337,7 +337,9 @@ class DownpourMaster(Actor):
 
     @receives(ShardStateReply)
     def on_shard_state(self, msg: ShardStateReply, sender: object) -> None:
-        got = self.states[msg.tag]
+        got = self.states.get(msg.tag)
+        if got is None:
+            return  # a superseded checkpoint's (dropped below)
         got[msg.shard] = msg.state
         if len(got) < len(self.shards):
             return
