@@ -54,8 +54,9 @@ class DownpourMaster(Actor):
     replicas, seen at their progress reports) and one at the end: it asks every data shard
     for its replica's position, then, with every position and every stage's mark in, every
     shard for its state (see ``CheckpointRequest``), and hands the lot to the checkpointer,
-    which writes it while training goes on. ``resumed`` (``examples``, ``steps``) is what a checkpoint resumed
-    from had done already: the progress counts and schedules carry on from there.
+    which writes it while training goes on. ``resumed`` (``examples``, ``steps``) is what a
+    checkpoint resumed from had done already: the progress counts and schedules carry on
+    from there.
     """
 
     def __init__(
