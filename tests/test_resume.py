@@ -388,3 +388,15 @@ def test_a_write_cut_off_by_a_kill_is_cleaned_up_by_the_next_run(tmp_path: Path)
     distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=2, resume=tmp_path,
                      checkpoint_dir=tmp_path, **kw)  # fmt: skip
     assert not partial.exists() and checkpoint.load(tmp_path).update == 64
+
+
+def test_updates_lost_counts_what_the_last_progress_note_saw_past_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=1, checkpoint_dir=tmp_path, **KW)
+    ckpt = checkpoint.load(tmp_path)
+    assert checkpoint.updates_lost(ckpt) == 0  # the run ended with its final checkpoint
+    (tmp_path / checkpoint.PROGRESS).write_text(json.dumps({"updates_applied": ckpt.update + 7}))
+    assert checkpoint.updates_lost(ckpt) == 7  # as a run killed 7 updates later left it
+    (tmp_path / checkpoint.PROGRESS).unlink()
+    assert checkpoint.updates_lost(ckpt) is None  # not recorded: unknown, not zero
