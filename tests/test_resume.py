@@ -400,3 +400,44 @@ def test_updates_lost_counts_what_the_last_progress_note_saw_past_the_checkpoint
     assert checkpoint.updates_lost(ckpt) == 7  # as a run killed 7 updates later left it
     (tmp_path / checkpoint.PROGRESS).unlink()
     assert checkpoint.updates_lost(ckpt) is None  # not recorded: unknown, not zero
+
+
+def test_a_stage_restart_starts_a_waiting_checkpoint_again_under_a_new_tag() -> None:
+    from distbelief.actors import DownpourMaster
+    from distbelief.messages import ActorRestarted, CheckpointMarked, ConnectMaster
+
+    told: list[tuple[Any, Any]] = []
+
+    class Ctx:
+        name, self_ref = "master", "master"
+
+        def tell(self, ref: Any, message: Any) -> None:
+            told.append((ref, message))
+
+    master = DownpourMaster(1, 0, 100, None, 0, 10, checkpointer=object(), checkpoint_every=5,
+                            checkpoint_marks=1)  # fmt: skip
+    master.bind(Ctx())
+    master.receive(ConnectMaster(("data0",), ("shard0",)), None)
+    tag = master._checkpoint()
+    master.receive(DataPosition(0, tag, 0, 4, 4, 40), "data0")
+    told.clear()
+    master.receive(ActorRestarted("replica0.stage0", "stage"), None)  # its mark is lost
+    assert told == [("data0", ActorRestarted("replica0.stage0", "stage")),
+                    ("data0", CheckpointRequest(tag + 1))]  # fmt: skip
+    told.clear()
+    master.receive(CheckpointMarked(tag, 0), "shard0")  # a mark of the old round: ignored
+    master.receive(DataPosition(0, tag + 1, 0, 5, 5, 50), "data0")
+    assert told == []
+    master.receive(CheckpointMarked(tag + 1, 0), "shard0")
+    assert told == [("shard0", CheckpointRequest(tag + 1))]
+
+
+def test_checkpoints_carry_on_through_a_stage_restart(tmp_path: Path) -> None:
+    result = distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=2, replicas=2, stages=2,
+                              checkpoint_dir=tmp_path, checkpoint_every=4, timeout_s=120,
+                              runtime_options={"faults": ["kill:replica1.stage1@message=40"]},
+                              **KW)  # fmt: skip
+    assert result.stats["restarts"] == 1
+    ckpt = checkpoint.load(tmp_path)
+    assert ckpt.update == result.stats["updates_applied_total"]
+    assert torch.equal(ckpt.weights, flat(result.model))

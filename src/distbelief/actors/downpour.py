@@ -246,6 +246,13 @@ class DownpourMaster(Actor):
         self.restarts += 1
         for data_shard in self.data_shards:
             self.ctx.tell(data_shard, msg)
+        # A checkpoint still waiting for marks may wait forever (the dead stage's are lost):
+        # start it again under a new tag, whose marks cannot be mistaken for the old ones.
+        for tag in list(self.marks):
+            del self.marks[tag], self.positions[tag], self.states[tag]
+            again = self._checkpoint()
+            if tag == self.final_tag:
+                self.final_tag = again
 
     @receives(ReplicaDone)
     def on_replica_done(self, msg: ReplicaDone, sender: object) -> None:
