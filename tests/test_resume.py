@@ -441,3 +441,19 @@ def test_checkpoints_carry_on_through_a_stage_restart(tmp_path: Path) -> None:
     ckpt = checkpoint.load(tmp_path)
     assert ckpt.update == result.stats["updates_applied_total"]
     assert torch.equal(ckpt.weights, flat(result.model))
+
+
+def test_resume_on_another_runtime_leaves_the_old_runtimes_options_behind(
+    capsys: pytest.CaptureFixture[str], cli_checkpoint: Path, tmp_path: Path
+) -> None:
+    root, ckpt = damaged(cli_checkpoint, tmp_path)
+    manifest = ckpt / checkpoint.MANIFEST  # (not hashed: edited as a processes run's would be)
+    m = json.loads(manifest.read_text())
+    m["config"]["meta"].update(runtime="processes", shard_updates="hogwild")
+    manifest.write_text(json.dumps(m))
+    capsys.readouterr()
+    code = main(["train", "--resume", str(root), "--runtime", "local", "--epochs", "2",
+                 "--no-run-dir", "--json"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["runtime"] == "local"

@@ -547,8 +547,19 @@ NOT_RECORDED = frozenset(
 )
 """Flags of ``train`` that shape the output (or say where checkpoints go), not the run: left
 out of a run's config.toml and of the flags a checkpoint records."""
+NOT_DEFAULT_ON_RESUME = frozenset({"inject", "address", "shard_updates"})
+"""Recorded flags that ``--resume`` does not take as defaults (see ``load_resume``)."""
 MAY_DIFFER_ON_RESUME = frozenset(
-    {"epochs", "runtime", "address", "eval_every", "torch_threads", "inject", "checkpoint_every"}
+    {
+        "epochs",
+        "runtime",
+        "address",
+        "shard_updates",
+        "eval_every",
+        "torch_threads",
+        "inject",
+        "checkpoint_every",
+    }  # fmt: skip
 )
 """Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs,
 another runtime, evaluations and checkpoints more or less often. The others shape the
@@ -652,8 +663,9 @@ def load_resume(ctx: typer.Context, param: Any, value: str | None) -> str | None
         raise UsageFailure(
             f"resume: {ckpt.path / checkpoints.MANIFEST} records unknown flag {unknown[0]!r}"
         )
-    # A fault injected into the run that wrote it is not injected again.
-    defaults = {keys[k].name: v for k, v in flags.items() if k != "inject"}
+    # A fault injected into the run that wrote it is not injected again, and the runtime's own
+    # options go with the runtime, which may change: they are given again if wanted.
+    defaults = {keys[k].name: v for k, v in flags.items() if k not in NOT_DEFAULT_ON_RESUME}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["resume"] = (ckpt.path, flags)
     return value
@@ -805,8 +817,9 @@ def train_command(
         typer.Option(
             "--resume",
             help="Carry on from the newest checkpoint in DIR (or a ckpt-* directory): the "
-            "flags it recorded are the defaults; epochs, runtime, address, eval-every, "
-            "torch-threads, inject and checkpoint-every may change, the others must agree.",
+            "flags it recorded are the defaults; epochs, runtime, address, shard-updates, "
+            "eval-every, torch-threads, inject and checkpoint-every may change, the others "
+            "must agree.",
             is_eager=True,
             callback=load_resume,
             show_default=False,
