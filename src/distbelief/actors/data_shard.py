@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from ..data import epoch_order
 from ..messages import (
     ActorRestarted,
+    CheckpointMark,
+    CheckpointRequest,
     ConnectDataShard,
+    DataPosition,
     Finish,
     Forward,
     Progress,
@@ -32,6 +36,12 @@ class DataShard(Actor):
     previous step's backward pass done, as in the seed. When a runtime restarts one of the
     replica's stages, the in-flight mini-batch is sent again (its step redone from fresh
     parameters) and a step reported twice counts once.
+
+    Resumable: ``start`` (a checkpoint's position for the replica: ``epoch``, ``step`` within
+    it, ``steps`` and ``examples`` before it) makes it begin there; its order within an epoch
+    is a function of the seed, the replica and the epoch, so the resumed run sees the same
+    mini-batches from there on. Asked for a checkpoint, it reports the latest position whose
+    every earlier step has been pushed (``n_push``: how often its stages push).
     """
 
     def __init__(
@@ -42,6 +52,8 @@ class DataShard(Actor):
         epochs: int,
         seed: int,
         report_every: int,
+        n_push: int = 1,
+        start: Mapping[str, int] | None = None,
     ) -> None:
         self.replica = replica
         self.rows = rows
@@ -49,10 +61,13 @@ class DataShard(Actor):
         self.epochs = epochs
         self.seed = seed
         self.report_every = report_every
-        self.epoch = 0
-        self.batch_index = 0  # index of the next mini-batch within the epoch
-        self.steps = 0
-        self.examples = 0
+        self.n_push = n_push
+        start = start or {}
+        self.epoch = int(start.get("epoch", 0))
+        self.batch_index = int(start.get("step", 0))  # index of the next mini-batch in the epoch
+        self.steps = int(start.get("steps", 0))
+        self.examples = int(start.get("examples", 0))
+        self.start_steps = self.steps  # the stages count their pushes from here
         self.warmstart_steps = 0
         self.window_steps = self.window_examples = self.window_nonfinite = 0
         self.window_loss = 0.0
@@ -71,6 +86,9 @@ class DataShard(Actor):
     @receives(StartReplica)
     def on_start(self, msg: StartReplica, sender: object) -> None:
         self.warmstart_steps = msg.warmstart_steps
+        if self.epoch >= self.epochs:  # resumed from a checkpoint taken after its last step
+            self._finish()
+            return
         self._shuffle()
         self._send_batch()
 
@@ -106,13 +124,30 @@ class DataShard(Actor):
             self.epoch += 1
             self.batch_index = 0
             if self.epoch == self.epochs:
-                self._report()
-                self._finishing = True
-                for stage in self.stages:
-                    self.ctx.tell(stage, Finish())
+                self._finish()
                 return
             self._shuffle()
         self._send_batch()
+
+    def _finish(self) -> None:
+        self._report()
+        self._finishing = True
+        for stage in self.stages:
+            self.ctx.tell(stage, Finish())
+
+    @receives(CheckpointRequest)
+    def on_checkpoint_request(self, msg: CheckpointRequest, sender: object) -> None:
+        steps = self.steps
+        if not self._replica_done:  # (once done, the stages have pushed everything)
+            # The gradient accrued since the stages' last push is not in the shards yet.
+            steps -= (steps - self.start_steps) % self.n_push
+        per_epoch = -(-len(self.rows) // self.batch_size)
+        epoch, step = divmod(steps, per_epoch)
+        # Every mini-batch of an epoch but the last is full.
+        examples = epoch * len(self.rows) + step * self.batch_size
+        self.ctx.tell(sender, DataPosition(self.replica, msg.tag, epoch, step, steps, examples))
+        for stage in self.stages:  # behind the stages' pushes, to the shards
+            self.ctx.tell(stage, CheckpointMark(msg.tag, sender))
 
     def _report(self) -> None:
         if self.window_steps:
