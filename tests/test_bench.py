@@ -68,6 +68,10 @@ def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
     assert [r["parameters"] > 0 and r["bytes_per_step"] > 0 for r in sb["coordinator"]] == [
         True
     ] * len(bench.QUICK.coordinator_hidden)
+    (ckpt,) = report["checkpoint"]
+    assert ckpt["checkpoint_every"] == bench.QUICK.checkpoint_every[0]
+    assert ckpt["checkpoints_written"] >= 2  # periodic ones and the final one
+    assert positive(ckpt["examples_per_s"]) and positive(ckpt["ratio"])
     json.dumps(report)  # serialisable as the --json output
 
 
@@ -75,6 +79,7 @@ def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) 
     n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 2
     n += len(bench.HOGWILD_MODES)
     n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
+    n += len(bench.QUICK.checkpoint_every)
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()
     assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]

@@ -12,7 +12,8 @@ from conftest import mlp
 import distbelief
 from distbelief.data import replica_batches
 from distbelief.flat import flatten
-from distbelief.runtime.faults import Fault, parse, plan
+from distbelief.runtime import faults as fault_plans
+from distbelief.runtime.faults import Delay, Fault, delay_of, parse, plan, slowed
 
 
 def test_text_faults_parse_and_name_what_is_wrong():
@@ -42,6 +43,49 @@ def test_plans_take_text_faults_or_the_older_step_mapping_once_per_actor():
         plan({"data0": (3, "sigstop")})
 
 
+def test_delays_parse_with_a_unit_and_name_what_is_wrong():
+    assert parse("delay:shard0=5ms") == Delay("shard0", 0.005)
+    assert parse(" delay:replica1=0.2s ") == Delay("replica1", 0.2)
+    assert parse("delay:replica0.stage1=250us") == Delay("replica0.stage1", 250e-6)
+    assert str(parse("delay:shard0=5ms")) == "delay:shard0=5ms"
+    for bad, match in [
+        ("delay:shard0=5", "is not delay:ACTOR=DURATION"),
+        ("delay:shard0=5min", "is not delay:ACTOR=DURATION"),
+        ("delay:shard0@step=3", "is not delay:ACTOR=DURATION"),
+        ("delay:shard0=0ms", "more than 0 and at most 60 s"),
+        ("delay:shard0=61s", "more than 0 and at most 60 s"),
+    ]:
+        with pytest.raises(distbelief.ConfigError, match=f"^faults: .*{match}"):
+            parse(bad)
+
+
+def test_a_plan_holds_one_death_and_one_delay_per_actor():
+    items = plan(["kill:shard0@update=9", "delay:shard0=1ms", Delay("replica1", 0.5)])
+    assert fault_plans.kills(items) == {"shard0": Fault("shard0", "update", 9)}
+    assert fault_plans.delays(items) == (Delay("shard0", 0.001), Delay("replica1", 0.5))
+    with pytest.raises(distbelief.ConfigError, match="^faults: more than one delay for shard0$"):
+        plan(["delay:shard0=1ms", "delay:shard0=2ms"])
+
+
+def test_a_delay_names_an_actor_or_a_replica_and_the_exact_name_wins():
+    items = plan(["delay:replica1=5ms", "delay:replica1.stage1=1s"])
+    assert delay_of(items, "replica1.stage0") == 0.005
+    assert delay_of(items, "replica1.stage1") == 1.0
+    assert delay_of(items, "replica1") == 0.005  # Sandblaster's replica actor
+    assert delay_of(items, "replica10.stage0") == 0.0  # a prefix is a whole name part
+    assert delay_of(items, "shard1") == 0.0
+
+
+def test_slowed_handlers_sleep_before_each_message_and_unslowed_ones_are_untouched():
+    seen: list = []
+    handlers = {int: lambda m, s: seen.append(("handled", m))}
+    assert slowed(handlers, 0.0) is handlers
+    slow = slowed(handlers, 0.25, sleep=lambda t: seen.append(("slept", t)))
+    slow[int](1, None)
+    slow[int](2, None)
+    assert seen == [("slept", 0.25), ("handled", 1), ("slept", 0.25), ("handled", 2)]
+
+
 def toy(n: int = 128):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
@@ -60,6 +104,7 @@ def run(faults, **kw):
     [
         ("kill:shard7@update=3", r"kill:shard7@update=3 names no actor of this run \(actors: "),
         ("kill:data0@update=3", "kill:data0@update=3: data0 applies no updates"),
+        ("delay:shard7=1ms", r"delay:shard7=1ms slows no actor of this run \(actors: "),
     ],
 )
 def test_a_plan_that_can_never_fire_is_refused_before_training(runtime, fault, match):
@@ -111,3 +156,28 @@ def test_an_actor_without_restarts_left_ends_the_run_naming_it(runtime, fault, a
 def test_no_restarts_left_ends_the_run():
     with pytest.raises(distbelief.ActorFailed, match="no restarts left"):
         run(["kill:replica0.stage0@step=2"], runtime_options={"max_restarts": 0})
+
+
+def test_a_delay_in_one_thread_sleeps_per_message_and_leaves_the_result_bit_for_bit(
+    monkeypatch,
+):
+    """In one thread a delay is a slow machine the whole run shares: the seeded interleaving
+    is unchanged, so the result is the undelayed run's exactly; each message to the slowed
+    actors (both stages of replica 1) costs one sleep."""
+    kw = dict(replicas=2, stages=2, shards=2, epochs=2)
+    plain = run(None, **kw)
+    naps: list[float] = []
+    monkeypatch.setattr(fault_plans, "_sleep", naps.append)
+    slow = run(["delay:replica1=3ms"], **kw)
+    torch.testing.assert_close(
+        flatten(slow.model.children()), flatten(plain.model.children()), rtol=0, atol=0
+    )
+    # Replica 1 takes 8 steps (128 examples, 2 replicas, batch 16, 2 epochs): each brings
+    # each of its 2 stages at least a forward or backward and a fetch reply.
+    assert len(naps) >= 8 * 2 * 2 and set(naps) == {0.003}
+
+
+def test_a_delayed_shard_on_processes_slows_it_and_the_run_completes():
+    result = run(["delay:shard0=2ms"], replicas=2, shards=2, runtime="processes")
+    assert result.stats["examples"] == 128
+    assert torch.isfinite(flatten(result.model.children())).all()

@@ -20,7 +20,13 @@ from distbelief.data import replica_batches  # noqa: E402
 from distbelief.flat import flatten  # noqa: E402
 from distbelief.messages import FetchReply, Forward, Push  # noqa: E402
 from distbelief.runtime.ray_placement import plan_placement, replace_node  # noqa: E402
-from distbelief.runtime.ray_wire import Endpoint, decode, encode, listening_socket  # noqa: E402
+from distbelief.runtime.ray_wire import (  # noqa: E402
+    Endpoint,
+    FlowControl,
+    decode,
+    encode,
+    listening_socket,
+)
 
 # ------------------------------------------------------------------------------ data plane
 
@@ -100,6 +106,120 @@ def test_endpoints_keep_each_senders_order():
 def test_a_peer_without_the_runs_secret_is_dropped_unheard():
     got = asyncio.run(_exchange(b"x" * 32, 3))
     assert got == []
+
+
+async def _relay_to_a_slow_receiver(flow: FlowControl | None, n: int, size: int) -> tuple:
+    """Source "s" sends ``n`` frames of ``size`` bytes to relay "m", which forwards each to
+    "r", whose handler sleeps 5 ms per message (on a loop of its own, as another process).
+    Returns the steps "r" got, in order, and the relay's flow statistics."""
+    import threading
+    import time
+
+    secret = b"s" * 32
+    got: list[int] = []
+    done = threading.Event()
+
+    def slow(sender: str, messages: list) -> None:
+        for m in messages:
+            time.sleep(0.005)
+            got.append(m.step)
+        if len(got) == n:
+            done.set()
+
+    r_loop = asyncio.new_event_loop()
+    r_thread = threading.Thread(target=r_loop.run_forever, daemon=True)
+    r_thread.start()
+    r = Endpoint("r", secret, slow)
+    r_sock = listening_socket("127.0.0.1")
+    asyncio.run_coroutine_threadsafe(r.listen(r_sock), r_loop).result(10)
+    m = Endpoint("m", secret, lambda sender, messages: m.send("r", messages), flow=flow)
+    m_sock = listening_socket("127.0.0.1")
+    await m.listen(m_sock)
+    m.set_addresses({"r": r_sock.getsockname()[:2]})
+    s = Endpoint("s", secret, lambda *_: None)
+    s.set_addresses({"m": m_sock.getsockname()[:2]})
+    for i in range(n):
+        s.send("m", [Forward(i, torch.full((size // 4,), float(i)), torch.tensor([i]))])
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, done.wait, 60)
+    stats = m.flow_stats()
+    s.close()
+    m.close()
+    r_loop.call_soon_threadsafe(r.close)
+    r_loop.call_soon_threadsafe(r_loop.stop)
+    r_thread.join(10)
+    return got, stats
+
+
+def test_flow_control_bounds_what_a_relay_buffers_towards_a_slow_receiver():
+    """Without it the relay would buffer whatever the kernel does not take of 16 MiB; with a
+    256 KiB window it waits (stops reading its source) and holds at most the window and two
+    frames, and every message still arrives, in order."""
+    n, size, window = 256, 64 * 1024, 256 * 1024
+    got, stats = asyncio.run(_relay_to_a_slow_receiver(FlowControl(window, 30.0), n, size))
+    assert got == list(range(n))
+    assert stats["waits"] >= 1 and stats["timeouts"] == 0
+    # The window, the frame that went past it, and the one in hand when the relay stopped.
+    assert 0 < stats["peak_buffered"] <= window + 2 * (size + 4096), stats
+
+
+def test_a_wait_that_lasts_past_the_timeout_lets_one_more_frame_through():
+    """A relay that can never drain (its receiver takes 5 ms a message and the timeout is
+    tiny) still handles everything, a frame per timeout, and counts the timeouts."""
+    n, size = 256, 64 * 1024
+    got, stats = asyncio.run(_relay_to_a_slow_receiver(FlowControl(64 * 1024, 0.01), n, size))
+    assert got == list(range(n))
+    assert stats["timeouts"] >= 1
+
+
+async def _one_big_frame_then_another() -> tuple[bool, bool, bool, list[int]]:
+    """ "s" sends to "r" (a loop of its own, stuck in its first delivery until told): one frame
+    far bigger than the window, then a second. Returns whether s waited after each, whether
+    the first filled its buffer past the window, and the steps r got once it went on."""
+    import threading
+
+    secret, window = b"s" * 32, 64 * 1024
+    got: list[int] = []
+    first, go, done = threading.Event(), threading.Event(), threading.Event()
+
+    def deliver(sender: str, messages: list) -> None:
+        got.extend(m.step for m in messages)
+        first.set()
+        go.wait(30)
+        if len(got) == 3:
+            done.set()
+
+    r_loop = asyncio.new_event_loop()
+    r_thread = threading.Thread(target=r_loop.run_forever, daemon=True)
+    r_thread.start()
+    r = Endpoint("r", secret, deliver)
+    r_sock = listening_socket("127.0.0.1")
+    asyncio.run_coroutine_threadsafe(r.listen(r_sock), r_loop).result(10)
+    s = Endpoint("s", secret, lambda *_: None, flow=FlowControl(window, 30.0))
+    s.set_addresses({"r": r_sock.getsockname()[:2]})
+    loop = asyncio.get_running_loop()
+    s.send("r", [Forward(0, torch.zeros(1), torch.tensor([0]))])
+    await loop.run_in_executor(None, first.wait, 30)  # connected, and r is stuck
+    big = torch.zeros(8 << 20)  # 32 MiB: more than the kernel takes at once
+    s.send("r", [Forward(1, big, torch.tensor([1]))])
+    after_one, past_window = s.waiting, s.outgoing["r"].writing_paused
+    s.send("r", [Forward(2, torch.zeros(1), torch.tensor([2]))])
+    after_two = s.waiting
+    go.set()
+    await loop.run_in_executor(None, done.wait, 30)
+    s.close()
+    r_loop.call_soon_threadsafe(r.close)
+    r_loop.call_soon_threadsafe(r_loop.stop)
+    r_thread.join(10)
+    return after_one, past_window, after_two, got
+
+
+def test_one_frame_however_big_never_makes_its_sender_wait_a_second_one_does():
+    """So a reply (a fetch reply of a large model) never waits for its requester."""
+    after_one, past_window, after_two, got = asyncio.run(_one_big_frame_then_another())
+    assert past_window and not after_one
+    assert after_two
+    assert got == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------ placement
@@ -240,6 +360,31 @@ def _loss_failing_on_call(n: int):
         return F.cross_entropy(out, target)
 
     return loss
+
+
+def test_a_slow_shard_makes_its_senders_wait_and_what_they_buffer_stays_bounded(ray_session):
+    """shard0 takes 10 ms more per message; the stage fetches once and then pushes every step
+    (n_fetch 1000), about 140 KB to shard0 each: unchecked, the stage would buffer most of
+    128 pushes (18 MB). With a 256 KiB window it waits instead, and the run is whole."""
+    window = 256 * 1024
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2048, 10, generator=g), torch.randint(0, 3, (2048,), generator=g)
+    model = mlp([10, 256, 256, 3])
+    push = sum(p.numel() for p in model.parameters()) * 4 // 2  # shard0's half, float32
+    result = toy_run(
+        model=model,
+        data=(x, y),
+        shards=2,
+        n_fetch=1000,
+        runtime_options={"faults": ["delay:shard0=10ms"], "flow_window_bytes": window},
+    )
+    assert result.stats["examples"] == 2048 and result.stats["updates_applied"] == [128, 128]
+    flow = result.stats["flow"]
+    assert flow["window_bytes"] == window
+    assert flow["by_actor"]["replica0.stage0"]["waits"] >= 1
+    assert flow["timeouts"] == 0
+    assert 0 < flow["peak_buffered"] <= window + 2 * push + 65536, flow
+    assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
 
 
 def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_session):

@@ -378,6 +378,9 @@ def train(
     progress: Callable[[ProgressReport], None] | None = None,
     run_dir: str | os.PathLike | RunLog | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: str | os.PathLike | None = None,
+    checkpoint_meta: Any = None,
 ) -> TrainResult:
     """Train ``model`` with Downpour SGD (``algorithm="downpour"``, the default:
     ``replicas`` asynchronous model replicas, each split into ``stages`` by layer, over a
@@ -394,8 +397,15 @@ def train(
     other algorithm is a ``ConfigError``.
     ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
     TensorBoard event files there (see ``runlog``); None (default) writes nothing.
-    ``checkpoint_dir`` (Downpour only): where checkpoints are; a shard the runtime restarts
-    is restored from the newest one when it is newer than the replicas' copies.
+    ``checkpoint_dir``, ``checkpoint_every``, ``resume`` (Downpour only): write checkpoints
+    every ``checkpoint_every`` steps and at the end, or carry on from one (see
+    ``DownpourConfig``); ``checkpoint_every`` without ``checkpoint_dir`` writes them into
+    ``<run_dir>/checkpoints``. Resuming takes the seed from the checkpoint when ``seed`` is
+    None, and refuses (``ConfigError``) a checkpoint of another model, layout, replica count,
+    batch size, update rule, rate or seed. ``checkpoint_meta``: JSON recorded in every
+    checkpoint's manifest (the CLI records its flags there).
+    A shard the runtime restarts is restored from the newest checkpoint in ``checkpoint_dir``
+    when it is newer than the replicas' copies of its slice.
     """
     given = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                  warmstart_steps=warmstart_steps, local_lr=local_lr, steps=steps,
@@ -409,7 +419,12 @@ def train(
         if given[name] is not None:
             raise ConfigError(f"{name}: a {_other(algorithm)} option; {algorithm} does not take it")
     config: DownpourConfig | SandblasterConfig
+    ckpt = None
     if algorithm == "sandblaster":
+        for name, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume),
+                        ("checkpoint_every", checkpoint_every or None)):  # fmt: skip
+            if v is not None:
+                raise ConfigError(f"{name}: Sandblaster has no checkpoints yet (Downpour has)")
         if stages != 1:
             raise ConfigError("stages: Sandblaster's replicas are not split into stages (use 1)")
         if eval_every:
@@ -426,6 +441,17 @@ def train(
             if v is None:
                 raise ConfigError(f"{name}: Downpour needs it (e.g. {name}={_EXAMPLE[name]})")
         options = {k: v for k, v in given.items() if k in DOWNPOUR_ONLY and v is not None}
+        if checkpoint_every and checkpoint_dir is None and run_dir is not None:
+            root = run_dir.path if isinstance(run_dir, RunLog) else run_dir
+            checkpoint_dir = os.path.join(root, "checkpoints")
+        if resume is not None and seed is None:
+            # The data order is a function of the seed: it comes from the checkpoint.
+            from .checkpoint import load
+
+            if not isinstance(resume, (str, os.PathLike)):
+                raise ConfigError(f"resume: expected a directory path, got {resume!r}")
+            ckpt = load(resume)
+            seed = ckpt.manifest["config"].get("seed")
         config = DownpourConfig(
             **options,
             batch_size=batch_size,
@@ -438,7 +464,10 @@ def train(
             eval_every=eval_every,
             timeout_s=timeout_s,
             checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
+        _check_checkpoint_dir(config.checkpoint_dir)
     if config.seed is None:
         config = _with_seed(config, random.SystemRandom().randrange(2**31))
     layers = as_layers(model)
@@ -480,6 +509,10 @@ def train(
         metric = metric or default_metric(loss, ey)
         data = (ex, ey) if isinstance(eval_rows, TensorRows) else eval_rows
         evaluator = Evaluator(stage_layers, data, loss_fn, metric)
+    if isinstance(config, DownpourConfig) and config.resume is not None:
+        from .downpour import prepare_resume
+
+        ckpt = prepare_resume(config, stage_layers, len(rows), ckpt)
     runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
     if runlog is not None:
         runlog.start(config)
@@ -493,7 +526,8 @@ def train(
         else:
             from .downpour import run
 
-            result = run(config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress)
+            result = run(config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress,
+                         ckpt, checkpoint_meta)  # fmt: skip
     except BaseException as exc:
         if runlog is not None:
             runlog.close("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -502,6 +536,18 @@ def train(
         final = result.history.eval[-1] if evaluator is not None else None
         runlog.finish(result.stats, final)
     return result
+
+
+def _check_checkpoint_dir(path: str | None) -> None:
+    """A checkpoint directory must be one we can write into (made if missing)."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"checkpoint_dir: cannot use {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"checkpoint_dir: {path} is not writable")
 
 
 def _both(

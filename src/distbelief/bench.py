@@ -26,6 +26,9 @@ slows a run down). Ratios are *engine / baseline* throughput: 1.0 is parity, hig
   slowed 5x against none slowed, with portions and backup tasks on and off (on Ray, where a
   slow replica really takes longer); and the coordinator's bytes per step against the
   parameter count.
+- ``checkpoint``: the main job (4 replicas x 2 stages, 2 shards, Adagrad) with a checkpoint
+  every ``checkpoint_every`` steps (and one at the end) against the same run without
+  checkpoints; also the seconds the background writer spent, and the checkpoints written.
 
 All sides run with one torch intra-op thread (see ``TORCH_THREADS``).
 """
@@ -59,7 +62,7 @@ from .data import mnist1d, replica_batches, xor
 from .layout import Layout
 from .messages import Drain, Drained, Push
 
-BENCHMARKS = ("overhead", "scaling", "shard", "xor", "hogwild", "sandblaster")
+BENCHMARKS = ("overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint")
 TORCH_THREADS = 1
 """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core machine torch's
 spinning worker threads made runs 20-80x slower when another process was busy. Both sides of
@@ -100,6 +103,10 @@ class Sizes:
     replicas run in parallel: ray)."""
     coordinator_hidden: tuple[int, ...] = (16, 128, 1024)
     """Hidden widths of the MLPs whose coordinator bytes per step are measured."""
+    checkpoint_epochs: int = 3
+    """Epochs of each run of the checkpoint comparison."""
+    checkpoint_every: tuple[int, ...] = (200, 50)
+    """Steps between checkpoints (over all replicas) in the checkpoint comparison."""
 
 
 FULL = Sizes(
@@ -119,6 +126,8 @@ QUICK = Sizes(
     sandblaster_steps=3,
     straggler_runtime="local",
     coordinator_hidden=(16, 64),
+    checkpoint_epochs=1,
+    checkpoint_every=(10,),
 )
 
 
@@ -693,6 +702,47 @@ def _mnist1d_split(samples: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...
 # ------------------------------------------------------------------------------ driver
 
 
+# ------------------------------------------------------------------------------ checkpoint
+
+
+def checkpoint_cost(
+    sizes: Sizes, repeats: int, log: Log = None, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The main job's examples/s with a checkpoint every N steps over the same without."""
+    train_data = _mnist1d_train(sizes.mnist1d_samples)
+    settings = dict(loss="cross_entropy", lr=0.05, batch_size=32, epochs=sizes.checkpoint_epochs,
+                    replicas=4, stages=2, shards=2, optimizer="adagrad", seed=seed)  # fmt: skip
+    plain: list[float] = []
+    timed: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes.checkpoint_every}
+    with tempfile.TemporaryDirectory(prefix="distbelief-bench-") as tmp:
+        for rep in range(repeats):
+            plain.append(train(mlp(MLP, seed=seed), train_data, **settings).stats["examples_per_s"])
+            for n in sizes.checkpoint_every:
+                where = os.path.join(tmp, f"every{n}-{rep}")
+                stats = train(mlp(MLP, seed=seed), train_data, checkpoint_dir=where,
+                              checkpoint_every=n, **settings).stats  # fmt: skip
+                timed[n].append(stats)
+            _say(
+                log,
+                f"checkpoint repeat {rep + 1}/{repeats}: none {plain[-1]:,.0f} ex/s, "
+                + ", ".join(f"every {n} {v[-1]['examples_per_s']:,.0f}" for n, v in timed.items()),
+            )
+    return [
+        {
+            "checkpoint_every": n,
+            "steps": runs[0]["steps"],
+            "checkpoints_written": runs[0]["checkpoints_written"],
+            "write_s": round(min(r["checkpoint_write_s"] for r in runs), 3),
+            "examples_per_s": round(max(r["examples_per_s"] for r in runs)),
+            "baseline_examples_per_s": round(max(plain)),
+            "ratio": _paired_ratio([r["examples_per_s"] for r in runs], plain),
+            "samples": [round(r["examples_per_s"]) for r in runs],
+            "baseline_samples": [round(v) for v in plain],
+        }
+        for n, runs in timed.items()
+    ]
+
+
 def parse_only(text: str | None) -> tuple[str, ...]:
     """``"overhead,shard"`` -> the benchmarks to run (all if None); ValueError names bad ones."""
     if text is None:
@@ -735,7 +785,7 @@ def run(
     }
     steps = {
         "overhead": overhead, "scaling": scaling, "shard": shard, "xor": xor_seed,
-        "hogwild": hogwild, "sandblaster": sandblaster,
+        "hogwild": hogwild, "sandblaster": sandblaster, "checkpoint": checkpoint_cost,
     }  # fmt: skip
     t0 = time.perf_counter()
     try:
@@ -809,6 +859,13 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                 f"{r['bytes_per_step']:,} bytes/step", f"parameters {r['parameter_bytes']:,} "
                 "bytes", f"{r['bytes_per_step'] / r['parameter_bytes']:.3f}",
             ))  # fmt: skip
+    for r in report.get("checkpoint", []):
+        out.append((
+            "checkpoints", f"main job, every {r['checkpoint_every']:,} of {r['steps']:,} steps "
+            f"({r['checkpoints_written']} written, {r['write_s']:.2f} s writing)",
+            f"{r['examples_per_s']:,} ex/s", f"no checkpoints {r['baseline_examples_per_s']:,} "
+            "ex/s", f"{r['ratio']:.2f}",
+        ))  # fmt: skip
     return out
 
 

@@ -29,6 +29,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+from . import checkpoint as checkpoints
 from . import data as datasets
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig, SandblasterConfig
@@ -355,6 +356,14 @@ def summary(
         "rejected_pushes": stats["rejected_pushes"],
         "restarts": stats["restarts"],
         "recoveries": stats.get("recoveries", []),  # restored shards, data shards, master
+        "checkpoint_dir": config.checkpoint_dir,
+        "checkpoint_every": config.checkpoint_every,
+        "checkpoints_written": stats.get("checkpoints_written", 0),
+        "checkpoint_write_s": round(stats.get("checkpoint_write_s", 0.0), 3),
+        "last_checkpoint": stats.get("last_checkpoint"),
+        "resumed_from": stats.get("resumed_from"),
+        "resumed_from_update": stats.get("resumed_from_update"),
+        "updates_lost": stats.get("updates_lost"),
         # every evaluation: during training (every eval_every examples), then the final one
         "evaluations": [{k: _rounded(v) for k, v in point.items()} for point in evals],
     }
@@ -390,6 +399,18 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
     if s.get("eval_every"):
         table.add_row("evaluated every", f"{s['eval_every']:,} examples")
+    if s.get("resumed_from") is not None:
+        lost = s["updates_lost"]
+        lost = "unknown" if lost is None else f"at least {lost:,} updates lost"
+        table.add_row(
+            "resumed from", f"{s['resumed_from']} (update {s['resumed_from_update']:,}; {lost})"
+        )
+    if s.get("last_checkpoint"):
+        table.add_row(
+            "checkpoints",
+            f"{s['checkpoints_written']} written ({s['checkpoint_write_s']:.2f} s), the last "
+            f"{s['last_checkpoint']}",
+        )
     if s.get("run_dir"):
         table.add_row("run directory", s["run_dir"])
     console.print(table)
@@ -522,8 +543,28 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
     return typer.Option(help=help_text, show_default=False, **kwargs)
 
 
-NOT_RECORDED = frozenset({"config", "as_json", "quiet", "run_dir", "no_run_dir"})
-"""Flags of ``train`` that shape the output, not the run: left out of a run's config.toml."""
+NOT_RECORDED = frozenset(
+    {"config", "as_json", "quiet", "run_dir", "no_run_dir", "checkpoint_dir", "resume"}
+)
+"""Flags of ``train`` that shape the output (or say where checkpoints go), not the run: left
+out of a run's config.toml and of the flags a checkpoint records."""
+NOT_DEFAULT_ON_RESUME = frozenset({"inject", "address", "shard_updates"})
+"""Recorded flags that ``--resume`` does not take as defaults (see ``load_resume``)."""
+MAY_DIFFER_ON_RESUME = frozenset(
+    {
+        "epochs",
+        "runtime",
+        "address",
+        "shard_updates",
+        "eval_every",
+        "torch_threads",
+        "inject",
+        "checkpoint_every",
+    }  # fmt: skip
+)
+"""Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs,
+another runtime, evaluations and checkpoints more or less often. The others shape the
+model, the data, its order or the update rules' state, and must agree."""
 
 
 def _param_type(param: Any) -> type:
@@ -598,6 +639,36 @@ def load_config(ctx: typer.Context, param: Any, value: str | None) -> str | None
             )
         defaults[target.name] = v
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def load_resume(ctx: typer.Context, param: Any, value: str | None) -> str | None:
+    """``--resume DIR``: verify the checkpoint now (before any data or actor) and take the
+    flags it recorded as the command's defaults; flags given on the command line win, and
+    ``train_command`` refuses those that must agree but differ."""
+    if value is None:
+        return None
+    try:
+        ckpt = checkpoints.load(value)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    flags = ckpt.manifest["config"].get("meta")
+    if not isinstance(flags, dict) or "hidden" not in flags:
+        raise UsageFailure(
+            f"resume: {ckpt.path / checkpoints.MANIFEST} records no flags of distbelief train "
+            "(written by distbelief.train?); resume it with distbelief.train(resume=...)"
+        )
+    keys = _config_keys(ctx.command)
+    unknown = [k for k in flags if k not in keys]
+    if unknown:
+        raise UsageFailure(
+            f"resume: {ckpt.path / checkpoints.MANIFEST} records unknown flag {unknown[0]!r}"
+        )
+    # A fault injected into the run that wrote it is not injected again, and the runtime's own
+    # options go with the runtime, which may change: they are given again if wanted.
+    defaults = {keys[k].name: v for k, v in flags.items() if k not in NOT_DEFAULT_ON_RESUME}
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["resume"] = (ckpt.path, flags)
     return value
 
 
@@ -717,8 +788,11 @@ def train_command(
         _opt(
             "Inject a fault (repeatable): KIND:ACTOR@COUNTER=N, KIND kill or exit, COUNTER "
             "step, update (shards) or message; e.g. kill:replica0.stage1@step=100, "
-            "kill:master@message=40. On local and ray every Downpour actor restarts (a "
-            "shard restored from the replicas' copies or the checkpoint); processes restarts none."
+            "kill:master@message=40. On local and ray every Downpour actor restarts (a shard "
+            "restored from the replicas' copies or the checkpoint); processes restarts none. "
+            "Or slow an actor (or a replica's stages) down: delay:ACTOR=DURATION, e.g. "
+            "delay:shard0=5ms, "
+            "delay:replica1=0.2s: each message it handles takes that much longer."
         ),
     ] = None,
     run_dir: Annotated[
@@ -731,6 +805,31 @@ def train_command(
     no_run_dir: Annotated[
         bool, typer.Option("--no-run-dir", help="Write no run directory.")
     ] = False,
+    checkpoint_dir: Annotated[
+        str | None,
+        _opt(
+            "Write checkpoints here (ckpt-<update>; the newest kept): every --checkpoint-every "
+            "steps and at the end (default with --checkpoint-every: RUN-DIR/checkpoints; "
+            "with --resume: the directory resumed from)."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        _opt("Steps (mini-batches over all replicas) between checkpoints (0: at the end only)."),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="Carry on from the newest checkpoint in DIR (or a ckpt-* directory): the "
+            "flags it recorded are the defaults; epochs, runtime, address, shard-updates, "
+            "eval-every, torch-threads, inject and checkpoint-every may change, the others "
+            "must agree.",
+            is_eager=True,
+            callback=load_resume,
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
         str | None,
         typer.Option(
@@ -794,6 +893,19 @@ def train_command(
         raise UsageFailure("address: only meaningful with --runtime ray")
     if run_dir is not None and no_run_dir:
         raise UsageFailure("run-dir: --run-dir and --no-run-dir contradict each other")
+    if resume is not None and config is not None:
+        raise UsageFailure("resume: --resume takes the flags from the checkpoint; drop --config")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise UsageFailure(f"checkpoint-every: must be an integer >= 0, got {checkpoint_every}")
+    if resume is not None and checkpoint_dir is None:
+        # Carry on checkpointing where the checkpoint came from (a chain of kills and resumes).
+        found = Path(os.path.abspath(resume))
+        checkpoint_dir = str(found.parent if (found / checkpoints.MANIFEST).is_file() else found)
+    if checkpoint_every and checkpoint_dir is None and no_run_dir:
+        raise UsageFailure(
+            "checkpoint-every: give --checkpoint-dir DIR (with --no-run-dir there is no run "
+            "directory to hold the checkpoints)"
+        )
     if seed is None:  # as the API does: draw one, and say which (summary, JSON, config.toml)
         seed = random.SystemRandom().randrange(2**31)
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
@@ -801,7 +913,8 @@ def train_command(
     if algorithm == "sandblaster":
         flags = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                      warmstart_steps=warmstart_steps, eval_every=eval_every or None,
-                     stages=stages if stages != 1 else None)  # fmt: skip
+                     stages=stages if stages != 1 else None, checkpoint_dir=checkpoint_dir,
+                     checkpoint_every=checkpoint_every, resume=resume)  # fmt: skip
         for name, value in flags.items():
             if value is not None:
                 flag = name.replace("_", "-")
@@ -879,6 +992,8 @@ def train_command(
         resolved["dataset"] = dataset  # the default (mnist1d) too: a report names it
     order = [p.name for p in ctx.command.params]
     resolved = dict(sorted(resolved.items(), key=lambda kv: order.index(kv[0])))
+    if resume is not None:
+        _check_resume_flags(*ctx.meta["resume"], resolved)
     runlog = None
     if not no_run_dir:
         name = Path(data).stem if data else dataset
@@ -887,6 +1002,13 @@ def train_command(
             runlog = RunLog(path, resolved, name="run-dir")
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
+    if algorithm != "sandblaster":
+        if checkpoint_every and checkpoint_dir is None:
+            checkpoint_dir = str(runlog.path / "checkpoints")
+        settings.update(
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
+            checkpoint_meta=resolved,
+        )  # fmt: skip
     # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
     # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
     threads = torch.get_num_threads()
@@ -907,6 +1029,18 @@ def train_command(
         _print_sandblaster_summary(Console(), s)
     else:
         _print_summary(Console(), s)
+
+
+def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str, Any]) -> None:
+    """Refuse a flag that differs from what the checkpoint recorded, unless it may."""
+    for key in (recorded.keys() | resolved.keys()) - MAY_DIFFER_ON_RESUME:
+        if recorded.get(key) != resolved.get(key):
+            flag = key.replace("_", "-")
+            raise UsageFailure(
+                f"{flag}: {path / checkpoints.MANIFEST} was taken with {flag} "
+                f"{recorded.get(key)!r}, this run has {resolved.get(key)!r}; resume with the "
+                "same (or leave the flag out)"
+            )
 
 
 PRESET_FIELDS = ("lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer", "seed")

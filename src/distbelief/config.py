@@ -67,15 +67,31 @@ class DownpourConfig:
     timeout_s: float = 3600.0
     """Longest a run may take before it is stopped with an error naming the wait."""
     checkpoint_dir: str | None = None
-    """Where checkpoints are (``ckpt-<update>`` directories): a restarted shard is restored
+    """Write checkpoints here (``ckpt-<update>`` directories; the newest whole one is kept):
+    every ``checkpoint_every`` steps and at the end. A shard the runtime restarts is restored
     from the newest one where it is newer than every replica's copy. None: no checkpoints."""
+    checkpoint_every: int = 0
+    """Steps (mini-batches over all replicas) between checkpoints; 0: only at the end. Steps,
+    not updates: they do not depend on n_push, stages or shards. Taken at the first replica
+    progress report past each multiple (reports come every <= 50 steps of a replica)."""
+    resume: str | None = None
+    """A checkpoint (``ckpt-<update>``) or a directory of them (the newest is taken) to carry
+    on from: parameters, update rules' state, versions and each replica's data position."""
 
     def __post_init__(self) -> None:
-        if self.checkpoint_dir is not None:  # absolute: a Ray actor has another cwd
-            v = self.checkpoint_dir
-            if not isinstance(v, (str, os.PathLike)) or not str(v):
-                raise ConfigError(f"checkpoint_dir: expected a directory path, got {_show(v)}")
-            object.__setattr__(self, "checkpoint_dir", os.path.abspath(v))
+        for name in ("checkpoint_dir", "resume"):  # absolute: a Ray actor has another cwd
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, (str, os.PathLike)) or not str(v):
+                    raise ConfigError(f"{name}: expected a directory path, got {_show(v)}")
+                object.__setattr__(self, name, os.path.abspath(v))
+        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
+            raise ConfigError(
+                f"checkpoint_every: must be an integer >= 0, got {_show(self.checkpoint_every)}"
+            )
+        object.__setattr__(self, "checkpoint_every", int(self.checkpoint_every))
+        if self.checkpoint_every and self.checkpoint_dir is None:
+            raise ConfigError("checkpoint_every: checkpoints need a checkpoint_dir")
         for name in ("batch_size", "epochs", "replicas", "shards", "n_fetch", "n_push"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:

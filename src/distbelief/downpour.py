@@ -4,9 +4,10 @@ the master reports, and build the result. ``api.train`` checks the inputs and ha
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -14,10 +15,19 @@ from torch import nn
 
 from .actors import DataShard, DownpourMaster, ParameterShard, Stage
 from .api import Evaluator, History, LossFn, TrainResult, _assemble
+from .checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    check_compatible,
+    describe_parameters,
+    load,
+    remove_partial,
+    updates_lost,
+)
 from .config import DownpourConfig
 from .data import TensorRows, replica_ranges
 from .datafiles import FileData
-from .errors import TrainingDiverged, TrainingInterrupted
+from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .flat import flatten, parameters_of
 from .layout import Layout
 from .messages import (
@@ -38,6 +48,63 @@ from .runtime import make_runtime
 log = logging.getLogger("distbelief")
 
 
+def build_layout(stage_layers: list[list[nn.Module]], shards: int) -> Layout:
+    """The flat parameter space of these stages over ``shards`` shards."""
+    tensor_sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
+    return Layout.build(
+        [sum(sizes) for sizes in tensor_sizes], shards, [n for sizes in tensor_sizes for n in sizes]
+    )
+
+
+MUST_AGREE = ("batch_size", "optimizer", "lr", "seed")
+"""Settings a resumed run must share with its checkpoint: the data positions count
+mini-batches of that size in the seed's order, and the update rules' state is of that rule
+(with that rate: torch's state_dict carries it). Replicas, shards and stages are checked too."""
+
+
+def checkpoint_config(config: DownpourConfig, train_examples: int, meta: Any) -> dict[str, Any]:
+    """What a checkpoint's manifest records of the run (JSON): the config's settings (not
+    the runtime's options nor where checkpoints go), the training set's size and ``meta``."""
+    settings = dataclasses.asdict(config)
+    for key in ("runtime_options", "checkpoint_dir", "resume"):
+        settings.pop(key)
+    return {**settings, "train_examples": train_examples, "meta": meta}
+
+
+def prepare_resume(
+    config: DownpourConfig,
+    stage_layers: list[list[nn.Module]],
+    train_examples: int,
+    ckpt: Checkpoint | None = None,
+) -> Checkpoint:
+    """Load and verify ``config.resume`` (unless ``ckpt``, loaded already) and check that this
+    run can carry on from it; a ``ConfigError`` (``CheckpointError``) names the file or the
+    setting that differs."""
+    ckpt = ckpt if ckpt is not None else load(config.resume)
+    layers = [layer for group in stage_layers for layer in group]
+    check_compatible(ckpt, describe_parameters(layers), build_layout(stage_layers, config.shards))
+    where = ckpt.path / "manifest.json"
+    saved = ckpt.manifest["config"]
+    if len(ckpt.positions) != config.replicas:
+        raise ConfigError(
+            f"replicas: {where} was taken with {len(ckpt.positions)} replicas, this run has "
+            f"{config.replicas}; resume with the same replicas (their data positions are not "
+            "re-sliced)"
+        )
+    for name in MUST_AGREE:
+        if name in saved and saved[name] != getattr(config, name):
+            raise ConfigError(
+                f"{name}: {where} was taken with {name} {saved[name]!r}, this run has "
+                f"{getattr(config, name)!r}; resume with the same {name}"
+            )
+    if saved.get("train_examples", train_examples) != train_examples:
+        raise ConfigError(
+            f"train_data: {where} was taken on {saved['train_examples']} training examples, "
+            f"this run has {train_examples}; resume on the same data"
+        )
+    return ckpt
+
+
 def run(
     config: DownpourConfig,
     layers: list[nn.Module],
@@ -47,16 +114,21 @@ def run(
     rows: TensorRows | FileData,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
+    resume: Checkpoint | None = None,
+    checkpoint_meta: Any = None,
 ) -> TrainResult:
-    """Run Downpour SGD with a checked ``config`` and return the result."""
+    """Run Downpour SGD with a checked ``config`` and return the result; from ``resume``
+    (checked by :func:`prepare_resume`) if given."""
+    lost = updates_lost(resume) if resume is not None else None  # before this run's reports
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         done, runtime_stats = _run(
-            config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress
-        )
+            config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress, resume,
+            checkpoint_meta,
+        )  # fmt: skip
 
     result_model = _assemble(stage_layers, done.weights, done.buffers)
-    stats = {**_stats(done, config), **runtime_stats}
+    stats = {**_stats(done, config, resume, lost), **runtime_stats}
     history = History(train=done.history["train"], eval=done.history["eval"])
     # A run that learned nothing is never returned as a result (see TrainingDiverged).
     if not bool(torch.isfinite(done.weights).all()):
@@ -90,16 +162,23 @@ def _run(
     rows: TensorRows | FileData,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
+    resume: Checkpoint | None = None,
+    checkpoint_meta: Any = None,
 ) -> tuple[TrainingDone, dict[str, Any]]:
     """Spawn and wire every actor, run until the master reports, always shut down. Returns the
     master's report and what the runtime says of the run (its ``describe()``, if it has one)."""
     initial = flatten(layers).to(dtype)
-    tensor_sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
-    layout = Layout.build(
-        [sum(sizes) for sizes in tensor_sizes],
-        config.shards,
-        [n for sizes in tensor_sizes for n in sizes],
-    )
+    layout = build_layout(stage_layers, config.shards)
+    positions: Mapping[int, Mapping[str, int]] = resume.positions if resume is not None else {}
+    checkpointer = None
+    if config.checkpoint_dir is not None:
+        remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
+        checkpointer = Checkpointer(
+            config.checkpoint_dir,
+            layout=layout,
+            parameters=describe_parameters(layers),
+            config=checkpoint_config(config, len(rows), checkpoint_meta),
+        )
     rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
     try:
         shard_refs = tuple(
@@ -112,6 +191,7 @@ def _run(
                 layout.segments_of_shard(k),
                 config.optimizer,
                 config.lr,
+                state=resume.shards[k] if resume is not None else None,
             )
             for k, (a, b) in enumerate(layout.shard_ranges)
         )
@@ -131,6 +211,8 @@ def _run(
                     config.epochs,
                     config.seed,
                     report_every,
+                    n_push=config.n_push,
+                    start=positions.get(r),
                 )
             )
             stage_refs.append(
@@ -152,17 +234,30 @@ def _run(
                 ]
             )
         total_examples = len(rows) * config.epochs
+        warmstart = config.warmstart_steps
+        if positions and positions[0]["steps"] >= warmstart:
+            warmstart = 0  # replica 0 was past its warmstart when the checkpoint was taken
+        resumed = {
+            "examples": sum(int(p["examples"]) for p in positions.values()),
+            "steps": sum(int(p["steps"]) for p in positions.values()),
+        }
         master = rt.spawn(
             "master",
             DownpourMaster,
             config.replicas,
-            config.warmstart_steps,
+            warmstart,
             total_examples,
             evaluator,
             config.eval_every,
             max(1, total_examples // 100),
             rt.single_threaded,
             checkpoint_dir=config.checkpoint_dir,
+            checkpointer=checkpointer,
+            checkpoint_every=config.checkpoint_every,
+            resumed=resumed,
+            # one mark per (replica, stage, shard) segment
+            checkpoint_marks=config.replicas
+            * sum(len(layout.segments_of_stage(s)) for s in range(n_stages)),
         )
         # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
         buffer_stages = tuple(
@@ -231,9 +326,26 @@ def _collect_trained(
     return torch.cat(weights), tuple(buffers)
 
 
-def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
+def _stats(
+    done: TrainingDone,
+    config: DownpourConfig,
+    resume: Checkpoint | None = None,
+    lost: int | None = None,
+) -> dict[str, Any]:
     applied = [int(s["updates_applied"]) for s in done.shard_stats]
     total_applied = sum(applied)
+    # A resumed run's counters carry on from the checkpoint's; its examples and steps (and
+    # so its speed) are this run's own.
+    before = resume.positions.values() if resume is not None else ()
+    examples = done.examples - sum(int(p["examples"]) for p in before)
+    steps = done.steps - sum(int(p["steps"]) for p in before)
+    resumed = {
+        "resumed_from": str(resume.path) if resume is not None else None,
+        "resumed_from_update": resume.update if resume is not None else None,
+        # updates applied after that checkpoint by the run that wrote it, as far as its last
+        # progress report knew (a lower bound; None when not recorded)
+        "updates_lost": lost,
+    }
     return {
         "updates_applied": applied,
         "updates_applied_total": total_applied,
@@ -243,15 +355,17 @@ def _stats(done: TrainingDone, config: DownpourConfig) -> dict[str, Any]:
             [s.get("staleness_histogram", []) for s in done.shard_stats]
         ),
         "rejected_pushes": int(sum(s["rejected_pushes"] for s in done.shard_stats)),
-        "examples": done.examples,
-        "steps": done.steps,
+        "examples": examples,
+        "steps": steps,
         "train_s": done.train_s,
         "eval_s": done.eval_s,
-        "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
+        "examples_per_s": examples / done.train_s if done.train_s > 0 else float("nan"),
         "seed": config.seed,
         "restarts": done.restarts,
         "nonfinite_steps": done.nonfinite_steps,
         "recoveries": [dict(r) for r in done.recoveries],
+        **resumed,
+        **done.checkpoints,
     }
 
 

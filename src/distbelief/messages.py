@@ -123,6 +123,8 @@ class TrainingDone:
     recoveries: tuple[dict[str, Any], ...] = ()
     """One record per restarted shard, data shard or master: what it was restored from and,
     for a shard, the updates lost (see ``recovery.choose``)."""
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+    """What checkpointing did (``checkpoint.Checkpointer.stats``); empty without it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +210,8 @@ class ReplicaStatus:
     started: bool
     """Whether the replica was started (``StartReplica`` or ``ResumeReplica``)."""
     steps: int
-    """Steps reported to the master so far (in ``Progress``; later ones come in Progress)."""
+    """Steps of this run (not of a run it resumed) reported to the master so far, in
+    ``Progress`` (later ones come in Progress)."""
     examples: int
     """Examples in those steps."""
     step_base: int
@@ -225,7 +228,8 @@ class ResumeReplica:
     function of the seed and the epoch, so the position is the step count)."""
 
     steps: int
-    """Steps done, as reported to the master."""
+    """Steps of this run done, as reported to the master (a resumed run's data shard adds
+    the steps of its checkpoint position)."""
     examples: int
     """Examples in those steps."""
     step_base: int
@@ -455,6 +459,76 @@ class ShardStats:
     stats: dict[str, Any]
     """``updates_applied``, ``rejected_pushes``, ``staleness_sum``, ``staleness_max`` and
     ``staleness_histogram`` (a list: entry i counts the updates applied with staleness i)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    """Master -> data shard, then master -> shard: your part of checkpoint ``tag``.
+
+    A data shard replies with its replica's position (``DataPosition``) and sends a
+    ``CheckpointMark`` through each of its stages to their shards. The master asks the shards
+    for their state only once every position and every mark is in: each mark travelled after
+    its stage's pushes on the same ordered channel, so those pushes were applied before the
+    shard answered it, and resuming from the positions never skips a mini-batch."""
+
+    tag: int
+    """Matches the replies to the request (checkpoints are numbered from 1)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMark:
+    """Data shard -> its stages -> their shards: every push the stage sent before this one
+    is applied once the shard has handled it (per-sender FIFO)."""
+
+    tag: int
+    """The checkpoint's tag."""
+    reply_to: Any
+    """The master, whom the shard tells ``CheckpointMarked``."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointMarked:
+    """Shard -> master: a stage's ``CheckpointMark`` reached this shard."""
+
+    tag: int
+    """The checkpoint's tag."""
+    shard: int
+    """Index of the replying shard."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStateReply:
+    """Shard -> master: everything the shard needs to carry on (``ParameterShard.export_state``)."""
+
+    shard: int
+    """Index of the replying shard."""
+    tag: int
+    """The request's tag."""
+    state: Any
+    """A ``checkpoint.ShardState``: copies of the slice and the update rules' state, the
+    segments' versions and the counters."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataPosition:
+    """Data shard -> master: where its replica may resume without skipping data.
+
+    At or before the last step whose gradient its stages have pushed: the step count is
+    rounded down to a multiple of ``n_push`` (counted from where this run started), since
+    the gradient accrued since the last push is not in the shards."""
+
+    replica: int
+    """The replica."""
+    tag: int
+    """The request's tag."""
+    epoch: int
+    """Epoch to resume in."""
+    step: int
+    """Index of the mini-batch to resume at within that epoch."""
+    steps: int
+    """Steps before that position, over all epochs."""
+    examples: int
+    """Examples before that position, over all epochs."""
 
 
 # ================================================================ Sandblaster L-BFGS

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from ..data import epoch_order
 from ..messages import (
     ActorRestarted,
+    CheckpointMark,
+    CheckpointRequest,
     ConnectDataShard,
+    DataPosition,
     Finish,
     Forward,
     Progress,
@@ -36,6 +40,11 @@ class DataShard(Actor):
     replica's stages, the in-flight mini-batch is sent again (its step redone from fresh
     parameters) and a step reported twice counts once.
 
+    Resumable: ``start`` (a checkpoint's position for the replica: ``epoch``, ``step`` within
+    it, ``steps`` and ``examples`` before it) makes it begin there; its order within an epoch
+    is a function of the seed, the replica and the epoch, so the resumed run sees the same
+    mini-batches from there on. Asked for a checkpoint, it reports the latest position whose
+    every earlier step has been pushed (``n_push``: how often its stages push).
     Restartable: a respawned data shard waits for the master's ``ResumeReplica`` (or, if its
     replica had not started, ``StartReplica``), which gives it the steps its replica had
     reported; the epoch order being a function of the seed and the epoch, that is its
@@ -55,6 +64,8 @@ class DataShard(Actor):
         epochs: int,
         seed: int,
         report_every: int,
+        n_push: int = 1,
+        start: Mapping[str, int] | None = None,
     ) -> None:
         self.replica = replica
         self.rows = rows
@@ -62,10 +73,14 @@ class DataShard(Actor):
         self.epochs = epochs
         self.seed = seed
         self.report_every = report_every
-        self.epoch = 0
-        self.batch_index = 0  # index of the next mini-batch within the epoch
-        self.steps = 0
-        self.examples = 0
+        self.n_push = n_push
+        start = start or {}
+        self.epoch = int(start.get("epoch", 0))
+        self.batch_index = int(start.get("step", 0))  # index of the next mini-batch in the epoch
+        self.steps = int(start.get("steps", 0))
+        self.examples = int(start.get("examples", 0))
+        self.start_steps = self.steps  # the stages count their pushes from here
+        self.start_examples = self.examples
         self.warmstart_steps = 0
         self.window_steps = self.window_examples = self.window_nonfinite = 0
         self.window_loss = 0.0
@@ -90,6 +105,9 @@ class DataShard(Actor):
             return  # a restarted master does not know who it started: once is enough
         self.started = True
         self.warmstart_steps = msg.warmstart_steps
+        if self.epoch >= self.epochs:  # resumed from a checkpoint taken after its last step
+            self._finish()
+            return
         self._shuffle()
         self._send_batch()
 
@@ -100,9 +118,11 @@ class DataShard(Actor):
         self.started = True
         self.warmstart_steps = msg.warmstart_steps
         self.step_base = msg.step_base
-        self.steps, self.examples = msg.steps, msg.examples
+        # (the master counts this run's steps; a resumed run began at start_steps)
+        self.steps = self.start_steps + msg.steps
+        self.examples = self.start_examples + msg.examples
         per_epoch = -(-len(self.rows) // self.batch_size)
-        self.epoch, self.batch_index = divmod(msg.steps, per_epoch)
+        self.epoch, self.batch_index = divmod(self.steps, per_epoch)
         if self.epoch >= self.epochs:
             self._finish()
             return
@@ -116,8 +136,8 @@ class DataShard(Actor):
             ReplicaStatus(
                 self.replica,
                 self.started,
-                self.steps - self.window_steps,
-                self.examples - self.window_examples,
+                self.steps - self.start_steps - self.window_steps,  # this run's, reported
+                self.examples - self.start_examples - self.window_examples,
                 self.step_base,
                 self._done_message,
                 self.steps,
@@ -156,16 +176,30 @@ class DataShard(Actor):
             self.epoch += 1
             self.batch_index = 0
             if self.epoch == self.epochs:
-                self._report()
                 self._finish()
                 return
             self._shuffle()
         self._send_batch()
 
     def _finish(self) -> None:
+        self._report()
         self._finishing = True
         for stage in self.stages:
             self.ctx.tell(stage, Finish())
+
+    @receives(CheckpointRequest)
+    def on_checkpoint_request(self, msg: CheckpointRequest, sender: object) -> None:
+        steps = self.steps
+        if not self._replica_done:  # (once done, the stages have pushed everything)
+            # The gradient accrued since the stages' last push is not in the shards yet.
+            steps -= (steps - self.start_steps) % self.n_push
+        per_epoch = -(-len(self.rows) // self.batch_size)
+        epoch, step = divmod(steps, per_epoch)
+        # Every mini-batch of an epoch but the last is full.
+        examples = epoch * len(self.rows) + step * self.batch_size
+        self.ctx.tell(sender, DataPosition(self.replica, msg.tag, epoch, step, steps, examples))
+        for stage in self.stages:  # behind the stages' pushes, to the shards
+            self.ctx.tell(stage, CheckpointMark(msg.tag, sender))
 
     def _report(self) -> None:
         if self.window_steps:

@@ -3,10 +3,11 @@ and assembles the final parameters from the shards."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -16,8 +17,11 @@ from ..messages import (
     ActorRestarted,
     Begin,
     BufferSnapshot,
+    CheckpointMarked,
+    CheckpointRequest,
     ConnectMaster,
     CopyRequest,
+    DataPosition,
     Diverged,
     Progress,
     ProgressReport,
@@ -27,6 +31,7 @@ from ..messages import (
     ResumeReplica,
     SegmentCopy,
     ShardSnapshot,
+    ShardStateReply,
     ShardStats,
     Snapshot,
     StageBuffers,
@@ -53,6 +58,14 @@ DIVERGED_WINDOW = 8
 class DownpourMaster(Actor):
     """Coordinates one Downpour SGD run. Steppable: every decision is one message handler.
 
+    With a ``checkpointer`` it takes a checkpoint every ``checkpoint_every`` steps (over all
+    replicas, seen at their progress reports) and one at the end: it asks every data shard
+    for its replica's position, then, with every position and every stage's mark in, every
+    shard for its state (see ``CheckpointRequest``), and hands the lot to the checkpointer,
+    which writes it while training goes on. ``resumed`` (``examples``, ``steps``) is what a
+    checkpoint resumed from had done already: the progress counts and schedules carry on
+    from there.
+
     It also recovers what a runtime restarts (``ActorRestarted``): a parameter shard from the
     newest copies of its segments the replicas' stages hold, or the newest checkpoint in
     ``checkpoint_dir`` where that is newer (see ``recovery``); a data shard from the steps
@@ -74,6 +87,10 @@ class DownpourMaster(Actor):
         report_every_examples: int,
         eval_pauses_training: bool = True,
         checkpoint_dir: str | None = None,
+        checkpointer: Any = None,
+        checkpoint_every: int = 0,
+        resumed: Mapping[str, int] | None = None,
+        checkpoint_marks: int = 0,
     ) -> None:
         self.replicas = replicas
         self.warmstart_steps = warmstart_steps
@@ -119,6 +136,25 @@ class DownpourMaster(Actor):
         self.step_base = [0] * replicas  # each data shard's step numbering base
         self.status_in: set[int] = set()  # a restarted master: replicas that reported
         self.warm_steps_done = 0  # a restarted master: replica 0's steps, as it last said
+        # Resumed: count on from the checkpoint's examples and steps.
+        resumed = resumed or {}
+        self.examples = int(resumed.get("examples", 0))
+        self.steps = int(resumed.get("steps", 0))
+        self.resumed_examples, self.resumed_steps = self.examples, self.steps  # (recovery)
+        while self.next_report <= self.examples:
+            self.next_report += report_every_examples
+        while self.next_eval is not None and self.next_eval <= self.examples:
+            self.next_eval += eval_every
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_marks = checkpoint_marks  # CheckpointMarked per checkpoint (segments)
+        self.marks: dict[int, int] = {}  # tag -> marks received
+        self.next_checkpoint = self.steps + checkpoint_every
+        self.checkpoint_tag = 0
+        self.positions: dict[int, dict[int, DataPosition]] = {}  # tag -> replica -> position
+        self.states: dict[int, dict[int, Any]] = {}  # tag -> shard -> ShardState
+        self.final_tag: int | None = None  # the end-of-run checkpoint's tag
+        self.training_done: TrainingDone | None = None  # held until the final one is written
 
     @receives(ConnectMaster)
     def on_connect(self, msg: ConnectMaster, sender: object) -> None:
@@ -200,8 +236,17 @@ class DownpourMaster(Actor):
                 window[0], window[1] = 0.0, 0
             for shard in self.shards:  # their replies ride on the next report
                 self.ctx.tell(shard, StatsRequest())
+            if self.checkpointer is not None and self.shard_stats:
+                self.checkpointer.note_progress(
+                    sum(int(s["updates_applied"]) for s in self.shard_stats.values())
+                )
             while self.next_report <= self.examples:
                 self.next_report += self.report_every_examples
+        if self.checkpoint_every and self.steps >= self.next_checkpoint:
+            while self.next_checkpoint <= self.steps:
+                self.next_checkpoint += self.checkpoint_every
+            if len(self.positions) < 2:  # (one lost with a dead stage is dropped later)
+                self._checkpoint()
         if self.next_eval is not None and self.examples >= self.next_eval:
             while self.next_eval <= self.examples:
                 self.next_eval += self.eval_every
@@ -250,17 +295,20 @@ class DownpourMaster(Actor):
             self._recover_master(sender)
             return
         if msg.ref in self.shards:
-            self._recover_shard(self.shards.index(msg.ref))
+            k = self.shards.index(msg.ref)
+            self._recover_shard(k)
+            self._restart_checkpoints(shard=k)
             return
         if msg.ref in self.data_shards:
             r = self.data_shards.index(msg.ref)
             if self._known(r):
-                self._resume_replica(r)
+                self._resume_replica(r)  # before a checkpoint asks it for its position
             else:  # this restarted master's StatusRequest died with it: ask the new one
                 self.ctx.tell(msg.ref, StatusRequest())  # (what it had done is lost: redone)
                 self.recoveries.append(
                     {"actor": f"data{r}", "resumed_at_step": 0, "source": "none: starts over"}
                 )
+            self._restart_checkpoints()
             return
         for shard, waiting in self.shard_recovery.items():
             for r, s in waiting["pending"]:
@@ -268,6 +316,20 @@ class DownpourMaster(Actor):
                     self.ctx.tell(msg.ref, CopyRequest(shard))
         for data_shard in self.data_shards:
             self.ctx.tell(data_shard, msg)
+        self._restart_checkpoints()
+
+    def _restart_checkpoints(self, shard: int | None = None) -> None:
+        """A checkpoint still waiting for marks (or positions) may wait forever: the dead
+        actor's are lost. So may one waiting for the state of ``shard``, the dead shard. Start
+        it again under a new tag, whose replies cannot be mistaken for the old ones."""
+        for tag in list(self.positions):
+            lost_state = shard is not None and shard not in self.states.get(tag, {})
+            if tag in self.marks or lost_state:
+                self.marks.pop(tag, None)
+                del self.positions[tag], self.states[tag]
+                again = self._checkpoint()
+                if tag == self.final_tag:
+                    self.final_tag = again
 
     # -------------------------------------------------------------- recovery
 
@@ -370,7 +432,8 @@ class DownpourMaster(Actor):
             self.warm_steps_done = msg.steps_done
         if len(self.status_in) < self.replicas:
             return
-        self.examples, self.steps = sum(self.replica_examples), sum(self.replica_steps)
+        self.examples = self.resumed_examples + sum(self.replica_examples)
+        self.steps = self.resumed_steps + sum(self.replica_steps)
         every = self.report_every_examples
         self.next_report = (self.examples // every + 1) * every
         if self.eval_every > 0:
@@ -427,22 +490,90 @@ class DownpourMaster(Actor):
             return
         # The final evaluation is the driver's, on the returned model (with replica 0's buffers).
         examples = sum(d.examples for d in self.done.values())
-        self.ctx.tell(
-            self.driver,
-            TrainingDone(
-                weights=weights,
-                shard_stats=tuple(got[k].stats for k in range(len(self.shards))),
-                buffers=self.done[0].buffers,
-                history=self.history,
-                train_s=self.t_end - self.t0 - self.eval_s,
-                eval_s=self.eval_s,
-                examples=examples,
-                steps=sum(d.steps for d in self.done.values()),
-                restarts=self.restarts,
-                nonfinite_steps=self.nonfinite_steps,
-                recoveries=tuple(self.recoveries),
-            ),
+        self.training_done = TrainingDone(
+            weights=weights,
+            shard_stats=tuple(got[k].stats for k in range(len(self.shards))),
+            buffers=self.done[0].buffers,
+            history=self.history,
+            train_s=self.t_end - self.t0 - self.eval_s,
+            eval_s=self.eval_s,
+            examples=examples,
+            steps=sum(d.steps for d in self.done.values()),
+            restarts=self.restarts,
+            nonfinite_steps=self.nonfinite_steps,
+            recoveries=tuple(self.recoveries),
         )
+        if self.checkpointer is not None and not self.diverged:
+            self.final_tag = self._checkpoint()  # TrainingDone goes once it is written
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        done = self.training_done
+        if self.checkpointer is not None:
+            self.checkpointer.join()
+            done = dataclasses.replace(done, checkpoints=self.checkpointer.stats)
+        self.ctx.tell(self.driver, done)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self) -> int:
+        """Ask every data shard for its position (the shards are asked once all are in)."""
+        self.checkpoint_tag += 1
+        tag = self.checkpoint_tag
+        self.positions[tag], self.states[tag], self.marks[tag] = {}, {}, 0
+        for data_shard in self.data_shards:
+            self.ctx.tell(data_shard, CheckpointRequest(tag))
+        return tag
+
+    @receives(DataPosition)
+    def on_data_position(self, msg: DataPosition, sender: object) -> None:
+        if msg.tag in self.positions:
+            self.positions[msg.tag][msg.replica] = msg
+            self._ask_shards(msg.tag)
+
+    @receives(CheckpointMarked)
+    def on_checkpoint_marked(self, msg: CheckpointMarked, sender: object) -> None:
+        if msg.tag in self.marks:
+            self.marks[msg.tag] += 1
+            self._ask_shards(msg.tag)
+
+    def _ask_shards(self, tag: int) -> None:
+        """Once every position and every mark is in, every push before those positions has
+        been applied (see CheckpointRequest): now the shards' states are taken."""
+        if len(self.positions[tag]) == self.replicas and self.marks[tag] == self.checkpoint_marks:
+            del self.marks[tag]
+            for shard in self.shards:
+                self.ctx.tell(shard, CheckpointRequest(tag))
+
+    @receives(ShardStateReply)
+    def on_shard_state(self, msg: ShardStateReply, sender: object) -> None:
+        got = self.states.get(msg.tag)
+        if got is None:
+            return  # a superseded checkpoint's (dropped below)
+        got[msg.shard] = msg.state
+        if len(got) < len(self.shards):
+            return
+        positions = self.positions.pop(msg.tag)
+        del self.states[msg.tag]
+        for older in [t for t in self.positions if t < msg.tag and t != self.final_tag]:
+            # superseded (its marks lost with a stage that died): forget it
+            del self.positions[older], self.states[older]
+            self.marks.pop(older, None)
+        final = msg.tag == self.final_tag
+        if self.diverged and not final:
+            return  # never replace the last good checkpoint with a diverged state
+        shards = [got[k] for k in range(len(self.shards))]
+        update = sum(int(s.counters["updates_applied"]) for s in shards)
+        where = {
+            r: {"epoch": p.epoch, "step": p.step, "steps": p.steps, "examples": p.examples}
+            for r, p in sorted(positions.items())
+        }
+        # The final one is written before the driver hears the run is done; the others in
+        # the background while training goes on.
+        self.checkpointer.submit(update, shards, where, wait=final)
+        if final:
+            self._finish()
 
     def _diverge(self, reason: str) -> None:
         """Tell the driver, once; it stops the run and keeps what it can."""

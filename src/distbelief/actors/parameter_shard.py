@@ -15,6 +15,9 @@ from torch import nn
 from ..checkpoint import ShardState
 from ..layout import Segment
 from ..messages import (
+    CheckpointMark,
+    CheckpointMarked,
+    CheckpointRequest,
     Drain,
     Drained,
     Fetch,
@@ -22,6 +25,7 @@ from ..messages import (
     Push,
     RestoreShard,
     ShardSnapshot,
+    ShardStateReply,
     ShardStats,
     Snapshot,
     StatsRequest,
@@ -380,6 +384,14 @@ class ParameterShard(Actor):
         with self._lock:
             weights, stats = self.weights, self.stats()
         self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, weights, stats))
+
+    @receives(CheckpointMark)
+    def on_checkpoint_mark(self, msg: CheckpointMark, sender: object) -> None:
+        self.ctx.tell(msg.reply_to, CheckpointMarked(msg.tag, self.index))
+
+    @receives(CheckpointRequest)
+    def on_checkpoint_request(self, msg: CheckpointRequest, sender: object) -> None:
+        self.ctx.tell(sender, ShardStateReply(self.index, msg.tag, self.export_state()))
 
     @receives(StatsRequest)
     def on_stats_request(self, msg: StatsRequest, sender: object) -> None:

@@ -13,6 +13,7 @@ from ..layout import Segment
 from ..messages import (
     Backward,
     BufferSnapshot,
+    CheckpointMark,
     ConnectStage,
     CopyRequest,
     Drain,
@@ -281,6 +282,12 @@ class Stage(Actor):
         self.ctx.tell(
             sender, SegmentCopy(msg.shard, self.replica, self.index, length, values, version)
         )
+
+    @receives(CheckpointMark)
+    def on_checkpoint_mark(self, msg: CheckpointMark, sender: object) -> None:
+        # Behind this stage's pushes on each channel: see CheckpointRequest.
+        for shard, _, _ in self.segments:
+            self.ctx.tell(self.shards[shard], msg)
 
     @receives(BufferSnapshot)
     def on_buffer_snapshot(self, msg: BufferSnapshot, sender: object) -> None:

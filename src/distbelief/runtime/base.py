@@ -11,6 +11,7 @@ sender to one receiver are delivered in the order they were sent.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -99,6 +100,44 @@ class Actor:
                 f"{type(self).__name__} has no handler for {type(message).__name__}"
             ) from None
         getattr(self, name)(message, sender)
+
+
+class NamedRef:
+    """Address of an actor by its name alone, valid in every process of a run: the runtimes
+    that host actors out of the driver's process resolve it themselves (the processes runtime
+    to the actor's home process, Ray to the actor's current address, so a ref stays valid when
+    its actor is respawned elsewhere). Each runtime subclasses it, so a ref says where from."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.name == self.name  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.name,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+class Failure:
+    """A hosted actor raised: what a runtime's host reports to the driver, which ends the run
+    with ``ActorFailed``. The error travels pickled; one that does not pickle travels as its
+    ``repr`` (whatever it is, the driver must hear of it)."""
+
+    def __init__(self, actor: str, message: str, error: BaseException, trace: str) -> None:
+        self.actor, self.message, self.trace = actor, message, trace
+        try:
+            pickle.dumps(error)
+            self.error = error
+        except Exception:  # noqa: BLE001 - see the class doc
+            self.error = RuntimeError(repr(error))
 
 
 class Runtime(Protocol):

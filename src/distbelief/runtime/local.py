@@ -75,7 +75,8 @@ class _LocalContext:
 class LocalRuntime:
     """Hosts actors in this process and delivers their messages on the caller's thread.
 
-    ``faults`` is a fault plan (:mod:`.faults`): a planned actor dies instead of handling the
+    ``faults`` is a fault plan (:mod:`.faults`; its delays are real sleeps here, which the
+    whole run waits out, see there): a planned actor dies instead of handling the
     message that meets its trigger, its mailbox is lost with it, and, as on Ray, a
     ``restartable`` one is rebuilt from its constructor arguments, told its wiring again, and
     the actor the driver converses with is told ``ActorRestarted`` (at most ``max_restarts``
@@ -92,7 +93,8 @@ class LocalRuntime:
         self._ready: list[_Cell] = []
         self._driver_ref = LocalRef(None)
         self._driver_inbox: deque[Any] = deque()
-        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        self._plan = fault_plans.plan(faults)
+        self._faults = fault_plans.kills(self._plan)
         if not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
         self._max_restarts = max_restarts
@@ -112,13 +114,27 @@ class LocalRuntime:
         actor = cls(*args, **kwargs)
         cell = _Cell(name, actor)
         cell.fault, cell.restart_args = fault, pristine
+        cell.handlers = self._handlers(name, actor)
         actor.bind(_LocalContext(self, cell))
         self._cells[name] = cell
         return cell.ref
 
+    def _handlers(self, name: str, actor: Actor) -> dict[type, Any]:
+        """The actor's bound handlers, slowed if the plan delays it (see :mod:`.faults`: in
+        one thread a delay is a real sleep, which every actor waits out)."""
+        return fault_plans.slowed(actor.bound_handlers(), fault_plans.delay_of(self._plan, name))
+
     def describe(self) -> dict[str, Any]:
         """What the runtime adds to a run's stats: ``restarts_by_actor`` (as Ray's)."""
         return {"restarts_by_actor": dict(self.restarts)}
+
+    def hosted(self) -> list[str]:
+        """Names of the actors this runtime hosts now (none once it is shut down)."""
+        return list(self._cells)
+
+    def queued(self) -> int:
+        """Messages waiting in mailboxes now, the driver's included (for soak tests)."""
+        return len(self._driver_inbox) + sum(len(c.mailbox) for c in self._cells.values())
 
     def actor(self, ref: LocalRef) -> Actor:
         """The hosted object behind a ref (in-process only: for tests and inspection)."""
@@ -143,7 +159,7 @@ class LocalRuntime:
         deadline = time.monotonic() + timeout
         if self._partner is None:
             actors = {name: cell.actor for name, cell in self._cells.items()}
-            fault_plans.check_targets(self._faults.values(), actors)  # none that cannot fire
+            fault_plans.check_targets(self._plan, actors)  # none that cannot fire
             self._partner = ref
         self.tell(ref, message)
         inbox = self._driver_inbox
@@ -224,7 +240,7 @@ class LocalRuntime:
         cell.actor = type(cell.actor)(*args, **kwargs)
         cell.actor.restarted = True  # before anything is delivered (see Actor.restarted)
         cell.actor.bind(_LocalContext(self, cell))
-        cell.handlers = cell.actor.bound_handlers()
+        cell.handlers = self._handlers(cell.name, cell.actor)
         for told in cell.told:
             self._post(cell.ref, told, self._driver_ref)
         self._post(self._partner, ActorRestarted(cell.name, cell.ref), self._driver_ref)

@@ -49,7 +49,7 @@ import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from . import faults as fault_plans
-from .base import Actor, sigint_as_flag
+from .base import Actor, Failure, NamedRef, sigint_as_flag
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -59,37 +59,10 @@ BATCH = 64
 """Messages a run loop delivers between two looks at its pipes."""
 
 
-class ProcRef:
+class ProcRef(NamedRef):
     """Address of an actor hosted by a ProcessesRuntime: its name (valid in every process)."""
 
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ProcRef) and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __reduce__(self) -> tuple:
-        return ProcRef, (self.name,)
-
-    def __repr__(self) -> str:
-        return f"ProcRef({self.name!r})"
-
-
-class _Failure:
-    """Worker -> driver: a hosted actor raised."""
-
-    def __init__(self, actor: str, message: str, error: BaseException, trace: str) -> None:
-        self.actor, self.message, self.trace = actor, message, trace
-        try:
-            pickle.dumps(error)
-            self.error = error
-        except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
-            self.error = RuntimeError(repr(error))
+    __slots__ = ()
 
 
 class _Probe:
@@ -157,7 +130,7 @@ class _Host:
         self.writer: threading.Thread | None = None
         self.current: Any = None  # shared ints: the cell index each process is handling
         self.names: list[str] = []  # cell index -> actor name
-        self.failed: _Failure | None = None
+        self.failed: Failure | None = None
         self.delivered = 0
         # Messages sent to / received from each process (probes not counted), for the
         # quiescence detection; a probe seen by a worker, answered after its pipes are drained.
@@ -223,7 +196,7 @@ class _Host:
                 self.probe_replies[message.index] = message
                 continue
             self.received[self.inbound[conn]] += 1
-            if isinstance(message, _Failure) and name == DRIVER:
+            if isinstance(message, Failure) and name == DRIVER:
                 self.failed = message
                 return
             self.post(name, message, ProcRef(sender))
@@ -340,7 +313,7 @@ def _worker_main(host: _Host, threads: int, parent: int) -> None:
             except ActorFailed as exc:
                 # Stop handling anything; the driver ends the run and kills this process.
                 alive = False
-                failure = _Failure(
+                failure = Failure(
                     exc.actor, exc.message, exc.cause, "".join(traceback.format_exception(exc))
                 )
                 host.post(DRIVER, failure, ProcRef(exc.actor))
@@ -355,13 +328,14 @@ class ProcessesRuntime:
 
     Options: ``processes`` (workers; default: as many as groups, at most the machine's CPUs),
     ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's),
-    ``faults`` (a fault plan, :mod:`.faults`: the planned actor dies and, as this runtime
-    restarts nothing, the run ends with ``ActorFailed`` naming it; a ``message=N`` count of a
-    shared actor counts the messages handled in each process), ``max_restarts`` (accepted for
-    the other runtimes' sake; nothing is restarted here), ``shard_updates``: ``"locked"``
-    (default: a shard applies one push at a time, exactly as in one process) or ``"hogwild"``
-    (pushes from different processes apply at the same time, unsynchronized as in Hogwild;
-    versions, staleness and counters still counted exactly: see ``ParameterShard``).
+    ``faults`` (a fault plan, :mod:`.faults`: a delayed actor sleeps in its handler; the
+    planned actor dies and, as this runtime restarts nothing, the run ends with
+    ``ActorFailed`` naming it; a ``message=N`` count of a shared actor counts the messages
+    handled in each process), ``max_restarts`` (accepted for the other runtimes' sake;
+    nothing is restarted here), ``shard_updates``: ``"locked"`` (default: a shard applies
+    one push at a time, exactly as in one process) or ``"hogwild"`` (pushes from different
+    processes apply at the same time, unsynchronized as in Hogwild; versions, staleness and
+    counters still counted exactly: see ``ParameterShard``).
     """
 
     single_threaded = False
@@ -393,7 +367,8 @@ class ProcessesRuntime:
             raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ConfigError("runtime: 'processes' forks its workers; this platform cannot fork")
-        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        self._plan = fault_plans.plan(faults)
+        self._faults = fault_plans.kills(self._plan)
         ok = processes is None or (isinstance(processes, int) and processes >= 1)
         if not ok or isinstance(processes, bool):
             raise ConfigError(
@@ -434,6 +409,9 @@ class ProcessesRuntime:
             home = 0  # grouped actors get their worker at the start (see _start)
         cell = _Cell(name, len(host.names), actor, home)
         cell.fault = self._faults.get(name)
+        # A delay is a sleep in the handler; a shared actor's in each process that handles
+        # its messages, outside its lock (the lock guards its shared state only).
+        cell.handlers = fault_plans.slowed(cell.handlers, fault_plans.delay_of(self._plan, name))
         host.names.append(name)
         actor.bind(_Context(host, name))
         host.cells[name] = cell
@@ -451,7 +429,7 @@ class ProcessesRuntime:
         deadline = time.monotonic() + timeout
         if not self._host.started:
             actors = {name: cell.actor for name, cell in self._host.cells.items()}
-            fault_plans.check_targets(self._faults.values(), actors)  # none that cannot fire
+            fault_plans.check_targets(self._plan, actors)  # none that cannot fire
             self._start()
         host = self._host
         self.tell(ref, message)

@@ -37,7 +37,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pickle
 import queue
 import secrets
 import shutil
@@ -57,10 +56,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import ActorFailed, ConfigError, RunTimeout
 from ..messages import ActorRestarted
 from . import faults as fault_plans
-from .base import Actor, sigint_as_flag
+from .base import Actor, Failure, NamedRef, sigint_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
-from .ray_wire import Address, Endpoint, listening_socket
+from .ray_wire import Address, Endpoint, FlowControl, listening_socket
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -75,38 +74,11 @@ LOCAL_SYSTEM_CONFIG = {
 _AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-class RayRef:
+class RayRef(NamedRef):
     """Address of an actor hosted by a RayRuntime: its name, which every host resolves to the
     actor's current address (so a ref stays valid when its actor is respawned elsewhere)."""
 
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RayRef) and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __reduce__(self) -> tuple:
-        return RayRef, (self.name,)
-
-    def __repr__(self) -> str:
-        return f"RayRef({self.name!r})"
-
-
-class _Failure:
-    """Host -> driver: the hosted actor raised."""
-
-    def __init__(self, actor: str, message: str, error: BaseException, trace: str) -> None:
-        self.actor, self.message, self.trace = actor, message, trace
-        try:
-            pickle.dumps(error)
-            self.error = error
-        except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
-            self.error = RuntimeError(repr(error))
+    __slots__ = ()
 
 
 class _FaultPoint:
@@ -149,6 +121,8 @@ class _Host:
         fault: Fault | None,
         threads: int,
         secret: bytes,
+        delay: float = 0.0,
+        flow: FlowControl | None = None,
         restarted: bool = False,
     ) -> None:
         if threads > 0:
@@ -162,12 +136,16 @@ class _Host:
         self.from_driver = 0
         self.driver_progress: asyncio.Event | None = None
         self.sock = listening_socket(ray.util.get_node_ip_address())
-        self.endpoint = Endpoint(name, secret, self._deliver, self._undecodable)
+        self.endpoint = Endpoint(
+            name, secret, self._deliver, self._undecodable, flow=flow, exempt=(DRIVER,)
+        )
         self.actor = cls(*args, **kwargs)
         if restarted:  # before anything is delivered (see Actor.restarted)
             self.actor.restarted = True
         self.actor.bind(_HostContext(name, self.outbox))
-        self.handlers = self.actor.bound_handlers()
+        # A planned delay sleeps in the handler, on this host's event loop: nothing else of
+        # this actor runs meanwhile, as on a slow machine.
+        self.handlers = fault_plans.slowed(self.actor.bound_handlers(), delay)
 
     async def start(self, addresses: dict[str, Address]) -> tuple[str, int, Address]:
         """Listen, learn the peers' addresses; returns node id, pid and listening address."""
@@ -189,6 +167,10 @@ class _Host:
 
     async def ping(self) -> None:
         """Answered while alive: the driver's death watch."""
+
+    async def flow_stats(self) -> dict[str, Any]:
+        """What flow control did in this host (see ``ray_wire.Endpoint.flow_stats``)."""
+        return self.endpoint.flow_stats()
 
     def _deliver(self, sender: str, batch: list) -> None:
         """Handle a batch of messages from one sender, then send what they told."""
@@ -228,7 +210,7 @@ class _Host:
     def _fail(self, what: str, exc: BaseException) -> None:
         self.dead = True
         self.outbox.clear()
-        failure = _Failure(self.name, what, exc, traceback.format_exc())
+        failure = Failure(self.name, what, exc, traceback.format_exc())
         self.endpoint.send(DRIVER, [failure])
 
     def _die(self) -> None:
@@ -364,6 +346,8 @@ class _Spec:
     args: tuple
     kwargs: dict
     fault: Fault | None
+    delay: float = 0.0
+    """Seconds added to each message it handles (a planned delay, :mod:`.faults`)."""
     handle: Any = None
     node: str | None = None
     pid: int | None = None
@@ -390,6 +374,11 @@ class RayRuntime:
     * ``startup_timeout_s``: longest wait for actors to start (default 600).
     * ``threads_per_actor``: torch threads per actor process (default 1; 0 leaves Ray's).
     * ``num_cpus``: CPUs of a local instance (default: the machine's).
+    * ``flow_window_bytes``: an actor that has more than this many bytes buffered towards one
+      peer waits, handling nothing more, until that peer takes them (default 1 MiB; 0 turns
+      flow control off). See ``ray_wire`` (flow control) for how cycles cannot deadlock.
+    * ``flow_timeout_s``: longest such wait before one more message is handled anyway,
+      counted and logged (default 5).
     """
 
     single_threaded = False
@@ -406,14 +395,29 @@ class RayRuntime:
         startup_timeout_s: float = 600.0,
         threads_per_actor: int = 1,
         num_cpus: int | None = None,
+        flow_window_bytes: int = FlowControl.window,
+        flow_timeout_s: float = FlowControl.timeout_s,
         **unknown: Any,
     ) -> None:
         if unknown:
             raise ConfigError(
                 f"runtime_options: unknown option(s) {sorted(unknown)} for the ray runtime; "
                 "it takes address, placement, faults, max_restarts, health_period_s, "
-                "startup_timeout_s, threads_per_actor, num_cpus"
+                "startup_timeout_s, threads_per_actor, num_cpus, flow_window_bytes, "
+                "flow_timeout_s"
             )
+        if not isinstance(flow_window_bytes, int) or flow_window_bytes < 0:
+            raise ConfigError(
+                "runtime_options: flow_window_bytes must be a whole number of bytes >= 0 "
+                f"(0: no flow control), got {flow_window_bytes!r}"
+            )
+        if not isinstance(flow_timeout_s, (int, float)) or not flow_timeout_s > 0:
+            raise ConfigError(
+                f"runtime_options: flow_timeout_s must be a number > 0, got {flow_timeout_s!r}"
+            )
+        self._flow = (
+            FlowControl(flow_window_bytes, float(flow_timeout_s)) if flow_window_bytes else None
+        )
         if not isinstance(placement, Mapping) and placement not in STRATEGIES:
             raise ConfigError(
                 f"runtime_options: placement must be one of {', '.join(STRATEGIES)} or "
@@ -421,7 +425,9 @@ class RayRuntime:
             )
         self.seed = seed  # Ray interleaves as it will: only the in-process runtime is seeded
         self._placement = placement
-        self._faults = {f.actor: f for f in fault_plans.plan(faults)}
+        self._plan = fault_plans.plan(faults)
+        self._faults = fault_plans.kills(self._plan)
+        self._delays = fault_plans.delays(self._plan)
         self._max_restarts = max_restarts
         self._period = health_period_s
         self._startup_timeout = startup_timeout_s
@@ -465,7 +471,8 @@ class RayRuntime:
         fault = self._faults.pop(name, None)
         if fault is not None:
             fault_plans.check_targets([fault], {name: cls})
-        self._specs[name] = _Spec(cls, args, kwargs, fault)
+        delay = fault_plans.delay_of(self._delays, name)
+        self._specs[name] = _Spec(cls, args, kwargs, fault, delay)
         self._pending.append(name)  # created together at the first send: placement sees all
         return RayRef(name)
 
@@ -512,11 +519,33 @@ class RayRuntime:
 
     def describe(self) -> dict[str, Any]:
         """What a run's stats record of the runtime: ``nodes`` (actor -> node id), ``pids``
-        (actor -> every process id it ran in) and ``restarts_by_actor``."""
+        (actor -> every process id it ran in), ``restarts_by_actor`` and ``flow`` (see
+        :meth:`flow_stats`)."""
         return {
             "nodes": self.nodes,
             "pids": {name: list(p) for name, p in self.pids.items()},
             "restarts_by_actor": dict(self.restarts),
+            "flow": self.flow_stats(),
+        }
+
+    def flow_stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """What flow control did so far, per live actor (``ray_wire.Endpoint.flow_stats``:
+        ``waits``, ``waited_s``, ``timeouts``, ``peak_buffered`` bytes towards one peer), and
+        over all of them: ``peak_buffered`` (the largest), ``waits`` and ``timeouts`` (sums).
+        Actors that do not answer within ``timeout`` are left out."""
+        calls = {s.handle.flow_stats.remote(): n for n, s in self._specs.items() if s.handle}
+        done = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)[0] if calls else []
+        by_actor = {}
+        for ref in done:
+            with contextlib.suppress(Exception):
+                by_actor[calls[ref]] = ray.get(ref)
+        stats = by_actor.values()
+        return {
+            "window_bytes": self._flow.window if self._flow else 0,
+            "peak_buffered": max((s["peak_buffered"] for s in stats), default=0),
+            "waits": sum(s["waits"] for s in stats),
+            "timeouts": sum(s["timeouts"] for s in stats),
+            "by_actor": by_actor,
         }
 
     # -------------------------------------------------------------- internals
@@ -536,15 +565,9 @@ class RayRuntime:
             max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
         ).remote(
-            name,
-            spec.cls,
-            spec.args,
-            spec.kwargs,
-            spec.fault,
-            self._threads,
-            self._secret,
-            restarted,
-        )
+            name, spec.cls, spec.args, spec.kwargs, spec.fault, self._threads, self._secret,
+            spec.delay, self._flow, restarted,
+        )  # fmt: skip
 
     def _addresses(self) -> dict[str, Address]:
         out = {n: s.address for n, s in self._specs.items() if s.address is not None}
@@ -556,8 +579,9 @@ class RayRuntime:
         everyone where everyone listens."""
         if not self._pending:
             return
-        if self._faults:  # planned for actors never spawned: a plan that can never fire
-            fault_plans.check_targets(self._faults.values(), dict.fromkeys(self._specs))
+        if self._faults or self._delays:  # for actors never spawned: a plan that cannot fire
+            planned = (*self._faults.values(), *self._delays)
+            fault_plans.check_targets(planned, dict.fromkeys(self._specs))
         names, self._pending = self._pending, []
         placed = {n: s.node for n, s in self._specs.items() if s.node is not None}
         try:
@@ -653,7 +677,7 @@ class RayRuntime:
         return out
 
     def _driver_mail(self, sender: str, message: Any) -> list[Any]:
-        if isinstance(message, _Failure):
+        if isinstance(message, Failure):
             error = message.error
             with contextlib.suppress(Exception):
                 error.add_note(f"in actor {message.actor!r}:\n{message.trace}")

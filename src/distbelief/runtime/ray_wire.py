@@ -13,6 +13,19 @@ call through Ray cost ~1 ms per hop on a loaded 2-core machine and one of these 
   reads each frame into one buffer of its own and rebuilds tensors over it (no further copy;
   the tensors are writable and owned by the receiver).
 
+* **Flow control** (:class:`FlowControl`): a receiver that handles its messages slowly stops
+  reading its sockets; what its senders write then piles up in their transports' buffers, and
+  without a bound a sender's memory grows as long as it goes on. So a sender whose buffer
+  towards some peer passes ``window`` bytes *waits*: it stops reading (hence handling) what
+  its own peers send it until the buffer drains, and the wait propagates back to whoever
+  produces the traffic (the data shards, which send a step only when the previous one is
+  done). What breaks the cycles that could deadlock: one frame alone never makes its sender
+  wait, however big (so a reply never waits for its requester, which sends no second request
+  before reading it); a waiting endpoint still reads from the peer it waits for (a stage
+  waiting on a shard still takes that shard's replies) and from the driver. Any other cycle is
+  broken by a timeout: after ``timeout_s`` of waiting the endpoint handles one more frame and
+  waits again, counted and logged, never a silent deadlock.
+
 Nothing here imports Ray; an :class:`Endpoint` lives in one asyncio event loop.
 """
 
@@ -27,7 +40,8 @@ import os
 import pickle
 import socket
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -41,6 +55,21 @@ _SCRATCH = 1 << 16  # frames up to this size are read with their neighbours, in 
 _NONCE = 32
 
 Address = tuple[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowControl:
+    """How much one sender may have buffered towards one receiver before it waits."""
+
+    window: int = 1 << 20
+    """Bytes buffered towards one peer (written, not yet taken by the kernel) above which,
+    not counting the last frame written, the sender waits; it goes on once they fall to a
+    quarter of it. 1 MiB: a few pushes of a mid-sized model, far below what a slow shard would
+    pile up. (The last frame is not counted so that one frame, however big, never waits.)"""
+    timeout_s: float = 5.0
+    """Longest wait before one more frame is handled anyway (see the module doc)."""
+
+
 Deliver = Callable[[str, list], None]
 """Called as ``deliver(sender, messages)`` on the loop thread for every frame received."""
 
@@ -183,6 +212,11 @@ class _Connection(asyncio.BufferedProtocol):
         self.start = self.end = 0  # unread bytes of scratch
         self.big: bytearray | None = None  # a frame larger than scratch, being read
         self.big_filled = 0
+        self.held = False  # reading paused by flow control
+        self.writing_paused = False  # the transport's buffer is above the window
+        self.over = False  # ... by more than the last frame: the sender waits (see write)
+        self.queued_bytes = 0  # frames waiting for the handshake
+        self.queued_last = 0  # the last of them
 
     # asyncio.BufferedProtocol ---------------------------------------------------------
 
@@ -191,9 +225,44 @@ class _Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        flow = self.endpoint.flow
+        if flow is not None:
+            transport.set_write_buffer_limits(high=flow.window, low=flow.window // 4)  # type: ignore[attr-defined]
         if self.outgoing:
             me = self.endpoint.name.encode()
             self._write_raw(MAGIC + self.nonce + me + b"\x00" + self.peer.encode())
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True  # whether to wait is decided in write, which caused it
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        if self.over:
+            self.over = False
+            self.endpoint._congestion(self)
+
+    @property
+    def congested(self) -> bool:
+        """Whether a sender writing here should wait (see :class:`FlowControl`)."""
+        flow = self.endpoint.flow
+        if self.over:
+            return True
+        return flow is not None and self.queued_bytes - self.queued_last > flow.window
+
+    def hold(self) -> None:
+        """Stop reading (flow control): frames stay in the kernel's buffers, then the peer's."""
+        if not self.held:
+            self.held = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def release(self) -> None:
+        """Read again; frames already read but held back are handled first (next loop turn:
+        never inside another frame's delivery)."""
+        if self.held:
+            self.held = False
+            if not self.transport.is_closing():  # type: ignore[union-attr]
+                self.transport.resume_reading()  # type: ignore[union-attr]
+            asyncio.get_running_loop().call_soon(self._consume)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.big is not None:
@@ -212,8 +281,12 @@ class _Connection(asyncio.BufferedProtocol):
                 self._frame(frame)
             return
         self.end += nbytes
+        self._consume()
+
+    def _consume(self) -> None:
+        """Handle the whole frames read into scratch, unless flow control holds them."""
         scratch = self.scratch
-        while self.end - self.start >= _LEN.size and not self.dropped:
+        while self.end - self.start >= _LEN.size and not self.dropped and not self.held:
             (size,) = _LEN.unpack_from(scratch, self.start)
             if not self.authenticated and size > _HANDSHAKE_MAX:
                 self._drop("oversized frame before authentication")
@@ -261,9 +334,10 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             self._write_raw(_mac(secret, b"client", nonce, me, self.peer.encode()))
             self.authenticated = True
-            for parts in self.queue:
+            queue, self.queue, self.queued_bytes, self.queued_last = self.queue, [], 0, 0
+            for parts in queue:
                 self.write(parts)
-            self.queue.clear()
+            self.endpoint._congestion(self)
         elif self.peer is None:  # first frame: MAGIC, nonce, sender, receiver
             if not data.startswith(MAGIC):
                 self._drop("not a distbelief peer")
@@ -282,6 +356,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._drop(f"a peer calling itself {self.peer!r} failed to authenticate")
                 return
             self.authenticated = True
+            self.endpoint._admitted(self)
 
     def _write_raw(self, payload: bytes) -> None:
         self.transport.write(_LEN.pack(len(payload)) + payload)
@@ -297,14 +372,33 @@ class _Connection(asyncio.BufferedProtocol):
 
     def write(self, parts: list[Any]) -> None:
         if not self.authenticated:
-            self.queue.append([bytes(p) for p in parts])  # the sender may reuse its tensors
+            frame = [bytes(p) for p in parts]  # the sender may reuse its tensors
+            self.queue.append(frame)
+            self.queued_last = sum(map(len, frame))
+            self.queued_bytes += self.queued_last
+            self.endpoint.peak_buffered = max(self.endpoint.peak_buffered, self.queued_bytes)
+            if self.endpoint.flow is not None and self.congested:
+                self.endpoint._congestion(self)
             return
         transport = self.transport
-        if sum(map(len, parts)) <= 65536:  # one write for small frames, no join for big ones
+        size = sum(map(len, parts))
+        if size <= 65536:  # one write for small frames, no join for big ones
             transport.write(b"".join(parts))
         else:
             for p in parts:
                 transport.write(p)
+        endpoint = self.endpoint
+        buffered = transport.get_write_buffer_size()
+        if buffered > endpoint.peak_buffered:
+            endpoint.peak_buffered = buffered
+        # Above the window by more than this frame: a frame sent before it is still there, so
+        # the peer is slow to take them: wait. One frame alone, however big, never makes the
+        # sender wait: a reply (a shard's fetch reply) then never waits for its requester,
+        # which sends no second request before it has read the reply (no cycle through it).
+        if self.writing_paused and not self.over and endpoint.flow is not None:
+            if buffered > endpoint.flow.window + size:
+                self.over = True
+                endpoint._congestion(self)
 
 
 class Endpoint:
@@ -313,6 +407,9 @@ class Endpoint:
     ``send`` may be called before a connection exists: messages wait, in order, until it is
     up. Messages to an address that refuses, or over a connection that breaks, are dropped:
     their receiver is dead, and the runtime's supervision takes it from there.
+
+    With ``flow`` (a :class:`FlowControl`) the endpoint waits for a congested peer as the
+    module doc says; it always reads from the peers named in ``exempt`` (the driver).
     """
 
     def __init__(
@@ -321,15 +418,28 @@ class Endpoint:
         secret: bytes,
         deliver: Deliver,
         on_error: Callable[[str, BaseException], None] | None = None,
+        flow: FlowControl | None = None,
+        exempt: Iterable[str] = (),
     ) -> None:
         self.name = name
         self.secret = secret
         self.deliver = deliver
         self.on_error = on_error
+        self.flow = flow
+        self.exempt = frozenset(exempt)
         self.addresses: dict[str, Address] = {}
         self.outgoing: dict[str, _Connection] = {}
         self.incoming: set[_Connection] = set()
         self.server: asyncio.AbstractServer | None = None
+        self.congested: set[_Connection] = set()  # outgoing connections above the window
+        self.waiting = False  # holding the incoming connections (flow control)
+        self.grace = False  # one frame let through after a timeout
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.waits = self.timeouts = 0
+        self.waited_s = 0.0
+        self.peak_buffered = 0
+        """Most bytes ever buffered towards one peer (written, not yet taken by the kernel)."""
 
     async def listen(self, sock: socket.socket) -> None:
         """Accept peers on an already bound, listening socket."""
@@ -380,11 +490,96 @@ class Endpoint:
             self.on_error(sender, exc)
             return
         self.deliver(sender, messages)
+        if self.grace:  # the one frame after a timeout is in: wait again
+            self.grace = False
+            if self.waiting:
+                self._steer()
 
     def _lost(self, conn: _Connection) -> None:
         self.incoming.discard(conn)
         if conn.outgoing and self.outgoing.get(conn.peer) is conn:
             del self.outgoing[conn.peer]
+        if conn in self.congested:  # a dead receiver is waited for no longer
+            self.congested.discard(conn)
+            self._steer()
+
+    # flow control -------------------------------------------------------------------------
+
+    def _congestion(self, conn: _Connection) -> None:
+        """An outgoing connection's buffer crossed the window, either way."""
+        if self.flow is None:
+            return
+        if conn.congested:
+            self.congested.add(conn)
+        else:
+            self.congested.discard(conn)
+        self._steer()
+
+    def _waits_for(self) -> frozenset[str]:
+        return frozenset(c.peer for c in self.congested)  # type: ignore[misc]
+
+    def _holds(self, conn: _Connection, waited: frozenset[str]) -> bool:
+        return conn.authenticated and conn.peer not in self.exempt and conn.peer not in waited
+
+    def _steer(self) -> None:
+        """Wait while some peer is congested, go on once none is; the peers waited for (and
+        the exempt ones) are read throughout."""
+        if self.congested:
+            waited = self._waits_for()
+            for conn in self.incoming:
+                if self._holds(conn, waited):
+                    conn.hold()
+                else:
+                    conn.release()
+            if not self.waiting:
+                self.waiting = True
+                self.waits += 1
+                self._since = time.monotonic()
+                self._arm()
+        elif self.waiting:
+            self.waiting = self.grace = False
+            self.waited_s += time.monotonic() - self._since
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            for conn in self.incoming:
+                conn.release()
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.flow.timeout_s, self._timed_out)  # type: ignore[union-attr]
+
+    def _timed_out(self) -> None:
+        """Waited ``timeout_s``: handle one more frame (from any peer), then wait again."""
+        self._timer = None
+        if not self.waiting:
+            return
+        self.timeouts += 1
+        log.warning(
+            "distbelief data plane of %s: waited %.1f s for %s to take what it was sent; "
+            "handling one more frame (a cycle of full buffers, or a very slow receiver)",
+            self.name, self.flow.timeout_s, ", ".join(sorted(self._waits_for())),  # type: ignore[union-attr]
+        )  # fmt: skip
+        self.grace = True
+        for conn in self.incoming:
+            conn.release()
+        self._arm()
+
+    def _admitted(self, conn: _Connection) -> None:
+        """An incoming connection authenticated: held at once if the endpoint is waiting."""
+        if self.waiting and not self.grace and self._holds(conn, self._waits_for()):
+            conn.hold()
+
+    def flow_stats(self) -> dict[str, Any]:
+        """What flow control did: ``waits`` (times it began waiting), ``waited_s``,
+        ``timeouts``, and ``peak_buffered`` (most bytes ever buffered towards one peer)."""
+        waited = self.waited_s + (time.monotonic() - self._since if self.waiting else 0.0)
+        return {
+            "waits": self.waits,
+            "waited_s": waited,
+            "timeouts": self.timeouts,
+            "peak_buffered": self.peak_buffered,
+        }
 
     def close(self) -> None:
         """Stop listening and close every connection."""
