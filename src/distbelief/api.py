@@ -429,8 +429,6 @@ def train(
             raise ConfigError("stages: Sandblaster's replicas are not split into stages (use 1)")
         if eval_every:
             raise ConfigError("eval_every: Sandblaster evaluates at the end only")
-        if checkpoint_dir is not None:
-            raise ConfigError("checkpoint_dir: Sandblaster has no checkpoints yet (Downpour has)")
         options = {k: v for k, v in given.items() if k in SANDBLASTER_ONLY and v is not None}
         config = SandblasterConfig(
             **options, batch_size=batch_size, replicas=replicas, shards=shards, seed=seed,
