@@ -7,13 +7,15 @@ machine's steps per second, the soak gets the epochs that take ``SECONDS`` at th
 faults are keyed on the step each replica reaches ``FAULT_EVERY_S`` seconds apart (keyed on
 counts, as every fault plan is). Set ``DISTBELIEF_SOAK_S`` for a longer soak.
 
-To add a kind of fault, add a maker to ``FAULT_KINDS``: the i-th fault of the plan, due ``at_s``
-seconds into training, is made by the kinds in turn; a maker returns a plan entry for an actor
-no earlier fault named (a plan kills each actor at most once).
+To add a kind of fault, add a maker to ``FAULT_KINDS`` with the most faults of its kind: the
+faults of the plan, due ``FAULT_EVERY_S`` seconds apart, are made by the kinds in turn; the
+i-th of a kind is made by ``make(i, at_s, rates)`` and names an actor no earlier fault named
+(a plan kills each actor at most once).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -49,21 +51,38 @@ def stage_kill(i: int, at_s: float, rates: Rates) -> str:
     return f"kill:replica{replica}.stage{i % STAGES}@step={step}"
 
 
-FAULT_KINDS: dict[str, FaultMaker] = {
-    "stage kill": stage_kill,
-    # "shard kill": once a shard is recoverable in one process (kill:shard<k>@update=N, with
-    # rates["shard_updates_per_s"]), add its maker here.
+def shard_kill(i: int, at_s: float, rates: Rates) -> str:
+    """Kill a parameter shard; the master restores it from the newest of the replicas'
+    copies (there is no checkpoint here) while the replicas keep going."""
+    return f"kill:shard{i}@update={max(1, int(at_s * rates['shard_updates_per_s']))}"
+
+
+def data_shard_kill(i: int, at_s: float, rates: Rates) -> str:
+    """Kill a data shard; it resumes its replica from the steps it last reported."""
+    replica = (11 * i + 5) % REPLICAS
+    return f"kill:data{replica}@message={max(3, int(at_s * rates['replica_steps_per_s']))}"
+
+
+FAULT_KINDS: dict[str, tuple[FaultMaker, int]] = {
+    # kind: (maker, most faults of the kind: a plan kills each actor at most once)
+    "stage kill": (stage_kill, REPLICAS * STAGES),
+    "shard kill": (shard_kill, SHARDS),
+    "data shard kill": (data_shard_kill, REPLICAS),
 }
 
 
 def plan_faults(rates: Rates, seconds: float) -> list[tuple[str, str]]:
-    """``(kind, plan entry)`` for a fault every ``FAULT_EVERY_S`` seconds of ``seconds``."""
-    kinds = list(FAULT_KINDS.items())
+    """``(kind, plan entry)`` for a fault every ``FAULT_EVERY_S`` seconds of ``seconds``, the
+    kinds in turn (a kind whose actors are all taken is passed over)."""
+    made: Counter[str] = Counter()
     out = []
     count = int((seconds - FIRST_FAULT_S - 2.0) // FAULT_EVERY_S) + 1  # none in the last 2 s
+    turns = itertools.cycle(FAULT_KINDS)
     for i in range(max(count, 1)):
-        kind, make = kinds[i % len(kinds)]
-        out.append((kind, make(i // len(kinds), FIRST_FAULT_S + i * FAULT_EVERY_S, rates)))
+        kind = next(k for k in turns if made[k] < FAULT_KINDS[k][1])
+        make = FAULT_KINDS[kind][0]
+        out.append((kind, make(made[kind], FIRST_FAULT_S + i * FAULT_EVERY_S, rates)))
+        made[kind] += 1
     return out
 
 
@@ -103,15 +122,23 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_seconds(monkeypatch, caps
     # Calibration: this machine's rate for this configuration, now.
     # Its rate between the first and the last progress report (past the start-up).
     seen: list[tuple[float, int]] = []
-    train(epochs=8, progress=lambda r: seen.append((time.perf_counter(), r.examples)))
+    calibration = train(epochs=8, progress=lambda r: seen.append((time.perf_counter(), r.examples)))
     (t_a, examples_a), (t_b, examples_b) = seen[len(seen) // 10], seen[-1]
     replica_steps_per_s = (examples_b - examples_a) / BATCH / (t_b - t_a) / REPLICAS
-    rates = {"replica_steps_per_s": replica_steps_per_s}
+    # Every replica step pushes to every shard at least once (each holds part of some stage).
+    shard_updates_per_s = (
+        replica_steps_per_s
+        * min(calibration.stats["updates_applied"])
+        / (calibration.stats["steps"] / REPLICAS)
+    )
+    rates = {"replica_steps_per_s": replica_steps_per_s, "shard_updates_per_s": shard_updates_per_s}
     steps_per_epoch = ROWS_PER_REPLICA // BATCH
     epochs = math.ceil(SECONDS * replica_steps_per_s / steps_per_epoch)
     faults = plan_faults(rates, SECONDS)
-    assert faults[-1][1].rpartition("=")[2].isdigit()
-    assert int(faults[-1][1].rpartition("=")[2]) < epochs * steps_per_epoch  # each one fires
+    assert {kind for kind, _ in faults} == set(FAULT_KINDS)
+    for _, spec in faults:  # each one fires: its count is reached before the run ends
+        count = int(spec.rpartition("=")[2])
+        assert count < epochs * steps_per_epoch * (REPLICAS if "@update=" in spec else 1), spec
 
     runtimes: list[LocalRuntime] = []
     real_make_runtime = downpour.make_runtime
@@ -138,8 +165,14 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_seconds(monkeypatch, caps
     assert math.isfinite(result.history.train[-1]["loss"])
     # Every fault fired once and was survived.
     killed = {spec.split(":")[1].split("@")[0] for _, spec in faults}
+    by_kind = Counter(kind for kind, _ in faults)
     assert result.stats["restarts_by_actor"] == dict.fromkeys(killed, 1)
     assert result.stats["restarts"] == len(faults)
+    # Each dead shard restored from the replicas' copies, at a version no older than its last
+    # report (lost_updates counts from there).
+    shard_recoveries = [r for r in result.stats["recoveries"] if r["actor"].startswith("shard")]
+    assert len(shard_recoveries) == by_kind["shard kill"]
+    assert all(r["lost_updates"] >= 0 and "replica" in r["source"] for r in shard_recoveries)
     # Memory: the second half's peak within MEMORY_SLACK of the first half's.
     assert len(samples) >= 20
     middle = (samples[0][0] + samples[-1][0]) / 2
@@ -152,7 +185,6 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_seconds(monkeypatch, caps
     assert len(runtimes) == 1 and runtimes[0].hosted() == []
 
     with capsys.disabled():
-        by_kind = Counter(kind for kind, _ in faults)
         print(
             f"\nsoak: {result.stats['train_s']:.0f} s of training, {epochs} epochs, "
             f"{result.stats['steps']} steps ({replica_steps_per_s:.1f} steps/s per replica); "
@@ -160,5 +192,6 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_seconds(monkeypatch, caps
             + ", ".join(f"{k} {n}/{n}" for k, n in by_kind.items())
             + f"; peak RSS first half {first / 2**20:.1f} MiB, second half "
             f"{second / 2**20:.1f} MiB ({(second / first - 1) * 100:+.1f}%); "
-            f"messages queued at most {max(queued)} ({len(samples)} samples)"
+            f"messages queued at most {max(queued)} ({len(samples)} samples); updates lost "
+            f"per shard kill {[r['lost_updates'] for r in shard_recoveries]}"
         )
