@@ -134,6 +134,7 @@ def test_human_output_has_progress_summary_and_truth_table(
         (["--shard-updates", "hogwild"], "shard-updates: applies to --runtime processes"),
         (["--runtime", "processes", "--shard-updates", "racy"], "shard-updates: choose"),
         (["--inject", "kill:shard9@update=3"], "faults: kill:shard9@update=3 names no actor"),
+        (["--inject", "kill:replica0.stage0@step=999999"], "step=999999 can never fire"),
         (["--inject", "delay:shard0=5"], "inject: 'delay:shard0=5' is not delay:ACTOR=DURATION"),
         (["--inject", "delay:replica9=5ms"], "faults: delay:replica9=5ms slows no actor"),
     ],

@@ -105,6 +105,15 @@ def run(faults, **kw):
         ("kill:shard7@update=3", r"kill:shard7@update=3 names no actor of this run \(actors: "),
         ("kill:data0@update=3", "kill:data0@update=3: data0 applies no updates"),
         ("delay:shard7=1ms", r"delay:shard7=1ms slows no actor of this run \(actors: "),
+        # 128 rows, 1 replica, batch 16, 1 epoch: steps 0..7, 8 pushes to the shard
+        (
+            "kill:replica0.stage0@step=8",
+            "kill:replica0.stage0@step=8 can never fire: its last step is 7 in this run",
+        ),
+        (
+            "kill:shard0@update=9",
+            "kill:shard0@update=9 can never fire: it applies at most 8 updates in this run",
+        ),
     ],
 )
 def test_a_plan_that_can_never_fire_is_refused_before_training(runtime, fault, match):
@@ -181,3 +190,22 @@ def test_a_delayed_shard_on_processes_slows_it_and_the_run_completes():
     result = run(["delay:shard0=2ms"], replicas=2, shards=2, runtime="processes")
     assert result.stats["examples"] == 128
     assert torch.isfinite(flatten(result.model.children())).all()
+
+
+def test_the_counts_a_run_reaches_bound_the_plan():
+    from distbelief import DownpourConfig, downpour
+
+    model = mlp([10, 16, 16, 3])
+    stage_layers = [list(model.children())[:2], list(model.children())[2:]]
+    layout = downpour.build_layout(stage_layers, 3)
+    config = DownpourConfig(lr=0.1, batch_size=16, epochs=2, replicas=2, shards=3, n_push=3)
+    most = downpour.most_counts(config, layout, 64, 2)  # 32 rows a replica: 4 steps
+    assert most["data1"] == most["replica1.stage1"] == {"step": 3}
+    # each replica pushes ceil(4 / 3) = 2 times per stage to each shard holding part of it
+    held_by = [{seg.shard for seg in layout.segments_of_stage(s)} for s in range(2)]
+    for k in range(3):
+        assert most[f"shard{k}"] == {"update": 2 * 2 * sum(k in h for h in held_by)}
+    fault_plans.check_reachable([parse("kill:replica1.stage0@step=3")], most)  # the last: fires
+    with pytest.raises(distbelief.ConfigError, match="step=4 can never fire: its last step is 3"):
+        fault_plans.check_reachable([parse("kill:replica1.stage0@step=4")], most)
+    fault_plans.check_reachable([parse("kill:master@message=99999")], most)  # not judged here

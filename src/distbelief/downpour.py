@@ -43,7 +43,7 @@ from .messages import (
     StageBuffers,
     TrainingDone,
 )
-from .runtime import make_runtime
+from .runtime import faults, make_runtime
 
 log = logging.getLogger("distbelief")
 
@@ -179,6 +179,10 @@ def _run(
             parameters=describe_parameters(layers),
             config=checkpoint_config(config, len(rows), checkpoint_meta),
         )
+    # A planned fault whose count this run never reaches is refused before anything starts.
+    plan = faults.plan(config.runtime_options.get("faults"))
+    if plan:
+        faults.check_reachable(plan, most_counts(config, layout, len(rows), len(stage_layers)))
     rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
     try:
         shard_refs = tuple(
@@ -304,6 +308,26 @@ def _run(
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()
+
+
+def most_counts(
+    config: DownpourConfig, layout: Layout, rows: int, stages: int
+) -> dict[str, dict[str, int]]:
+    """The last step number each replica's data shard and stages see, and the most updates
+    each shard applies, in a run where no fault makes a replica redo a step: what a fault
+    plan's counts are checked against (``faults.check_reachable``)."""
+    most: dict[str, dict[str, int]] = {}
+    updates = [0] * len(layout.shard_ranges)
+    for r, (lo, hi) in enumerate(replica_ranges(rows, config.replicas)):
+        steps = config.epochs * -(-(hi - lo) // config.batch_size)
+        most[f"data{r}"] = {"step": steps - 1}  # steps are numbered from 0
+        for s in range(stages):
+            most[f"replica{r}.stage{s}"] = {"step": steps - 1}
+            for shard in {seg.shard for seg in layout.segments_of_stage(s)}:
+                updates[shard] += -(-steps // config.n_push)  # a push per n_push steps
+    for k, n in enumerate(updates):
+        most[f"shard{k}"] = {"update": n}
+    return most
 
 
 INTERRUPTED = -2

@@ -209,6 +209,26 @@ def check_targets(faults: Iterable[Fault | Delay], actors: Mapping[str, Any]) ->
             )
 
 
+def check_reachable(faults: Iterable[Fault | Delay], most: Mapping[str, Mapping[str, int]]) -> None:
+    """Refuse a fault whose count this run never reaches: ``most[actor][at]`` is the largest
+    count the actor reaches when no fault redoes work (e.g. ``{"replica0.stage1": {"step":
+    467}, "shard1": {"update": 1868}}``); a fault on an actor or counter not in ``most`` is not
+    judged here."""
+    for fault in faults:
+        if isinstance(fault, Delay):
+            continue
+        limit = most.get(fault.actor, {}).get(fault.at)
+        if limit is not None and fault.count > limit:
+            what = {"step": "its last step is", "update": "it applies at most"}.get(
+                fault.at, f"its {fault.at} count reaches at most"
+            )
+            raise ConfigError(
+                f"faults: {fault} can never fire: {what} {limit:,}"
+                + (" updates" if fault.at == "update" else "")
+                + " in this run"
+            )
+
+
 def _known(actors: Mapping[str, Any]) -> str:
     return "actors: " + ", ".join(sorted(actors)[:12]) + (", ..." if len(actors) > 12 else "")
 
