@@ -178,8 +178,18 @@ def test_console_script_is_installed_and_fails_cleanly() -> None:
     assert proc.stdout == ""
 
 
-def test_shard_updates_reach_the_processes_runtime(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("argv", "options"),
+    [
+        (["--runtime", "ray", "--address", "10.0.0.5:6379"], {"address": "10.0.0.5:6379"}),
+        (["--runtime", "processes", "--shard-updates", "hogwild"], {"shard_updates": "hogwild"}),
+    ],
+)
+def test_runtime_flags_reach_the_runtime(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    options: dict[str, str],
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -188,25 +198,9 @@ def test_shard_updates_reach_the_processes_runtime(
         raise ConfigError("runtime: stopped by the test")
 
     monkeypatch.setattr(cli, "train", fake_train)
-    argv = ("train", "digits", "--runtime", "processes", "--shard-updates", "hogwild")
-    code, _, err = run(capsys, *argv)
+    code, _, err = run(capsys, "train", "digits", *argv)
     assert code == 2 and "stopped by the test" in err
-    assert seen["runtime_options"] == {"shard_updates": "hogwild"}
-
-
-def test_address_reaches_the_ray_runtime(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: dict[str, Any] = {}
-
-    def fake_train(*args: Any, **kwargs: Any) -> None:
-        seen.update(kwargs)
-        raise ConfigError("runtime: stopped by the test")
-
-    monkeypatch.setattr(cli, "train", fake_train)
-    code, _, err = run(capsys, "train", "digits", "--runtime", "ray", "--address", "10.0.0.5:6379")
-    assert code == 2 and "stopped by the test" in err
-    assert seen["runtime"] == "ray" and seen["runtime_options"] == {"address": "10.0.0.5:6379"}
+    assert seen["runtime"] == argv[1] and seen["runtime_options"] == options
 
 
 def test_ctrl_c_during_a_run_exits_130_with_one_line(

@@ -548,18 +548,10 @@ def hogwild(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[
         for mode in HOGWILD_MODES:
             t = time.perf_counter()
             result = train(
-                mlp(MLP, seed=seed),
-                train_data,
-                loss="cross_entropy",
-                lr=lr,
-                batch_size=batch,
-                epochs=epochs,
-                replicas=workers,
-                optimizer="adagrad",
-                seed=seed,
-                runtime="processes",
-                runtime_options={"shard_updates": mode},
-            )
+                mlp(MLP, seed=seed), train_data, loss="cross_entropy", lr=lr, batch_size=batch,
+                epochs=epochs, replicas=workers, optimizer="adagrad", seed=seed,
+                runtime="processes", runtime_options={"shard_updates": mode},
+            )  # fmt: skip
             startup[mode].append(time.perf_counter() - t - result.stats["train_s"])
             engine[mode].append(result.stats["examples_per_s"])
         _say(
