@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from conftest import RUNTIMES, mlp
 from torch import nn
 
 import distbelief
@@ -69,7 +69,16 @@ def test_single_replica_equals_plain_torch_optim_loop(runtime, optimizer, make_o
     assert result.stats["updates_applied"] == [2 * 256 // 16]
 
 
-@pytest.mark.parametrize("stages, shards", [(3, 1), (1, 4), (3, 4), ([1, 4], 2)])
+SPLITS = [(3, 1), (1, 4), (3, 4), ([1, 4], 2)]
+
+
+# Every split on the runtimes of one machine; on Ray (a transport, not a different split, and
+# seconds a run) the one with most stages and shards.
+@pytest.mark.parametrize(
+    "runtime, stages, shards",
+    [(rt, st, sh) for rt in RUNTIMES for st, sh in SPLITS if rt != "ray" or (st, sh) == (3, 4)],
+    indirect=["runtime"],
+)
 def test_stages_and_shards_do_not_change_a_single_replica_run(runtime, stages, shards):
     model = mlp([10, 16, 16, 3])
     x, y = toy_data()
