@@ -137,6 +137,11 @@ class HeldSegment:
         if self.readers:
             self.copy_on_write()
         self.step(grads)
+        self.count_update()
+
+    def count_update(self) -> None:
+        """One more update in the version (``apply`` does it; a Hogwild push claims it first
+        under the shard's lock and steps afterwards without it)."""
         self._version[0] += 1
 
     def step(self, grads: Sequence[torch.Tensor]) -> None:
@@ -363,7 +368,7 @@ class ParameterShard(Actor):
             if staleness < 0:
                 staleness = 0
             if self._hogwild:
-                held._version[0] += 1  # claimed here, applied below without the lock
+                held.count_update()  # claimed here, applied below without the lock
             else:
                 held.apply(msg.grads)
             counts[0] += 1
