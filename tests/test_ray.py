@@ -4,8 +4,10 @@ stage restarted mid-run, failures that end a run, nothing left behind, loopback 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
+import threading
 
 import pytest
 import torch
@@ -108,11 +110,28 @@ def test_a_peer_without_the_runs_secret_is_dropped_unheard():
     assert got == []
 
 
+@contextlib.contextmanager
+def _receiver_on_its_own_loop(name: str, secret: bytes, deliver):
+    """An endpoint listening on an event loop of its own thread, as in another process: yields
+    it and its address; closed, and its loop stopped, after."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    endpoint = Endpoint(name, secret, deliver)
+    sock = listening_socket("127.0.0.1")
+    asyncio.run_coroutine_threadsafe(endpoint.listen(sock), loop).result(10)
+    try:
+        yield endpoint, sock.getsockname()[:2]
+    finally:
+        loop.call_soon_threadsafe(endpoint.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
 async def _relay_to_a_slow_receiver(flow: FlowControl | None, n: int, size: int) -> tuple:
     """Source "s" sends ``n`` frames of ``size`` bytes to relay "m", which forwards each to
     "r", whose handler sleeps 5 ms per message (on a loop of its own, as another process).
     Returns the steps "r" got, in order, and the relay's flow statistics."""
-    import threading
     import time
 
     secret = b"s" * 32
@@ -126,28 +145,20 @@ async def _relay_to_a_slow_receiver(flow: FlowControl | None, n: int, size: int)
         if len(got) == n:
             done.set()
 
-    r_loop = asyncio.new_event_loop()
-    r_thread = threading.Thread(target=r_loop.run_forever, daemon=True)
-    r_thread.start()
-    r = Endpoint("r", secret, slow)
-    r_sock = listening_socket("127.0.0.1")
-    asyncio.run_coroutine_threadsafe(r.listen(r_sock), r_loop).result(10)
-    m = Endpoint("m", secret, lambda sender, messages: m.send("r", messages), flow=flow)
-    m_sock = listening_socket("127.0.0.1")
-    await m.listen(m_sock)
-    m.set_addresses({"r": r_sock.getsockname()[:2]})
-    s = Endpoint("s", secret, lambda *_: None)
-    s.set_addresses({"m": m_sock.getsockname()[:2]})
-    for i in range(n):
-        s.send("m", [Forward(i, torch.full((size // 4,), float(i)), torch.tensor([i]))])
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, done.wait, 60)
-    stats = m.flow_stats()
-    s.close()
-    m.close()
-    r_loop.call_soon_threadsafe(r.close)
-    r_loop.call_soon_threadsafe(r_loop.stop)
-    r_thread.join(10)
+    with _receiver_on_its_own_loop("r", secret, slow) as (_, r_address):
+        m = Endpoint("m", secret, lambda sender, messages: m.send("r", messages), flow=flow)
+        m_sock = listening_socket("127.0.0.1")
+        await m.listen(m_sock)
+        m.set_addresses({"r": r_address})
+        s = Endpoint("s", secret, lambda *_: None)
+        s.set_addresses({"m": m_sock.getsockname()[:2]})
+        for i in range(n):
+            s.send("m", [Forward(i, torch.full((size // 4,), float(i)), torch.tensor([i]))])
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, done.wait, 60)
+        stats = m.flow_stats()
+        s.close()
+        m.close()
     return got, stats
 
 
@@ -176,8 +187,6 @@ async def _one_big_frame_then_another() -> tuple[bool, bool, bool, list[int]]:
     """ "s" sends to "r" (a loop of its own, stuck in its first delivery until told): one frame
     far bigger than the window, then a second. Returns whether s waited after each, whether
     the first filled its buffer past the window, and the steps r got once it went on."""
-    import threading
-
     secret, window = b"s" * 32, 64 * 1024
     got: list[int] = []
     first, go, done = threading.Event(), threading.Event(), threading.Event()
@@ -189,28 +198,20 @@ async def _one_big_frame_then_another() -> tuple[bool, bool, bool, list[int]]:
         if len(got) == 3:
             done.set()
 
-    r_loop = asyncio.new_event_loop()
-    r_thread = threading.Thread(target=r_loop.run_forever, daemon=True)
-    r_thread.start()
-    r = Endpoint("r", secret, deliver)
-    r_sock = listening_socket("127.0.0.1")
-    asyncio.run_coroutine_threadsafe(r.listen(r_sock), r_loop).result(10)
-    s = Endpoint("s", secret, lambda *_: None, flow=FlowControl(window, 30.0))
-    s.set_addresses({"r": r_sock.getsockname()[:2]})
-    loop = asyncio.get_running_loop()
-    s.send("r", [Forward(0, torch.zeros(1), torch.tensor([0]))])
-    await loop.run_in_executor(None, first.wait, 30)  # connected, and r is stuck
-    big = torch.zeros(8 << 20)  # 32 MiB: more than the kernel takes at once
-    s.send("r", [Forward(1, big, torch.tensor([1]))])
-    after_one, past_window = s.waiting, s.outgoing["r"].writing_paused
-    s.send("r", [Forward(2, torch.zeros(1), torch.tensor([2]))])
-    after_two = s.waiting
-    go.set()
-    await loop.run_in_executor(None, done.wait, 30)
-    s.close()
-    r_loop.call_soon_threadsafe(r.close)
-    r_loop.call_soon_threadsafe(r_loop.stop)
-    r_thread.join(10)
+    with _receiver_on_its_own_loop("r", secret, deliver) as (_, r_address):
+        s = Endpoint("s", secret, lambda *_: None, flow=FlowControl(window, 30.0))
+        s.set_addresses({"r": r_address})
+        loop = asyncio.get_running_loop()
+        s.send("r", [Forward(0, torch.zeros(1), torch.tensor([0]))])
+        await loop.run_in_executor(None, first.wait, 30)  # connected, and r is stuck
+        big = torch.zeros(8 << 20)  # 32 MiB: more than the kernel takes at once
+        s.send("r", [Forward(1, big, torch.tensor([1]))])
+        after_one, past_window = s.waiting, s.outgoing["r"].writing_paused
+        s.send("r", [Forward(2, torch.zeros(1), torch.tensor([2]))])
+        after_two = s.waiting
+        go.set()
+        await loop.run_in_executor(None, done.wait, 30)
+        s.close()
     return after_one, past_window, after_two, got
 
 
