@@ -7,17 +7,20 @@ Invalid arguments exit with status 2 and one line on stderr, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import tomllib
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +41,7 @@ from .errors import (
     ActorFailed,
     ConfigError,
     Deadlock,
+    RunStopped,
     RunTimeout,
     TrainingDiverged,
     TrainingInterrupted,
@@ -54,8 +58,9 @@ USAGE_ERROR = 2
 """Exit status for invalid arguments (the convention of click and of most Unix tools)."""
 RUN_ERROR = 1
 """Exit status when a valid run fails (an actor raised, a timeout, a deadlock)."""
-INTERRUPTED = 130
-"""Exit status after Ctrl-C (128 + SIGINT, as shells report it)."""
+INTERRUPTED = 128 + signal.SIGINT
+"""Exit status after Ctrl-C (130: 128 + SIGINT, as shells report it); after SIGTERM it is
+143 (128 + SIGTERM)."""
 
 app = typer.Typer(
     name="distbelief",
@@ -79,8 +84,12 @@ class UsageFailure(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C stopped the run. (Not a KeyboardInterrupt: typer would turn that into a silent
-    exit before ``main`` sees it.)"""
+    """Ctrl-C or SIGTERM stopped the run; ``signum`` says which. (Not a KeyboardInterrupt:
+    typer would turn that into a silent exit before ``main`` sees it.)"""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -1079,8 +1088,8 @@ def _run_job(
         if runlog is not None:
             runlog.discard()  # nothing was trained: leave no empty run directory behind
         raise UsageFailure(str(exc)) from None
-    except TrainingInterrupted:
-        raise Interrupted from None
+    except TrainingInterrupted as exc:
+        raise Interrupted(exc.signum) from None
     wall_s = time.perf_counter() - t_train
     if isinstance(result.config, SandblasterConfig):
         return sandblaster_summary(dataset, result.config, widths, result, wall_s, data_s)
@@ -1246,26 +1255,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``distbelief`` console script; returns the exit status.
 
     Click's own usage errors, our argument checks and ``ConfigError`` all become one line on
-    stderr and status 2; a failed run becomes one line and status 1.
+    stderr and status 2; a failed run becomes one line and status 1; Ctrl-C 130 and SIGTERM 143
+    (a run stops between two messages and every worker is reaped, as for Ctrl-C).
     """
     command = typer.main.get_command(app)
     args = list(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:  # diagnostics (warnings and worse) on stderr
         logging.basicConfig(format="distbelief: %(levelname)s: %(name)s: %(message)s")
-    try:
-        # standalone_mode=False: click's errors reach us instead of a multi-line rich panel
-        rv = command.main(args=args or ["--help"], prog_name="distbelief", standalone_mode=False)
-    except _PARSE_ERRORS as exc:
-        return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
-    except UsageFailure as exc:
-        return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
-    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
-        return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
-    except (Interrupted, KeyboardInterrupt, typer.Abort):
-        return _fail("interrupted", INTERRUPTED)
-    if rv == INTERRUPTED:  # Ctrl-C outside a run (e.g. generating data): typer's silent exit
-        return _fail("interrupted", INTERRUPTED)
+    with _sigterm_as_stop() as stopped:
+        try:
+            # standalone_mode=False: click's errors reach us instead of a multi-line rich panel
+            rv = command.main(
+                args=args or ["--help"], prog_name="distbelief", standalone_mode=False
+            )
+        except _PARSE_ERRORS as exc:
+            return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
+        except UsageFailure as exc:
+            return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
+        except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
+            return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
+        except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+            cause = exc.__cause__ or exc  # typer's Abort wraps the KeyboardInterrupt
+            return _stopped(getattr(cause, "signum", stopped[0] if stopped else signal.SIGINT))
+    if rv == INTERRUPTED:  # a stop outside a run (e.g. generating data): typer's silent exit
+        return _stopped(stopped[0] if stopped else signal.SIGINT)
     return rv if isinstance(rv, int) else 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_stop() -> Iterator[list[int]]:
+    """Outside a run (loading data, building the model), SIGTERM stops the command as Ctrl-C
+    does: an exception, so clean-up code runs. (During a run the runtime takes both signals
+    between two messages instead.) Yields the list of stop signals received."""
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        raise RunStopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stopped
+        return
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(signum: int) -> int:
+    """One line and the shell's status for a stop signal: 130 for SIGINT, 143 for SIGTERM."""
+    what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    return _fail(what, 128 + signum)
 
 
 def entry() -> None:

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import logging
 import math
+import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -301,10 +302,11 @@ def _run(
                     finite = bool(torch.isfinite(weights).all())
                     model = _assemble(stage_layers, weights, buffers) if finite else None
                     raise TrainingDiverged(reply.reason, model)
-        except KeyboardInterrupt:
-            # Ctrl-C: the runtimes stop between two messages, so every actor is whole.
+        except KeyboardInterrupt as stop:
+            # Ctrl-C or SIGTERM: the runtimes stop between two messages, so every actor is whole.
             weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
-            raise TrainingInterrupted(_assemble(stage_layers, weights, buffers)) from None
+            model = _assemble(stage_layers, weights, buffers)
+            raise TrainingInterrupted(model, getattr(stop, "signum", signal.SIGINT)) from None
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()

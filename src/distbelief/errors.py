@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 
@@ -24,6 +25,16 @@ class ActorFailed(RuntimeError):
 
 class RunTimeout(TimeoutError):
     """A blocking wait ran past its timeout; the message says what was being waited for."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """A runtime stopped a run between two messages because the process got a stop signal
+    (SIGINT, i.e. Ctrl-C, or SIGTERM); ``signum`` says which. A KeyboardInterrupt, so code that
+    handles Ctrl-C handles both."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 class Deadlock(RuntimeError):
@@ -54,13 +65,15 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped :func:`distbelief.train`; nothing trained until then is lost.
+    """Ctrl-C or SIGTERM stopped :func:`distbelief.train`; nothing trained until then is lost.
 
     A KeyboardInterrupt, so an uncaught one ends a script as Ctrl-C does; caught, its ``model``
-    is a new module with the shards' parameters at the interruption and replica 0's buffers.
+    is a new module with the shards' parameters at the interruption and replica 0's buffers,
+    and ``signum`` the signal that stopped it (``signal.SIGINT`` or ``signal.SIGTERM``).
     A second Ctrl-C while they are being collected gives up on them (plain KeyboardInterrupt).
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, signum: int = signal.SIGINT) -> None:
         super().__init__("training interrupted; the model trained so far is in .model")
         self.model = model
+        self.signum = signum

@@ -5,6 +5,7 @@ until the coordinator reports, collect the parameters from the shards, build the
 from __future__ import annotations
 
 import copy
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -213,9 +214,10 @@ def _run(
                     progress(reply)
                 if trace is not None:
                     _trace(rt, shard_refs, reply, trace, pending)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             weights = collect(rt, shard_refs, "x")
-            raise TrainingInterrupted(_assemble([layers], weights, ({},))) from None
+            model = _assemble([layers], weights, ({},))
+            raise TrainingInterrupted(model, getattr(stop, "signum", signal.SIGINT)) from None
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()

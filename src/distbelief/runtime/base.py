@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from ..errors import RunStopped
+
 F = TypeVar("F", bound=Callable[..., None])
 
 
@@ -157,26 +159,54 @@ class Runtime(Protocol):
 
         The caller stops iterating when it has the reply it wants. Raises ``RunTimeout`` when
         ``timeout`` seconds pass in all, and ``ActorFailed`` when an actor raises (or dies
-        and cannot be restarted). Ctrl-C raises ``KeyboardInterrupt`` between two messages
-        (see :func:`sigint_as_flag`); the runtime can still be conversed with afterwards.
+        and cannot be restarted). Ctrl-C or SIGTERM raises :class:`RunStopped` between two
+        messages (see :func:`stop_signals_as_flag`); the runtime can still be conversed with
+        afterwards.
         """
 
     def shutdown(self) -> None:
         """Stop every actor of the run and release the runtime's resources."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""The signals that stop a run as Ctrl-C does (SIGTERM is what a service manager or ``kill``
+sends)."""
+
+
+class StopFlag(threading.Event):
+    """Set by a stop signal during a run; ``signum`` is the signal that set it."""
+
+    signum: int = signal.SIGINT
+
+    def stop(self, signum: int) -> None:
+        """Record the signal and set the flag (a second signal keeps the first's number)."""
+        if not self.is_set():
+            self.signum = signum
+        self.set()
+
+    def raise_if_set(self) -> None:
+        """Raise :class:`RunStopped` if a stop signal came: call it between two messages."""
+        if self.is_set():
+            raise RunStopped(self.signum)
+
+
 @contextlib.contextmanager
-def sigint_as_flag() -> Iterator[threading.Event]:
-    """While a run converses, Ctrl-C only sets a flag, which the runtime turns into
-    KeyboardInterrupt between two messages: no handler is cut off half-way, so the actors'
-    state stays whole and the driver can still collect the parameters trained so far. (A
-    KeyboardInterrupt raised inside Ray's own calls was also seen to vanish there.)"""
-    flag = threading.Event()
+def stop_signals_as_flag() -> Iterator[StopFlag]:
+    """While a run converses, Ctrl-C (SIGINT) and SIGTERM only set a flag, which the runtime
+    turns into :class:`RunStopped` (a KeyboardInterrupt) between two messages: no handler is
+    cut off half-way, so the actors' state stays whole and the driver can still collect the
+    parameters trained so far. (A KeyboardInterrupt raised inside Ray's own calls was also seen
+    to vanish there.) The previous handlers are restored on exit, so a second signal while the
+    trained parameters are collected acts as it would have before the run."""
+    flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
-        yield flag  # signal handlers belong to the main thread; elsewhere Ctrl-C is not ours
+        yield flag  # signal handlers belong to the main thread; elsewhere signals are not ours
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    previous = {}
     try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, lambda n, frame: flag.stop(n))
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

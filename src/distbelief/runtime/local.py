@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import random
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from typing import Any
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from ..messages import ActorRestarted
 from . import faults as fault_plans
-from .base import Actor, sigint_as_flag
+from .base import Actor, StopFlag, stop_signals_as_flag
 
 
 class _Cell:
@@ -163,19 +162,18 @@ class LocalRuntime:
             self._partner = ref
         self.tell(ref, message)
         inbox = self._driver_inbox
-        with sigint_as_flag() as interrupted:
+        with stop_signals_as_flag() as interrupted:
             while True:
                 self._run_until_reply(deadline, interrupted)
                 while inbox:
                     yield inbox.popleft()
 
-    def _run_until_reply(self, deadline: float, interrupted: threading.Event) -> None:
+    def _run_until_reply(self, deadline: float, interrupted: StopFlag) -> None:
         ready = self._ready
         inbox = self._driver_inbox
         uniform = self._rng.random  # int(uniform() * n) picks in [0, n): cheaper than randrange
         delivered = 0
-        if interrupted.is_set():
-            raise KeyboardInterrupt
+        interrupted.raise_if_set()
         if time.monotonic() > deadline:
             raise RunTimeout("the run did not finish within its timeout")
         try:
@@ -212,8 +210,7 @@ class LocalRuntime:
                     raise ActorFailed(cell.name, type(message).__name__, exc) from exc
                 delivered += 1
                 if not delivered & 255:  # about every 0.1-1 ms
-                    if interrupted.is_set():
-                        raise KeyboardInterrupt  # between two messages: every actor is whole
+                    interrupted.raise_if_set()  # between two messages: every actor is whole
                     if time.monotonic() > deadline:
                         raise RunTimeout("the run did not finish within its timeout")
         finally:

@@ -22,14 +22,15 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
 * **Supervision.** A worker whose actor raises reports it and stops; a worker that dies is named
   by the actor it was handling (one shared slot per worker). Either ends the run with
   :class:`ActorFailed`. There are no restarts here: a run on one machine is simply run again.
-  Workers ignore SIGINT (Ctrl-C is the driver's: :func:`sigint_as_flag`) and exit when the
-  driver's process is gone. :meth:`ProcessesRuntime.shutdown` kills and reaps every worker;
+  Workers ignore SIGINT (Ctrl-C and SIGTERM are the driver's: :func:`stop_signals_as_flag`)
+  and die with the driver's process, even one killed with SIGKILL (a parent-death signal). :meth:`ProcessesRuntime.shutdown` kills and reaps every worker;
   shared memory uses torch's file-descriptor strategy (unlinked at creation), so nothing is
   left in ``/dev/shm``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import pickle
@@ -49,7 +50,7 @@ import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from . import faults as fault_plans
-from .base import Actor, Failure, NamedRef, sigint_as_flag
+from .base import Actor, Failure, NamedRef, StopFlag, stop_signals_as_flag
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -57,6 +58,8 @@ SHARED = -1
 """Home of an actor hosted in every process."""
 BATCH = 64
 """Messages a run loop delivers between two looks at its pipes."""
+PR_SET_PDEATHSIG = 1
+"""prctl(2) option: the signal a process gets when its parent dies."""
 
 
 class ProcRef(NamedRef):
@@ -290,9 +293,24 @@ def _group(name: str) -> int | None:
     return int(match.group()) if match else None
 
 
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when the driver's process dies (Linux's
+    parent-death signal), so that a driver killed with SIGKILL leaves no worker behind; the run
+    loop also checks for a new parent, where the call is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:  # the driver died before the call took effect
+        os._exit(1)
+
+
 def _worker_main(host: _Host, threads: int, parent: int) -> None:
     """A worker's life: run its actors until the driver kills it (or is gone)."""
+    _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's stop handler it inherited
     if threads > 0:
         torch.set_num_threads(threads)
     if host.index > 1 and host.seed is not None:
@@ -317,8 +335,8 @@ def _worker_main(host: _Host, threads: int, parent: int) -> None:
                     exc.actor, exc.message, exc.cause, "".join(traceback.format_exception(exc))
                 )
                 host.post(DRIVER, failure, ProcRef(exc.actor))
-            continue
-        host.receive(0.5)
+        else:
+            host.receive(0.5)
         if os.getppid() != parent:
             os._exit(1)  # the driver is gone: nobody will collect what this process does
 
@@ -434,17 +452,16 @@ class ProcessesRuntime:
         host = self._host
         self.tell(ref, message)
         inbox = host.inbox
-        with sigint_as_flag() as interrupted:
+        with stop_signals_as_flag() as interrupted:
             while True:
                 self._run_until_reply(deadline, interrupted)
                 while inbox:
                     yield inbox.popleft()
 
-    def _run_until_reply(self, deadline: float, interrupted: threading.Event) -> None:
+    def _run_until_reply(self, deadline: float, interrupted: StopFlag) -> None:
         host = self._host
         while not host.inbox:
-            if interrupted.is_set():
-                raise KeyboardInterrupt  # between two messages: every actor is whole
+            interrupted.raise_if_set()  # between two messages: every actor is whole
             if time.monotonic() > deadline:
                 raise RunTimeout("the run did not finish within its timeout")
             host.receive(0.0)

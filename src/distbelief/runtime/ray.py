@@ -56,7 +56,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..errors import ActorFailed, ConfigError, RunTimeout
 from ..messages import ActorRestarted
 from . import faults as fault_plans
-from .base import Actor, Failure, NamedRef, sigint_as_flag
+from .base import Actor, Failure, NamedRef, stop_signals_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
 from .ray_wire import Address, Endpoint, FlowControl, listening_socket
@@ -486,11 +486,10 @@ class RayRuntime:
         self._start_pending(min(deadline, time.monotonic() + self._startup_timeout))
         self._partner = ref
         self._barrier(list(self._specs), deadline)  # the wiring is in place before anything flows
-        with sigint_as_flag() as interrupted:
+        with stop_signals_as_flag() as interrupted:
             self._send(ref.name, message)
             while True:
-                if interrupted.is_set():
-                    raise KeyboardInterrupt  # the caller's clean-up (shutdown) runs from here
+                interrupted.raise_if_set()  # the caller's clean-up (shutdown) runs from here
                 yield from self._poll(deadline)
 
     def shutdown(self) -> None:
