@@ -9,9 +9,11 @@ signal can end the workers).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,3 +125,47 @@ def test_no_worker_of_a_processes_run_outlives_its_driver(tmp_path, sig):
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_nothing_of_a_ray_run_outlives_its_driver(sig):
+    pytest.importorskip("ray", reason="the Ray runtime needs the 'ray' extra")
+    from distbelief.runtime.ray_watchdog import instance_processes
+
+    # A short temp dir of the run's own (Ray's socket paths must stay under 108 bytes); the
+    # driver's private Ray instance keeps its files in a distbelief-ray-* dir inside it.
+    tmp = tempfile.mkdtemp(prefix="db-stop-", dir="/tmp")
+    cmd = [sys.executable, "-m", "distbelief", "train", "--runtime", "ray", "--replicas", "2",
+           "--stages", "1", "--shards", "1", "--epochs", "500", "--seed", "0", "--no-run-dir",
+           "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
+    driver = subprocess.Popen(
+        cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        instance = _wait_for(lambda: list(Path(tmp).glob("distbelief-ray-*")), 120, "Ray")[0]
+
+        def hosts_running() -> bool:  # the run's actors are up: it is training
+            for pid in instance_processes(str(instance)):
+                try:
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_Host"):
+                        return True
+                except OSError:
+                    pass
+            return False
+
+        _wait_for(hosts_running, 180, "the run's actors")
+        processes = instance_processes(str(instance))
+        driver.send_signal(sig)
+        out, err = driver.communicate(timeout=60)
+        if sig == signal.SIGTERM:
+            assert driver.returncode == 128 + signal.SIGTERM, err
+        else:
+            assert driver.returncode == -signal.SIGKILL
+        _wait_for(lambda: not any(_running(p) for p in processes), GONE_WITHIN_S, "Ray's processes")
+        _wait_for(lambda: not instance.exists(), GONE_WITHIN_S, f"{instance} to be removed")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -23,9 +23,9 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
   by the actor it was handling (one shared slot per worker). Either ends the run with
   :class:`ActorFailed`. There are no restarts here: a run on one machine is simply run again.
   Workers ignore SIGINT (Ctrl-C and SIGTERM are the driver's: :func:`stop_signals_as_flag`)
-  and die with the driver's process, even one killed with SIGKILL (a parent-death signal). :meth:`ProcessesRuntime.shutdown` kills and reaps every worker;
-  shared memory uses torch's file-descriptor strategy (unlinked at creation), so nothing is
-  left in ``/dev/shm``.
+  and die with the driver's process, even one killed with SIGKILL (a parent-death signal).
+  :meth:`ProcessesRuntime.shutdown` kills and reaps every worker; shared memory uses torch's
+  file-descriptor strategy (unlinked at creation), so nothing is left in ``/dev/shm``.
 """
 
 from __future__ import annotations

@@ -40,7 +40,10 @@ import os
 import queue
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -59,6 +62,7 @@ from . import faults as fault_plans
 from .base import Actor, Failure, NamedRef, stop_signals_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
+from .ray_watchdog import DONE
 from .ray_wire import Address, Endpoint, FlowControl, listening_socket
 
 DRIVER = "driver"
@@ -299,13 +303,15 @@ def local_ray(num_cpus: int | None = None, **init_options: Any) -> Iterator[None
 
     Token authentication is on (``RAY_AUTH_MODE=token``; a random token unless the environment
     provides one), every server listens on 127.0.0.1, no dashboard, and Ray's files live in a
-    temp dir of their own that is removed afterwards (nothing is left in /tmp/ray). The
-    process's RAY_AUTH_* environment is restored on exit.
+    temp dir of their own that is removed afterwards (nothing is left in /tmp/ray), even when
+    this process is killed (a watchdog process then stops the instance: :mod:`.ray_watchdog`).
+    The process's RAY_AUTH_* environment is restored on exit.
     """
     if ray.is_initialized():
         raise RuntimeError("local_ray: Ray is already initialised in this process")
     saved = {k: os.environ.get(k) for k in _AUTH_ENV}
     temp_dir = tempfile.mkdtemp(prefix="distbelief-ray-")
+    watchdog = _start_watchdog(temp_dir)
     try:
         os.environ["RAY_AUTH_MODE"] = "token"
         if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
@@ -321,7 +327,7 @@ def local_ray(num_cpus: int | None = None, **init_options: Any) -> Iterator[None
             "logging_level": logging.WARNING,
         }
         options.update(init_options)
-        with _loopback_node_ip():
+        with _loopback_node_ip(), _sigterm_kept():
             ray.init(**options)
         yield
     finally:
@@ -333,6 +339,45 @@ def local_ray(num_cpus: int | None = None, **init_options: Any) -> Iterator[None
                 os.environ[k] = v
         _refresh_auth()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_watchdog(watchdog)
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """``ray.init`` replaces the driver's SIGTERM handler twice: with a Python one that exits
+    and with a C-level one that dumps a stack and aborts. Put back the one this process had,
+    so that SIGTERM stops a run as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
+
+
+def _start_watchdog(temp_dir: str) -> subprocess.Popen:
+    """Start the process that removes this Ray instance (its processes and ``temp_dir``) if
+    this process dies without stopping it (see :mod:`.ray_watchdog`). Its own session, so a
+    Ctrl-C to the terminal's process group does not reach it."""
+    script = os.path.join(os.path.dirname(__file__), "ray_watchdog.py")
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", script, temp_dir],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def _stop_watchdog(watchdog: subprocess.Popen) -> None:
+    """Tell the watchdog this process cleaned up after itself, and reap it."""
+    try:
+        watchdog.communicate(DONE, timeout=10.0)
+    except (OSError, subprocess.TimeoutExpired):  # pragma: no cover - it died or hangs
+        watchdog.kill()
+        watchdog.wait()
 
 
 # ------------------------------------------------------------------------------ the runtime
@@ -450,7 +495,8 @@ class RayRuntime:
                     self._stack.enter_context(local_ray(num_cpus=num_cpus))
                 else:
                     check_address(address)  # ray.init retries a dead address for minutes
-                    ray.init(address=address, logging_level=logging.WARNING)
+                    with _sigterm_kept():
+                        ray.init(address=address, logging_level=logging.WARNING)
                     self._stack.callback(ray.shutdown)  # disconnects; the cluster stays up
             elif not _same_address(address, ray.get_runtime_context().gcs_address):
                 raise ConfigError(
@@ -483,10 +529,11 @@ class RayRuntime:
 
     def converse(self, ref: RayRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
-        self._start_pending(min(deadline, time.monotonic() + self._startup_timeout))
-        self._partner = ref
-        self._barrier(list(self._specs), deadline)  # the wiring is in place before anything flows
-        with stop_signals_as_flag() as interrupted:
+        with stop_signals_as_flag() as interrupted:  # a stop during start-up counts after it
+            self._start_pending(min(deadline, time.monotonic() + self._startup_timeout))
+            self._partner = ref
+            self._barrier(list(self._specs), deadline)  # the wiring is in place before any flow
+            interrupted.raise_if_set()
             self._send(ref.name, message)
             while True:
                 interrupted.raise_if_set()  # the caller's clean-up (shutdown) runs from here
