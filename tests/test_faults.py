@@ -158,8 +158,10 @@ def test_stages_killed_by_message_count_in_a_busy_run_all_restart():
 def test_an_actor_without_restarts_left_ends_the_run_naming_it(runtime, fault, actor):
     # Shards and the master are recovered (test_recovery.py); not when no restart is left
     # (the processes runtime restarts nothing at all).
-    with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed"):
+    with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed") as info:
         run([fault], shards=2, runtime=runtime, runtime_options={"max_restarts": 0})
+    if runtime == "local":
+        assert "no restarts left" in str(info.value)
 
 
 def test_no_restarts_left_ends_the_run():
