@@ -247,9 +247,7 @@ def test_a_shard_killed_while_the_replicas_drain_at_the_end_is_recovered():
         ("kill:data1@message=3", 0),  # dies before its first step was reported
     ],
 )
-def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(
-    fault, reported
-):
+def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(fault, reported):
     result = run([fault])
     name = fault.split(":")[1].split("@")[0]
     assert result.stats["restarts_by_actor"] == {name: 1}
