@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+import time
 
 import pytest
 import torch
@@ -121,12 +124,28 @@ def test_a_plan_that_can_never_fire_is_refused_before_training(runtime, fault, m
         run([fault], runtime=runtime)
 
 
-def test_a_stage_killed_mid_step_restarts_in_process_and_the_run_equals_the_plain_loop():
-    """As on Ray: the killed stage's step is lost before any push, so the restarted replica
-    redoes it from freshly fetched parameters and the result is exact."""
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray")
+
+
+@pytest.mark.parametrize(
+    "on, kind",
+    [
+        ("local", "kill"),
+        ("local", "exit"),
+        pytest.param("ray", "kill", marks=needs_ray),  # ray.kill of the actor
+        pytest.param("ray", "exit", marks=needs_ray),  # the actor's process exits
+    ],
+)
+def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(request, on, kind):
+    """One replica, two stages, SGD: the killed stage's step is lost before any push, so the
+    restarted replica redoes it from freshly fetched parameters and the result is exact.
+    (The processes runtime restarts nothing.)"""
+    if on == "ray":
+        request.getfixturevalue("ray_session")
     model = mlp([10, 16, 16, 3])
     x, y = toy()
-    result = run(["kill:replica0.stage1@step=5"], model=model, data=(x, y), epochs=2, stages=2)
+    result = run([f"{kind}:replica0.stage1@step=5"], model=model, data=(x, y), epochs=2,
+                 stages=2, runtime=on)  # fmt: skip
     expected = copy.deepcopy(model)
     opt = torch.optim.SGD(expected.parameters(), lr=0.1)
     for bx, by in replica_batches(x, y, replica=0, seed=0, batch_size=16, epochs=2):
@@ -139,6 +158,12 @@ def test_a_stage_killed_mid_step_restarts_in_process_and_the_run_equals_the_plai
     assert result.stats["restarts"] == 1
     assert result.stats["restarts_by_actor"] == {"replica0.stage1": 1}
     assert result.stats["steps"] == 2 * 128 // 16  # the lost step is counted once
+    if on == "ray":  # a new process, and none left behind
+        from test_ray import assert_gone
+
+        first, second = result.stats["pids"]["replica0.stage1"]
+        assert first != second
+        assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
 
 
 def test_stages_killed_by_message_count_in_a_busy_run_all_restart():
@@ -158,8 +183,10 @@ def test_stages_killed_by_message_count_in_a_busy_run_all_restart():
 def test_an_actor_without_restarts_left_ends_the_run_naming_it(runtime, fault, actor):
     # Shards and the master are recovered (test_recovery.py); not when no restart is left
     # (the processes runtime restarts nothing at all).
-    with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed"):
+    with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed") as info:
         run([fault], shards=2, runtime=runtime, runtime_options={"max_restarts": 0})
+    if runtime == "local":
+        assert "no restarts left" in str(info.value)
 
 
 def test_no_restarts_left_ends_the_run():
@@ -186,10 +213,29 @@ def test_a_delay_in_one_thread_sleeps_per_message_and_leaves_the_result_bit_for_
     assert len(naps) >= 8 * 2 * 2 and set(naps) == {0.003}
 
 
-def test_a_delayed_shard_on_processes_slows_it_and_the_run_completes():
-    result = run(["delay:shard0=2ms"], replicas=2, shards=2, runtime="processes")
+def test_a_delayed_shard_on_processes_sleeps_in_its_worker_before_each_message(
+    monkeypatch, tmp_path
+):
+    """The workers are forked after the plan is read, so the delayed shard's sleeps happen in
+    whichever worker handles its messages: each one appends a line to a file, counted here."""
+    naps = tmp_path / "naps"
+    fd = os.open(naps, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+    def sleep(seconds: float) -> None:
+        os.write(fd, b"%r\n" % seconds)  # one write each: whole lines, whichever process
+        time.sleep(seconds)
+
+    monkeypatch.setattr(fault_plans, "_sleep", sleep)
+    try:
+        result = run(["delay:shard0=2ms"], replicas=2, shards=2, runtime="processes")
+    finally:
+        os.close(fd)
     assert result.stats["examples"] == 128
     assert torch.isfinite(flatten(result.model.children())).all()
+    # 2 replicas x 4 steps, each a fetch from shard0 and a push to it: 16 messages at least
+    # (and control messages), each slept before; shard1 is not slowed.
+    slept = naps.read_text().split()
+    assert len(slept) >= 2 * 4 * 2 and set(slept) == {"0.002"}, slept
 
 
 def test_the_counts_a_run_reaches_bound_the_plan():

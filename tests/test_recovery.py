@@ -155,9 +155,11 @@ def test_main_job_with_a_shard_killed_mid_run_recovers_from_the_replicas_copies(
     assert rec["actor"] == "shard1" and rec["source"].startswith("replica")
     assert rec["optimizer"] == "fresh" and rec["checkpoint"] is None
     # It had applied exactly killed_at updates; replicas fetch every step, so the newest copy
-    # is a few updates behind at most; what is reported lost is no more than that gap.
+    # is a few updates behind at most (2,999 in this run), and newer than the shard's last
+    # report to the master (2,995): nothing is counted lost.
     assert killed_at - 8 <= rec["restored_version"] <= killed_at
-    assert 0 <= rec["lost_updates"] <= killed_at - rec["restored_version"]
+    assert 0 < rec["applied_last_reported"] <= rec["restored_version"]
+    assert rec["lost_updates"] == 0
     # Versions kept increasing across the restore: the shard counts on from there.
     assert result.stats["updates_applied"][1] > rec["restored_version"]
 
@@ -194,19 +196,36 @@ def test_a_broken_checkpoint_is_noted_and_the_copies_serve(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fault",
+    "fault, source, version",
     [
-        "kill:shard0@update=1",  # before most stages fetched: copies at version 0 or 1
-        "exit:shard1@update=40",
-        "kill:shard0@message=30",
+        # Before most stages fetched: the newest copy is the one of version 0 (the first
+        # update is lost), still a replica's and not the shard's initial values.
+        ("kill:shard0@update=1", "replica1", 0),
+        ("exit:shard1@update=40", "replica0", 38),  # the replicas fetched 2 updates earlier
+        ("kill:shard0@message=30", "replica1", 10),
     ],
 )
-def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(fault):
+def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(fault, source, version):
     result = run([fault])
     assert result.stats["restarts"] == 1
     assert result.stats["examples"] == 3 * 256
-    assert result.stats["recoveries"][0]["actor"] == fault.split(":")[1].split("@")[0]
+    (rec,) = result.stats["recoveries"]
+    k = int(fault.split(":")[1].split("@")[0].removeprefix("shard"))
+    assert rec["actor"] == f"shard{k}"
+    # The seeded in-process run is the same every time: the same copy wins each time.
+    assert set(rec["sources"].values()) == {source} and rec["restored_version"] == version
+    assert result.stats["updates_applied"][k] > version  # it counted on from the restore
     assert torch.isfinite(flatten(result.model.children())).all()
+
+
+def test_updates_past_the_restored_copies_that_the_master_saw_are_counted_lost():
+    # With n_fetch = 8 the replicas fetch once an epoch, so their copies of shard1 are of the
+    # epoch's start (version 32: 2 replicas x 2 epochs x 8 pushes), while the shard reported
+    # 38 updates applied before it died at its 40th: the 6 in between are counted lost.
+    result = run(["kill:shard1@update=40"], n_fetch=8)
+    (rec,) = result.stats["recoveries"]
+    assert (rec["restored_version"], rec["applied_last_reported"]) == (32, 38)
+    assert rec["lost_updates"] == 6
 
 
 def test_a_shard_killed_while_the_replicas_drain_at_the_end_is_recovered():
@@ -219,16 +238,24 @@ def test_a_shard_killed_while_the_replicas_drain_at_the_end_is_recovered():
 
 
 @pytest.mark.parametrize(
-    "fault", ["kill:data0@message=20", "exit:data1@step=3", "kill:data1@message=3"]
+    "fault, reported",
+    [
+        # (a data shard reports every step here; the seeded in-process run is the same
+        # every time)
+        ("kill:data0@message=20", 17),
+        ("exit:data1@step=3", 3),  # dies at step 3: steps 0..2 were reported
+        ("kill:data1@message=3", 0),  # dies before its first step was reported
+    ],
 )
-def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(fault):
+def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(fault, reported):
     result = run([fault])
     name = fault.split(":")[1].split("@")[0]
     assert result.stats["restarts_by_actor"] == {name: 1}
     assert result.stats["examples"] == 3 * 256  # steps redone after the report count once
     assert result.stats["steps"] == 2 * 3 * 8
     (rec,) = result.stats["recoveries"]
-    assert rec["actor"] == name and 0 <= rec["resumed_at_step"] <= 24
+    # Resumed by the master at the steps last reported before the kill (not started over).
+    assert rec == {"actor": name, "resumed_at_step": reported, "source": "master"}
 
 
 @pytest.mark.parametrize(
@@ -240,19 +267,6 @@ def test_the_master_killed_is_rebuilt_from_the_data_shards_and_the_run_completes
     assert result.stats["examples"] == 3 * 256
     assert result.stats["steps"] == 2 * 3 * 8
     assert [r["actor"] for r in result.stats["recoveries"]] == ["master"]
-
-
-def test_a_shard_with_no_restarts_left_ends_the_run_naming_it():
-    with pytest.raises(distbelief.ActorFailed, match="^actor 'shard1' failed.*no restarts left"):
-        run(["kill:shard1@update=4"], runtime_options={"max_restarts": 0})
-
-
-@pytest.mark.parametrize(
-    "fault, actor", [("kill:shard1@update=4", "shard1"), ("kill:master@message=3", "master")]
-)
-def test_the_processes_runtime_restarts_nothing_and_ends_the_run_naming_the_actor(fault, actor):
-    with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed"):
-        run([fault], runtime="processes", replicas=1, stages=1, epochs=1)
 
 
 # ------------------------------------------------------------------ the master, stepped
@@ -305,8 +319,6 @@ def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_ear
 )
 def test_two_actors_killed_are_both_recovered_and_the_run_completes(faults):
     result = run(faults, warmstart_steps=6)
-    assert sorted(result.stats["restarts_by_actor"]) == sorted(
-        f.split(":")[1].split("@")[0] for f in faults
-    )
+    assert result.stats["restarts_by_actor"] == {f.split(":")[1].split("@")[0]: 1 for f in faults}
     assert result.stats["examples"] == 3 * 256
     assert torch.isfinite(flatten(result.model.children())).all()

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +101,12 @@ def test_resume_on_every_runtime(tmp_path: Path, runtime: str) -> None:
     ckpt = checkpoint.load(tmp_path)
     assert ckpt.update == first.stats["updates_applied_total"]
     assert torch.equal(ckpt.weights, flat(first.model))
+    # Resumed with no step left to take: the shards hold the checkpoint's weights exactly
+    # (a fresh start would hold the model's initial ones).
+    same = distbelief.train(mlp([10, 16, 2]), data, epochs=2, replicas=2, shards=2, n_push=2,
+                            runtime=runtime, resume=tmp_path, **KW)  # fmt: skip
+    assert same.stats["examples"] == 0 and same.stats["resumed_from_update"] == ckpt.update
+    assert torch.equal(flat(same.model), ckpt.weights)
     resumed = distbelief.train(mlp([10, 16, 2]), data, epochs=3, replicas=2, shards=2, n_push=2,
                                runtime=runtime, resume=tmp_path, checkpoint_dir=tmp_path,
                                eval_data=data, **KW)  # fmt: skip
@@ -111,8 +116,6 @@ def test_resume_on_every_runtime(tmp_path: Path, runtime: str) -> None:
     # each of 2 replicas x 16 steps pushed every 2 steps to 2 shards: 32 updates more
     assert s["updates_applied_total"] == ckpt.update + 32
     assert checkpoint.load(tmp_path).update == s["updates_applied_total"]
-    # it carried on from the trained parameters (a fresh start would be near chance)
-    assert first.history.accuracy > 0.8 and resumed.history.accuracy > 0.8
 
 
 def test_positions_are_rounded_down_to_the_last_push() -> None:
@@ -202,27 +205,21 @@ def resume_fails(capsys: pytest.CaptureFixture[str], root: Path, *flags: str) ->
     return err.strip()
 
 
-@pytest.mark.parametrize("case", ["truncated", "corrupted", "missing", "manifest", "other-model"])
+# Each kind of damage is refused by checkpoint.load (test_checkpoint.py); here, the command's
+# side of it: exit 2 and one line naming the file, for a damaged shard and for a manifest that
+# describes another model.
+@pytest.mark.parametrize("case", ["corrupted", "other-model"])
 def test_hostile_checkpoints_exit_2_with_one_line_naming_the_file(
     capsys: pytest.CaptureFixture[str], cli_checkpoint: Path, tmp_path: Path, case: str
 ) -> None:
     root, ckpt = damaged(cli_checkpoint, tmp_path)
     shard = ckpt / "shard0.safetensors"
     manifest = ckpt / checkpoint.MANIFEST
-    if case == "truncated":
-        shard.write_bytes(shard.read_bytes()[:-100])
-        named, what = shard, "truncated"
-    elif case == "corrupted":  # same size, one byte flipped: only the sha256 tells
+    if case == "corrupted":  # same size, one byte flipped: only the sha256 tells
         data = bytearray(shard.read_bytes())
         data[len(data) // 2] ^= 0xFF
         shard.write_bytes(bytes(data))
         named, what = shard, "sha256"
-    elif case == "missing":
-        shard.unlink()
-        named, what = shard, "cannot be read"
-    elif case == "manifest":
-        manifest.write_text(manifest.read_text()[:200])
-        named, what = manifest, "JSON"
     else:  # the manifest of a different model (its flags say so too: the description wins)
         m = json.loads(manifest.read_text())
         m["parameters"][0]["shape"] = [32, 64]
@@ -259,45 +256,64 @@ def test_resume_with_more_epochs_reports_where_it_resumed(
     assert s["last_checkpoint"] and checkpoint.load(root).update == s["updates_applied"]
 
 
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(
+# Run in a fresh Python as `distbelief train ARGS...`, but stopped (SIGSTOP) at the first
+# progress note that counts updates past a written checkpoint: a kill there loses updates that
+# were recorded, at the same point of the run every time (one replica, in-process: seeded).
+STOP_PAST_A_CHECKPOINT = """
+import os, signal, sys
+from distbelief import checkpoint
+from distbelief.cli import main
+
+checkpoint.PROGRESS_EVERY_S = 0.0  # note every progress report, not once a second
+note = checkpoint.Checkpointer.note_progress
+
+def note_then_stop(self, updates, *, force=False):
+    note(self, updates, force=force)
+    self.join()  # the checkpoint being written, if any, is on disk
+    if self.written and updates > checkpoint.load(self.directory).update:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+checkpoint.Checkpointer.note_progress = note_then_stop
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run_bit_for_bit(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    # MNIST-1D's main job, made small; one replica in-process, so the resumed run can be
-    # compared to an uninterrupted one without the noise of asynchrony (2 replicas were
-    # 0.4 points apart here at 47% accuracy: too noisy to assert on; several replicas on
-    # every runtime are resumed in test_resume_on_every_runtime).
+    # MNIST-1D's main job, made small; one replica in-process, so the resumed run must equal
+    # an uninterrupted one bit for bit (the README's promise; several replicas on every
+    # runtime are resumed in test_resume_on_every_runtime).
     flags = ["train", "--train-size", "3000", "--epochs", "6", "--replicas", "1", "--stages",
              "2", "--shards", "2", "--hidden", "64,64", "--seed", "11", "--no-run-dir"]  # fmt: skip
     root = tmp_path / "ck"
-    script = Path(sys.executable).with_name("distbelief")
     proc = subprocess.Popen(
-        [str(script), *flags, "--checkpoint-dir", str(root), "--checkpoint-every", "100",
-         "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-c", STOP_PAST_A_CHECKPOINT, *flags, "--checkpoint-dir", str(root),
+         "--checkpoint-every", "100", "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not checkpoint.checkpoints(root):  # polling the file system, with a deadline
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # (the suite's timeout bounds it)
+        assert os.WIFSTOPPED(status), "the run ended without passing a checkpoint"
     finally:
         proc.kill()
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     killed_at = checkpoint.load(root).update
-    total_steps = 3000 // 32 + 1  # 94 mini-batches an epoch
-    assert killed_at < 6 * total_steps * 2  # it was killed before the end (2 shards' updates)
+    noted = json.loads((root / checkpoint.PROGRESS).read_text())["updates_applied"]
+    assert 0 < killed_at < noted < 6 * 94 * 2  # (94 mini-batches an epoch, 2 shards' updates)
 
     code = main(["train", "--resume", str(root), "--no-run-dir", "--json"])
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0
-    assert main([*flags, "--json"]) == 0
+    assert main([*flags, "--checkpoint-dir", str(tmp_path / "full"), "--json"]) == 0
     full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["resumed_from_update"] == killed_at
-    assert resumed["updates_lost"] is not None and resumed["updates_lost"] >= 0
+    assert resumed["updates_lost"] == noted - killed_at  # what the progress note saw past it
     assert resumed["updates_applied"] == full["updates_applied"]
-    assert abs(resumed["test_accuracy"] - full["test_accuracy"]) <= 0.01
+    assert torch.equal(checkpoint.load(root).weights, checkpoint.load(tmp_path / "full").weights)
+    assert resumed["final_loss"] == full["final_loss"]
+    assert resumed["test_accuracy"] == full["test_accuracy"]
     assert full["test_accuracy"] > 0.3  # it learned something: the comparison means something
 
 
@@ -380,10 +396,9 @@ def test_a_run_that_diverges_leaves_the_last_good_checkpoint(tmp_path: Path) -> 
 
 def test_a_write_cut_off_by_a_kill_is_cleaned_up_by_the_next_run(tmp_path: Path) -> None:
     distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=1, checkpoint_dir=tmp_path, **KW)
-    partial = tmp_path / ".tmp-cutoff"  # as a SIGKILL during a write leaves it
-    partial.mkdir()
+    partial = tmp_path / ".tmp-cutoff"  # as a SIGKILL during a write leaves it (that it is
+    partial.mkdir()  # never taken for a checkpoint: test_checkpoint.py)
     (partial / "shard0.safetensors").write_bytes(b"half")
-    assert checkpoint.load(tmp_path).update == 32  # never taken for a checkpoint
     kw = {k: v for k, v in KW.items() if k != "seed"}
     distbelief.train(mlp([10, 16, 2]), toy_data(), epochs=2, resume=tmp_path,
                      checkpoint_dir=tmp_path, **kw)  # fmt: skip
