@@ -216,6 +216,10 @@ class LocalRuntime:
                         raise KeyboardInterrupt  # between two messages: every actor is whole
                     if time.monotonic() > deadline:
                         raise RunTimeout("the run did not finish within its timeout")
+            if interrupted.is_set():
+                # Ctrl-C during the last few messages (say, while the parameters trained so
+                # far are collected): seen before the reply is handed over, not lost with it.
+                raise KeyboardInterrupt
         finally:
             self.delivered += delivered
 
