@@ -59,7 +59,7 @@ from . import faults as fault_plans
 from .base import Actor, Failure, NamedRef, sigint_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
-from .ray_wire import Address, Endpoint, FlowControl, listening_socket
+from .ray_wire import Address, Endpoint, FlowControl, flow_control, listening_socket
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -415,9 +415,7 @@ class RayRuntime:
             raise ConfigError(
                 f"runtime_options: flow_timeout_s must be a number > 0, got {flow_timeout_s!r}"
             )
-        self._flow = (
-            FlowControl(flow_window_bytes, float(flow_timeout_s)) if flow_window_bytes else None
-        )
+        self._flow = flow_control(flow_window_bytes, flow_timeout_s)
         if not isinstance(placement, Mapping) and placement not in STRATEGIES:
             raise ConfigError(
                 f"runtime_options: placement must be one of {', '.join(STRATEGIES)} or "
