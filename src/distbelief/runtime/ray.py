@@ -489,7 +489,10 @@ class RayRuntime:
             while True:
                 if interrupted.is_set():
                     raise KeyboardInterrupt  # the caller's clean-up (shutdown) runs from here
-                yield from self._poll(deadline)
+                mail = self._poll(deadline)
+                if interrupted.is_set():
+                    raise KeyboardInterrupt  # Ctrl-C while it waited: not lost with a reply
+                yield from mail
 
     def shutdown(self) -> None:
         if self._closed:
