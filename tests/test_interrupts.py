@@ -21,9 +21,7 @@ def toy() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("runtime", ["local", "processes"])
-def test_a_second_ctrl_c_while_the_trained_model_is_collected_gives_up_on_it(
-    monkeypatch, runtime
-):
+def test_a_second_ctrl_c_while_the_trained_model_is_collected_gives_up_on_it(monkeypatch, runtime):
     """The first Ctrl-C comes at the third progress report; the second while a shard answers
     the driver's request for the parameters trained so far (in the driver's process on both
     runtimes). The run ends with a plain KeyboardInterrupt, no model, and the handler of

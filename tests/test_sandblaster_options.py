@@ -99,8 +99,14 @@ def test_mini_batch_sandblaster_equals_the_one_process_algorithm_on_those_batche
     rows = [batch_indices(600, 100, 3, b) for b in range(4)]
     assert all(len(set(r.tolist())) == 100 for r in rows)  # 100 distinct examples each
     assert len({tuple(sorted(r.tolist())) for r in rows}) == 4  # a fresh batch every step
-    settings = Settings(steps=4, history=5, fresh_batches=True, max_evals=13,
-                        tolerance_grad=1e-10, tolerance_change=1e-14)  # the run's, float64
+    settings = Settings(
+        steps=4,
+        history=5,
+        fresh_batches=True,
+        max_evals=13,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+    )  # the run's, float64
     want, out = minimize(lambda w, b: batch_grad(x, y, w, rows[b]), torch.zeros(410,
                          dtype=torch.float64), settings)  # fmt: skip
     assert result.stats["steps"] == out.steps == 4
