@@ -314,6 +314,11 @@ class DownpourMaster(Actor):
             for r, s in waiting["pending"]:
                 if self.stages[r][s] == msg.ref:
                     self.ctx.tell(msg.ref, CopyRequest(shard))
+        if msg.ref in self.buffer_stages:  # an evaluation waiting for its buffers asks again
+            s = self.stages[0].index(msg.ref)
+            for tag, got in self.buffers.items():
+                if s not in got:
+                    self.ctx.tell(msg.ref, BufferSnapshot(tag))
         for data_shard in self.data_shards:
             self.ctx.tell(data_shard, msg)
         self._restart_checkpoints()

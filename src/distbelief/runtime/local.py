@@ -213,6 +213,9 @@ class LocalRuntime:
                     interrupted.raise_if_set()  # between two messages: every actor is whole
                     if time.monotonic() > deadline:
                         raise RunTimeout("the run did not finish within its timeout")
+            # A stop during the last few messages (say, while the parameters trained so far
+            # are collected): seen before the reply is handed over, not lost with it.
+            interrupted.raise_if_set()
         finally:
             self.delivered += delivered
 

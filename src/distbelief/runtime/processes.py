@@ -472,7 +472,7 @@ class ProcessesRuntime:
                 self._next_probe = time.monotonic() + PROBE_AFTER_S
                 continue
             if host.inbox:
-                return
+                break
             if not self._workers:
                 raise Deadlock(
                     "no actor has a message to handle, but the driver got no reply: "
@@ -481,6 +481,7 @@ class ProcessesRuntime:
             self._look_for_deadlock()
             sentinels = [w.sentinel for w in self._workers]
             wait([*host.inbound, *sentinels], min(0.1, max(0.0, deadline - time.monotonic())))
+        interrupted.raise_if_set()  # a stop while the reply was on its way: not lost with it
 
     def _look_for_deadlock(self) -> None:
         """Called while the driver's process is idle. Every ``PROBE_AFTER_S`` it asks every

@@ -63,7 +63,7 @@ from .base import Actor, Failure, NamedRef, stop_signals_as_flag
 from .faults import Fault
 from .ray_placement import STRATEGIES, plan_placement, replace_node
 from .ray_watchdog import DONE
-from .ray_wire import Address, Endpoint, FlowControl, listening_socket
+from .ray_wire import Address, Endpoint, FlowControl, flow_control, listening_socket
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -460,9 +460,7 @@ class RayRuntime:
             raise ConfigError(
                 f"runtime_options: flow_timeout_s must be a number > 0, got {flow_timeout_s!r}"
             )
-        self._flow = (
-            FlowControl(flow_window_bytes, float(flow_timeout_s)) if flow_window_bytes else None
-        )
+        self._flow = flow_control(flow_window_bytes, flow_timeout_s)
         if not isinstance(placement, Mapping) and placement not in STRATEGIES:
             raise ConfigError(
                 f"runtime_options: placement must be one of {', '.join(STRATEGIES)} or "
@@ -537,7 +535,9 @@ class RayRuntime:
             self._send(ref.name, message)
             while True:
                 interrupted.raise_if_set()  # the caller's clean-up (shutdown) runs from here
-                yield from self._poll(deadline)
+                mail = self._poll(deadline)
+                interrupted.raise_if_set()  # a stop while it waited: not lost with a reply
+                yield from mail
 
     def shutdown(self) -> None:
         if self._closed:

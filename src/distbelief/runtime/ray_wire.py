@@ -70,6 +70,12 @@ class FlowControl:
     """Longest wait before one more frame is handled anyway (see the module doc)."""
 
 
+def flow_control(window_bytes: int, timeout_s: float = FlowControl.timeout_s) -> FlowControl | None:
+    """The flow control of a run's ``flow_window_bytes`` and ``flow_timeout_s`` options: none
+    at all for a window of 0 (an endpoint without it never waits, whatever it buffers)."""
+    return FlowControl(window_bytes, float(timeout_s)) if window_bytes else None
+
+
 Deliver = Callable[[str, list], None]
 """Called as ``deliver(sender, messages)`` on the loop thread for every frame received."""
 
