@@ -199,9 +199,8 @@ def file_preset(
             raise UsageFailure(f"test-split: {exc}") from None
     elif test_data is not None:
         try:
-            # the training file's target and task; a .npy's labels are found beside it
-            test_target = None if train_rows.format == "npy" else train_rows.target
-            test_rows = scan(test_data, test_target, train_rows.task)
+            # the training file's target, task and columns (by name, in its order)
+            test_rows = scan(test_data, like=train_rows)
         except DataFileError as exc:
             raise UsageFailure(f"test-data: {exc}") from None
         if test_rows.width != train_rows.width:
@@ -219,6 +218,15 @@ def file_preset(
         **settings,
     )  # fmt: skip
     return preset, train_rows, test_rows
+
+
+def task_line(rows: FileData) -> str:
+    """One line: the task of a data file, why, and the flag that changes it."""
+    if rows.task_reason == "given":
+        return f"task {rows.task} (given)"
+    other = "regress" if rows.task == CLASSIFY else "classify"
+    what = "fit the labels as numbers" if other == "regress" else "take the labels as classes"
+    return f"task {rows.task}, inferred: {rows.task_reason} (--task {other} to {what})"
 
 
 @dataclass(frozen=True)
@@ -878,8 +886,10 @@ def train_command(
     elif dataset is not None:
         raise UsageFailure(f"data: give a dataset name ({dataset!r}) or --data FILE, not both")
     else:
-        preset, _, _ = file_preset(data, target, test_data, test_split, task)
+        preset, train_rows, _ = file_preset(data, target, test_data, test_split, task)
         dataset = data
+        if not as_json:  # the task decides the loss and the outputs: say which and why
+            print(f"distbelief: {task_line(train_rows)}", file=sys.stderr)
     cores = os.cpu_count() or 1
     if not 1 <= torch_threads <= cores:
         # torch.set_num_threads(100000) crashed the process (SIGSEGV), not an error
@@ -1021,6 +1031,7 @@ def train_command(
             runlog.close("failed")  # no-op after a finished run
     if data is not None:
         s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
+        s["task_reason"] = train_rows.task_reason
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
