@@ -16,6 +16,7 @@ import torch
 from conftest import mlp
 
 import distbelief
+import distbelief.cli
 from distbelief import ConfigError
 from distbelief.cli import main
 from distbelief.data import files
@@ -124,6 +125,7 @@ def test_labels_written_as_floats_are_classes_and_the_command_says_why(
     assert code == 0, err
     assert "task classify, inferred: the labels are whole numbers from 0 to 1" in err
     assert "--task regress" in err
+    assert "the labels are whole numbers" in out  # the summary's task row
     s = train_json(capsys, "--data", str(path), "--test-split", "0.25")
     assert s["task"] == "classify" and s["test_accuracy"] is not None
     assert s["task_reason"].startswith("the labels are whole numbers")
@@ -202,3 +204,104 @@ def test_a_bad_record_spanning_lines_is_named_at_its_first_line(
     path.write_text('a,b,label\n1,2,0\n"3\n",4,1\nnan,6,0\n')
     line = one_line_error(capsys, "--data", str(path))
     assert "span.csv line 5" in line
+
+
+# ---------------------------------------------------------------- 3: a file that changes
+
+
+def test_an_npy_file_truncated_while_training_is_an_error_naming_it_keeping_the_model(
+    tmp_path: Path,
+) -> None:
+    # Mapped, the next read of a vanished page killed the process with SIGBUS (no message).
+    rng = np.random.default_rng(0)
+    x = rng.random((2000, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x[:, 0] > 0.5).astype(np.int64))
+    model = mlp([4, 8, 2])
+    before = [p.detach().clone() for p in model.parameters()]
+    truncated = []
+
+    def shrink(report: Any) -> None:
+        if not truncated:  # the first report: the next epoch's read finds the file shorter
+            with open(tmp_path / "x.npy", "r+b") as f:
+                f.truncate(4096)
+            truncated.append(report.examples)
+
+    with pytest.raises(distbelief.DataChanged, match=r"x.npy: the file shrank while training") as e:
+        distbelief.train(model, str(tmp_path / "x.npy"), loss="cross_entropy", lr=0.05,
+                         batch_size=8, epochs=3, seed=0, progress=shrink)  # fmt: skip
+    assert truncated and e.value.model is not None
+    trained = list(e.value.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trained))
+    assert all(torch.isfinite(p).all() for p in trained)
+
+
+# ---------------------------------------------------------------- 6, 7, 9: more one-liners
+
+
+def test_a_binary_config_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"lr = 0.1\n\xff\xfe\x00binary")
+    line = one_line_error(capsys, "xor", "--config", str(config))
+    assert "config: " in line and "c.toml' is not a TOML text file (byte 9 is not UTF-8)" in line
+
+
+@pytest.mark.parametrize("where", ["inputs", "targets", "model"])
+def test_tensors_off_the_cpu_are_refused_naming_the_argument_and_device(where: str) -> None:
+    x, y = torch.zeros(8, 2), torch.zeros(8, dtype=torch.long)
+    model = mlp([2, 2])
+    if where == "inputs":
+        x = x.to("meta")
+    elif where == "targets":
+        y = y.to("meta")
+    else:
+        model = model.to("meta")
+    expected = {
+        "inputs": r"^train_data: the inputs are on device 'meta'",
+        "targets": r"^train_data: the targets are on device 'meta'",
+        "model": r"^model: layer 0 \(Linear\) weight is on device 'meta'",
+    }[where]
+    with pytest.raises(ConfigError, match=expected):
+        distbelief.train(model, (x, y), loss="cross_entropy", lr=0.1, batch_size=2, epochs=1)
+
+
+def test_sandblaster_trains_on_a_data_file_and_zero_steps_says_why_it_stopped(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    table: np.ndarray,
+) -> None:
+    path = write_csv(tmp_path / "a.csv", ["a", "b", "c", "d", "label"], table)
+    argv = ["train", "--data", str(path), "--algorithm", "sandblaster", "--replicas", "2",
+            "--shards", "1", "--seed", "0", "--no-run-dir", "--hidden", "8", "--json"]  # fmt: skip
+    code, out, err = run(capsys, *argv, "--steps", "3", "--test-split", "0.25")
+    assert code == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["steps"] >= 1 and s["test_accuracy"] is not None and s["task"] == "classify"
+    code, out, err = run(capsys, *argv, "--steps", "0")
+    assert code == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["steps"] == 0 and s["stop"] == "steps"
+    # A file that would not fit in memory is refused naming the flag, not the API's parameter.
+    monkeypatch.setattr(distbelief.cli, "available_memory", lambda: 1000)
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("distbelief: error: data: --algorithm sandblaster holds the training")
+
+
+def test_resuming_a_downpour_checkpoint_as_sandblaster_blames_the_algorithm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    code, out, err = run(capsys, "train", "xor", "--train-size", "200", "--replicas", "2",
+                         "--epochs", "1", "--seed", "0", "--no-run-dir", "--checkpoint-dir",
+                         str(ckpt), "--checkpoint-every", "50", "--json")  # fmt: skip
+    assert code == 0, err
+    code, out, err = run(capsys, "train", "--resume", str(ckpt), "--algorithm", "sandblaster",
+                         "--no-run-dir")  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("distbelief: error: algorithm: "), lines[0]
+    assert "is a checkpoint of a downpour run; resume it with --algorithm downpour" in lines[0]

@@ -37,6 +37,7 @@ from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
 from .errors import (
     ActorFailed,
     ConfigError,
+    DataChanged,
     Deadlock,
     RunTimeout,
     TrainingDiverged,
@@ -405,6 +406,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("final training loss", fmt(s["final_loss"], ".4f"))
     table.add_row("test loss", fmt(s["test_loss"], ".4f"))
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
+    if s.get("task_reason"):
+        table.add_row("task", f"{s['task']}: {s['task_reason']}")
     if s.get("eval_every"):
         table.add_row("evaluated every", f"{s['eval_every']:,} examples")
     if s.get("resumed_from") is not None:
@@ -624,6 +627,10 @@ def load_config(ctx: typer.Context, param: Any, value: str | None) -> str | None
         raise UsageFailure(f"config: cannot read {value!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageFailure(f"config: {value!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageFailure(
+            f"config: {value!r} is not a TOML text file (byte {exc.start} is not UTF-8)"
+        ) from None
     keys = _config_keys(ctx.command)
     defaults: dict[str, Any] = {}
     for key, v in data.items():
@@ -888,8 +895,6 @@ def train_command(
     else:
         preset, train_rows, _ = file_preset(data, target, test_data, test_split, task)
         dataset = data
-        if not as_json:  # the task decides the loss and the outputs: say which and why
-            print(f"distbelief: {task_line(train_rows)}", file=sys.stderr)
     cores = os.cpu_count() or 1
     if not 1 <= torch_threads <= cores:
         # torch.set_num_threads(100000) crashed the process (SIGSEGV), not an error
@@ -920,6 +925,13 @@ def train_command(
         seed = random.SystemRandom().randrange(2**31)
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
     _check_model_fits(preset, widths)
+    if resume is not None:
+        recorded = ctx.meta["resume"][1].get("algorithm", "downpour")
+        if algorithm != recorded:  # before its flags (lr, ...) are blamed for the difference
+            raise UsageFailure(
+                f"algorithm: {ctx.meta['resume'][0]} is a checkpoint of a {recorded} run; resume "
+                f"it with --algorithm {recorded} (or leave the flag out)"
+            )
     if algorithm == "sandblaster":
         flags = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                      warmstart_steps=warmstart_steps, eval_every=eval_every or None,
@@ -1024,7 +1036,10 @@ def train_command(
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog)
+        # The task decides the loss and the outputs: the header says which and why.
+        note = task_line(train_rows) if data is not None else ""
+        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog,
+                     note)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
         if runlog is not None:
@@ -1069,19 +1084,23 @@ def _run_job(
     train_size: int | None,
     quiet: bool,
     runlog: RunLog | None = None,
+    note: str = "",
 ) -> dict[str, Any]:
-    """Load the data, train with a live view on stderr (unless quiet), summarise."""
+    """Load the data, train with a live view on stderr (unless quiet), summarise. ``note``: a
+    line to show under the header (the data file's task)."""
     t_data = time.perf_counter()
     train_data, test_data = preset.load(settings["seed"])
     if train_size is not None and isinstance(train_data, FileData):
         train_data = train_data.part(0, min(train_size, len(train_data)))  # the rest is not read
     elif train_size is not None:
         train_data = (train_data[0][:train_size], train_data[1][:train_size])
+    if settings.get("algorithm") == "sandblaster" and isinstance(train_data, FileData):
+        train_data = _in_memory(train_data)
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()
     try:
         where = f", run directory {runlog.path}" if runlog is not None else ""
-        header = f"{dataset}: seed {settings['seed']}{where}"
+        header = f"{dataset}: seed {settings['seed']}{where}" + (f"\n{note}" if note else "")
         view = _LiveView(Console(stderr=True), dataset, settings["replicas"], not quiet, header)
         with view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
@@ -1096,6 +1115,21 @@ def _run_job(
     if isinstance(result.config, SandblasterConfig):
         return sandblaster_summary(dataset, result.config, widths, result, wall_s, data_s)
     return summary(dataset, result.config, widths, result, wall_s, data_s, test_data)
+
+
+def _in_memory(rows: FileData) -> datasets.Data:
+    """A data file read whole, for Sandblaster (its replicas take in-memory data): refused,
+    naming the flag, if it would take more than half the memory available."""
+    need = len(rows) * (rows.width * 4 + 8 * max(1, rows.outputs if rows.task != CLASSIFY else 1))
+    free = available_memory()
+    if free is not None and need > free // 2:
+        raise UsageFailure(
+            f"data: --algorithm sandblaster holds the training data in memory, and {rows.path} "
+            f"({len(rows):,} examples, {need / 2**30:.1f} GiB) would take more than half the "
+            f"{free / 2**30:.1f} GiB available; use --train-size N, or Downpour, which reads "
+            "the file part by part"
+        )
+    return rows.read(range(len(rows)))
 
 
 def sandblaster_summary(
@@ -1162,6 +1196,8 @@ def _print_sandblaster_summary(console: Console, s: dict[str, Any]) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     table.add_row("test loss", fmt(s["test_loss"], ".4f"))
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
+    if s.get("task_reason"):
+        table.add_row("task", f"{s['task']}: {s['task_reason']}")
     console.print(table)
 
 
@@ -1270,7 +1306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
     except UsageFailure as exc:
         return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
-    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
+    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged, DataChanged) as exc:
         return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
     except (Interrupted, KeyboardInterrupt, typer.Abort):
         return _fail("interrupted", INTERRUPTED)

@@ -26,8 +26,8 @@ from .checkpoint import (
 )
 from .config import DownpourConfig
 from .data import TensorRows, replica_ranges
-from .datafiles import FileData
-from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from .datafiles import DataFileChanged, FileData
+from .errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
 from .flat import flatten, parameters_of
 from .layout import Layout
 from .messages import (
@@ -305,6 +305,16 @@ def _run(
             # Ctrl-C: the runtimes stop between two messages, so every actor is whole.
             weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
             raise TrainingInterrupted(_assemble(stage_layers, weights, buffers)) from None
+        except ActorFailed as exc:
+            if not isinstance(exc.cause, DataFileChanged):
+                raise
+            # A data shard found its file changed under it: keep what was trained, as Ctrl-C does.
+            try:
+                weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+                model = _assemble(stage_layers, weights, buffers)
+            except Exception:  # the runtime could not answer after the failure
+                model = None
+            raise DataChanged(str(exc.cause), model) from None
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()
