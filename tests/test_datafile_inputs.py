@@ -267,7 +267,7 @@ def test_tensors_off_the_cpu_are_refused_naming_the_argument_and_device(where: s
         distbelief.train(model, (x, y), loss="cross_entropy", lr=0.1, batch_size=2, epochs=1)
 
 
-def test_sandblaster_trains_on_a_data_file_and_zero_steps_says_why_it_stopped(
+def test_sandblaster_trains_on_a_data_file_that_fits_in_memory(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
@@ -280,15 +280,21 @@ def test_sandblaster_trains_on_a_data_file_and_zero_steps_says_why_it_stopped(
     assert code == 0, err
     s = json.loads(out.strip().splitlines()[-1])
     assert s["steps"] >= 1 and s["test_accuracy"] is not None and s["task"] == "classify"
-    code, out, err = run(capsys, *argv, "--steps", "0")
-    assert code == 0, err
-    s = json.loads(out.strip().splitlines()[-1])
-    assert s["steps"] == 0 and s["stop"] == "steps"
     # A file that would not fit in memory is refused naming the flag, not the API's parameter.
     monkeypatch.setattr(distbelief.cli, "available_memory", lambda: 1000)
     code, out, err = run(capsys, *argv)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("distbelief: error: data: --algorithm sandblaster holds the training")
+
+
+def test_sandblaster_with_zero_steps_says_why_it_stopped(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["xor", "--algorithm", "sandblaster", "--steps", "0", "--train-size", "100"]
+    code, out, err = run(capsys, "train", *argv, "--seed", "0", "--no-run-dir", "--json")
+    assert code == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["steps"] == 0 and s["stop"] == "steps"
 
 
 def test_resuming_a_downpour_checkpoint_as_sandblaster_blames_the_algorithm(
