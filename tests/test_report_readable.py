@@ -87,7 +87,7 @@ def test_ten_runs_have_short_labels_naming_only_differing_settings_that_apply(
     assert killed["status"][2].startswith("unfinished (figures of its last report")
     assert killed["examples"][2] not in ("-", "") and killed["examples/s"][2] != "-"
     assert int(killed["examples"][2].replace(",", "")) > 0
-    assert "overflow-wrap" in page
+    assert "overflow-wrap: break-word" in page
     for label in labels:
         name, _, settings = label.partition(": ")
         assert f"<th>{name}" in page and settings in page

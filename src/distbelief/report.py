@@ -382,7 +382,8 @@ def _html(runs: Sequence[Run], images: Sequence[Path]) -> str:
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right;
-          overflow-wrap: anywhere; }}
+          overflow-wrap: break-word; }}
+tr > th:first-child {{ white-space: nowrap; }}
 .wide {{ max-width: 100%; overflow-x: auto; }}
 tr th:first-child {{ text-align: left; }}
 tr.differs {{ background: #fff3c4; }}
