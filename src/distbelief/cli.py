@@ -725,7 +725,7 @@ def train_command(
     task: Annotated[
         str | None,
         _opt(
-            "classify (cross-entropy) or regress (mse); default: integer labels 0..999 "
+            "classify (cross-entropy) or regress (mse); default: whole-number labels 0..999 "
             "classify, anything else regresses."
         ),
     ] = None,

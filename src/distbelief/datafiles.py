@@ -35,7 +35,8 @@ CLASSIFY, REGRESS = "classify", "regress"
 TASKS = (CLASSIFY, REGRESS)
 FORMATS = (".csv", ".parquet", ".npz", ".npy")
 MAX_INFERRED_CLASSES = 1000
-"""Integer targets in 0..999 are inferred to be class labels; anything else is regression."""
+"""Whole-number targets in 0..999 (``1`` or ``1.0``) are inferred to be class labels; anything
+else is regression."""
 SCAN_ROWS = 65536
 """Rows per chunk of the checking pass and of a data shard's streaming read."""
 IN_MEMORY_PART_BYTES = 64 << 20
@@ -606,7 +607,8 @@ def files(
     ``.npy`` (inputs; the labels are ``y.npy`` beside an ``x.npy``). ``target``: the label
     column (CSV, Parquet; default the last column), the label array (``.npz``; default ``y``)
     or the labels' file (``.npy``). ``task``: ``"classify"`` or ``"regress"``; by default
-    integer labels in 0..999 are classes and anything else is regressed.
+    whole-number labels in 0..999 are classes and anything else is regressed (``.task_reason``
+    says why).
 
     Raises :class:`ConfigError` starting ``path:`` and naming the file and where.
     """
