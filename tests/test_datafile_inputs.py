@@ -209,8 +209,9 @@ def test_a_bad_record_spanning_lines_is_named_at_its_first_line(
 # ---------------------------------------------------------------- 3: a file that changes
 
 
+@pytest.mark.parametrize("on", ["local", "processes"])
 def test_an_npy_file_truncated_while_training_is_an_error_naming_it_keeping_the_model(
-    tmp_path: Path,
+    tmp_path: Path, on: str
 ) -> None:
     # Mapped, the next read of a vanished page killed the process with SIGBUS (no message).
     rng = np.random.default_rng(0)
@@ -229,7 +230,7 @@ def test_an_npy_file_truncated_while_training_is_an_error_naming_it_keeping_the_
 
     with pytest.raises(distbelief.DataChanged, match=r"x.npy: the file shrank while training") as e:
         distbelief.train(model, str(tmp_path / "x.npy"), loss="cross_entropy", lr=0.05,
-                         batch_size=8, epochs=3, seed=0, progress=shrink)  # fmt: skip
+                         batch_size=8, epochs=3, seed=0, progress=shrink, runtime=on)  # fmt: skip
     assert truncated and e.value.model is not None
     trained = list(e.value.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, trained))
@@ -311,3 +312,29 @@ def test_resuming_a_downpour_checkpoint_as_sandblaster_blames_the_algorithm(
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("distbelief: error: algorithm: "), lines[0]
     assert "is a checkpoint of a downpour run; resume it with --algorithm downpour" in lines[0]
+
+
+def test_on_the_command_line_a_truncated_file_is_one_line_and_status_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((2000, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", (x[:, 0] > 0.5).astype(np.int64))
+    show = distbelief.cli._LiveView.__call__
+
+    def shrink_then_show(view: Any, report: Any) -> None:
+        with open(tmp_path / "x.npy", "r+b") as f:
+            f.truncate(4096)
+        show(view, report)
+
+    monkeypatch.setattr(distbelief.cli._LiveView, "__call__", shrink_then_show)
+    code, out, err = run(capsys, "train", "--data", str(tmp_path / "x.npy"), "--epochs", "3",
+                         "--replicas", "1", "--stages", "1", "--seed", "0", "--json",
+                         "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("distbelief: error: data: ") and "x.npy: the file shrank" in err
+    assert json.loads(out.strip().splitlines()[-1])["exit_status"] == 1
+    ends = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert ends[-1]["kind"] == "end" and ends[-1]["status"] == "failed"

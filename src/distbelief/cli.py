@@ -1306,7 +1306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
     except UsageFailure as exc:
         return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
-    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged, DataChanged) as exc:
+    except DataChanged as exc:  # (its .model is the API's; here the run directory keeps it all)
+        return _fail(f"data: {exc.reason}", RUN_ERROR, "--json" in args)
+    except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
         return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
     except (Interrupted, KeyboardInterrupt, typer.Abort):
         return _fail("interrupted", INTERRUPTED)

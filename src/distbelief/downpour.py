@@ -36,6 +36,7 @@ from .messages import (
     ConnectDataShard,
     ConnectMaster,
     ConnectStage,
+    DataUnreadable,
     Diverged,
     ProgressReport,
     ShardSnapshot,
@@ -296,6 +297,9 @@ def _run(
                     return reply, (describe() if describe is not None else {})
                 if progress is not None and isinstance(reply, ProgressReport):
                     progress(reply)
+                if isinstance(reply, DataUnreadable):
+                    weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+                    raise DataChanged(reply.reason, _assemble(stage_layers, weights, buffers))
                 if isinstance(reply, Diverged):
                     weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
                     finite = bool(torch.isfinite(weights).all())
