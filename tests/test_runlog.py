@@ -207,7 +207,10 @@ def test_report_of_two_runs_names_what_differs(
     _pngs_ok([p for p in written if p.suffix == ".png"])
     a, b = report.load_run(runs["a"]), report.load_run(runs["b"])
     labels = report.label_runs([a, b])
-    assert labels == ["lr=0.05, replicas=4, optimizer=adagrad", "lr=0.1, replicas=1, optimizer=sgd"]
+    assert labels == [
+        "adagrad4: lr=0.05, replicas=4, optimizer=adagrad",
+        "sgd1: lr=0.1, replicas=1, optimizer=sgd",
+    ]
     page = (out_dir / "report.html").read_text()
     assert all(label in page for label in labels)
 

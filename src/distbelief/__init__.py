@@ -10,6 +10,7 @@ from .config import DownpourConfig, SandblasterConfig
 from .errors import (
     ActorFailed,
     ConfigError,
+    DataChanged,
     Deadlock,
     RunTimeout,
     TrainingDiverged,
@@ -32,6 +33,7 @@ __all__ = [
     "Segment",
     "TrainResult",
     "TrainingDiverged",
+    "DataChanged",
     "TrainingInterrupted",
     "train",
 ]

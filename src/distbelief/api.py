@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DownpourConfig, SandblasterConfig
-from .data import TensorRows, as_tensors, replica_ranges
+from .data import TensorRows, as_tensors, check_device, replica_ranges
 from .datafiles import FileData, as_file_data
 from .errors import ConfigError
 from .flat import load_flat, parameters_of
@@ -469,6 +469,9 @@ def train(
     if config.seed is None:
         config = _with_seed(config, random.SystemRandom().randrange(2**31))
     layers = as_layers(model)
+    for i, layer in enumerate(layers):
+        for pname, values in (*layer.named_parameters(), *layer.named_buffers()):
+            check_device(values.data, f"model: layer {i} ({type(layer).__name__}) {pname} is")
     dtype = model_dtype(layers)
     loss_fn = _resolve_loss(loss)
     rows = _rows(train_data, "train_data", dtype, loss)

@@ -40,6 +40,7 @@ from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
 from .errors import (
     ActorFailed,
     ConfigError,
+    DataChanged,
     Deadlock,
     RunStopped,
     RunTimeout,
@@ -208,9 +209,8 @@ def file_preset(
             raise UsageFailure(f"test-split: {exc}") from None
     elif test_data is not None:
         try:
-            # the training file's target and task; a .npy's labels are found beside it
-            test_target = None if train_rows.format == "npy" else train_rows.target
-            test_rows = scan(test_data, test_target, train_rows.task)
+            # the training file's target, task and columns (by name, in its order)
+            test_rows = scan(test_data, like=train_rows)
         except DataFileError as exc:
             raise UsageFailure(f"test-data: {exc}") from None
         if test_rows.width != train_rows.width:
@@ -228,6 +228,15 @@ def file_preset(
         **settings,
     )  # fmt: skip
     return preset, train_rows, test_rows
+
+
+def task_line(rows: FileData) -> str:
+    """One line: the task of a data file, why, and the flag that changes it."""
+    if rows.task_reason == "given":
+        return f"task {rows.task} (given)"
+    other = "regress" if rows.task == CLASSIFY else "classify"
+    what = "fit the labels as numbers" if other == "regress" else "take the labels as classes"
+    return f"task {rows.task}, inferred: {rows.task_reason} (--task {other} to {what})"
 
 
 @dataclass(frozen=True)
@@ -406,6 +415,8 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_row("final training loss", fmt(s["final_loss"], ".4f"))
     table.add_row("test loss", fmt(s["test_loss"], ".4f"))
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
+    if s.get("task_reason"):
+        table.add_row("task", f"{s['task']}: {s['task_reason']}")
     if s.get("eval_every"):
         table.add_row("evaluated every", f"{s['eval_every']:,} examples")
     if s.get("resumed_from") is not None:
@@ -625,6 +636,10 @@ def load_config(ctx: typer.Context, param: Any, value: str | None) -> str | None
         raise UsageFailure(f"config: cannot read {value!r}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageFailure(f"config: {value!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageFailure(
+            f"config: {value!r} is not a TOML text file (byte {exc.start} is not UTF-8)"
+        ) from None
     keys = _config_keys(ctx.command)
     defaults: dict[str, Any] = {}
     for key, v in data.items():
@@ -719,7 +734,7 @@ def train_command(
     task: Annotated[
         str | None,
         _opt(
-            "classify (cross-entropy) or regress (mse); default: integer labels 0..999 "
+            "classify (cross-entropy) or regress (mse); default: whole-number labels 0..999 "
             "classify, anything else regresses."
         ),
     ] = None,
@@ -887,7 +902,7 @@ def train_command(
     elif dataset is not None:
         raise UsageFailure(f"data: give a dataset name ({dataset!r}) or --data FILE, not both")
     else:
-        preset, _, _ = file_preset(data, target, test_data, test_split, task)
+        preset, train_rows, _ = file_preset(data, target, test_data, test_split, task)
         dataset = data
     cores = os.cpu_count() or 1
     if not 1 <= torch_threads <= cores:
@@ -919,6 +934,13 @@ def train_command(
         seed = random.SystemRandom().randrange(2**31)
     widths = preset.hidden if hidden is None else parse_hidden(hidden)
     _check_model_fits(preset, widths)
+    if resume is not None:
+        recorded = ctx.meta["resume"][1].get("algorithm", "downpour")
+        if algorithm != recorded:  # before its flags (lr, ...) are blamed for the difference
+            raise UsageFailure(
+                f"algorithm: {ctx.meta['resume'][0]} is a checkpoint of a {recorded} run; resume "
+                f"it with --algorithm {recorded} (or leave the flag out)"
+            )
     if algorithm == "sandblaster":
         flags = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                      warmstart_steps=warmstart_steps, eval_every=eval_every or None,
@@ -1023,13 +1045,17 @@ def train_command(
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog)
+        # The task decides the loss and the outputs: the header says which and why.
+        note = task_line(train_rows) if data is not None else ""
+        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog,
+                     note)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
         if runlog is not None:
             runlog.close("failed")  # no-op after a finished run
     if data is not None:
         s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
+        s["task_reason"] = train_rows.task_reason
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
@@ -1067,19 +1093,23 @@ def _run_job(
     train_size: int | None,
     quiet: bool,
     runlog: RunLog | None = None,
+    note: str = "",
 ) -> dict[str, Any]:
-    """Load the data, train with a live view on stderr (unless quiet), summarise."""
+    """Load the data, train with a live view on stderr (unless quiet), summarise. ``note``: a
+    line to show under the header (the data file's task)."""
     t_data = time.perf_counter()
     train_data, test_data = preset.load(settings["seed"])
     if train_size is not None and isinstance(train_data, FileData):
         train_data = train_data.part(0, min(train_size, len(train_data)))  # the rest is not read
     elif train_size is not None:
         train_data = (train_data[0][:train_size], train_data[1][:train_size])
+    if settings.get("algorithm") == "sandblaster" and isinstance(train_data, FileData):
+        train_data = _in_memory(train_data)
     data_s = time.perf_counter() - t_data
     t_train = time.perf_counter()
     try:
         where = f", run directory {runlog.path}" if runlog is not None else ""
-        header = f"{dataset}: seed {settings['seed']}{where}"
+        header = f"{dataset}: seed {settings['seed']}{where}" + (f"\n{note}" if note else "")
         view = _LiveView(Console(stderr=True), dataset, settings["replicas"], not quiet, header)
         with view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
@@ -1094,6 +1124,21 @@ def _run_job(
     if isinstance(result.config, SandblasterConfig):
         return sandblaster_summary(dataset, result.config, widths, result, wall_s, data_s)
     return summary(dataset, result.config, widths, result, wall_s, data_s, test_data)
+
+
+def _in_memory(rows: FileData) -> datasets.Data:
+    """A data file read whole, for Sandblaster (its replicas take in-memory data): refused,
+    naming the flag, if it would take more than half the memory available."""
+    need = len(rows) * (rows.width * 4 + 8 * max(1, rows.outputs if rows.task != CLASSIFY else 1))
+    free = available_memory()
+    if free is not None and need > free // 2:
+        raise UsageFailure(
+            f"data: --algorithm sandblaster holds the training data in memory, and {rows.path} "
+            f"({len(rows):,} examples, {need / 2**30:.1f} GiB) would take more than half the "
+            f"{free / 2**30:.1f} GiB available; use --train-size N, or Downpour, which reads "
+            "the file part by part"
+        )
+    return rows.read(range(len(rows)))
 
 
 def sandblaster_summary(
@@ -1160,6 +1205,8 @@ def _print_sandblaster_summary(console: Console, s: dict[str, Any]) -> None:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     table.add_row("test loss", fmt(s["test_loss"], ".4f"))
     table.add_row("test accuracy", fmt(s["test_accuracy"], ".3f"))
+    if s.get("task_reason"):
+        table.add_row("task", f"{s['task']}: {s['task_reason']}")
     console.print(table)
 
 
@@ -1272,6 +1319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(exc.format_message().replace("\n", " "), USAGE_ERROR)
         except UsageFailure as exc:
             return _fail(str(exc).replace("\n", " "), USAGE_ERROR)
+        except DataChanged as exc:  # (its .model is the API's; here the run directory keeps it)
+            return _fail(f"data: {exc.reason}", RUN_ERROR, "--json" in args)
         except (ActorFailed, RunTimeout, Deadlock, TrainingDiverged) as exc:
             return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
         except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:

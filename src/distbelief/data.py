@@ -35,6 +35,8 @@ def as_tensors(data: object, name: str = "train_data") -> Data:
             raise ConfigError(
                 f"{name}: items must be (input, target) pairs of equal shapes: {exc}"
             ) from None
+        check_device(xs, f"{name}: the inputs are")
+        check_device(ys, f"{name}: the targets are")
         return xs, ys
     if isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = (v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v)) for v in data)
@@ -44,12 +46,26 @@ def as_tensors(data: object, name: str = "train_data") -> Data:
             raise ConfigError(f"{name}: {len(x)} inputs but {len(y)} targets")
         if len(x) == 0:
             raise ConfigError(f"{name}: the data is empty")
+        for part, values in (("inputs", x), ("targets", y)):
+            check_device(values, f"{name}: the {part} are")
         return x, y
     raise ConfigError(
         f"{name}: expected an (inputs, targets) pair or a torch Dataset, or the path of a data "
         f"file (.csv, .parquet, .npz, .npy); got {type(data).__name__}"
         + (f" {data!r}" if isinstance(data, str) else "")
     )
+
+
+def check_device(values: torch.Tensor, what: str) -> None:
+    """Refuse a tensor not on the CPU, naming ``what`` (e.g. ``"train_data: the inputs are"``)
+    and its device: the actors and the parameter server hold CPU tensors (and a ``meta``
+    tensor holds no values at all)."""
+    if values.device.type != "cpu":
+        hint = " (a meta tensor holds no values)" if values.device.type == "meta" else ""
+        raise ConfigError(
+            f"{what} on device {values.device.type!r}{hint}; distbelief trains on the CPU: "
+            "pass CPU tensors (.cpu())"
+        )
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 :func:`files` checks a file in one streaming pass (chunks, never the whole file in memory) and
 returns a :class:`FileData`: a small picklable description (path, rows, widths, task) that each
 data shard is given with its row range and reads itself, lazily, in the process it runs in (on
-Ray: on its own node). ``.npy`` files and uncompressed ``.npz`` members are memory-mapped and
-each mini-batch's rows are gathered on demand; CSV, Parquet and compressed ``.npz`` cannot be
-indexed by row, so a data shard streams the file once and keeps only its own part (in memory
-when small, else in an unlinked temporary file it maps).
+Ray: on its own node). Rows of ``.npy`` files and uncompressed ``.npz`` members are read
+on demand with positioned reads (never memory-mapped: a mapped page of a file that shrinks
+under the reader kills the process with SIGBUS, which Python cannot catch); CSV, Parquet and
+compressed ``.npz`` cannot be indexed by row, so a data shard streams the file once and keeps
+only its own part (in memory when small, else in an unlinked temporary file).
 
 Every problem is a :class:`DataFileError` naming the file and where (CSV: line and column;
 arrays and Parquet: row, counted from 0).
@@ -15,8 +16,8 @@ arrays and Parquet: row, counted from 0).
 from __future__ import annotations
 
 import csv
+import errno
 import math
-import mmap
 import os
 import struct
 import tempfile
@@ -34,19 +35,22 @@ CLASSIFY, REGRESS = "classify", "regress"
 TASKS = (CLASSIFY, REGRESS)
 FORMATS = (".csv", ".parquet", ".npz", ".npy")
 MAX_INFERRED_CLASSES = 1000
-"""Integer targets in 0..999 are inferred to be class labels; anything else is regression."""
+"""Whole-number targets in 0..999 (``1`` or ``1.0``) are inferred to be class labels; anything
+else is regression."""
 SCAN_ROWS = 65536
 """Rows per chunk of the checking pass and of a data shard's streaming read."""
 IN_MEMORY_PART_BYTES = 64 << 20
 """A CSV/Parquet part up to this size is kept in memory; a larger one goes to a temp file."""
-MAP_WHOLE_BYTES = 64 << 20
-"""Array files up to this size are memory-mapped; larger ones are read row by row."""
 CHUNK_BYTES = 8 << 20
 """At most this much of an array file is read at a time by the checking pass."""
 
 
 class DataFileError(Exception):
     """A data file that cannot be used; the message names the file and where."""
+
+
+class DataFileChanged(DataFileError):
+    """A data file changed or shrank after it was checked (found while training)."""
 
 
 # ------------------------------------------------------------------------------ row readers
@@ -61,6 +65,8 @@ class _ArrayFile:
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    stamp: tuple[int, int] | None = None
+    """``(size, mtime_ns)`` when the file was checked: a reader refuses a file that differs."""
 
     @property
     def row_bytes(self) -> int:
@@ -75,29 +81,40 @@ class _ArrayFile:
         return flat.reshape((hi - lo, *self.shape[1:]))
 
 
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 class _MappedRows:
-    """Gathers rows of an :class:`_ArrayFile`. A small file is memory-mapped and indexed (a
-    few microseconds a mini-batch). A large one is read with positioned reads, one per run of
-    consecutive rows, into the result: its pages stay in the OS cache and out of this
-    process's RSS. (Mapped, each row read brings the pages around it into RSS - the kernel's
-    fault-around and large folios: 4,096 random rows of a 400 MB file mapped 390 MB - and
-    dropping them after each read made every read fault again, slower than reading.)"""
+    """Gathers rows of an :class:`_ArrayFile` with positioned reads, one per run of
+    consecutive rows, into the result: the pages stay in the OS cache and out of this
+    process's RSS. Not a memory map: a file truncated while mapped kills the process with
+    SIGBUS (no message, nothing kept), where a short read is an error that names the file.
+    (Mapped, each row read also brought the pages around it into RSS: 4,096 random rows of a
+    400 MB file mapped 390 MB.) Each read first compares the file's size and modification time
+    with those it had when checked, so a file rewritten under a run is refused, not read."""
 
     def __init__(self, array: _ArrayFile) -> None:
         self.array = array
         self._file = open(array.path, "rb")  # noqa: SIM115 - lives as long as the reader
         self._row_bytes = array.row_bytes
-        self._rows: np.ndarray | None = None
-        if os.fstat(self._file.fileno()).st_size <= MAP_WHOLE_BYTES:
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-            n = math.prod(array.shape)
-            rows = np.frombuffer(self._map, dtype=array.dtype, count=n, offset=array.offset)
-            self._rows = rows.reshape(array.shape)
+
+    def _check(self) -> None:
+        if self.array.stamp is None:
+            return
+        st = os.fstat(self._file.fileno())
+        if (st.st_size, st.st_mtime_ns) != self.array.stamp:
+            size = self.array.stamp[0]
+            how = "shrank" if st.st_size < size else "changed"
+            raise DataFileChanged(
+                f"{self.array.path}: the file {how} while training ({size:,} bytes when checked, "
+                f"{st.st_size:,} now); train again on a file that stays as it is"
+            )
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` (sorted) as a new array."""
-        if self._rows is not None:
-            return self._rows[rows]
+        self._check()
         out = np.empty((len(rows), *self.array.shape[1:]), dtype=self.array.dtype)
         if len(rows) == 0:
             return out
@@ -110,7 +127,10 @@ class _MappedRows:
             want = (b - a) * size
             got = os.preadv(fd, [buffer[a * size : b * size]], base + row * size)
             if got != want:
-                raise DataFileError(f"{self.array.path}: the file is shorter than its header says")
+                self._check()  # it shrank since the check above: say so
+                raise DataFileChanged(
+                    f"{self.array.path}: the file is shorter than its header says"
+                )
         return out
 
 
@@ -151,6 +171,8 @@ class FileData:
     """Dtype of the inputs read (and of regression targets): the model's."""
     arrays: tuple[Any, ...] = ()
     """Where the inputs and targets are stored (``_ArrayFile``), or () if read by streaming."""
+    task_reason: str = ""
+    """Why this task: given, or what in the labels decided it (shown to the user)."""
     _reader: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -437,11 +459,14 @@ def _csv_chunks(
 def _csv_locate(path: str, target: str) -> str | None:
     """The first bad cell of a CSV file, with its line (the slow, exact search that runs only
     after the fast reader failed)."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader)
-        for row in reader:
-            line = reader.line_num
+        while True:
+            line = reader.line_num + 1  # a record may span lines: name the one it starts on
+            row = next(reader, None)
+            if row is None:
+                break
             if len(row) != len(header):
                 return f"{path} line {line}: {len(row)} fields, but the header has {len(header)}"
             for name, cell in zip(header, row):
@@ -520,7 +545,7 @@ def _array_file(path: str, offset: int, where: str) -> _ArrayFile:
         )
     if not shape:
         raise DataFileError(f"{where}: a scalar, not an array of examples")
-    return _ArrayFile(path, start, dtype, shape)
+    return _ArrayFile(path, start, dtype, shape, _stamp(path))
 
 
 def _npz_member(path: str, name: str) -> _ArrayFile | np.ndarray:
@@ -582,7 +607,8 @@ def files(
     ``.npy`` (inputs; the labels are ``y.npy`` beside an ``x.npy``). ``target``: the label
     column (CSV, Parquet; default the last column), the label array (``.npz``; default ``y``)
     or the labels' file (``.npy``). ``task``: ``"classify"`` or ``"regress"``; by default
-    integer labels in 0..999 are classes and anything else is regressed.
+    whole-number labels in 0..999 are classes and anything else is regressed (``.task_reason``
+    says why).
 
     Raises :class:`ConfigError` starting ``path:`` and naming the file and where.
     """
@@ -593,10 +619,24 @@ def files(
 
 
 def scan(
-    path: str | os.PathLike[str], target: str | None = None, task: str | None = None
+    path: str | os.PathLike[str],
+    target: str | None = None,
+    task: str | None = None,
+    like: FileData | None = None,
 ) -> FileData:
-    """:func:`files` raising :class:`DataFileError` (the message without a parameter name)."""
+    """:func:`files` raising :class:`DataFileError` (the message without a parameter name).
+
+    ``like``: the training data this file is tested against. Its target and task are the
+    defaults, and named columns are matched by name, in the training file's order: a column
+    of one file missing from the other is an error naming it."""
     path = os.path.abspath(os.fspath(path))
+    origin = "given" if task is not None else None
+    if like is not None:
+        origin = origin or f"as the training data ({os.path.basename(like.path)})"
+        task = task or like.task
+        npy = os.path.splitext(path)[1].lower() == ".npy"
+        if target is None and like.format != "npy" and not npy:
+            target = like.target  # a .npy's labels are found beside it
     if task is not None and task not in TASKS:
         raise DataFileError(f"task must be {' or '.join(TASKS)}, got {task!r}")
     ext = os.path.splitext(path)[1].lower()
@@ -604,6 +644,16 @@ def scan(
         raise DataFileError(
             f"{path}: unknown format {ext or '(no extension)'!r}; use {', '.join(FORMATS)}"
         )
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DataFileError(f"{path}: a loop of symbolic links, not a file") from None
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            raise DataFileError(f"{path}: a symbolic link to {os.readlink(path)!r}, which does "
+                                "not exist") from None  # fmt: skip
+        if exc.errno != errno.ENOENT:
+            raise DataFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if os.path.isdir(path):
         raise DataFileError(f"{path}: a directory, not a file")
     if not os.path.isfile(path):
@@ -620,7 +670,9 @@ def scan(
             target, columns = _csv_columns(path, target)
         elif fmt == "parquet":
             target, columns = _parquet_columns(path, target)
-        else:
+        if columns and like is not None and like.columns:
+            columns = _match_columns(path, columns, like)
+        if fmt not in ("csv", "parquet"):
             if fmt == "npy":
                 target = os.path.abspath(target) if target else _npy_labels(path)
             else:
@@ -632,7 +684,7 @@ def scan(
                 )
             if all(isinstance(a, _ArrayFile) for a in (xa, ya)):
                 arrays = (xa, ya)
-        stats = _Stats(path, fmt, task, columns)
+        stats = _Stats(path, fmt, task, columns, origin)
         for first, x, y in _chunks(path, fmt, target, columns):
             stats.add(first, x, y)
     except OSError as exc:
@@ -640,9 +692,27 @@ def scan(
     return stats.finish(target, columns, arrays)
 
 
+def _match_columns(path: str, columns: tuple[str, ...], like: FileData) -> tuple[str, ...]:
+    """``like``'s feature columns, checked against this file's by name (any order)."""
+    missing = [c for c in like.columns if c not in columns]
+    extra = [c for c in columns if c not in like.columns]
+    if missing:
+        raise DataFileError(
+            f"{path}: no column {missing[0]!r}, which the training data ({like.path}) has"
+            + (f" ({len(missing)} such columns)" if len(missing) > 1 else "")
+        )
+    if extra:
+        raise DataFileError(
+            f"{path}: column {extra[0]!r} is not in the training data ({like.path})"
+            + (f" ({len(extra)} such columns)" if len(extra) > 1 else "")
+        )
+    return like.columns  # read in the training file's order, whatever this file's is
+
+
 def _csv_columns(path: str, target: str | None) -> tuple[str, tuple[str, ...]]:
     try:
-        with open(path, newline="") as f:
+        # utf-8-sig: spreadsheets write "CSV UTF-8" with a byte-order mark, not part of a name
+        with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), None)
     except UnicodeDecodeError:
         raise DataFileError(f"{path} line 1: not text (is it really a CSV file?)") from None
@@ -668,6 +738,14 @@ def _parquet_columns(path: str, target: str | None) -> tuple[str, tuple[str, ...
 
 
 def _pick_target(path: str, names: list[str], target: str | None) -> tuple[str, tuple[str, ...]]:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise DataFileError(
+                f"{path}: column {name!r} appears twice (columns {seen[name] + 1} and {i + 1}); "
+                "give every column its own name"
+            )
+        seen[name] = i
     if target is None:
         target = names[-1]
     elif target not in names:
@@ -683,21 +761,29 @@ def _pick_target(path: str, names: list[str], target: str | None) -> tuple[str, 
 class _Stats:
     """What the checking pass learns, chunk by chunk."""
 
-    def __init__(self, path: str, fmt: str, task: str | None, columns: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        path: str,
+        fmt: str,
+        task: str | None,
+        columns: tuple[str, ...],
+        origin: str | None = None,
+    ) -> None:
         self.path, self.fmt, self.task, self.columns = path, fmt, task, columns
+        self.origin = origin  # where a task not inferred came from ("given", ...)
         self.n = 0
         self.width: int | None = None
         self.y_shape: tuple[int, ...] | None = None
         self.integer_typed = True
         self.first_fraction: int | None = None  # first row with a non-integer target
+        self.fraction = 0.0  # its value
         self.lo: tuple[float, int] | None = None
         self.hi: tuple[float, int] | None = None
         self.non_binary: int | None = None  # first row with a target other than 0/1
 
     def where(self, row: int, what: str) -> str:
         if self.fmt == "csv":
-            # header + 1-based: the line, if no quoted field spans lines
-            return f"{self.path} line {row + 2}: {what}"
+            return f"{self.path} line {_csv_line(self.path, row)}: {what}"
         return f"{self.path} row {row}: {what}"
 
     def add(self, first: int, x: np.ndarray, y: np.ndarray) -> None:
@@ -720,6 +806,7 @@ class _Stats:
             frac = (yf != np.round(yf)).any(axis=1)
             if frac.any() and self.first_fraction is None:
                 self.first_fraction = first + int(np.argmax(frac))
+                self.fraction = float(yf[int(np.argmax(frac)), 0])
         if len(yf):
             col0 = yf[:, 0]
             a, b = int(col0.argmin()), int(col0.argmax())
@@ -737,12 +824,21 @@ class _Stats:
             raise DataFileError(f"{self.path}: no examples (the file has no data rows)")
         single = self.y_shape in ((), (1,))
         task = self.task
-        if task is None:
-            inferred = (
-                self.integer_typed and single and self.lo[0] >= 0
-                and self.hi[0] < MAX_INFERRED_CLASSES
-            )  # fmt: skip
-            task = CLASSIFY if inferred else REGRESS
+        lo, hi = self.lo[0], self.hi[0]
+        if task is not None:
+            reason = self.origin or "given"
+        elif not single:
+            task, reason = REGRESS, f"the targets have shape {self.y_shape}, several per example"
+        elif self.first_fraction is not None:
+            what = self.where(self.first_fraction, f"{self.fraction:g}").split(": ", 1)[0]
+            task, reason = REGRESS, f"label {self.fraction:g} ({what}) is not a whole number"
+        elif lo < 0:
+            task, reason = REGRESS, f"label {lo:g} is negative"
+        elif hi >= MAX_INFERRED_CLASSES:
+            task, reason = REGRESS, f"label {hi:g} is {MAX_INFERRED_CLASSES} or more"
+        else:
+            # The value decides, not how it is written: labels 0.0/1.0 are classes as 0/1 are.
+            task, reason = CLASSIFY, f"the labels are whole numbers from {lo:g} to {hi:g}"
         if task == CLASSIFY:
             if not single:
                 raise DataFileError(
@@ -756,6 +852,16 @@ class _Stats:
             if self.lo[0] < 0:
                 raise DataFileError(self.where(self.lo[1], "negative label (task classify)"))
             outputs = int(self.hi[0]) + 1
+            if outputs > MAX_INFERRED_CLASSES and outputs > self.n:
+                # an output layer far wider than the data: 1,000,001 classes for 300 rows took
+                # 107 s and 6.7 GB before the first step
+                raise DataFileError(
+                    self.where(
+                        self.hi[1],
+                        f"label {int(self.hi[0])} implies {outputs:,} classes for {self.n:,} "
+                        "examples; number the classes 0..K-1",
+                    )
+                )
             probe = {0, min(1, self.n - 1), self.lo[1], self.hi[1]}
         else:
             outputs = math.prod(self.y_shape or (1,))
@@ -767,6 +873,7 @@ class _Stats:
             format=self.fmt,
             target=target,
             task=task,
+            task_reason=reason,
             length=self.n,
             width=int(self.width or 0),
             outputs=outputs,
@@ -774,6 +881,18 @@ class _Stats:
             probe_rows=tuple(sorted(probe)),
             arrays=arrays,
         )
+
+
+def _csv_line(path: str, row: int) -> int:
+    """The line on which data record ``row`` (from 0) starts: records may span lines (a quoted
+    field holding a newline). Slow, so only for error messages."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        next(reader, None)
+        for _ in range(row):
+            if next(reader, None) is None:
+                break
+        return reader.line_num + 1
 
 
 # ------------------------------------------------------------------------------ for train()
@@ -793,11 +912,17 @@ def as_file_data(
         if os.path.splitext(os.fspath(data))[1].lower() not in FORMATS:
             return None  # not a data file's name: refused as not data at all
         try:
-            data = scan(data, task=task_of_loss(loss))
+            data = scan(data, task=task_of_loss(loss), like=like)
         except DataFileError as exc:
             raise ConfigError(f"{name}: {exc}") from None
     if not isinstance(data, FileData):
         return None
+    if like is not None and data.columns and like.columns and data.columns != like.columns:
+        try:
+            columns = _match_columns(data.path, data.columns, like)
+        except DataFileError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+        data = replace(data, columns=columns, _reader=None)
     if like is not None and data.width != like.width:
         raise ConfigError(
             f"{name}: {data.path} has {data.width} features per example but the training data "

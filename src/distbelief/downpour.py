@@ -27,8 +27,8 @@ from .checkpoint import (
 )
 from .config import DownpourConfig
 from .data import TensorRows, replica_ranges
-from .datafiles import FileData
-from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from .datafiles import DataFileChanged, FileData
+from .errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
 from .flat import flatten, parameters_of
 from .layout import Layout
 from .messages import (
@@ -37,6 +37,7 @@ from .messages import (
     ConnectDataShard,
     ConnectMaster,
     ConnectStage,
+    DataUnreadable,
     Diverged,
     ProgressReport,
     ShardSnapshot,
@@ -297,6 +298,9 @@ def _run(
                     return reply, (describe() if describe is not None else {})
                 if progress is not None and isinstance(reply, ProgressReport):
                     progress(reply)
+                if isinstance(reply, DataUnreadable):
+                    weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+                    raise DataChanged(reply.reason, _assemble(stage_layers, weights, buffers))
                 if isinstance(reply, Diverged):
                     weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
                     finite = bool(torch.isfinite(weights).all())
@@ -307,6 +311,16 @@ def _run(
             weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
             model = _assemble(stage_layers, weights, buffers)
             raise TrainingInterrupted(model, getattr(stop, "signum", signal.SIGINT)) from None
+        except ActorFailed as exc:
+            if not isinstance(exc.cause, DataFileChanged):
+                raise
+            # A data shard found its file changed under it: keep what was trained, as Ctrl-C does.
+            try:
+                weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
+                model = _assemble(stage_layers, weights, buffers)
+            except Exception:  # the runtime could not answer after the failure
+                model = None
+            raise DataChanged(str(exc.cause), model) from None
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()

@@ -64,6 +64,22 @@ class TrainingDiverged(RuntimeError):
         self.stats = stats or {}
 
 
+class DataChanged(RuntimeError):
+    """A data file changed or shrank while training; the message names it. Nothing trained
+    until then is lost: ``model`` is a new module with the shards' parameters when it was
+    found and replica 0's buffers (None if they could not be collected)."""
+
+    def __init__(self, reason: str, model: Any = None) -> None:
+        kept = (
+            "the model trained until then is in .model"
+            if model is not None
+            else "the parameters could not be collected"
+        )
+        super().__init__(f"{reason}; {kept}")
+        self.reason = reason
+        self.model = model
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped :func:`distbelief.train`; nothing trained until then is lost.
 

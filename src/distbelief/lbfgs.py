@@ -170,6 +170,7 @@ def lbfgs(settings: Settings) -> Lbfgs:
             out.stop = "loss change"
         if out.stop:
             break
+    out.stop = out.stop or "steps"  # steps=0: no step taken, the limit is why
     out.loss, out.function_evals = f, evals
     return out
 

@@ -128,6 +128,17 @@ class TrainingDone:
 
 
 @dataclass(frozen=True, slots=True)
+class DataUnreadable:
+    """Data shard -> master -> driver: the replica's data file changed or shrank after it was
+    checked; stop the run and keep what was trained (see ``DataChanged``)."""
+
+    replica: int
+    """The replica whose data shard found it."""
+    reason: str
+    """The file and what changed (``DataFileChanged``'s message)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Diverged:
     """Master -> driver: training diverged; stop the run (see ``TrainingDiverged``)."""
 

@@ -8,8 +8,10 @@ backend (no display needed):
 - the staleness histogram (updates applied at each staleness),
 - each shard's update rate against wall time.
 
-Several runs are overlaid, each labelled by what differs in their resolved configurations
-(``replicas=1`` vs ``replicas=8``, ``optimizer=sgd`` vs ``optimizer=adagrad``). The page
+Several runs are overlaid, each labelled by its directory's name and at most
+``LABEL_SETTINGS`` of the settings that differ between the runs and apply to it (``replicas=1``
+vs ``replicas=8``; a Sandblaster run is not labelled with Downpour's ``lr``); every setting is
+in the configuration table. Legends sit below the axes, never over the curves. The page
 ``report.html`` embeds the PNGs as base64, so it opens offline and can be mailed as one file.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,12 +30,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window (this may run on a headless server)
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from .errors import ConfigError  # noqa: E402
 from .runlog import METRICS, read_metrics  # noqa: E402
 
 IGNORED_IN_LABELS = frozenset({"timeout_s", "torch_threads"})
 """Settings that do not change what a run computes: never used to tell runs apart."""
+LABEL_SETTINGS = 3
+"""At most this many differing settings in a run's legend label; the rest are in the table."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,8 +69,11 @@ def load_run(path: str | os.PathLike, name: str = "run_dir") -> Run:
     start = next((r for r in records if r.get("kind") == "start"), None)
     if start is None:
         raise ConfigError(f"{name}: {str(p / METRICS)!r} has no start record")
-    # The engine's settings and the command's (dataset, hidden...), the command's first.
-    config = {**start.get("engine", {}), **start.get("config", {})}
+    # The engine's settings and the command's (dataset, hidden...), the command's first; the
+    # algorithm named even where only the engine's settings were recorded (the API).
+    engine = start.get("engine", {})
+    algorithm = "sandblaster" if "steps" in engine else "downpour"
+    config = {"algorithm": algorithm, **engine, **start.get("config", {})}
     run = Run(p, config)
     for r in records:
         kind = r.get("kind")
@@ -93,22 +104,45 @@ def differing_keys(configs: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in differ if k != "seed"] + [k for k in differ if k == "seed"]
 
 
+def label_settings(run: Run, runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
+    """``key=value`` for at most :data:`LABEL_SETTINGS` of ``keys`` (settings that differ
+    between ``runs``) that apply to ``run`` (set in its configuration: Sandblaster has no
+    ``lr``, Downpour no ``steps``), the rarest values first: among nine runs of ``lr=0.5``
+    the one of ``shards=2`` is labelled ``shards=2`` before ``lr=0.5``."""
+    ranked = []
+    for order, key in enumerate(keys):
+        value = run.config.get(key)
+        if value is None:
+            continue
+        same = sum(_show(r.config.get(key)) == _show(value) for r in runs)
+        if same < len(runs):
+            ranked.append((same, order, f"{key}={_show(value)}"))
+    return [text for _, _, text in sorted(ranked)[:LABEL_SETTINGS]]
+
+
 def label_runs(runs: Sequence[Run]) -> list[str]:
-    """A legend label per run: what differs between the configurations, e.g.
-    ``replicas=1, optimizer=sgd``; the directory name when nothing does (or for one run)."""
+    """A legend label per run: its directory's name, then a few of the settings that differ
+    between the runs and apply to it, e.g. ``sgd1: lr=0.1, replicas=1, optimizer=sgd``; the
+    name alone for one run or when nothing differs. Two runs of one directory name are told
+    apart by their parent directory too."""
     keys = differing_keys([r.config for r in runs])
     if "seed" in keys and len(keys) > 1:
         keys.remove("seed")  # the seed differs too, but the other settings tell them apart
-    labels = [", ".join(f"{k}={_show(r.config.get(k, '-'))}" for k in keys) for r in runs]
-    if len(runs) == 1 or not keys or len(set(labels)) < len(labels):
-        labels = [r.path.name for r in runs]
+    names = [r.path.name for r in runs]
+    if len(set(names)) < len(names):
+        names = [f"{r.path.parent.name}/{r.path.name}" for r in runs]
+    labels = []
+    for run, name in zip(runs, names):
+        shown = label_settings(run, runs, keys) if len(runs) > 1 else []
+        labels.append(f"{name}: {', '.join(shown)}" if shown else name)
     for run, label in zip(runs, labels):
         run.label = label
     return labels
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=96)
+    # Constrained layout makes room for a legend outside the axes (tight_layout gave up on it).
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=96, layout="constrained")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -116,12 +150,22 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _save(fig: Any, ax: Any, path: Path) -> Path:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+def _save(fig: Any, ax: Any, path: Path, extra: Sequence[Any] = ()) -> Path:
+    """Save with the legend below the axes (it never covers a curve, whatever the labels'
+    length); the figure grows to hold it. ``extra``: legend entries after the runs'."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        handles, labels = [*handles, *extra], [*labels, *(h.get_label() for h in extra)]
+        ncols = 2 if len(handles) > 4 else 1
+        fig.set_figheight(3.6 + 0.2 * -(-len(handles) // ncols))
+        legend = fig.legend(handles, labels, loc="outside lower center", fontsize="small",
+                            ncols=ncols, frameon=False)  # fmt: skip
+        # Long labels: widen the figure to the legend rather than clip it at the edges.
+        width = legend.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+        if width + 0.2 > fig.get_figwidth():
+            fig.set_figwidth(width + 0.2)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -159,18 +203,31 @@ def _plot_metric(runs: Sequence[Run], out: Path, metric: str, x: str) -> Path:
     xlabel = "training wall time (s)" if x == "wall_s" else "examples seen"
     title = f"{'accuracy' if metric == 'accuracy' else 'loss'} vs {xlabel.split(' (')[0]}"
     fig, ax = _figure(title, xlabel, metric)
+    styles = []
     for i, run in enumerate(runs):
-        color = f"C{i % 10}"
+        color = _color(i)
+        label: str | None = run.label  # one legend entry per run, its colour
         xs, ys = _points(run.eval, x, metric)
         if xs:
-            ax.plot(xs, ys, "o-", color=color, label=f"{run.label} (test)")
+            ax.plot(xs, ys, "o-", color=color, label=label)
+            label = None
         if metric == "loss":
             xs, ys = _points(run.train, x, "loss")
             if xs:
-                ax.plot(xs, ys, "--", color=color, alpha=0.6, label=f"{run.label} (training)")
+                ax.plot(xs, ys, "--", color=color, alpha=0.6, label=label)
+                styles = [
+                    Line2D([], [], color="0.3", marker="o", label="test"),
+                    Line2D([], [], color="0.3", linestyle="--", label="training"),
+                ]
     if metric == "accuracy":
         ax.set_ylim(0, 1)
-    return _save(fig, ax, out / f"{metric}_vs_{'time' if x == 'wall_s' else 'examples'}.png")
+    name = f"{metric}_vs_{'time' if x == 'wall_s' else 'examples'}.png"
+    return _save(fig, ax, out / name, styles)
+
+
+def _color(i: int) -> Any:
+    """Run ``i``'s colour: tab10 for up to ten runs, then tab20's lighter shades."""
+    return f"C{i}" if i < 10 else plt.get_cmap("tab20")((2 * i + 1) % 20)
 
 
 def _plot_replicas(runs: Sequence[Run], out: Path) -> Path:
@@ -181,7 +238,7 @@ def _plot_replicas(runs: Sequence[Run], out: Path) -> Path:
         for j, replica in enumerate(replicas):
             xs, ys = _rates([r for r in run.replica if r["replica"] == replica], "examples")
             # one colour per run when overlaying runs, one per replica otherwise
-            color = f"C{(i if many else j) % 10}"
+            color = _color(i) if many else f"C{j % 10}"
             if not many:
                 label = f"replica {replica}"
             else:  # one legend entry per run
@@ -214,7 +271,7 @@ def _plot_staleness(runs: Sequence[Run], out: Path) -> Path:
         n = sum(hist)
         if n:
             xs = [s + (i - (len(runs) - 1) / 2) * width for s in range(len(hist))]
-            ax.bar(xs, [c / n for c in hist], width=width, color=f"C{i % 10}", label=run.label)
+            ax.bar(xs, [c / n for c in hist], width=width, color=_color(i), label=run.label)
     return _save(fig, ax, out / "staleness_histogram.png")
 
 
@@ -222,18 +279,55 @@ def _plot_shards(runs: Sequence[Run], out: Path) -> Path:
     fig, ax = _figure("updates applied per second, per shard", "training wall time (s)",
                       "updates/s")  # fmt: skip
     styles = ["-", "--", ":", "-."]
+    many = len(runs) > 1
+    shards: set[int] = set()
     for i, run in enumerate(runs):
-        for k in sorted({r["shard"] for r in run.shard}):
+        for j, k in enumerate(sorted({r["shard"] for r in run.shard})):
+            shards.add(k)
             xs, ys = _rates([r for r in run.shard if r["shard"] == k], "updates_applied")
-            label = f"{run.label}: shard {k}" if len(runs) > 1 else f"shard {k}"
-            color = f"C{(i if len(runs) > 1 else k) % 10}"
+            # overlaid runs: a colour and one legend entry per run, a line style per shard
+            label = (run.label if j == 0 else None) if many else f"shard {k}"
+            color = _color(i) if many else f"C{k % 10}"
             ax.plot(xs, ys, styles[k % len(styles)], color=color, label=label)
-    return _save(fig, ax, out / "shard_update_rate.png")
+    extra = [
+        Line2D([], [], color="0.3", linestyle=styles[k % len(styles)], label=f"shard {k}")
+        for k in sorted(shards)
+    ] if many and len(shards) > 1 else []  # fmt: skip
+    return _save(fig, ax, out / "shard_update_rate.png", extra)
+
+
+def last_known(run: Run) -> dict[str, Any]:
+    """The run's final figures: the end record's, or for a run killed before it wrote one
+    (or that failed), what its last progress reports said."""
+    stats = dict((run.end or {}).get("stats") or {})
+    if run.train:
+        last = run.train[-1]
+        stats.setdefault("examples", last.get("examples"))
+        stats.setdefault("train_s", last.get("wall_s"))
+        if stats["examples"] is not None and stats["train_s"]:
+            stats.setdefault("examples_per_s", stats["examples"] / stats["train_s"])
+    shards: dict[int, dict[str, Any]] = {r["shard"]: r for r in run.shard}
+    if shards:
+        applied = sum(r.get("updates_applied", 0) for r in shards.values())
+        weighted = sum(r.get("staleness_mean", 0.0) * r.get("updates_applied", 0)
+                       for r in shards.values())  # fmt: skip
+        stats.setdefault("staleness_mean", weighted / applied if applied else None)
+        stats.setdefault("staleness_max", max(r.get("staleness_max", 0) for r in shards.values()))
+    return stats
+
+
+def _status(run: Run) -> str:
+    status = (run.end or {}).get("status", "unfinished")
+    if (run.end or {}).get("stats") or not run.train:
+        return status
+    return f"{status} (figures of its last report, at {run.train[-1].get('wall_s', 0):.1f} s)"
 
 
 def _summary_rows(runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
+    known = {id(r): last_known(r) for r in runs}
+
     def stat(run: Run, key: str, spec: str) -> str:
-        v = (run.end or {}).get("stats", {}).get(key)
+        v = known[id(run)].get(key)
         return "-" if v is None else format(v, spec)
 
     def final(run: Run, key: str) -> str:
@@ -241,7 +335,7 @@ def _summary_rows(runs: Sequence[Run]) -> list[tuple[str, list[str]]]:
         return "-" if v is None else f"{v:.4f}"
 
     return [
-        ("status", [(r.end or {}).get("status", "unfinished") for r in runs]),
+        ("status", [_status(r) for r in runs]),
         ("test accuracy", [final(r, "accuracy") for r in runs]),
         ("test loss", [final(r, "loss") for r in runs]),
         ("examples", [stat(r, "examples", ",") for r in runs]),
@@ -258,7 +352,12 @@ def _html(runs: Sequence[Run], images: Sequence[Path]) -> str:
     for r in runs:
         all_keys += [k for k in r.config if k not in all_keys]
     esc = html.escape
-    head = "".join(f"<th>{esc(r.label)}</th>" for r in runs)
+
+    def heading(run: Run) -> str:
+        name, _, settings = run.label.partition(": ")
+        return f"<th>{esc(name)}" + (f"<br><small>{esc(settings)}</small>" if settings else "")
+
+    head = "".join(f"{heading(r)}</th>" for r in runs)
 
     def row(name: str, cells: list[str], mark: bool = False) -> str:
         cls = ' class="differs"' if mark else ""
@@ -276,23 +375,27 @@ def _html(runs: Sequence[Run], images: Sequence[Path]) -> str:
         f'{base64.b64encode(p.read_bytes()).decode("ascii")}"></figure>'
         for p in images
     )
-    dirs = ", ".join(esc(str(r.path)) for r in runs)
+    dirs = "".join(f"<li>{esc(r.label)} <small>({esc(str(r.path))})</small></li>" for r in runs)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>distbelief report</title>
 <style>
 body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right;
+          overflow-wrap: break-word; }}
+tr > th:first-child {{ white-space: nowrap; }}
+.wide {{ max-width: 100%; overflow-x: auto; }}
 tr th:first-child {{ text-align: left; }}
 tr.differs {{ background: #fff3c4; }}
 figure {{ display: inline-block; margin: 0.3em; }}
 img {{ max-width: 100%; border: 1px solid #eee; }}
 </style></head><body>
 <h1>distbelief report</h1>
-<p>Runs: {dirs}.{" Highlighted: the settings that differ." if len(runs) > 1 else ""}</p>
-<h2>Results</h2><table><tr><th></th>{head}</tr>{summary}</table>
+<p>Runs{", each with a few of the settings that differ" if len(runs) > 1 else ""}:</p>
+<ul>{dirs}</ul>{"<p>Highlighted below: every setting that differs.</p>" if len(runs) > 1 else ""}
+<h2>Results</h2><div class="wide"><table><tr><th></th>{head}</tr>{summary}</table></div>
 <h2>Plots</h2>{figures}
-<h2>Configuration</h2><table><tr><th></th>{head}</tr>{config}</table>
+<h2>Configuration</h2><div class="wide"><table><tr><th></th>{head}</tr>{config}</table></div>
 </body></html>
 """
 
@@ -304,7 +407,15 @@ def report(
     run directory). Returns the files written, the HTML page last."""
     if not run_dirs:
         raise ConfigError("run_dirs: give at least one run directory")
-    runs = [load_run(d) for d in run_dirs]
+    runs: list[Run] = []
+    seen: dict[Path, str] = {}
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            log.warning("%s is the same run as %s: drawn once", d, seen[key])
+            continue
+        seen[key] = str(d)
+        runs.append(load_run(d))
     label_runs(runs)
     target = Path(out) if out is not None else runs[0].path
     try:

@@ -7,12 +7,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..data import epoch_order
+from ..datafiles import DataFileChanged
 from ..messages import (
     ActorRestarted,
     CheckpointMark,
     CheckpointRequest,
     ConnectDataShard,
     DataPosition,
+    DataUnreadable,
     Finish,
     Forward,
     Progress,
@@ -108,8 +110,7 @@ class DataShard(Actor):
         if self.epoch >= self.epochs:  # resumed from a checkpoint taken after its last step
             self._finish()
             return
-        self._shuffle()
-        self._send_batch()
+        self._next_batch(shuffle=True)
 
     @receives(ResumeReplica)
     def on_resume(self, msg: ResumeReplica, sender: object) -> None:
@@ -126,8 +127,7 @@ class DataShard(Actor):
         if self.epoch >= self.epochs:
             self._finish()
             return
-        self._shuffle()
-        self._send_batch()
+        self._next_batch(shuffle=True)
 
     @receives(StatusRequest)
     def on_status_request(self, msg: StatusRequest, sender: object) -> None:
@@ -143,6 +143,17 @@ class DataShard(Actor):
                 self.steps,
             ),
         )
+
+    def _next_batch(self, shuffle: bool = False) -> None:
+        """Send the next mini-batch (first reading the epoch's order if ``shuffle``). A data
+        file changed under the run stops this replica and tells the master, so the driver
+        keeps what was trained (an exception here would end the run with nothing kept)."""
+        try:
+            if shuffle:
+                self._shuffle()
+            self._send_batch()
+        except DataFileChanged as exc:
+            self.ctx.tell(self.master, DataUnreadable(self.replica, str(exc)))
 
     def _shuffle(self) -> None:
         order = epoch_order(len(self.rows), self.seed, self.replica, self.epoch)
@@ -178,8 +189,9 @@ class DataShard(Actor):
             if self.epoch == self.epochs:
                 self._finish()
                 return
-            self._shuffle()
-        self._send_batch()
+            self._next_batch(shuffle=True)
+            return
+        self._next_batch()
 
     def _finish(self) -> None:
         self._report()

@@ -22,6 +22,7 @@ from ..messages import (
     ConnectMaster,
     CopyRequest,
     DataPosition,
+    DataUnreadable,
     Diverged,
     Progress,
     ProgressReport,
@@ -183,6 +184,10 @@ class DownpourMaster(Actor):
     def _unleash(self) -> None:
         for r in range(self.replicas):
             self._start(r)
+
+    @receives(DataUnreadable)
+    def on_data_unreadable(self, msg: DataUnreadable, sender: object) -> None:
+        self.ctx.tell(self.driver, msg)  # the driver stops the run and keeps what it can
 
     @receives(WarmstartDone)
     def on_warmstart_done(self, msg: WarmstartDone, sender: object) -> None:
