@@ -31,6 +31,7 @@ from torch import nn
 
 from . import checkpoint as checkpoints
 from . import data as datasets
+from . import modelspec
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig, SandblasterConfig
 from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
@@ -267,6 +268,18 @@ def build_mlp(preset: Preset, hidden: Sequence[int], seed: int) -> nn.Sequential
     return mlp(widths, preset.activation, preset.output_activation, seed)
 
 
+def build_model(
+    preset: Preset, hidden: Sequence[int], seed: int, spec: modelspec.ModelSpec | None
+) -> nn.Sequential:
+    """The run's model: the ``--model`` spec's (checked against the data's input width) or
+    the preset's MLP."""
+    if spec is None:
+        return build_mlp(preset, hidden, seed)
+    model = modelspec.build(spec, preset.inputs, preset.outputs, seed)
+    modelspec.check_input_width(spec, model, preset.inputs)
+    return model
+
+
 def parse_hidden(text: str) -> tuple[int, ...]:
     """``"256,256"`` -> ``(256, 256)``; an empty string means no hidden layer."""
     if not text.strip():
@@ -327,6 +340,7 @@ def summary(
     out: dict[str, Any] = {
         "dataset": dataset,
         "hidden": list(hidden),
+        "model": None,  # the --model spec, if one was given (train_command fills it in)
         "replicas": config.replicas,
         "stages": config.stages,
         "shards": config.shards,
@@ -346,6 +360,7 @@ def summary(
         "train_s": round(stats["train_s"], 3),  # first mini-batch to last push applied
         "data_s": round(data_s, 3),
         "examples_per_s": round(stats["examples_per_s"], 1),
+        "eval_s": round(stats.get("eval_s", 0.0), 3),  # the evaluations during training
         "test_accuracy": result.history.accuracy,
         "test_loss": evals[-1]["loss"] if evals else None,
         "final_loss": result.history.final_loss,
@@ -384,7 +399,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     widths = "-".join(str(w) for w in s["hidden"]) or "none"
-    table.add_row("model", f"MLP, hidden {widths}")
+    table.add_row("model", s.get("model") or f"MLP, hidden {widths}")
     table.add_row("replicas x stages", f"{s['replicas']} x {s['stages']} ({s['runtime']} runtime)")
     table.add_row("PS shards", f"{s['shards']}, {s['optimizer']} lr={s['lr']:g}")
     table.add_row("n_fetch / n_push", f"{s['n_fetch']} / {s['n_push']}")
@@ -560,6 +575,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "torch_threads",
         "inject",
         "checkpoint_every",
+        "model_sha256",  # checked by _model_spec: a changed file needs --model again
     }  # fmt: skip
 )
 """Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs,
@@ -653,7 +669,7 @@ def load_resume(ctx: typer.Context, param: Any, value: str | None) -> str | None
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     flags = ckpt.manifest["config"].get("meta")
-    if not isinstance(flags, dict) or "hidden" not in flags:
+    if not isinstance(flags, dict) or not flags.keys() & {"hidden", "model"}:
         raise UsageFailure(
             f"resume: {ckpt.path / checkpoints.MANIFEST} records no flags of distbelief train "
             "(written by distbelief.train?); resume it with distbelief.train(resume=...)"
@@ -757,6 +773,20 @@ def train_command(
             "Preset: mnist1d 256,256, xor 2, digits 128,128."
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        _opt(
+            "Your own model instead of the MLP: path/to/file.py:NAME or package.module:NAME, "
+            "where NAME is an nn.Sequential, a list of modules, or a function returning one "
+            "(given in_features and out_features, the data's widths, if it takes them)."
+        ),
+    ] = None,
+    model_sha256: Annotated[
+        str | None,
+        typer.Option(
+            hidden=True, help="SHA-256 of the --model file as recorded (config.toml, resume)."
+        ),
+    ] = None,
     seed: Annotated[int | None, _opt(_seed_help())] = None,
     runtime: Annotated[
         str,
@@ -775,12 +805,14 @@ def train_command(
         ),
     ] = None,
     eval_every: Annotated[
-        int,
+        int | None,
         _opt(
             "Evaluate on the test set every this many training examples (0: at the end only); "
-            "each evaluation is listed in the summary and the JSON."
+            "each evaluation is listed in the summary and the JSON. Default: with a run "
+            "directory every epoch (10 to 50 times a run, for the report's curves), without "
+            "one at the end only."
         ),
-    ] = 0,
+    ] = None,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
     inject: Annotated[
@@ -908,8 +940,14 @@ def train_command(
         )
     if seed is None:  # as the API does: draw one, and say which (summary, JSON, config.toml)
         seed = random.SystemRandom().randrange(2**31)
-    widths = preset.hidden if hidden is None else parse_hidden(hidden)
-    _check_model_fits(preset, widths)
+    spec = _model_spec(ctx, model, hidden, model_sha256)
+    if spec is not None:
+        widths: Sequence[int] = ()
+        if runtime == "ray":
+            modelspec.ship_by_value(spec)
+    else:
+        widths = preset.hidden if hidden is None else parse_hidden(hidden)
+        _check_model_fits(preset, widths)
     if algorithm == "sandblaster":
         flags = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                      warmstart_steps=warmstart_steps, eval_every=eval_every or None,
@@ -936,7 +974,7 @@ def train_command(
         )
         try:
             SandblasterConfig(**{k: v for k, v in settings.items() if k != "algorithm"})
-            model = build_mlp(preset, widths, seed)
+            net = build_model(preset, widths, seed, spec)
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
     else:
@@ -960,13 +998,13 @@ def train_command(
             warmstart_steps=0 if warmstart_steps is None else warmstart_steps,
             seed=seed,
             runtime=runtime,
-            eval_every=eval_every,
+            eval_every=eval_every,  # None: chosen once the data's size is known (_run_job)
             runtime_options={"address": address} if address is not None else {},
         )
-        try:
-            config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
-            model = build_mlp(preset, widths, seed)
-            resolve_split_points(layer_sizes(as_layers(model)), config.stages)
+        try:  # fail fast, before seconds of data generation
+            config = DownpourConfig(**{**settings, "eval_every": eval_every or 0})
+            net = build_model(preset, widths, seed, spec)
+            resolve_split_points(layer_sizes(as_layers(net)), config.stages)
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
     if shard_updates is not None:
@@ -987,7 +1025,12 @@ def train_command(
     resolved = {k: v for k, v in ctx.params.items() if k not in NOT_RECORDED and v is not None}
     resolved.update({k: settings[k] for k in resolved.keys() & settings.keys()})
     filled = [k for k in (*PRESET_FIELDS, *SANDBLASTER_FIELDS) if settings.get(k) is not None]
-    resolved.update({k: settings[k] for k in filled}, hidden=",".join(map(str, widths)))
+    resolved.update({k: settings[k] for k in filled})
+    if spec is None:
+        resolved["hidden"] = ",".join(map(str, widths))
+    else:  # the file's hash: resuming (or --config) with an edited file is refused
+        resolved.pop("hidden", None)
+        resolved["model_sha256"] = spec.sha256
     if data is None:
         resolved["dataset"] = dataset  # the default (mnist1d) too: a report names it
     order = [p.name for p in ctx.command.params]
@@ -1003,6 +1046,8 @@ def train_command(
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
     if algorithm != "sandblaster":
+        if eval_every is None and runlog is None:
+            settings["eval_every"] = 0  # no curves to draw: evaluate at the end only
         if checkpoint_every and checkpoint_dir is None:
             checkpoint_dir = str(runlog.path / "checkpoints")
         settings.update(
@@ -1014,13 +1059,14 @@ def train_command(
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog)
+        s = _run_job(dataset, preset, net, widths, settings, train_size, quiet or as_json, runlog)
     finally:
         torch.set_num_threads(threads)
         if runlog is not None:
             runlog.close("failed")  # no-op after a finished run
     if data is not None:
         s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
+    s["model"] = model if spec is not None else None
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
@@ -1029,6 +1075,39 @@ def train_command(
         _print_sandblaster_summary(Console(), s)
     else:
         _print_summary(Console(), s)
+
+
+def _source(ctx: typer.Context, name: str) -> str:
+    """Where a parameter's value came from: COMMANDLINE, DEFAULT_MAP (--config, --resume),
+    DEFAULT... (click's ParameterSource by name: typer vendors its own click)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else ""
+
+
+def _model_spec(
+    ctx: typer.Context, model: str | None, hidden: str | None, recorded_sha256: str | None
+) -> modelspec.ModelSpec | None:
+    """Load ``--model`` (None: the preset's MLP). ``--hidden`` with it is refused, unless the
+    hidden widths came from a file (--config, --resume) and --model from the command line.
+    A file that changed since a checkpoint or config.toml recorded it is refused, unless
+    ``--model`` is given again on the command line."""
+    if model is None:
+        return None
+    given = _source(ctx, "model") == "COMMANDLINE"
+    if hidden is not None:
+        from_file = _source(ctx, "hidden") == "DEFAULT_MAP"
+        if not (from_file and given):
+            raise UsageFailure("hidden: shapes the built-in MLP; with --model, drop --hidden")
+    try:
+        spec = modelspec.load(model)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    if recorded_sha256 is not None and recorded_sha256 != spec.sha256 and not given:
+        raise UsageFailure(
+            f"model: {spec.source} changed since it was recorded (sha256 {recorded_sha256[:12]} "
+            f"then, {(spec.sha256 or 'none')[:12]} now); give --model {model} again to use it"
+        )
+    return spec
 
 
 def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str, Any]) -> None:
@@ -1049,6 +1128,20 @@ SANDBLASTER_FIELDS = ("algorithm", "steps", "history")
 """What a Sandblaster preset fills in besides those."""
 
 
+EVALUATIONS = (10, 50)
+"""Fewest and most evaluations of a run with a run directory, by default: one per epoch
+within these bounds, so that every run's report draws a curve and a long one is not slowed
+(an evaluation of the main job's 2,000 test examples costs about 1% of an epoch)."""
+
+
+def default_eval_every(examples: int, epochs: int) -> int:
+    """Training examples between evaluations when none is given and a run directory is
+    written: one epoch (``examples``), or a tenth of the run if it has fewer than 10 epochs,
+    or a fiftieth if it has more than 50."""
+    evaluations = min(max(epochs, EVALUATIONS[0]), EVALUATIONS[1])
+    return max(1, math.ceil(examples * epochs / evaluations))
+
+
 def _run_job(
     dataset: str,
     preset: Preset,
@@ -1067,6 +1160,13 @@ def _run_job(
     elif train_size is not None:
         train_data = (train_data[0][:train_size], train_data[1][:train_size])
     data_s = time.perf_counter() - t_data
+    if "eval_every" in settings and settings["eval_every"] is None:
+        every = default_eval_every(len(train_data[0] if isinstance(train_data, tuple) else
+                                       train_data), settings["epochs"])  # fmt: skip
+        settings["eval_every"] = every
+        for recorded in (runlog.config if runlog else None, settings.get("checkpoint_meta")):
+            if recorded is not None:  # config.toml reruns it with the same evaluations
+                recorded["eval_every"] = every
     t_train = time.perf_counter()
     try:
         where = f", run directory {runlog.path}" if runlog is not None else ""
@@ -1138,7 +1238,8 @@ def _print_sandblaster_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     widths = "-".join(str(w) for w in s["hidden"]) or "none"
-    table.add_row("model", f"MLP, hidden {widths} ({s['parameters']:,} parameters)")
+    shape = s.get("model") or f"MLP, hidden {widths}"
+    table.add_row("model", f"{shape} ({s['parameters']:,} parameters)")
     table.add_row("replicas, shards", f"{s['replicas']}, {s['shards']} ({s['runtime']} runtime)")
     batch = "all" if s["batch_size"] is None else s["batch_size"]
     table.add_row("batch, portions, history", f"{batch}, {s['portions']}, {s['history']}")

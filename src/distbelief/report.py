@@ -108,7 +108,8 @@ def label_runs(runs: Sequence[Run]) -> list[str]:
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=96)
+    # 864 x 518 pixels: sharp at half the width of a wide page, where report.html puts it
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=144)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -285,13 +286,15 @@ table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
 tr th:first-child {{ text-align: left; }}
 tr.differs {{ background: #fff3c4; }}
-figure {{ display: inline-block; margin: 0.3em; }}
-img {{ max-width: 100%; border: 1px solid #eee; }}
+.plots {{ display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 0.6em; }}
+@media (max-width: 60em) {{ .plots {{ grid-template-columns: minmax(0, 1fr); }} }}
+figure {{ margin: 0; }}
+img {{ width: 100%; height: auto; border: 1px solid #eee; }}
 </style></head><body>
 <h1>distbelief report</h1>
 <p>Runs: {dirs}.{" Highlighted: the settings that differ." if len(runs) > 1 else ""}</p>
 <h2>Results</h2><table><tr><th></th>{head}</tr>{summary}</table>
-<h2>Plots</h2>{figures}
+<h2>Plots</h2><div class="plots">{figures}</div>
 <h2>Configuration</h2><table><tr><th></th>{head}</tr>{config}</table>
 </body></html>
 """
