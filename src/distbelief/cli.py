@@ -8,6 +8,7 @@ Invalid arguments exit with status 2 and one line on stderr, never a traceback.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -60,7 +61,8 @@ INTERRUPTED = 130
 
 app = typer.Typer(
     name="distbelief",
-    help="DistBelief on PyTorch: Downpour SGD over a sharded parameter server.",
+    help="DistBelief on PyTorch: train any nn.Sequential with Downpour SGD or Sandblaster "
+    "L-BFGS over a sharded parameter server, on one core, one machine's cores or a Ray cluster.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -554,6 +556,68 @@ class _LiveView:
         self.progress.stop()
 
 
+def prose(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: the command's docstring with each paragraph on one line, so that --help
+    wraps it to the terminal (rich keeps a docstring's line breaks). Apply below
+    ``@app.command``."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    command.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return command
+
+
+HELP_PANELS: dict[str, tuple[str, ...]] = {
+    "Model and data": ("model", "hidden", "data", "target", "test_data", "test_split", "task",
+                       "train_size"),
+    "Algorithm": ("algorithm", "epochs", "lr", "batch_size", "optimizer", "seed", "n_fetch",
+                  "n_push", "warmstart_steps", "steps", "history", "portions"),
+    "Layout": ("replicas", "stages", "shards"),
+    "Runtime": ("runtime", "address", "shard_updates", "torch_threads"),
+    "Output": ("as_json", "quiet", "run_dir", "no_run_dir", "eval_every", "checkpoint_dir",
+               "checkpoint_every", "resume", "config"),
+    "Faults": ("inject",),
+}  # fmt: skip
+"""The groups of ``train --help``, most used first, and the order of the flags in each. A flag
+not listed here is shown after them, under Options."""
+
+METAVARS = {
+    "model": "SPEC",
+    "data": "FILE",
+    "test_data": "FILE",
+    "config": "FILE",
+    "run_dir": "DIR",
+    "checkpoint_dir": "DIR",
+    "resume": "DIR",
+    "inject": "FAULT",
+}
+"""What ``train --help`` shows for a flag's value where its type alone says little."""
+
+
+def arrange_help(group: Any) -> None:
+    """Order and group the flags of ``train --help`` (HELP_PANELS), and show no ``<bool>``
+    after a flag that takes no value, in every command."""
+    for command in (group, *group.commands.values()):
+        # click makes its --help option on first use and keeps it: make it now, to set it
+        help_option = command.get_help_option(typer.Context(command, info_name=command.name))
+        for param in (*command.params, *([help_option] if help_option else [])):
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # the type column stays empty
+            if command.name == "train" and param is help_option:
+                param.rich_help_panel = "Output"  # not alone in a panel above the others
+    train = group.commands.get("train")
+    if train is None:
+        return
+    for param in train.params:
+        param.metavar = METAVARS.get(param.name, param.metavar)
+    panel_of = {name: panel for panel, names in HELP_PANELS.items() for name in names}
+    rank = {name: i for i, name in enumerate(panel_of)}
+    for param in train.params:
+        if param.name in panel_of:
+            param.rich_help_panel = panel_of[param.name]
+    # the DATASET argument first, then the panels' flags in order, then any other flag
+    train.params.sort(key=lambda p: -1 if p.param_type_name == "argument" else rank.get(
+        p.name, len(rank)))  # fmt: skip
+
+
 def _opt(help_text: str, **kwargs: Any) -> Any:
     return typer.Option(help=help_text, show_default=False, **kwargs)
 
@@ -696,6 +760,7 @@ def _seed_help() -> str:
 
 
 @app.command("train")
+@prose
 def train_command(
     ctx: typer.Context,
     dataset: Annotated[
@@ -880,12 +945,20 @@ def train_command(
         bool, typer.Option("--json", help="Print one JSON object, last line (no progress).")
     ] = False,
 ) -> None:
-    """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON).
+    """Train a model with Downpour SGD or Sandblaster L-BFGS: a preset's, or any model on any
+    data.
+
+    Trains a preset's MLP on DATASET, or your own model (--model FILE.py:NAME) on your own
+    data (--data FILE), with Downpour SGD (asynchronous, the default) or Sandblaster L-BFGS,
+    and prints a summary (or JSON).
 
     Presets (every flag overrides them): mnist1d: MLP 40-256-256-10, 4 replicas x 2 stages,
     2 shards, adagrad lr 0.05, batch 32, 15 epochs. xor: 2-2-1 sigmoid, 25 replicas x 2
     stages, 2 shards, sgd lr 0.5, batch 1, 1 epoch. digits: MLP 64-128-128-10, 4 replicas
     x 2 stages, 2 shards, adagrad lr 0.05, batch 32, 20 epochs.
+
+    With a run directory (the default: runs/DATASET-TIME) the run evaluates on the test set
+    every epoch and distbelief report DIR plots its curves.
     """
     t_start = time.perf_counter()
     if data is None:
@@ -1256,6 +1329,7 @@ def _print_sandblaster_summary(console: Console, s: dict[str, Any]) -> None:
 
 
 @app.command("bench")
+@prose
 def bench_command(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (a smoke test).")] = False,
     only: Annotated[
@@ -1299,17 +1373,21 @@ def bench_command(
 
 
 @app.command("report")
+@prose
 def report_command(
     run_dirs: Annotated[
-        list[str], typer.Argument(help="Run directories (of distbelief train --run-dir).")
+        list[str],
+        typer.Argument(help="Run directories (of distbelief train).", metavar="RUN_DIR"),
     ],
     out: Annotated[
         str | None, _opt("Write the plots and report.html here (default: the first RUN_DIR).")
     ] = None,
 ) -> None:
-    """Plot one or more runs: accuracy and loss against time and examples, examples/s per
-    replica, the staleness histogram, shard update rates; PNGs and one self-contained HTML
-    page. Several runs are overlaid, labelled by what differs in their configurations."""
+    """Plot one or more runs: their curves as PNGs and one self-contained HTML page.
+
+    Draws accuracy and loss against time and examples, examples/s per replica, the staleness
+    histogram and the shards' update rates. Several runs are overlaid, labelled by what
+    differs in their configurations."""
     from . import report
 
     try:
@@ -1350,6 +1428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr and status 2; a failed run becomes one line and status 1.
     """
     command = typer.main.get_command(app)
+    arrange_help(command)
     args = list(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:  # diagnostics (warnings and worse) on stderr
         logging.basicConfig(format="distbelief: %(levelname)s: %(name)s: %(message)s")
