@@ -173,7 +173,9 @@ def check_input_width(ms: ModelSpec, model: nn.Sequential, in_features: int) -> 
     model.eval()  # no buffer changes, a batch of two is fine for any layer
     try:
         with torch.no_grad():
-            model(torch.zeros(2, in_features))
+            first = next(iter(model), None)
+            index = isinstance(first, (nn.Embedding, nn.EmbeddingBag))  # takes integer rows
+            model(torch.zeros(2, in_features, dtype=torch.long if index else torch.float32))
     except Exception as exc:
         raise ConfigError(
             f"model: {ms.spec} does not take the data's {in_features} input features: "
