@@ -577,7 +577,8 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Faults": ("inject",),
 }  # fmt: skip
 """The groups of ``train --help``, most used first, and the order of the flags in each. A flag
-not listed here is shown after them, under Options."""
+not listed here is shown after them, under Other (typer would show its default group, Options,
+above all of these)."""
 
 METAVARS = {
     "model": "SPEC",
@@ -611,8 +612,8 @@ def arrange_help(group: Any) -> None:
     panel_of = {name: panel for panel, names in HELP_PANELS.items() for name in names}
     rank = {name: i for i, name in enumerate(panel_of)}
     for param in train.params:
-        if param.name in panel_of:
-            param.rich_help_panel = panel_of[param.name]
+        if param.param_type_name == "option":
+            param.rich_help_panel = panel_of.get(param.name, "Other")
     # the DATASET argument first, then the panels' flags in order, then any other flag
     train.params.sort(key=lambda p: -1 if p.param_type_name == "argument" else rank.get(
         p.name, len(rank)))  # fmt: skip
