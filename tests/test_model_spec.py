@@ -161,9 +161,11 @@ def test_config_toml_of_a_run_reruns_the_same_model(
 
 @pytest.mark.skipif(not importlib.util.find_spec("ray"), reason="ray is not installed")
 def test_a_layer_class_of_the_users_file_reaches_ray_workers(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, ray_session: None
 ) -> None:
-    # Halve is defined in net.py, which the Ray workers cannot import: it travels by value.
+    # Halve is defined in net.py, which the Ray workers cannot import: it travels by value
+    # (without modelspec.ship_by_value the stages fail with ModuleNotFoundError). The run uses
+    # the session's Ray instance.
     model_file(tmp_path / "net.py")
     s = run_json(capsys, *TINY_DIGITS, "--model", "net.py:make", "--runtime", "ray")
     assert s["runtime"] == "ray" and s["test_accuracy"] > 0.7, s["test_accuracy"]
