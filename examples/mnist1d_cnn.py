@@ -6,6 +6,7 @@ the classifier. 4 replicas push to 2 parameter-server shards running Adagrad.
 
     python examples/mnist1d_cnn.py                     # ~0.85-0.90 test accuracy, seconds
     python examples/mnist1d_cnn.py --train-size 4000 --epochs 4
+    distbelief train --model examples/mnist1d_cnn.py:make_model --stages 3   # the same, CLI
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import distbelief
 from distbelief.data import mnist1d
 
 
-def make_model(channels: int = 32) -> nn.Sequential:
-    """A 1-D CNN for MNIST-1D's length-40 signals (10 classes)."""
+def make_model(channels: int = 32, in_features: int = 40, out_features: int = 10) -> nn.Sequential:
+    """A 1-D CNN for signals of length ``in_features`` (MNIST-1D's 40) and ``out_features``
+    classes (10). ``distbelief train --model`` passes both, read from the data."""
+    length = (in_features + 3) // 4  # after two stride-2 convolutions: ceil(ceil(n/2)/2)
     return nn.Sequential(
-        nn.Unflatten(1, (1, 40)),  # (N, 40) -> (N, 1, 40): one input channel
+        nn.Unflatten(1, (1, in_features)),  # (N, 40) -> (N, 1, 40): one input channel
         nn.Conv1d(1, channels, 5, padding=2), nn.ReLU(),
         nn.Conv1d(channels, channels, 3, padding=1, stride=2), nn.ReLU(),  # length 20
         nn.Conv1d(channels, channels, 3, padding=1, stride=2), nn.ReLU(),  # length 10
-        nn.Flatten(), nn.Linear(channels * 10, 10),
+        nn.Flatten(), nn.Linear(channels * length, out_features),
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from torch import nn
 
 from . import checkpoint as checkpoints
 from . import data as datasets
+from . import modelspec
 from .api import TrainResult, available_memory, train
 from .config import DownpourConfig, SandblasterConfig
 from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
@@ -65,7 +67,8 @@ INTERRUPTED = 128 + signal.SIGINT
 
 app = typer.Typer(
     name="distbelief",
-    help="DistBelief on PyTorch: Downpour SGD over a sharded parameter server.",
+    help="DistBelief on PyTorch: train any nn.Sequential with Downpour SGD or Sandblaster "
+    "L-BFGS over a sharded parameter server, on one core, one machine's cores or a Ray cluster.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -285,6 +288,18 @@ def build_mlp(preset: Preset, hidden: Sequence[int], seed: int) -> nn.Sequential
     return mlp(widths, preset.activation, preset.output_activation, seed)
 
 
+def build_model(
+    preset: Preset, hidden: Sequence[int], seed: int, spec: modelspec.ModelSpec | None
+) -> nn.Sequential:
+    """The run's model: the ``--model`` spec's (checked against the data's input width) or
+    the preset's MLP."""
+    if spec is None:
+        return build_mlp(preset, hidden, seed)
+    model = modelspec.build(spec, preset.inputs, preset.outputs, seed)
+    modelspec.check_input_width(spec, model, preset.inputs)
+    return model
+
+
 def parse_hidden(text: str) -> tuple[int, ...]:
     """``"256,256"`` -> ``(256, 256)``; an empty string means no hidden layer."""
     if not text.strip():
@@ -345,6 +360,7 @@ def summary(
     out: dict[str, Any] = {
         "dataset": dataset,
         "hidden": list(hidden),
+        "model": None,  # the --model spec, if one was given (train_command fills it in)
         "replicas": config.replicas,
         "stages": config.stages,
         "shards": config.shards,
@@ -364,6 +380,7 @@ def summary(
         "train_s": round(stats["train_s"], 3),  # first mini-batch to last push applied
         "data_s": round(data_s, 3),
         "examples_per_s": round(stats["examples_per_s"], 1),
+        "eval_s": round(stats.get("eval_s", 0.0), 3),  # the evaluations during training
         "test_accuracy": result.history.accuracy,
         "test_loss": evals[-1]["loss"] if evals else None,
         "final_loss": result.history.final_loss,
@@ -402,7 +419,7 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     widths = "-".join(str(w) for w in s["hidden"]) or "none"
-    table.add_row("model", f"MLP, hidden {widths}")
+    table.add_row("model", s.get("model") or f"MLP, hidden {widths}")
     table.add_row("replicas x stages", f"{s['replicas']} x {s['stages']} ({s['runtime']} runtime)")
     table.add_row("PS shards", f"{s['shards']}, {s['optimizer']} lr={s['lr']:g}")
     table.add_row("n_fetch / n_push", f"{s['n_fetch']} / {s['n_push']}")
@@ -559,6 +576,69 @@ class _LiveView:
         self.progress.stop()
 
 
+def prose(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: the command's docstring with each paragraph on one line, so that --help
+    wraps it to the terminal (rich keeps a docstring's line breaks). Apply below
+    ``@app.command``."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    command.__doc__ = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    return command
+
+
+HELP_PANELS: dict[str, tuple[str, ...]] = {
+    "Model and data": ("model", "hidden", "data", "target", "test_data", "test_split", "task",
+                       "train_size"),
+    "Algorithm": ("algorithm", "epochs", "lr", "batch_size", "optimizer", "seed", "n_fetch",
+                  "n_push", "warmstart_steps", "steps", "history", "portions"),
+    "Layout": ("replicas", "stages", "shards"),
+    "Runtime": ("runtime", "address", "shard_updates", "torch_threads"),
+    "Output": ("as_json", "quiet", "run_dir", "no_run_dir", "eval_every", "checkpoint_dir",
+               "checkpoint_every", "resume", "config"),
+    "Faults": ("inject",),
+}  # fmt: skip
+"""The groups of ``train --help``, most used first, and the order of the flags in each. A flag
+not listed here is shown after them, under Other (typer would show its default group, Options,
+above all of these)."""
+
+METAVARS = {
+    "model": "SPEC",
+    "data": "FILE",
+    "test_data": "FILE",
+    "config": "FILE",
+    "run_dir": "DIR",
+    "checkpoint_dir": "DIR",
+    "resume": "DIR",
+    "inject": "FAULT",
+}
+"""What ``train --help`` shows for a flag's value where its type alone says little."""
+
+
+def arrange_help(group: Any) -> None:
+    """Order and group the flags of ``train --help`` (HELP_PANELS), and show no ``<bool>``
+    after a flag that takes no value, in every command."""
+    for command in (group, *group.commands.values()):
+        # click makes its --help option on first use and keeps it: make it now, to set it
+        help_option = command.get_help_option(typer.Context(command, info_name=command.name))
+        for param in (*command.params, *([help_option] if help_option else [])):
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # the type column stays empty
+            if command.name == "train" and param is help_option:
+                param.rich_help_panel = "Output"  # not alone in a panel above the others
+    train = group.commands.get("train")
+    if train is None:
+        return
+    for param in train.params:
+        param.metavar = METAVARS.get(param.name, param.metavar)
+    panel_of = {name: panel for panel, names in HELP_PANELS.items() for name in names}
+    rank = {name: i for i, name in enumerate(panel_of)}
+    for param in train.params:
+        if param.param_type_name == "option":
+            param.rich_help_panel = panel_of.get(param.name, "Other")
+    # the DATASET argument first, then the panels' flags in order, then any other flag
+    train.params.sort(key=lambda p: -1 if p.param_type_name == "argument" else rank.get(
+        p.name, len(rank)))  # fmt: skip
+
+
 def _opt(help_text: str, **kwargs: Any) -> Any:
     return typer.Option(help=help_text, show_default=False, **kwargs)
 
@@ -580,6 +660,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "torch_threads",
         "inject",
         "checkpoint_every",
+        "model_sha256",  # checked by _model_spec: a changed file needs --model again
     }  # fmt: skip
 )
 """Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs,
@@ -677,7 +758,7 @@ def load_resume(ctx: typer.Context, param: Any, value: str | None) -> str | None
     except ConfigError as exc:
         raise UsageFailure(str(exc)) from None
     flags = ckpt.manifest["config"].get("meta")
-    if not isinstance(flags, dict) or "hidden" not in flags:
+    if not isinstance(flags, dict) or not flags.keys() & {"hidden", "model"}:
         raise UsageFailure(
             f"resume: {ckpt.path / checkpoints.MANIFEST} records no flags of distbelief train "
             "(written by distbelief.train?); resume it with distbelief.train(resume=...)"
@@ -704,6 +785,7 @@ def _seed_help() -> str:
 
 
 @app.command("train")
+@prose
 def train_command(
     ctx: typer.Context,
     dataset: Annotated[
@@ -781,6 +863,20 @@ def train_command(
             "Preset: mnist1d 256,256, xor 2, digits 128,128."
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        _opt(
+            "Your own model instead of the MLP: path/to/file.py:NAME or package.module:NAME, "
+            "where NAME is an nn.Sequential, a list of modules, or a function returning one "
+            "(given in_features and out_features, the data's widths, if it takes them)."
+        ),
+    ] = None,
+    model_sha256: Annotated[
+        str | None,
+        typer.Option(
+            hidden=True, help="SHA-256 of the --model file as recorded (config.toml, resume)."
+        ),
+    ] = None,
     seed: Annotated[int | None, _opt(_seed_help())] = None,
     runtime: Annotated[
         str,
@@ -799,12 +895,14 @@ def train_command(
         ),
     ] = None,
     eval_every: Annotated[
-        int,
+        int | None,
         _opt(
             "Evaluate on the test set every this many training examples (0: at the end only); "
-            "each evaluation is listed in the summary and the JSON."
+            "each evaluation is listed in the summary and the JSON. Default: with a run "
+            "directory every epoch (10 to 50 times a run, for the report's curves), without "
+            "one at the end only."
         ),
-    ] = 0,
+    ] = None,
     train_size: Annotated[int | None, _opt("Use only the first N training examples.")] = None,
     torch_threads: Annotated[int, _opt("torch intra-op threads in this process.")] = 1,
     inject: Annotated[
@@ -872,12 +970,20 @@ def train_command(
         bool, typer.Option("--json", help="Print one JSON object, last line (no progress).")
     ] = False,
 ) -> None:
-    """Train an MLP on DATASET with Downpour SGD and print a summary (or JSON).
+    """Train a model with Downpour SGD or Sandblaster L-BFGS: a preset's, or any model on any
+    data.
+
+    Trains a preset's MLP on DATASET, or your own model (--model FILE.py:NAME) on your own
+    data (--data FILE), with Downpour SGD (asynchronous, the default) or Sandblaster L-BFGS,
+    and prints a summary (or JSON).
 
     Presets (every flag overrides them): mnist1d: MLP 40-256-256-10, 4 replicas x 2 stages,
     2 shards, adagrad lr 0.05, batch 32, 15 epochs. xor: 2-2-1 sigmoid, 25 replicas x 2
     stages, 2 shards, sgd lr 0.5, batch 1, 1 epoch. digits: MLP 64-128-128-10, 4 replicas
     x 2 stages, 2 shards, adagrad lr 0.05, batch 32, 20 epochs.
+
+    With a run directory (the default: runs/DATASET-TIME) the run evaluates on the test set
+    every epoch and distbelief report DIR plots its curves.
     """
     t_start = time.perf_counter()
     if data is None:
@@ -932,8 +1038,14 @@ def train_command(
         )
     if seed is None:  # as the API does: draw one, and say which (summary, JSON, config.toml)
         seed = random.SystemRandom().randrange(2**31)
-    widths = preset.hidden if hidden is None else parse_hidden(hidden)
-    _check_model_fits(preset, widths)
+    spec = _model_spec(ctx, model, hidden, model_sha256)
+    if spec is not None:
+        widths: Sequence[int] = ()
+        if runtime == "ray":
+            modelspec.ship_by_value(spec)
+    else:
+        widths = preset.hidden if hidden is None else parse_hidden(hidden)
+        _check_model_fits(preset, widths)
     if resume is not None:
         recorded = ctx.meta["resume"][1].get("algorithm", "downpour")
         if algorithm != recorded:  # before its flags (lr, ...) are blamed for the difference
@@ -967,7 +1079,7 @@ def train_command(
         )
         try:
             SandblasterConfig(**{k: v for k, v in settings.items() if k != "algorithm"})
-            model = build_mlp(preset, widths, seed)
+            net = build_model(preset, widths, seed, spec)
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
     else:
@@ -991,13 +1103,13 @@ def train_command(
             warmstart_steps=0 if warmstart_steps is None else warmstart_steps,
             seed=seed,
             runtime=runtime,
-            eval_every=eval_every,
+            eval_every=eval_every,  # None: chosen once the data's size is known (_run_job)
             runtime_options={"address": address} if address is not None else {},
         )
-        try:
-            config = DownpourConfig(**settings)  # fail fast, before seconds of data generation
-            model = build_mlp(preset, widths, seed)
-            resolve_split_points(layer_sizes(as_layers(model)), config.stages)
+        try:  # fail fast, before seconds of data generation
+            config = DownpourConfig(**{**settings, "eval_every": eval_every or 0})
+            net = build_model(preset, widths, seed, spec)
+            resolve_split_points(layer_sizes(as_layers(net)), config.stages)
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
     if shard_updates is not None:
@@ -1018,7 +1130,12 @@ def train_command(
     resolved = {k: v for k, v in ctx.params.items() if k not in NOT_RECORDED and v is not None}
     resolved.update({k: settings[k] for k in resolved.keys() & settings.keys()})
     filled = [k for k in (*PRESET_FIELDS, *SANDBLASTER_FIELDS) if settings.get(k) is not None]
-    resolved.update({k: settings[k] for k in filled}, hidden=",".join(map(str, widths)))
+    resolved.update({k: settings[k] for k in filled})
+    if spec is None:
+        resolved["hidden"] = ",".join(map(str, widths))
+    else:  # the file's hash: resuming (or --config) with an edited file is refused
+        resolved.pop("hidden", None)
+        resolved["model_sha256"] = spec.sha256
     if data is None:
         resolved["dataset"] = dataset  # the default (mnist1d) too: a report names it
     order = [p.name for p in ctx.command.params]
@@ -1034,6 +1151,8 @@ def train_command(
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
     if algorithm != "sandblaster":
+        if eval_every is None and runlog is None:
+            settings["eval_every"] = 0  # no curves to draw: evaluate at the end only
         if checkpoint_every and checkpoint_dir is None:
             checkpoint_dir = str(runlog.path / "checkpoints")
         settings.update(
@@ -1047,7 +1166,7 @@ def train_command(
     try:
         # The task decides the loss and the outputs: the header says which and why.
         note = task_line(train_rows) if data is not None else ""
-        s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog,
+        s = _run_job(dataset, preset, net, widths, settings, train_size, quiet or as_json, runlog,
                      note)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -1056,6 +1175,7 @@ def train_command(
     if data is not None:
         s["task"] = "classify" if preset.loss == "cross_entropy" else "regress"
         s["task_reason"] = train_rows.task_reason
+    s["model"] = model if spec is not None else None
     s["command_s"] = round(time.perf_counter() - t_start, 3)
     s["run_dir"] = str(runlog.path) if runlog is not None else None
     if as_json:
@@ -1064,6 +1184,39 @@ def train_command(
         _print_sandblaster_summary(Console(), s)
     else:
         _print_summary(Console(), s)
+
+
+def _source(ctx: typer.Context, name: str) -> str:
+    """Where a parameter's value came from: COMMANDLINE, DEFAULT_MAP (--config, --resume),
+    DEFAULT... (click's ParameterSource by name: typer vendors its own click)."""
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else ""
+
+
+def _model_spec(
+    ctx: typer.Context, model: str | None, hidden: str | None, recorded_sha256: str | None
+) -> modelspec.ModelSpec | None:
+    """Load ``--model`` (None: the preset's MLP). ``--hidden`` with it is refused, unless the
+    hidden widths came from a file (--config, --resume) and --model from the command line.
+    A file that changed since a checkpoint or config.toml recorded it is refused, unless
+    ``--model`` is given again on the command line."""
+    if model is None:
+        return None
+    given = _source(ctx, "model") == "COMMANDLINE"
+    if hidden is not None:
+        from_file = _source(ctx, "hidden") == "DEFAULT_MAP"
+        if not (from_file and given):
+            raise UsageFailure("hidden: shapes the built-in MLP; with --model, drop --hidden")
+    try:
+        spec = modelspec.load(model)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
+    if recorded_sha256 is not None and recorded_sha256 != spec.sha256 and not given:
+        raise UsageFailure(
+            f"model: {spec.source} changed since it was recorded (sha256 {recorded_sha256[:12]} "
+            f"then, {(spec.sha256 or 'none')[:12]} now); give --model {model} again to use it"
+        )
+    return spec
 
 
 def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str, Any]) -> None:
@@ -1082,6 +1235,20 @@ PRESET_FIELDS = ("lr", "batch_size", "epochs", "stages", "replicas", "shards", "
 """Settings a preset (or the drawn seed) fills in when the flag is not given."""
 SANDBLASTER_FIELDS = ("algorithm", "steps", "history")
 """What a Sandblaster preset fills in besides those."""
+
+
+EVALUATIONS = (10, 50)
+"""Fewest and most evaluations of a run with a run directory, by default: one per epoch
+within these bounds, so that every run's report draws a curve and a long one is not slowed
+(an evaluation of the main job's 2,000 test examples costs about 1% of an epoch)."""
+
+
+def default_eval_every(examples: int, epochs: int) -> int:
+    """Training examples between evaluations when none is given and a run directory is
+    written: one epoch (``examples``), or a tenth of the run if it has fewer than 10 epochs,
+    or a fiftieth if it has more than 50."""
+    evaluations = min(max(epochs, EVALUATIONS[0]), EVALUATIONS[1])
+    return max(1, math.ceil(examples * epochs / evaluations))
 
 
 def _run_job(
@@ -1106,6 +1273,13 @@ def _run_job(
     if settings.get("algorithm") == "sandblaster" and isinstance(train_data, FileData):
         train_data = _in_memory(train_data)
     data_s = time.perf_counter() - t_data
+    if "eval_every" in settings and settings["eval_every"] is None:
+        every = default_eval_every(len(train_data[0] if isinstance(train_data, tuple) else
+                                       train_data), settings["epochs"])  # fmt: skip
+        settings["eval_every"] = every
+        for recorded in (runlog.config if runlog else None, settings.get("checkpoint_meta")):
+            if recorded is not None:  # config.toml reruns it with the same evaluations
+                recorded["eval_every"] = every
     t_train = time.perf_counter()
     try:
         where = f", run directory {runlog.path}" if runlog is not None else ""
@@ -1192,7 +1366,8 @@ def _print_sandblaster_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     widths = "-".join(str(w) for w in s["hidden"]) or "none"
-    table.add_row("model", f"MLP, hidden {widths} ({s['parameters']:,} parameters)")
+    shape = s.get("model") or f"MLP, hidden {widths}"
+    table.add_row("model", f"{shape} ({s['parameters']:,} parameters)")
     table.add_row("replicas, shards", f"{s['replicas']}, {s['shards']} ({s['runtime']} runtime)")
     batch = "all" if s["batch_size"] is None else s["batch_size"]
     table.add_row("batch, portions, history", f"{batch}, {s['portions']}, {s['history']}")
@@ -1211,6 +1386,7 @@ def _print_sandblaster_summary(console: Console, s: dict[str, Any]) -> None:
 
 
 @app.command("bench")
+@prose
 def bench_command(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (a smoke test).")] = False,
     only: Annotated[
@@ -1254,17 +1430,21 @@ def bench_command(
 
 
 @app.command("report")
+@prose
 def report_command(
     run_dirs: Annotated[
-        list[str], typer.Argument(help="Run directories (of distbelief train --run-dir).")
+        list[str],
+        typer.Argument(help="Run directories (of distbelief train).", metavar="RUN_DIR"),
     ],
     out: Annotated[
         str | None, _opt("Write the plots and report.html here (default: the first RUN_DIR).")
     ] = None,
 ) -> None:
-    """Plot one or more runs: accuracy and loss against time and examples, examples/s per
-    replica, the staleness histogram, shard update rates; PNGs and one self-contained HTML
-    page. Several runs are overlaid, labelled by what differs in their configurations."""
+    """Plot one or more runs: their curves as PNGs and one self-contained HTML page.
+
+    Draws accuracy and loss against time and examples, examples/s per replica, the staleness
+    histogram and the shards' update rates. Several runs are overlaid, labelled by what
+    differs in their configurations."""
     from . import report
 
     try:
@@ -1306,6 +1486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (a run stops between two messages and every worker is reaped, as for Ctrl-C).
     """
     command = typer.main.get_command(app)
+    arrange_help(command)
     args = list(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:  # diagnostics (warnings and worse) on stderr
         logging.basicConfig(format="distbelief: %(levelname)s: %(name)s: %(message)s")
