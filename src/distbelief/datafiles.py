@@ -100,6 +100,12 @@ class _MappedRows:
         self._file = open(array.path, "rb")  # noqa: SIM115 - lives as long as the reader
         self._row_bytes = array.row_bytes
 
+    def __del__(self) -> None:
+        # The reader lives as long as the data that opened it; close its file with it.
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
     def _check(self) -> None:
         if self.array.stamp is None:
             return
