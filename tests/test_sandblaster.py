@@ -182,9 +182,13 @@ def test_exactly_once_with_every_portion_backed_up(runtime):
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
     assert loss == pytest.approx(full.item(), rel=1e-12)
     assert sum(done.portions_done) == 9
-    # Every portion is handed out twice while there is time; with replicas in parallel (Ray)
-    # the evaluation may end before the last copies are handed out or report.
-    assert 1 <= done.backup_portions <= 9 and done.duplicates_dropped <= done.backup_portions
+    if runtime == "local":  # one message at a time: every portion handed out twice
+        assert (done.backup_portions, done.duplicates_dropped) == (9, 9)
+    else:
+        # Replicas in parallel: the evaluation ends when every portion has a result, and the
+        # copies handed out by then vary (2 to 9 of 9 seen on processes and Ray). At least one
+        # was computed and dropped, so the gradient above was checked against a duplicate.
+        assert 1 <= done.duplicates_dropped <= done.backup_portions <= 9
 
 
 def test_a_slow_replica_does_fewer_portions_and_a_backup_finishes_for_it(runtime, mnist1d_data):
@@ -232,9 +236,20 @@ def test_every_message_to_or_from_the_coordinator_carries_only_scalars(monkeypat
     assert {"VectorOps", "VectorResults", "Assign", "PortionDone", "Reduce"} <= kinds
     assert all(t.numel() <= 4 for m in seen for t in tensors(m))
     assert result.stats["coordinator_messages"] == len(seen)
-    # Per step it moves far less than one copy of the parameters would (410 x 8 bytes) times
-    # the messages it sends; and nothing of it grows with the parameter count.
-    assert result.stats["coordinator_bytes"] > 0
+
+
+def test_coordinator_traffic_per_step_is_below_one_parameter_copy_and_flat(convex):
+    """The README's claim: what the coordinator sends and receives per L-BFGS step is less
+    than one copy of the parameters and does not grow with the parameter count."""
+    x, y = convex
+    per_step = {}
+    for hidden in (8, 256):  # 418 and 13,066 parameters
+        model = mlp([40, hidden, 10], act=nn.Tanh, dtype=torch.float64)
+        stats = sandblaster(model, (x, y), steps=4, history=3, replicas=2, shards=2).stats
+        assert stats["steps"] == 4
+        per_step[hidden] = stats["coordinator_bytes"] / stats["steps"]
+    assert per_step[256] < 13_066 * 8  # 12,319 bytes a step against 104,528
+    assert per_step[256] == pytest.approx(per_step[8], rel=0.1)  # flat (equal here)
 
 
 def test_options_of_the_other_algorithm_are_refused():
