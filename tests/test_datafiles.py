@@ -167,6 +167,7 @@ def test_test_split_and_task_and_train_size(
     assert s["task"] == "regress" and s["examples"] == 500 and s["test_loss"] is not None
     data = files(train, target="digit")
     a_train, a_test = data.split(0.25)
+
     # The run evaluated on the held-out quarter and trained on 500 rows of the other part.
     def file_rows(view: Any) -> list[int]:
         return view._file_rows(np.arange(len(view))).tolist()
