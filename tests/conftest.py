@@ -16,13 +16,16 @@ from torch import nn  # noqa: E402
 
 torch.set_num_threads(1)
 
-RUNTIMES = ["local", "processes", *(["ray"] if importlib.util.find_spec("ray") else [])]
+RUNTIMES = ["local", "processes", "ray"]
+HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 
 @pytest.fixture(params=RUNTIMES)
 def runtime(request: pytest.FixtureRequest) -> str:
-    """Name of the runtime a test runs on."""
+    """Name of the runtime a test runs on. Without Ray its cases are skipped, and say so."""
     if request.param == "ray":
+        if not HAVE_RAY:
+            pytest.skip("ray is not installed (pip install 'distbelief[ray]')")
         request.getfixturevalue("ray_session")
     return request.param
 

@@ -20,7 +20,7 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief import ConfigError
+from distbelief import ConfigError, cli
 from distbelief.cli import main
 from distbelief.data import TensorRows, files
 
@@ -32,7 +32,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    code, out, err = run(capsys, "train", *argv, "--json")
+    code, out, err = run(capsys, "train", *argv, "--json", "--no-run-dir")
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
 
@@ -148,9 +148,18 @@ def test_regression_csv_reaches_the_noise_level(
 
 
 def test_test_split_and_task_and_train_size(
-    capsys: pytest.CaptureFixture[str], digits_files: dict[str, tuple[Path, Path]]
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    digits_files: dict[str, tuple[Path, Path]],
 ) -> None:
     train, _ = digits_files["parquet"]
+    given: dict[str, Any] = {}
+
+    def spy(model: Any, train_data: Any, **kw: Any) -> Any:  # what the command trains on
+        given.update(train=train_data, eval=kw["eval_data"])
+        return distbelief.train(model, train_data, **kw)
+
+    monkeypatch.setattr(cli, "train", spy)
     s = run_json(
         capsys, "--data", str(train), "--target", "digit", "--test-split", "0.25",
         "--task", "regress", "--train-size", "500", "--epochs", "1", "--replicas", "2",
@@ -158,6 +167,13 @@ def test_test_split_and_task_and_train_size(
     assert s["task"] == "regress" and s["examples"] == 500 and s["test_loss"] is not None
     data = files(train, target="digit")
     a_train, a_test = data.split(0.25)
+
+    # The run evaluated on the held-out quarter and trained on 500 rows of the other part.
+    def file_rows(view: Any) -> list[int]:
+        return view._file_rows(np.arange(len(view))).tolist()
+
+    assert file_rows(given["eval"]) == file_rows(a_test)
+    assert len(given["train"]) == 500 and set(file_rows(given["train"])) <= set(file_rows(a_train))
     b_train, b_test = data.split(0.25)
     assert len(a_test) == round(0.25 * len(data)) and len(a_train) + len(a_test) == len(data)
     assert np.array_equal(a_test.rows, b_test.rows)  # the same rows whatever the run's seed
@@ -190,7 +206,8 @@ def test_driver_memory_stays_far_below_a_large_npy_file(tmp_path: Path) -> None:
                     return int(line.split()[1]) * 1024
 
         args = ["train", "--data", {str(x_path)!r}, "--epochs", "1", "--batch-size", "4096",
-                "--hidden", "8", "--replicas", "2", "--stages", "1", "--shards", "1", "--json"]
+                "--hidden", "8", "--replicas", "2", "--stages", "1", "--shards", "1", "--json",
+                "--no-run-dir"]
         assert main([*args, "--train-size", "16384"]) == 0
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -320,6 +337,10 @@ def test_every_reader_gives_the_same_rows(
         part = data.part(0, len(data))  # a fresh reader, as a data shard opens
         return part.read(rows)
 
+    spill_dir = tmp_path / "spill"  # the temporary directory: what a spill leaves is ours
+    spill_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(spill_dir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
     sources = [(train, {}), (tmp_path / "packed.npz", {})]
     sources += [(digits_files[f][0], {"target": "digit"}) for f in ("csv", "parquet")]
     sources += [(digits_files["npz"][0], {})]
@@ -328,7 +349,8 @@ def test_every_reader_gives_the_same_rows(
         for path, kw in sources:
             got_x, got_y = read(path, **kw)
             assert torch.equal(got_x, expected_x) and torch.equal(got_y, expected_y), (path, spill)
-    assert not list(Path(tempfile.gettempdir()).glob("distbelief-part-*"))  # spills unlinked
+    assert tempfile.gettempdir() == str(spill_dir)
+    assert not list(spill_dir.iterdir())  # spills unlinked
     # A part of a Parquet file with row groups of 256 reads only the groups that hold it.
     part = files(digits_files["parquet"][0], target="digit").part(600, 900)
     got_x, got_y = part.read(np.array([0, 299, 57]))

@@ -51,10 +51,9 @@ def one_thread() -> Iterator[None]:
 def test_mnist1d_cnn_example_learns(capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
     cnn = load("mnist1d_cnn")
     result = cnn.main(train_size=4_000, epochs=4, seed=0)
-    # 4 replicas x 3 stages of a CNN: the layers are convolutions, not an MLP
-    assert any(isinstance(m, torch.nn.Conv1d) for m in result.model)
-    assert result.config.stages == (3, 7)
-    # chance is 0.10; this configuration reached 0.54-0.62 over seeds 0-3
-    assert result.history.accuracy is not None and result.history.accuracy >= 0.4
+    assert result.config.stages == (3, 7)  # 4 replicas x 3 stages of the example's CNN
+    # 0.538 at seed 0 (0.54-0.62 over seeds 1-3). Chance is 0.10; half
+    # the training (2 epochs) reaches 0.435.
+    assert result.history.accuracy is not None and result.history.accuracy >= 0.50
     assert math.isfinite(result.history.final_loss)
     assert "test accuracy" in capsys.readouterr().out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ class Check(Actor):
 
 
 def test_messages_between_workers_keep_per_sender_order():
-    rt = ProcessesRuntime(seed=0)
+    rt = ProcessesRuntime(seed=0, processes=2)  # two workers, however many CPUs
     try:
         check = rt.spawn("check1", Check, 2000)
         count = rt.spawn("count0", Count, check, 2000)
@@ -156,13 +157,18 @@ def _fds() -> set[tuple[str, str]]:
     return out
 
 
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+def _shm(pids: list[int]) -> set[str]:
+    """The entries of /dev/shm that processes ``pids`` made. Other programs on this machine
+    come and go there; what torch (``torch_<pid>_...``) and multiprocessing (``pym-<pid>-...``)
+    name a segment carries the pid of the process that made it."""
+    if not os.path.isdir("/dev/shm"):
+        return set()
+    return {e for e in os.listdir("/dev/shm") if set(re.findall(r"\d+", e)) & set(map(str, pids))}
 
 
 def _one_run() -> list[int]:
     """A run with a shared shard and two workers, shut down; the workers' pids."""
-    rt = make_runtime("processes", seed=0)
+    rt = make_runtime("processes", seed=0, processes=2)
     layout = Layout.build([100], 1, [100])
     segments = layout.segments_of_shard(0)
     shard = rt.spawn("shard0", ParameterShard, 0, torch.zeros(100), 0, segments, "adagrad", 0.1)
@@ -182,12 +188,12 @@ def test_shutdown_leaves_no_worker_and_no_shared_memory():
     # The first run in a process makes multiprocessing's shared heap, which it keeps open for
     # reuse: what a run leaves behind is what a run after it adds.
     _one_run()
-    fds, shm = _fds(), _shm()
+    fds, shm = _fds(), _shm([os.getpid()])
     workers = _one_run()
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    assert _shm() == shm
+    assert _shm([os.getpid(), *workers]) == shm
     assert _fds() == fds
 
 
@@ -198,7 +204,7 @@ def test_replicas_in_two_workers_update_one_shared_shard(mnist1d_data, shard_upd
     result = distbelief.train(
         mlp([40, 32, 10]), (x, y), loss="cross_entropy", lr=0.05, batch_size=16, epochs=2,
         replicas=2, shards=2, optimizer="adagrad", seed=0, runtime="processes",
-        runtime_options={"shard_updates": shard_updates},
+        runtime_options={"shard_updates": shard_updates, "processes": 2},
     )  # fmt: skip
     # Every push of both workers counted by each shard (the counters are shared), and staleness
     # measured from versions both workers advance: with hogwild updates too, whose bookkeeping

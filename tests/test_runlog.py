@@ -53,8 +53,7 @@ def test_metrics_jsonl_holds_every_kind_of_record(runs: dict[str, Any]) -> None:
     start = records[0]
     assert start["config"]["dataset"] == "digits" and start["config"]["seed"] == 3
     assert start["engine"]["replicas"] == 4 and start["engine"]["optimizer"] == "adagrad"
-    for r in records:
-        assert isinstance(r["wall_s"], float) and r["wall_s"] >= 0
+    assert start["wall_s"] == 0.0 and all(isinstance(r["wall_s"], float) for r in records)
     replica = [r for r in records if r["kind"] == "replica"]
     assert {r["replica"] for r in replica} == {0, 1, 2, 3}
     for r in replica:
@@ -68,9 +67,13 @@ def test_metrics_jsonl_holds_every_kind_of_record(runs: dict[str, Any]) -> None:
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["final"] for e in evals] == [False, False, False, True]  # 400, 800, 1200; end
     for e in evals:
-        assert e["examples"] > 0 and e["loss"] > 0 and 0 <= e["accuracy"] <= 1
+        assert e["examples"] > 0 and e["loss"] > 0
+    # It learned: 0.48 at seed 3 (deterministic here); 0.09 after the first 400 examples, and
+    # chance is 0.10.
+    assert evals[-1]["accuracy"] >= 0.4
     train = [r for r in records if r["kind"] == "train"]
     assert train[-1]["examples"] == 1280 and all(r["loss"] > 0 for r in train)
+    assert all(a["wall_s"] <= b["wall_s"] for a, b in zip(train, train[1:]))  # in time order
     stats = records[-1]["stats"]
     assert stats["examples"] == 1280 and sum(stats["staleness_histogram"]) == sum(
         stats["updates_applied"]
@@ -233,14 +236,23 @@ def test_json_lists_every_evaluation_and_the_seed_drawn(
     assert len(seen) == 4 and 400 <= seen[0] < 800 <= seen[1] < 1200 <= seen[2]  # 1200), final
     assert seen[3] == 1280
     assert s["evaluations"][-1]["accuracy"] == pytest.approx(s["test_accuracy"], abs=1e-4)
-    assert isinstance(s["seed"], int) and s["seed"] >= 0  # drawn, as the API draws one
+    # The seed drawn (as the API draws one) is the one the run used: given, it repeats it.
+    code, out, err = run(capsys, *SHORT, "--no-run-dir", "--json", "--seed", str(s["seed"]))
+    assert code == 0, err
+    again = last_json(out)
+
+    def figures(summary: dict[str, Any]) -> list[Any]:
+        evaluations = [(e["loss"], e["accuracy"]) for e in summary["evaluations"]]
+        return [summary["final_loss"], *evaluations]
+
+    assert figures(again) == figures(s)
 
 
 def test_output_to_a_pipe_has_no_control_characters(in_tmp_dir: Path) -> None:
-    script = Path(sys.executable).with_name("distbelief")
     proc = subprocess.run(
-        [str(script), *SHORT, "--seed", "1"], capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-m", "distbelief", *SHORT, "--seed", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for stream in (proc.stdout, proc.stderr):
         assert not [c for c in stream if ord(c) < 32 and c != "\n"], stream[:300]

@@ -182,26 +182,33 @@ def test_exactly_once_with_every_portion_backed_up(runtime):
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
     assert loss == pytest.approx(full.item(), rel=1e-12)
     assert sum(done.portions_done) == 9
-    # Every portion is handed out twice while there is time; with replicas in parallel (Ray)
-    # the evaluation may end before the last copies are handed out or report.
-    assert 1 <= done.backup_portions <= 9 and done.duplicates_dropped <= done.backup_portions
+    if runtime == "local":  # one message at a time: every portion handed out twice
+        assert (done.backup_portions, done.duplicates_dropped) == (9, 9)
+    else:
+        # Replicas in parallel: the evaluation ends when every portion has a result, and the
+        # copies handed out by then vary (2 to 9 of 9 seen on processes and Ray). At least one
+        # was computed and dropped, so the gradient above was checked against a duplicate.
+        assert 1 <= done.duplicates_dropped <= done.backup_portions <= 9
 
 
 def test_a_slow_replica_does_fewer_portions_and_a_backup_finishes_for_it(runtime, mnist1d_data):
     (x, y), _ = mnist1d_data
+    options: dict = {"slow_replicas": {2: 5.0}}
+    if runtime == "processes":
+        # A worker per replica, so the slow one stalls no other; 20 times as slow: a backup
+        # of its portion won in 25 of 25 runs (5 times: 38 of 40 with a worker each).
+        options = {"slow_replicas": {2: 20.0}, "processes": 3}
     result = sandblaster(
         mlp([40, 64, 10]), (x[:2400], y[:2400]), steps=1, replicas=3, portions=24,
-        runtime=runtime, runtime_options={"slow_replicas": {2: 5.0}},
+        runtime=runtime, runtime_options=options,
     )  # fmt: skip
     done = result.stats["portions_done"]
     assert done[2] < (done[0] + done[1]) / 2  # fewer than the others on average
-    if runtime == "processes":
-        # Two workers: the slow replica shares one with replica 0 and stalls it, so whether a
-        # backup or its original finishes first is the scheduler's call (2 of 8 runs: none).
-        assert result.stats["backup_portions"] >= 1
-    else:
-        assert result.stats["backup_wins"] >= 1  # a backup finished a portion the slow one had
-    assert result.stats["duplicates_dropped"] >= 1
+    assert result.stats["backup_wins"] >= 1  # a backup finished a portion the slow one had
+    if runtime != "processes":
+        # Its late result was dropped. On processes the run may end before that result
+        # comes (0 in 9 of 25 runs), which is what the worker per replica makes possible.
+        assert result.stats["duplicates_dropped"] >= 1
 
 
 def test_every_message_to_or_from_the_coordinator_carries_only_scalars(monkeypatch, convex):
@@ -232,9 +239,20 @@ def test_every_message_to_or_from_the_coordinator_carries_only_scalars(monkeypat
     assert {"VectorOps", "VectorResults", "Assign", "PortionDone", "Reduce"} <= kinds
     assert all(t.numel() <= 4 for m in seen for t in tensors(m))
     assert result.stats["coordinator_messages"] == len(seen)
-    # Per step it moves far less than one copy of the parameters would (410 x 8 bytes) times
-    # the messages it sends; and nothing of it grows with the parameter count.
-    assert result.stats["coordinator_bytes"] > 0
+
+
+def test_coordinator_traffic_per_step_is_below_one_parameter_copy_and_flat(convex):
+    """The README's claim: what the coordinator sends and receives per L-BFGS step is less
+    than one copy of the parameters and does not grow with the parameter count."""
+    x, y = convex
+    per_step = {}
+    for hidden in (8, 256):  # 418 and 13,066 parameters
+        model = mlp([40, hidden, 10], act=nn.Tanh, dtype=torch.float64)
+        stats = sandblaster(model, (x, y), steps=4, history=3, replicas=2, shards=2).stats
+        assert stats["steps"] == 4
+        per_step[hidden] = stats["coordinator_bytes"] / stats["steps"]
+    assert per_step[256] < 13_066 * 8  # 12,319 bytes a step against 104,528
+    assert per_step[256] == pytest.approx(per_step[8], rel=0.1)  # flat (equal here)
 
 
 def test_options_of_the_other_algorithm_are_refused():
@@ -260,31 +278,33 @@ def test_options_of_the_other_algorithm_are_refused():
 
 def test_a_replica_killed_mid_batch_changes_nothing(runtime, convex):
     """replica1 is killed at its 20th portion (mid-evaluation; on Ray its process): its
-    portions are handed to the others (or backed up by them while it is down), the restarted
-    replica joins again, and the run ends where the in-process run without a failure ends."""
+    portions are handed to the others, the restarted replica joins again, and the run ends
+    where the in-process run without a failure ends. Without backup copies the evaluation
+    cannot end before the run has seen the death: the killed replica's portion is only done
+    once the runtime has restarted it and the coordinator has handed that portion out again."""
     x, y = convex
     args = dict(steps=30, history=5, replicas=3, shards=2, portions=9)
+    faults = {"replica1": 20}
     if runtime == "processes":  # it restarts no actor: the run ends naming the dead one
         with pytest.raises(distbelief.ActorFailed, match="replica1"):
             sandblaster(logistic(), (x, y), runtime=runtime,
-                        runtime_options={"faults": {"replica1": 20}}, **args)  # fmt: skip
+                        runtime_options={"faults": faults}, **args)  # fmt: skip
         return
     plain = sandblaster(logistic(), (x, y), **args)
     killed = sandblaster(
-        logistic(), (x, y), runtime=runtime, runtime_options={"faults": {"replica1": 20}}, **args
-    )
-    restarts = killed.stats["restarts"]
-    if runtime == "local":  # the restart is immediate there
-        assert restarts == 1 and killed.stats["restarts_by_actor"] == {"replica1": 1}
-        assert killed.stats["reassigned"] >= 1
-    else:  # the run may end before the driver sees the death: backup copies covered for it
-        respawned = killed.stats["restarts_by_actor"].get("replica1", 0)  # maybe after the end
-        assert restarts <= respawned <= 1 and (respawned == 1 or killed.stats["backup_wins"] >= 1)
-        assert len(killed.stats["pids"]["replica1"]) == 1 + respawned
-    assert killed.stats["steps"] == plain.stats["steps"] == 30
-    # Rounding differs (portions are summed in other groups), which 30 steps may amplify a bit.
-    assert killed.stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-7)
-    torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-5, atol=1e-7)
+        logistic(), (x, y), runtime=runtime,
+        runtime_options={"faults": faults, "backup_tasks": False}, **args,
+    )  # fmt: skip
+    stats = killed.stats
+    assert stats["restarts"] == 1 and stats["restarts_by_actor"] == {"replica1": 1}
+    assert stats["reassigned"] >= 1 and stats["backup_portions"] == 0
+    if runtime == "ray":  # a new process
+        assert len(stats["pids"]["replica1"]) == 2
+    assert stats["steps"] == plain.stats["steps"] == 30
+    # Rounding differs (portions are summed in other groups): seen 7e-16 (loss, relative) and
+    # 4e-14 (weights) after 30 steps.
+    assert stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-9)
+    torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-6, atol=1e-9)
 
 
 class RecordingContext:
@@ -330,3 +350,58 @@ def test_the_coordinator_steps_one_decision_per_message():
     assert [m for _, m in sent[3:]] == [Reduce(1, 1, ((0, 0, 2), (1, 0, 2)), 40)] * 2
     assert done(0, 3) == [("r0", Verdict(1, 3, False))]  # the backup's result is dropped
     assert (c.backup_portions, c.duplicates_dropped, c.portions_done) == (1, 1, [2, 2])
+
+
+def test_a_late_result_of_an_earlier_evaluation_does_not_assign_a_busy_replica_twice():
+    """Replica 1 is slow: a backup wins its portion of evaluation 1, evaluation 2 hands it a
+    portion, then its result for evaluation 1 comes in. It is still computing the first
+    assignment of evaluation 2; a second one would replace it, and the sum the shards wait
+    for would never come (a deadlock seen on processes)."""
+    from distbelief.actors import SandblasterShard
+    from distbelief.messages import Reduced
+
+    # Two real shards minimising 0.5 |w - 1|^2; the coordinator steps one message at a time.
+    shards = [SandblasterShard(k, torch.zeros(3, dtype=torch.float64)) for k in range(2)]
+    shard_ctx = [RecordingContext() for _ in shards]
+    for shard, ctx in zip(shards, shard_ctx):
+        shard.bind(ctx)
+    c = Coordinator(Settings(steps=3), replicas=2, portions=4, batch_examples=40)
+    ctx = RecordingContext()
+    c.bind(ctx)
+    c.receive(ConnectSandblaster(("s0", "s1"), ("r0", "r1"), "coordinator"), "driver")
+    c.receive(Begin(), "driver")
+
+    def loss_sum() -> float:  # of a portion of 10 examples at the point "w"
+        w = torch.cat([s.vectors["w"] for s in shards])
+        return float(0.5 * ((w - 1) ** 2).sum()) * 10
+
+    def run_until_assigned(sent: list) -> list[tuple[str, Assign]]:
+        """Let the shards answer what the coordinator sends until portions go out."""
+        while not any(isinstance(m, Assign) for _, m in sent):
+            for ref, m in sent:
+                if not ref.startswith("s"):
+                    continue  # verdicts and flushes to the replicas
+                k = int(ref[1:])
+                if isinstance(m, Reduce):  # the gradient the replicas' pushes would sum to
+                    shards[k].vectors["gw"] = shards[k].vectors["w"] - 1
+                    c.receive(Reduced(k, m.evaluation, m.round), ref)
+                else:
+                    shards[k].receive(m, "coordinator")
+                    for _, reply in shard_ctx[k].take():
+                        c.receive(reply, ref)
+            sent = ctx.take()
+        return [(ref, m) for ref, m in sent if isinstance(m, Assign)]
+
+    def done(replica: int, evaluation: int, portion: int) -> list[tuple[object, object]]:
+        c.receive(PortionDone(replica, 0, evaluation, portion, loss_sum(), 10), f"r{replica}")
+        return ctx.take()
+
+    first = run_until_assigned(ctx.take())
+    assert [(r, m.evaluation, m.portion) for r, m in first] == [("r0", 1, 0), ("r1", 1, 2)]
+    done(0, 1, 0), done(0, 1, 1), done(0, 1, 3)  # replica 0 takes 3 from replica 1's part
+    sent = done(0, 1, 2)  # then a backup copy of 2, which wins: evaluation 1 is complete
+    second = run_until_assigned(sent)
+    assert [(r, m.evaluation) for r, m in second] == [("r0", 2), ("r1", 2)]
+    late = done(1, 1, 2)  # replica 1's result for evaluation 1, while it computes the next
+    assert late == [("r1", Verdict(1, 2, False))]  # dropped, and no second assignment
+    assert c.backup_wins == 1 and c.duplicates_dropped == 1

@@ -9,7 +9,8 @@ from conftest import mlp
 from torch import nn
 
 import distbelief
-from distbelief import ConfigError
+from distbelief import ConfigError, downpour, sandblaster
+from distbelief.runtime import make_runtime
 
 
 def data(n=32, features=10, classes=3):
@@ -21,13 +22,25 @@ BASE = dict(loss="cross_entropy", lr=0.1, batch_size=8, epochs=1)
 
 
 def check(match: str, model=None, train_data=None, **overrides):
+    """``train`` refuses the input with ``match`` before it creates a runtime (no actor has
+    started: the drivers create their runtime first, then spawn into it)."""
     kw = {**BASE, **overrides}
-    with pytest.raises(ConfigError, match=match):
-        distbelief.train(
-            model if model is not None else mlp([10, 8, 3]),
-            train_data if train_data is not None else data(),
-            **kw,
-        )
+    created: list[str] = []
+
+    def spy(name: str, **options: object) -> object:
+        created.append(name)
+        return make_runtime(name, **options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(downpour, "make_runtime", spy)
+        patch.setattr(sandblaster, "make_runtime", spy)
+        with pytest.raises(ConfigError, match=match):
+            distbelief.train(
+                model if model is not None else mlp([10, 8, 3]),
+                train_data if train_data is not None else data(),
+                **kw,
+            )
+    assert created == [], f"a {created[0]} runtime was created before the input was refused"
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,11 @@ class Coordinator(Actor):
             self._assign(r)
 
     def _assign(self, replica: int) -> None:
+        if replica in self.book.busy:
+            # Still computing a portion of this evaluation (its late result of an earlier one
+            # came in): a second assignment would replace the first, whose result would then
+            # never reach the shards, and the Reduce would wait for it forever.
+            return
         got = self.book.next_for(replica)
         if got is None:
             self.idle.add(replica)
