@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import subprocess
@@ -11,9 +10,9 @@ from importlib.metadata import entry_points
 from typing import Any
 
 import pytest
+from support import run, run_json
 
 from distbelief import ConfigError, cli
-from distbelief.cli import main
 
 pytestmark = pytest.mark.usefixtures("in_tmp_dir")  # default run directories land there
 
@@ -22,19 +21,6 @@ FIELDS = (
     "wall_s", "examples_per_s", "test_accuracy", "final_loss", "updates_applied",
     "staleness_mean", "staleness_max", "rejected_pushes",
 )  # fmt: skip
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run the command in-process; returns (exit status, stdout, stderr)."""
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def check_plausible(s: dict[str, Any]) -> None:

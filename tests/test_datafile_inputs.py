@@ -14,21 +14,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import mlp
+from support import run
 
 import distbelief
 import distbelief.cli
 from distbelief import ConfigError
-from distbelief.cli import main
 from distbelief.data import files
 
 FAST = ["--epochs", "2", "--replicas", "1", "--stages", "1", "--shards", "1", "--seed", "0",
         "--no-run-dir", "--batch-size", "16", "--hidden", "8"]  # fmt: skip
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def train_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:

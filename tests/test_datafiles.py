@@ -18,17 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import mlp
+from support import run
 
 import distbelief
 from distbelief import ConfigError, cli
-from distbelief.cli import main
 from distbelief.data import TensorRows, files
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:

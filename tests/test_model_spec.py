@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-from distbelief.cli import main
+from support import run, run_json
 
 pytestmark = pytest.mark.usefixtures("in_tmp_dir")  # files and run directories land there
 
@@ -36,18 +33,6 @@ def make(in_features, out_features, hidden=32):
 fixed = [nn.Linear(64, 10)]  # a list of modules: the digits data's widths
 number = 3
 """
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    code, out, err = run(capsys, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def model_file(path: Path, inputs: int = 64, outputs: int = 10) -> Path:

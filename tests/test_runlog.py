@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import run
 
 from distbelief import cli, report
 from distbelief.cli import main
@@ -21,12 +22,6 @@ from distbelief.runlog import read_metrics
 
 # A short digits run with evaluations during training: 4 replicas x 2 stages over 2 shards.
 SHORT = ["train", "digits", "--train-size", "640", "--epochs", "2", "--eval-every", "400"]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def last_json(out: str) -> dict[str, Any]:
