@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import nothing_left
 from .config import DownpourConfig, SandblasterConfig
 from .data import TensorRows, as_tensors, replica_ranges
 from .datafiles import FileData, as_file_data
-from .errors import ConfigError
+from .dirlock import DirectoryLock
+from .errors import ConfigError, NothingToTrain
 from .flat import load_flat, parameters_of
 from .messages import ProgressReport
 from .partition import (
@@ -511,6 +513,38 @@ def train(
         from .downpour import prepare_resume
 
         ckpt = prepare_resume(config, stage_layers, len(rows), ckpt)
+        left = nothing_left(ckpt, config.epochs, len(rows))
+        if left is not None:  # before anything is written: the checkpoint stays as it is
+            raise NothingToTrain(f"epochs: {left}; give more epochs to train on")
+    # One run at a time per checkpoint directory: a second one would remove the first's
+    # checkpoints. Taken after every check, before anything is written.
+    lock = None
+    if getattr(config, "checkpoint_dir", None) is not None:
+        lock = DirectoryLock(config.checkpoint_dir, "checkpoint_dir").acquire()
+    try:
+        return _train_locked(config, layers, stage_layers, dtype, loss_fn, rows, evaluator,
+                             progress, ckpt, checkpoint_meta, x, y, run_dir)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    config: DownpourConfig | SandblasterConfig,
+    layers: list[nn.Module],
+    stage_layers: list[list[nn.Module]],
+    dtype: torch.dtype,
+    loss_fn: LossFn,
+    rows: TensorRows | FileData,
+    evaluator: Evaluator | None,
+    progress: Callable[[ProgressReport], None] | None,
+    ckpt: Any,
+    checkpoint_meta: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    run_dir: str | os.PathLike | RunLog | None,
+) -> TrainResult:
+    """The run itself, once checked (and its checkpoint directory locked)."""
     runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
     if runlog is not None:
         runlog.start(config)

@@ -43,7 +43,7 @@ from .errors import (
     TrainingInterrupted,
 )
 from .messages import ProgressReport
-from .partition import as_layers, layer_sizes, resolve_split_points
+from .partition import as_layers, layer_sizes, resolve_split_points, split_layers
 from .runlog import RunLog, default_run_dir
 from .runtime import faults
 from .runtime.processes import SHARD_UPDATES
@@ -359,6 +359,7 @@ def summary(
         "checkpoint_dir": config.checkpoint_dir,
         "checkpoint_every": config.checkpoint_every,
         "checkpoints_written": stats.get("checkpoints_written", 0),
+        "checkpoint_writes_skipped": stats.get("checkpoint_writes_skipped", 0),
         "checkpoint_write_s": round(stats.get("checkpoint_write_s", 0.0), 3),
         "last_checkpoint": stats.get("last_checkpoint"),
         "resumed_from": stats.get("resumed_from"),
@@ -405,11 +406,12 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         table.add_row(
             "resumed from", f"{s['resumed_from']} (update {s['resumed_from_update']:,}; {lost})"
         )
-    if s.get("last_checkpoint"):
+    if s.get("last_checkpoint") or s.get("checkpoint_writes_skipped"):
+        failed = s.get("checkpoint_writes_skipped", 0)
         table.add_row(
             "checkpoints",
             f"{s['checkpoints_written']} written ({s['checkpoint_write_s']:.2f} s), the last "
-            f"{s['last_checkpoint']}",
+            f"{s['last_checkpoint']}" + (f"; {failed} failed to write" if failed else ""),
         )
     if s.get("run_dir"):
         table.add_row("run directory", s["run_dir"])
@@ -669,6 +671,7 @@ def load_resume(ctx: typer.Context, param: Any, value: str | None) -> str | None
     defaults = {keys[k].name: v for k, v in flags.items() if k not in NOT_DEFAULT_ON_RESUME}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["resume"] = (ckpt.path, flags)
+    ctx.meta["resume_checkpoint"] = ckpt
     return value
 
 
@@ -994,6 +997,18 @@ def train_command(
     resolved = dict(sorted(resolved.items(), key=lambda kv: order.index(kv[0])))
     if resume is not None:
         _check_resume_flags(*ctx.meta["resume"], resolved)
+        ckpt = ctx.meta["resume_checkpoint"]
+        train_examples = ckpt.manifest["config"].get("train_examples", 0)
+        left = checkpoints.nothing_left(ckpt, settings.get("epochs") or 0, train_examples)
+        if left is not None:
+            _check_resumed_model(ckpt, model, settings)  # another model is an error first
+        if left is not None:  # said before any directory is made: nothing is written
+            print(f"distbelief: {left}; give more --epochs to train on", file=sys.stderr)
+            if as_json:
+                print(strict_json({"nothing_to_train": True, "message": left, "examples": 0,
+                                   "epochs": settings["epochs"],
+                                   "resumed_from": str(ckpt.path)}))  # fmt: skip
+            return
     runlog = None
     if not no_run_dir:
         name = Path(data).stem if data else dataset
@@ -1041,6 +1056,26 @@ def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str
                 f"{recorded.get(key)!r}, this run has {resolved.get(key)!r}; resume with the "
                 "same (or leave the flag out)"
             )
+
+
+def _check_resumed_model(
+    ckpt: checkpoints.Checkpoint, model: nn.Sequential, settings: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint of another model or layout (as ``train`` would)."""
+    from .downpour import build_layout
+
+    layers = as_layers(model)
+    stage_layers = split_layers(
+        layers, resolve_split_points(layer_sizes(layers), settings["stages"])
+    )
+    try:
+        checkpoints.check_compatible(
+            ckpt,
+            checkpoints.describe_parameters(layers),
+            build_layout(stage_layers, settings["shards"]),
+        )
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
 
 
 PRESET_FIELDS = ("lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer", "seed")
