@@ -219,9 +219,11 @@ def save(
     config: Mapping[str, Any],
     positions: Mapping[int, Mapping[str, int]],
     keep: int = 1,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint of ``update`` updates into ``directory`` atomically; keep the newest
-    ``keep`` whole checkpoints (this one included) and remove older ones. Returns its path."""
+    ``keep`` whole checkpoints (this one included) and remove older ones. Returns its path.
+    ``extra``: more JSON for the manifest (Sandblaster's coordinator state, by key)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(directory)
@@ -253,6 +255,7 @@ def save(
             "positions": {str(r): dict(p) for r, p in positions.items()},
             "shards": shard_meta,
             "files": files,
+            **(extra or {}),
         }
         text = json.dumps(manifest, indent=1, allow_nan=False).encode()
         _write_file(tmp / MANIFEST, text)  # last: a directory without it is not a checkpoint
@@ -422,6 +425,7 @@ class Checkpointer:
         positions: Mapping[int, Mapping[str, int]],
         *,
         wait: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> bool:
         """Write a checkpoint of ``update`` updates, in the background unless ``wait``.
         States holding NaN or Inf, or in which most pushes were rejected, are not written
@@ -433,23 +437,28 @@ class Checkpointer:
             self.skipped += 1
             return False
         if wait:
-            self._write(update, shards, positions)
+            self._write(update, shards, positions, extra)
             self.join()
             return True
         self._thread = threading.Thread(
-            target=self._write, args=(update, shards, positions), name="checkpoint", daemon=True
-        )
+            target=self._write, args=(update, shards, positions, extra), name="checkpoint",
+            daemon=True,
+        )  # fmt: skip
         self._thread.start()
         return True
 
     def _write(
-        self, update: int, shards: Sequence[ShardState], positions: Mapping[int, Mapping[str, int]]
+        self,
+        update: int,
+        shards: Sequence[ShardState],
+        positions: Mapping[int, Mapping[str, int]],
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         t = time.perf_counter()
         try:
             self.last = save(
                 self.directory, update, shards, layout=self.layout, parameters=self.parameters,
-                config=self.config, positions=positions, keep=self.keep,
+                config=self.config, positions=positions, keep=self.keep, extra=extra,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a write error must not end the run
             self._failed(f"writing the checkpoint of update {update:,} failed", exc)

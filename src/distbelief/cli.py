@@ -38,6 +38,7 @@ from .errors import (
     ActorFailed,
     ConfigError,
     Deadlock,
+    NothingToTrain,
     RunTimeout,
     TrainingDiverged,
     TrainingInterrupted,
@@ -555,6 +556,7 @@ NOT_DEFAULT_ON_RESUME = frozenset({"inject", "address", "shard_updates"})
 MAY_DIFFER_ON_RESUME = frozenset(
     {
         "epochs",
+        "steps",
         "runtime",
         "address",
         "shard_updates",
@@ -564,7 +566,8 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "checkpoint_every",
     }  # fmt: skip
 )
-"""Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs,
+"""Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs
+(Sandblaster: steps),
 another runtime, evaluations and checkpoints more or less often. The others shape the
 model, the data, its order or the update rules' state, and must agree."""
 
@@ -812,20 +815,23 @@ def train_command(
         str | None,
         _opt(
             "Write checkpoints here (ckpt-<update>; the newest kept): every --checkpoint-every "
-            "steps and at the end (default with --checkpoint-every: RUN-DIR/checkpoints; "
-            "with --resume: the directory resumed from)."
+            "steps and at the end (default: RUN-DIR/checkpoints; with --resume: the "
+            "directory resumed from; with --no-run-dir: none)."
         ),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
-        _opt("Steps (mini-batches over all replicas) between checkpoints (0: at the end only)."),
+        _opt(
+            "Steps (mini-batches over all replicas) between checkpoints (default: one epoch's; "
+            "0: at the end only)."
+        ),
     ] = None,
     resume: Annotated[
         str | None,
         typer.Option(
             "--resume",
             help="Carry on from the newest checkpoint in DIR (or a ckpt-* directory): the "
-            "flags it recorded are the defaults; epochs, runtime, address, shard-updates, "
+            "flags it recorded are the defaults; epochs, steps, runtime, address, shard-updates, "
             "eval-every, torch-threads, inject and checkpoint-every may change, the others "
             "must agree.",
             is_eager=True,
@@ -916,8 +922,7 @@ def train_command(
     if algorithm == "sandblaster":
         flags = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                      warmstart_steps=warmstart_steps, eval_every=eval_every or None,
-                     stages=stages if stages != 1 else None, checkpoint_dir=checkpoint_dir,
-                     checkpoint_every=checkpoint_every, resume=resume)  # fmt: skip
+                     stages=stages if stages != 1 else None)  # fmt: skip
         for name, value in flags.items():
             if value is not None:
                 flag = name.replace("_", "-")
@@ -999,15 +1004,13 @@ def train_command(
         _check_resume_flags(*ctx.meta["resume"], resolved)
         ckpt = ctx.meta["resume_checkpoint"]
         train_examples = ckpt.manifest["config"].get("train_examples", 0)
-        left = checkpoints.nothing_left(ckpt, settings.get("epochs") or 0, train_examples)
+        left = None  # (Sandblaster's steps are judged by train: NothingToTrain below)
+        if algorithm != "sandblaster":
+            left = checkpoints.nothing_left(ckpt, settings["epochs"], train_examples)
         if left is not None:
             _check_resumed_model(ckpt, model, settings)  # another model is an error first
         if left is not None:  # said before any directory is made: nothing is written
-            print(f"distbelief: {left}; give more --epochs to train on", file=sys.stderr)
-            if as_json:
-                print(strict_json({"nothing_to_train": True, "message": left, "examples": 0,
-                                   "epochs": settings["epochs"],
-                                   "resumed_from": str(ckpt.path)}))  # fmt: skip
+            _nothing_to_train(f"{left}; give more --epochs to train on", ckpt.path, as_json)
             return
     runlog = None
     if not no_run_dir:
@@ -1017,19 +1020,23 @@ def train_command(
             runlog = RunLog(path, resolved, name="run-dir")
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
-    if algorithm != "sandblaster":
-        if checkpoint_every and checkpoint_dir is None:
-            checkpoint_dir = str(runlog.path / "checkpoints")
-        settings.update(
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-            checkpoint_meta=resolved,
-        )  # fmt: skip
+    if checkpoint_dir is None and runlog is not None:  # a crash never loses the whole run
+        checkpoint_dir = str(runlog.path / "checkpoints")
+    settings.update(
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+        checkpoint_meta=resolved,
+    )  # fmt: skip
     # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
     # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
     threads = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
         s = _run_job(dataset, preset, model, widths, settings, train_size, quiet or as_json, runlog)
+    except NothingToTrain as exc:
+        if runlog is not None:
+            runlog.discard()  # nothing was written in it
+        _nothing_to_train(str(exc).split(": ", 1)[1], Path(resume or ""), as_json)
+        return
     finally:
         torch.set_num_threads(threads)
         if runlog is not None:
@@ -1044,6 +1051,14 @@ def train_command(
         _print_sandblaster_summary(Console(), s)
     else:
         _print_summary(Console(), s)
+
+
+def _nothing_to_train(message: str, resumed_from: Path, as_json: bool) -> None:
+    """Say that a resumed run has nothing left to train (it exits 0, having written nothing)."""
+    print(f"distbelief: {message}", file=sys.stderr)
+    if as_json:
+        print(strict_json({"nothing_to_train": True, "message": message, "examples": 0,
+                           "resumed_from": str(resumed_from)}))  # fmt: skip
 
 
 def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str, Any]) -> None:
@@ -1110,6 +1125,8 @@ def _run_job(
         with view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
                            progress=view, run_dir=runlog, **settings)  # fmt: skip
+    except NothingToTrain:
+        raise  # not a usage error: said by the command, exit 0
     except ConfigError as exc:
         if runlog is not None:
             runlog.discard()  # nothing was trained: leave no empty run directory behind
@@ -1163,6 +1180,13 @@ def sandblaster_summary(
         "coordinator_bytes": stats["coordinator_bytes"],
         "coordinator_bytes_per_step": round(stats["coordinator_bytes"] / max(stats["steps"], 1)),
         "parameters": stats["parameters"],
+        "checkpoint_dir": config.checkpoint_dir,
+        "checkpoint_every": config.checkpoint_every,
+        "checkpoints_written": stats.get("checkpoints_written", 0),
+        "checkpoint_writes_skipped": stats.get("checkpoint_writes_skipped", 0),
+        "last_checkpoint": stats.get("last_checkpoint"),
+        "resumed_from": stats.get("resumed_from"),
+        "resumed_from_step": stats.get("resumed_from_step"),
     }
 
 
