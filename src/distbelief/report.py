@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .runlog import METRICS, read_metrics  # noqa: E402
 
-IGNORED_IN_LABELS = frozenset({"timeout_s", "torch_threads"})
+IGNORED_IN_LABELS = frozenset({"timeout_s", "torch_threads", "checkpoint_dir", "resume"})
 """Settings that do not change what a run computes: never used to tell runs apart."""
 
 
