@@ -33,7 +33,7 @@ model = nn.Sequential(nn.Linear(40, 10, dtype=torch.float64))
 with torch.no_grad():
     for p in model.parameters():
         p.zero_()
-distbelief.train(model, (x[:1000].double(), y[:1000]), steps=150, checkpoint_dir=sys.argv[1],
+distbelief.train(model, (x[:1000].double(), y[:1000]), steps=40, checkpoint_dir=sys.argv[1],
                  checkpoint_every=1, runtime_options={{"faults": ["delay:shard0=3ms"]}},
                  **{repr(KW)})
 """
@@ -82,9 +82,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_loss(
     killed_at = ckpt.manifest["coordinator"]["step"]
     assert ckpt.update == killed_at and ckpt.manifest["config"]["algorithm"] == "sandblaster"
 
-    full = distbelief.train(logistic(), convex, steps=150, **KW)
+    full = distbelief.train(logistic(), convex, steps=40, **KW)
     assert killed_at < full.stats["steps"]  # killed before the end
-    resumed = distbelief.train(logistic(), convex, steps=150, resume=root, **KW)
+    resumed = distbelief.train(logistic(), convex, steps=40, resume=root, **KW)
     assert resumed.stats["resumed_from_step"] == killed_at
     assert resumed.stats["steps"] == full.stats["steps"]
     assert abs(full_loss(resumed.model, convex) - full_loss(full.model, convex)) <= 1e-6
