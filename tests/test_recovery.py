@@ -131,6 +131,8 @@ def run(faults, **kw):
     args = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=3, seed=0)
     args.update(replicas=2, stages=2, shards=2, optimizer="adagrad")
     args.update(kw)
+    if "checkpoint_dir" in args:  # the planted checkpoint only, not the run's own every epoch
+        args.setdefault("checkpoint_every", 0)
     model = args.pop("model", None) or mlp([10, 16, 16, 3])
     opts = {"faults": faults, **args.pop("runtime_options", {})}
     return distbelief.train(model, args.pop("data", None) or toy(), runtime_options=opts, **args)

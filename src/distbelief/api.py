@@ -7,17 +7,19 @@ import copy
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import nothing_left
 from .config import DownpourConfig, SandblasterConfig
 from .data import TensorRows, as_tensors, check_device, replica_ranges
 from .datafiles import FileData, as_file_data
-from .errors import ConfigError
+from .dirlock import DirectoryLock
+from .errors import ConfigError, NothingToTrain
 from .flat import load_flat, parameters_of
 from .messages import ProgressReport
 from .partition import (
@@ -378,7 +380,7 @@ def train(
     progress: Callable[[ProgressReport], None] | None = None,
     run_dir: str | os.PathLike | RunLog | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
+    checkpoint_every: int | None = None,
     resume: str | os.PathLike | None = None,
     checkpoint_meta: Any = None,
 ) -> TrainResult:
@@ -398,12 +400,14 @@ def train(
     ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
     TensorBoard event files there (see ``runlog``); None (default) writes nothing.
     ``checkpoint_dir``, ``checkpoint_every``, ``resume`` (Downpour only): write checkpoints
-    every ``checkpoint_every`` steps and at the end, or carry on from one (see
-    ``DownpourConfig``); ``checkpoint_every`` without ``checkpoint_dir`` writes them into
-    ``<run_dir>/checkpoints``. Resuming takes the seed from the checkpoint when ``seed`` is
-    None, and refuses (``ConfigError``) a checkpoint of another model, layout, replica count,
-    batch size, update rule, rate or seed. ``checkpoint_meta``: JSON recorded in every
-    checkpoint's manifest (the CLI records its flags there).
+    every ``checkpoint_every`` steps (default: every epoch, i.e. each replica's mini-batches
+    of one pass, added up; 0: none but the final one) and at the end, or carry on from one
+    (see ``DownpourConfig``). A run with a ``run_dir`` and no ``checkpoint_dir`` writes them
+    into ``<run_dir>/checkpoints``: a crash never loses the whole run. Steps, not seconds, so
+    same-seed in-process runs stay bit-identical. Resuming takes the seed from the checkpoint
+    when ``seed`` is None, and refuses (``ConfigError``) a checkpoint of another model,
+    layout, replica count, batch size, update rule, rate or seed. ``checkpoint_meta``: JSON
+    recorded in every checkpoint's manifest (the CLI records its flags there).
     A shard the runtime restarts is restored from the newest checkpoint in ``checkpoint_dir``
     when it is newer than the replicas' copies of its slice.
     """
@@ -421,10 +425,9 @@ def train(
     config: DownpourConfig | SandblasterConfig
     ckpt = None
     if algorithm == "sandblaster":
-        for name, v in (("checkpoint_dir", checkpoint_dir), ("resume", resume),
-                        ("checkpoint_every", checkpoint_every or None)):  # fmt: skip
-            if v is not None:
-                raise ConfigError(f"{name}: Sandblaster has no checkpoints yet (Downpour has)")
+        if checkpoint_dir is None and run_dir is not None:
+            root = run_dir.path if isinstance(run_dir, RunLog) else run_dir
+            checkpoint_dir = os.path.join(root, "checkpoints")
         if stages != 1:
             raise ConfigError("stages: Sandblaster's replicas are not split into stages (use 1)")
         if eval_every:
@@ -433,13 +436,19 @@ def train(
         config = SandblasterConfig(
             **options, batch_size=batch_size, replicas=replicas, shards=shards, seed=seed,
             runtime=runtime, runtime_options=dict(runtime_options or {}), timeout_s=timeout_s,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
         )  # fmt: skip
+        if resume is not None and seed is None:  # the batches' order comes from the checkpoint
+            from .checkpoint import load
+
+            config = replace(config, seed=load(resume).manifest["config"].get("seed"))
+        _check_checkpoint_dir(config.checkpoint_dir)
     else:
         for name, v in (("lr", lr), ("batch_size", batch_size), ("epochs", epochs)):
             if v is None:
                 raise ConfigError(f"{name}: Downpour needs it (e.g. {name}={_EXAMPLE[name]})")
         options = {k: v for k, v in given.items() if k in DOWNPOUR_ONLY and v is not None}
-        if checkpoint_every and checkpoint_dir is None and run_dir is not None:
+        if checkpoint_dir is None and run_dir is not None:
             root = run_dir.path if isinstance(run_dir, RunLog) else run_dir
             checkpoint_dir = os.path.join(root, "checkpoints")
         if resume is not None and seed is None:
@@ -462,7 +471,7 @@ def train(
             eval_every=eval_every,
             timeout_s=timeout_s,
             checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
+            checkpoint_every=checkpoint_every or 0,
             resume=resume,
         )
         _check_checkpoint_dir(config.checkpoint_dir)
@@ -494,8 +503,14 @@ def train(
     if isinstance(config, DownpourConfig):
         _check_lr(config, dtype)
         _check_batches(layers, len(rows), config)
+        if checkpoint_every is None and config.checkpoint_dir is not None:
+            config = replace(config, checkpoint_every=epoch_steps(len(rows), config))
     elif not isinstance(rows, TensorRows):
         raise ConfigError("train_data: Sandblaster takes in-memory data, not a file")
+    elif checkpoint_every is None and config.checkpoint_dir is not None:
+        # every epoch by default, as Downpour: a step is an epoch with the whole batch
+        each = max(1, len(rows) // (config.batch_size or len(rows)))
+        config = replace(config, checkpoint_every=each)
     # Two examples, not one: a custom loss that forgets to reduce over the batch shows up.
     out = _dry_run(layers, stage_of, x[:2])
     _check_targets("train_data", out, y, loss, loss_fn)
@@ -510,10 +525,46 @@ def train(
         metric = metric or default_metric(loss, ey)
         data = (ex, ey) if isinstance(eval_rows, TensorRows) else eval_rows
         evaluator = Evaluator(stage_layers, data, loss_fn, metric)
+    if isinstance(config, SandblasterConfig) and config.resume is not None:
+        from .sandblaster import prepare_resume as prepare_sandblaster
+
+        ckpt = prepare_sandblaster(config, layers, len(rows))
     if isinstance(config, DownpourConfig) and config.resume is not None:
         from .downpour import prepare_resume
 
         ckpt = prepare_resume(config, stage_layers, len(rows), ckpt)
+        left = nothing_left(ckpt, config.epochs, len(rows))
+        if left is not None:  # before anything is written: the checkpoint stays as it is
+            raise NothingToTrain(f"epochs: {left}; give more epochs to train on")
+    # One run at a time per checkpoint directory: a second one would remove the first's
+    # checkpoints. Taken after every check, before anything is written.
+    lock = None
+    if getattr(config, "checkpoint_dir", None) is not None:
+        lock = DirectoryLock(config.checkpoint_dir, "checkpoint_dir").acquire()
+    try:
+        return _train_locked(config, layers, stage_layers, dtype, loss_fn, rows, evaluator,
+                             progress, ckpt, checkpoint_meta, x, y, run_dir)  # fmt: skip
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(
+    config: DownpourConfig | SandblasterConfig,
+    layers: list[nn.Module],
+    stage_layers: list[list[nn.Module]],
+    dtype: torch.dtype,
+    loss_fn: LossFn,
+    rows: TensorRows | FileData,
+    evaluator: Evaluator | None,
+    progress: Callable[[ProgressReport], None] | None,
+    ckpt: Any,
+    checkpoint_meta: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    run_dir: str | os.PathLike | RunLog | None,
+) -> TrainResult:
+    """The run itself, once checked (and its checkpoint directory locked)."""
     runlog = run_dir if isinstance(run_dir, RunLog) or run_dir is None else RunLog(run_dir)
     if runlog is not None:
         runlog.start(config)
@@ -523,7 +574,8 @@ def train(
         if isinstance(config, SandblasterConfig):
             from .sandblaster import run as run_sandblaster
 
-            result = run_sandblaster(config, layers, dtype, loss_fn, x, y, evaluator, progress)
+            result = run_sandblaster(config, layers, dtype, loss_fn, x, y, evaluator, progress,
+                                     ckpt, checkpoint_meta)  # fmt: skip
         else:
             from .downpour import run
 
@@ -537,6 +589,12 @@ def train(
         final = result.history.eval[-1] if evaluator is not None else None
         runlog.finish(result.stats, final)
     return result
+
+
+def epoch_steps(examples: int, config: DownpourConfig) -> int:
+    """Steps (mini-batches over all replicas) of one epoch: the default checkpoint period."""
+    ranges = replica_ranges(examples, config.replicas)
+    return sum(-(-(hi - lo) // config.batch_size) for lo, hi in ranges)
 
 
 def _check_checkpoint_dir(path: str | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +45,8 @@ FORMAT_VERSION = 1
 """Bumped when the layout of a checkpoint changes; a loader refuses versions it does not know."""
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
+
+log = logging.getLogger("distbelief")
 
 
 class CheckpointError(ConfigError):
@@ -216,9 +219,11 @@ def save(
     config: Mapping[str, Any],
     positions: Mapping[int, Mapping[str, int]],
     keep: int = 1,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint of ``update`` updates into ``directory`` atomically; keep the newest
-    ``keep`` whole checkpoints (this one included) and remove older ones. Returns its path."""
+    ``keep`` whole checkpoints (this one included) and remove older ones. Returns its path.
+    ``extra``: more JSON for the manifest (Sandblaster's coordinator state, by key)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(directory)
@@ -250,6 +255,7 @@ def save(
             "positions": {str(r): dict(p) for r, p in positions.items()},
             "shards": shard_meta,
             "files": files,
+            **(extra or {}),
         }
         text = json.dumps(manifest, indent=1, allow_nan=False).encode()
         _write_file(tmp / MANIFEST, text)  # last: a directory without it is not a checkpoint
@@ -379,8 +385,10 @@ class Checkpointer:
 
     The master hands it the shards' states and the replicas' positions; writing (safetensors,
     sha256, fsync) happens in a thread of its own so that training goes on meanwhile. One
-    write at a time: a new one first waits for the previous one. A write that failed raises
-    at the next call (the run stops with it rather than go on without checkpoints).
+    write at a time: a new one first waits for the previous one. A write that fails (a full
+    disk, any write error) leaves the previous whole checkpoint as it was (see :func:`save`):
+    it is counted (``checkpoint_writes_skipped``), warned about once, and training goes on,
+    since stopping would lose more than the checkpoint.
     """
 
     def __init__(
@@ -399,6 +407,8 @@ class Checkpointer:
         self.keep = keep
         self.written = 0
         self.skipped = 0  # states not written: not finite, or most pushes rejected
+        self.failed = 0  # writes that failed (a full disk, ...): checkpoint_writes_skipped
+        self.warned = False
         self.write_s = 0.0  # seconds spent writing (in the background thread)
         self.last: Path | None = None
         self._thread: Any = None
@@ -415,6 +425,7 @@ class Checkpointer:
         positions: Mapping[int, Mapping[str, int]],
         *,
         wait: bool = False,
+        extra: Mapping[str, Any] | None = None,
     ) -> bool:
         """Write a checkpoint of ``update`` updates, in the background unless ``wait``.
         States holding NaN or Inf, or in which most pushes were rejected, are not written
@@ -426,24 +437,32 @@ class Checkpointer:
             self.skipped += 1
             return False
         if wait:
-            self._write(update, shards, positions)
+            self._write(update, shards, positions, extra)
             self.join()
             return True
         self._thread = threading.Thread(
-            target=self._write, args=(update, shards, positions), name="checkpoint", daemon=True
-        )
+            target=self._write, args=(update, shards, positions, extra), name="checkpoint",
+            daemon=True,
+        )  # fmt: skip
         self._thread.start()
         return True
 
     def _write(
-        self, update: int, shards: Sequence[ShardState], positions: Mapping[int, Mapping[str, int]]
+        self,
+        update: int,
+        shards: Sequence[ShardState],
+        positions: Mapping[int, Mapping[str, int]],
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         t = time.perf_counter()
         try:
             self.last = save(
                 self.directory, update, shards, layout=self.layout, parameters=self.parameters,
-                config=self.config, positions=positions, keep=self.keep,
+                config=self.config, positions=positions, keep=self.keep, extra=extra,
             )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a write error must not end the run
+            self._failed(f"writing the checkpoint of update {update:,} failed", exc)
+            return
         except BaseException as exc:  # noqa: BLE001 - raised again by join()
             self._error = exc
             return
@@ -466,10 +485,29 @@ class Checkpointer:
         if not force and now - self._noted < PROGRESS_EVERY_S:
             return
         self._noted = now
-        self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".{PROGRESS}.tmp"
-        tmp.write_text(json.dumps({"updates_applied": int(updates)}))
-        os.replace(tmp, self.directory / PROGRESS)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"updates_applied": int(updates)}))
+            os.replace(tmp, self.directory / PROGRESS)
+        except OSError as exc:  # a hint only: a full disk must not end the run for it
+            self._warn("writing the progress note failed", exc)
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        self.failed += 1
+        self._warn(what, exc)
+
+    def _warn(self, what: str, exc: BaseException) -> None:
+        """Warn of the first write error only: on a full disk every later write fails too."""
+        if self.warned:
+            return
+        self.warned = True
+        last = f"the last whole one is {self.last}" if self.last else "none was written yet"
+        log.warning(
+            "checkpoint: %s in %s (%s); training goes on, %s (later write errors are "
+            "counted in checkpoint_writes_skipped, not repeated)",
+            what, self.directory, exc, last,
+        )  # fmt: skip
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -477,9 +515,21 @@ class Checkpointer:
         return {
             "checkpoints_written": self.written,
             "checkpoints_skipped": self.skipped,
+            "checkpoint_writes_skipped": self.failed,
             "checkpoint_write_s": self.write_s,
             "last_checkpoint": str(self.last) if self.last is not None else None,
         }
+
+
+def nothing_left(checkpoint: Checkpoint, epochs: int, train_examples: int) -> str | None:
+    """What to say when ``checkpoint`` has trained ``epochs`` epochs of ``train_examples``
+    examples (or more) already, so a run resumed from it has nothing to train; else None."""
+    done = sum(int(p["examples"]) for p in checkpoint.positions.values())
+    if train_examples <= 0 or done < epochs * train_examples:
+        return None
+    at = done / train_examples
+    shown = f"{at:.0f}" if at == round(at) else f"{at:.2f}"
+    return f"nothing to train: the checkpoint is at epoch {shown} of {epochs}"
 
 
 def updates_lost(checkpoint: Checkpoint) -> int | None:

@@ -44,13 +44,14 @@ from .errors import (
     ConfigError,
     DataChanged,
     Deadlock,
+    NothingToTrain,
     RunStopped,
     RunTimeout,
     TrainingDiverged,
     TrainingInterrupted,
 )
 from .messages import ProgressReport
-from .partition import as_layers, layer_sizes, resolve_split_points
+from .partition import as_layers, layer_sizes, resolve_split_points, split_layers
 from .runlog import RunLog, default_run_dir
 from .runtime import faults
 from .runtime.processes import SHARD_UPDATES
@@ -394,6 +395,7 @@ def summary(
         "checkpoint_dir": config.checkpoint_dir,
         "checkpoint_every": config.checkpoint_every,
         "checkpoints_written": stats.get("checkpoints_written", 0),
+        "checkpoint_writes_skipped": stats.get("checkpoint_writes_skipped", 0),
         "checkpoint_write_s": round(stats.get("checkpoint_write_s", 0.0), 3),
         "last_checkpoint": stats.get("last_checkpoint"),
         "resumed_from": stats.get("resumed_from"),
@@ -442,11 +444,12 @@ def _print_summary(console: Console, s: dict[str, Any]) -> None:
         table.add_row(
             "resumed from", f"{s['resumed_from']} (update {s['resumed_from_update']:,}; {lost})"
         )
-    if s.get("last_checkpoint"):
+    if s.get("last_checkpoint") or s.get("checkpoint_writes_skipped"):
+        failed = s.get("checkpoint_writes_skipped", 0)
         table.add_row(
             "checkpoints",
             f"{s['checkpoints_written']} written ({s['checkpoint_write_s']:.2f} s), the last "
-            f"{s['last_checkpoint']}",
+            f"{s['last_checkpoint']}" + (f"; {failed} failed to write" if failed else ""),
         )
     if s.get("run_dir"):
         table.add_row("run directory", s["run_dir"])
@@ -653,6 +656,7 @@ NOT_DEFAULT_ON_RESUME = frozenset({"inject", "address", "shard_updates"})
 MAY_DIFFER_ON_RESUME = frozenset(
     {
         "epochs",
+        "steps",
         "runtime",
         "address",
         "shard_updates",
@@ -663,7 +667,8 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "model_sha256",  # checked by _model_spec: a changed file needs --model again
     }  # fmt: skip
 )
-"""Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs,
+"""Recorded flags that ``--resume`` lets the command line change: more (or fewer) epochs
+(Sandblaster: steps),
 another runtime, evaluations and checkpoints more or less often. The others shape the
 model, the data, its order or the update rules' state, and must agree."""
 
@@ -774,6 +779,7 @@ def load_resume(ctx: typer.Context, param: Any, value: str | None) -> str | None
     defaults = {keys[k].name: v for k, v in flags.items() if k not in NOT_DEFAULT_ON_RESUME}
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["resume"] = (ckpt.path, flags)
+    ctx.meta["resume_checkpoint"] = ckpt
     return value
 
 
@@ -931,20 +937,23 @@ def train_command(
         str | None,
         _opt(
             "Write checkpoints here (ckpt-<update>; the newest kept): every --checkpoint-every "
-            "steps and at the end (default with --checkpoint-every: RUN-DIR/checkpoints; "
-            "with --resume: the directory resumed from)."
+            "steps and at the end (default: RUN-DIR/checkpoints; with --resume: the "
+            "directory resumed from; with --no-run-dir: none)."
         ),
     ] = None,
     checkpoint_every: Annotated[
         int | None,
-        _opt("Steps (mini-batches over all replicas) between checkpoints (0: at the end only)."),
+        _opt(
+            "Steps (mini-batches over all replicas) between checkpoints (default: one epoch's; "
+            "0: at the end only)."
+        ),
     ] = None,
     resume: Annotated[
         str | None,
         typer.Option(
             "--resume",
             help="Carry on from the newest checkpoint in DIR (or a ckpt-* directory): the "
-            "flags it recorded are the defaults; epochs, runtime, address, shard-updates, "
+            "flags it recorded are the defaults; epochs, steps, runtime, address, shard-updates, "
             "eval-every, torch-threads, inject and checkpoint-every may change, the others "
             "must agree.",
             is_eager=True,
@@ -1056,8 +1065,7 @@ def train_command(
     if algorithm == "sandblaster":
         flags = dict(lr=lr, epochs=epochs, optimizer=optimizer, n_fetch=n_fetch, n_push=n_push,
                      warmstart_steps=warmstart_steps, eval_every=eval_every or None,
-                     stages=stages if stages != 1 else None, checkpoint_dir=checkpoint_dir,
-                     checkpoint_every=checkpoint_every, resume=resume)  # fmt: skip
+                     stages=stages if stages != 1 else None)  # fmt: skip
         for name, value in flags.items():
             if value is not None:
                 flag = name.replace("_", "-")
@@ -1142,6 +1150,16 @@ def train_command(
     resolved = dict(sorted(resolved.items(), key=lambda kv: order.index(kv[0])))
     if resume is not None:
         _check_resume_flags(*ctx.meta["resume"], resolved)
+        ckpt = ctx.meta["resume_checkpoint"]
+        train_examples = ckpt.manifest["config"].get("train_examples", 0)
+        left = None  # (Sandblaster's steps are judged by train: NothingToTrain below)
+        if algorithm != "sandblaster":
+            left = checkpoints.nothing_left(ckpt, settings["epochs"], train_examples)
+        if left is not None:
+            _check_resumed_model(ckpt, model, settings)  # another model is an error first
+        if left is not None:  # said before any directory is made: nothing is written
+            _nothing_to_train(f"{left}; give more --epochs to train on", ckpt.path, as_json)
+            return
     runlog = None
     if not no_run_dir:
         name = Path(data).stem if data else dataset
@@ -1150,15 +1168,14 @@ def train_command(
             runlog = RunLog(path, resolved, name="run-dir")
         except ConfigError as exc:
             raise UsageFailure(str(exc)) from None
-    if algorithm != "sandblaster":
-        if eval_every is None and runlog is None:
-            settings["eval_every"] = 0  # no curves to draw: evaluate at the end only
-        if checkpoint_every and checkpoint_dir is None:
-            checkpoint_dir = str(runlog.path / "checkpoints")
-        settings.update(
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
-            checkpoint_meta=resolved,
-        )  # fmt: skip
+    if algorithm != "sandblaster" and eval_every is None and runlog is None:
+        settings["eval_every"] = 0  # no curves to draw: evaluate at the end only
+    if checkpoint_dir is None and runlog is not None:  # a crash never loses the whole run
+        checkpoint_dir = str(runlog.path / "checkpoints")
+    settings.update(
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+        checkpoint_meta=resolved,
+    )  # fmt: skip
     # Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine torch's
     # spinning worker threads made the main job 20-80x slower (measured); one thread is robust.
     threads = torch.get_num_threads()
@@ -1168,6 +1185,11 @@ def train_command(
         note = task_line(train_rows) if data is not None else ""
         s = _run_job(dataset, preset, net, widths, settings, train_size, quiet or as_json, runlog,
                      note)  # fmt: skip
+    except NothingToTrain as exc:
+        if runlog is not None:
+            runlog.discard()  # nothing was written in it
+        _nothing_to_train(str(exc).split(": ", 1)[1], Path(resume or ""), as_json)
+        return
     finally:
         torch.set_num_threads(threads)
         if runlog is not None:
@@ -1219,6 +1241,14 @@ def _model_spec(
     return spec
 
 
+def _nothing_to_train(message: str, resumed_from: Path, as_json: bool) -> None:
+    """Say that a resumed run has nothing left to train (it exits 0, having written nothing)."""
+    print(f"distbelief: {message}", file=sys.stderr)
+    if as_json:
+        print(strict_json({"nothing_to_train": True, "message": message, "examples": 0,
+                           "resumed_from": str(resumed_from)}))  # fmt: skip
+
+
 def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str, Any]) -> None:
     """Refuse a flag that differs from what the checkpoint recorded, unless it may."""
     for key in (recorded.keys() | resolved.keys()) - MAY_DIFFER_ON_RESUME:
@@ -1229,6 +1259,26 @@ def _check_resume_flags(path: Path, recorded: dict[str, Any], resolved: dict[str
                 f"{recorded.get(key)!r}, this run has {resolved.get(key)!r}; resume with the "
                 "same (or leave the flag out)"
             )
+
+
+def _check_resumed_model(
+    ckpt: checkpoints.Checkpoint, model: nn.Sequential, settings: dict[str, Any]
+) -> None:
+    """Refuse a checkpoint of another model or layout (as ``train`` would)."""
+    from .downpour import build_layout
+
+    layers = as_layers(model)
+    stage_layers = split_layers(
+        layers, resolve_split_points(layer_sizes(layers), settings["stages"])
+    )
+    try:
+        checkpoints.check_compatible(
+            ckpt,
+            checkpoints.describe_parameters(layers),
+            build_layout(stage_layers, settings["shards"]),
+        )
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
 
 
 PRESET_FIELDS = ("lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer", "seed")
@@ -1288,6 +1338,8 @@ def _run_job(
         with view:
             result = train(model, train_data, loss=preset.loss, eval_data=test_data,
                            progress=view, run_dir=runlog, **settings)  # fmt: skip
+    except NothingToTrain:
+        raise  # not a usage error: said by the command, exit 0
     except ConfigError as exc:
         if runlog is not None:
             runlog.discard()  # nothing was trained: leave no empty run directory behind
@@ -1356,6 +1408,13 @@ def sandblaster_summary(
         "coordinator_bytes": stats["coordinator_bytes"],
         "coordinator_bytes_per_step": round(stats["coordinator_bytes"] / max(stats["steps"], 1)),
         "parameters": stats["parameters"],
+        "checkpoint_dir": config.checkpoint_dir,
+        "checkpoint_every": config.checkpoint_every,
+        "checkpoints_written": stats.get("checkpoints_written", 0),
+        "checkpoint_writes_skipped": stats.get("checkpoint_writes_skipped", 0),
+        "last_checkpoint": stats.get("last_checkpoint"),
+        "resumed_from": stats.get("resumed_from"),
+        "resumed_from_step": stats.get("resumed_from_step"),
     }
 
 

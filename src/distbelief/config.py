@@ -71,7 +71,8 @@ class DownpourConfig:
     every ``checkpoint_every`` steps and at the end. A shard the runtime restarts is restored
     from the newest one where it is newer than every replica's copy. None: no checkpoints."""
     checkpoint_every: int = 0
-    """Steps (mini-batches over all replicas) between checkpoints; 0: only at the end. Steps,
+    """Steps (mini-batches over all replicas) between checkpoints; 0: only at the end
+    (``distbelief.train`` makes it one epoch's steps unless told otherwise). Steps,
     not updates: they do not depend on n_push, stages or shards. Taken at the first replica
     progress report past each multiple (reports come every <= 50 steps of a replica)."""
     resume: str | None = None
@@ -79,19 +80,7 @@ class DownpourConfig:
     on from: parameters, update rules' state, versions and each replica's data position."""
 
     def __post_init__(self) -> None:
-        for name in ("checkpoint_dir", "resume"):  # absolute: a Ray actor has another cwd
-            v = getattr(self, name)
-            if v is not None:
-                if not isinstance(v, (str, os.PathLike)) or not str(v):
-                    raise ConfigError(f"{name}: expected a directory path, got {_show(v)}")
-                object.__setattr__(self, name, os.path.abspath(v))
-        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
-            raise ConfigError(
-                f"checkpoint_every: must be an integer >= 0, got {_show(self.checkpoint_every)}"
-            )
-        object.__setattr__(self, "checkpoint_every", int(self.checkpoint_every))
-        if self.checkpoint_every and self.checkpoint_dir is None:
-            raise ConfigError("checkpoint_every: checkpoints need a checkpoint_dir")
+        _check_checkpoints(self)
         for name in ("batch_size", "epochs", "replicas", "shards", "n_fetch", "n_push"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
@@ -131,6 +120,23 @@ class DownpourConfig:
             raise ConfigError(f"stages: must be >= 1, got {self.stages}")
 
 
+def _check_checkpoints(config: Any) -> None:
+    """The checkpoint fields both configurations share: absolute paths, a period >= 0."""
+    for name in ("checkpoint_dir", "resume"):  # absolute: a Ray actor has another cwd
+        v = getattr(config, name)
+        if v is not None:
+            if not isinstance(v, (str, os.PathLike)) or not str(v):
+                raise ConfigError(f"{name}: expected a directory path, got {_show(v)}")
+            object.__setattr__(config, name, os.path.abspath(v))
+    if not _is_int(config.checkpoint_every) or config.checkpoint_every < 0:
+        raise ConfigError(
+            f"checkpoint_every: must be an integer >= 0, got {_show(config.checkpoint_every)}"
+        )
+    object.__setattr__(config, "checkpoint_every", int(config.checkpoint_every))
+    if config.checkpoint_every and config.checkpoint_dir is None:
+        raise ConfigError("checkpoint_every: checkpoints need a checkpoint_dir")
+
+
 def _show(v: object) -> str:
     """A value as the user typed it: numpy scalars without their ``np.int64(...)`` wrapper."""
     return repr(v.item()) if isinstance(v, np.generic) else repr(v)
@@ -167,8 +173,17 @@ class SandblasterConfig:
     ``eval_steps`` (bool); see ``sandblaster.OPTIONS``."""
     timeout_s: float = 3600.0
     """Longest a run may take before it is stopped with an error naming the wait."""
+    checkpoint_dir: str | None = None
+    """Write checkpoints here (as Downpour's: ``ckpt-<step>``, the newest kept): the
+    coordinator's state and every shard's slice of every vector, every ``checkpoint_every``
+    steps and after the last. None: no checkpoints."""
+    checkpoint_every: int = 0
+    """L-BFGS steps between checkpoints; 0: only after the last step."""
+    resume: str | None = None
+    """A checkpoint (or a directory of them, the newest taken) to carry on from."""
 
     def __post_init__(self) -> None:
+        _check_checkpoints(self)
         for name in ("steps", "history", "replicas", "shards", "push_every"):
             v = getattr(self, name)
             low = 0 if name == "steps" else 1

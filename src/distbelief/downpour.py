@@ -83,10 +83,14 @@ def prepare_resume(
     run can carry on from it; a ``ConfigError`` (``CheckpointError``) names the file or the
     setting that differs."""
     ckpt = ckpt if ckpt is not None else load(config.resume)
-    layers = [layer for group in stage_layers for layer in group]
-    check_compatible(ckpt, describe_parameters(layers), build_layout(stage_layers, config.shards))
     where = ckpt.path / "manifest.json"
     saved = ckpt.manifest["config"]
+    if saved.get("algorithm") == "sandblaster":
+        raise ConfigError(
+            f"resume: {where} is a Sandblaster checkpoint; resume it with algorithm='sandblaster'"
+        )
+    layers = [layer for group in stage_layers for layer in group]
+    check_compatible(ckpt, describe_parameters(layers), build_layout(stage_layers, config.shards))
     if len(ckpt.positions) != config.replicas:
         raise ConfigError(
             f"replicas: {where} was taken with {len(ckpt.positions)} replicas, this run has "

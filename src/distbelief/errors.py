@@ -13,6 +13,11 @@ class ConfigError(ValueError):
     """
 
 
+class NothingToTrain(ConfigError):
+    """A resumed run whose checkpoint has done every epoch asked for already: nothing is
+    trained and nothing written (the CLI says so and exits 0)."""
+
+
 class ActorFailed(RuntimeError):
     """An actor raised while handling a message; the run ended with this error."""
 

@@ -34,6 +34,9 @@ class StepEnd:
     """Steps done."""
     loss: float
     """Loss at the new ``"x"``."""
+    state: dict | None = None
+    """Everything the algorithm holds besides the vectors (JSON): with the shards' vectors,
+    what a checkpoint needs to carry on from this step (``lbfgs(settings, state)``)."""
 
 
 Request = VectorOps | Evaluate | StepEnd
@@ -52,9 +55,12 @@ class Outcome:
     """Loss-and-gradient evaluations, line search included."""
     stop: str = ""
     """Why it stopped: ``steps``, ``gradient``, ``loss change``, ``step size``, ``evals``,
-    ``not a descent direction``."""
+    ``not a descent direction``, ``diverged``."""
     losses: list[float] = field(default_factory=list)
     """Loss at ``"x"`` after each step (on that step's batch)."""
+    diverged: str = ""
+    """Why the run cannot go on, when ``stop`` is ``diverged``: a loss or gradient that is
+    NaN or Inf where the algorithm needs a finite one (``"x"`` is left as it was before)."""
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,19 @@ class Settings:
     re-evaluated on it first, so each pair (s, y) compares gradients of one batch."""
 
 
+FINAL_STOPS = ("gradient", "step size", "loss change", "not a descent direction", "diverged")
+"""Why a run may stop that more steps do not change (a resumed run stops there too)."""
+
+
 def _ops(*ops: Op) -> VectorOps:
     return VectorOps(tuple(ops))
 
 
-def lbfgs(settings: Settings) -> Lbfgs:
-    """Minimise from ``"x"`` (which the driver provides); see the module doc for the protocol."""
+def lbfgs(settings: Settings, resume: dict | None = None) -> Lbfgs:
+    """Minimise from ``"x"`` (which the driver provides); see the module doc for the protocol.
+
+    ``resume``: the ``state`` of a :class:`StepEnd` (from a checkpoint), with the vectors as
+    they were then: carry on from that step exactly as the run that wrote it would have."""
     m = settings.history
     max_evals = settings.max_evals or settings.steps * 5 // 4
     evals = 0
@@ -99,20 +112,43 @@ def lbfgs(settings: Settings) -> Lbfgs:
         yield _ops(Op("copy", "gw", "g"))
         return float(f)
 
-    f = yield from evaluate_at_x()
-    (g_max, g_sum) = yield _ops(Op("absmax", "g"), Op("abssum", "g"))
-    out = Outcome(loss=f)
-    if g_max <= settings.tolerance_grad:
-        out.function_evals, out.stop = evals, "gradient"
+    def diverged(reason: str) -> Outcome:
+        out.stop, out.diverged, out.function_evals = "diverged", reason, evals
         return out
+
     slots: list[int] = []  # ring of history slots, oldest first
     rho: dict[int, float] = {}
     h_diag = 1.0
     t = 0.0
-    for step in range(1, settings.steps + 1):
+    first = 1
+    if resume is not None:
+        f, g_sum, evals, batch = resume["loss"], resume["g_sum"], resume["evals"], resume["batch"]
+        slots, h_diag = list(resume["slots"]), resume["h_diag"]
+        rho = {int(k): v for k, v in resume["rho"].items()}
+        out = Outcome(loss=f, steps=resume["step"], losses=list(resume["losses"]))
+        first = resume["step"] + 1
+        if resume["stop"] not in FINAL_STOPS:  # more steps (and evaluations) may be given
+            out.stop = ""
+        else:
+            out.stop, out.function_evals = resume["stop"], evals
+            return out
+    else:
+        f = yield from evaluate_at_x()
+        (g_max, g_sum) = yield _ops(Op("absmax", "g"), Op("abssum", "g"))
+        out = Outcome(loss=f)
+        if not math.isfinite(f):
+            return diverged(f"the loss at the initial parameters is {f}")
+        if not math.isfinite(g_max):
+            return diverged("the gradient at the initial parameters holds NaN or Inf")
+        if g_max <= settings.tolerance_grad:
+            out.function_evals, out.stop = evals, "gradient"
+            return out
+    for step in range(first, settings.steps + 1):
         if step > 1 and settings.fresh_batches:
             batch += 1
             f = yield from evaluate_at_x()
+            if not math.isfinite(f):
+                return diverged(f"the loss on batch {batch} is {f} (step {step})")
         # Two-loop recursion: d = -H g, with H from the pairs in the ring.
         yield _ops(Op("scale", "g", "q", alpha=-1.0))
         alphas: dict[int, float] = {}
@@ -132,6 +168,11 @@ def lbfgs(settings: Settings) -> Lbfgs:
         search = strong_wolfe(f, gtd, t, batch, settings)
         f_new, t, g_name, ls_evals = yield from search
         evals += ls_evals
+        if not math.isfinite(f_new):  # every point the line search tried was NaN or Inf
+            out.loss = f
+            return diverged(
+                f"step {step}'s line search met only NaN or Inf losses ({ls_evals} points)"
+            )
         # s = t d, y = g_new - g; x += s; the pair enters the ring if its curvature is positive.
         slot = next(i for i in range(m + 1) if i not in slots)  # the ring holds at most m
         (ys, yy, d_max) = yield _ops(
@@ -157,7 +198,10 @@ def lbfgs(settings: Settings) -> Lbfgs:
         out.steps = step
         out.losses.append(f)
         (g_max, g_sum) = yield _ops(Op("absmax", "g"), Op("abssum", "g"))
-        yield StepEnd(step, f)
+        if not math.isfinite(g_max):
+            out.loss = f
+            yield StepEnd(step, f)
+            return diverged(f"the gradient after step {step} holds NaN or Inf")
         if step == settings.steps:
             out.stop = "steps"
         elif evals >= max_evals:
@@ -168,10 +212,17 @@ def lbfgs(settings: Settings) -> Lbfgs:
             out.stop = "step size"
         elif abs(f - f_old) < settings.tolerance_change:
             out.stop = "loss change"
+        state = {
+            "step": step, "loss": f, "g_sum": g_sum, "evals": evals, "batch": batch,
+            "slots": list(slots), "rho": {str(k): v for k, v in rho.items()},
+            "h_diag": h_diag, "losses": list(out.losses), "stop": out.stop,
+        }  # fmt: skip
+        yield StepEnd(step, f, state)
         if out.stop:
             break
     out.stop = out.stop or "steps"  # steps=0: no step taken, the limit is why
     out.loss, out.function_evals = f, evals
+    out.stop = out.stop or "steps"  # (resumed at the last step: none was taken)
     return out
 
 
@@ -197,24 +248,37 @@ class _Point:
     gtd: float
     grad: str  # name of the vector holding the gradient there
 
+    @property
+    def bad(self) -> bool:
+        """A NaN or Inf loss there: too far, whatever the Wolfe conditions would say. (The
+        slope is not judged: a dot product of huge finite vectors may overflow to NaN.)"""
+        return not math.isfinite(self.f)
+
 
 def strong_wolfe(
     f0: float, gtd0: float, t: float, batch: int, settings: Settings
 ) -> Generator[Request, object, tuple[float, float, str, int]]:
     """Line search from ``"x"`` along ``"d"`` for a step ``t`` meeting the strong Wolfe
     conditions (sufficient decrease c1 = 1e-4, curvature c2 = 0.9). Returns the loss there, the
-    step, the name of the vector holding the gradient there, and the evaluations it took."""
+    step, the name of the vector holding the gradient there, and the evaluations it took.
+
+    A point where the loss or the slope is NaN or Inf is taken as too far: the step shrinks
+    towards the last finite one. If no point tried was finite, the loss returned is NaN (the
+    caller stops: the run diverged)."""
     c1, c2 = 1e-4, 0.9
     evals = 0
+    finite = False  # whether any point tried was not ``bad``
 
     def probe(t: float) -> Generator[Request, object, _Point]:
-        nonlocal evals
+        nonlocal evals, finite
         yield _ops(Op("copy", "x", "w"), Op("axpy", "d", "w", alpha=t))
         f = yield Evaluate(batch)
         evals += 1
         name = f"ls{evals}"  # each probe's gradient under a name of its own, dropped at the end
         (gtd,) = yield _ops(Op("copy", "gw", name), Op("dot", "gw", "d"))
-        return _Point(t, float(f), gtd, name)
+        point = _Point(t, float(f), gtd, name)
+        finite = finite or not point.bad
+        return point
 
     def done(point: _Point) -> Generator[Request, object, tuple[float, float, str, int]]:
         drops = [Op("drop", f"ls{i}") for i in range(1, evals + 1)]
@@ -225,7 +289,7 @@ def strong_wolfe(
     prev = _Point(0.0, f0, gtd0, "g")
     new = yield from probe(t)
     while True:
-        if new.f > f0 + c1 * new.t * gtd0 or (evals > 1 and new.f >= prev.f):
+        if new.bad or new.f > f0 + c1 * new.t * gtd0 or (evals > 1 and new.f >= prev.f):
             low, high = prev, new
             break
         if abs(new.gtd) <= -c2 * gtd0:
@@ -241,18 +305,21 @@ def strong_wolfe(
         prev = new
         new = yield from probe(t_next)
     # Zoom: keep a bracket (low, high) around an acceptable step; low has the lower loss.
-    if high.f < low.f:
+    if not high.bad and high.f < low.f:
         low, high = high, low
     while evals < settings.max_ls:
         width = abs(high.t - low.t)
         if width * d_max < settings.tolerance_change:
             break
         a, b = min(low.t, high.t), max(low.t, high.t)
-        t = cubic_minimum(low.t, low.f, low.gtd, high.t, high.f, high.gtd, a, b)
-        # Keep away from the ends: a point at an end teaches nothing.
-        t = min(max(t, a + 0.1 * width), b - 0.1 * width)
+        if high.bad:  # nothing to interpolate with: halve the step
+            t = (low.t + high.t) / 2.0
+        else:
+            t = cubic_minimum(low.t, low.f, low.gtd, high.t, high.f, high.gtd, a, b)
+            # Keep away from the ends: a point at an end teaches nothing.
+            t = min(max(t, a + 0.1 * width), b - 0.1 * width)
         new = yield from probe(t)
-        if new.f > f0 + c1 * new.t * gtd0 or new.f >= low.f:
+        if new.bad or new.f > f0 + c1 * new.t * gtd0 or new.f >= low.f:
             high = new
         else:
             if abs(new.gtd) <= -c2 * gtd0:
@@ -260,6 +327,8 @@ def strong_wolfe(
             if new.gtd * (high.t - low.t) >= 0:
                 high = low
             low = new
+    if not finite:
+        low = _Point(0.0, math.nan, math.nan, "g")  # only NaN or Inf met: the caller stops
     return (yield from done(low))
 
 

@@ -764,6 +764,42 @@ class VectorSlice:
 
 
 @dataclass(frozen=True, slots=True)
+class VectorsRequest:
+    """Coordinator (or driver) -> shard: send every vector you hold to ``reply_to`` (a
+    checkpoint, at a step's end, before the next vector program: the coordinator itself
+    never holds a parameter-sized vector, so the slices go to the driver)."""
+
+    tag: int
+    """The step the checkpoint is of."""
+    reply_to: Any = None
+    """Whom to answer (None: the sender)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShardVectors:
+    """Shard -> coordinator: its slice of every vector (ops never write in place: no copy)."""
+
+    shard: int
+    """Index of the replying shard."""
+    tag: int
+    """The request's tag."""
+    vectors: dict[str, torch.Tensor]
+    """Vector name -> its slice."""
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorState:
+    """Coordinator -> driver: L-BFGS's state after ``step`` (scalars: the step, history
+    slots, their rho, the scaling, counters; see ``lbfgs.StepEnd.state``). With every shard's
+    ``ShardVectors`` of that step, a checkpoint."""
+
+    step: int
+    """The step it is the state after."""
+    state: dict[str, Any]
+    """JSON."""
+
+
+@dataclass(frozen=True, slots=True)
 class SandblasterDone:
     """Coordinator -> driver: the run finished; its scalars (parameters stay on the shards)."""
 
@@ -799,6 +835,10 @@ class SandblasterDone:
     """Examples whose gradient counted, over all evaluations."""
     restarts: int
     """Replicas that died and were restarted."""
+    diverged: str = ""
+    """Why L-BFGS could not go on, when ``stop`` is ``diverged`` (a NaN or Inf met)."""
+    checkpoints: dict[str, Any] = field(default_factory=dict)
+    """What checkpointing did (``checkpoint.Checkpointer.stats``); empty without it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 import tomli_w
 
+from .dirlock import DirectoryLock
 from .errors import ConfigError
 from .messages import ProgressReport
 
@@ -87,6 +88,21 @@ def prepare_dir(path: str | os.PathLike, name: str = "run_dir") -> Path:
     return p
 
 
+def _made(path: str | os.PathLike, name: str) -> Path:
+    """``path`` made (with its parents) if missing, so it can be locked; what is wrong with
+    it otherwise is left to :func:`prepare_dir` to say."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{name}: {str(p)!r} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{name}: cannot create {str(p)!r}: a file is in the way") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot create {str(p)!r}: {exc.strerror or exc}") from None
+    return p
+
+
 def plain(value: Any) -> Any:
     """``value`` as JSON/TOML-friendly data: tuples become lists, dataclasses dicts, anything
     else that is not a number, string, bool or None its ``str``."""
@@ -136,7 +152,14 @@ class RunLog:
         name: str = "run_dir",
         tensorboard: bool = True,
     ) -> None:
-        self.path = prepare_dir(path, name)
+        # Locked before the check for an earlier run's metrics: a run still writing there is
+        # named by its pid, and two runs starting at once cannot both pass the check.
+        self._lock = DirectoryLock(_made(path, name), name).acquire()
+        try:
+            self.path = prepare_dir(path, name)
+        except BaseException:
+            self._lock.release()
+            raise
         self.config: dict[str, Any] | None = dict(config) if config is not None else None
         self.tensorboard = tensorboard
         self._file: IO[str] | None = None
@@ -151,6 +174,7 @@ class RunLog:
 
     def discard(self) -> None:
         """Remove the directory if nothing was written in it (a run refused before it began)."""
+        self._lock.release()
         if self._file is None:
             try:
                 self.path.rmdir()
@@ -281,6 +305,7 @@ class RunLog:
         """Write the end record (``status``: done, failed, interrupted) and close. Idempotent."""
         if self.closed or self._file is None:
             self.closed = True
+            self._lock.release()
             return
         self.closed = True
         stats = plain(dict(stats or {}))
@@ -300,6 +325,7 @@ class RunLog:
                 self._staleness_histogram(hist, int(stats.get("examples", 0)))
             self._writer.close()
         self._file.close()
+        self._lock.release()
         log.info("run directory: %s", self.path)
 
     # ---------------------------------------------------------------- writing

@@ -5,6 +5,8 @@ until the coordinator reports, collect the parameters from the shards, build the
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -14,21 +16,33 @@ from torch import nn
 
 from .actors import Coordinator, SandblasterReplica, SandblasterShard
 from .api import Evaluator, History, LossFn, TrainResult, _assemble
+from .checkpoint import (
+    Checkpoint,
+    Checkpointer,
+    ShardState,
+    check_compatible,
+    describe_parameters,
+    load,
+    remove_partial,
+)
 from .config import SandblasterConfig
-from .errors import ConfigError, TrainingInterrupted
-from .flat import flatten
-from .layout import shard_ranges
-from .lbfgs import Settings
+from .errors import ConfigError, NothingToTrain, TrainingDiverged, TrainingInterrupted
+from .flat import flatten, parameters_of
+from .layout import Layout, shard_ranges
+from .lbfgs import FINAL_STOPS, Settings
 from .messages import (
     Begin,
     ConnectSandblaster,
+    CoordinatorState,
     ProgressReport,
     SandblasterDone,
+    ShardVectors,
     VectorSlice,
     VectorSnapshot,
+    VectorsRequest,
 )
 from .portions import batch_size_of
-from .runtime import make_runtime
+from .runtime import faults, make_runtime
 
 OPTIONS = ("slow_replicas", "backup_tasks", "duplicate_portions", "eval_steps")
 """Sandblaster's own keys of ``runtime_options`` (for tests and benchmarks):
@@ -57,6 +71,19 @@ def split_options(config: SandblasterConfig) -> tuple[dict[str, Any], dict[str, 
     return own, rest
 
 
+def check_survivable(plan: tuple, replicas: int) -> None:
+    """Refuse, before the run, a planned death Sandblaster cannot recover from: only its
+    replicas restart (their portions are handed out again); the coordinator holds L-BFGS's
+    state and the shards the only copy of every vector."""
+    for fault in faults.kills(plan).values():
+        if not fault.actor.startswith("replica"):
+            names = ", ".join(f"replica{r}" for r in range(min(replicas, 3)))
+            raise ConfigError(
+                f"faults: {fault}: Sandblaster cannot survive the death of {fault.actor} "
+                f"(only replicas restart: {names}{', ...' if replicas > 3 else ''})"
+            )
+
+
 def settings_of(config: SandblasterConfig, float64: bool) -> Settings:
     """L-BFGS settings of a run (tolerances tighter in float64)."""
     return Settings(
@@ -69,6 +96,61 @@ def settings_of(config: SandblasterConfig, float64: bool) -> Settings:
     )
 
 
+MUST_AGREE = ("history", "batch_size", "seed")
+"""Settings a resumed run must share with its checkpoint: the history ring's slots, the
+batches (their size and, for mini-batches, the seed's order). Steps may change."""
+
+
+def checkpoint_config(config: SandblasterConfig, train_examples: int, meta: Any) -> dict:
+    """What a checkpoint's manifest records of the run (JSON), as Downpour's does."""
+    settings = dataclasses.asdict(config)
+    for key in ("runtime_options", "checkpoint_dir", "resume"):
+        settings.pop(key)
+    return {**settings, "algorithm": "sandblaster", "train_examples": train_examples,
+            "meta": meta}  # fmt: skip
+
+
+def build_layout(layers: list[nn.Module], shards: int) -> Layout:
+    """Sandblaster's flat space: one stage, ``shards`` slices (as ``shard_ranges`` cuts it)."""
+    sizes = [p.numel() for p in parameters_of(layers)]
+    return Layout.build([sum(sizes)], shards, sizes)
+
+
+def prepare_resume(
+    config: SandblasterConfig, layers: list[nn.Module], train_examples: int
+) -> Checkpoint:
+    """Load and verify ``config.resume`` and check that this run can carry on from it; a
+    ``ConfigError`` names the file or the setting that differs, and ``NothingToTrain`` says
+    when the checkpoint has taken every step asked for (or stopped for good)."""
+    ckpt = load(config.resume)
+    where = ckpt.path / "manifest.json"
+    saved = ckpt.manifest["config"]
+    if saved.get("algorithm") != "sandblaster" or "coordinator" not in ckpt.manifest:
+        raise ConfigError(
+            f"resume: {where} is a Downpour checkpoint; resume it with algorithm='downpour'"
+        )
+    check_compatible(ckpt, describe_parameters(layers), build_layout(layers, config.shards))
+    for name in MUST_AGREE:
+        if saved.get(name) != getattr(config, name):
+            raise ConfigError(
+                f"{name}: {where} was taken with {name} {saved.get(name)!r}, this run has "
+                f"{getattr(config, name)!r}; resume with the same {name}"
+            )
+    if saved.get("train_examples") != train_examples:
+        raise ConfigError(
+            f"train_data: {where} was taken on {saved.get('train_examples')} training "
+            f"examples, this run has {train_examples}; resume on the same data"
+        )
+    state = ckpt.manifest["coordinator"]
+    if state["step"] >= config.steps or state["stop"] in FINAL_STOPS:
+        why = f" (L-BFGS stopped there: {state['stop']})" if state["stop"] != "steps" else ""
+        raise NothingToTrain(
+            f"steps: nothing to train: the checkpoint is at step {state['step']} of "
+            f"{config.steps}{why}"
+        )
+    return ckpt
+
+
 def run(
     config: SandblasterConfig,
     layers: list[nn.Module],
@@ -78,9 +160,13 @@ def run(
     y: torch.Tensor,
     evaluator: Evaluator | None,
     progress: Callable[[ProgressReport], None] | None,
+    resume: Checkpoint | None = None,
+    checkpoint_meta: Any = None,
 ) -> TrainResult:
-    """Run Sandblaster L-BFGS with a checked ``config`` and return the result."""
+    """Run Sandblaster L-BFGS with a checked ``config`` and return the result; from
+    ``resume`` (checked by :func:`prepare_resume`) if given."""
     own, runtime_options = split_options(config)
+    check_survivable(faults.plan(runtime_options.get("faults")), config.replicas)
     portions = config.portion_count
     batch_examples = batch_size_of(len(x), config.batch_size)
     if portions > batch_examples:
@@ -97,24 +183,32 @@ def run(
             if progress is not None:
                 progress(msg)
 
+        checkpointer = None
+        if config.checkpoint_dir is not None:
+            remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
+            checkpointer = Checkpointer(
+                config.checkpoint_dir,
+                layout=build_layout(layers, config.shards),
+                parameters=describe_parameters(layers),
+                config=checkpoint_config(config, len(x), checkpoint_meta),
+            )
         done, weights, runtime_stats = _run(
-            config, own, runtime_options, layers, dtype, loss_fn, x, y, report, trace=trace
-        )
+            config, own, runtime_options, layers, dtype, loss_fn, x, y, report, trace=trace,
+            checkpointer=checkpointer, resume=resume,
+        )  # fmt: skip
     stage_layers = [layers]
     result_model = _assemble(stage_layers, weights, ({},))
+    before = len(done.losses) - len(walls)  # steps a resumed run's checkpoint had taken
     history = History(
         train=[
-            {"examples": (i + 1) * batch_examples, "wall_s": wall_s, "loss": loss}
-            for i, (loss, wall_s) in enumerate(zip(done.losses, walls, strict=True))
+            {"examples": (before + i + 1) * batch_examples, "wall_s": wall_s, "loss": loss}
+            for i, (loss, wall_s) in enumerate(zip(done.losses[before:], walls, strict=True))
         ]
     )
     if evaluator is not None and trace:
         for step, (wall_s, point) in enumerate(trace, 1):
             metrics = evaluator(point)
             history.eval.append({"examples": step * batch_examples, "wall_s": wall_s, **metrics})
-    if evaluator is not None:
-        final = evaluator.evaluate(result_model)
-        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
     stats = {
         "steps": done.steps,
         "function_evals": done.function_evals,
@@ -135,8 +229,24 @@ def run(
         "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
         "seed": config.seed,
         "restarts": done.restarts,
+        "resumed_from": str(resume.path) if resume is not None else None,
+        "resumed_from_step": resume.update if resume is not None else None,
+        **done.checkpoints,
         **runtime_stats,
     }
+    # As for Downpour: a run that ends in NaN or Inf is never returned as a result.
+    finite = bool(torch.isfinite(weights).all())
+    if done.stop == "diverged" or not finite or not math.isfinite(done.loss):
+        reason = done.diverged or (
+            "the final parameters hold NaN or Inf" if not finite else f"the loss is {done.loss}"
+        )
+        raise TrainingDiverged(reason, result_model if finite else None, stats)
+    if evaluator is not None:
+        final = evaluator.evaluate(result_model)
+        if not math.isfinite(final["loss"]):
+            loss = final["loss"]
+            raise TrainingDiverged(f"the final evaluation loss is {loss}", result_model, stats)
+        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
     return TrainResult(result_model, history, stats, config)
 
 
@@ -152,15 +262,19 @@ def _run(
     progress: Callable[[ProgressReport], None] | None,
     vectors: dict[str, torch.Tensor] | None = None,
     trace: list[tuple[float, torch.Tensor]] | None = None,
+    checkpointer: Checkpointer | None = None,
+    resume: Checkpoint | None = None,
 ) -> tuple[SandblasterDone, torch.Tensor, dict[str, Any]]:
     """Spawn and wire every actor, run until the coordinator reports, collect ``"x"`` (and
-    the vectors named in ``vectors``, into it), always shut down."""
+    the vectors named in ``vectors``, into it), always shut down. With a ``checkpointer``,
+    the checkpoints the coordinator takes are assembled here and written by it."""
     initial = flatten(layers).to(dtype)
     slices = shard_ranges(initial.numel(), config.shards)
+    saved = [_vectors_of(s) for s in resume.shards] if resume is not None else None
     rt = make_runtime(config.runtime, seed=config.seed, **runtime_options)
     try:
         shard_refs = tuple(
-            rt.spawn(f"shard{k}", SandblasterShard, k, initial[a:b])
+            rt.spawn(f"shard{k}", SandblasterShard, k, initial[a:b], _or_none(saved, k))
             for k, (a, b) in enumerate(slices)
         )
         slow = own.get("slow_replicas", {})
@@ -194,17 +308,26 @@ def _run(
             bool(own.get("backup_tasks", True)),
             bool(own.get("duplicate_portions", False)),
             names,
+            checkpoint_every=config.checkpoint_every,
+            checkpoints=checkpointer is not None,
+            resume=resume.manifest["coordinator"] if resume is not None else None,
         )
         wiring = ConnectSandblaster(shard_refs, replica_refs, coordinator)
         rt.tell(coordinator, wiring)
         for ref in replica_refs:
             rt.tell(ref, wiring)
         pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
+        taking = _Checkpoints(checkpointer, len(shard_refs))
         try:
             for reply in rt.converse(coordinator, Begin(), timeout=config.timeout_s):
+                if isinstance(reply, (CoordinatorState, ShardVectors)):
+                    taking.got(reply)
+                    continue
                 if isinstance(reply, SandblasterDone):
                     if trace is not None and pending:
                         _drain(rt, shard_refs, trace, pending, config.timeout_s)
+                    if checkpointer is not None:
+                        reply = taking.finish(rt, shard_refs, reply, config.timeout_s)
                     weights = collect(rt, shard_refs, "x")
                     for name in vectors or {}:
                         vectors[name] = collect(rt, shard_refs, name)
@@ -221,6 +344,82 @@ def _run(
         raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
     finally:
         rt.shutdown()
+
+
+class _Checkpoints:
+    """The driver's part of Sandblaster's checkpoints: the coordinator's state of a step and
+    every shard's vectors of it come in separately; once all are in, the checkpointer writes
+    them (in the background; the last one before the run is reported done)."""
+
+    def __init__(self, checkpointer: Checkpointer | None, shards: int) -> None:
+        self.checkpointer = checkpointer
+        self.shards = shards
+        self.states: dict[int, dict[str, Any]] = {}  # step -> the coordinator's state
+        self.vectors: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # step -> shard ->
+        self.written = 0  # the newest step handed to the checkpointer
+
+    def got(self, reply: CoordinatorState | ShardVectors) -> None:
+        if isinstance(reply, CoordinatorState):
+            self.states[reply.step] = reply.state
+        else:
+            self.vectors.setdefault(reply.tag, {})[reply.shard] = reply.vectors
+        complete = [s for s in self.states if len(self.vectors.get(s, {})) == self.shards]
+        if complete:
+            self._submit(max(complete))
+
+    def _submit(self, step: int) -> None:
+        state, got = self.states.pop(step), self.vectors.pop(step)
+        for older in [s for s in self.states if s < step]:  # superseded: only the newest kept
+            self.states.pop(older)
+            self.vectors.pop(older, None)
+        shards = [_shard_state(k, got[k]) for k in range(self.shards)]
+        self.checkpointer.submit(step, shards, {}, extra={"coordinator": state})
+        self.written = step
+
+    def finish(
+        self, rt: Any, shard_refs: tuple, done: SandblasterDone, timeout: float
+    ) -> SandblasterDone:
+        """The run is over: the last step's vectors may still be on their way, to a reply
+        inbox that is gone on some runtimes. No program ran after that step, so each shard
+        missing is asked again, here. Write that checkpoint, wait for it, and report what
+        checkpointing did."""
+        last = max(self.states, default=None)
+        if last is not None and last == done.steps:
+            got = self.vectors.setdefault(last, {})
+            for k, ref in enumerate(shard_refs):
+                if k in got:
+                    continue
+                for reply in rt.converse(ref, VectorsRequest(-2), timeout=timeout):
+                    if isinstance(reply, ShardVectors) and reply.shard == k and reply.tag in (
+                        last, -2,
+                    ):  # fmt: skip
+                        got[k] = reply.vectors
+                        break
+            self._submit(last)
+        self.checkpointer.join()
+        return dataclasses.replace(done, checkpoints=self.checkpointer.stats)
+
+
+def _shard_state(index: int, vectors: dict[str, torch.Tensor]) -> ShardState:
+    """A Sandblaster shard's vectors as a checkpoint's shard: ``"x"`` as the weights, the
+    others as its "optimizer" state (every vector the run had at that step)."""
+    # A copy op makes an alias (ops never write in place); safetensors stores no aliases.
+    seen: set[int] = set()
+    own: dict[str, torch.Tensor] = {}
+    for name, v in sorted(vectors.items()):
+        ptr = v.untyped_storage().data_ptr()
+        own[name] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    rest = {name: v for name, v in own.items() if name != "x"}
+    return ShardState(index, own["x"], optimizer=rest)
+
+
+def _or_none(items: list | None, k: int) -> Any:
+    return items[k] if items is not None else None
+
+
+def _vectors_of(shard: ShardState) -> dict[str, torch.Tensor]:
+    return {"x": shard.weights, **(shard.optimizer or {})}
 
 
 def collect(rt: Any, shard_refs: tuple, name: str, timeout: float = 60.0) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ..messages import (
     Assign,
     Begin,
     ConnectSandblaster,
+    CoordinatorState,
     Evaluate,
     Flush,
     PortionDone,
@@ -20,6 +21,7 @@ from ..messages import (
     SandblasterDone,
     VectorOps,
     VectorResults,
+    VectorsRequest,
     Verdict,
 )
 from ..portions import PortionBook
@@ -52,6 +54,9 @@ class Coordinator(Actor):
         duplicate_all: bool = False,
         replica_names: tuple[str, ...] = (),
         count_bytes: bool = True,
+        checkpoint_every: int = 0,
+        checkpoints: bool = False,
+        resume: dict | None = None,
     ) -> None:
         self.settings = settings
         self.replicas = replicas
@@ -64,7 +69,11 @@ class Coordinator(Actor):
         self.shards: tuple = ()
         self.replica_refs: tuple = ()
         self.driver = None
-        self.algo = lbfgs(settings)
+        # Checkpoints: at the end of every ``checkpoint_every``-th step and of the last one,
+        # the state goes to the driver and each shard sends it its vectors (see on_begin).
+        self.checkpoint_every = checkpoint_every
+        self.checkpoints = checkpoints
+        self.algo = lbfgs(settings, resume)
         self.request: VectorOps | Evaluate | StepEnd | None = None
         self.tag = 0
         self.partials: dict[int, tuple[float, ...]] = {}
@@ -133,6 +142,7 @@ class Coordinator(Actor):
             wall = time.perf_counter() - self.t0
             report = ProgressReport(self.request.step, self.settings.steps, self.request.loss, wall)
             self._tell(self.driver, report)
+            self._checkpoint(self.request)
             self._advance(None)
         elif isinstance(self.request, VectorOps):
             self.tag += 1
@@ -142,6 +152,20 @@ class Coordinator(Actor):
                 self._tell(shard, program)
         else:
             self._start_evaluation(self.request.batch)
+
+    def _checkpoint(self, end: StepEnd) -> None:
+        """A checkpoint of this step, if one is due: the state to the driver, and a request
+        to every shard, ahead of any further program, to send the driver its vectors."""
+        state = end.state
+        if not self.checkpoints or state is None:
+            return
+        due = self.checkpoint_every and end.step % self.checkpoint_every == 0
+        if not (due or state["stop"]):  # the last step's is always taken
+            return
+        self._tell(self.driver, CoordinatorState(end.step, state))
+        for shard in self.shards:  # it holds a ref: a message, not counted in bytes
+            self.messages += 1
+            self.ctx.tell(shard, VectorsRequest(end.step, self.driver))
 
     @receives(VectorResults)
     def on_vector_results(self, msg: VectorResults, sender: object) -> None:
@@ -289,6 +313,7 @@ class Coordinator(Actor):
             train_s=time.perf_counter() - self.t0,
             examples=self.examples,
             restarts=self.restarts,
+            diverged=out.diverged,
         )
         size = message_bytes(done) if self.count_bytes else 0
         self.ctx.tell(

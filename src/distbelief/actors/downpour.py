@@ -250,7 +250,8 @@ class DownpourMaster(Actor):
         if self.checkpoint_every and self.steps >= self.next_checkpoint:
             while self.next_checkpoint <= self.steps:
                 self.next_checkpoint += self.checkpoint_every
-            if len(self.positions) < 2:  # (one lost with a dead stage is dropped later)
+            # (one lost with a dead stage is dropped later; at the end the final one comes)
+            if len(self.positions) < 2 and self.examples < self.total_examples:
                 self._checkpoint()
         if self.next_eval is not None and self.examples >= self.next_eval:
             while self.next_eval <= self.examples:

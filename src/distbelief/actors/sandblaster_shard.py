@@ -11,10 +11,12 @@ from ..messages import (
     PushGradient,
     Reduce,
     Reduced,
+    ShardVectors,
     VectorOps,
     VectorResults,
     VectorSlice,
     VectorSnapshot,
+    VectorsRequest,
 )
 from ..runtime.base import Actor, receives
 
@@ -29,9 +31,13 @@ class SandblasterShard(Actor):
     ones into ``"gw"``, the gradient of the evaluation.
     """
 
-    def __init__(self, index: int, initial: torch.Tensor) -> None:
+    def __init__(
+        self, index: int, initial: torch.Tensor, vectors: dict[str, torch.Tensor] | None = None
+    ) -> None:
         self.index = index
         self.vectors: dict[str, torch.Tensor] = {"x": initial.clone()}
+        if vectors is not None:  # resumed: every vector as a checkpoint holds it
+            self.vectors = {name: v.clone() for name, v in vectors.items()}
         self.evaluation = 0  # the evaluation whose pushes ``sums`` holds
         self.sums: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}  # (replica, gen) ->
         self.reduce: tuple[Reduce, object] | None = None  # waiting for pushes
@@ -96,6 +102,11 @@ class SandblasterShard(Actor):
             total = total + part
         self.vectors["gw"] = total / msg.examples
         self.ctx.tell(sender, Reduced(self.index, msg.evaluation, msg.round))
+
+    @receives(VectorsRequest)
+    def on_vectors_request(self, msg: VectorsRequest, sender: object) -> None:
+        reply_to = sender if msg.reply_to is None else msg.reply_to
+        self.ctx.tell(reply_to, ShardVectors(self.index, msg.tag, dict(self.vectors)))
 
     @receives(VectorSnapshot)
     def on_snapshot(self, msg: VectorSnapshot, sender: object) -> None:
