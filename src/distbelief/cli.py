@@ -1156,7 +1156,7 @@ def train_command(
         if algorithm != "sandblaster":
             left = checkpoints.nothing_left(ckpt, settings["epochs"], train_examples)
         if left is not None:
-            _check_resumed_model(ckpt, model, settings)  # another model is an error first
+            _check_resumed_model(ckpt, net, settings)  # another model is an error first
         if left is not None:  # said before any directory is made: nothing is written
             _nothing_to_train(f"{left}; give more --epochs to train on", ckpt.path, as_json)
             return
