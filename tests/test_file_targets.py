@@ -48,7 +48,8 @@ def test_target_labels_npy_takes_the_labels_from_that_file(capsys, tmp_path: Pat
         (np.r_[np.arange(199) % 3, 999], "classify", 1000),  # 999: still a class
         (np.r_[np.arange(199) % 3, 1000], "regress", 1),  # 1000: no longer
         (np.r_[np.arange(199) % 3, -1], "regress", 1),  # a negative label
-        (np.r_[np.arange(199) % 3, 2].astype(np.float64), "regress", 1),  # not integer-typed
+        (np.r_[np.arange(199) % 3, 2].astype(np.float64), "classify", 3),  # whole, as floats
+        (np.r_[np.arange(199) % 3, 2.5], "regress", 1),  # not a whole number
     ],
 )
 def test_integer_labels_in_0_to_999_are_classes_anything_else_is_regressed(

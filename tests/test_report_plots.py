@@ -48,7 +48,7 @@ def drawn(runs, tmp_path_factory) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     save = report_module._save
 
-    def capture(fig, ax, path):
+    def capture(fig, ax, path, *rest):
         out[path.name] = {
             "title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
             "ylim": ax.get_ylim(),
@@ -56,7 +56,7 @@ def drawn(runs, tmp_path_factory) -> dict[str, dict[str, Any]]:
                        line.get_linestyle()) for line in ax.get_lines()],
             "bars": [(c.get_label(), [p.get_height() for p in c]) for c in ax.containers],
         }  # fmt: skip
-        return save(fig, ax, path)
+        return save(fig, ax, path, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(report_module, "_save", capture)
@@ -65,7 +65,7 @@ def drawn(runs, tmp_path_factory) -> dict[str, dict[str, Any]]:
     return out
 
 
-LABELS = ["replicas=1", "replicas=2"]
+LABELS = ["r1: replicas=1", "r2: replicas=2"]  # each run: its name, then what differs
 
 
 @pytest.mark.parametrize(
