@@ -82,14 +82,16 @@ def test_test_metrics_and_the_dashed_training_loss_against_time_and_examples(
 ):
     fig = drawn[name]
     assert (fig["xlabel"], fig["ylabel"]) == (xlabel, metric)
-    lines = {label: (xs, ys, style) for label, xs, ys, style in fig["lines"]}
-    want = {}
+    # One legend entry per run (its test line); its training line is drawn unlabelled, dashed.
+    lines = [(None if label.startswith("_") else label, xs, ys, style)
+             for label, xs, ys, style in fig["lines"]]  # fmt: skip
+    want = []
     for label, run in zip(LABELS, runs):
         evals = records(run, "eval")
-        want[f"{label} (test)"] = ([e[x] for e in evals], [e[metric] for e in evals], "-")
+        want.append((label, [e[x] for e in evals], [e[metric] for e in evals], "-"))
         if metric == "loss":
             train = records(run, "train")
-            want[f"{label} (training)"] = ([t[x] for t in train], [t["loss"] for t in train], "--")
+            want.append((None, [t[x] for t in train], [t["loss"] for t in train], "--"))
     assert lines == want
     if metric == "accuracy":
         assert fig["ylim"] == (0, 1)
@@ -135,12 +137,14 @@ def test_the_staleness_histogram_is_each_runs_final_one_as_fractions(runs, drawn
 
 
 def test_each_shards_update_rate(runs, drawn):
-    """A line per shard of each run, labelled with both; its rates add up to the updates the
-    shard had applied at the line's last point."""
+    """A line per shard of each run, a colour and one legend entry per run, a line style per
+    shard (its key in the legend's extras); its rates add up to the updates the shard had
+    applied at the line's last point."""
     fig = drawn["shard_update_rate.png"]
     assert (fig["xlabel"], fig["ylabel"]) == ("training wall time (s)", "updates/s")
-    labels = [label for label, *_ in fig["lines"]]
-    assert labels == [f"{run}: shard {k}" for run in LABELS for k in (0, 1)]
+    shown = [(None if label.startswith("_") else label, style) for label, _, _, style in
+             fig["lines"]]  # fmt: skip
+    assert shown == [(run if k == 0 else None, ("-", "--")[k]) for run in LABELS for k in (0, 1)]
     for (_, xs, ys, _), (run, k) in zip(fig["lines"], [(r, k) for r in runs for k in (0, 1)]):
         mine = {p["wall_s"]: p["updates_applied"] for p in records(run, "shard")
                 if p["shard"] == k}  # fmt: skip
