@@ -35,8 +35,11 @@ from matplotlib.lines import Line2D  # noqa: E402
 from .errors import ConfigError  # noqa: E402
 from .runlog import METRICS, read_metrics  # noqa: E402
 
-IGNORED_IN_LABELS = frozenset({"timeout_s", "torch_threads", "checkpoint_dir", "resume"})
-"""Settings that do not change what a run computes: never used to tell runs apart."""
+IGNORED_IN_LABELS = frozenset(
+    {"timeout_s", "torch_threads", "checkpoint_dir", "checkpoint_every", "resume"}
+)
+"""Settings of how a run is kept and run, not of what it learns: never used to tell runs apart
+in a label (the configuration table shows every setting)."""
 LABEL_SETTINGS = 3
 """At most this many differing settings in a run's legend label; the rest are in the table."""
 
