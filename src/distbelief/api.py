@@ -4,6 +4,7 @@ algorithm's own module (``downpour.py``); the result types live here."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from .config import DownpourConfig, SandblasterConfig
 from .data import TensorRows, as_tensors, check_device, replica_ranges
 from .datafiles import FileData, as_file_data
 from .dirlock import DirectoryLock
-from .errors import ConfigError, NothingToTrain
+from .errors import ConfigError, NothingToTrain, TrainingDiverged
 from .flat import load_flat, parameters_of
 from .messages import ProgressReport
 from .partition import (
@@ -310,6 +311,17 @@ class Evaluator:
             stages = range(len(self.stage_lengths))
             _load_buffers(self.model, self.stage_lengths, tuple(buffers.get(s) for s in stages))
         return self.evaluate(self.model)
+
+    def evaluate_final(
+        self, model: nn.Module, examples: int, wall_s: float, stats: dict[str, Any]
+    ) -> dict[str, float]:
+        """The final evaluation as a history point (``examples``, ``wall_s`` and the metrics).
+        A loss that is not finite raises ``TrainingDiverged``, which keeps ``model``."""
+        final = self.evaluate(model)
+        if not math.isfinite(final["loss"]):
+            loss = final["loss"]
+            raise TrainingDiverged(f"the final evaluation loss is {loss}", model, stats)
+        return {"examples": examples, "wall_s": wall_s, **final}
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """Metrics of a whole model, buffers included."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -151,11 +150,9 @@ def run(
             "%d of %d pushes held NaN or Inf and were rejected", rejected, rejected + applied
         )
     if evaluator is not None:
-        final = evaluator.evaluate(result_model)
-        if not math.isfinite(final["loss"]):
-            loss = final["loss"]
-            raise TrainingDiverged(f"the final evaluation loss is {loss}", result_model, stats)
-        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
+        history.eval.append(
+            evaluator.evaluate_final(result_model, done.examples, done.train_s, stats)
+        )
     return TrainResult(result_model, history, stats, config)
 
 

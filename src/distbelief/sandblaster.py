@@ -242,11 +242,9 @@ def run(
         )
         raise TrainingDiverged(reason, result_model if finite else None, stats)
     if evaluator is not None:
-        final = evaluator.evaluate(result_model)
-        if not math.isfinite(final["loss"]):
-            loss = final["loss"]
-            raise TrainingDiverged(f"the final evaluation loss is {loss}", result_model, stats)
-        history.eval.append({"examples": done.examples, "wall_s": done.train_s, **final})
+        history.eval.append(
+            evaluator.evaluate_final(result_model, done.examples, done.train_s, stats)
+        )
     return TrainResult(result_model, history, stats, config)
 
 
