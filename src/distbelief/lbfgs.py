@@ -220,9 +220,9 @@ def lbfgs(settings: Settings, resume: dict | None = None) -> Lbfgs:
         yield StepEnd(step, f, state)
         if out.stop:
             break
-    out.stop = out.stop or "steps"  # steps=0: no step taken, the limit is why
+    # No step taken (steps=0, or resumed at the last step): the limit is why it stopped.
+    out.stop = out.stop or "steps"
     out.loss, out.function_evals = f, evals
-    out.stop = out.stop or "steps"  # (resumed at the last step: none was taken)
     return out
 
 
