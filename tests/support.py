@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 import pytest
+import torch
+from torch import nn
 
 from distbelief.cli import main
 
@@ -22,3 +24,13 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
     code, out, err = run(capsys, *argv, "--json")
     assert code == 0, err
     return json.loads(out.strip().splitlines()[-1])
+
+
+def logistic(dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """Multinomial logistic regression on MNIST-1D's 40 inputs, from zero: the convex test's
+    model (one optimum, so L-BFGS runs can be compared with each other and with torch's)."""
+    model = nn.Sequential(nn.Linear(40, 10, dtype=dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    return model

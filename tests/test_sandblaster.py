@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import mlp
+from support import logistic
 from torch import nn
 
 import distbelief
@@ -39,14 +40,6 @@ def convex(mnist1d_data):
     """Multinomial logistic regression on 1,000 MNIST-1D examples, float64, from zero."""
     (x, y), _ = mnist1d_data
     return x[:1000].double(), y[:1000]
-
-
-def logistic(dtype=torch.float64) -> nn.Sequential:
-    model = nn.Sequential(nn.Linear(40, 10, dtype=dtype))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    return model
 
 
 def torch_lbfgs(model: nn.Module, x, y, *, steps: int, history: int) -> float:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support import logistic
 from torch import nn
 
 import distbelief
@@ -37,15 +38,6 @@ distbelief.train(model, (x[:1000].double(), y[:1000]), steps=40, checkpoint_dir=
                  checkpoint_every=1, runtime_options={{"faults": ["delay:shard0=3ms"]}},
                  **{repr(KW)})
 """
-
-
-def logistic() -> nn.Sequential:
-    """Multinomial logistic regression from zero, float64: the convex test's model."""
-    model = nn.Sequential(nn.Linear(40, 10, dtype=torch.float64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import mlp
+from support import logistic
 from torch import nn
 
 import distbelief
@@ -25,14 +26,6 @@ def convex(mnist1d_data):
     """Multinomial logistic regression data: 600 MNIST-1D examples in float64."""
     (x, y), _ = mnist1d_data
     return x[:600].double(), y[:600]
-
-
-def logistic() -> nn.Sequential:
-    model = nn.Sequential(nn.Linear(40, 10, dtype=torch.float64))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-    return model
 
 
 def batch_grad(x, y, w: torch.Tensor, rows) -> tuple[float, torch.Tensor]:
