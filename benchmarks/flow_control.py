@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import distbelief  # noqa: E402
-from distbelief.runtime.ray import local_ray  # noqa: E402
+from distbelief.runtime.ray.runtime import local_ray
 
 
 def mlp(sizes: list[int]) -> nn.Sequential:

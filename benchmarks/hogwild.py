@@ -5,7 +5,7 @@ shared memory (``share_memory()``), one ``torch.multiprocessing`` process per wo
 its own optimizer stepping the shared parameters without any lock. Here with distbelief's
 main-job setting so the two compare like with like: MNIST-1D, MLP 40-256-256-10, batch 32,
 Adagrad at lr 0.05, each worker on its own contiguous part of the training set reshuffled every
-epoch exactly as a distbelief data shard does (``distbelief.data.epoch_order``), one torch
+epoch exactly as a distbelief data shard does (``distbelief.data.inputs.epoch_order``), one torch
 thread per worker. ``distbelief bench --only hogwild`` runs it side by side with distbelief.
 
 Run: ``python benchmarks/hogwild.py [--workers 2] [--epochs 15] [--json]``
@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from distbelief.data import epoch_order, mnist1d, replica_ranges
+from distbelief.data.inputs import epoch_order, mnist1d, replica_ranges
 
 
 def _work(

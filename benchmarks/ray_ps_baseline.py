@@ -166,8 +166,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--examples", type=int, default=48_000)
     args = parser.parse_args()
-    from distbelief.data import mnist1d
-    from distbelief.runtime.ray import local_ray
+    from distbelief.data.inputs import mnist1d
+    from distbelief.runtime.ray.runtime import local_ray
 
     train, test = mnist1d()
     with local_ray():

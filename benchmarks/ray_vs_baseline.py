@@ -21,8 +21,8 @@ import torch
 from ray_ps_baseline import mlp, run_baseline, time_to
 
 import distbelief
-from distbelief.data import mnist1d
-from distbelief.runtime.ray import local_ray
+from distbelief.data.inputs import mnist1d
+from distbelief.runtime.ray.runtime import local_ray
 
 LR = 0.2
 BATCH = 32

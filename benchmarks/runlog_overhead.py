@@ -29,8 +29,8 @@ import torch
 
 from distbelief import train
 from distbelief.bench import MLP, TORCH_THREADS, _mnist1d_train
-from distbelief.cli import mlp
-from distbelief.runlog import RunLog
+from distbelief.models import mlp
+from distbelief.storage.runlog import RunLog
 
 
 class TimedRunLog(RunLog):

@@ -34,7 +34,7 @@ def runtime(request: pytest.FixtureRequest) -> str:
 def ray_session():
     """One local Ray instance (token auth, loopback only) shared by the tests that run on Ray:
     starting one costs seconds. Stopped at the end of the session; it leaves nothing behind."""
-    from distbelief.runtime.ray import local_ray
+    from distbelief.runtime.ray.runtime import local_ray
 
     with local_ray():
         yield
@@ -53,7 +53,7 @@ def mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU, dtype=torch.float32, s
 
 @pytest.fixture(scope="session")
 def mnist1d_data():
-    from distbelief.data import mnist1d
+    from distbelief.data.inputs import mnist1d
 
     return mnist1d()
 
@@ -68,11 +68,11 @@ def in_tmp_dir(tmp_path, monkeypatch):
 
 def _shard_states(model, stages: int, shards: int, optimizer: str, lr: float, version: int):
     """Fresh shards' states as the run would lay them out, their versions set to ``version``."""
-    from distbelief.actors import ParameterShard
-    from distbelief.checkpoint import ShardState
-    from distbelief.flat import flatten, parameters_of
-    from distbelief.layout import Layout
-    from distbelief.partition import layer_sizes, resolve_split_points, split_layers
+    from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+    from distbelief.core.flat import flatten, parameters_of
+    from distbelief.core.layout import Layout
+    from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
+    from distbelief.storage.checkpoint import ShardState
 
     layers = list(model.children())
     stage_layers = split_layers(layers, resolve_split_points(layer_sizes(layers), stages))
@@ -92,7 +92,7 @@ def _shard_states(model, stages: int, shards: int, optimizer: str, lr: float, ve
 def write_checkpoint(directory, model, version: int):
     """A checkpoint of fresh shards of ``model`` (2 stages, 2 shards, Adagrad) at ``version``:
     what a restarted shard may be restored from."""
-    from distbelief import checkpoint
+    from distbelief.storage import checkpoint
 
     states, layout = _shard_states(model, 2, 2, "adagrad", 0.1, version)
     return checkpoint.save(

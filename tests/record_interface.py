@@ -21,8 +21,15 @@ from distbelief.cli import app
 SUBCOMMANDS = ("train", "bench", "report")
 RUNS = {
     "downpour": ["train", "--epochs", "1", "--replicas", "2", "--no-run-dir", "--json"],
-    "sandblaster": ["train", "--algorithm", "sandblaster", "--steps", "2", "--no-run-dir",
-                    "--json"],
+    "sandblaster": [
+        "train",
+        "--algorithm",
+        "sandblaster",
+        "--steps",
+        "2",
+        "--no-run-dir",
+        "--json",
+    ],
 }
 
 
@@ -61,17 +68,22 @@ def run_dir_format() -> dict[str, list[str]]:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         files = sorted(
-            "events.out.tfevents.*" if p.name.startswith("events.out.tfevents.")
+            "events.out.tfevents.*"
+            if p.name.startswith("events.out.tfevents.")
             else p.relative_to(run).as_posix()
-            for p in run.rglob("*") if p.is_file()
+            for p in run.rglob("*")
+            if p.is_file()
         )
         config = keys(tomllib.loads((run / "config.toml").read_text()))
         lines: dict[str, set[str]] = {}
         for line in (run / "metrics.jsonl").read_text().splitlines():
             obj = json.loads(line)
             lines.setdefault(obj["kind"], set()).update(keys(obj))
-    return {"files": files, "config.toml": sorted(config),
-            **{f"metrics.jsonl:{kind}": sorted(k) for kind, k in lines.items()}}
+    return {
+        "files": files,
+        "config.toml": sorted(config),
+        **{f"metrics.jsonl:{kind}": sorted(k) for kind, k in lines.items()},
+    }
 
 
 def record() -> dict[str, object]:

@@ -12,9 +12,7 @@ import torch
 from test_master import RecordingContext
 from torch import nn
 
-from distbelief.actors import ParameterShard, Stage
-from distbelief.layout import Layout
-from distbelief.messages import (
+from distbelief.algorithms.downpour.messages import (
     ConnectStage,
     Fetch,
     FetchReply,
@@ -23,6 +21,9 @@ from distbelief.messages import (
     ShardSnapshot,
     Snapshot,
 )
+from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.algorithms.downpour.stage import Stage
+from distbelief.core.layout import Layout
 
 
 def one_segment_shard(n: int = 4) -> tuple[ParameterShard, RecordingContext]:
@@ -144,7 +145,7 @@ def test_a_stage_reads_lent_values_in_place_and_never_writes_them():
 
 
 def test_finiteness_check_of_pushed_pieces_is_exact():
-    from distbelief.actors.parameter_shard import finite
+    from distbelief.algorithms.downpour.parameter_shard import finite
 
     ok = [torch.ones(3), torch.zeros(2)]
     assert finite(ok) and finite(ok[:1])

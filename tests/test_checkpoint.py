@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import mlp
 
-from distbelief import checkpoint as ckpt
-from distbelief.flat import flatten
-from distbelief.layout import Layout
+from distbelief.core.flat import flatten
+from distbelief.core.layout import Layout
+from distbelief.storage import checkpoint as ckpt
 
 
 def _layout(model, shards: int = 2) -> Layout:
@@ -166,7 +166,7 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
 
 
 def _shard(model, layout: Layout, k: int, optimizer: str = "adagrad", state=None):
-    from distbelief.actors import ParameterShard
+    from distbelief.algorithms.downpour.parameter_shard import ParameterShard
 
     a, b = layout.shard_ranges[k]
     flat = flatten(model.children())

@@ -16,8 +16,8 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief import checkpoint
 from distbelief.cli import main
+from distbelief.storage import checkpoint
 
 MAIN_JOB_EXAMPLES = 8000 * 15  # MNIST-1D's 8,000 training examples, 15 epochs
 BAND = (0.69, 0.75)  # the README's band for the main job (0.70-0.74), a point of slack each side

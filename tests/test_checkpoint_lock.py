@@ -19,7 +19,7 @@ from conftest import mlp
 import distbelief
 from distbelief import ConfigError
 from distbelief.cli import main
-from distbelief.dirlock import LOCK, DirectoryLock
+from distbelief.storage.dirlock import LOCK, DirectoryLock
 
 KW = dict(loss="cross_entropy", lr=0.05, batch_size=16, optimizer="adagrad", seed=3)
 

@@ -17,9 +17,9 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief import checkpoint
+from distbelief.algorithms.messages import ProgressReport
 from distbelief.cli import main
-from distbelief.messages import ProgressReport
+from distbelief.storage import checkpoint
 
 KW = dict(loss="cross_entropy", lr=0.05, batch_size=16, optimizer="adagrad", seed=3)
 

@@ -19,7 +19,7 @@ from support import run
 import distbelief
 import distbelief.cli
 from distbelief import ConfigError
-from distbelief.data import files
+from distbelief.data.inputs import files
 
 FAST = ["--epochs", "2", "--replicas", "1", "--stages", "1", "--shards", "1", "--seed", "0",
         "--no-run-dir", "--batch-size", "16", "--hidden", "8"]  # fmt: skip

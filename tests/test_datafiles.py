@@ -22,7 +22,7 @@ from support import run
 
 import distbelief
 from distbelief import ConfigError, cli
-from distbelief.data import TensorRows, files
+from distbelief.data.inputs import TensorRows, files
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def test_a_file_run_equals_the_same_run_on_tensors(
     # The data shard reads its part of the file (a small part once an epoch, a large one a
     # mini-batch at a time) in the epoch's seeded order: the run is the in-memory run, bit
     # for bit.
-    import distbelief.datafiles as datafiles
+    import distbelief.data.files as datafiles
 
     if reading == "per mini-batch":
         monkeypatch.setattr(datafiles, "IN_MEMORY_PART_BYTES", 0)
@@ -318,7 +318,7 @@ def test_every_reader_gives_the_same_rows(
 ) -> None:
     # Positioned reads (.npy, np.savez), streamed parts kept in memory
     # or spilled to a temporary file (CSV, Parquet, np.savez_compressed): the same examples.
-    import distbelief.datafiles as datafiles
+    import distbelief.data.files as datafiles
 
     train, _ = digits_files["npy"]
     x, y = np.load(train), np.load(train.with_name("y.npy"))

@@ -12,7 +12,7 @@ from conftest import mlp
 
 import distbelief
 from distbelief.cli import main
-from distbelief.flat import flatten
+from distbelief.core.flat import flatten
 
 
 def toy(n: int = 256):

@@ -12,8 +12,8 @@ from conftest import RUNTIMES, mlp
 from torch import nn
 
 import distbelief
-from distbelief.data import replica_batches, replica_ranges
-from distbelief.flat import flatten
+from distbelief.core.flat import flatten
+from distbelief.data.inputs import replica_batches, replica_ranges
 
 
 def toy_data(n: int = 256, features: int = 10, classes: int = 3, seed: int = 0):
@@ -332,7 +332,7 @@ def test_mnist1d_four_replicas_two_stages_two_shards_adagrad(runtime, mnist1d_da
 
 def test_xor_seed_setting_learns_xor():
     """The seed's example: 50,000 examples, 25 replicas x 2,000, 2-2-1 sigmoid, lr 0.5."""
-    from distbelief.data import xor
+    from distbelief.data.inputs import xor
 
     train, table = xor(50_000, seed=0)
     torch.manual_seed(0)

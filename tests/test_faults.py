@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from conftest import mlp
 
 import distbelief
-from distbelief.data import replica_batches
-from distbelief.flat import flatten
+from distbelief.core.flat import flatten
+from distbelief.data.inputs import replica_batches
 from distbelief.runtime import faults as fault_plans
 from distbelief.runtime.faults import Delay, Fault, delay_of, parse, plan, slowed
 
@@ -239,7 +239,8 @@ def test_a_delayed_shard_on_processes_sleeps_in_its_worker_before_each_message(
 
 
 def test_the_counts_a_run_reaches_bound_the_plan():
-    from distbelief import DownpourConfig, downpour
+    from distbelief import DownpourConfig
+    from distbelief.algorithms.downpour import driver as downpour
 
     model = mlp([10, 16, 16, 3])
     stage_layers = [list(model.children())[:2], list(model.children())[2:]]

@@ -14,8 +14,8 @@ from conftest import mlp
 
 import distbelief
 from distbelief.cli import main
-from distbelief.data import files
-from distbelief.datafiles import FileData
+from distbelief.data.files import FileData
+from distbelief.data.inputs import files
 
 
 def run_json(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:

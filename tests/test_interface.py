@@ -34,8 +34,7 @@ def test_flags_are_kept(subcommand: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", sorted(RUNS))
 def test_json_keys_are_kept(algorithm: str) -> None:
-    _compare(f"json_keys/{algorithm}", RECORDED["json_keys"][algorithm],
-             json_keys(RUNS[algorithm]))
+    _compare(f"json_keys/{algorithm}", RECORDED["json_keys"][algorithm], json_keys(RUNS[algorithm]))
 
 
 @pytest.mark.slow

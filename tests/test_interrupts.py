@@ -10,8 +10,8 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief.actors import ParameterShard
-from distbelief.downpour import INTERRUPTED
+from distbelief.algorithms.downpour.driver import INTERRUPTED
+from distbelief.algorithms.downpour.parameter_shard import ParameterShard
 
 
 def toy() -> tuple[torch.Tensor, torch.Tensor]:

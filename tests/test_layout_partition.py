@@ -9,11 +9,11 @@ import torch
 from conftest import mlp
 from torch import nn
 
-from distbelief.data import epoch_order, replica_ranges
+from distbelief.core.flat import bind_to_flat, flatten, load_flat
+from distbelief.core.layout import MIN_PIECE, Layout, shard_ranges
+from distbelief.core.partition import balanced_split_points, resolve_split_points
+from distbelief.data.inputs import epoch_order, replica_ranges
 from distbelief.errors import ConfigError
-from distbelief.flat import bind_to_flat, flatten, load_flat
-from distbelief.layout import MIN_PIECE, Layout, shard_ranges
-from distbelief.partition import balanced_split_points, resolve_split_points
 
 
 def test_shard_ranges_cover_everything_with_near_equal_sizes():
@@ -171,7 +171,7 @@ def test_replica_ranges_split_like_the_seed():
 
 
 def test_model_with_shared_parameter_across_layers_is_rejected():
-    from distbelief.partition import layer_sizes
+    from distbelief.core.partition import layer_sizes
 
     lin = nn.Linear(4, 4)
     with pytest.raises(ConfigError, match="^model: layers 0 and 1 share a parameter"):

@@ -8,14 +8,11 @@ from conftest import mlp
 from torch import nn
 
 import distbelief
-from distbelief.actors import DownpourMaster
-from distbelief.errors import ActorFailed, RunTimeout
-from distbelief.messages import (
-    Begin,
+from distbelief.algorithms.downpour.master import DownpourMaster
+from distbelief.algorithms.downpour.messages import (
     BufferSnapshot,
     ConnectMaster,
     Progress,
-    ProgressReport,
     ReplicaDone,
     ShardSnapshot,
     ShardStats,
@@ -26,6 +23,8 @@ from distbelief.messages import (
     TrainingDone,
     WarmstartDone,
 )
+from distbelief.algorithms.messages import Begin, ProgressReport
+from distbelief.errors import ActorFailed, RunTimeout
 
 
 class RecordingContext:

@@ -13,11 +13,11 @@ from conftest import mlp
 from torch import nn
 
 import distbelief
-from distbelief.actors import ParameterShard
+from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.core.flat import flatten
+from distbelief.core.layout import Layout
+from distbelief.core.optim import UPDATE_RULES, make_update_rule, materialize_state
 from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
-from distbelief.flat import flatten
-from distbelief.layout import Layout
-from distbelief.optim import UPDATE_RULES, make_update_rule, materialize_state
 from distbelief.runtime import Actor, make_runtime, receives
 from distbelief.runtime.processes import ProcessesRuntime
 

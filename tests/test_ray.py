@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 import psutil  # noqa: E402  (Ray ships it)
 
 import distbelief  # noqa: E402
-from distbelief.flat import flatten  # noqa: E402
+from distbelief.core.flat import flatten  # noqa: E402
 
 # ------------------------------------------------------------------------------ on Ray
 
@@ -297,7 +297,7 @@ def test_an_address_other_than_the_connected_clusters_is_refused(ray_session):
 )
 def test_a_malformed_or_dead_cluster_address_is_refused_at_once(address, match):
     # Before ray.init, which printed a traceback for the first and retried the last for minutes.
-    from distbelief.runtime.ray import check_address
+    from distbelief.runtime.ray.runtime import check_address
 
     with pytest.raises(distbelief.ConfigError, match=rf"^runtime_options: address {match}"):
         check_address(address, timeout=2.0)

@@ -133,7 +133,7 @@ def _two_nodes(**system_config):
     """A Ray cluster of two nodes on this machine, every server on loopback."""
     from ray.cluster_utils import Cluster
 
-    from distbelief.runtime.ray import LOCAL_SYSTEM_CONFIG
+    from distbelief.runtime.ray.runtime import LOCAL_SYSTEM_CONFIG
 
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
     head = {**node, "include_dashboard": False}
@@ -243,7 +243,7 @@ def _own_ray(data, mode: str) -> dict:
 
 
 def _main(mode: str) -> None:
-    from distbelief.data import mnist1d
+    from distbelief.data.inputs import mnist1d
 
     data = mnist1d()
     if mode == "cluster":

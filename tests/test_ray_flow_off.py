@@ -10,8 +10,8 @@ import threading
 
 import torch
 
-from distbelief.messages import Forward
-from distbelief.runtime.ray_wire import Endpoint, FlowControl, flow_control, listening_socket
+from distbelief.algorithms.downpour.messages import Forward
+from distbelief.runtime.ray.wire import Endpoint, FlowControl, flow_control, listening_socket
 
 SECRET = b"f" * 32
 FRAME = 2 << 20  # bytes of one frame's tensor

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from distbelief.runtime.ray_placement import plan_placement, replace_node
+from distbelief.runtime.ray.placement import plan_placement, replace_node
 
 NODES = ["n0", "n1", "n2"]
 NAMES = [

@@ -9,8 +9,8 @@ import threading
 
 import torch
 
-from distbelief.messages import FetchReply, Forward, Push
-from distbelief.runtime.ray_wire import Endpoint, FlowControl, decode, encode, listening_socket
+from distbelief.algorithms.downpour.messages import FetchReply, Forward, Push
+from distbelief.runtime.ray.wire import Endpoint, FlowControl, decode, encode, listening_socket
 
 
 def _frame(parts: list) -> bytearray:

@@ -9,12 +9,12 @@ import torch
 from conftest import mlp, write_checkpoint
 
 import distbelief
-from distbelief.actors import ParameterShard
-from distbelief.checkpoint import ShardState
-from distbelief.flat import flatten
-from distbelief.layout import Segment
-from distbelief.messages import Fetch, FetchReply, Push, RestoreShard
-from distbelief.recovery import SegmentSource, choose, split_checkpoint
+from distbelief.algorithms.downpour.messages import Fetch, FetchReply, Push, RestoreShard
+from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.algorithms.downpour.recovery import SegmentSource, choose, split_checkpoint
+from distbelief.core.flat import flatten
+from distbelief.core.layout import Segment
+from distbelief.storage.checkpoint import ShardState
 
 # ------------------------------------------------------------------ choosing sources (pure)
 
@@ -275,9 +275,8 @@ def test_the_master_killed_is_rebuilt_from_the_data_shards_and_the_run_completes
 
 
 def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_earlier_life():
-    from distbelief.actors import DownpourMaster
-    from distbelief.messages import (
-        ActorRestarted,
+    from distbelief.algorithms.downpour.master import DownpourMaster
+    from distbelief.algorithms.downpour.messages import (
         ConnectMaster,
         CopyRequest,
         SegmentCopy,
@@ -285,6 +284,7 @@ def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_ear
         StatsRequest,
         StatusRequest,
     )
+    from distbelief.runtime.base import ActorRestarted
 
     master = DownpourMaster(1, 0, 64, None, 0, 16)
     master.restarted = True

@@ -12,7 +12,7 @@ from conftest import mlp
 from torch import nn
 
 import distbelief
-from distbelief.messages import BufferSnapshot, Snapshot
+from distbelief.algorithms.downpour.messages import BufferSnapshot, Snapshot
 from distbelief.runtime.faults import Fault
 
 EVERY = 64  # examples between evaluations; 2 replicas x 3 epochs of 256 examples: 768

@@ -17,8 +17,8 @@ from torch import nn
 
 import distbelief
 from distbelief import report
-from distbelief.data import xor
-from distbelief.runlog import METRICS, RunLog
+from distbelief.data.inputs import xor
+from distbelief.storage.runlog import METRICS, RunLog
 
 # Nine Downpour runs, each differing from the first in one setting, and one Sandblaster run.
 DOWNPOUR = dict(lr=0.5, batch_size=2, epochs=1, replicas=1, shards=1, seed=0)

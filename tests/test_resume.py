@@ -17,12 +17,9 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief import ConfigError, checkpoint
-from distbelief.actors import DataShard
-from distbelief.cli import main
-from distbelief.data import TensorRows
-from distbelief.layout import Layout
-from distbelief.messages import (
+from distbelief import ConfigError
+from distbelief.algorithms.downpour.data_shard import DataShard
+from distbelief.algorithms.downpour.messages import (
     CheckpointMark,
     CheckpointRequest,
     ConnectDataShard,
@@ -30,6 +27,10 @@ from distbelief.messages import (
     StartReplica,
     StepDone,
 )
+from distbelief.cli import main
+from distbelief.core.layout import Layout
+from distbelief.data.inputs import TensorRows
+from distbelief.storage import checkpoint
 
 KW = dict(loss="cross_entropy", lr=0.05, batch_size=16, optimizer="adagrad", seed=3)
 
@@ -342,8 +343,12 @@ def test_checkpoints_go_into_the_run_directory_by_default(
 def test_the_master_asks_the_shards_only_after_every_position_and_mark() -> None:
     # The shards' states are taken only when every stage's mark has come back from every
     # shard: each travelled behind that stage's pushes, so the positions are not ahead.
-    from distbelief.actors import DownpourMaster
-    from distbelief.messages import CheckpointMarked, ConnectMaster, ShardStateReply
+    from distbelief.algorithms.downpour.master import DownpourMaster
+    from distbelief.algorithms.downpour.messages import (
+        CheckpointMarked,
+        ConnectMaster,
+        ShardStateReply,
+    )
 
     told: list[tuple[Any, Any]] = []
     submitted: list[tuple] = []
@@ -411,8 +416,9 @@ def test_updates_lost_counts_what_the_last_progress_note_saw_past_the_checkpoint
 
 
 def test_a_stage_restart_starts_a_waiting_checkpoint_again_under_a_new_tag() -> None:
-    from distbelief.actors import DownpourMaster
-    from distbelief.messages import ActorRestarted, CheckpointMarked, ConnectMaster
+    from distbelief.algorithms.downpour.master import DownpourMaster
+    from distbelief.algorithms.downpour.messages import CheckpointMarked, ConnectMaster
+    from distbelief.runtime.base import ActorRestarted
 
     told: list[tuple[Any, Any]] = []
 

@@ -18,7 +18,7 @@ from support import run
 
 from distbelief import cli, report
 from distbelief.cli import main
-from distbelief.runlog import read_metrics
+from distbelief.storage.runlog import read_metrics
 
 # A short digits run with evaluations during training: 4 replicas x 2 stages over 2 shards.
 SHORT = ["train", "digits", "--train-size", "640", "--epochs", "2", "--eval-every", "400"]

@@ -14,11 +14,12 @@ from torch import nn
 
 import distbelief
 from distbelief import ConfigError, SandblasterConfig
-from distbelief.actors import Coordinator
-from distbelief.lbfgs import Settings, minimize, run_op
-from distbelief.messages import (
+from distbelief.algorithms.messages import Begin
+from distbelief.algorithms.sandblaster.coordinator import Coordinator
+from distbelief.algorithms.sandblaster.driver import initial_gradient
+from distbelief.algorithms.sandblaster.lbfgs import Settings, minimize, run_op
+from distbelief.algorithms.sandblaster.messages import (
     Assign,
-    Begin,
     ConnectSandblaster,
     Flush,
     Op,
@@ -28,9 +29,8 @@ from distbelief.messages import (
     VectorResults,
     Verdict,
 )
-from distbelief.portions import PortionBook, batch_indices, portion_range
+from distbelief.algorithms.sandblaster.portions import PortionBook, batch_indices, portion_range
 from distbelief.runtime.local import LocalRuntime
-from distbelief.sandblaster import initial_gradient
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -350,8 +350,8 @@ def test_a_late_result_of_an_earlier_evaluation_does_not_assign_a_busy_replica_t
     portion, then its result for evaluation 1 comes in. It is still computing the first
     assignment of evaluation 2; a second one would replace it, and the sum the shards wait
     for would never come (a deadlock seen on processes)."""
-    from distbelief.actors import SandblasterShard
-    from distbelief.messages import Reduced
+    from distbelief.algorithms.sandblaster.messages import Reduced
+    from distbelief.algorithms.sandblaster.shard import SandblasterShard
 
     # Two real shards minimising 0.5 |w - 1|^2; the coordinator steps one message at a time.
     shards = [SandblasterShard(k, torch.zeros(3, dtype=torch.float64)) for k in range(2)]

@@ -18,8 +18,9 @@ from support import logistic
 from torch import nn
 
 import distbelief
-from distbelief import ConfigError, NothingToTrain, checkpoint
+from distbelief import ConfigError, NothingToTrain
 from distbelief.cli import main
+from distbelief.storage import checkpoint
 
 KW = dict(loss="cross_entropy", algorithm="sandblaster", seed=0, history=10, replicas=3,
           shards=2, portions=6)  # fmt: skip
@@ -28,7 +29,7 @@ CHILD = f"""
 import sys, torch
 from torch import nn
 import distbelief
-from distbelief.data import mnist1d
+from distbelief.data.inputs import mnist1d
 (x, y), _ = mnist1d()
 model = nn.Sequential(nn.Linear(40, 10, dtype=torch.float64))
 with torch.no_grad():

@@ -14,8 +14,8 @@ from torch import nn
 import distbelief
 from distbelief import ConfigError, TrainingDiverged
 from distbelief import cli as cli_module
+from distbelief.algorithms.sandblaster.lbfgs import Settings, minimize
 from distbelief.cli import main
-from distbelief.lbfgs import Settings, minimize
 
 
 def badly_scaled() -> tuple[nn.Sequential, tuple[torch.Tensor, torch.Tensor]]:

@@ -11,14 +11,14 @@ from support import logistic
 from torch import nn
 
 import distbelief
-import distbelief.lbfgs as lbfgs_module
+import distbelief.algorithms.sandblaster.lbfgs as lbfgs_module
 from distbelief import SandblasterConfig
-from distbelief.flat import flatten
-from distbelief.lbfgs import Settings, minimize, run_op
-from distbelief.messages import PushGradient
-from distbelief.portions import batch_indices
+from distbelief.algorithms.sandblaster.driver import initial_gradient
+from distbelief.algorithms.sandblaster.lbfgs import Settings, minimize, run_op
+from distbelief.algorithms.sandblaster.messages import PushGradient
+from distbelief.algorithms.sandblaster.portions import batch_indices
+from distbelief.core.flat import flatten
 from distbelief.runtime.local import LocalRuntime
-from distbelief.sandblaster import initial_gradient
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief import downpour
-from distbelief.partition import layer_sizes, resolve_split_points, split_layers
+from distbelief.algorithms.downpour import driver as downpour
+from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
 from distbelief.runtime.local import LocalRuntime
 
 EPOCHS = int(os.environ.get("DISTBELIEF_SOAK_EPOCHS", "48"))

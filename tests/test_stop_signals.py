@@ -22,7 +22,7 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief.flat import flatten
+from distbelief.core.flat import flatten
 
 GONE_WITHIN_S = 5.0
 
@@ -130,7 +130,7 @@ def test_no_worker_of_a_processes_run_outlives_its_driver(tmp_path, sig):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_nothing_of_a_ray_run_outlives_its_driver(sig):
     pytest.importorskip("ray", reason="the Ray runtime needs the 'ray' extra")
-    from distbelief.runtime.ray_watchdog import instance_processes
+    from distbelief.runtime.ray.watchdog import instance_processes
 
     # A short temp dir of the run's own (Ray's socket paths must stay under 108 bytes); the
     # driver's private Ray instance keeps its files in a distbelief-ray-* dir inside it.

@@ -9,7 +9,9 @@ from conftest import mlp
 from torch import nn
 
 import distbelief
-from distbelief import ConfigError, downpour, sandblaster
+from distbelief import ConfigError
+from distbelief.algorithms.downpour import driver as downpour
+from distbelief.algorithms.sandblaster import driver as sandblaster
 from distbelief.runtime import make_runtime
 
 

@@ -5,8 +5,9 @@ updating a sharded parameter server; Sandblaster L-BFGS: a coordinator running L
 same shards on scalars, replicas computing gradients of portions. See :func:`train`.
 """
 
+from .algorithms.config import DownpourConfig, SandblasterConfig
 from .api import LOSSES, History, TrainResult, train
-from .config import DownpourConfig, SandblasterConfig
+from .core.layout import Layout, Segment
 from .errors import (
     ActorFailed,
     ConfigError,
@@ -17,7 +18,6 @@ from .errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
-from .layout import Layout, Segment
 
 __version__ = "0.1.0"
 

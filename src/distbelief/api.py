@@ -15,15 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import nothing_left
-from .config import DownpourConfig, SandblasterConfig
-from .data import TensorRows, as_tensors, check_device, replica_ranges
-from .datafiles import FileData, as_file_data
-from .dirlock import DirectoryLock
-from .errors import ConfigError, NothingToTrain, TrainingDiverged
-from .flat import load_flat, parameters_of
-from .messages import ProgressReport
-from .partition import (
+from .algorithms.config import DownpourConfig, SandblasterConfig
+from .algorithms.messages import ProgressReport
+from .core.flat import load_flat, parameters_of
+from .core.partition import (
     as_layers,
     edits_its_input,
     layer_sizes,
@@ -31,7 +26,12 @@ from .partition import (
     resolve_split_points,
     split_layers,
 )
-from .runlog import RunLog
+from .data.files import FileData, as_file_data
+from .data.inputs import TensorRows, as_tensors, check_device, replica_ranges
+from .errors import ConfigError, NothingToTrain, TrainingDiverged
+from .storage.checkpoint import nothing_left
+from .storage.dirlock import DirectoryLock
+from .storage.runlog import RunLog
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
@@ -451,7 +451,7 @@ def train(
             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every or 0, resume=resume,
         )  # fmt: skip
         if resume is not None and seed is None:  # the batches' order comes from the checkpoint
-            from .checkpoint import load
+            from .storage.checkpoint import load
 
             config = replace(config, seed=load(resume).manifest["config"].get("seed"))
         _check_checkpoint_dir(config.checkpoint_dir)
@@ -465,7 +465,7 @@ def train(
             checkpoint_dir = os.path.join(root, "checkpoints")
         if resume is not None and seed is None:
             # The data order is a function of the seed: it comes from the checkpoint.
-            from .checkpoint import load
+            from .storage.checkpoint import load
 
             if not isinstance(resume, (str, os.PathLike)):
                 raise ConfigError(f"resume: expected a directory path, got {resume!r}")
@@ -538,11 +538,11 @@ def train(
         data = (ex, ey) if isinstance(eval_rows, TensorRows) else eval_rows
         evaluator = Evaluator(stage_layers, data, loss_fn, metric)
     if isinstance(config, SandblasterConfig) and config.resume is not None:
-        from .sandblaster import prepare_resume as prepare_sandblaster
+        from .algorithms.sandblaster.driver import prepare_resume as prepare_sandblaster
 
         ckpt = prepare_sandblaster(config, layers, len(rows))
     if isinstance(config, DownpourConfig) and config.resume is not None:
-        from .downpour import prepare_resume
+        from .algorithms.downpour.driver import prepare_resume
 
         ckpt = prepare_resume(config, stage_layers, len(rows), ckpt)
         left = nothing_left(ckpt, config.epochs, len(rows))
@@ -584,12 +584,12 @@ def _train_locked(
     try:
         # Imported here: the algorithms' modules build on this module's result types.
         if isinstance(config, SandblasterConfig):
-            from .sandblaster import run as run_sandblaster
+            from .algorithms.sandblaster.driver import run as run_sandblaster
 
             result = run_sandblaster(config, layers, dtype, loss_fn, x, y, evaluator, progress,
                                      ckpt, checkpoint_meta)  # fmt: skip
         else:
-            from .downpour import run
+            from .algorithms.downpour.driver import run
 
             result = run(config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress,
                          ckpt, checkpoint_meta)  # fmt: skip

@@ -56,11 +56,11 @@ import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
+from .algorithms.downpour.messages import Drain, Drained, Push
 from .api import train
-from .cli import mlp
-from .data import mnist1d, replica_batches, xor
-from .layout import Layout
-from .messages import Drain, Drained, Push
+from .core.layout import Layout
+from .data.inputs import mnist1d, replica_batches, xor
+from .models import mlp
 
 BENCHMARKS = ("overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint")
 TORCH_THREADS = 1
@@ -369,7 +369,7 @@ def scaling(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> list[
 def shard_pushes_per_s(n: int, pushes: int, grads: Sequence[torch.Tensor], lr: float) -> float:
     """Pushes/s applied by one ``ParameterShard`` of ``n`` Adagrad parameters, driven through
     the in-process runtime: ``pushes`` Push messages, then a Drain whose reply ends the clock."""
-    from .actors import ParameterShard
+    from .algorithms.downpour.parameter_shard import ParameterShard
     from .runtime.local import LocalRuntime
 
     rt = LocalRuntime(seed=0)

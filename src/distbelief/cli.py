@@ -33,12 +33,13 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from . import checkpoint as checkpoints
-from . import data as datasets
-from . import modelspec
+from . import models as modelspec
+from .algorithms.config import DownpourConfig, SandblasterConfig
+from .algorithms.messages import ProgressReport
 from .api import TrainResult, available_memory, train
-from .config import DownpourConfig, SandblasterConfig
-from .datafiles import CLASSIFY, TASKS, DataFileError, FileData, scan
+from .core.partition import as_layers, layer_sizes, resolve_split_points, split_layers
+from .data import inputs as datasets
+from .data.files import CLASSIFY, TASKS, DataFileError, FileData, scan
 from .errors import (
     ActorFailed,
     ConfigError,
@@ -50,11 +51,11 @@ from .errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
-from .messages import ProgressReport
-from .partition import as_layers, layer_sizes, resolve_split_points, split_layers
-from .runlog import RunLog, default_run_dir
+from .models import mlp
 from .runtime import faults
 from .runtime.processes import SHARD_UPDATES
+from .storage import checkpoint as checkpoints
+from .storage.runlog import RunLog, default_run_dir
 
 log = logging.getLogger("distbelief")
 
@@ -261,26 +262,6 @@ SANDBLASTER_PRESETS: dict[str, SandblasterPreset] = {
     "xor": SandblasterPreset(steps=100, history=10, batch_size=None, replicas=4, shards=2),
     "digits": SandblasterPreset(steps=50, history=10, batch_size=None, replicas=4, shards=2),
 }
-
-
-def mlp(
-    widths: Sequence[int],
-    activation: type[nn.Module] = nn.ReLU,
-    output_activation: type[nn.Module] | None = None,
-    seed: int = 0,
-) -> nn.Sequential:
-    """Linear layers of the given widths, ``activation`` between them and ``output_activation``
-    (if any) after the last; initialised from ``seed``, leaving torch's global RNG as it was."""
-    layers: list[nn.Module] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(len(widths) - 1):
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-            if i < len(widths) - 2:
-                layers.append(activation())
-    if output_activation is not None:
-        layers.append(output_activation())
-    return nn.Sequential(*layers)
 
 
 def build_mlp(preset: Preset, hidden: Sequence[int], seed: int) -> nn.Sequential:
@@ -1265,7 +1246,7 @@ def _check_resumed_model(
     ckpt: checkpoints.Checkpoint, model: nn.Sequential, settings: dict[str, Any]
 ) -> None:
     """Refuse a checkpoint of another model or layout (as ``train`` would)."""
-    from .downpour import build_layout
+    from .algorithms.downpour.driver import build_layout
 
     layers = as_layers(model)
     stage_layers = split_layers(

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from .errors import ConfigError  # noqa: E402
-from .runlog import METRICS, read_metrics  # noqa: E402
+from .storage.runlog import METRICS, read_metrics
 
 IGNORED_IN_LABELS = frozenset(
     {"timeout_s", "torch_threads", "checkpoint_dir", "checkpoint_every", "resume"}

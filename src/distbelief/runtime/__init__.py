@@ -27,7 +27,7 @@ def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runti
         return ProcessesRuntime(seed=seed, **options)
     if name == "ray":
         try:
-            from .ray import RayRuntime
+            from .ray.runtime import RayRuntime
         except ImportError as exc:
             raise ConfigError(
                 "runtime: 'ray' needs Ray; install it with pip install 'distbelief[ray]'"

@@ -16,6 +16,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from ..errors import RunStopped
@@ -210,3 +211,17 @@ def stop_signals_as_flag() -> Iterator[StopFlag]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------- runtime -> master
+
+
+@dataclass(frozen=True, slots=True)
+class ActorRestarted:
+    """Runtime -> the actor the driver converses with (the master): an actor died and was
+    respawned from its constructor arguments, its wiring replayed; its state is lost."""
+
+    name: str
+    """The actor's name."""
+    ref: Any
+    """Its ref, the same as before the restart."""

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
-from ..messages import ActorRestarted
 from . import faults as fault_plans
-from .base import Actor, StopFlag, stop_signals_as_flag
+from .base import Actor, ActorRestarted, StopFlag, stop_signals_as_flag
 
 
 class _Cell:

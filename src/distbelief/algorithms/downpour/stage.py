@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..flat import bind_to_flat, parameters_of
-from ..layout import Segment
-from ..messages import (
+from ...core.flat import bind_to_flat, parameters_of
+from ...core.layout import Segment
+from ...core.partition import edits_its_input
+from ...runtime.base import Actor, receives
+from .messages import (
     Backward,
     BufferSnapshot,
     CheckpointMark,
@@ -28,8 +30,6 @@ from ..messages import (
     StageDone,
     StepDone,
 )
-from ..partition import edits_its_input
-from ..runtime.base import Actor, receives
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -33,9 +33,9 @@ from typing import IO, Any
 
 import tomli_w
 
+from ..algorithms.messages import ProgressReport
+from ..errors import ConfigError
 from .dirlock import DirectoryLock
-from .errors import ConfigError
-from .messages import ProgressReport
 
 log = logging.getLogger(__name__)
 

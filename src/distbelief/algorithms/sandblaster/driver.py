@@ -14,9 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .actors import Coordinator, SandblasterReplica, SandblasterShard
-from .api import Evaluator, History, LossFn, TrainResult, _assemble
-from .checkpoint import (
+from ...api import Evaluator, History, LossFn, TrainResult, _assemble
+from ...core.flat import flatten, parameters_of
+from ...core.layout import Layout, shard_ranges
+from ...errors import ConfigError, NothingToTrain, TrainingDiverged, TrainingInterrupted
+from ...runtime import faults, make_runtime
+from ...storage.checkpoint import (
     Checkpoint,
     Checkpointer,
     ShardState,
@@ -25,16 +28,13 @@ from .checkpoint import (
     load,
     remove_partial,
 )
-from .config import SandblasterConfig
-from .errors import ConfigError, NothingToTrain, TrainingDiverged, TrainingInterrupted
-from .flat import flatten, parameters_of
-from .layout import Layout, shard_ranges
+from ..config import SandblasterConfig
+from ..messages import Begin, ProgressReport
+from .coordinator import Coordinator
 from .lbfgs import FINAL_STOPS, Settings
 from .messages import (
-    Begin,
     ConnectSandblaster,
     CoordinatorState,
-    ProgressReport,
     SandblasterDone,
     ShardVectors,
     VectorSlice,
@@ -42,7 +42,8 @@ from .messages import (
     VectorsRequest,
 )
 from .portions import batch_size_of
-from .runtime import faults, make_runtime
+from .replica import SandblasterReplica
+from .shard import SandblasterShard
 
 OPTIONS = ("slow_replicas", "backup_tasks", "duplicate_portions", "eval_steps")
 """Sandblaster's own keys of ``runtime_options`` (for tests and benchmarks):

@@ -12,10 +12,12 @@ from typing import Any
 
 import torch
 
-from .. import checkpoint, recovery
-from ..messages import (
-    ActorRestarted,
-    Begin,
+from ...runtime.base import Actor, ActorRestarted, receives
+from ...storage import checkpoint
+from ..messages import Begin, ProgressReport
+from . import recovery
+from .data_shard import DataShard
+from .messages import (
     BufferSnapshot,
     CheckpointMarked,
     CheckpointRequest,
@@ -25,7 +27,6 @@ from ..messages import (
     DataUnreadable,
     Diverged,
     Progress,
-    ProgressReport,
     ReplicaDone,
     ReplicaStatus,
     RestoreShard,
@@ -42,8 +43,6 @@ from ..messages import (
     TrainingDone,
     WarmstartDone,
 )
-from ..runtime.base import Actor, receives
-from .data_shard import DataShard
 
 Buffers = dict[int, dict[str, torch.Tensor]]
 """Module buffers of replica 0's stages: stage index -> buffer name -> tensor."""

@@ -6,10 +6,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..data import epoch_order
-from ..datafiles import DataFileChanged
-from ..messages import (
-    ActorRestarted,
+from ...data.files import DataFileChanged
+from ...data.inputs import epoch_order
+from ...runtime.base import Actor, ActorRestarted, receives
+from .messages import (
     CheckpointMark,
     CheckpointRequest,
     ConnectDataShard,
@@ -27,7 +27,6 @@ from ..messages import (
     StepDone,
     WarmstartDone,
 )
-from ..runtime.base import Actor, receives
 
 
 class DataShard(Actor):

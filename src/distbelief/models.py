@@ -1,5 +1,5 @@
-"""``--model SPEC``: a model of the user's own, named as ``path/to/file.py:NAME`` or
-``package.module:NAME``.
+"""Models: the MLP of the presets, benchmarks and tests (:func:`mlp`), and ``--model SPEC``,
+a model of the user's own, named as ``path/to/file.py:NAME`` or ``package.module:NAME``.
 
 NAME is an ``nn.Sequential`` (or a list of modules), or a function (or class) returning one; a
 function that declares ``in_features`` / ``out_features`` gets the data's input width and output
@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -201,3 +202,23 @@ def ship_by_value(ms: ModelSpec) -> None:
         except ImportError:
             continue
         pickler.register_pickle_by_value(ms.module)  # a set: registering twice is harmless
+
+
+def mlp(
+    widths: Sequence[int],
+    activation: type[nn.Module] = nn.ReLU,
+    output_activation: type[nn.Module] | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
+    """Linear layers of the given widths, ``activation`` between them and ``output_activation``
+    (if any) after the last; initialised from ``seed``, leaving torch's global RNG as it was."""
+    layers: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < len(widths) - 2:
+                layers.append(activation())
+    if output_activation is not None:
+        layers.append(output_activation())
+    return nn.Sequential(*layers)

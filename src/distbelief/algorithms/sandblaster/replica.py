@@ -8,8 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..flat import bind_to_flat, parameters_of
-from ..messages import (
+from ...core.flat import bind_to_flat, parameters_of
+from ...runtime.base import Actor, receives
+from .messages import (
     Assign,
     ConnectSandblaster,
     FetchPoint,
@@ -20,8 +21,7 @@ from ..messages import (
     Tick,
     Verdict,
 )
-from ..portions import batch_indices, batch_size_of, portion_range
-from ..runtime.base import Actor, receives
+from .portions import batch_indices, batch_size_of, portion_range
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def as_layers(model: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:

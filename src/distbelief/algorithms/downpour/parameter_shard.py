@@ -12,9 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import ShardState
-from ..layout import Segment
-from ..messages import (
+from ...core.layout import Segment
+from ...core.optim import make_update_rule, materialize_state
+from ...runtime.base import Actor, receives
+from ...storage.checkpoint import ShardState
+from .messages import (
     CheckpointMark,
     CheckpointMarked,
     CheckpointRequest,
@@ -30,8 +32,6 @@ from ..messages import (
     Snapshot,
     StatsRequest,
 )
-from ..optim import make_update_rule, materialize_state
-from ..runtime.base import Actor, receives
 
 
 def finite(tensors: Sequence[torch.Tensor]) -> bool:

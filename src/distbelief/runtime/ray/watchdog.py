@@ -1,6 +1,6 @@
 """Removes a private Ray instance's processes and files when the driver that started it dies.
 
-:func:`distbelief.runtime.ray.local_ray` starts this file as a script beside the Ray instance it
+:func:`.runtime.local_ray` starts this file as a script beside the Ray instance it
 starts, with the instance's temp dir as its argument and a pipe from the driver as its standard
 input. A driver that ends normally stops Ray, removes the temp dir itself and writes ``done``
 before closing the pipe. A driver killed before that (SIGKILL, a crash) closes the pipe without
@@ -76,7 +76,7 @@ def clean_up(temp_dir: str, known: dict[int, bytes]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """``ray_watchdog.py TEMP_DIR``: record the instance's processes until the driver's pipe
+    """``watchdog.py TEMP_DIR``: record the instance's processes until the driver's pipe
     closes, then clean up unless the driver said it did."""
     temp_dir = argv[1]
     known: dict[int, bytes] = {}

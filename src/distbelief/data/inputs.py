@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datafiles import FileData, files
-from .errors import ConfigError
+from ..errors import ConfigError
+from .files import FileData, files
 
 __all__ = ["FileData", "TensorRows", "files"]  # and the functions below
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .optim import UPDATE_RULES
-from .runtime import RUNTIMES
+from ..core.optim import UPDATE_RULES
+from ..errors import ConfigError
+from ..runtime import RUNTIMES
 
 MAX_SEED = 2**63 - 1
 """torch.manual_seed takes seeds up to 2**64 - 1; numpy's SeedSequence any; the bound is the

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..lbfgs import run_op
-from ..messages import (
+from ...runtime.base import Actor, receives
+from .lbfgs import run_op
+from .messages import (
     FetchPoint,
     Point,
     PushGradient,
@@ -18,7 +19,6 @@ from ..messages import (
     VectorSnapshot,
     VectorsRequest,
 )
-from ..runtime.base import Actor, receives
 
 
 class SandblasterShard(Actor):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 Params = list[nn.Parameter]
 # Each builder maps (parameters, lr) to a torch optimizer. Defaults follow the paper/torch.

@@ -5,17 +5,16 @@ from __future__ import annotations
 import pickle
 import time
 
-from ..lbfgs import REDUCE, Outcome, Settings, StepEnd, lbfgs
-from ..messages import (
-    ActorRestarted,
+from ...runtime.base import Actor, ActorRestarted, receives
+from ..messages import Begin, ProgressReport
+from .lbfgs import REDUCE, Outcome, Settings, StepEnd, lbfgs
+from .messages import (
     Assign,
-    Begin,
     ConnectSandblaster,
     CoordinatorState,
     Evaluate,
     Flush,
     PortionDone,
-    ProgressReport,
     Reduce,
     Reduced,
     SandblasterDone,
@@ -24,8 +23,7 @@ from ..messages import (
     VectorsRequest,
     Verdict,
 )
-from ..portions import PortionBook
-from ..runtime.base import Actor, receives
+from .portions import PortionBook
 
 
 def message_bytes(message: object) -> int:
@@ -34,10 +32,10 @@ def message_bytes(message: object) -> int:
 
 
 class Coordinator(Actor):
-    """Drives :func:`distbelief.lbfgs.lbfgs` one request at a time and never holds a
+    """Drives :func:`~.lbfgs.lbfgs` one request at a time and never holds a
     parameter-sized vector: a vector program goes to every shard and the partial reductions
     that come back are combined here, on scalars; a function evaluation is cut into portions
-    handed to free replicas (:class:`~distbelief.portions.PortionBook`), whose loss sums come
+    handed to free replicas (:class:`~.portions.PortionBook`), whose loss sums come
     back here and whose gradient sums go to the shards, which ``Reduce`` them into ``"gw"``.
 
     Steppable: every decision is one message handler, and the state is plain attributes

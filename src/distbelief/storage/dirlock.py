@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("distbelief")
 

@@ -13,9 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .actors import DataShard, DownpourMaster, ParameterShard, Stage
-from .api import Evaluator, History, LossFn, TrainResult, _assemble
-from .checkpoint import (
+from ...api import Evaluator, History, LossFn, TrainResult, _assemble
+from ...core.flat import flatten, parameters_of
+from ...core.layout import Layout
+from ...data.files import DataFileChanged, FileData
+from ...data.inputs import TensorRows, replica_ranges
+from ...errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
+from ...runtime import faults, make_runtime
+from ...storage.checkpoint import (
     Checkpoint,
     Checkpointer,
     check_compatible,
@@ -24,27 +29,24 @@ from .checkpoint import (
     remove_partial,
     updates_lost,
 )
-from .config import DownpourConfig
-from .data import TensorRows, replica_ranges
-from .datafiles import DataFileChanged, FileData
-from .errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
-from .flat import flatten, parameters_of
-from .layout import Layout
+from ..config import DownpourConfig
+from ..messages import Begin, ProgressReport
+from .data_shard import DataShard
+from .master import DownpourMaster
 from .messages import (
-    Begin,
     BufferSnapshot,
     ConnectDataShard,
     ConnectMaster,
     ConnectStage,
     DataUnreadable,
     Diverged,
-    ProgressReport,
     ShardSnapshot,
     Snapshot,
     StageBuffers,
     TrainingDone,
 )
-from .runtime import faults, make_runtime
+from .parameter_shard import ParameterShard
+from .stage import Stage
 
 log = logging.getLogger("distbelief")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import ShardState
+from ...storage.checkpoint import ShardState
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ One generic Ray actor class, :class:`_Host`, hosts any :class:`~.base.Actor` sub
 classes the in-process runtime hosts run here unchanged and never import Ray.
 
 * **Control plane: Ray.** Ray starts each host on the node the placement plan names
-  (:mod:`.ray_placement`), reports its death, and kills it at the end.
-* **Data plane: direct connections** (:mod:`.ray_wire`): each host listens on its node's
+  (:mod:`.placement`), reports its death, and kills it at the end.
+* **Data plane: direct connections** (:mod:`.wire`): each host listens on its node's
   address and dials its peers over TCP, authenticated with a per-run secret that only the
   run's actors get (through Ray). A hop costs ~0.1 ms here against ~1 ms for a Ray actor
   call. One connection per sender and receiver keeps the protocol's per-sender FIFO; what an
@@ -15,7 +15,7 @@ classes the in-process runtime hosts run here unchanged and never import Ray.
   period; a dead host fails its ping. The driver respawns a dead actor whose class is
   ``restartable`` from its constructor arguments (on its node if alive, else another), gives
   every host its new address, replays what the driver had told it (its wiring), and then tells
-  the actor the driver converses with :class:`~distbelief.messages.ActorRestarted`. Any other
+  the actor the driver converses with :class:`~distbelief.runtime.base.ActorRestarted`. Any other
   death, or a handler that raises, ends the run with :class:`ActorFailed`.
 * **Faults by plan** (:mod:`.faults`, the same plan as the in-process runtime's), keyed on
   an actor and a count it makes visible: ``faults=["kill:replica1.stage0@step=30"]`` makes
@@ -56,14 +56,13 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import ActorFailed, ConfigError, RunTimeout
-from ..messages import ActorRestarted
-from . import faults as fault_plans
-from .base import Actor, Failure, NamedRef, stop_signals_as_flag
-from .faults import Fault
-from .ray_placement import STRATEGIES, plan_placement, replace_node
-from .ray_watchdog import DONE
-from .ray_wire import Address, Endpoint, FlowControl, flow_control, listening_socket
+from ...errors import ActorFailed, ConfigError, RunTimeout
+from .. import faults as fault_plans
+from ..base import Actor, ActorRestarted, Failure, NamedRef, stop_signals_as_flag
+from ..faults import Fault
+from .placement import STRATEGIES, plan_placement, replace_node
+from .watchdog import DONE
+from .wire import Address, Endpoint, FlowControl, flow_control, listening_socket
 
 DRIVER = "driver"
 """The driver's name as a sender and receiver."""
@@ -173,7 +172,7 @@ class _Host:
         """Answered while alive: the driver's death watch."""
 
     async def flow_stats(self) -> dict[str, Any]:
-        """What flow control did in this host (see ``ray_wire.Endpoint.flow_stats``)."""
+        """What flow control did in this host (see ``wire.Endpoint.flow_stats``)."""
         return self.endpoint.flow_stats()
 
     def _deliver(self, sender: str, batch: list) -> None:
@@ -304,7 +303,7 @@ def local_ray(num_cpus: int | None = None, **init_options: Any) -> Iterator[None
     Token authentication is on (``RAY_AUTH_MODE=token``; a random token unless the environment
     provides one), every server listens on 127.0.0.1, no dashboard, and Ray's files live in a
     temp dir of their own that is removed afterwards (nothing is left in /tmp/ray), even when
-    this process is killed (a watchdog process then stops the instance: :mod:`.ray_watchdog`).
+    this process is killed (a watchdog process then stops the instance: :mod:`.watchdog`).
     The process's RAY_AUTH_* environment is restored on exit.
     """
     if ray.is_initialized():
@@ -359,9 +358,9 @@ def _sigterm_kept() -> Iterator[None]:
 
 def _start_watchdog(temp_dir: str) -> subprocess.Popen:
     """Start the process that removes this Ray instance (its processes and ``temp_dir``) if
-    this process dies without stopping it (see :mod:`.ray_watchdog`). Its own session, so a
+    this process dies without stopping it (see :mod:`.watchdog`). Its own session, so a
     Ctrl-C to the terminal's process group does not reach it."""
-    script = os.path.join(os.path.dirname(__file__), "ray_watchdog.py")
+    script = os.path.join(os.path.dirname(__file__), "watchdog.py")
     return subprocess.Popen(
         [sys.executable, "-I", "-S", script, temp_dir],
         stdin=subprocess.PIPE,
@@ -421,7 +420,7 @@ class RayRuntime:
     * ``num_cpus``: CPUs of a local instance (default: the machine's).
     * ``flow_window_bytes``: an actor that has more than this many bytes buffered towards one
       peer waits, handling nothing more, until that peer takes them (default 1 MiB; 0 turns
-      flow control off). See ``ray_wire`` (flow control) for how cycles cannot deadlock.
+      flow control off). See ``wire`` (flow control) for how cycles cannot deadlock.
     * ``flow_timeout_s``: longest such wait before one more message is handled anyway,
       counted and logged (default 5).
     """
@@ -575,7 +574,7 @@ class RayRuntime:
         }
 
     def flow_stats(self, timeout: float = 10.0) -> dict[str, Any]:
-        """What flow control did so far, per live actor (``ray_wire.Endpoint.flow_stats``:
+        """What flow control did so far, per live actor (``wire.Endpoint.flow_stats``:
         ``waits``, ``waited_s``, ``timeouts``, ``peak_buffered`` bytes towards one peer), and
         over all of them: ``peak_buffered`` (the largest), ``waits`` and ``timeouts`` (sums).
         Actors that do not answer within ``timeout`` are left out."""

@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from .data import epoch_order, replica_ranges
+from ...data.inputs import epoch_order, replica_ranges
 
 
 def batch_size_of(n: int, batch_size: int | None) -> int:

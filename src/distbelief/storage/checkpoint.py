@@ -37,9 +37,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from .errors import ConfigError
-from .flat import parameters_of
-from .layout import Layout
+from ..core.flat import parameters_of
+from ..core.layout import Layout
+from ..errors import ConfigError
 
 FORMAT_VERSION = 1
 """Bumped when the layout of a checkpoint changes; a loader refuses versions it does not know."""

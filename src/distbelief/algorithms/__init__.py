@@ -1,0 +1,1 @@
+"""The training algorithms: each a package (config, messages, driver, actors)."""

@@ -1,0 +1,2 @@
+"""Sandblaster L-BFGS: a coordinator drives L-BFGS through vector operations on the parameter
+server shards; replicas compute gradients of small portions, load-balanced, with backups."""

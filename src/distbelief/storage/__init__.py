@@ -1,0 +1,2 @@
+"""What a run keeps on disk: checkpoints (checkpoint), directory locks (dirlock) and the run
+directory's log (runlog)."""
