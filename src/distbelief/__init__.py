@@ -5,7 +5,8 @@ updating a sharded parameter server; Sandblaster L-BFGS: a coordinator running L
 same shards on scalars, replicas computing gradients of portions. See :func:`train`.
 """
 
-from .algorithms.config import DownpourConfig, SandblasterConfig
+from .algorithms.downpour.config import DownpourConfig
+from .algorithms.sandblaster.config import SandblasterConfig
 from .api import LOSSES, History, TrainResult, train
 from .core.layout import Layout, Segment
 from .errors import (

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .algorithms.config import DownpourConfig, SandblasterConfig
+from .algorithms.downpour.config import DownpourConfig
 from .algorithms.messages import ProgressReport
+from .algorithms.sandblaster.config import SandblasterConfig
 from .core.flat import load_flat, parameters_of
 from .core.partition import (
     as_layers,

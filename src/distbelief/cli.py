@@ -34,8 +34,9 @@ from rich.table import Table
 from torch import nn
 
 from . import models as modelspec
-from .algorithms.config import DownpourConfig, SandblasterConfig
+from .algorithms.downpour.config import DownpourConfig
 from .algorithms.messages import ProgressReport
+from .algorithms.sandblaster.config import SandblasterConfig
 from .api import TrainResult, available_memory, train
 from .core.partition import as_layers, layer_sizes, resolve_split_points, split_layers
 from .data import inputs as datasets

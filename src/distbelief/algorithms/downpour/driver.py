@@ -29,8 +29,8 @@ from ...storage.checkpoint import (
     remove_partial,
     updates_lost,
 )
-from ..config import DownpourConfig
 from ..messages import Begin, ProgressReport
+from .config import DownpourConfig
 from .data_shard import DataShard
 from .master import DownpourMaster
 from .messages import (

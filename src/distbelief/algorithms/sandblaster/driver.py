@@ -28,8 +28,8 @@ from ...storage.checkpoint import (
     load,
     remove_partial,
 )
-from ..config import SandblasterConfig
 from ..messages import Begin, ProgressReport
+from .config import SandblasterConfig
 from .coordinator import Coordinator
 from .lbfgs import FINAL_STOPS, Settings
 from .messages import (
