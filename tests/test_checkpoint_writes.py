@@ -17,8 +17,8 @@ import torch
 from conftest import mlp
 
 import distbelief
-from distbelief.algorithms.messages import ProgressReport
 from distbelief.cli import main
+from distbelief.results import ProgressReport
 from distbelief.storage import checkpoint
 
 KW = dict(loss="cross_entropy", lr=0.05, batch_size=16, optimizer="adagrad", seed=3)

@@ -23,8 +23,9 @@ from distbelief.algorithms.downpour.messages import (
     TrainingDone,
     WarmstartDone,
 )
-from distbelief.algorithms.messages import Begin, ProgressReport
+from distbelief.algorithms.messages import Begin
 from distbelief.errors import ActorFailed, RunTimeout
+from distbelief.results import ProgressReport
 
 
 class RecordingContext:

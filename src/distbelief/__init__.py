@@ -7,7 +7,7 @@ same shards on scalars, replicas computing gradients of portions. See :func:`tra
 
 from .algorithms.downpour.config import DownpourConfig
 from .algorithms.sandblaster.config import SandblasterConfig
-from .api import LOSSES, History, TrainResult, train
+from .api import LOSSES, train
 from .core.layout import Layout, Segment
 from .errors import (
     ActorFailed,
@@ -19,6 +19,7 @@ from .errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
+from .results import History, TrainResult
 
 __version__ = "0.1.0"
 

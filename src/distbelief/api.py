@@ -8,7 +8,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algorithms.downpour.config import DownpourConfig
-from .algorithms.messages import ProgressReport
 from .algorithms.sandblaster.config import SandblasterConfig
 from .core.flat import load_flat, parameters_of
 from .core.partition import (
@@ -30,6 +29,7 @@ from .core.partition import (
 from .data.files import FileData, as_file_data
 from .data.inputs import TensorRows, as_tensors, check_device, replica_ranges
 from .errors import ConfigError, NothingToTrain, TrainingDiverged
+from .results import ProgressReport, TrainResult
 from .storage.checkpoint import nothing_left
 from .storage.dirlock import DirectoryLock
 from .storage.runlog import RunLog
@@ -38,40 +38,6 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
 
 LOSSES: dict[str, LossFn] = {"cross_entropy": F.cross_entropy, "mse": F.mse_loss}
-
-
-@dataclass
-class History:
-    """What happened during a run."""
-
-    train: list[dict[str, float]] = field(default_factory=list)
-    """Training loss points: ``{"examples", "wall_s", "loss"}`` (mean loss since the last)."""
-    eval: list[dict[str, float]] = field(default_factory=list)
-    """Evaluation points on eval data: ``{"examples", "wall_s", "loss", "accuracy"?}``."""
-
-    @property
-    def final_loss(self) -> float | None:
-        """The last training loss point."""
-        return self.train[-1]["loss"] if self.train else None
-
-    @property
-    def accuracy(self) -> float | None:
-        """The last evaluation accuracy, if eval data and an accuracy metric were given."""
-        return self.eval[-1].get("accuracy") if self.eval else None
-
-
-@dataclass
-class TrainResult:
-    """The outcome of :func:`train`."""
-
-    model: nn.Sequential
-    """A new module with the shards' final parameters (and replica 0's buffers)."""
-    history: History
-    """Loss curve and evaluation points."""
-    stats: dict[str, Any]
-    """Counters: updates applied per shard, staleness mean/max, rejected pushes, timings."""
-    config: DownpourConfig | SandblasterConfig
-    """The configuration the run used, with the seed that was drawn if none was given."""
 
 
 def _resolve_loss(loss: str | LossFn) -> LossFn:

@@ -35,9 +35,8 @@ from torch import nn
 
 from . import models as modelspec
 from .algorithms.downpour.config import DownpourConfig
-from .algorithms.messages import ProgressReport
 from .algorithms.sandblaster.config import SandblasterConfig
-from .api import TrainResult, available_memory, train
+from .api import available_memory, train
 from .core.partition import as_layers, layer_sizes, resolve_split_points, split_layers
 from .data import inputs as datasets
 from .data.files import CLASSIFY, TASKS, DataFileError, FileData, scan
@@ -53,6 +52,7 @@ from .errors import (
     TrainingInterrupted,
 )
 from .models import mlp
+from .results import ProgressReport, TrainResult
 from .runtime import faults
 from .runtime.processes import SHARD_UPDATES
 from .storage import checkpoint as checkpoints

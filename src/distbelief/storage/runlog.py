@@ -33,8 +33,8 @@ from typing import IO, Any
 
 import tomli_w
 
-from ..algorithms.messages import ProgressReport
 from ..errors import ConfigError
+from ..results import ProgressReport
 from .dirlock import DirectoryLock
 
 log = logging.getLogger(__name__)

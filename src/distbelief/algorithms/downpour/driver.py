@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...api import Evaluator, History, LossFn, TrainResult, _assemble
+from ...api import Evaluator, LossFn, _assemble
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout
 from ...data.files import DataFileChanged, FileData
 from ...data.inputs import TensorRows, replica_ranges
 from ...errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
+from ...results import History, ProgressReport, TrainResult
 from ...runtime import faults, make_runtime
 from ...storage.checkpoint import (
     Checkpoint,
@@ -29,7 +30,7 @@ from ...storage.checkpoint import (
     remove_partial,
     updates_lost,
 )
-from ..messages import Begin, ProgressReport
+from ..messages import Begin
 from .config import DownpourConfig
 from .data_shard import DataShard
 from .master import DownpourMaster

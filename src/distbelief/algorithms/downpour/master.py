@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from ...results import ProgressReport
 from ...runtime.base import Actor, ActorRestarted, receives
 from ...storage import checkpoint
-from ..messages import Begin, ProgressReport
+from ..messages import Begin
 from . import recovery
 from .data_shard import DataShard
 from .messages import (

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pickle
 import time
 
+from ...results import ProgressReport
 from ...runtime.base import Actor, ActorRestarted, receives
-from ..messages import Begin, ProgressReport
+from ..messages import Begin
 from .lbfgs import REDUCE, Outcome, Settings, StepEnd, lbfgs
 from .messages import (
     Assign,

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...api import Evaluator, History, LossFn, TrainResult, _assemble
+from ...api import Evaluator, LossFn, _assemble
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout, shard_ranges
 from ...errors import ConfigError, NothingToTrain, TrainingDiverged, TrainingInterrupted
+from ...results import History, ProgressReport, TrainResult
 from ...runtime import faults, make_runtime
 from ...storage.checkpoint import (
     Checkpoint,
@@ -28,7 +29,7 @@ from ...storage.checkpoint import (
     load,
     remove_partial,
 )
-from ..messages import Begin, ProgressReport
+from ..messages import Begin
 from .config import SandblasterConfig
 from .coordinator import Coordinator
 from .lbfgs import FINAL_STOPS, Settings
