@@ -22,20 +22,11 @@ import statistics
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import distbelief  # noqa: E402
-from distbelief.runtime.ray.runtime import local_ray
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+from distbelief.bench import MLP  # noqa: E402
+from distbelief.models import mlp  # noqa: E402
+from distbelief.runtime.ray.runtime import local_ray  # noqa: E402
 
 
 def data(n: int, features: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +36,7 @@ def data(n: int, features: int, classes: int) -> tuple[torch.Tensor, torch.Tenso
 
 def bound(window: int) -> dict:
     result = distbelief.train(
-        mlp([10, 256, 256, 3]), data(2048, 10, 3), loss="cross_entropy", lr=0.1,
+        mlp((10, 256, 256, 3)), data(2048, 10, 3), loss="cross_entropy", lr=0.1,
         batch_size=16, epochs=1, seed=0, runtime="ray", shards=2, n_fetch=1000,
         runtime_options={"faults": ["delay:shard0=10ms"], "flow_window_bytes": window},
     )  # fmt: skip
@@ -55,7 +46,7 @@ def bound(window: int) -> dict:
 
 def throughput(window: int) -> float:
     result = distbelief.train(
-        mlp([40, 256, 256, 10]), data(8192, 40, 10), loss="cross_entropy", lr=0.05,
+        mlp(MLP), data(8192, 40, 10), loss="cross_entropy", lr=0.05,
         batch_size=32, epochs=4, seed=0, runtime="ray", replicas=2, stages=2, shards=2,
         optimizer="adagrad", runtime_options={"flow_window_bytes": window},
     )  # fmt: skip

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distbelief import models
+from distbelief.bench import MLP
+
 
 def mlp(seed: int = 0) -> nn.Sequential:
-    """MLP 40-256-256-10, the benchmark's model."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    )
+    """MLP 40-256-256-10, the benchmark's model (distbelief's main job's)."""
+    return models.mlp(MLP, seed=seed)
 
 
 def _weights(model: nn.Module) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from distbelief import train
-from distbelief.bench import MLP, TORCH_THREADS, _mnist1d_train
+from distbelief.bench import MLP, TORCH_THREADS, mnist1d_train
 from distbelief.models import mlp
 from distbelief.storage.runlog import RunLog
 
@@ -56,7 +56,7 @@ def examples_per_s(replicas: int, stages: int, shards: int, optimizer: str, epoc
     """Training examples/s, and the share of the training phase spent logging."""
     log = TimedRunLog(run_dir) if run_dir is not None else None
     result = train(
-        mlp(MLP, seed=0), _mnist1d_train(10_000), loss="cross_entropy", lr=0.05,
+        mlp(MLP, seed=0), mnist1d_train(10_000), loss="cross_entropy", lr=0.05,
         batch_size=32, epochs=epochs, replicas=replicas, stages=stages, shards=shards,
         optimizer=optimizer, seed=0, run_dir=log,
     )  # fmt: skip
