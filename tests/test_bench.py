@@ -95,6 +95,26 @@ def test_only_parses() -> None:
     assert bench.parse_only("xor, shard") == ("xor", "shard")
 
 
+def test_the_registry_is_the_one_list_of_benchmarks() -> None:
+    assert bench.BENCHMARKS == (
+        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint"
+    )  # fmt: skip
+    help_text = bench.only_help()
+    assert "\n" not in help_text
+    assert help_text.endswith(", ".join(bench.BENCHMARKS) + ".")
+    with pytest.raises(ValueError, match="choose from " + ", ".join(bench.BENCHMARKS)):
+        bench.parse_only("speed")
+
+
+def test_baselines_are_part_of_the_package() -> None:
+    # Nothing is loaded from the source checkout (benchmarks/): an installed wheel has it all.
+    from distbelief.bench.baselines import hogwild, plain
+
+    for module in (hogwild, plain):
+        assert Path(module.__file__).resolve().is_relative_to(Path(bench.__file__).parent)
+    assert callable(hogwild.hogwild) and callable(plain.plain_sgd_examples_per_s)
+
+
 def test_cli_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--quick", "--only", "shard", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
