@@ -123,8 +123,8 @@ def test_the_pages_have_code_to_check():
     ("block", "args"), commands(), ids=lambda v: str(v) if isinstance(v, Block) else " ".join(v)
 )
 def test_command_parses(block: Block, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The command's own parser takes it: its subcommand, its flag names, their values' types. It is
-    parsed, not run, and without the flags' callbacks (``--config`` and ``--resume`` read
+    """The command's own parser takes it: its subcommand, its flag names, their values' types.
+    It is parsed, not run, and without the flags' callbacks (``--config`` and ``--resume`` read
     their files there), so no file it names need exist."""
     from click.exceptions import ClickException
     from typer.main import get_command
