@@ -210,3 +210,28 @@ def test_named_module_paths_exist():
             continue
         missing.append(f"{page.relative_to(ROOT)}: {path}")
     assert not missing, "no such module: " + ", ".join(missing)
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of the README and docs/ names a file that exists, and its
+    ``#anchor``, if any, a heading of that file."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"\w+:", target):  # https:, mailto:
+                continue
+            path, _, fragment = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+            elif fragment and file.suffix == ".md":
+                text = FENCE.sub("", file.read_text())  # a "# comment" in a block is no heading
+                headings = re.findall(r"^#+ (.*)$", text, flags=re.M)
+                if fragment not in {anchor(h) for h in headings}:
+                    broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, "broken links: " + ", ".join(broken)
