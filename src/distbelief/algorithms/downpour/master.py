@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +38,7 @@ from .messages import (
     TrainingDone,
     WarmstartDone,
 )
+from .progress import DivergenceWatch
 from .shard_recovery import ShardRecovery
 
 Buffers = dict[int, dict[str, torch.Tensor]]
@@ -48,8 +48,6 @@ Evaluator = Callable[[torch.Tensor, Buffers], dict[str, float]]
 ``{"loss": ..., "accuracy": ...}``."""
 
 FINAL = -1  # snapshot tag of the final parameter collection
-DIVERGED_WINDOW = 8
-"""Steps of a replica over which most losses being NaN or Inf means the run diverged."""
 
 
 class DownpourMaster(Actor):
@@ -123,7 +121,7 @@ class DownpourMaster(Actor):
         self.replica_window = [[0.0, 0] for _ in range(replicas)]  # loss sum, steps
         self.shard_stats: dict[int, dict[str, Any]] = {}  # the latest ShardStats, by shard
         self.nonfinite_steps = 0  # steps whose loss was NaN or Inf (their pushes rejected)
-        self.recent: dict[int, deque[tuple[int, int]]] = {}  # replica -> (steps, non-finite)
+        self.divergence = DivergenceWatch()
         self.diverged = False
         self.stages: tuple[tuple, ...] = ()  # stages[replica][stage]
         self.recoveries: list[dict[str, Any]] = []  # one record per actor recovered
@@ -204,14 +202,9 @@ class DownpourMaster(Actor):
         self.examples += msg.examples
         self.steps += msg.steps
         self.nonfinite_steps += msg.nonfinite_steps
-        # A bad batch now and then is counted (its push rejected); most of a replica's last
-        # DIVERGED_WINDOW steps or more is divergence.
-        recent = self.recent.setdefault(msg.replica, deque())
-        recent.append((msg.steps, msg.nonfinite_steps))
-        while len(recent) > 1 and sum(s for s, _ in recent) - recent[0][0] >= DIVERGED_WINDOW:
-            recent.popleft()
-        steps, bad = sum(s for s, _ in recent), sum(b for _, b in recent)
-        if bad >= 2 and 2 * bad > steps:
+        diverged = self.divergence.add(msg.replica, msg.steps, msg.nonfinite_steps)
+        if diverged is not None:
+            bad, steps = diverged
             self._diverge(
                 f"{bad} of replica {msg.replica}'s last {steps} steps had a NaN or Inf loss "
                 f"(at {self.examples:,} examples)"
@@ -225,22 +218,7 @@ class DownpourMaster(Actor):
         self.replica_window[r][0] += msg.loss_sum
         self.replica_window[r][1] += msg.steps - msg.nonfinite_steps
         if self.examples >= self.next_report or self.examples == self.total_examples:
-            loss = self.window_loss / max(self.window_steps, 1)
-            self.history["train"].append(
-                {"examples": self.examples, "wall_s": self._wall(), "loss": loss}
-            )
-            self.ctx.tell(self.driver, self._report(loss))
-            self.window_loss, self.window_steps = 0.0, 0
-            for window in self.replica_window:
-                window[0], window[1] = 0.0, 0
-            for shard in self.shards:  # their replies ride on the next report
-                self.ctx.tell(shard, StatsRequest())
-            if self.shard_stats:
-                self.checkpoints.note_progress(
-                    sum(int(s["updates_applied"]) for s in self.shard_stats.values())
-                )
-            while self.next_report <= self.examples:
-                self.next_report += self.report_every_examples
+            self._report_progress()
         self.checkpoints.on_steps(self.steps, running=self.examples < self.total_examples)
         if self.next_eval is not None and self.examples >= self.next_eval:
             while self.next_eval <= self.examples:
@@ -248,6 +226,26 @@ class DownpourMaster(Actor):
             if self.evaluator is not None and self.examples < self.total_examples:
                 self.eval_tag += 1
                 self._snapshot(self.eval_tag)
+
+    def _report_progress(self) -> None:
+        """Tell the driver the loss over the window since the last report (and per replica),
+        and ask the shards for their counters, which ride on the next report."""
+        loss = self.window_loss / max(self.window_steps, 1)
+        self.history["train"].append(
+            {"examples": self.examples, "wall_s": self._wall(), "loss": loss}
+        )
+        self.ctx.tell(self.driver, self._report(loss))
+        self.window_loss, self.window_steps = 0.0, 0
+        for window in self.replica_window:
+            window[0], window[1] = 0.0, 0
+        for shard in self.shards:  # their replies ride on the next report
+            self.ctx.tell(shard, StatsRequest())
+        if self.shard_stats:
+            self.checkpoints.note_progress(
+                sum(int(s["updates_applied"]) for s in self.shard_stats.values())
+            )
+        while self.next_report <= self.examples:
+            self.next_report += self.report_every_examples
 
     def _report(self, loss: float, evaluation: dict[str, float] | None = None) -> ProgressReport:
         return ProgressReport(
