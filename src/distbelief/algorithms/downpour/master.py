@@ -316,6 +316,8 @@ class DownpourMaster(Actor):
             self.recoveries.append(record)
 
     def _recover_data_shard(self, r: int, ref: object) -> None:
+        """Replica ``r``'s data shard (at ``ref``) was restarted: resume it where the replica
+        was, or, if this restarted master does not know that yet, let it start over."""
         if self._known(r):
             self._resume_replica(r)  # before a checkpoint asks it for its position
         else:  # this restarted master's StatusRequest died with it: ask the new one
