@@ -129,7 +129,7 @@ def test_pushed_gradients_are_not_changed_by_the_stage_afterwards(n_push):
 def test_a_stage_reads_lent_values_in_place_and_never_writes_them():
     stage = _linear_stage(n_push=1, shards=1)
     lent = torch.arange(8192 + 128, dtype=torch.float32)
-    stage._fetch()  # a reply is read only as the answer to a fetch
+    stage.fetch()  # a reply is read only as the answer to a fetch
     stage.on_fetch_reply(FetchReply(0, lent, 3), "s0")
     weight, bias = stage.params
     assert weight.data_ptr() == lent.data_ptr()  # read in place, no copy

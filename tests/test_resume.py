@@ -258,7 +258,7 @@ def test_resume_with_more_epochs_reports_where_it_resumed(
 # were recorded, at the same point of the run every time (one replica, in-process: seeded).
 STOP_PAST_A_CHECKPOINT = """
 import os, signal, sys
-from distbelief import checkpoint
+from distbelief.storage import checkpoint
 from distbelief.cli import main
 
 checkpoint.PROGRESS_EVERY_S = 0.0  # note every progress report, not once a second
@@ -368,7 +368,7 @@ def test_the_master_asks_the_shards_only_after_every_position_and_mark() -> None
                             checkpoint_marks=2)  # fmt: skip
     master.bind(Ctx())
     master.receive(ConnectMaster(("data0",), ("shard0", "shard1")), None)
-    tag = master._checkpoint()
+    tag = master.checkpoints.start()
     assert told == [("data0", CheckpointRequest(tag))]
     master.receive(DataPosition(0, tag, 0, 4, 4, 40), "data0")
     master.receive(CheckpointMarked(tag, 0), "shard0")
@@ -432,7 +432,7 @@ def test_a_stage_restart_starts_a_waiting_checkpoint_again_under_a_new_tag() -> 
                             checkpoint_marks=1)  # fmt: skip
     master.bind(Ctx())
     master.receive(ConnectMaster(("data0",), ("shard0",)), None)
-    tag = master._checkpoint()
+    tag = master.checkpoints.start()
     master.receive(DataPosition(0, tag, 0, 4, 4, 40), "data0")
     told.clear()
     master.receive(ActorRestarted("replica0.stage0", "stage"), None)  # its mark is lost

@@ -3,10 +3,8 @@ and assembles the final parameters from the shards."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,23 +12,19 @@ import torch
 
 from ...results import ProgressReport
 from ...runtime.base import Actor, ActorRestarted, receives
-from ...storage import checkpoint
 from ..messages import Begin
-from . import recovery
+from .checkpoints import CheckpointCoordinator
 from .data_shard import DataShard
 from .messages import (
     BufferSnapshot,
     CheckpointMarked,
-    CheckpointRequest,
     ConnectMaster,
-    CopyRequest,
     DataPosition,
     DataUnreadable,
     Diverged,
     Progress,
     ReplicaDone,
     ReplicaStatus,
-    RestoreShard,
     ResumeReplica,
     SegmentCopy,
     ShardSnapshot,
@@ -44,6 +38,8 @@ from .messages import (
     TrainingDone,
     WarmstartDone,
 )
+from .progress import DivergenceWatch
+from .shard_recovery import ShardRecovery
 
 Buffers = dict[int, dict[str, torch.Tensor]]
 """Module buffers of replica 0's stages: stage index -> buffer name -> tensor."""
@@ -52,28 +48,26 @@ Evaluator = Callable[[torch.Tensor, Buffers], dict[str, float]]
 ``{"loss": ..., "accuracy": ...}``."""
 
 FINAL = -1  # snapshot tag of the final parameter collection
-DIVERGED_WINDOW = 8
-"""Steps of a replica over which most losses being NaN or Inf means the run diverged."""
 
 
 class DownpourMaster(Actor):
     """Coordinates one Downpour SGD run. Steppable: every decision is one message handler.
 
     With a ``checkpointer`` it takes a checkpoint every ``checkpoint_every`` steps (over all
-    replicas, seen at their progress reports) and one at the end: it asks every data shard
-    for its replica's position, then, with every position and every stage's mark in, every
-    shard for its state (see ``CheckpointRequest``), and hands the lot to the checkpointer,
-    which writes it while training goes on. ``resumed`` (``examples``, ``steps``) is what a
-    checkpoint resumed from had done already: the progress counts and schedules carry on
-    from there.
+    replicas, seen at their progress reports) and one at the end, through the
+    ``checkpoints`` it owns (``checkpoints.CheckpointCoordinator``: the rounds of positions,
+    marks and shard states, and the checkpointer's writes). ``resumed`` (``examples``,
+    ``steps``) is what a checkpoint resumed from had done already: the progress counts and
+    schedules carry on from there.
 
-    It also recovers what a runtime restarts (``ActorRestarted``): a parameter shard from the
-    newest copies of its segments the replicas' stages hold, or the newest checkpoint in
-    ``checkpoint_dir`` where that is newer (see ``recovery``); a data shard from the steps
-    its replica reported; and itself (restartable), from what the data shards and shards
-    report: each replica's steps, examples and whether it is done, and the shards' counters.
-    A restarted master's history (loss curve, evaluations) starts at its restart, and its
-    training time is counted from then.
+    It also recovers what a runtime restarts (``ActorRestarted``): a parameter shard through
+    the ``shard_recovery`` it owns (``shard_recovery.ShardRecovery``: from the newest copies
+    of its segments the replicas' stages hold, or the newest checkpoint in ``checkpoint_dir``
+    where that is newer); a data shard from the steps its replica reported; and itself
+    (restartable), from what the data shards and shards report: each replica's steps,
+    examples and whether it is done, and the shards' counters. A restarted master's history
+    (loss curve, evaluations) starts at its restart, and its training time is counted from
+    then.
     """
 
     restartable = True
@@ -102,7 +96,6 @@ class DownpourMaster(Actor):
         # In one thread evaluation pauses training, so its time is not training time; where
         # replicas run in parallel with the master it is, and is not subtracted.
         self.eval_pauses_training = eval_pauses_training
-        self.checkpoint_dir = checkpoint_dir  # where a restarted shard's checkpoint may be
         self.data_shards: tuple = ()
         self.shards: tuple = ()
         self.driver = None
@@ -128,12 +121,11 @@ class DownpourMaster(Actor):
         self.replica_window = [[0.0, 0] for _ in range(replicas)]  # loss sum, steps
         self.shard_stats: dict[int, dict[str, Any]] = {}  # the latest ShardStats, by shard
         self.nonfinite_steps = 0  # steps whose loss was NaN or Inf (their pushes rejected)
-        self.recent: dict[int, deque[tuple[int, int]]] = {}  # replica -> (steps, non-finite)
+        self.divergence = DivergenceWatch()
         self.diverged = False
         self.stages: tuple[tuple, ...] = ()  # stages[replica][stage]
         self.recoveries: list[dict[str, Any]] = []  # one record per actor recovered
-        self.shard_recovery: dict[int, dict[str, Any]] = {}  # shard -> copies awaited, got
-        self.shards_recovered: set[int] = set()  # shards this master began to recover
+        self.shard_recovery = ShardRecovery(self._tell, checkpoint_dir, self.shard_stats)
         self.step_base = [0] * replicas  # each data shard's step numbering base
         self.status_in: set[int] = set()  # a restarted master: replicas that reported
         self.warm_steps_done = 0  # a restarted master: replica 0's steps, as it last said
@@ -146,15 +138,9 @@ class DownpourMaster(Actor):
             self.next_report += report_every_examples
         while self.next_eval is not None and self.next_eval <= self.examples:
             self.next_eval += eval_every
-        self.checkpointer = checkpointer
-        self.checkpoint_every = checkpoint_every
-        self.checkpoint_marks = checkpoint_marks  # CheckpointMarked per checkpoint (segments)
-        self.marks: dict[int, int] = {}  # tag -> marks received
-        self.next_checkpoint = self.steps + checkpoint_every
-        self.checkpoint_tag = 0
-        self.positions: dict[int, dict[int, DataPosition]] = {}  # tag -> replica -> position
-        self.states: dict[int, dict[int, Any]] = {}  # tag -> shard -> ShardState
-        self.final_tag: int | None = None  # the end-of-run checkpoint's tag
+        self.checkpoints = CheckpointCoordinator(
+            self._tell, checkpointer, checkpoint_every, checkpoint_marks, replicas, self.steps
+        )
         self.training_done: TrainingDone | None = None  # held until the final one is written
 
     @receives(ConnectMaster)
@@ -162,6 +148,12 @@ class DownpourMaster(Actor):
         self.data_shards, self.shards = msg.data_shards, msg.shards
         self.buffer_stages = msg.buffer_stages
         self.stages = msg.stages
+        self.checkpoints.connect(msg.data_shards, msg.shards)
+        self.shard_recovery.connect(msg.shards, msg.stages)
+
+    def _tell(self, ref: object, message: object) -> None:
+        """How the helpers this master owns send (through its context, once it is bound)."""
+        self.ctx.tell(ref, message)
 
     @receives(Begin)
     def on_begin(self, msg: Begin, sender: object) -> None:
@@ -210,14 +202,9 @@ class DownpourMaster(Actor):
         self.examples += msg.examples
         self.steps += msg.steps
         self.nonfinite_steps += msg.nonfinite_steps
-        # A bad batch now and then is counted (its push rejected); most of a replica's last
-        # DIVERGED_WINDOW steps or more is divergence.
-        recent = self.recent.setdefault(msg.replica, deque())
-        recent.append((msg.steps, msg.nonfinite_steps))
-        while len(recent) > 1 and sum(s for s, _ in recent) - recent[0][0] >= DIVERGED_WINDOW:
-            recent.popleft()
-        steps, bad = sum(s for s, _ in recent), sum(b for _, b in recent)
-        if bad >= 2 and 2 * bad > steps:
+        diverged = self.divergence.add(msg.replica, msg.steps, msg.nonfinite_steps)
+        if diverged is not None:
+            bad, steps = diverged
             self._diverge(
                 f"{bad} of replica {msg.replica}'s last {steps} steps had a NaN or Inf loss "
                 f"(at {self.examples:,} examples)"
@@ -231,34 +218,34 @@ class DownpourMaster(Actor):
         self.replica_window[r][0] += msg.loss_sum
         self.replica_window[r][1] += msg.steps - msg.nonfinite_steps
         if self.examples >= self.next_report or self.examples == self.total_examples:
-            loss = self.window_loss / max(self.window_steps, 1)
-            self.history["train"].append(
-                {"examples": self.examples, "wall_s": self._wall(), "loss": loss}
-            )
-            self.ctx.tell(self.driver, self._report(loss))
-            self.window_loss, self.window_steps = 0.0, 0
-            for window in self.replica_window:
-                window[0], window[1] = 0.0, 0
-            for shard in self.shards:  # their replies ride on the next report
-                self.ctx.tell(shard, StatsRequest())
-            if self.checkpointer is not None and self.shard_stats:
-                self.checkpointer.note_progress(
-                    sum(int(s["updates_applied"]) for s in self.shard_stats.values())
-                )
-            while self.next_report <= self.examples:
-                self.next_report += self.report_every_examples
-        if self.checkpoint_every and self.steps >= self.next_checkpoint:
-            while self.next_checkpoint <= self.steps:
-                self.next_checkpoint += self.checkpoint_every
-            # (one lost with a dead stage is dropped later; at the end the final one comes)
-            if len(self.positions) < 2 and self.examples < self.total_examples:
-                self._checkpoint()
+            self._report_progress()
+        self.checkpoints.on_steps(self.steps, running=self.examples < self.total_examples)
         if self.next_eval is not None and self.examples >= self.next_eval:
             while self.next_eval <= self.examples:
                 self.next_eval += self.eval_every
             if self.evaluator is not None and self.examples < self.total_examples:
                 self.eval_tag += 1
                 self._snapshot(self.eval_tag)
+
+    def _report_progress(self) -> None:
+        """Tell the driver the loss over the window since the last report (and per replica),
+        and ask the shards for their counters, which ride on the next report."""
+        loss = self.window_loss / max(self.window_steps, 1)
+        self.history["train"].append(
+            {"examples": self.examples, "wall_s": self._wall(), "loss": loss}
+        )
+        self.ctx.tell(self.driver, self._report(loss))
+        self.window_loss, self.window_steps = 0.0, 0
+        for window in self.replica_window:
+            window[0], window[1] = 0.0, 0
+        for shard in self.shards:  # their replies ride on the next report
+            self.ctx.tell(shard, StatsRequest())
+        if self.shard_stats:
+            self.checkpoints.note_progress(
+                sum(int(s["updates_applied"]) for s in self.shard_stats.values())
+            )
+        while self.next_report <= self.examples:
+            self.next_report += self.report_every_examples
 
     def _report(self, loss: float, evaluation: dict[str, float] | None = None) -> ProgressReport:
         return ProgressReport(
@@ -277,7 +264,7 @@ class DownpourMaster(Actor):
     def on_shard_stats(self, msg: ShardStats, sender: object) -> None:
         if msg.stats.get("awaiting_restore"):
             # A restarted shard whose restore was lost with an earlier life of this master.
-            if msg.shard not in self.shards_recovered:  # (else: asked before its restore)
+            if msg.shard not in self.shard_recovery.begun:  # (else: asked before its restore)
                 self._recover_shard(msg.shard)
             return
         self.shard_stats[msg.shard] = {**msg.stats, "wall_s": self._wall()}
@@ -293,110 +280,64 @@ class DownpourMaster(Actor):
 
     @receives(ActorRestarted)
     def on_actor_restarted(self, msg: ActorRestarted, sender: object) -> None:
-        # A runtime respawned a dead actor: count it and recover it. For a stage, each data
-        # shard resumes its replica if the stage was one of its own (that one resends its
-        # mini-batch), and a shard's recovery waiting on the stage asks its new life.
+        # A runtime respawned a dead actor: count it and recover it. A checkpoint round that
+        # waits on what the dead actor would have sent is started again.
         self.restarts += 1
         if msg.name == self.ctx.name:
             self._recover_master(sender)
-            return
-        if msg.ref in self.shards:
+        elif msg.ref in self.shards:
             k = self.shards.index(msg.ref)
             self._recover_shard(k)
-            self._restart_checkpoints(shard=k)
-            return
-        if msg.ref in self.data_shards:
-            r = self.data_shards.index(msg.ref)
-            if self._known(r):
-                self._resume_replica(r)  # before a checkpoint asks it for its position
-            else:  # this restarted master's StatusRequest died with it: ask the new one
-                self.ctx.tell(msg.ref, StatusRequest())  # (what it had done is lost: redone)
-                self.recoveries.append(
-                    {"actor": f"data{r}", "resumed_at_step": 0, "source": "none: starts over"}
-                )
-            self._restart_checkpoints()
-            return
-        for shard, waiting in self.shard_recovery.items():
-            for r, s in waiting["pending"]:
-                if self.stages[r][s] == msg.ref:
-                    self.ctx.tell(msg.ref, CopyRequest(shard))
-        if msg.ref in self.buffer_stages:  # an evaluation waiting for its buffers asks again
+            self.checkpoints.restart(shard=k)
+        elif msg.ref in self.data_shards:
+            self._recover_data_shard(self.data_shards.index(msg.ref), msg.ref)
+            self.checkpoints.restart()
+        else:
+            self._recover_stage(msg)
+            self.checkpoints.restart()
+
+    # -------------------------------------------------------------- recovery
+
+    def _recover_shard(self, k: int) -> None:
+        """Recover shard ``k`` (``shard_recovery``); a snapshot asked of its dead life is
+        asked of the new one (it answers once restored)."""
+        self.shard_recovery.begin(k)
+        for tag, got in self.snapshots.items():
+            if k not in got:
+                self.ctx.tell(self.shards[k], Snapshot(tag))
+        self._recovered(self.shard_recovery.restore_if_complete(k))
+
+    @receives(SegmentCopy)
+    def on_segment_copy(self, msg: SegmentCopy, sender: object) -> None:
+        self._recovered(self.shard_recovery.on_copy(msg))
+
+    def _recovered(self, record: dict[str, Any] | None) -> None:
+        if record is not None:
+            self.recoveries.append(record)
+
+    def _recover_data_shard(self, r: int, ref: object) -> None:
+        """Replica ``r``'s data shard (at ``ref``) was restarted: resume it where the replica
+        was, or, if this restarted master does not know that yet, let it start over."""
+        if self._known(r):
+            self._resume_replica(r)  # before a checkpoint asks it for its position
+        else:  # this restarted master's StatusRequest died with it: ask the new one
+            self.ctx.tell(ref, StatusRequest())  # (what it had done is lost: redone)
+            self.recoveries.append(
+                {"actor": f"data{r}", "resumed_at_step": 0, "source": "none: starts over"}
+            )
+
+    def _recover_stage(self, msg: ActorRestarted) -> None:
+        """A stage was restarted: a shard's recovery waiting on it asks its new life, and so
+        does an evaluation waiting for its buffers; each data shard resumes its replica if
+        the stage was one of its own (it resends its mini-batch)."""
+        self.shard_recovery.on_stage_restarted(msg.ref)
+        if msg.ref in self.buffer_stages:
             s = self.stages[0].index(msg.ref)
             for tag, got in self.buffers.items():
                 if s not in got:
                     self.ctx.tell(msg.ref, BufferSnapshot(tag))
         for data_shard in self.data_shards:
             self.ctx.tell(data_shard, msg)
-        self._restart_checkpoints()
-
-    def _restart_checkpoints(self, shard: int | None = None) -> None:
-        """A checkpoint still waiting for marks (or positions) may wait forever: the dead
-        actor's are lost. So may one waiting for the state of ``shard``, the dead shard. Start
-        it again under a new tag, whose replies cannot be mistaken for the old ones."""
-        for tag in list(self.positions):
-            lost_state = shard is not None and shard not in self.states.get(tag, {})
-            if tag in self.marks or lost_state:
-                self.marks.pop(tag, None)
-                del self.positions[tag], self.states[tag]
-                again = self._checkpoint()
-                if tag == self.final_tag:
-                    self.final_tag = again
-
-    # -------------------------------------------------------------- recovery
-
-    def _recover_shard(self, k: int) -> None:
-        """Ask every stage for its copy of shard ``k``'s segments (``on_segment_copy``)."""
-        self.shards_recovered.add(k)
-        pending = {(r, s) for r, refs in enumerate(self.stages) for s in range(len(refs))}
-        self.shard_recovery[k] = {"pending": pending, "copies": [], "lengths": {}}
-        for r, s in sorted(pending):
-            self.ctx.tell(self.stages[r][s], CopyRequest(k))
-        for tag, got in self.snapshots.items():
-            if k not in got:  # asked of the dead shard: ask the new one (it answers restored)
-                self.ctx.tell(self.shards[k], Snapshot(tag))
-        if not pending:
-            self._restore_shard(k)
-
-    @receives(SegmentCopy)
-    def on_segment_copy(self, msg: SegmentCopy, sender: object) -> None:
-        waiting = self.shard_recovery.get(msg.shard)
-        if waiting is None or (msg.replica, msg.stage) not in waiting["pending"]:
-            return
-        waiting["pending"].discard((msg.replica, msg.stage))
-        if msg.length:
-            waiting["lengths"][msg.stage] = msg.length
-            waiting["copies"].append((msg.replica, msg.stage, msg.values, msg.version))
-        if not waiting["pending"]:
-            self._restore_shard(msg.shard)
-
-    def _restore_shard(self, k: int) -> None:
-        """Every copy is in: restore shard ``k`` from the newest source of each segment."""
-        waiting = self.shard_recovery.pop(k)
-        lengths = waiting["lengths"]
-        saved, note = None, None
-        found = checkpoint.checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
-        if found:
-            try:
-                state = checkpoint.load(found[-1]).shards[k]
-                saved = recovery.split_checkpoint(state, lengths)
-            except (checkpoint.CheckpointError, ValueError, IndexError) as exc:
-                note = f"checkpoint {found[-1]} not used: {exc}"  # the copies still serve
-        stats = self.shard_stats.get(k, {})
-        restore = recovery.choose(
-            k, lengths, waiting["copies"], saved, int(stats.get("updates_applied", 0))
-        )
-        counters = {
-            key: int(stats.get(key, 0))
-            for key in ("rejected_pushes", "staleness_sum", "staleness_max")
-        }
-        self.ctx.tell(
-            self.shards[k],
-            RestoreShard(restore.values, restore.versions, restore.optimizer, counters),
-        )
-        record = {**restore.record, "checkpoint": str(found[-1]) if found else None}
-        if note:
-            record["note"] = note
-        self.recoveries.append(record)
 
     def _resume_replica(self, r: int) -> None:
         """A data shard was restarted: resume it at the steps its replica reported."""
@@ -514,77 +455,28 @@ class DownpourMaster(Actor):
             nonfinite_steps=self.nonfinite_steps,
             recoveries=tuple(self.recoveries),
         )
-        if self.checkpointer is not None and not self.diverged:
-            self.final_tag = self._checkpoint()  # TrainingDone goes once it is written
+        if self.checkpoints.enabled and not self.diverged:
+            self.checkpoints.start_final()  # TrainingDone goes once it is written
         else:
             self._finish()
 
     def _finish(self) -> None:
-        done = self.training_done
-        if self.checkpointer is not None:
-            self.checkpointer.join()
-            done = dataclasses.replace(done, checkpoints=self.checkpointer.stats)
-        self.ctx.tell(self.driver, done)
+        self.ctx.tell(self.driver, self.checkpoints.finish(self.training_done))
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self) -> int:
-        """Ask every data shard for its position (the shards are asked once all are in)."""
-        self.checkpoint_tag += 1
-        tag = self.checkpoint_tag
-        self.positions[tag], self.states[tag], self.marks[tag] = {}, {}, 0
-        for data_shard in self.data_shards:
-            self.ctx.tell(data_shard, CheckpointRequest(tag))
-        return tag
-
     @receives(DataPosition)
     def on_data_position(self, msg: DataPosition, sender: object) -> None:
-        if msg.tag in self.positions:
-            self.positions[msg.tag][msg.replica] = msg
-            self._ask_shards(msg.tag)
+        self.checkpoints.on_position(msg)
 
     @receives(CheckpointMarked)
     def on_checkpoint_marked(self, msg: CheckpointMarked, sender: object) -> None:
-        if msg.tag in self.marks:
-            self.marks[msg.tag] += 1
-            self._ask_shards(msg.tag)
-
-    def _ask_shards(self, tag: int) -> None:
-        """Once every position and every mark is in, every push before those positions has
-        been applied (see CheckpointRequest): now the shards' states are taken."""
-        if len(self.positions[tag]) == self.replicas and self.marks[tag] == self.checkpoint_marks:
-            del self.marks[tag]
-            for shard in self.shards:
-                self.ctx.tell(shard, CheckpointRequest(tag))
+        self.checkpoints.on_marked(msg)
 
     @receives(ShardStateReply)
     def on_shard_state(self, msg: ShardStateReply, sender: object) -> None:
-        got = self.states.get(msg.tag)
-        if got is None:
-            return  # a superseded checkpoint's (dropped below)
-        got[msg.shard] = msg.state
-        if len(got) < len(self.shards):
-            return
-        positions = self.positions.pop(msg.tag)
-        del self.states[msg.tag]
-        for older in [t for t in self.positions if t < msg.tag and t != self.final_tag]:
-            # superseded (its marks lost with a stage that died): forget it
-            del self.positions[older], self.states[older]
-            self.marks.pop(older, None)
-        final = msg.tag == self.final_tag
-        if self.diverged and not final:
-            return  # never replace the last good checkpoint with a diverged state
-        shards = [got[k] for k in range(len(self.shards))]
-        update = sum(int(s.counters["updates_applied"]) for s in shards)
-        where = {
-            r: {"epoch": p.epoch, "step": p.step, "steps": p.steps, "examples": p.examples}
-            for r, p in sorted(positions.items())
-        }
-        # The final one is written before the driver hears the run is done; the others in
-        # the background while training goes on.
-        self.checkpointer.submit(update, shards, where, wait=final)
-        if final:
-            self._finish()
+        if self.checkpoints.on_shard_state(msg, diverged=self.diverged):
+            self._finish()  # the final checkpoint is written
 
     def _diverge(self, reason: str) -> None:
         """Tell the driver, once; it stops the run and keeps what it can."""

@@ -138,11 +138,13 @@ class Stage(Actor):
         due = msg.step % self.n_fetch == 0 and self.prefetched != msg.step
         if self.segments and (due or not self.fetched):
             self.pending = msg
-            self._fetch()
+            self.fetch()
         else:
             self._forward(msg)
 
-    def _fetch(self) -> None:
+    def fetch(self) -> None:
+        """Ask every shard that holds a segment of this stage for its values. Only the replies
+        to the fetch in flight are read (``on_fetch_reply``); a test may start one directly."""
         self.fetched = True
         self.fetching = {shard for shard, _, _ in self.segments}
         for shard, _, _ in self.segments:
@@ -228,7 +230,7 @@ class Stage(Actor):
             self._push(done_reading=(step + 1) % self.n_fetch == 0)
         if self.n_fetch > 1 and self.segments and self.fetched and (step + 1) % self.n_fetch == 0:
             self.prefetched = step + 1  # the next step's fetch, ahead (see the class doc)
-            self._fetch()
+            self.fetch()
         if wants_input:
             self.ctx.tell(self.previous, Backward(step, grads[-1], loss))
         else:
