@@ -145,6 +145,7 @@ def test_a_dead_replicas_pushes_of_the_running_evaluation_are_rejected_by_genera
     def record(sender, receiver, message):
         if isinstance(message, PushGradient):
             pushes.append(message)
+
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(160, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (160,))
     model = mlp([6, 8, 3], act=nn.Tanh, dtype=torch.float64)

@@ -38,8 +38,7 @@ def _check_max_restarts(value: Any) -> None:
 def _check_tap(value: Any) -> None:
     if value is not None and not callable(value):
         raise ConfigError(
-            f"runtime_options: tap must be a function tap(sender, receiver, message), "
-            f"got {value!r}"
+            f"runtime_options: tap must be a function tap(sender, receiver, message), got {value!r}"
         )
 
 

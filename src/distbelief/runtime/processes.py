@@ -567,3 +567,6 @@ def _run_worker(host: _Host, index: int, pipes: dict, threads: int, parent: int)
     _keep_cells(host, index)
     host.inbox.clear()
     _worker_main(host, threads, parent)
+
+
+__all__ = ["SHARD_UPDATES", "ProcRef", "ProcessesRuntime"]  # SHARD_UPDATES: for the CLI
