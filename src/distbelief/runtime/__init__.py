@@ -1,4 +1,10 @@
-"""Runtimes that host distbelief's actors: one protocol, several implementations."""
+"""Runtimes that host distbelief's actors: one protocol, several implementations.
+
+``base`` (the protocol, ``Actor``, refs, ``ActorRestarted``, ``DRIVER``), ``options`` (each
+runtime's options, typed and checked), ``runqueue`` (the seeded run queue of ``local`` and of
+each process of ``processes``), ``supervise`` (restart and replay, for ``local`` and ``ray``),
+``faults`` (fault plans), then the runtimes: ``local``, ``processes``, ``ray/``.
+"""
 
 from __future__ import annotations
 

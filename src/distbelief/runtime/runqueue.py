@@ -42,7 +42,8 @@ class Cell:
 
 def handle(cell: Cell, message: Any, sender: Any) -> None:
     """Deliver ``message`` to ``cell``'s actor; an error (none of its handlers takes the message,
-    or the handler raised) becomes :class:`ActorFailed` naming the actor and the message."""
+    or the handler raised) becomes :class:`ActorFailed` naming the actor and the message.
+    ``cell`` is anything with the actor's ``name`` and ``handlers`` (a Ray host too)."""
     handler = cell.handlers.get(type(message))
     if handler is None:
         raise ActorFailed(
