@@ -176,7 +176,7 @@ def _one_run() -> list[int]:
     count = rt.spawn("count2", Count, check, 3)
     rt.tell(check, Go())
     assert next(iter(rt.converse(count, Go(), timeout=60)))[1] == 3
-    workers = [w.pid for w in rt._workers]
+    workers = rt.describe()["worker_pids"]
     assert len(workers) == 2 and rt.actor(shard).held[0].values.is_shared()
     rt.shutdown()
     del rt, shard, count, check

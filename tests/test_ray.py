@@ -274,6 +274,7 @@ def test_every_listening_port_is_on_loopback_and_refuses_a_caller_without_the_to
     [
         ({"adress": "x"}, r"^runtime_options: unknown option\(s\) \['adress'\]"),
         ({"placement": "scatter"}, r"^runtime_options: placement must be one of"),
+        ({"max_restarts": -1}, r"^runtime_options: max_restarts must be >= 0, got -1$"),
         ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^faults: 'replica0.stage0': unknown"),
     ],
 )

@@ -6,6 +6,8 @@ import pytest
 
 from distbelief.errors import ActorFailed, ConfigError, Deadlock
 from distbelief.runtime import Actor, LocalRuntime, make_runtime, receives
+from distbelief.runtime.faults import Fault
+from distbelief.runtime.options import LocalOptions, ProcessesOptions, RayOptions, parse
 
 
 class Ping:
@@ -109,3 +111,49 @@ def test_duplicate_actor_names_and_unknown_runtimes_are_rejected():
         rt.spawn("a", Silent)
     with pytest.raises(ConfigError, match="^runtime: unknown runtime 'mpi'"):
         make_runtime("mpi")
+
+
+def test_a_tap_sees_every_message_with_its_sender_and_receiver():
+    seen: list[tuple[str, str, object]] = []
+    rt = LocalRuntime(0, tap=lambda sender, receiver, message: seen.append((sender, receiver)))
+    echoes = [rt.spawn(f"echo{i}", Echo, [], 2) for i in range(2)]
+    collector = rt.spawn("collector", Collector, echoes)
+    assert next(iter(rt.converse(collector, Ping(), timeout=10))) == "all done"
+    assert seen[0] == ("driver", "collector") and seen[-1] == ("collector", "driver")
+    for i in range(2):  # asked, pings itself once, says done
+        assert seen.count(("collector", f"echo{i}")) == 1
+        assert seen.count((f"echo{i}", f"echo{i}")) == 1
+        assert seen.count((f"echo{i}", "collector")) == 1
+    assert len(seen) == 8 == rt.delivered + 1  # every message delivered, and the reply
+
+
+def test_a_tap_that_returns_false_loses_the_message():
+    rt = LocalRuntime(0, tap=lambda sender, receiver, message: receiver != "echo1")
+    echoes = [rt.spawn(f"echo{i}", Echo, [], 2) for i in range(2)]
+    collector = rt.spawn("collector", Collector, echoes)
+    with pytest.raises(Deadlock):
+        next(iter(rt.converse(collector, Ping(), timeout=10)))
+
+
+@pytest.mark.parametrize(
+    "name, options, match",
+    [
+        ("local", {"adress": "x"}, r"unknown option\(s\) \['adress'\] for the local runtime; "
+         "it takes faults, max_restarts, tap$"),
+        ("local", {"max_restarts": -1}, "max_restarts must be >= 0, got -1$"),
+        ("local", {"tap": "print"}, "tap must be a function"),
+        ("processes", {"max_restarts": "2"}, "max_restarts must be >= 0, got '2'$"),
+        ("processes", {"threads_per_process": -1}, "threads_per_process must be an integer >= 0"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_config_errors_naming_the_option(name, options, match):
+    with pytest.raises(ConfigError, match=f"^runtime_options: {match}"):
+        make_runtime(name, seed=0, **options)
+
+
+def test_options_are_typed_per_runtime():
+    rt = make_runtime("local", seed=0, faults=["kill:a@message=2"], max_restarts=2)
+    assert isinstance(rt.options, LocalOptions) and rt.options.max_restarts == 2
+    assert rt.options.faults == (Fault("a", "message", 2),)  # the plan, parsed
+    assert parse("processes", {}) == ProcessesOptions()
+    assert parse("ray", {"max_restarts": 0}) == RayOptions(max_restarts=0)

@@ -1,25 +1,27 @@
-"""Runtimes that host distbelief's actors: one protocol, several implementations."""
+"""Runtimes that host distbelief's actors: one protocol, several implementations.
+
+``base`` (the protocol, ``Actor``, refs, ``ActorRestarted``, ``DRIVER``), ``options`` (each
+runtime's options, typed and checked), ``runqueue`` (the seeded run queue of ``local`` and of
+each process of ``processes``), ``supervise`` (restart and replay, for ``local`` and ``ray``),
+``faults`` (fault plans), then the runtimes: ``local``, ``processes``, ``ray/``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Actor, Context, Runtime, receives
+from .base import DRIVER, Actor, Context, Runtime, receives
 from .local import LocalRuntime
+from .options import LocalOptions, ProcessesOptions, RayOptions, Tap
 
 RUNTIMES = ("local", "processes", "ray")
 
 
 def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runtime:
-    """Create the runtime called ``name`` ("local", "processes" or "ray")."""
+    """Create the runtime called ``name`` ("local", "processes" or "ray") with ``options``
+    (the fields of its :mod:`.options` class, checked there)."""
     if name == "local":
-        unknown = sorted(set(options) - {"faults", "max_restarts"})
-        if unknown:
-            raise ConfigError(
-                f"runtime_options: unknown option(s) {unknown} for the local runtime; "
-                "it takes faults, max_restarts"
-            )
         return LocalRuntime(seed, **options)
     if name == "processes":
         from .processes import ProcessesRuntime
@@ -36,4 +38,7 @@ def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runti
     raise ConfigError(f"runtime: unknown runtime {name!r}; choose one of {', '.join(RUNTIMES)}")
 
 
-__all__ = ["Actor", "Context", "LocalRuntime", "RUNTIMES", "Runtime", "make_runtime", "receives"]
+__all__ = [
+    "DRIVER", "Actor", "Context", "LocalOptions", "LocalRuntime", "ProcessesOptions", "RUNTIMES",
+    "RayOptions", "Runtime", "Tap", "make_runtime", "receives",
+]  # fmt: skip

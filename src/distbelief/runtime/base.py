@@ -23,6 +23,9 @@ from ..errors import RunStopped
 
 F = TypeVar("F", bound=Callable[..., None])
 
+DRIVER = "driver"
+"""The driver's name as a sender and receiver, on every runtime (no actor may take it)."""
+
 
 def receives(*message_types: type) -> Callable[[F], F]:
     """Mark an actor method as the handler of the given message types.

@@ -1,44 +1,38 @@
-"""The in-process runtime: a cooperative, single-threaded run queue. Opens no sockets.
+"""The in-process runtime: a cooperative, single-threaded run queue (:mod:`.runqueue`). Opens
+no sockets.
 
-Why not a thread per actor: under the GIL, thread hand-offs alone cost ~70% of throughput on
-this kind of machine (design.md section 4). Here every actor has a FIFO mailbox, and the loop
-repeatedly picks one actor with mail and delivers one message to it. The pick is drawn from a
-seeded generator, so an asynchronous run is reproducible bit for bit and another seed gives
-another interleaving. Per-mailbox FIFO is stronger than the protocol's per-sender FIFO.
+Every actor has a FIFO mailbox, and the loop repeatedly picks one actor with mail, by a seeded
+draw, and delivers one message to it: an asynchronous run is reproducible bit for bit and
+another seed gives another interleaving.
 """
 
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
+from ..errors import ActorFailed, Deadlock, RunTimeout
 from . import faults as fault_plans
-from .base import Actor, ActorRestarted, StopFlag, stop_signals_as_flag
+from .base import DRIVER, Actor, StopFlag
+from .options import LocalOptions, parse
+from .runqueue import Cell, RunQueue, replies
+from .supervise import Supervisor
+
+BATCH = 256
+"""Messages delivered between two looks at the stop flag and the deadline (about 0.1-1 ms)."""
 
 
-class _Cell:
-    """One hosted actor: its mailbox and cached handlers, and what a restart needs."""
+class _Cell(Cell):
+    """One hosted actor, and what a restart needs."""
 
-    __slots__ = (
-        "name", "actor", "mailbox", "handlers", "ready", "ref", "fault", "delivered", "told",
-        "restart_args",
-    )  # fmt: skip
+    __slots__ = ("ref", "restart_args")
 
     def __init__(self, name: str, actor: Actor) -> None:
-        self.name = name
-        self.actor = actor
-        self.mailbox: deque[tuple[Any, Any]] = deque()
-        self.handlers = actor.bound_handlers()
-        self.ready = False
+        super().__init__(name, actor)
         self.ref = LocalRef(self)
-        self.fault: fault_plans.Fault | None = None  # planned death, if any
-        self.delivered = 0  # messages delivered (counted only for an actor with a fault)
-        self.told: list[Any] = []  # what the driver told it (its wiring), replayed on restart
         self.restart_args: tuple | None = None  # pristine constructor arguments
 
 
@@ -52,7 +46,7 @@ class LocalRef:
 
     @property
     def name(self) -> str:
-        return self._cell.name if self._cell else "driver"
+        return self._cell.name if self._cell else DRIVER
 
     def __repr__(self) -> str:
         return f"LocalRef({self.name!r})"
@@ -73,34 +67,33 @@ class _LocalContext:
 class LocalRuntime:
     """Hosts actors in this process and delivers their messages on the caller's thread.
 
-    ``faults`` is a fault plan (:mod:`.faults`; its delays are real sleeps here, which the
-    whole run waits out, see there): a planned actor dies instead of handling the
-    message that meets its trigger, its mailbox is lost with it, and, as on Ray, a
-    ``restartable`` one is rebuilt from its constructor arguments, told its wiring again, and
-    the actor the driver converses with is told ``ActorRestarted`` (at most ``max_restarts``
-    times per actor); any other death ends the run with ``ActorFailed`` naming it.
+    Options (:class:`~.options.LocalOptions`): ``faults`` is a fault plan (:mod:`.faults`; its
+    delays are real sleeps here, which the whole run waits out, see there): a planned actor
+    dies instead of handling the message that meets its trigger, its mailbox is lost with it,
+    and, as on Ray, a ``restartable`` one is rebuilt from its constructor arguments, told its
+    wiring again, and the actor the driver converses with is told ``ActorRestarted`` (at most
+    ``max_restarts`` times per actor); any other death ends the run with ``ActorFailed`` naming
+    it. ``tap`` sees every message the run sends (:data:`~.options.Tap`).
     """
 
     single_threaded = True
 
-    def __init__(
-        self, seed: int | None = None, *, faults: Any = None, max_restarts: int = 5
-    ) -> None:
-        self._rng = random.Random(seed)
-        self._cells: dict[str, _Cell] = {}
-        self._ready: list[_Cell] = []
+    def __init__(self, seed: int | None = None, **options: Any) -> None:
+        self.options: LocalOptions = parse("local", options)  # type: ignore[assignment]
+        self._queue = RunQueue(seed, self._kill, self.options.tap)
+        self._cells: dict[str, _Cell] = self._queue.cells  # type: ignore[assignment]
         self._driver_ref = LocalRef(None)
         self._driver_inbox: deque[Any] = deque()
-        self._plan = fault_plans.plan(faults)
+        self._plan = self.options.faults
         self._faults = fault_plans.kills(self._plan)
-        if not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
-        self._max_restarts = max_restarts
-        self._partner: LocalRef | None = None  # the actor the driver converses with
-        self.delivered = 0
-        """Messages delivered so far (for tests and benchmarks)."""
-        self.restarts: dict[str, int] = {}
+        self._supervisor = Supervisor(self.options.max_restarts)
+        self.restarts = self._supervisor.restarts
         """Restarts per actor name."""
+
+    @property
+    def delivered(self) -> int:
+        """Messages delivered so far (for tests and benchmarks)."""
+        return self._queue.delivered
 
     def spawn(self, name: str, cls: type[Actor], *args: Any, **kwargs: Any) -> LocalRef:
         if name in self._cells:
@@ -140,111 +133,69 @@ class LocalRuntime:
 
     def _post(self, ref: LocalRef, message: Any, sender: LocalRef) -> None:
         cell = ref._cell
-        if cell is None:
+        if cell is not None:
+            self._queue.enqueue(cell, sender, message)
+        elif self._queue.tapped(sender.name, DRIVER, message):
             self._driver_inbox.append(message)
-            return
-        cell.mailbox.append((sender, message))
-        if not cell.ready:
-            cell.ready = True
-            self._ready.append(cell)
 
     def tell(self, ref: LocalRef, message: Any) -> None:
-        if self._partner is None:  # before the run starts: wiring, replayed after a restart
-            ref._cell.told.append(message)
+        if self._supervisor.partner is None:  # before the run starts: its wiring
+            self._supervisor.wiring(ref.name, message)
         self._post(ref, message, self._driver_ref)
 
     def converse(self, ref: LocalRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
-        if self._partner is None:
-            actors = {name: cell.actor for name, cell in self._cells.items()}
-            fault_plans.check_targets(self._plan, actors)  # none that cannot fire
-            self._partner = ref
+        if self._supervisor.partner is None:
+            self._queue.check_targets(self._plan)  # none that cannot fire
+            self._supervisor.partner = ref
         self.tell(ref, message)
-        inbox = self._driver_inbox
-        with stop_signals_as_flag() as interrupted:
-            while True:
-                self._run_until_reply(deadline, interrupted)
-                while inbox:
-                    yield inbox.popleft()
+        yield from replies(self._run_until_reply, self._driver_inbox, deadline)
 
     def _run_until_reply(self, deadline: float, interrupted: StopFlag) -> None:
-        ready = self._ready
-        inbox = self._driver_inbox
-        uniform = self._rng.random  # int(uniform() * n) picks in [0, n): cheaper than randrange
-        delivered = 0
-        interrupted.raise_if_set()
-        if time.monotonic() > deadline:
-            raise RunTimeout("the run did not finish within its timeout")
-        try:
-            while not inbox:
-                n = len(ready)
-                if n == 0:
-                    raise Deadlock(
-                        "no actor has a message to handle, but the driver got no reply: "
-                        "a message was lost or an actor is waiting for a reply that never comes"
-                    )
-                i = int(uniform() * n) if n > 1 else 0
-                cell = ready[i]
-                mailbox = cell.mailbox
-                sender, message = mailbox.popleft()
-                if not mailbox:
-                    # swap-remove keeps removal O(1); order in `ready` is irrelevant to the pick
-                    last = ready.pop()
-                    if last is not cell:
-                        ready[i] = last
-                    cell.ready = False
-                if cell.fault is not None:
-                    cell.delivered += 1
-                    if cell.fault.due(message, cell.delivered, cell.actor):
-                        self._kill(cell, message)
-                        continue
-                handler = cell.handlers.get(type(message))
-                if handler is None:
-                    raise ActorFailed(
-                        cell.name, type(message).__name__, TypeError("no handler for this message")
-                    )
-                try:
-                    handler(message, sender)
-                except Exception as exc:
-                    raise ActorFailed(cell.name, type(message).__name__, exc) from exc
-                delivered += 1
-                if not delivered & 255:  # about every 0.1-1 ms
-                    interrupted.raise_if_set()  # between two messages: every actor is whole
-                    if time.monotonic() > deadline:
-                        raise RunTimeout("the run did not finish within its timeout")
+        queue, inbox = self._queue, self._driver_inbox
+        while True:
+            interrupted.raise_if_set()  # between two messages: every actor is whole
             # A stop during the last few messages (say, while the parameters trained so far
-            # are collected): seen before the reply is handed over, not lost with it.
-            interrupted.raise_if_set()
-        finally:
-            self.delivered += delivered
+            # are collected) is seen before the reply is handed over, not lost with it.
+            if inbox:
+                return
+            if time.monotonic() > deadline:
+                raise RunTimeout("the run did not finish within its timeout")
+            if not queue.ready:
+                raise Deadlock(
+                    "no actor has a message to handle, but the driver got no reply: "
+                    "a message was lost or an actor is waiting for a reply that never comes"
+                )
+            queue.deliver(BATCH, inbox)
 
     def _kill(self, cell: _Cell, message: Any) -> None:
         """The planned death of ``cell``'s actor, instead of handling ``message``."""
         fault, cell.fault = cell.fault, None  # a planned fault happens once
-        restarts = self.restarts.get(cell.name, 0)
-        if cell.restart_args is None or restarts >= self._max_restarts:
-            why = (
-                "its class is not restartable" if cell.restart_args is None else "no restarts left"
-            )
-            raise ActorFailed(
+
+        def refuse(why: str, count: int) -> ActorFailed:
+            why = "its class is not restartable" if why == "not restartable" else why
+            return ActorFailed(
                 cell.name, type(message).__name__, RuntimeError(f"died ({fault}); {why}")
             )
-        self.restarts[cell.name] = restarts + 1
-        if cell.mailbox:  # what was on its way to the dead actor is lost with it
-            cell.mailbox.clear()
-            if cell.ready:
-                self._ready.remove(cell)
-                cell.ready = False
-        args, kwargs = copy.deepcopy(cell.restart_args)
-        cell.actor = type(cell.actor)(*args, **kwargs)
-        cell.actor.restarted = True  # before anything is delivered (see Actor.restarted)
-        cell.actor.bind(_LocalContext(self, cell))
-        cell.handlers = self._handlers(cell.name, cell.actor)
-        for told in cell.told:
-            self._post(cell.ref, told, self._driver_ref)
-        self._post(self._partner, ActorRestarted(cell.name, cell.ref), self._driver_ref)
+
+        def respawn() -> None:
+            self._queue.discard(cell)  # what was on its way to the dead actor is lost with it
+            args, kwargs = copy.deepcopy(cell.restart_args)
+            cell.actor = type(cell.actor)(*args, **kwargs)
+            cell.actor.restarted = True  # before anything is delivered (see Actor.restarted)
+            cell.actor.bind(_LocalContext(self, cell))
+            cell.handlers = self._handlers(cell.name, cell.actor)
+
+        self._supervisor.restart(
+            cell.name,
+            cell.ref,
+            restartable=cell.restart_args is not None,
+            refuse=refuse,
+            respawn=respawn,
+            send=lambda ref, m: self._post(ref, m, self._driver_ref),
+        )
 
     def shutdown(self) -> None:
         self._cells.clear()
-        self._ready.clear()
+        self._queue.ready.clear()
         self._driver_inbox.clear()

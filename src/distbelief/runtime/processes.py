@@ -50,10 +50,10 @@ import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from . import faults as fault_plans
-from .base import Actor, Failure, NamedRef, StopFlag, stop_signals_as_flag
+from .base import DRIVER, Actor, Failure, NamedRef, StopFlag
+from .options import SHARD_UPDATES, ProcessesOptions, Tap, parse
+from .runqueue import Cell, RunQueue, replies
 
-DRIVER = "driver"
-"""The driver's name as a sender and receiver."""
 SHARED = -1
 """Home of an actor hosted in every process."""
 BATCH = 64
@@ -84,23 +84,15 @@ class _ProbeReply:
         self.sent, self.received = sent, received
 
 
-class _Cell:
-    """One hosted actor in one process: its mailbox and cached handlers."""
+class _Cell(Cell):
+    """One hosted actor in one process, and where it lives."""
 
-    __slots__ = (
-        "name", "index", "actor", "mailbox", "handlers", "ready", "home", "fault", "delivered",
-    )  # fmt: skip
+    __slots__ = ("index", "home")
 
     def __init__(self, name: str, index: int, actor: Actor, home: int) -> None:
-        self.name = name
-        self.index = index
-        self.actor = actor
+        super().__init__(name, actor)
+        self.index = index  # in _Host.names: what the shared slots of `current` hold
         self.home = home
-        self.mailbox: deque[tuple[ProcRef, Any]] = deque()
-        self.handlers = actor.bound_handlers()
-        self.ready = False
-        self.fault: fault_plans.Fault | None = None  # planned death, if any
-        self.delivered = 0  # messages delivered here (counted only for an actor with a fault)
 
 
 class _Context:
@@ -115,15 +107,13 @@ class _Context:
         self._host.post(ref.name, message, self.self_ref)
 
 
-class _Host:
-    """The actors one process runs, its run queue and its ends of the pipes."""
+class _Host(RunQueue):
+    """The actors one process runs (its run queue) and its ends of the pipes."""
 
-    def __init__(self, seed: int | None) -> None:
+    def __init__(self, seed: int | None, tap: Tap | None = None) -> None:
+        super().__init__(seed, self._die, tap)
         self.index = 0  # 0: the driver's process; 1..N: the workers
         self.seed = seed
-        self.rng = random.Random(seed)
-        self.cells: dict[str, _Cell] = {}
-        self.ready: list[_Cell] = []
         self.route: dict[str, int] = {}  # actor name -> home process (SHARED: every one)
         self.inbox: deque[Any] = deque()  # the driver's mail (process 0 only)
         self.started = False
@@ -134,7 +124,6 @@ class _Host:
         self.current: Any = None  # shared ints: the cell index each process is handling
         self.names: list[str] = []  # cell index -> actor name
         self.failed: Failure | None = None
-        self.delivered = 0
         # Messages sent to / received from each process (probes not counted), for the
         # quiescence detection; a probe seen by a worker, answered after its pipes are drained.
         self.sent: list[int] = []
@@ -153,13 +142,10 @@ class _Host:
             self.sent[home] += 1
             return
         if name == DRIVER:
-            self.inbox.append(message)
+            if self.tapped(sender.name, DRIVER, message):
+                self.inbox.append(message)
             return
-        cell = self.cells[name]
-        cell.mailbox.append((sender, message))
-        if not cell.ready:
-            cell.ready = True
-            self.ready.append(cell)
+        self.enqueue(self.cells[name], sender, message)
 
     def _write(self) -> None:
         """The writer thread: pickled envelopes to their processes' pipes, in order."""
@@ -206,49 +192,14 @@ class _Host:
 
     # ------------------------------------------------------------------ delivering
 
-    def deliver(self, budget: int) -> int:
+    def deliver(self, budget: int) -> int:  # type: ignore[override]
         """Deliver up to ``budget`` messages, one at a time; returns how many."""
-        ready = self.ready
-        uniform = self.rng.random
-        current, slot = self.current, self.index
-        done = 0
-        while ready and done < budget and not self.inbox:
-            n = len(ready)
-            i = int(uniform() * n) if n > 1 else 0
-            cell = ready[i]
-            mailbox = cell.mailbox
-            sender, message = mailbox.popleft()
-            if not mailbox:
-                last = ready.pop()  # swap-remove: order in `ready` is irrelevant to the pick
-                if last is not cell:
-                    ready[i] = last
-                cell.ready = False
-            if cell.fault is not None:
-                self._maybe_die(cell, message)
-            handler = cell.handlers.get(type(message))
-            if handler is None:
-                raise ActorFailed(
-                    cell.name, type(message).__name__, TypeError("no handler for this message")
-                )
-            if current is not None:
-                current[slot] = cell.index
-            try:
-                handler(message, sender)
-            except Exception as exc:
-                raise ActorFailed(cell.name, type(message).__name__, exc) from exc
-            if current is not None:
-                current[slot] = -1
-            done += 1
-        self.delivered += done
-        return done
+        return super().deliver(budget, self.inbox, self.current, self.index)
 
-    def _maybe_die(self, cell: _Cell, message: Any) -> None:
-        """The fault plan: die instead of handling ``message`` if it meets the trigger. There
-        are no restarts on this runtime, so a planned death ends the run naming the actor."""
-        cell.delivered += 1
+    def _die(self, cell: _Cell, message: Any) -> None:
+        """The planned death of ``cell``'s actor, instead of handling ``message``. There are no
+        restarts on this runtime, so a planned death ends the run naming the actor."""
         fault = cell.fault
-        if not fault.due(message, cell.delivered, cell.actor):
-            return
         if fault.kind == "exit" and self.index > 0:
             self.current[self.index] = cell.index  # the driver names the actor it was handling
             os._exit(70)  # a crash of the process itself
@@ -261,8 +212,6 @@ class _Host:
 
 PROBE_AFTER_S = 0.25
 """How long the driver's process waits idle before it probes the workers for a deadlock."""
-SHARD_UPDATES = ("locked", "hogwild")
-"""How a shared shard applies pushes from several processes (``shard_updates``)."""
 LOCK_TIMEOUT_S = 60.0
 """Longest a process waits for a shared actor's lock (held for one handler at a time; a
 holder that died is noticed by the driver long before)."""
@@ -344,7 +293,8 @@ def _worker_main(host: _Host, threads: int, parent: int) -> None:
 class ProcessesRuntime:
     """Hosts actors in forked worker processes of this machine (see the module doc).
 
-    Options: ``processes`` (workers; default: as many as groups, at most the machine's CPUs),
+    Options (:class:`~.options.ProcessesOptions`): ``processes`` (workers; default: as many
+    as groups, at most the machine's CPUs),
     ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's),
     ``faults`` (a fault plan, :mod:`.faults`: a delayed actor sleeps in its handler; the
     planned actor dies and, as this runtime restarts nothing, the run ends with
@@ -353,53 +303,22 @@ class ProcessesRuntime:
     nothing is restarted here), ``shard_updates``: ``"locked"`` (default: a shard applies
     one push at a time, exactly as in one process) or ``"hogwild"`` (pushes from different
     processes apply at the same time, unsynchronized as in Hogwild; versions, staleness and
-    counters still counted exactly: see ``ParameterShard``).
+    counters still counted exactly: see ``ParameterShard``), ``tap`` (sees every message, in
+    the process that hosts its receiver: :data:`~.options.Tap`; a worker inherits it).
     """
 
     single_threaded = False
 
-    def __init__(
-        self,
-        seed: int | None = None,
-        *,
-        processes: int | None = None,
-        threads_per_process: int = 1,
-        faults: Any = None,
-        max_restarts: int = 0,
-        shard_updates: str = "locked",
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise ConfigError(
-                f"runtime_options: unknown option(s) {sorted(unknown)} for the processes "
-                "runtime; it takes processes, threads_per_process, faults, max_restarts, "
-                "shard_updates"
-            )
-        if shard_updates not in SHARD_UPDATES:
-            raise ConfigError(
-                f"runtime_options: shard_updates must be one of {', '.join(SHARD_UPDATES)}, "
-                f"got {shard_updates!r}"
-            )
-        self._hogwild = shard_updates == "hogwild"
-        if not isinstance(max_restarts, int) or max_restarts < 0:
-            raise ConfigError(f"runtime_options: max_restarts must be >= 0, got {max_restarts!r}")
+    def __init__(self, seed: int | None = None, **options: Any) -> None:
+        self.options: ProcessesOptions = parse("processes", options)  # type: ignore[assignment]
         if "fork" not in multiprocessing.get_all_start_methods():
             raise ConfigError("runtime: 'processes' forks its workers; this platform cannot fork")
-        self._plan = fault_plans.plan(faults)
+        self._hogwild = self.options.shard_updates == "hogwild"
+        self._plan = self.options.faults
         self._faults = fault_plans.kills(self._plan)
-        ok = processes is None or (isinstance(processes, int) and processes >= 1)
-        if not ok or isinstance(processes, bool):
-            raise ConfigError(
-                f"runtime_options: processes must be an integer >= 1, got {processes!r}"
-            )
-        if not isinstance(threads_per_process, int) or threads_per_process < 0:
-            raise ConfigError(
-                "runtime_options: threads_per_process must be an integer >= 0, "
-                f"got {threads_per_process!r}"
-            )
-        self._processes = processes
-        self._threads = threads_per_process
-        self._host = _Host(seed)
+        self._processes = self.options.processes
+        self._threads = self.options.threads_per_process
+        self._host = _Host(seed, self.options.tap)
         self._groups: dict[int, int] = {}  # group number -> order of first appearance
         self._workers: list[Any] = []  # multiprocessing.Process, worker i at [i - 1]
         self._driver_ref = ProcRef(DRIVER)
@@ -446,17 +365,10 @@ class ProcessesRuntime:
     def converse(self, ref: ProcRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
         if not self._host.started:
-            actors = {name: cell.actor for name, cell in self._host.cells.items()}
-            fault_plans.check_targets(self._plan, actors)  # none that cannot fire
+            self._host.check_targets(self._plan)  # none that cannot fire
             self._start()
-        host = self._host
         self.tell(ref, message)
-        inbox = host.inbox
-        with stop_signals_as_flag() as interrupted:
-            while True:
-                self._run_until_reply(deadline, interrupted)
-                while inbox:
-                    yield inbox.popleft()
+        yield from replies(self._run_until_reply, self._host.inbox, deadline)
 
     def _run_until_reply(self, deadline: float, interrupted: StopFlag) -> None:
         host = self._host
@@ -655,3 +567,6 @@ def _run_worker(host: _Host, index: int, pipes: dict, threads: int, parent: int)
     _keep_cells(host, index)
     host.inbox.clear()
     _worker_main(host, threads, parent)
+
+
+__all__ = ["SHARD_UPDATES", "ProcRef", "ProcessesRuntime"]  # SHARD_UPDATES: for the CLI

@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -58,14 +58,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ...errors import ActorFailed, ConfigError, RunTimeout
 from .. import faults as fault_plans
-from ..base import Actor, ActorRestarted, Failure, NamedRef, stop_signals_as_flag
+from ..base import DRIVER, Actor, Failure, NamedRef, stop_signals_as_flag
 from ..faults import Fault
-from .placement import STRATEGIES, plan_placement, replace_node
+from ..options import RayOptions, parse
+from ..runqueue import handle
+from ..supervise import Supervisor
+from .placement import plan_placement, replace_node
 from .watchdog import DONE
 from .wire import Address, Endpoint, FlowControl, flow_control, listening_socket
-
-DRIVER = "driver"
-"""The driver's name as a sender and receiver."""
 
 LOCAL_SYSTEM_CONFIG = {
     # Ray lowers its workers' priority (nice 15) to keep the driver responsive; here the
@@ -185,7 +185,6 @@ class _Host:
         ref = self.refs.get(sender)
         if ref is None:
             ref = self.refs[sender] = RayRef(sender)
-        handlers = self.handlers
         message = None
         try:
             for message in batch:
@@ -194,17 +193,16 @@ class _Host:
                     if self.fault.due(message, self.delivered, self.actor):
                         self._die()
                         return
-                handler = handlers.get(type(message))
-                if handler is None:
-                    raise TypeError(f"{type(self.actor).__name__} has no handler for this message")
-                handler(message, ref)
+                handle(self, message, ref)
             outbox = self.outbox
             if outbox:
                 send = self.endpoint.send
                 for name, messages in outbox.items():
                     send(name, messages)
                 outbox.clear()
-        except Exception as exc:  # noqa: BLE001 - reported to the driver, which ends the run
+        except ActorFailed as exc:  # reported to the driver, which ends the run
+            self._fail(exc.message, exc.cause)
+        except Exception as exc:  # noqa: BLE001 - sending what it told failed: reported too
             self._fail(type(message).__name__ if message is not None else "a message", exc)
 
     def _undecodable(self, sender: str, exc: BaseException) -> None:
@@ -398,14 +396,12 @@ class _Spec:
     address: Address | None = None
     sent: int = 0
     """Messages the driver sent to the current incarnation."""
-    told: list = dataclasses.field(default_factory=list)
-    """What the driver told the actor with ``tell`` (its wiring), replayed after a restart."""
 
 
 class RayRuntime:
     """Hosts every actor as a Ray actor; the driver (this object) supervises them.
 
-    Options (``runtime_options`` of :func:`distbelief.train`):
+    Options (``runtime_options`` of :func:`distbelief.train`; :class:`~..options.RayOptions`):
 
     * ``address``: join the Ray cluster at this address (``ray start --head`` printed it);
       default: use Ray if this process already initialised it, else start a local instance.
@@ -427,62 +423,28 @@ class RayRuntime:
 
     single_threaded = False
 
-    def __init__(
-        self,
-        seed: int | None = None,
-        *,
-        address: str | None = None,
-        placement: str | Mapping[str, str] = "spread",
-        faults: Any = None,
-        max_restarts: int = 5,
-        health_period_s: float = 0.5,
-        startup_timeout_s: float = 600.0,
-        threads_per_actor: int = 1,
-        num_cpus: int | None = None,
-        flow_window_bytes: int = FlowControl.window,
-        flow_timeout_s: float = FlowControl.timeout_s,
-        **unknown: Any,
-    ) -> None:
-        if unknown:
-            raise ConfigError(
-                f"runtime_options: unknown option(s) {sorted(unknown)} for the ray runtime; "
-                "it takes address, placement, faults, max_restarts, health_period_s, "
-                "startup_timeout_s, threads_per_actor, num_cpus, flow_window_bytes, "
-                "flow_timeout_s"
-            )
-        if not isinstance(flow_window_bytes, int) or flow_window_bytes < 0:
-            raise ConfigError(
-                "runtime_options: flow_window_bytes must be a whole number of bytes >= 0 "
-                f"(0: no flow control), got {flow_window_bytes!r}"
-            )
-        if not isinstance(flow_timeout_s, (int, float)) or not flow_timeout_s > 0:
-            raise ConfigError(
-                f"runtime_options: flow_timeout_s must be a number > 0, got {flow_timeout_s!r}"
-            )
-        self._flow = flow_control(flow_window_bytes, flow_timeout_s)
-        if not isinstance(placement, Mapping) and placement not in STRATEGIES:
-            raise ConfigError(
-                f"runtime_options: placement must be one of {', '.join(STRATEGIES)} or "
-                f"{{actor name: node id}}, got {placement!r}"
-            )
+    def __init__(self, seed: int | None = None, **options: Any) -> None:
+        self.options: RayOptions = parse("ray", options)  # type: ignore[assignment]
+        opts = self.options
+        self._flow = flow_control(opts.flow_window_bytes, opts.flow_timeout_s)
         self.seed = seed  # Ray interleaves as it will: only the in-process runtime is seeded
-        self._placement = placement
-        self._plan = fault_plans.plan(faults)
+        self._placement = opts.placement
+        self._plan = opts.faults
         self._faults = fault_plans.kills(self._plan)
         self._delays = fault_plans.delays(self._plan)
-        self._max_restarts = max_restarts
-        self._period = health_period_s
-        self._startup_timeout = startup_timeout_s
-        self._threads = threads_per_actor
+        self._supervisor = Supervisor(opts.max_restarts)
+        self._period = opts.health_period_s
+        self._startup_timeout = opts.startup_timeout_s
+        self._threads = opts.threads_per_actor
+        address, num_cpus = opts.address, opts.num_cpus
         self._secret = secrets.token_bytes(32)
         self._stack = contextlib.ExitStack()
         self._specs: dict[str, _Spec] = {}
         self._pending: list[str] = []
         self._pings: dict[Any, str] = {}
         self._next_watch = 0.0
-        self._partner: RayRef | None = None
         self._closed = False
-        self.restarts: dict[str, int] = {}
+        self.restarts = self._supervisor.restarts
         """Restarts per actor name."""
         self.pids: dict[str, list[int]] = {}
         """Every process id each actor ran in (several after restarts)."""
@@ -521,14 +483,14 @@ class RayRuntime:
 
     def tell(self, ref: RayRef, message: Any) -> None:
         self._start_pending(time.monotonic() + self._startup_timeout)
-        self._specs[ref.name].told.append(message)
+        self._supervisor.wiring(ref.name, message)
         self._send(ref.name, message)
 
     def converse(self, ref: RayRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
         with stop_signals_as_flag() as interrupted:  # a stop during start-up counts after it
             self._start_pending(min(deadline, time.monotonic() + self._startup_timeout))
-            self._partner = ref
+            self._supervisor.partner = ref
             self._barrier(list(self._specs), deadline)  # the wiring is in place before any flow
             interrupted.raise_if_set()
             self._send(ref.name, message)
@@ -735,25 +697,30 @@ class RayRuntime:
     def _restart(self, name: str, cause: Exception, deadline: float) -> None:
         """Respawn a dead actor from its constructor arguments and tell the run it did."""
         spec = self._specs[name]
-        if not getattr(spec.cls, "restartable", False):
-            raise ActorFailed(name, "(none: its process died)", cause)
-        count = self.restarts.get(name, 0) + 1
-        if count > self._max_restarts:
-            raise ActorFailed(name, f"(none: died {count} times)", cause)
-        self.restarts[name] = count
-        with contextlib.suppress(Exception):
-            ray.kill(spec.handle, no_restart=True)
-        placed = {n: s.node for n, s in self._specs.items() if s.node is not None}
-        spec.fault = None  # a planned fault happens once
-        self._create(name, replace_node(name, self._live_nodes(), placed, spec.node), True)
         limit = min(deadline, time.monotonic() + self._startup_timeout)
-        self._start([name], limit)
-        self._update([n for n in self._specs if n != name], {name: spec.address}, limit)
-        for message in spec.told:  # its wiring, as first sent
-            self._send(name, message)
-        self._barrier([name], limit)
-        if self._partner is not None:
-            self._send(self._partner.name, ActorRestarted(name, RayRef(name)))
+
+        def refuse(why: str, count: int) -> ActorFailed:
+            died = "its process died" if why == "not restartable" else f"died {count} times"
+            return ActorFailed(name, f"(none: {died})", cause)
+
+        def respawn() -> None:
+            with contextlib.suppress(Exception):
+                ray.kill(spec.handle, no_restart=True)
+            placed = {n: s.node for n, s in self._specs.items() if s.node is not None}
+            spec.fault = None  # a planned fault happens once
+            self._create(name, replace_node(name, self._live_nodes(), placed, spec.node), True)
+            self._start([name], limit)
+            self._update([n for n in self._specs if n != name], {name: spec.address}, limit)
+
+        self._supervisor.restart(
+            name,
+            RayRef(name),
+            restartable=getattr(spec.cls, "restartable", False),
+            refuse=refuse,
+            respawn=respawn,
+            send=lambda ref, message: self._send(ref.name, message),
+            settle=lambda: self._barrier([name], limit),
+        )
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
