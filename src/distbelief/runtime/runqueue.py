@@ -45,9 +45,10 @@ def handle(cell: Cell, message: Any, sender: Any) -> None:
     or the handler raised) becomes :class:`ActorFailed` naming the actor and the message.
     ``cell`` is anything with the actor's ``name`` and ``handlers`` (a Ray host too)."""
     handler = cell.handlers.get(type(message))
-    if handler is None:
+    if handler is None:  # named by class, as Ray's host always did
+        what = f"{type(cell.actor).__name__} has" if hasattr(cell, "actor") else "there is"
         raise ActorFailed(
-            cell.name, type(message).__name__, TypeError("no handler for this message")
+            cell.name, type(message).__name__, TypeError(f"{what} no handler for this message")
         )
     try:
         handler(message, sender)
