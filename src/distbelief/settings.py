@@ -32,6 +32,7 @@ COMMON = "common"
 COMMAND = "command"
 """The owner of a setting of the command only (where output goes, the data file, ...)."""
 
+
 class _Required:
     def __repr__(self) -> str:
         return "REQUIRED"

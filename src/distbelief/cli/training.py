@@ -103,14 +103,7 @@ def train_command(ctx: typer.Context, **f: Any) -> None:
     resolved = _record(ctx, f, settings, spec, widths, dataset)
     if f["resume"] is not None and _nothing_left(ctx, f, net, settings, resolved):
         return
-    runlog = None
-    if not f["no_run_dir"]:
-        name = Path(f["data"]).stem if f["data"] else dataset
-        path = f["run_dir"] if f["run_dir"] is not None else default_run_dir(name)
-        try:  # before any data is generated or trained: an unusable directory ends it here
-            runlog = RunLog(path, resolved, name="run-dir")
-        except ConfigError as exc:
-            raise UsageFailure(str(exc)) from None
+    runlog = _run_log(f, dataset, resolved)
     if settings.get("eval_every", 0) is None and runlog is None:
         settings["eval_every"] = 0  # no curves to draw: evaluate at the end only
     checkpoint_dir = f["checkpoint_dir"]
@@ -148,6 +141,19 @@ def train_command(ctx: typer.Context, **f: Any) -> None:
         print(strict_json(s))
     else:
         print_summary(Console(), s)
+
+
+def _run_log(f: dict[str, Any], dataset: str, resolved: dict[str, Any]) -> RunLog | None:
+    """The run directory (unless --no-run-dir), made before any data is generated or
+    trained: an unusable directory ends the command here."""
+    if f["no_run_dir"]:
+        return None
+    name = Path(f["data"]).stem if f["data"] else dataset
+    path = f["run_dir"] if f["run_dir"] is not None else default_run_dir(name)
+    try:
+        return RunLog(path, resolved, name="run-dir")
+    except ConfigError as exc:
+        raise UsageFailure(str(exc)) from None
 
 
 train_command.__signature__ = signature(  # type: ignore[attr-defined]
