@@ -62,13 +62,15 @@ class Setting:
     check: Check | None = None
     """Validates (and normalises) a value; None: any value."""
     help: str = ""
-    """The flag's help (``{preset}``: each preset's value, filled in by the command)."""
+    """The flag's help (the command fills in ``{preset}``: each preset's value, and
+    ``{may_differ}``: the flags a resume may change)."""
     flag: bool = True
     """Whether the command has a flag for it (``--name-with-dashes``)."""
     kind: type = str
     """The type of the flag's value."""
     recorded: bool = True
-    """Recorded in a run's config.toml and in the flags a checkpoint keeps."""
+    """Recorded in a run's config.toml, in the flags a checkpoint keeps and in its manifest's
+    configuration (not so where output and checkpoints go, nor the runtime's options)."""
     may_differ: bool = False
     """A resume may change it (more epochs, another runtime); the others must agree."""
     default_on_resume: bool = True
@@ -255,7 +257,7 @@ RUNTIME = Setting(
 )  # fmt: skip
 """Its check (the runtimes' names) is given by each configuration, which may import them."""
 RUNTIME_OPTIONS = Setting(default_factory=dict, flag=False, recorded=False)
-TIMEOUT_S = Setting(default=3600.0, check=number(positive=True), flag=False, recorded=False)
+TIMEOUT_S = Setting(default=3600.0, check=number(positive=True), flag=False)
 CHECKPOINT_DIR = Setting(
     default=None, check=directory, recorded=False, shown=True,
     help="Write checkpoints here (ckpt-<update>; the newest kept): every --checkpoint-every "
