@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import typer
 
 from distbelief import ConfigError, algorithms, cli
 from distbelief.algorithms.downpour.config import DownpourConfig
@@ -79,3 +80,12 @@ def test_summary_keys_of_settings_are_declared_shown():
     assert {"n_fetch", "n_push", "lr", "stages", "eval_every", "seed"} <= keys
     shown = {s.shown for s in declared(SandblasterConfig).values() if isinstance(s.shown, str)}
     assert shown == {"steps_max"}
+
+
+def test_train_has_a_flag_for_every_declared_flag_and_none_other():
+    command = typer.main.get_command(cli.app).commands["train"]
+    params = {p.name for p in command.params}
+    for name in algorithms.names():
+        for key, s in declared(algorithms.get(name).config).items():
+            assert (key in params) == s.flag, key
+    assert params == set(options.SETTINGS)
