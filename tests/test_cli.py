@@ -47,6 +47,19 @@ def test_json_main_job_shape(capsys: pytest.CaptureFixture[str]) -> None:
     # 4 replicas x 500 examples in batches of 32 = 4 x 16 steps; each step pushes to each
     # shard its stages overlap: (1 + 2 or 2 + 1) = 3 segments per step
     assert s["steps"] == 64 and s["updates_applied"] == 3 * 64
+    assert s["shard_updates"] is None  # a processes runtime's option; this ran in-process
+
+
+@pytest.mark.processes
+def test_shard_updates_are_in_the_summary_and_the_json(capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 17: the JSON and the summary say how the shards applied pushes
+    argv = ["train", "digits", "--epochs", "1", "--replicas", "2", "--stages", "1", "--shards",
+            "1", "--hidden", "16", "--runtime", "processes", "--no-run-dir"]  # fmt: skip
+    s = run_json(capsys, *argv, "--shard-updates", "hogwild")
+    assert (s["runtime"], s["shard_updates"]) == ("processes", "hogwild")
+    code, out, err = run(capsys, *argv, "--quiet")
+    assert code == 0, err
+    assert "2 x 1 (processes runtime, locked shard updates)" in out  # locked: the default
 
 
 def test_json_flags_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:

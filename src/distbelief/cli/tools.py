@@ -1,0 +1,84 @@
+"""The ``bench`` and ``report`` commands: thin wrappers over ``distbelief.bench`` and
+``distbelief.report``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..errors import ConfigError
+from .app import UsageFailure, app, prose
+from .app import opt as _opt
+
+
+@app.command("bench")
+@prose
+def bench_command(
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (a smoke test).")] = False,
+    only: Annotated[
+        str | None, _opt("Comma-separated subset: overhead, scaling, shard, xor.")
+    ] = None,
+    repeats: Annotated[int | None, _opt("Alternating repeats per comparison (best kept).")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object, last line (not with --markdown).")
+    ] = False,
+    as_markdown: Annotated[
+        bool,
+        typer.Option(
+            "--markdown", help="Print the table as Markdown, for the README (not with --json)."
+        ),
+    ] = False,
+) -> None:
+    """Measure the engine side by side against plain PyTorch baselines, in one run."""
+    from .. import bench
+
+    if as_json and as_markdown:
+        raise UsageFailure("json: --json and --markdown each print the whole report; choose one")
+    try:
+        names = bench.parse_only(only)
+        if repeats is not None and repeats < 1:
+            raise ValueError(f"repeats: must be an integer >= 1, got {repeats}")
+    except ValueError as exc:
+        raise UsageFailure(str(exc)) from None
+    console = Console(stderr=True)
+    report = bench.run(
+        names,
+        quick=quick,
+        repeats=repeats,
+        log=None if as_json else lambda m: console.print(m, style="dim"),
+    )
+    if as_json:
+        print(json.dumps(report))
+    elif as_markdown:
+        print(bench.markdown(report))
+    else:
+        Console().print(bench.table(report))
+
+
+@app.command("report")
+@prose
+def report_command(
+    run_dirs: Annotated[
+        list[str],
+        typer.Argument(help="Run directories (of distbelief train).", metavar="RUN_DIR"),
+    ],
+    out: Annotated[
+        str | None, _opt("Write the plots and report.html here (default: the first RUN_DIR).")
+    ] = None,
+) -> None:
+    """Plot one or more runs: their curves as PNGs and one self-contained HTML page.
+
+    Draws accuracy and loss against time and examples, examples/s per replica, the staleness
+    histogram and the shards' update rates. Several runs are overlaid, labelled by what
+    differs in their configurations."""
+    from .. import report
+
+    try:
+        files = report.report(run_dirs, out)
+    except ConfigError as exc:
+        raise UsageFailure(str(exc).replace("run_dir:", "run-dir:", 1)) from None
+    for path in files:
+        print(path)
