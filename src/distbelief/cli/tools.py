@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..bench.registry import only_help
 from ..errors import ConfigError
 from .app import UsageFailure, app, prose
 from .app import opt as _opt
@@ -18,9 +19,7 @@ from .app import opt as _opt
 @prose
 def bench_command(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny sizes (a smoke test).")] = False,
-    only: Annotated[
-        str | None, _opt("Comma-separated subset: overhead, scaling, shard, xor.")
-    ] = None,
+    only: Annotated[str | None, _opt(only_help())] = None,
     repeats: Annotated[int | None, _opt("Alternating repeats per comparison (best kept).")] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object, last line (not with --markdown).")
