@@ -11,7 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from .base import CHUNK_BYTES, SCAN_ROWS, Chunk, DataFileChanged, DataFileError, Layout
+from .base import (
+    CHUNK_BYTES,
+    SCAN_ROWS,
+    Chunk,
+    DataFileChanged,
+    DataFileError,
+    Format,
+    Layout,
+    Span,
+)
 
 
 @dataclass(frozen=True)
@@ -131,23 +140,37 @@ def array_file(path: str, offset: int, where: str) -> ArrayFile:
     return ArrayFile(path, start, dtype, shape, stamp(path))
 
 
-def paired(path: str, x: Any, y: Any, target: str) -> Layout:
-    """The layout of inputs ``x`` and targets ``y`` (each an :class:`ArrayFile` or a loaded
-    array): refused unless they have as many rows; positioned reads if both are files."""
-    if x.shape[0] != y.shape[0]:
-        raise DataFileError(f"{path}: {x.shape[0]} inputs but {y.shape[0]} targets ({target})")
-    both_files = all(isinstance(a, ArrayFile) for a in (x, y))
-    return Layout(target, arrays=(x, y) if both_files else ())
+class ArrayPair(Format):
+    """A format that stores inputs and targets as two arrays (``.npy`` pairs, ``.npz``): their
+    rows are read by position where both are stored raw, else streamed from the loaded arrays.
+    A subclass says where the arrays are."""
 
+    def target_of(self, path: str, target: str | None) -> str:
+        """The target as given, or the format's default for ``path``."""
+        raise NotImplementedError
 
-def array_chunks(x: Any, y: Any) -> Iterator[Chunk]:
-    """The rows of inputs ``x`` and targets ``y`` (each an :class:`ArrayFile` or a loaded
-    array), at most :data:`SCAN_ROWS` rows or :data:`CHUNK_BYTES` of inputs at a time."""
-    n = x.shape[0]
-    row_bytes = max(x[:1].nbytes if isinstance(x, np.ndarray) else x.row_bytes, 1)
-    step = max(1, min(SCAN_ROWS, CHUNK_BYTES // row_bytes))
-    for lo in range(0, n, step):
-        hi = min(lo + step, n)
-        xs = x[lo:hi] if isinstance(x, np.ndarray) else x.read_range(lo, hi)
-        ys = y[lo:hi] if isinstance(y, np.ndarray) else y.read_range(lo, hi)
-        yield lo, xs.reshape(hi - lo, -1), ys
+    def arrays(self, path: str, target: str) -> tuple[ArrayFile | np.ndarray, ...]:
+        """The inputs and the targets, each an :class:`ArrayFile` or a loaded array."""
+        raise NotImplementedError
+
+    def layout(self, path: str, target: str | None) -> Layout:
+        """Both arrays, refused unless they have as many rows."""
+        target = self.target_of(path, target)
+        x, y = self.arrays(path, target)
+        if x.shape[0] != y.shape[0]:
+            raise DataFileError(f"{path}: {x.shape[0]} inputs but {y.shape[0]} targets ({target})")
+        both_files = all(isinstance(a, ArrayFile) for a in (x, y))
+        return Layout(target, arrays=(x, y) if both_files else ())
+
+    def chunks(self, path: str, layout: Layout, span: Span | None = None) -> Iterator[Chunk]:
+        """All rows, from the start, at most :data:`SCAN_ROWS` rows or :data:`CHUNK_BYTES` of
+        inputs at a time."""
+        x, y = self.arrays(path, layout.target)
+        n = x.shape[0]
+        row_bytes = max(x[:1].nbytes if isinstance(x, np.ndarray) else x.row_bytes, 1)
+        step = max(1, min(SCAN_ROWS, CHUNK_BYTES // row_bytes))
+        for lo in range(0, n, step):
+            hi = min(lo + step, n)
+            xs = x[lo:hi] if isinstance(x, np.ndarray) else x.read_range(lo, hi)
+            ys = y[lo:hi] if isinstance(y, np.ndarray) else y.read_range(lo, hi)
+            yield lo, xs.reshape(hi - lo, -1), ys

@@ -31,6 +31,8 @@ class DataFileChanged(DataFileError):
 
 Chunk = tuple[int, np.ndarray, np.ndarray]
 """``(first file row, inputs (rows, features), targets)``: consecutive rows of a file."""
+Span = tuple[int, int]
+"""File rows ``lo:hi``."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,10 @@ class Format(Protocol):
         format stores rows at known offsets, the arrays; refuses a file it cannot read."""
         ...
 
-    def chunks(
-        self,
-        path: str,
-        target: str,
-        columns: tuple[str, ...],
-        span: tuple[int, int] | None = None,
-    ) -> Iterator[Chunk]:
-        """The file's rows in order, a chunk at a time; ``span`` (file rows ``lo:hi``) is a
-        hint that only those rows are wanted (a format may skip what lies outside)."""
+    def chunks(self, path: str, layout: Layout, span: Span | None = None) -> Iterator[Chunk]:
+        """The file's rows in order, a chunk at a time: ``layout``'s columns (in its order)
+        and target. ``span`` is a hint that only those rows are wanted (a format may skip
+        what lies outside)."""
         ...
 
     def where(self, path: str, row: int) -> str:

@@ -66,9 +66,10 @@ def scan(
     if like is not None:
         origin = origin or f"as the training data ({os.path.basename(like.path)})"
         task = task or like.task
-        if target is None and not named(like.format).target_is_path:
-            if fmt is None or not fmt.target_is_path:
-                target = like.target  # a .npy's labels are found beside it
+        # a .npy's labels are found beside it, so neither takes nor gives a target
+        labels_beside = named(like.format).target_is_path or (fmt and fmt.target_is_path)
+        if target is None and not labels_beside:
+            target = like.target
     if task is not None and task not in TASKS:
         raise DataFileError(f"task must be {' or '.join(TASKS)}, got {task!r}")
     if fmt is None and not os.path.isdir(path):
@@ -84,7 +85,7 @@ def scan(
         if columns and like is not None and like.columns:
             columns = match_columns(path, columns, like)
         stats = _Stats(path, fmt, task, columns, origin)
-        for first, x, y in fmt.chunks(path, layout.target, columns):
+        for first, x, y in fmt.chunks(path, replace(layout, columns=columns)):
             stats.add(first, x, y)
     except OSError as exc:
         raise DataFileError(f"{path}: cannot read: {exc.strerror or exc}") from None

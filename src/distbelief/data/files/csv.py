@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import Chunk, DataFileError, Format, Layout
+from .base import Chunk, DataFileError, Format, Layout, Span
 from .columns import pick_target
 
 
@@ -30,18 +30,13 @@ class CsvFormat(Format):
             raise DataFileError(f"{path}: the file is empty (no header row)")
         return pick_target(path, list(header), target)
 
-    def chunks(
-        self,
-        path: str,
-        target: str,
-        columns: tuple[str, ...],
-        span: tuple[int, int] | None = None,
-    ) -> Iterator[Chunk]:
+    def chunks(self, path: str, layout: Layout, span: Span | None = None) -> Iterator[Chunk]:
         """Blocks parsed by Arrow; on a bad cell, the slow exact search names its line."""
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.csv as pcsv
 
+        target, columns = layout.target, layout.columns
         types = {c: pa.float64() for c in columns}
         types[target] = pa.string()  # cast below: integers (labels) or floats (regression)
         first = 0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .arrays import ArrayFile, MappedRows
-from .base import CLASSIFY, Chunk, DataFileError, named
+from .base import CLASSIFY, Chunk, DataFileError, Layout, named
 
 IN_MEMORY_PART_BYTES = 64 << 20
 """A CSV/Parquet part up to this size is kept in memory; a larger one goes to a temp file."""
@@ -269,7 +269,7 @@ def _stream(data: FileData) -> Iterator[Chunk]:
     labels (classify) or float64 ``(rows, k)`` (regress)."""
     rows = data._file_rows(np.array([0, data.length - 1])) if data.length else None
     span = (int(rows[0]), int(rows[1]) + 1) if rows is not None else None
-    chunks = named(data.format).chunks(data.path, data.target, data.columns, span)
+    chunks = named(data.format).chunks(data.path, Layout(data.target, data.columns), span)
     for first, x, y in chunks:
         if data.task == CLASSIFY:
             y = y.reshape(len(y)).astype(np.int64)

@@ -4,36 +4,25 @@ from __future__ import annotations
 
 import struct
 import zipfile
-from collections.abc import Iterator
 
 import numpy as np
 
-from .arrays import ArrayFile, array_chunks, array_file, paired
-from .base import Chunk, DataFileError, Format, Layout
+from .arrays import ArrayFile, ArrayPair, array_file
+from .base import DataFileError
 
 
-class NpzFormat(Format):
+class NpzFormat(ArrayPair):
     """An ``.npz`` file (``np.savez``): rows of an uncompressed member are read by position,
     a compressed one is loaded and streamed."""
 
     name, suffix, target_is_path = "npz", ".npz", False
 
-    def layout(self, path: str, target: str | None) -> Layout:
-        """Arrays ``x`` and ``target`` (default ``y``), with as many rows."""
-        target = target or "y"
-        return paired(path, *self._arrays(path, target), target)
+    def target_of(self, path: str, target: str | None) -> str:
+        """The targets' array: given, or ``y``."""
+        return target or "y"
 
-    def chunks(
-        self,
-        path: str,
-        target: str,
-        columns: tuple[str, ...],
-        span: tuple[int, int] | None = None,
-    ) -> Iterator[Chunk]:
-        """All rows, from the start (an archive member is not read by row group)."""
-        yield from array_chunks(*self._arrays(path, target))
-
-    def _arrays(self, path: str, target: str) -> tuple[ArrayFile | np.ndarray, ...]:
+    def arrays(self, path: str, target: str) -> tuple[ArrayFile | np.ndarray, ...]:
+        """Members ``x`` and ``target``."""
         return _member(path, "x"), _member(path, target)
 
 

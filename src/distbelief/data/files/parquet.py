@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .base import SCAN_ROWS, Chunk, DataFileError, Format, Layout
+from .base import SCAN_ROWS, Chunk, DataFileError, Format, Layout, Span
 from .columns import pick_target
 
 
@@ -32,16 +32,11 @@ class ParquetFormat(Format):
                 raise DataFileError(f"{path}, column {name!r}: type {t} is not numeric")
         return layout
 
-    def chunks(
-        self,
-        path: str,
-        target: str,
-        columns: tuple[str, ...],
-        span: tuple[int, int] | None = None,
-    ) -> Iterator[Chunk]:
+    def chunks(self, path: str, layout: Layout, span: Span | None = None) -> Iterator[Chunk]:
         """Batches of the row groups that overlap ``span`` (file rows ``lo:hi``; None: all)."""
         import pyarrow.parquet as pq
 
+        target, columns = layout.target, layout.columns
         f = pq.ParquetFile(path)
         sizes = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
         starts = np.concatenate(([0], np.cumsum(sizes)))
