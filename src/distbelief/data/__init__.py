@@ -1,2 +1,3 @@
-"""What a run trains on: in-memory tensors, the bundled datasets and how examples are split
-over replicas (inputs), and data files (files)."""
+"""What a run trains on: in-memory tensors (tensors), what train() accepts as data (inputs),
+the bundled datasets (datasets), how examples are split over replicas (sharding), and data
+files (files: one module per format)."""
