@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import distbelief
-from distbelief.data.inputs import mnist1d
+from distbelief.data import mnist1d
 
 
 def make_model(channels: int = 32, in_features: int = 40, out_features: int = 10) -> nn.Sequential:

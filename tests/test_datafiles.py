@@ -98,7 +98,7 @@ def test_a_file_run_equals_the_same_run_on_tensors(
     # The data shard reads its part of the file (a small part once an epoch, a large one a
     # mini-batch at a time) in the epoch's seeded order: the run is the in-memory run, bit
     # for bit.
-    import distbelief.data.files.filedata as datafiles  # where parts are read
+    import distbelief.data.formats.filedata as datafiles  # where parts are read
 
     if reading == "per mini-batch":
         monkeypatch.setattr(datafiles, "IN_MEMORY_PART_BYTES", 0)
@@ -318,7 +318,7 @@ def test_every_reader_gives_the_same_rows(
 ) -> None:
     # Positioned reads (.npy, np.savez), streamed parts kept in memory
     # or spilled to a temporary file (CSV, Parquet, np.savez_compressed): the same examples.
-    import distbelief.data.files.filedata as datafiles  # where parts are read
+    import distbelief.data.formats.filedata as datafiles  # where parts are read
 
     train, _ = digits_files["npy"]
     x, y = np.load(train), np.load(train.with_name("y.npy"))

@@ -14,7 +14,7 @@ from conftest import mlp
 
 import distbelief
 from distbelief.cli import main
-from distbelief.data.files import FileData
+from distbelief.data.formats import FileData
 from distbelief.data.inputs import files
 
 

@@ -26,7 +26,7 @@ from .core.partition import (
     resolve_split_points,
     split_layers,
 )
-from .data.files import FileData, as_file_data
+from .data.formats import FileData, as_file_data
 from .data.inputs import TensorRows, as_tensors, check_device, replica_ranges
 from .errors import ConfigError, NothingToTrain, TrainingDiverged
 from .results import ProgressReport, TrainResult

@@ -14,7 +14,7 @@ from torch import nn
 from .. import algorithms
 from .. import models as modelspec
 from ..data import inputs as datasets
-from ..data.files import CLASSIFY, TASKS, DataFileError, FileData, scan
+from ..data.formats import CLASSIFY, TASKS, DataFileError, FileData, scan
 from ..models import mlp
 from .app import UsageFailure, seam
 

@@ -22,7 +22,7 @@ from .. import algorithms
 from .. import models as modelspec
 from ..core.partition import as_layers, layer_sizes, resolve_split_points
 from ..data import inputs as datasets
-from ..data.files import CLASSIFY, FileData
+from ..data.formats import CLASSIFY, FileData
 from ..errors import ConfigError, NothingToTrain, TrainingInterrupted
 from ..runtime import faults
 from ..runtime.processes import SHARD_UPDATES

@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from .datasets import XOR_TABLE, XOR_TARGETS, digits, mnist1d, xor
-from .files import FileData, files, suffixes
+from .formats import FileData, files, suffixes
 from .sharding import epoch_order, replica_batches, replica_ranges
 from .tensors import Data, TensorRows, check_device
 

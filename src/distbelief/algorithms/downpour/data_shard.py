@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ...data.files import DataFileChanged
+from ...data.formats import DataFileChanged
 from ...data.inputs import epoch_order
 from ...runtime.base import Actor, ActorRestarted, receives
 from .messages import (
@@ -33,7 +33,7 @@ class DataShard(Actor):
     """Owns the replica's examples, reshuffles them each epoch (seeded), counts epochs.
 
     ``rows`` is its part of the data: in-memory tensors (``data.TensorRows``, gathered once
-    per epoch) or a file (``datafiles.FileData``), which it reads itself, one mini-batch at a
+    per epoch) or a file (``data.formats.FileData``), which it reads itself, one mini-batch at a
     time, in the process it runs in.
 
     One mini-batch is in flight at a time: the next is sent when the first stage reports the

@@ -16,7 +16,7 @@ from torch import nn
 from ...api import Evaluator, LossFn, _assemble
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout
-from ...data.files import DataFileChanged, FileData
+from ...data.formats import DataFileChanged, FileData
 from ...data.inputs import TensorRows, replica_ranges
 from ...errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
 from ...results import History, ProgressReport, TrainResult
