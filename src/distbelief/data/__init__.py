@@ -5,36 +5,7 @@ files (formats: one module per format).
 The names below are the data layer's public surface, as ``distbelief.data`` always offered them
 (``from distbelief.data import mnist1d, files``)."""
 
-from .inputs import (
-    XOR_TABLE,
-    XOR_TARGETS,
-    Data,
-    FileData,
-    TensorRows,
-    as_tensors,
-    check_device,
-    digits,
-    epoch_order,
-    files,
-    mnist1d,
-    replica_batches,
-    replica_ranges,
-    xor,
-)
+from . import inputs
+from .inputs import *  # noqa: F403  (the names inputs.__all__ lists)
 
-__all__ = [
-    "XOR_TABLE",
-    "XOR_TARGETS",
-    "Data",
-    "FileData",
-    "TensorRows",
-    "as_tensors",
-    "check_device",
-    "digits",
-    "epoch_order",
-    "files",
-    "mnist1d",
-    "replica_batches",
-    "replica_ranges",
-    "xor",
-]
+__all__ = list(inputs.__all__)
