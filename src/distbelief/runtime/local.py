@@ -81,6 +81,7 @@ class LocalRuntime:
     times per actor); any other death ends the run with ``ActorFailed`` naming it.
     """
 
+    name = "local"
     single_threaded = True
 
     def __init__(

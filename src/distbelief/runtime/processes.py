@@ -356,6 +356,7 @@ class ProcessesRuntime:
     counters still counted exactly: see ``ParameterShard``).
     """
 
+    name = "processes"
     single_threaded = False
 
     def __init__(

@@ -425,6 +425,7 @@ class RayRuntime:
       counted and logged (default 5).
     """
 
+    name = "ray"
     single_threaded = False
 
     def __init__(
