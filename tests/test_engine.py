@@ -378,5 +378,5 @@ def test_a_runtime_passed_in_hosts_the_run_and_is_recorded_by_its_name(tmp_path)
     assert given.config.runtime == "local"
     assert 'runtime = "local"' in (tmp_path / "run" / "config.toml").read_text()
     assert rt.delivered > 0 and rt.hosted() == []  # it hosted the run, and was shut down
-    by_name = run(mlp([10, 8, 3]), data, replicas=2)
+    by_name = run(mlp([10, 8, 3]), data, replicas=2, run_dir=tmp_path / "by_name")
     assert torch.equal(final(given), final(by_name))

@@ -140,22 +140,7 @@ def _train(
     settings: dict[str, Any],
 ) -> TrainResult:
     """``train`` once the algorithm is known: check, then run (see ``train``)."""
-    algorithms.refuse_others(chosen, _given(settings))
-    algorithms.require(chosen, settings)
-    if settings["checkpoint_dir"] is None and run_dir is not None:
-        root = run_dir.path if isinstance(run_dir, RunLog) else run_dir
-        settings["checkpoint_dir"] = os.path.join(root, "checkpoints")
-    config, ckpt = chosen.configure(settings)
-    if instance is not None:
-        extra = sorted(set(config.runtime_options) - set(chosen.options))
-        if extra:
-            raise ConfigError(
-                f"runtime_options: {', '.join(extra)}: options of the runtime, which was "
-                "passed in already created; give them when creating it"
-            )
-    check_checkpoint_dir(config.checkpoint_dir)
-    if config.seed is None:
-        config = replace(config, seed=random.SystemRandom().randrange(2**31))
+    config, ckpt = _configure(chosen, instance, settings, run_dir)
     layers = as_layers(model)
     for i, layer in enumerate(layers):
         for pname, values in (*layer.named_parameters(), *layer.named_buffers()):
@@ -208,6 +193,33 @@ def _train(
     finally:
         if lock is not None:
             lock.release()
+
+
+def _configure(
+    chosen: algorithms.Algorithm,
+    instance: Runtime | None,
+    settings: dict[str, Any],
+    run_dir: str | os.PathLike | RunLog | None,
+) -> tuple[Any, Any]:
+    """The algorithm's config of ``settings`` (a seed drawn if none is given), and the
+    checkpoint it loaded to make it (or None)."""
+    algorithms.refuse_others(chosen, _given(settings))
+    algorithms.require(chosen, settings)
+    if settings["checkpoint_dir"] is None and run_dir is not None:
+        root = run_dir.path if isinstance(run_dir, RunLog) else run_dir
+        settings["checkpoint_dir"] = os.path.join(root, "checkpoints")
+    config, ckpt = chosen.configure(settings)
+    if instance is not None:
+        extra = sorted(set(config.runtime_options) - set(chosen.options))
+        if extra:
+            raise ConfigError(
+                f"runtime_options: {', '.join(extra)}: options of the runtime, which was "
+                "passed in already created; give them when creating it"
+            )
+    check_checkpoint_dir(config.checkpoint_dir)
+    if config.seed is None:
+        config = replace(config, seed=random.SystemRandom().randrange(2**31))
+    return config, ckpt
 
 
 def _run(
