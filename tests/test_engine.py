@@ -14,6 +14,7 @@ from torch import nn
 import distbelief
 from distbelief.core.flat import flatten
 from distbelief.data.inputs import replica_batches, replica_ranges
+from distbelief.runtime import LocalRuntime
 
 
 def toy_data(n: int = 256, features: int = 10, classes: int = 3, seed: int = 0):
@@ -366,3 +367,16 @@ def test_final_evaluation_is_of_the_returned_model_with_its_buffers():
     expected = float((out.argmax(1) == y).float().mean())
     assert result.history.accuracy == pytest.approx(expected)
     assert result.history.eval[-1]["loss"] == pytest.approx(float(F.cross_entropy(out, y)))
+
+
+def test_a_runtime_passed_in_hosts_the_run_and_is_recorded_by_its_name(tmp_path):
+    # The seam for tests (a runtime they made, to watch or to tap): the run is the one
+    # train() would have made with the same seed, and run directories record the name.
+    data = toy_data()
+    rt = LocalRuntime(7)
+    given = run(mlp([10, 8, 3]), data, replicas=2, runtime=rt, run_dir=tmp_path / "run")
+    assert given.config.runtime == "local"
+    assert 'runtime = "local"' in (tmp_path / "run" / "config.toml").read_text()
+    assert rt.delivered > 0 and rt.hosted() == []  # it hosted the run, and was shut down
+    by_name = run(mlp([10, 8, 3]), data, replicas=2, run_dir=tmp_path / "by_name")
+    assert torch.equal(final(given), final(by_name))

@@ -18,6 +18,7 @@ from distbelief.algorithms.sandblaster.lbfgs import Settings, minimize, run_op
 from distbelief.algorithms.sandblaster.messages import PushGradient
 from distbelief.algorithms.sandblaster.portions import batch_indices
 from distbelief.core.flat import flatten
+from distbelief.runtime.local import LocalRuntime
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,23 @@ def test_a_dead_replicas_pushes_of_the_running_evaluation_are_rejected_by_genera
     expected = torch.cat([t.reshape(-1) for t in torch.autograd.grad(full, model.parameters())])
     torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
     assert loss == pytest.approx(full.item(), rel=1e-12)
+
+
+# ------------------------------------------------------------------------- a runtime passed in
+
+
+def test_a_runtime_passed_in_runs_sandblaster_with_its_own_options(convex):
+    """Sandblaster's own ``runtime_options`` still reach it when the runtime is passed in
+    (``eval_steps``: an evaluation per step); the run is the one ``train`` would have made
+    with the same seed, and the runtime hosted it and was shut down."""
+    x, y = convex
+    kw = dict(loss="cross_entropy", algorithm="sandblaster", steps=3, history=5,
+              replicas=2, seed=3, eval_data=(x[:100], y[:100]),
+              runtime_options={"eval_steps": True})  # fmt: skip
+    rt = LocalRuntime(3)
+    given = distbelief.train(logistic(), (x, y), runtime=rt, **kw)
+    assert given.config.runtime == "local"
+    assert rt.delivered > 0 and rt.hosted() == []
+    assert len(given.history.eval) == given.stats["steps"] + 1  # each step's, then the final
+    by_name = distbelief.train(logistic(), (x, y), **kw)
+    assert torch.equal(flatten(given.model.children()), flatten(by_name.model.children()))

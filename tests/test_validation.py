@@ -10,9 +10,7 @@ from torch import nn
 
 import distbelief
 from distbelief import ConfigError
-from distbelief.algorithms.downpour import driver as downpour
-from distbelief.algorithms.sandblaster import driver as sandblaster
-from distbelief.runtime import make_runtime
+from distbelief.runtime.local import LocalRuntime
 
 
 def data(n=32, features=10, classes=3):
@@ -23,26 +21,30 @@ def data(n=32, features=10, classes=3):
 BASE = dict(loss="cross_entropy", lr=0.1, batch_size=8, epochs=1)
 
 
+class SpawnSpy(LocalRuntime):
+    """A local runtime that records the actors spawned into it."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.spawned: list[str] = []
+
+    def spawn(self, name, cls, *args, **kwargs):
+        self.spawned.append(name)
+        return super().spawn(name, cls, *args, **kwargs)
+
+
 def check(match: str, model=None, train_data=None, **overrides):
-    """``train`` refuses the input with ``match`` before it creates a runtime (no actor has
-    started: the drivers create their runtime first, then spawn into it)."""
-    kw = {**BASE, **overrides}
-    created: list[str] = []
-
-    def spy(name: str, **options: object) -> object:
-        created.append(name)
-        return make_runtime(name, **options)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(downpour, "make_runtime", spy)
-        patch.setattr(sandblaster, "make_runtime", spy)
-        with pytest.raises(ConfigError, match=match):
-            distbelief.train(
-                model if model is not None else mlp([10, 8, 3]),
-                train_data if train_data is not None else data(),
-                **kw,
-            )
-    assert created == [], f"a {created[0]} runtime was created before the input was refused"
+    """``train`` refuses the input with ``match`` before any actor starts: the runtime passed
+    in (unless ``overrides`` name another) has had nothing spawned into it."""
+    spy = SpawnSpy()
+    kw = {**BASE, "runtime": spy, **overrides}
+    with pytest.raises(ConfigError, match=match):
+        distbelief.train(
+            model if model is not None else mlp([10, 8, 3]),
+            train_data if train_data is not None else data(),
+            **kw,
+        )
+    assert spy.spawned == [], f"{spy.spawned[0]} was spawned before the input was refused"
 
 
 @pytest.mark.parametrize(
@@ -129,7 +131,7 @@ def test_batchnorm_never_meets_a_mini_batch_of_one():
 
 
 def test_a_model_too_large_for_memory_is_refused_before_anything_is_copied(monkeypatch):
-    monkeypatch.setattr(distbelief.api, "available_memory", lambda: 1000)
+    monkeypatch.setattr(distbelief.checks, "available_memory", lambda: 1000)
     check(r"^model: 115 parameters need about .* more than the 0.0 GiB", replicas=1)
 
 
@@ -235,4 +237,21 @@ def test_nan_or_inf_in_the_data_is_refused_naming_the_first_row():
         loss="mse",
         train_data=(data()[0], torch.zeros(32, 3)),
         eval_data=(data()[0], targets),
+    )
+
+
+def test_a_runtime_passed_in_is_a_runtime_named_as_one_of_the_known_ones():
+    check(r"^runtime: unknown runtime <object object", runtime=object())
+
+    class Unnamed(LocalRuntime):
+        name = "mpi"
+
+    check(r"^runtime: a Unnamed instance must name one of local, processes, ray", runtime=Unnamed())
+
+
+def test_a_runtime_passed_in_has_its_options_already():
+    # They are given when creating it; the algorithm's own options are still the run's.
+    check(
+        r"^runtime_options: faults, max_restarts: options of the runtime, which was passed in",
+        runtime_options={"faults": ["kill:shard0@update=1"], "max_restarts": 1},
     )

@@ -149,6 +149,8 @@ class Failure:
 class Runtime(Protocol):
     """Hosts actors. Implementations: ``LocalRuntime`` (in-process) and ``RayRuntime``."""
 
+    name: str
+    """The name it is created by (``make_runtime``'s) and a run records it by."""
     single_threaded: bool
     """True when all actors share one thread (evaluation then pauses training)."""
 

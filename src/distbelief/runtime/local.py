@@ -76,6 +76,7 @@ class LocalRuntime:
     it. ``tap`` sees every message the run sends (:data:`~.options.Tap`).
     """
 
+    name = "local"
     single_threaded = True
 
     def __init__(self, seed: int | None = None, **options: Any) -> None:

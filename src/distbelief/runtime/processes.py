@@ -307,6 +307,7 @@ class ProcessesRuntime:
     the process that hosts its receiver: :data:`~.options.Tap`; a worker inherits it).
     """
 
+    name = "processes"
     single_threaded = False
 
     def __init__(self, seed: int | None = None, **options: Any) -> None:

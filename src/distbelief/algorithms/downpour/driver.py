@@ -1,26 +1,26 @@
 """Wiring a Downpour SGD run: spawn the shards, data shards, stages and the master, run until
-the master reports, and build the result. ``api.train`` checks the inputs and hands over here."""
+the master reports, and build the result (the skeleton is ``algorithms.driver``'s).
+``api.train`` checks the inputs and hands over here."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
-import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...api import Evaluator, LossFn, _assemble
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout
-from ...data.formats import DataFileChanged, FileData
-from ...data.inputs import TensorRows, replica_ranges
-from ...errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged, TrainingInterrupted
-from ...results import History, ProgressReport, TrainResult
-from ...runtime import faults, make_runtime
+from ...data.formats import DataFileChanged
+from ...data.inputs import replica_ranges
+from ...errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged
+from ...evaluate import assemble
+from ...results import History, TrainResult
+from ...runtime import Runtime, faults
 from ...storage.checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -30,7 +30,7 @@ from ...storage.checkpoint import (
     remove_partial,
     updates_lost,
 )
-from ..messages import Begin
+from ..driver import Driver, Job
 from .config import DownpourConfig
 from .data_shard import DataShard
 from .master import DownpourMaster
@@ -113,84 +113,47 @@ def prepare_resume(
     return ckpt
 
 
-def run(
-    config: DownpourConfig,
-    layers: list[nn.Module],
-    stage_layers: list[list[nn.Module]],
-    dtype: torch.dtype,
-    loss_fn: LossFn,
-    rows: TensorRows | FileData,
-    evaluator: Evaluator | None,
-    progress: Callable[[ProgressReport], None] | None,
-    resume: Checkpoint | None = None,
-    checkpoint_meta: Any = None,
-) -> TrainResult:
-    """Run Downpour SGD with a checked ``config`` and return the result; from ``resume``
+def run(job: Job) -> TrainResult:
+    """Run Downpour SGD on a checked ``job`` and return the result; from ``job.resume``
     (checked by :func:`prepare_resume`) if given."""
-    lost = updates_lost(resume) if resume is not None else None  # before this run's reports
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        done, runtime_stats = _run(
-            config, layers, stage_layers, dtype, loss_fn, rows, evaluator, progress, resume,
-            checkpoint_meta,
-        )  # fmt: skip
-
-    result_model = _assemble(stage_layers, done.weights, done.buffers)
-    stats = {**_stats(done, config, resume, lost), **runtime_stats}
-    history = History(train=done.history["train"], eval=done.history["eval"])
-    # A run that learned nothing is never returned as a result (see TrainingDiverged).
-    if not bool(torch.isfinite(done.weights).all()):
-        raise TrainingDiverged("the final parameters hold NaN or Inf", None, stats)
-    rejected, applied = stats["rejected_pushes"], stats["updates_applied_total"]
-    if rejected > applied:
-        raise TrainingDiverged(
-            f"{rejected:,} of {rejected + applied:,} pushes held NaN or Inf and were rejected",
-            result_model,
-            stats,
-        )
-    if rejected:
-        log.warning(
-            "%d of %d pushes held NaN or Inf and were rejected", rejected, rejected + applied
-        )
-    if evaluator is not None:
-        history.eval.append(
-            evaluator.evaluate_final(result_model, done.examples, done.train_s, stats)
-        )
-    return TrainResult(result_model, history, stats, config)
+    return DownpourDriver(job).run()
 
 
-def _run(
-    config: DownpourConfig,
-    layers: list[nn.Module],
-    stage_layers: list[list[nn.Module]],
-    dtype: torch.dtype,
-    loss_fn: LossFn,
-    rows: TensorRows | FileData,
-    evaluator: Evaluator | None,
-    progress: Callable[[ProgressReport], None] | None,
-    resume: Checkpoint | None = None,
-    checkpoint_meta: Any = None,
-) -> tuple[TrainingDone, dict[str, Any]]:
-    """Spawn and wire every actor, run until the master reports, always shut down. Returns the
-    master's report and what the runtime says of the run (its ``describe()``, if it has one)."""
-    initial = flatten(layers).to(dtype)
-    layout = build_layout(stage_layers, config.shards)
-    positions: Mapping[int, Mapping[str, int]] = resume.positions if resume is not None else {}
-    checkpointer = None
-    if config.checkpoint_dir is not None:
-        remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
-        checkpointer = Checkpointer(
-            config.checkpoint_dir,
-            layout=layout,
-            parameters=describe_parameters(layers),
-            config=checkpoint_config(config, len(rows), checkpoint_meta),
-        )
-    # A planned fault whose count this run never reaches is refused before anything starts.
-    plan = faults.plan(config.runtime_options.get("faults"))
-    if plan:
-        faults.check_reachable(plan, most_counts(config, layout, len(rows), len(stage_layers)))
-    rt = make_runtime(config.runtime, seed=config.seed, **config.runtime_options)
-    try:
+class DownpourDriver(Driver):
+    """Downpour's hooks of the shared skeleton: the shards, data shards, stages and master
+    it spawns; the master's reports of unreadable data and of divergence; the shards'
+    parameters and replica 0's buffers collected after a stop."""
+
+    done = TrainingDone
+
+    def prepare(self) -> None:
+        """Set up the checkpoints and refuse a planned fault this run never reaches."""
+        config, job = self.config, self.job
+        # updates the run that wrote the checkpoint lost: read before this run's reports
+        self.lost = updates_lost(job.resume) if job.resume is not None else None
+        self.layout = build_layout(job.stage_layers, config.shards)
+        self.checkpointer = None
+        if config.checkpoint_dir is not None:
+            remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
+            self.checkpointer = Checkpointer(
+                config.checkpoint_dir,
+                layout=self.layout,
+                parameters=describe_parameters(job.layers),
+                config=checkpoint_config(config, len(job.rows), job.checkpoint_meta),
+            )
+        # A planned fault whose count this run never reaches is refused before anything starts.
+        plan = faults.plan(config.runtime_options.get("faults"))
+        if plan:
+            most = most_counts(config, self.layout, len(job.rows), len(job.stage_layers))
+            faults.check_reachable(plan, most)
+
+    def start(self, rt: Runtime) -> Any:
+        """Spawn and wire every actor; the master drives the run."""
+        config, job, layout = self.config, self.job, self.layout
+        rows, stage_layers = job.rows, job.stage_layers
+        initial = flatten(job.layers).to(job.dtype)
+        resume = job.resume
+        positions: Mapping[int, Mapping[str, int]] = resume.positions if resume is not None else {}
         shard_refs = tuple(
             rt.spawn(
                 f"shard{k}",
@@ -235,7 +198,7 @@ def _run(
                         copy.deepcopy(stage_layers[s]),
                         layout.segments_of_stage(s),
                         layout.stage_ranges[s][0],
-                        loss_fn if s == n_stages - 1 else None,
+                        job.loss_fn if s == n_stages - 1 else None,
                         config.n_fetch,
                         config.n_push,
                         config.local_lr,
@@ -257,12 +220,12 @@ def _run(
             config.replicas,
             warmstart,
             total_examples,
-            evaluator,
+            job.evaluator,
             config.eval_every,
             max(1, total_examples // 100),
             rt.single_threaded,
             checkpoint_dir=config.checkpoint_dir,
-            checkpointer=checkpointer,
+            checkpointer=self.checkpointer,
             checkpoint_every=config.checkpoint_every,
             resumed=resumed,
             # one mark per (replica, stage, shard) segment
@@ -273,7 +236,7 @@ def _run(
         buffer_stages = tuple(
             stage_refs[0][s]
             for s, group in enumerate(stage_layers)
-            if evaluator is not None and any(True for g in group for _ in g.buffers())
+            if job.evaluator is not None and any(True for g in group for _ in g.buffers())
         )
         rt.tell(
             master,
@@ -294,40 +257,90 @@ def _run(
                         data_refs[r],
                     ),
                 )
+        self.shard_refs, self.stage_refs = shard_refs, stage_refs
+        return master
+
+    def receive(self, rt: Runtime, reply: Any) -> None:
+        """The master's report that a data shard cannot read its data, or that the run
+        diverged: keep what was trained (if finite) in the error."""
+        if isinstance(reply, DataUnreadable):
+            raise DataChanged(reply.reason, self.trained(rt))
+        if isinstance(reply, Diverged):
+            weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0])
+            finite = bool(torch.isfinite(weights).all())
+            model = assemble(self.job.stage_layers, weights, buffers) if finite else None
+            raise TrainingDiverged(reply.reason, model)
+
+    def trained(self, rt: Runtime) -> nn.Module:
+        """The shards' parameters with replica 0's buffers."""
+        weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0])
+        return assemble(self.job.stage_layers, weights, buffers)
+
+    def failed(self, rt: Runtime, exc: ActorFailed) -> None:
+        """A data shard found its file changed under it: keep what was trained, as Ctrl-C
+        does."""
+        if not isinstance(exc.cause, DataFileChanged):
+            return
         try:
-            for reply in rt.converse(master, Begin(), timeout=config.timeout_s):
-                if isinstance(reply, TrainingDone):
-                    # A runtime may describe the run too (Ray: the node each actor ran on).
-                    describe = getattr(rt, "describe", None)
-                    return reply, (describe() if describe is not None else {})
-                if progress is not None and isinstance(reply, ProgressReport):
-                    progress(reply)
-                if isinstance(reply, DataUnreadable):
-                    weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
-                    raise DataChanged(reply.reason, _assemble(stage_layers, weights, buffers))
-                if isinstance(reply, Diverged):
-                    weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
-                    finite = bool(torch.isfinite(weights).all())
-                    model = _assemble(stage_layers, weights, buffers) if finite else None
-                    raise TrainingDiverged(reply.reason, model)
-        except KeyboardInterrupt as stop:
-            # Ctrl-C or SIGTERM: the runtimes stop between two messages, so every actor is whole.
-            weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
-            model = _assemble(stage_layers, weights, buffers)
-            raise TrainingInterrupted(model, getattr(stop, "signum", signal.SIGINT)) from None
-        except ActorFailed as exc:
-            if not isinstance(exc.cause, DataFileChanged):
-                raise
-            # A data shard found its file changed under it: keep what was trained, as Ctrl-C does.
-            try:
-                weights, buffers = _collect_trained(rt, shard_refs, stage_refs[0])
-                model = _assemble(stage_layers, weights, buffers)
-            except Exception:  # the runtime could not answer after the failure
-                model = None
-            raise DataChanged(str(exc.cause), model) from None
-        raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
-    finally:
-        rt.shutdown()
+            model = self.trained(rt)
+        except Exception:  # the runtime could not answer after the failure
+            model = None
+        raise DataChanged(str(exc.cause), model) from None
+
+    def result(
+        self, done: TrainingDone, runtime_stats: dict[str, Any]
+    ) -> tuple[nn.Module, History, dict[str, Any]]:
+        """The model of the master's final snapshot; refused when its parameters are not
+        finite or when more pushes were rejected (NaN or Inf) than applied."""
+        result_model = assemble(self.job.stage_layers, done.weights, done.buffers)
+        stats = {**self._stats(done), **runtime_stats}
+        history = History(train=done.history["train"], eval=done.history["eval"])
+        # A run that learned nothing is never returned as a result (see TrainingDiverged).
+        if not bool(torch.isfinite(done.weights).all()):
+            raise TrainingDiverged("the final parameters hold NaN or Inf", None, stats)
+        rejected, applied = stats["rejected_pushes"], stats["updates_applied_total"]
+        if rejected > applied:
+            raise TrainingDiverged(
+                f"{rejected:,} of {rejected + applied:,} pushes held NaN or Inf and were rejected",
+                result_model,
+                stats,
+            )
+        if rejected:
+            log.warning(
+                "%d of %d pushes held NaN or Inf and were rejected", rejected, rejected + applied
+            )
+        return result_model, history, stats
+
+    def _stats(self, done: TrainingDone) -> dict[str, Any]:
+        applied = [int(s["updates_applied"]) for s in done.shard_stats]
+        total_applied = sum(applied)
+        resume = self.job.resume
+        # A resumed run's counters carry on from the checkpoint's; its examples and steps
+        # (and so its speed) are this run's own.
+        before = resume.positions.values() if resume is not None else ()
+        examples = done.examples - sum(int(p["examples"]) for p in before)
+        steps = done.steps - sum(int(p["steps"]) for p in before)
+        shard_stats = done.shard_stats
+        return {
+            "updates_applied": applied,
+            "updates_applied_total": total_applied,
+            "staleness_mean": sum(s["staleness_sum"] for s in shard_stats) / max(total_applied, 1),
+            "staleness_max": int(max(s["staleness_max"] for s in shard_stats)),
+            "staleness_histogram": _sum_histograms(
+                [s.get("staleness_histogram", []) for s in shard_stats]
+            ),
+            "rejected_pushes": int(sum(s["rejected_pushes"] for s in shard_stats)),
+            "steps": steps,
+            "eval_s": done.eval_s,
+            **self.common_stats(examples, done),
+            "nonfinite_steps": done.nonfinite_steps,
+            "recoveries": [dict(r) for r in done.recoveries],
+            "resumed_from_update": resume.update if resume is not None else None,
+            # updates applied after that checkpoint by the run that wrote it, as far as its
+            # last progress report knew (a lower bound; None when not recorded)
+            "updates_lost": self.lost,
+            **done.checkpoints,
+        }
 
 
 def most_counts(
@@ -368,49 +381,6 @@ def _collect_trained(
     weights = [ask(s, Snapshot(INTERRUPTED), ShardSnapshot).weights for s in shard_refs]
     buffers = [ask(s, BufferSnapshot(INTERRUPTED), StageBuffers).buffers for s in stage_refs]
     return torch.cat(weights), tuple(buffers)
-
-
-def _stats(
-    done: TrainingDone,
-    config: DownpourConfig,
-    resume: Checkpoint | None = None,
-    lost: int | None = None,
-) -> dict[str, Any]:
-    applied = [int(s["updates_applied"]) for s in done.shard_stats]
-    total_applied = sum(applied)
-    # A resumed run's counters carry on from the checkpoint's; its examples and steps (and
-    # so its speed) are this run's own.
-    before = resume.positions.values() if resume is not None else ()
-    examples = done.examples - sum(int(p["examples"]) for p in before)
-    steps = done.steps - sum(int(p["steps"]) for p in before)
-    resumed = {
-        "resumed_from": str(resume.path) if resume is not None else None,
-        "resumed_from_update": resume.update if resume is not None else None,
-        # updates applied after that checkpoint by the run that wrote it, as far as its last
-        # progress report knew (a lower bound; None when not recorded)
-        "updates_lost": lost,
-    }
-    return {
-        "updates_applied": applied,
-        "updates_applied_total": total_applied,
-        "staleness_mean": sum(s["staleness_sum"] for s in done.shard_stats) / max(total_applied, 1),
-        "staleness_max": int(max(s["staleness_max"] for s in done.shard_stats)),
-        "staleness_histogram": _sum_histograms(
-            [s.get("staleness_histogram", []) for s in done.shard_stats]
-        ),
-        "rejected_pushes": int(sum(s["rejected_pushes"] for s in done.shard_stats)),
-        "examples": examples,
-        "steps": steps,
-        "train_s": done.train_s,
-        "eval_s": done.eval_s,
-        "examples_per_s": examples / done.train_s if done.train_s > 0 else float("nan"),
-        "seed": config.seed,
-        "restarts": done.restarts,
-        "nonfinite_steps": done.nonfinite_steps,
-        "recoveries": [dict(r) for r in done.recoveries],
-        **resumed,
-        **done.checkpoints,
-    }
 
 
 def _sum_histograms(histograms: list[list[int]]) -> list[int]:

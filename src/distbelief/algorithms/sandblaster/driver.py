@@ -1,25 +1,24 @@
 """Wiring a Sandblaster L-BFGS run: spawn the shards, the replicas and the coordinator, run
-until the coordinator reports, collect the parameters from the shards, build the result.
-``api.train`` checks the inputs and hands over here."""
+until the coordinator reports, collect the parameters from the shards, build the result (the
+skeleton is ``algorithms.driver``'s). ``api.train`` checks the inputs and hands over here."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import signal
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...api import Evaluator, LossFn, _assemble
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout, shard_ranges
-from ...errors import ConfigError, NothingToTrain, TrainingDiverged, TrainingInterrupted
+from ...data.inputs import TensorRows
+from ...errors import ConfigError, NothingToTrain, TrainingDiverged
+from ...evaluate import LossFn, assemble
 from ...results import History, ProgressReport, TrainResult
-from ...runtime import faults, make_runtime
+from ...runtime import Runtime, faults
 from ...storage.checkpoint import (
     Checkpoint,
     Checkpointer,
@@ -29,7 +28,7 @@ from ...storage.checkpoint import (
     load,
     remove_partial,
 )
-from ..messages import Begin
+from ..driver import Driver, Job
 from .config import SandblasterConfig
 from .coordinator import Coordinator
 from .lbfgs import FINAL_STOPS, Settings
@@ -153,126 +152,61 @@ def prepare_resume(
     return ckpt
 
 
-def run(
-    config: SandblasterConfig,
-    layers: list[nn.Module],
-    dtype: torch.dtype,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    evaluator: Evaluator | None,
-    progress: Callable[[ProgressReport], None] | None,
-    resume: Checkpoint | None = None,
-    checkpoint_meta: Any = None,
-) -> TrainResult:
-    """Run Sandblaster L-BFGS with a checked ``config`` and return the result; from
-    ``resume`` (checked by :func:`prepare_resume`) if given."""
-    own, runtime_options = split_options(config)
-    check_survivable(faults.plan(runtime_options.get("faults")), config.replicas)
-    portions = config.portion_count
-    batch_examples = batch_size_of(len(x), config.batch_size)
-    if portions > batch_examples:
-        raise ConfigError(
-            f"portions: {portions} portions but a batch has {batch_examples} examples"
-        )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        trace: list[tuple[float, torch.Tensor]] | None = [] if own.get("eval_steps") else None
-        walls: list[float] = []  # seconds since the start at the end of each step
+def run(job: Job) -> TrainResult:
+    """Run Sandblaster L-BFGS on a checked ``job`` and return the result; from
+    ``job.resume`` (checked by :func:`prepare_resume`) if given."""
+    return SandblasterDriver(job).run()
 
-        def report(msg: ProgressReport) -> None:
-            walls.append(msg.wall_s)
-            if progress is not None:
-                progress(msg)
 
-        checkpointer = None
+class SandblasterDriver(Driver):
+    """Sandblaster's hooks of the shared skeleton: the shards, replicas and coordinator it
+    spawns; the checkpoints it assembles from the coordinator's state and the shards'
+    vectors; the per-step snapshots of ``eval_steps``; ``"x"`` collected from the shards.
+    ``vectors``: names of other vectors to collect at the end, filled in (tests)."""
+
+    done = SandblasterDone
+
+    def __init__(self, job: Job, vectors: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(job)
+        self.own, self.rest = split_options(self.config)
+        self.vectors = vectors
+        self.trace: list[tuple[float, torch.Tensor]] | None = None  # see prepare
+        self.walls: list[float] = []  # seconds since the start at the end of each step
+        self.checkpointer: Checkpointer | None = None
+
+    def prepare(self) -> None:
+        """Refuse a planned death it cannot survive and more portions than examples; set up
+        the checkpoints and the per-step snapshots."""
+        config, job = self.config, self.job
+        check_survivable(faults.plan(self.rest.get("faults")), config.replicas)
+        portions = config.portion_count
+        batch_examples = batch_size_of(len(job.rows), config.batch_size)
+        if portions > batch_examples:
+            raise ConfigError(
+                f"portions: {portions} portions but a batch has {batch_examples} examples"
+            )
+        self.trace = [] if self.own.get("eval_steps") else None
         if config.checkpoint_dir is not None:
             remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
-            checkpointer = Checkpointer(
+            self.checkpointer = Checkpointer(
                 config.checkpoint_dir,
-                layout=build_layout(layers, config.shards),
-                parameters=describe_parameters(layers),
-                config=checkpoint_config(config, len(x), checkpoint_meta),
+                layout=build_layout(job.layers, config.shards),
+                parameters=describe_parameters(job.layers),
+                config=checkpoint_config(config, len(job.rows), job.checkpoint_meta),
             )
-        done, weights, runtime_stats = _run(
-            config, own, runtime_options, layers, dtype, loss_fn, x, y, report, trace=trace,
-            checkpointer=checkpointer, resume=resume,
-        )  # fmt: skip
-    stage_layers = [layers]
-    result_model = _assemble(stage_layers, weights, ({},))
-    before = len(done.losses) - len(walls)  # steps a resumed run's checkpoint had taken
-    history = History(
-        train=[
-            {"examples": (before + i + 1) * batch_examples, "wall_s": wall_s, "loss": loss}
-            for i, (loss, wall_s) in enumerate(zip(done.losses[before:], walls, strict=True))
-        ]
-    )
-    if evaluator is not None and trace:
-        for step, (wall_s, point) in enumerate(trace, 1):
-            metrics = evaluator(point)
-            history.eval.append({"examples": step * batch_examples, "wall_s": wall_s, **metrics})
-    stats = {
-        "steps": done.steps,
-        "function_evals": done.function_evals,
-        "stop": done.stop,
-        "final_loss": done.loss,
-        "portions": portions,
-        "portions_done": list(done.portions_done),
-        "portions_computed": list(done.portions_computed),
-        "backup_portions": done.backup_portions,
-        "backup_wins": done.backup_wins,
-        "duplicates_dropped": done.duplicates_dropped,
-        "reassigned": done.reassigned,
-        "coordinator_bytes": done.coordinator_bytes,
-        "coordinator_messages": done.coordinator_messages,
-        "parameters": int(weights.numel()),
-        "examples": done.examples,
-        "train_s": done.train_s,
-        "examples_per_s": done.examples / done.train_s if done.train_s > 0 else float("nan"),
-        "seed": config.seed,
-        "restarts": done.restarts,
-        "resumed_from": str(resume.path) if resume is not None else None,
-        "resumed_from_step": resume.update if resume is not None else None,
-        **done.checkpoints,
-        **runtime_stats,
-    }
-    # As for Downpour: a run that ends in NaN or Inf is never returned as a result.
-    finite = bool(torch.isfinite(weights).all())
-    if done.stop == "diverged" or not finite or not math.isfinite(done.loss):
-        reason = done.diverged or (
-            "the final parameters hold NaN or Inf" if not finite else f"the loss is {done.loss}"
-        )
-        raise TrainingDiverged(reason, result_model if finite else None, stats)
-    if evaluator is not None:
-        history.eval.append(
-            evaluator.evaluate_final(result_model, done.examples, done.train_s, stats)
-        )
-    return TrainResult(result_model, history, stats, config)
 
+    def runtime_options(self) -> dict[str, Any]:
+        """``runtime_options`` without Sandblaster's own."""
+        return dict(self.rest)
 
-def _run(
-    config: SandblasterConfig,
-    own: dict[str, Any],
-    runtime_options: dict[str, Any],
-    layers: list[nn.Module],
-    dtype: torch.dtype,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    progress: Callable[[ProgressReport], None] | None,
-    vectors: dict[str, torch.Tensor] | None = None,
-    trace: list[tuple[float, torch.Tensor]] | None = None,
-    checkpointer: Checkpointer | None = None,
-    resume: Checkpoint | None = None,
-) -> tuple[SandblasterDone, torch.Tensor, dict[str, Any]]:
-    """Spawn and wire every actor, run until the coordinator reports, collect ``"x"`` (and
-    the vectors named in ``vectors``, into it), always shut down. With a ``checkpointer``,
-    the checkpoints the coordinator takes are assembled here and written by it."""
-    initial = flatten(layers).to(dtype)
-    slices = shard_ranges(initial.numel(), config.shards)
-    saved = [_vectors_of(s) for s in resume.shards] if resume is not None else None
-    rt = make_runtime(config.runtime, seed=config.seed, **runtime_options)
-    try:
+    def start(self, rt: Runtime) -> Any:
+        """Spawn and wire every actor; the coordinator drives the run."""
+        config, job, own = self.config, self.job, self.own
+        x, y = job.rows.x, job.rows.y
+        initial = flatten(job.layers).to(job.dtype)
+        slices = shard_ranges(initial.numel(), config.shards)
+        resume = job.resume
+        saved = [_vectors_of(s) for s in resume.shards] if resume is not None else None
         shard_refs = tuple(
             rt.spawn(f"shard{k}", SandblasterShard, k, initial[a:b], _or_none(saved, k))
             for k, (a, b) in enumerate(slices)
@@ -284,8 +218,8 @@ def _run(
                 names[r],
                 SandblasterReplica,
                 r,
-                copy.deepcopy(layers),
-                loss_fn,
+                copy.deepcopy(job.layers),
+                job.loss_fn,
                 x,
                 y,
                 slices,
@@ -301,7 +235,7 @@ def _run(
         coordinator = rt.spawn(
             "coordinator",
             Coordinator,
-            settings_of(config, dtype == torch.float64),
+            settings_of(config, job.dtype == torch.float64),
             config.replicas,
             config.portion_count,
             batch_size_of(len(x), config.batch_size),
@@ -309,41 +243,98 @@ def _run(
             bool(own.get("duplicate_portions", False)),
             names,
             checkpoint_every=config.checkpoint_every,
-            checkpoints=checkpointer is not None,
+            checkpoints=self.checkpointer is not None,
             resume=resume.manifest["coordinator"] if resume is not None else None,
         )
         wiring = ConnectSandblaster(shard_refs, replica_refs, coordinator)
         rt.tell(coordinator, wiring)
         for ref in replica_refs:
             rt.tell(ref, wiring)
-        pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
-        taking = _Checkpoints(checkpointer, len(shard_refs))
-        try:
-            for reply in rt.converse(coordinator, Begin(), timeout=config.timeout_s):
-                if isinstance(reply, (CoordinatorState, ShardVectors)):
-                    taking.got(reply)
-                    continue
-                if isinstance(reply, SandblasterDone):
-                    if trace is not None and pending:
-                        _drain(rt, shard_refs, trace, pending, config.timeout_s)
-                    if checkpointer is not None:
-                        reply = taking.finish(rt, shard_refs, reply, config.timeout_s)
-                    weights = collect(rt, shard_refs, "x")
-                    for name in vectors or {}:
-                        vectors[name] = collect(rt, shard_refs, name)
-                    describe = getattr(rt, "describe", None)
-                    return reply, weights, (describe() if describe is not None else {})
-                if progress is not None and isinstance(reply, ProgressReport):
-                    progress(reply)
-                if trace is not None:
-                    _trace(rt, shard_refs, reply, trace, pending)
-        except KeyboardInterrupt as stop:
-            weights = collect(rt, shard_refs, "x")
-            model = _assemble([layers], weights, ({},))
-            raise TrainingInterrupted(model, getattr(stop, "signum", signal.SIGINT)) from None
-        raise RuntimeError("the runtime stopped without a result")  # pragma: no cover
-    finally:
-        rt.shutdown()
+        self.shard_refs = shard_refs
+        self.pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
+        self.taking = _Checkpoints(self.checkpointer, len(shard_refs))
+        return coordinator
+
+    def report(self, report: ProgressReport) -> None:
+        """Each step's report: its wall time kept for the history, then passed on."""
+        self.walls.append(report.wall_s)
+        super().report(report)
+
+    def receive(self, rt: Runtime, reply: Any) -> None:
+        """A checkpoint's parts, or a snapshot of the step's parameters (``eval_steps``)."""
+        if isinstance(reply, (CoordinatorState, ShardVectors)):
+            self.taking.got(reply)
+        elif self.trace is not None:
+            _trace(rt, self.shard_refs, reply, self.trace, self.pending)
+
+    def finish(self, rt: Runtime, done: SandblasterDone) -> SandblasterDone:
+        """The snapshots and the checkpoint still on their way, then ``"x"`` (and
+        ``vectors``) from the shards."""
+        timeout = self.config.timeout_s
+        if self.trace is not None and self.pending:
+            _drain(rt, self.shard_refs, self.trace, self.pending, timeout)
+        if self.checkpointer is not None:
+            done = self.taking.finish(rt, self.shard_refs, done, timeout)
+        self.weights = collect(rt, self.shard_refs, "x")
+        for name in self.vectors or {}:
+            self.vectors[name] = collect(rt, self.shard_refs, name)
+        return done
+
+    def trained(self, rt: Runtime) -> nn.Module:
+        """The shards' ``"x"``."""
+        return assemble([self.job.layers], collect(rt, self.shard_refs, "x"), ({},))
+
+    def result(
+        self, done: SandblasterDone, runtime_stats: dict[str, Any]
+    ) -> tuple[nn.Module, History, dict[str, Any]]:
+        """The model of the shards' ``"x"``, the loss of each step (and the evaluation of
+        each, with ``eval_steps``); refused when L-BFGS diverged or ended on NaN or Inf."""
+        config, weights, walls = self.config, self.weights, self.walls
+        result_model = assemble([self.job.layers], weights, ({},))
+        batch_examples = batch_size_of(len(self.job.rows), config.batch_size)
+        before = len(done.losses) - len(walls)  # steps a resumed run's checkpoint had taken
+        history = History(
+            train=[
+                {"examples": (before + i + 1) * batch_examples, "wall_s": wall_s, "loss": loss}
+                for i, (loss, wall_s) in enumerate(zip(done.losses[before:], walls, strict=True))
+            ]
+        )
+        evaluator = self.job.evaluator
+        if evaluator is not None and self.trace:
+            for step, (wall_s, point) in enumerate(self.trace, 1):
+                metrics = evaluator(point)
+                history.eval.append(
+                    {"examples": step * batch_examples, "wall_s": wall_s, **metrics}
+                )
+        resume = self.job.resume
+        stats = {
+            "steps": done.steps,
+            "function_evals": done.function_evals,
+            "stop": done.stop,
+            "final_loss": done.loss,
+            "portions": config.portion_count,
+            "portions_done": list(done.portions_done),
+            "portions_computed": list(done.portions_computed),
+            "backup_portions": done.backup_portions,
+            "backup_wins": done.backup_wins,
+            "duplicates_dropped": done.duplicates_dropped,
+            "reassigned": done.reassigned,
+            "coordinator_bytes": done.coordinator_bytes,
+            "coordinator_messages": done.coordinator_messages,
+            "parameters": int(weights.numel()),
+            **self.common_stats(done.examples, done),
+            "resumed_from_step": resume.update if resume is not None else None,
+            **done.checkpoints,
+            **runtime_stats,
+        }
+        # As for Downpour: a run that ends in NaN or Inf is never returned as a result.
+        finite = bool(torch.isfinite(weights).all())
+        if done.stop == "diverged" or not finite or not math.isfinite(done.loss):
+            reason = done.diverged or (
+                "the final parameters hold NaN or Inf" if not finite else f"the loss is {done.loss}"
+            )
+            raise TrainingDiverged(reason, result_model if finite else None, stats)
+        return result_model, history, stats
 
 
 class _Checkpoints:
@@ -444,9 +435,9 @@ def initial_gradient(
     exactly-once property is tested on."""
     layers = list(model)
     dtype = next(model.parameters()).dtype
-    own, runtime_options = split_options(config)
+    job = Job(config, layers, [layers], dtype, loss_fn, TensorRows(*data))
     vectors: dict[str, torch.Tensor] = {"g": torch.empty(0)}
-    done, _, _ = _run(config, own, runtime_options, layers, dtype, loss_fn, *data, None, vectors)
+    done, _ = SandblasterDriver(job, vectors).converse()
     return done.loss, vectors["g"], done
 
 

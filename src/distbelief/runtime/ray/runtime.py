@@ -421,6 +421,7 @@ class RayRuntime:
       counted and logged (default 5).
     """
 
+    name = "ray"
     single_threaded = False
 
     def __init__(self, seed: int | None = None, **options: Any) -> None:
