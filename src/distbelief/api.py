@@ -4,6 +4,7 @@ names no algorithm: each one's own arguments, checks and defaults are its packag
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import random
@@ -36,14 +37,6 @@ from .storage.dirlock import DirectoryLock
 from .storage.runlog import RunLog
 
 __all__ = ["LOSSES", "LossFn", "Metric", "available_memory", "train"]
-
-SETTINGS = (
-    "lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer", "n_fetch",
-    "n_push", "warmstart_steps", "steps", "history", "portions", "seed", "runtime",
-    "local_lr", "eval_every", "timeout_s", "runtime_options", "checkpoint_dir",
-    "checkpoint_every", "resume",
-)  # fmt: skip
-"""``train()``'s arguments that shape an algorithm's config: what its ``configure`` gets."""
 
 
 def train(
@@ -113,7 +106,7 @@ def train(
     """
     arguments = dict(locals())  # first, before any other name is bound
     chosen = algorithms.get(algorithm)
-    settings = {name: arguments[name] for name in SETTINGS}
+    settings = _config_arguments(arguments)
     name = runtime_name(runtime)
     instance = runtime if name is not None else None
     if instance is not None:
@@ -124,6 +117,15 @@ def train(
     finally:
         if instance is not None:  # a runtime passed in serves this one run
             instance.shutdown()
+
+
+def _config_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """``train()``'s arguments that shape an algorithm's config (what its ``configure`` gets):
+    those named as a field of some registered algorithm's config."""
+    fields = {
+        f.name for n in algorithms.names() for f in dataclasses.fields(algorithms.get(n).config)
+    }
+    return {name: value for name, value in arguments.items() if name in fields}
 
 
 def _train(
