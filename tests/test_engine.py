@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RUNTIMES, mlp
+from support import RUNTIMES, mlp
 from torch import nn
 
 import distbelief

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 import distbelief

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.errors import Deadlock

@@ -23,8 +23,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from conftest import mlp  # noqa: E402
-from test_ray import assert_gone, mnist1d_run  # noqa: E402
+from support import assert_gone, mlp, mnist1d_run  # noqa: E402
 
 MARK = "@@ "
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mlp, write_checkpoint
+from support import RecordingContext, mlp, write_checkpoint
 
 import distbelief
 from distbelief.algorithms.downpour.messages import Fetch, FetchReply, Push, RestoreShard
@@ -73,22 +73,11 @@ def test_a_checkpointed_slice_is_cut_into_its_segments_in_stage_order():
 # ------------------------------------------------------------------ a restarted shard
 
 
-class Recording:
-    name = "shard0"
-    self_ref = "shard0"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, object]] = []
-
-    def tell(self, ref: object, message: object) -> None:
-        self.sent.append((ref, message))
-
-
-def _shard(restarted: bool) -> tuple[ParameterShard, dict, Recording]:
+def _shard(restarted: bool) -> tuple[ParameterShard, dict, RecordingContext]:
     seg = Segment(stage=0, shard=0, start=0, stop=4, pieces=((0, 4),))
     shard = ParameterShard(0, torch.zeros(4), 0, (seg,), "adagrad", 0.1)
     shard.restarted = restarted  # as the runtime sets it, before asking for the handlers
-    ctx = Recording()
+    ctx = RecordingContext("shard0")
     shard.bind(ctx)
     return shard, shard.bound_handlers(), ctx
 
@@ -288,8 +277,7 @@ def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_ear
 
     master = DownpourMaster(1, 0, 64, None, 0, 16)
     master.restarted = True
-    ctx = Recording()
-    ctx.name = ctx.self_ref = "master"
+    ctx = RecordingContext("master")
     master.bind(ctx)
     stages = (("r0s0", "r0s1"),)
     master.receive(ConnectMaster(("data0",), ("shard0",), (), stages), "driver")

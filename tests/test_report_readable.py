@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 import distbelief

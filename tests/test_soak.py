@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.algorithms.downpour import driver as downpour

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.core.flat import flatten
