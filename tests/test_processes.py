@@ -21,6 +21,8 @@ from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from distbelief.runtime import Actor, make_runtime, receives
 from distbelief.runtime.processes import ProcessesRuntime
 
+pytestmark = pytest.mark.processes  # the whole module runs the processes runtime
+
 
 class Go:
     pass

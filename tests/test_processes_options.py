@@ -17,6 +17,8 @@ from distbelief.errors import Deadlock
 from distbelief.runtime import Actor, receives
 from distbelief.runtime.processes import ProcessesRuntime, _Host
 
+pytestmark = pytest.mark.processes  # the whole module runs the processes runtime
+
 
 class Ask:
     pass

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from support import assert_gone, mlp, mnist1d_run, write_checkpoint
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # the whole module runs the ray runtime
 import psutil  # noqa: E402  (Ray ships it)
 
 import distbelief  # noqa: E402

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # the whole module runs the ray runtime
 
 from support import assert_gone, mlp, mnist1d_run  # noqa: E402
 
