@@ -55,12 +55,14 @@ def in_tmp_dir(tmp_path, monkeypatch):
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``ray`` and ``processes`` every test that runs that runtime through the ``runtime``
     fixture, a parameter naming it, or the shared Ray instance (``-m "not ray"`` deselects
-    them); modules that run it otherwise say so with a ``pytestmark`` of their own."""
+    them); modules that run it otherwise say so with a ``pytestmark`` of their own. A run on
+    Ray is also ``slow``: it needs the Ray instance (seconds to start) and a process per actor."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         params = list(callspec.params.values()) if callspec is not None else []
         names = {p for p in params if isinstance(p, str)}
         if "ray" in names or "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
         if "processes" in names:
             item.add_marker(pytest.mark.processes)

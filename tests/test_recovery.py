@@ -128,26 +128,27 @@ def run(faults, **kw):
 
 
 def test_main_job_with_a_shard_killed_mid_run_recovers_from_the_replicas_copies(mnist1d_data):
-    """The main job's settings (MNIST-1D, 4 replicas x 2 stages, 2 shards, Adagrad 0.05,
-    batch 32, 15 epochs): shard1 dies after 3,000 of its ~3,780 updates, is restored from the
-    newest replica's copy (no checkpoint), and the run keeps the main job's accuracy band. The
-    in-process runtime is seeded: this run is the same every time."""
+    """The main job's settings for 5 epochs (MNIST-1D, 4 replicas x 2 stages, 2 shards,
+    Adagrad 0.05, batch 32; the engine test's run): shard1 dies after 1,000 of its ~1,260
+    updates, is restored from the newest replica's copy (no checkpoint), and the run keeps the
+    engine test's accuracy band (0.62 here; with shuffled labels 0.09). The in-process runtime
+    is seeded: this run is the same every time."""
     train, test = mnist1d_data
-    killed_at = 3000
+    killed_at = 1000
     result = distbelief.train(
         mlp([40, 256, 256, 10]), train, loss="cross_entropy", lr=0.05, batch_size=32,
-        epochs=15, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
+        epochs=5, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
         seed=0, runtime_options={"faults": [f"kill:shard1@update={killed_at}"]},
     )  # fmt: skip
-    assert result.history.accuracy >= 0.70
+    assert result.history.accuracy >= 0.60
     assert result.stats["restarts_by_actor"] == {"shard1": 1}
-    assert result.stats["examples"] == 15 * len(train[0])
+    assert result.stats["examples"] == 5 * len(train[0])
     (rec,) = result.stats["recoveries"]
     assert rec["actor"] == "shard1" and rec["source"].startswith("replica")
     assert rec["optimizer"] == "fresh" and rec["checkpoint"] is None
     # It had applied exactly killed_at updates; replicas fetch every step, so the newest copy
-    # is a few updates behind at most (2,999 in this run), and newer than the shard's last
-    # report to the master (2,995): nothing is counted lost.
+    # is a few updates behind at most (997 in this run), and newer than the shard's last
+    # report to the master: nothing is counted lost.
     assert killed_at - 8 <= rec["restored_version"] <= killed_at
     assert 0 < rec["applied_last_reported"] <= rec["restored_version"]
     assert rec["lost_updates"] == 0
