@@ -258,7 +258,7 @@ def test_resume_with_more_epochs_reports_where_it_resumed(
 # were recorded, at the same point of the run every time (one replica, in-process: seeded).
 STOP_PAST_A_CHECKPOINT = """
 import os, signal, sys
-from distbelief import checkpoint
+from distbelief.storage import checkpoint
 from distbelief.cli import main
 
 checkpoint.PROGRESS_EVERY_S = 0.0  # note every progress report, not once a second
