@@ -127,6 +127,7 @@ def run(faults, **kw):
     return distbelief.train(model, args.pop("data", None) or toy(), runtime_options=opts, **args)
 
 
+@pytest.mark.slow
 def test_main_job_with_a_shard_killed_mid_run_recovers_from_the_replicas_copies(mnist1d_data):
     """The main job's settings for 5 epochs (MNIST-1D, 4 replicas x 2 stages, 2 shards,
     Adagrad 0.05, batch 32; the engine test's run): shard1 dies after 1,000 of its ~1,260

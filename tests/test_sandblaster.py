@@ -68,6 +68,7 @@ def sandblaster(model, data, **kw):
 # ------------------------------------------------------------------------------ pure maths
 
 
+@pytest.mark.slow
 def test_lbfgs_in_one_process_takes_torchs_path(convex):
     """Same two-loop recursion and strong-Wolfe rule: after 25 iterations the loss agrees
     with torch.optim.LBFGS to float64 rounding, and so does the evaluation count."""
@@ -142,6 +143,7 @@ def test_batches_and_portion_ranges_cover_every_example_once():
 # ------------------------------------------------------------------------------ runs
 
 
+@pytest.mark.slow
 def test_convex_optimum_matches_torch_lbfgs(runtime, convex):
     """Full batch, float64: Sandblaster over 3 replicas and 2 shards ends within 1e-4
     (relative) of torch.optim.LBFGS run to convergence in one process."""
