@@ -243,6 +243,7 @@ def test_json_lists_every_evaluation_and_the_seed_drawn(
     assert figures(again) == figures(s)
 
 
+@pytest.mark.slow
 def test_output_to_a_pipe_has_no_control_characters(in_tmp_dir: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "distbelief", *SHORT, "--seed", "1"],
