@@ -1,8 +1,8 @@
-"""Shared fixtures. ``runtime`` parametrizes engine tests over every runtime that can run here."""
+"""Shared fixtures, and only fixtures (helpers are in support.py). ``runtime`` parametrizes
+engine tests over every runtime that can run here."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 # One intra-op thread for torch here and in every process a test starts (Ray workers inherit
@@ -12,12 +12,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from support import HAVE_RAY, RUNTIMES  # noqa: E402
 
 torch.set_num_threads(1)
-
-RUNTIMES = ["local", "processes", "ray"]
-HAVE_RAY = importlib.util.find_spec("ray") is not None
 
 
 @pytest.fixture(params=RUNTIMES)
@@ -40,17 +37,6 @@ def ray_session():
         yield
 
 
-def mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU, dtype=torch.float32, seed: int = 0):
-    """A plain MLP as an nn.Sequential, deterministically initialised."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], dtype=dtype))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
 @pytest.fixture(scope="session")
 def mnist1d_data():
     from distbelief.data.inputs import mnist1d
@@ -66,35 +52,17 @@ def in_tmp_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _shard_states(model, stages: int, shards: int, optimizer: str, lr: float, version: int):
-    """Fresh shards' states as the run would lay them out, their versions set to ``version``."""
-    from distbelief.algorithms.downpour.parameter_shard import ParameterShard
-    from distbelief.core.flat import flatten, parameters_of
-    from distbelief.core.layout import Layout
-    from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
-    from distbelief.storage.checkpoint import ShardState
-
-    layers = list(model.children())
-    stage_layers = split_layers(layers, resolve_split_points(layer_sizes(layers), stages))
-    sizes = [[p.numel() for p in parameters_of(group)] for group in stage_layers]
-    layout = Layout.build([sum(s) for s in sizes], shards, [n for s in sizes for n in s])
-    initial = flatten(layers)
-    out = []
-    for k, (a, b) in enumerate(layout.shard_ranges):
-        shard = ParameterShard(k, initial[a:b], a, layout.segments_of_shard(k), optimizer, lr)
-        state = shard.export_state()
-        out.append(
-            ShardState(k, state.weights, state.optimizer, dict.fromkeys(state.versions, version))
-        )
-    return out, layout
-
-
-def write_checkpoint(directory, model, version: int):
-    """A checkpoint of fresh shards of ``model`` (2 stages, 2 shards, Adagrad) at ``version``:
-    what a restarted shard may be restored from."""
-    from distbelief.storage import checkpoint
-
-    states, layout = _shard_states(model, 2, 2, "adagrad", 0.1, version)
-    return checkpoint.save(
-        directory, version, states, layout=layout, parameters=[], config={}, positions={}
-    )
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``ray`` and ``processes`` every test that runs that runtime through the ``runtime``
+    fixture, a parameter naming it, or the shared Ray instance (``-m "not ray"`` deselects
+    them); modules that run it otherwise say so with a ``pytestmark`` of their own. A run on
+    Ray is also ``slow``: it needs the Ray instance (seconds to start) and a process per actor."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = list(callspec.params.values()) if callspec is not None else []
+        names = {p for p in params if isinstance(p, str)}
+        if "ray" in names or "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
+        if "processes" in names:
+            item.add_marker(pytest.mark.processes)

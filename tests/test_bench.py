@@ -29,6 +29,7 @@ def positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
     assert report["quick"] and report["machine"]["cpus"] >= 1
     overhead = report["overhead"]
@@ -73,6 +74,7 @@ def test_every_benchmark_reports_a_ratio(report: dict[str, Any]) -> None:
     json.dumps(report)  # serialisable as the --json output
 
 
+@pytest.mark.slow
 def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) -> None:
     n = 3 + len(bench.QUICK.scaling_replicas) + len(bench.QUICK.shard_sizes) + 2
     n += len(bench.HOGWILD_MODES)
@@ -122,6 +124,7 @@ def test_cli_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["command"] == "distbelief bench --quick --only shard"
 
 
+@pytest.mark.slow
 def test_benchmarks_run_script() -> None:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--only", "shard",

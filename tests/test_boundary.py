@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_master import RecordingContext
+from support import RecordingContext
 from torch import nn
 
 from distbelief.algorithms.downpour.messages import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 from distbelief.core.flat import flatten
 from distbelief.core.layout import Layout

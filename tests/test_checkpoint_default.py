@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.cli import main
@@ -31,6 +31,7 @@ def newest(root: Path) -> checkpoint.Checkpoint | None:
         return None
 
 
+@pytest.mark.slow
 def test_the_main_job_killed_at_80_percent_keeps_a_checkpoint_and_resumes_to_its_band(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.cli import main

@@ -37,6 +37,7 @@ def check_plausible(s: dict[str, Any]) -> None:
     assert len(s["updates_applied_per_shard"]) == s["shards"]
 
 
+@pytest.mark.slow
 def test_json_main_job_shape(capsys: pytest.CaptureFixture[str]) -> None:
     # The main job's preset on a slice of MNIST-1D for one epoch: the shape of the output.
     s = run_json(capsys, "train", "--train-size", "2000", "--epochs", "1")
@@ -243,6 +244,7 @@ SANDBLASTER_FIELDS = (
 )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sandblaster_mnist1d_preset_learns(capsys: pytest.CaptureFixture[str]) -> None:
     s = run_json(capsys, "train", "--algorithm", "sandblaster", "--seed", "0")  # 0.65 at seed 0
     missing = [f for f in SANDBLASTER_FIELDS if f not in s]

@@ -26,6 +26,7 @@ def evaluations(capsys: pytest.CaptureFixture[str], *flags: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_the_main_job_with_a_run_directory_reports_curves(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

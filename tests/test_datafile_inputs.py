@@ -13,8 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import mlp
-from support import run
+from support import mlp, run
 
 import distbelief
 import distbelief.cli

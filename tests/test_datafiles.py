@@ -17,8 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import mlp
-from support import run
+from support import mlp, run
 
 import distbelief
 from distbelief import ConfigError, cli
@@ -67,6 +66,7 @@ def digits_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+@pytest.mark.slow
 def test_digits_csv_trains_and_other_formats_give_the_same_run(
     capsys: pytest.CaptureFixture[str], digits_files: dict[str, tuple[Path, Path]]
 ) -> None:
@@ -174,6 +174,7 @@ def test_test_split_and_task_and_train_size(
     assert not set(a_train.rows.tolist()) & set(a_test.rows.tolist())
 
 
+@pytest.mark.slow
 def test_driver_memory_stays_far_below_a_large_npy_file(tmp_path: Path) -> None:
     # 1 epoch over every row of a ~310 MiB .npy in mini-batches of 4,096, in a fresh process:
     # its peak RSS grows by far less than the file (the checking pass reads chunks, the data

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.cli import main

@@ -8,7 +8,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import RUNTIMES, mlp
+from support import RUNTIMES, mlp
 from torch import nn
 
 import distbelief
@@ -307,6 +307,7 @@ def test_ctrl_c_stops_training_and_keeps_what_was_trained(runtime):
     assert signal.getsignal(signal.SIGINT) is handler  # the run gave Ctrl-C back as it was
 
 
+@pytest.mark.slow
 def test_mnist1d_four_replicas_two_stages_two_shards_adagrad(runtime, mnist1d_data):
     train, test = mnist1d_data
     torch.manual_seed(0)
@@ -331,11 +332,13 @@ def test_mnist1d_four_replicas_two_stages_two_shards_adagrad(runtime, mnist1d_da
     assert result.stats["examples"] == 5 * len(train[0])
 
 
+@pytest.mark.slow
 def test_xor_seed_setting_learns_xor():
-    """The seed's example: 50,000 examples, 25 replicas x 2,000, 2-2-1 sigmoid, lr 0.5."""
+    """The seed's example at a fifth of its data: 10,000 examples, 25 replicas x 400, 2-2-1
+    sigmoid, lr 0.5 (it still learns the table: outputs 0.03, 0.97, 0.97, 0.04)."""
     from distbelief.data.inputs import xor
 
-    train, table = xor(50_000, seed=0)
+    train, table = xor(10_000, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1), nn.Sigmoid())
     result = distbelief.train(

@@ -48,6 +48,7 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_mnist1d_cnn_example_learns(capsys: pytest.CaptureFixture[str], one_thread: None) -> None:
     cnn = load("mnist1d_cnn")
     result = cnn.main(train_size=4_000, epochs=4, seed=0)

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.core.flat import flatten
@@ -159,7 +159,7 @@ def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(
     assert result.stats["restarts_by_actor"] == {"replica0.stage1": 1}
     assert result.stats["steps"] == 2 * 128 // 16  # the lost step is counted once
     if on == "ray":  # a new process, and none left behind
-        from test_ray import assert_gone
+        from support import assert_gone
 
         first, second = result.stats["pids"]["replica0.stage1"]
         assert first != second

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.cli import main

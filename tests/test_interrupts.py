@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.algorithms.downpour.driver import INTERRUPTED

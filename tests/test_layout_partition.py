@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 from distbelief.core.flat import bind_to_flat, flatten, load_flat

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mlp
+from support import RecordingContext, mlp
 from torch import nn
 
 import distbelief
@@ -26,23 +26,6 @@ from distbelief.algorithms.downpour.messages import (
 from distbelief.algorithms.messages import Begin
 from distbelief.errors import ActorFailed, RunTimeout
 from distbelief.results import ProgressReport
-
-
-class RecordingContext:
-    """Stands in for a runtime: records what the actor sends."""
-
-    name = "master"
-    self_ref = "master"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, object]] = []
-
-    def tell(self, ref: object, message: object) -> None:
-        self.sent.append((ref, message))
-
-    def take(self) -> list[tuple[object, object]]:
-        sent, self.sent = self.sent, []
-        return sent
 
 
 def stepped_master(replicas=3, warmstart=5, evaluator=None, eval_every=0, buffer_stages=()):

@@ -156,6 +156,7 @@ def test_a_layer_class_of_the_users_file_reaches_ray_workers(
     assert s["runtime"] == "ray" and s["test_accuracy"] > 0.7, s["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_the_cnn_example_is_a_model_spec(capsys: pytest.CaptureFixture[str]) -> None:
     # The README's example through the CLI (a slice of MNIST-1D, one epoch: the wiring only;
     # the full run's accuracy is in the README).

@@ -9,7 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 import distbelief
@@ -20,6 +20,8 @@ from distbelief.core.optim import UPDATE_RULES, make_update_rule, materialize_st
 from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from distbelief.runtime import Actor, make_runtime, receives
 from distbelief.runtime.processes import ProcessesRuntime
+
+pytestmark = pytest.mark.processes  # the whole module runs the processes runtime
 
 
 class Go:

@@ -10,12 +10,14 @@ import signal
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.errors import Deadlock
 from distbelief.runtime import Actor, receives
 from distbelief.runtime.processes import ProcessesRuntime
+
+pytestmark = pytest.mark.processes  # the whole module runs the processes runtime
 
 
 class Ask:

@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp, write_checkpoint
+from support import assert_gone, mlp, mnist1d_run, write_checkpoint
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray  # the whole module runs the ray runtime
 import psutil  # noqa: E402  (Ray ships it)
 
 import distbelief  # noqa: E402
@@ -34,16 +35,6 @@ def toy_run(**kw):
     return distbelief.train(model, args.pop("data", None) or toy_data(), **args)
 
 
-def mnist1d_run(data, **kw):
-    """MNIST-1D on Ray with the engine test's setting (MLP 40-256-256-10, Adagrad 0.05, batch
-    32, 5 epochs, 2 stages); ``kw`` overrides."""
-    train, test = data
-    args = dict(loss="cross_entropy", lr=0.05, batch_size=32, epochs=5, stages=2)
-    args.update(optimizer="adagrad", eval_data=test, seed=0, runtime="ray")
-    args.update(kw)
-    return distbelief.train(mlp([40, 256, 256, 10]), train, **args)
-
-
 def _hosts() -> list[psutil.Process]:
     """Live actor processes of ours (Ray titles them after the hosting class)."""
     out = []
@@ -54,18 +45,6 @@ def _hosts() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
-
-
-def assert_gone(pids: list[int]) -> None:
-    """Every process in ``pids`` exits within 30 s (most are gone already)."""
-    procs = []
-    for pid in pids:
-        try:
-            procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=30)
-    assert not alive, f"processes of the run still alive: {alive}"
 
 
 def test_mnist1d_survives_ray_kill_of_one_stage_of_one_replica(ray_session, mnist1d_data):

@@ -4,6 +4,8 @@ their Ray instance (finished, or interrupted with Ctrl-C) leaving no process beh
 Each test runs this file as a script in a fresh Python (``python test_ray_cluster.py MODE``):
 a process holds one Ray connection, and the test session already has its own instance.
 The script prints one ``@@ {json}`` line with what the test checks.
+
+No fast test here: every test starts Ray instances of its own, in processes of its own (slow).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # every test starts Ray of its own
 
-from conftest import mlp  # noqa: E402
-from test_ray import assert_gone, mnist1d_run  # noqa: E402
+from support import assert_gone, mlp, mnist1d_run  # noqa: E402
 
 MARK = "@@ "
 

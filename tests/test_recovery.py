@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import mlp, write_checkpoint
+from support import RecordingContext, mlp, write_checkpoint
 
 import distbelief
 from distbelief.algorithms.downpour.messages import Fetch, FetchReply, Push, RestoreShard
@@ -73,22 +73,11 @@ def test_a_checkpointed_slice_is_cut_into_its_segments_in_stage_order():
 # ------------------------------------------------------------------ a restarted shard
 
 
-class Recording:
-    name = "shard0"
-    self_ref = "shard0"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, object]] = []
-
-    def tell(self, ref: object, message: object) -> None:
-        self.sent.append((ref, message))
-
-
-def _shard(restarted: bool) -> tuple[ParameterShard, dict, Recording]:
+def _shard(restarted: bool) -> tuple[ParameterShard, dict, RecordingContext]:
     seg = Segment(stage=0, shard=0, start=0, stop=4, pieces=((0, 4),))
     shard = ParameterShard(0, torch.zeros(4), 0, (seg,), "adagrad", 0.1)
     shard.restarted = restarted  # as the runtime sets it, before asking for the handlers
-    ctx = Recording()
+    ctx = RecordingContext("shard0")
     shard.bind(ctx)
     return shard, shard.bound_handlers(), ctx
 
@@ -138,27 +127,29 @@ def run(faults, **kw):
     return distbelief.train(model, args.pop("data", None) or toy(), runtime_options=opts, **args)
 
 
+@pytest.mark.slow
 def test_main_job_with_a_shard_killed_mid_run_recovers_from_the_replicas_copies(mnist1d_data):
-    """The main job's settings (MNIST-1D, 4 replicas x 2 stages, 2 shards, Adagrad 0.05,
-    batch 32, 15 epochs): shard1 dies after 3,000 of its ~3,780 updates, is restored from the
-    newest replica's copy (no checkpoint), and the run keeps the main job's accuracy band. The
-    in-process runtime is seeded: this run is the same every time."""
+    """The main job's settings for 5 epochs (MNIST-1D, 4 replicas x 2 stages, 2 shards,
+    Adagrad 0.05, batch 32; the engine test's run): shard1 dies after 1,000 of its ~1,260
+    updates, is restored from the newest replica's copy (no checkpoint), and the run keeps the
+    engine test's accuracy band (0.62 here; with shuffled labels 0.09). The in-process runtime
+    is seeded: this run is the same every time."""
     train, test = mnist1d_data
-    killed_at = 3000
+    killed_at = 1000
     result = distbelief.train(
         mlp([40, 256, 256, 10]), train, loss="cross_entropy", lr=0.05, batch_size=32,
-        epochs=15, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
+        epochs=5, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
         seed=0, runtime_options={"faults": [f"kill:shard1@update={killed_at}"]},
     )  # fmt: skip
-    assert result.history.accuracy >= 0.70
+    assert result.history.accuracy >= 0.60
     assert result.stats["restarts_by_actor"] == {"shard1": 1}
-    assert result.stats["examples"] == 15 * len(train[0])
+    assert result.stats["examples"] == 5 * len(train[0])
     (rec,) = result.stats["recoveries"]
     assert rec["actor"] == "shard1" and rec["source"].startswith("replica")
     assert rec["optimizer"] == "fresh" and rec["checkpoint"] is None
     # It had applied exactly killed_at updates; replicas fetch every step, so the newest copy
-    # is a few updates behind at most (2,999 in this run), and newer than the shard's last
-    # report to the master (2,995): nothing is counted lost.
+    # is a few updates behind at most (997 in this run), and newer than the shard's last
+    # report to the master: nothing is counted lost.
     assert killed_at - 8 <= rec["restored_version"] <= killed_at
     assert 0 < rec["applied_last_reported"] <= rec["restored_version"]
     assert rec["lost_updates"] == 0
@@ -288,8 +279,7 @@ def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_ear
 
     master = DownpourMaster(1, 0, 64, None, 0, 16)
     master.restarted = True
-    ctx = Recording()
-    ctx.name = ctx.self_ref = "master"
+    ctx = RecordingContext("master")
     master.bind(ctx)
     stages = (("r0s0", "r0s1"),)
     master.receive(ConnectMaster(("data0",), ("shard0",), (), stages), "driver")

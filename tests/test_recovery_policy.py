@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 import distbelief

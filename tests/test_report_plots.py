@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief import report as report_module

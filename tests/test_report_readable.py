@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 import distbelief
@@ -53,6 +53,7 @@ def ten_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_ten_runs_have_short_labels_naming_only_differing_settings_that_apply(
     ten_runs: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief import ConfigError
@@ -275,6 +275,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run_bit_for_bit(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -30,7 +30,8 @@ def last_json(out: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two runs that differ in replicas, optimizer and lr; their JSON summaries."""
+    """Two runs that differ in replicas, optimizer and lr; their JSON summaries. (About 5 s:
+    the tests that use it are marked slow.)"""
     root = tmp_path_factory.mktemp("runs")
     a, b = root / "adagrad4", root / "sgd1"
     out: dict[str, Any] = {"a": a, "b": b}
@@ -40,6 +41,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_holds_every_kind_of_record(runs: dict[str, Any]) -> None:
     lines = (runs["a"] / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]  # every line parses
@@ -75,6 +77,7 @@ def test_metrics_jsonl_holds_every_kind_of_record(runs: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.slow
 def test_tensorboard_reads_the_same_scalars(runs: dict[str, Any]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -93,6 +96,7 @@ def test_tensorboard_reads_the_same_scalars(runs: dict[str, Any]) -> None:
     assert "staleness" in acc.Tags()["histograms"]
 
 
+@pytest.mark.slow
 def test_config_toml_round_trips(
     runs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -180,6 +184,7 @@ def _pngs_ok(files: list[Path]) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, f
 
 
+@pytest.mark.slow
 def test_report_of_one_run(runs: dict[str, Any], tmp_path: Path) -> None:
     files = report.report([runs["a"]], tmp_path / "one")
     *pngs, page = files
@@ -195,6 +200,7 @@ def test_report_of_one_run(runs: dict[str, Any], tmp_path: Path) -> None:
     assert "<img" in text and "file:" not in outside and "http" not in outside
 
 
+@pytest.mark.slow
 def test_report_of_two_runs_names_what_differs(
     runs: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -243,6 +249,7 @@ def test_json_lists_every_evaluation_and_the_seed_drawn(
     assert figures(again) == figures(s)
 
 
+@pytest.mark.slow
 def test_output_to_a_pipe_has_no_control_characters(in_tmp_dir: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "distbelief", *SHORT, "--seed", "1"],

@@ -8,8 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
-from support import logistic
+from support import RecordingContext, logistic, mlp
 from torch import nn
 
 import distbelief
@@ -68,6 +67,7 @@ def sandblaster(model, data, **kw):
 # ------------------------------------------------------------------------------ pure maths
 
 
+@pytest.mark.slow
 def test_lbfgs_in_one_process_takes_torchs_path(convex):
     """Same two-loop recursion and strong-Wolfe rule: after 25 iterations the loss agrees
     with torch.optim.LBFGS to float64 rounding, and so does the evaluation count."""
@@ -142,6 +142,7 @@ def test_batches_and_portion_ranges_cover_every_example_once():
 # ------------------------------------------------------------------------------ runs
 
 
+@pytest.mark.slow
 def test_convex_optimum_matches_torch_lbfgs(runtime, convex):
     """Full batch, float64: Sandblaster over 3 replicas and 2 shards ends within 1e-4
     (relative) of torch.optim.LBFGS run to convergence in one process."""
@@ -299,25 +300,9 @@ def test_a_replica_killed_mid_batch_changes_nothing(runtime, convex):
     torch.testing.assert_close(killed.model[0].weight, plain.model[0].weight, rtol=1e-6, atol=1e-9)
 
 
-class RecordingContext:
-    """Stands in for a runtime: records what the actor sends."""
-
-    name = self_ref = "coordinator"
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, object]] = []
-
-    def tell(self, ref: object, message: object) -> None:
-        self.sent.append((ref, message))
-
-    def take(self) -> list[tuple[object, object]]:
-        sent, self.sent = self.sent, []
-        return sent
-
-
 def test_the_coordinator_steps_one_decision_per_message():
     c = Coordinator(Settings(steps=1), replicas=2, portions=4, batch_examples=40)
-    ctx = RecordingContext()
+    ctx = RecordingContext("coordinator")
     c.bind(ctx)
     c.receive(ConnectSandblaster(("s0", "s1"), ("r0", "r1"), "coordinator"), "driver")
     c.receive(Begin(), "driver")
@@ -354,11 +339,11 @@ def test_a_late_result_of_an_earlier_evaluation_does_not_assign_a_busy_replica_t
 
     # Two real shards minimising 0.5 |w - 1|^2; the coordinator steps one message at a time.
     shards = [SandblasterShard(k, torch.zeros(3, dtype=torch.float64)) for k in range(2)]
-    shard_ctx = [RecordingContext() for _ in shards]
+    shard_ctx = [RecordingContext("coordinator") for _ in shards]
     for shard, ctx in zip(shards, shard_ctx):
         shard.bind(ctx)
     c = Coordinator(Settings(steps=3), replicas=2, portions=4, batch_examples=40)
-    ctx = RecordingContext()
+    ctx = RecordingContext("coordinator")
     c.bind(ctx)
     c.receive(ConnectSandblaster(("s0", "s1"), ("r0", "r1"), "coordinator"), "driver")
     c.receive(Begin(), "driver")

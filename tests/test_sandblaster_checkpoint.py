@@ -52,6 +52,7 @@ def full_loss(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> floa
         return float(F.cross_entropy(model(data[0]), data[1]))
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_loss(
     convex, tmp_path: Path
 ) -> None:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import mlp
-from support import logistic
+from support import logistic, mlp
 from torch import nn
 
 import distbelief

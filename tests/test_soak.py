@@ -11,6 +11,8 @@ To add a kind of fault, add a maker to ``FAULT_KINDS`` with the most faults of i
 faults of the plan, due ``FAULT_EVERY`` replica steps apart, are made by the kinds in turn; the
 i-th of a kind is made by ``make(i, at_step)`` and names an actor no earlier fault named (a plan
 kills each actor at most once).
+
+No fast test here: the soak is one long run by design (marked ``soak`` and ``slow``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.algorithms.downpour import driver as downpour
@@ -132,6 +134,7 @@ def growth_per_step(samples: list[tuple[int, int]]) -> float:
 
 
 @pytest.mark.soak
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
 def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 
 import distbelief
 from distbelief.core.flat import flatten
@@ -99,6 +99,8 @@ def _wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+@pytest.mark.slow
+@pytest.mark.processes
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_no_worker_of_a_processes_run_outlives_its_driver(tmp_path, sig):
     # A run far longer than the test: it is stopped once its workers are running (one per
@@ -127,6 +129,8 @@ def test_no_worker_of_a_processes_run_outlives_its_driver(tmp_path, sig):
             driver.wait()
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_nothing_of_a_ray_run_outlives_its_driver(sig):
     pytest.importorskip("ray", reason="the Ray runtime needs the 'ray' extra")

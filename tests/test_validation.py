@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import mlp
+from support import mlp
 from torch import nn
 
 import distbelief
