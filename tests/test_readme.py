@@ -24,19 +24,6 @@ PACKAGE = ROOT / "src" / "distbelief"
 ILLUSTRATIVE = {"FILE.py", "path/to/file.py"}
 """Module paths that stand for the reader's own file, not one of this repository's."""
 
-PENDING = {
-    "algorithms/driver.py",
-    "checks.py",
-    "evaluate.py",
-    "runtime/options.py",
-    "runtime/runqueue.py",
-    "runtime/supervise.py",
-    "tests/test_layering.py",
-}
-"""Paths docs/architecture.md names that other branches of issue 17 are creating; empty this
-set once they are merged (a path in it is checked like any other once it exists)."""
-
-
 def quick_start_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
@@ -200,7 +187,7 @@ def test_named_module_paths_exist():
     (``algorithms/downpour/stage.py``), or a file name found in the package (``lbfgs.py``)."""
     missing = []
     for page, path in module_paths():
-        if path in ILLUSTRATIVE or path in PENDING:
+        if path in ILLUSTRATIVE:
             continue
         if (ROOT / path).exists() or (PACKAGE / path).exists():
             continue
