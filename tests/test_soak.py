@@ -18,8 +18,11 @@ No fast test here: the soak is one long run by design (marked ``soak`` and ``slo
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 
@@ -133,14 +136,9 @@ def growth_per_step(samples: list[tuple[int, int]]) -> float:
     return (max(r for _, r in last) - max(r for _, r in first)) / steps
 
 
-@pytest.mark.soak
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
-def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):
+def soak() -> dict:
+    """The soak run itself, in the process that calls it: what the test judges, as JSON."""
     faults = plan_faults()
-    assert {kind for kind, _ in faults} == set(FAULT_KINDS)
-
     # The runtime the run would create (its seed, its faults), created here to be watched.
     runtime = LocalRuntime(0, faults=[spec for _, spec in faults], max_restarts=1)
     samples: list[tuple[int, int]] = []  # (steps of all replicas, RSS)
@@ -155,19 +153,51 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):
         epochs=EPOCHS, replicas=REPLICAS, stages=STAGES, shards=SHARDS, seed=0,
         progress=progress, runtime=runtime,
     )  # fmt: skip
+    stats = result.stats
+    return {
+        "faults": faults,
+        "stats": {
+            k: stats[k]
+            for k in ("examples", "steps", "train_s", "restarts_by_actor", "restarts", "recoveries")
+        },  # fmt: skip
+        "final_loss": result.history.train[-1]["loss"],
+        "samples": samples,
+        "queued": queued,
+        "delivered": runtime.delivered,
+        "hosted": runtime.hosted(),
+    }
+
+
+@pytest.mark.soak
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):
+    faults = plan_faults()
+    assert {kind for kind, _ in faults} == set(FAULT_KINDS)
+    # In a process of its own: the memory judged is the run's, not what the tests before it
+    # left in this one's heap (in a whole-suite run this process holds ~800 MiB by then).
+    child = subprocess.run(
+        [sys.executable, __file__], capture_output=True, text=True, timeout=540,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr[-3000:]
+    run = json.loads(child.stdout.strip().splitlines()[-1])
+    assert [tuple(f) for f in run["faults"]] == faults
+    stats, samples, queued = run["stats"], [tuple(s) for s in run["samples"]], run["queued"]
 
     # No deadlock: the run completed, every example of every epoch trained.
-    assert result.stats["examples"] == REPLICAS * ROWS_PER_REPLICA * EPOCHS
-    assert result.stats["steps"] == REPLICAS * STEPS  # a step redone is counted once
-    assert math.isfinite(result.history.train[-1]["loss"])
+    assert stats["examples"] == REPLICAS * ROWS_PER_REPLICA * EPOCHS
+    assert stats["steps"] == REPLICAS * STEPS  # a step redone is counted once
+    assert math.isfinite(run["final_loss"])
     # Every fault fired once and was survived.
     killed = {spec.split(":")[1].split("@")[0] for _, spec in faults}
     by_kind = Counter(kind for kind, _ in faults)
-    assert result.stats["restarts_by_actor"] == dict.fromkeys(killed, 1)
-    assert result.stats["restarts"] == len(faults)
+    assert stats["restarts_by_actor"] == dict.fromkeys(killed, 1)
+    assert stats["restarts"] == len(faults)
     # Each dead shard restored from a replica's copy, which is newer than the shard's last
     # report to the master (the replicas fetch every step): nothing is counted lost.
-    shard_recoveries = [r for r in result.stats["recoveries"] if r["actor"].startswith("shard")]
+    shard_recoveries = [r for r in stats["recoveries"] if r["actor"].startswith("shard")]
     assert len(shard_recoveries) == by_kind["shard kill"]
     for r in shard_recoveries:
         assert r["source"].startswith("replica") and "initial" not in r["source"], r
@@ -179,15 +209,19 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):
     assert growth <= GROWTH_PER_STEP, (growth, samples)
     assert max(queued) <= 8 * REPLICAS  # a step in flight per replica: its messages, no more
     # Every actor stopped at the end (the runtime's view).
-    assert runtime.delivered > 0 and runtime.hosted() == []
+    assert run["delivered"] > 0 and run["hosted"] == []
 
     with capsys.disabled():
         print(
-            f"\nsoak: {result.stats['train_s']:.0f} s of training, {EPOCHS} epochs, "
-            f"{result.stats['steps']} steps; faults injected/survived: "
+            f"\nsoak: {stats['train_s']:.0f} s of training, {EPOCHS} epochs, "
+            f"{stats['steps']} steps; faults injected/survived: "
             + ", ".join(f"{k} {n}/{n}" for k, n in by_kind.items())
             + f"; peak RSS {samples[0][1] / 2**20:.1f} MiB at the first report, "
             f"{max(r for _, r in samples) / 2**20:.1f} MiB at most, growth after the warm-up "
             f"{growth:.0f} B per step; messages queued at most {max(queued)} "
             f"({len(samples)} samples)"
         )
+
+
+if __name__ == "__main__":  # the soak's own process (see the test)
+    print(json.dumps(soak()))
