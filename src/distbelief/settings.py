@@ -157,7 +157,8 @@ class Summary:
 # ------------------------------------------------------------------ checks
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """A count: an integer, numpy's included, not a bool."""
     # numbers.Integral admits numpy's integer scalars (np.int64(32)); bools are not counts.
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
@@ -177,7 +178,7 @@ def integer(low: int, optional: bool = False) -> Check:
     def check(name: str, v: Any) -> Any:
         if v is None and optional:
             return None
-        if not _is_int(v) or v < low:
+        if not is_int(v) or v < low:
             tail = " or None" if optional else ""
             raise ConfigError(f"{name}: must be an integer >= {low}{tail}, got {_show(v)}")
         return int(v)  # numpy scalars become plain ints
@@ -215,7 +216,7 @@ def seed(name: str, v: Any) -> Any:
     """None (draw one) or an integer from 0 to MAX_SEED."""
     if v is None:
         return None
-    if not _is_int(v) or not 0 <= v <= MAX_SEED:
+    if not is_int(v) or not 0 <= v <= MAX_SEED:
         raise ConfigError(f"{name}: must be an integer from 0 to 2**63 - 1 or None, got {_show(v)}")
     return int(v)
 
@@ -250,12 +251,14 @@ SEED = Setting(
     help="Seeds model init, data order and actor interleaving (default: a fresh random seed, "
     "shown in the summary and kept in the run directory).",
 )  # fmt: skip
+RUNTIMES = ("local", "processes", "ray")
+"""The runtimes' names (``distbelief.runtime.make_runtime`` creates each)."""
 RUNTIME = Setting(
-    default="local", flag_default="local", kind=str, shown=True, may_differ=True,
+    default="local", check=one_of(RUNTIMES, "runtime"), flag_default="local", kind=str,
+    shown=True, may_differ=True,
     help="Where actors run: local (in-process, one core); processes (forked workers over "
     "shared memory: one machine with several cores); ray (a cluster of machines).",
 )  # fmt: skip
-"""Its check (the runtimes' names) is given by each configuration, which may import them."""
 RUNTIME_OPTIONS = Setting(default_factory=dict, flag=False, recorded=False)
 TIMEOUT_S = Setting(default=3600.0, check=number(positive=True), flag=False)
 CHECKPOINT_DIR = Setting(

@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from ..settings import RUNTIMES
 from .base import DRIVER, Actor, Context, Runtime, receives
 from .local import LocalRuntime
 from .options import LocalOptions, ProcessesOptions, RayOptions, Tap
-
-RUNTIMES = ("local", "processes", "ray")
 
 
 def make_runtime(name: str, *, seed: int | None = None, **options: Any) -> Runtime:

@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 
 from ...core.optim import UPDATE_RULES
 from ...errors import ConfigError
-from ...runtime import RUNTIMES
 from ...settings import (
     CHECKPOINT_DIR,
     CHECKPOINT_EVERY,
@@ -22,9 +21,9 @@ from ...settings import (
     SHARDS,
     TIMEOUT_S,
     Summary,
-    _is_int,
     check_checkpoints,
     integer,
+    is_int,
     number,
     one_of,
     setting,
@@ -38,9 +37,9 @@ def _stages(name: str, v: Any) -> Any:
     """A count >= 1 (balanced by parameter count) or split points (a list becomes a tuple)."""
     if isinstance(v, list):
         v = tuple(v)
-    if not (_is_int(v) or isinstance(v, tuple)):
+    if not (is_int(v) or isinstance(v, tuple)):
         raise ConfigError(f"{name}: expected a count or split points, got {v!r}")
-    if _is_int(v) and v < 1:
+    if is_int(v) and v < 1:
         raise ConfigError(f"{name}: must be >= 1, got {v}")
     return v
 
@@ -100,7 +99,7 @@ class DownpourConfig:
     (0: off, so a replica's copy changes only when it fetches)."""
     seed: int | None = SEED.field()
     """Seeds data order, actor interleaving and torch's RNG; None draws one (see result)."""
-    runtime: str = RUNTIME.field(check=one_of(RUNTIMES, "runtime"))
+    runtime: str = RUNTIME.field()
     """Where actors run: 'local' (in-process, one core, default), 'processes' (forked
     worker processes over shared memory: one machine's cores) or 'ray' (a cluster)."""
     runtime_options: dict[str, Any] = RUNTIME_OPTIONS.field()

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ...errors import ConfigError
-from ...runtime import RUNTIMES
 from ...settings import (
     CHECKPOINT_DIR,
     CHECKPOINT_EVERY,
@@ -23,7 +22,6 @@ from ...settings import (
     Summary,
     check_checkpoints,
     integer,
-    one_of,
     setting,
     validate,
 )
@@ -66,7 +64,7 @@ class SandblasterConfig:
     end of each evaluation): fewer, larger pushes, and little lost if it dies."""
     seed: int | None = SEED.field()
     """Seeds mini-batch order, actor interleaving and torch's RNG; None draws one."""
-    runtime: str = RUNTIME.field(check=one_of(RUNTIMES, "runtime"))
+    runtime: str = RUNTIME.field()
     """Where actors run: 'local' (in-process, default), 'processes' or 'ray'."""
     runtime_options: dict[str, Any] = RUNTIME_OPTIONS.field()
     """Extra keyword arguments for the runtime, and Sandblaster's own: ``slow_replicas``
