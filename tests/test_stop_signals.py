@@ -8,7 +8,9 @@ signal can end the workers).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,10 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import mlp
+from support import logistic, mlp
 
 import distbelief
+from distbelief import cli
+from distbelief.algorithms.downpour.messages import StartReplica
+from distbelief.cli import main
 from distbelief.core.flat import flatten
+from distbelief.storage import checkpoint
 
 GONE_WITHIN_S = 5.0
 
@@ -32,7 +38,7 @@ def _toy_data(n: int = 256):
     return torch.randn(n, 10, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
-def test_sigterm_stops_training_and_keeps_what_was_trained(runtime):
+def test_sigterm_stops_training_and_keeps_what_was_trained(runtime, tmp_path):
     model = mlp([10, 16, 8, 3])
     reports, seen = [], []
 
@@ -48,17 +54,125 @@ def test_sigterm_stops_training_and_keeps_what_was_trained(runtime):
         with pytest.raises(distbelief.TrainingInterrupted) as info:
             distbelief.train(model, _toy_data(), loss="cross_entropy", lr=0.1, batch_size=16,
                              epochs=50, replicas=2, stages=2, shards=2, seed=7,
+                             optimizer="adagrad", checkpoint_dir=tmp_path,
                              progress=progress, runtime=runtime)  # fmt: skip
         assert signal.getsignal(signal.SIGTERM) is not previous  # still the test's handler
     finally:
         handler = signal.signal(signal.SIGTERM, previous)
     assert seen == []
-    assert info.value.signum == signal.SIGTERM
+    stop = info.value
+    assert stop.signum == signal.SIGTERM
     assert reports[-1].examples < 50 * 256 // 4  # stopped early (Ray reports every ~400 examples)
-    trained = flatten(info.value.model.children())
+    trained = flatten(stop.model.children())
     assert torch.isfinite(trained).all()
     assert not torch.equal(trained, flatten(model.children()))  # kept what it trained
     assert handler is not signal.SIG_DFL  # the run put the test's handler back
+    # A last checkpoint was written on the way out, the newest (and, keep=1, the only) one:
+    # the model kept is its parameters, and it is at the step it says.
+    ckpt = checkpoint.load(tmp_path)
+    assert [ckpt.path] == checkpoint.checkpoints(tmp_path) and str(ckpt.path) == stop.checkpoint
+    assert torch.equal(ckpt.weights, trained)
+    assert sum(p["steps"] for p in ckpt.positions.values()) == stop.step > 0
+    # No position is ahead of what its replica pushed: every step before it pushed (n_push 1)
+    # every segment of its replica (2 stages over 2 shards), and those updates are in.
+    segments = sum(len(s.versions) for s in ckpt.shards)
+    assert ckpt.update >= stop.step * segments
+    assert all(s.optimizer for s in ckpt.shards)  # Adagrad's sums are there
+
+
+def test_a_stop_before_any_step_writes_no_checkpoint(tmp_path):
+    # SIGTERM before any step: the master's StartReplica is lost on its way (so no replica
+    # ever starts) and the signal comes with it. The stop's round finds every position at
+    # step 0, so nothing new is written, and the model kept is the initial one.
+    def tap(sender, receiver, message):
+        if isinstance(message, StartReplica):
+            signal.raise_signal(signal.SIGTERM)
+            return False
+        return None
+
+    model = mlp([10, 16, 3])
+    with pytest.raises(distbelief.TrainingInterrupted) as info:
+        distbelief.train(model, _toy_data(), loss="cross_entropy", lr=0.1, batch_size=16,
+                         epochs=5, replicas=2, shards=2, checkpoint_dir=tmp_path,
+                         runtime_options={"tap": tap})  # fmt: skip
+    assert info.value.signum == signal.SIGTERM
+    assert info.value.checkpoint is None and info.value.step is None
+    assert checkpoint.checkpoints(tmp_path) == []
+    assert torch.equal(flatten(info.value.model.children()), flatten(model.children()))
+
+
+def test_the_commands_stop_line_names_the_checkpoint_it_resumes_from(capsys, monkeypatch, tmp_path):
+    # The command stopped by SIGTERM (in-process: the signal raised at its second progress
+    # report) says where its last checkpoint is; that checkpoint holds the model the API kept,
+    # and the command it names resumes from it.
+    real_train = cli.train
+    kept = []
+
+    def train_then_sigterm(*args, progress, **kw):
+        reports = []
+
+        def hook(report) -> None:
+            progress(report)
+            reports.append(report)
+            if len(reports) == 2:
+                signal.raise_signal(signal.SIGTERM)
+
+        try:
+            return real_train(*args, progress=hook, **kw)
+        except distbelief.TrainingInterrupted as stop:
+            kept.append(stop)
+            raise
+
+    monkeypatch.setattr(cli, "train", train_then_sigterm)
+    ck = tmp_path / "ck"
+    flags = ["train", "xor", "--train-size", "2000", "--replicas", "2", "--epochs", "3",
+             "--no-run-dir", "--checkpoint-dir", str(ck), "--checkpoint-every", "40"]  # fmt: skip
+    assert main(flags) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    stop = kept[0]
+    ckpt = checkpoint.load(ck)
+    steps = sum(p["steps"] for p in ckpt.positions.values())
+    assert err == (
+        f"distbelief: error: stopped by SIGTERM: checkpoint at step {steps} in {ck}; "
+        f"resume with distbelief train --resume {ck}"
+    )
+    assert str(ckpt.path) == stop.checkpoint and stop.step == steps
+    assert torch.equal(ckpt.weights, flatten(stop.model.children()))
+    monkeypatch.setattr(cli, "train", real_train)
+    assert main(["train", "--resume", str(ck), "--no-run-dir", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["resumed_from_update"] == ckpt.update
+    assert resumed["examples"] == 3 * 2000 - sum(p["examples"] for p in ckpt.positions.values())
+
+
+def test_sandblaster_stopped_mid_step_checkpoints_that_steps_end(tmp_path):
+    # L-BFGS state only exists whole at a step's end: the step under way when SIGTERM comes
+    # ends, its checkpoint is written, and the model kept is its parameters; resumed, the run
+    # ends as the uninterrupted one does.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    data = (x, (x[:, :10].argmax(1) + (x[:, 10] > 0).long()) % 10)
+    kw = dict(loss="cross_entropy", algorithm="sandblaster", seed=0, history=5, replicas=2,
+              shards=2, portions=4, steps=10)  # fmt: skip
+    reports = []
+
+    def progress(report) -> None:
+        reports.append(report)
+        if len(reports) == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(distbelief.TrainingInterrupted) as info:
+        distbelief.train(logistic(), data, checkpoint_dir=tmp_path, progress=progress, **kw)
+    stop = info.value
+    ckpt = checkpoint.load(tmp_path)
+    assert str(ckpt.path) == stop.checkpoint
+    assert stop.step == ckpt.update == ckpt.manifest["coordinator"]["step"]
+    assert 3 <= stop.step < 10  # the step under way at the stop (or the one just ended)
+    assert torch.equal(ckpt.weights, flatten(stop.model.children()))
+    resumed = distbelief.train(logistic(), data, resume=tmp_path, **kw)
+    full = distbelief.train(logistic(), data, **kw)
+    assert resumed.stats["resumed_from_step"] == stop.step
+    assert resumed.stats["final_loss"] == pytest.approx(full.stats["final_loss"], rel=1e-9)
 
 
 def _children(pid: int) -> set[int]:
