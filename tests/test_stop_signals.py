@@ -101,6 +101,7 @@ def test_a_stop_before_any_step_writes_no_checkpoint(tmp_path):
     assert torch.equal(flatten(info.value.model.children()), flatten(model.children()))
 
 
+@pytest.mark.slow
 def test_the_commands_stop_line_names_the_checkpoint_it_resumes_from(capsys, monkeypatch, tmp_path):
     # The command stopped by SIGTERM (in-process: the signal raised at its second progress
     # report) says where its last checkpoint is; that checkpoint holds the model the API kept,
@@ -213,30 +214,101 @@ def _wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+SHM = Path("/dev/shm")
+
+
+def _shm_held(pids) -> set[str]:
+    """The /dev/shm files the processes ``pids`` map or hold open, as /proc names them (one
+    removed from /dev/shm ends in " (deleted)"): the run's own entries, whatever their names."""
+    held = set()
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                path = line.split(None, 5)[5:]
+                if path and path[0].startswith("/dev/shm/"):
+                    held.add(path[0])
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    held.add(target)
+        except OSError:  # gone meanwhile
+            continue
+    return held
+
+
+def _shm_named_by(pids) -> list[str]:
+    """Entries of /dev/shm whose name holds one of ``pids``: torch names its shared segments
+    ``torch_<pid>_...`` and multiprocessing its arenas ``pym-<pid>-...`` (the pid of the
+    process that made them), the per-run prefix of a ``processes`` run's entries."""
+    pids = "|".join(str(p) for p in pids)
+    pattern = re.compile(rf"(?<!\d)({pids})(?!\d)")
+    return sorted(e.name for e in SHM.iterdir() if pattern.search(e.name))
+
+
+def _shm_left(held: set[str]) -> list[str]:
+    """Which of the entries ``held`` (as :func:`_shm_held` names them) are in /dev/shm."""
+    return sorted(h for h in held if Path(h.removesuffix(" (deleted)")).exists())
+
+
+def _check_stop_line(err: str, root: Path) -> None:
+    """The command's last line names the checkpoint written on the way out, which is the
+    newest (and only) one in ``root``, at the step it says."""
+    last = err.strip().splitlines()[-1]
+    where = re.escape(str(root))
+    match = re.fullmatch(
+        rf"distbelief: error: stopped by SIGTERM: checkpoint at step (\d+) in {where}; "
+        rf"resume with distbelief train --resume {where}",
+        last,
+    )
+    assert match, last
+    ckpt = checkpoint.load(root)
+    assert checkpoint.checkpoints(root) == [ckpt.path]
+    assert sum(p["steps"] for p in ckpt.positions.values()) == int(match.group(1)) > 0
+
+
 @pytest.mark.slow
-@pytest.mark.processes
+@pytest.mark.parametrize(
+    "runtime", ["local", pytest.param("processes", marks=pytest.mark.processes)]
+)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_no_worker_of_a_processes_run_outlives_its_driver(tmp_path, sig):
-    # A run far longer than the test: it is stopped once its workers are running (one per
-    # replica, at most one per CPU).
-    expected = min(2, os.cpu_count() or 1)
-    cmd = [sys.executable, "-m", "distbelief", "train", "--runtime", "processes",
-           "--replicas", "2", "--stages", "1", "--shards", "1",
-           "--epochs", "500", "--seed", "0", "--no-run-dir", "--quiet"]  # fmt: skip
+def test_nothing_of_a_run_outlives_its_driver(tmp_path, runtime, sig):
+    # A run far longer than the test, stopped once it has written a checkpoint (so it is
+    # training) and, on processes, its workers are running (one per replica, at most one per
+    # CPU). Its own processes are the driver and its descendants; its own /dev/shm entries
+    # are those they map or hold open (on processes: torch's segments and multiprocessing's
+    # arena, named torch_<driver pid>_... and pym-<driver pid>-..., and a semaphore).
+    expected = min(2, os.cpu_count() or 1) if runtime == "processes" else 0
+    root = tmp_path / "ck"
+    cmd = [sys.executable, "-m", "distbelief", "train", "--runtime", runtime,
+           "--replicas", "2", "--stages", "1", "--shards", "1", "--epochs", "500", "--seed", "0",
+           "--no-run-dir", "--quiet", "--checkpoint-dir", str(root),
+           "--checkpoint-every", "50"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     driver = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        workers = _wait_for(lambda: _at_least(expected, _children(driver.pid)), 120, "workers")
+        workers = set()
+        if expected:
+            workers = _wait_for(lambda: _at_least(expected, _children(driver.pid)), 120, "workers")
+        _wait_for(lambda: checkpoint.checkpoints(root), 120, "a first checkpoint")
+        run = {driver.pid, *workers, *(p for w in workers for p in _children(w))}
+        assert len(run) == 1 + expected  # the driver and its workers, nothing else
+        held = _shm_held(run)
+        # Shared memory is removed from /dev/shm as it is made: nothing of the run is there
+        # even while it runs, so nothing can be left behind.
+        assert bool(held) == (runtime == "processes")
+        assert all(h.endswith(" (deleted)") for h in held), held
+        assert _shm_left(held) == [] and _shm_named_by(run) == []
         driver.send_signal(sig)
-        out, err = driver.communicate(timeout=30)
+        out, err = driver.communicate(timeout=60)
         if sig == signal.SIGTERM:
             assert driver.returncode == 128 + signal.SIGTERM, err
-            assert err.strip().splitlines()[-1] == "distbelief: error: stopped by SIGTERM"
+            _check_stop_line(err, root)
         else:
             assert driver.returncode == -signal.SIGKILL
-        _wait_for(lambda: not any(_running(w) for w in workers), GONE_WITHIN_S, "the workers")
+        _wait_for(lambda: not any(_running(p) for p in run), GONE_WITHIN_S, "the run's processes")
+        assert _shm_left(held) == [] and _shm_named_by(run) == []
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -253,9 +325,10 @@ def test_nothing_of_a_ray_run_outlives_its_driver(sig):
     # A short temp dir of the run's own (Ray's socket paths must stay under 108 bytes); the
     # driver's private Ray instance keeps its files in a distbelief-ray-* dir inside it.
     tmp = tempfile.mkdtemp(prefix="db-stop-", dir="/tmp")
+    root = Path(tmp) / "ck"
     cmd = [sys.executable, "-m", "distbelief", "train", "--runtime", "ray", "--replicas", "2",
            "--stages", "1", "--shards", "1", "--epochs", "500", "--seed", "0", "--no-run-dir",
-           "--quiet"]  # fmt: skip
+           "--quiet", "--checkpoint-dir", str(root), "--checkpoint-every", "50"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
     driver = subprocess.Popen(
         cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -273,15 +346,22 @@ def test_nothing_of_a_ray_run_outlives_its_driver(sig):
             return False
 
         _wait_for(hosts_running, 180, "the run's actors")
-        processes = instance_processes(str(instance))
+        _wait_for(lambda: checkpoint.checkpoints(root), 120, "a first checkpoint")
+        processes = {driver.pid, *instance_processes(str(instance))}
+        # Ray's object store is a file in /dev/shm (plasmaXXXXXX, no per-run name), removed
+        # as it is made: the run's processes map it, but nothing of it is there to be left.
+        held = _shm_held(processes)
+        assert held and all(h.endswith(" (deleted)") for h in held), held
         driver.send_signal(sig)
         out, err = driver.communicate(timeout=60)
         if sig == signal.SIGTERM:
             assert driver.returncode == 128 + signal.SIGTERM, err
+            _check_stop_line(err, root)
         else:
             assert driver.returncode == -signal.SIGKILL
         _wait_for(lambda: not any(_running(p) for p in processes), GONE_WITHIN_S, "Ray's processes")
         _wait_for(lambda: not instance.exists(), GONE_WITHIN_S, f"{instance} to be removed")
+        assert _shm_left(held) == []
     finally:
         if driver.poll() is None:
             driver.kill()

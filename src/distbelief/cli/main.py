@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
             cause = exc.__cause__ or exc  # typer's Abort wraps the KeyboardInterrupt
             signum = getattr(cause, "signum", stopped[0] if stopped else signal.SIGINT)
-            return _stopped(signum, getattr(cause, "checkpoint", None), getattr(cause, "step", None))
+            where = getattr(cause, "checkpoint", None), getattr(cause, "step", None)
+            return _stopped(signum, *where)
     if rv == INTERRUPTED:  # a stop outside a run (e.g. generating data): typer's silent exit
         return _stopped(stopped[0] if stopped else signal.SIGINT)
     return rv if isinstance(rv, int) else 0
