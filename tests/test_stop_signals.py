@@ -163,9 +163,10 @@ def test_sandblaster_stopped_mid_step_checkpoints_that_steps_end(tmp_path):
             signal.raise_signal(signal.SIGTERM)
 
     with pytest.raises(distbelief.TrainingInterrupted) as info:
-        distbelief.train(logistic(), data, checkpoint_dir=tmp_path, progress=progress, **kw)
+        distbelief.train(logistic(), data, checkpoint_dir=tmp_path, checkpoint_every=100,
+                         progress=progress, **kw)  # fmt: skip
     stop = info.value
-    ckpt = checkpoint.load(tmp_path)
+    ckpt = checkpoint.load(tmp_path)  # the stop's (with checkpoint_every=100, the only one)
     assert str(ckpt.path) == stop.checkpoint
     assert stop.step == ckpt.update == ckpt.manifest["coordinator"]["step"]
     assert 3 <= stop.step < 10  # the step under way at the stop (or the one just ended)
