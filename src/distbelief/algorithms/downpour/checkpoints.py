@@ -19,12 +19,14 @@ no checkpoint is written after it, so it stays the newest.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ...errors import Deadlock, RunTimeout
 from .messages import (
     CheckpointMarked,
     CheckpointRequest,
@@ -32,6 +34,8 @@ from .messages import (
     ShardStateReply,
     TrainingDone,
 )
+
+log = logging.getLogger("distbelief")
 
 Tell = Callable[[Any, Any], None]
 """How the owner sends a message to a ref (the master's ``ctx.tell``)."""
@@ -58,13 +62,22 @@ class StopCheckpointTaken:
     """Why nothing was written (empty when it was)."""
 
 
-def take_on_stop(rt: Any, master: Any, timeout: float) -> StopCheckpointTaken:
+STOP_TIMEOUT_S = 300.0
+"""Longest wait for the stop's checkpoint (a round takes milliseconds, its write seconds)."""
+
+
+def take_on_stop(rt: Any, master: Any, timeout: float) -> StopCheckpointTaken | None:
     """Ask the master for the stop's checkpoint and wait for it (other messages to the
     driver, progress reports or a ``TrainingDone`` that was on its way, are dropped: the run
-    is stopping). Raises ``RunTimeout`` after ``timeout`` s, as any conversation."""
-    for reply in rt.converse(master, StopCheckpoint(), timeout=timeout):
-        if isinstance(reply, StopCheckpointTaken):
-            return reply
+    is stopping). None, with a warning, if no answer comes within ``timeout`` s (at most
+    ``STOP_TIMEOUT_S``) or the runtime finds it never will: the run still stops."""
+    try:
+        for reply in rt.converse(master, StopCheckpoint(), timeout=min(timeout, STOP_TIMEOUT_S)):
+            if isinstance(reply, StopCheckpointTaken):
+                return reply
+    except (RunTimeout, Deadlock) as exc:
+        log.warning("stopped without a last checkpoint: %s", exc)
+        return None
     raise RuntimeError("the runtime stopped without a reply")  # pragma: no cover
 
 

@@ -280,9 +280,9 @@ class DownpourDriver(Driver):
     def stopped(self, rt: Runtime) -> tuple[nn.Module, tuple[str, int] | None]:
         """Where checkpoints are on, the master writes a last one first (``take_on_stop``):
         the model kept is the parameters it holds, with replica 0's buffers."""
-        if self.checkpointer is None:
+        taken = take_on_stop(rt, self.master, self.config.timeout_s) if self.checkpointer else None
+        if taken is None:  # checkpoints off, or the round could not be taken
             return super().stopped(rt)
-        taken = take_on_stop(rt, self.master, self.config.timeout_s)
         weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0], taken.weights)
         model = assemble(self.job.stage_layers, weights, buffers)
         return model, ((taken.path, taken.steps) if taken.path is not None else None)
