@@ -25,7 +25,16 @@ from support import logistic, mlp
 
 import distbelief
 from distbelief import cli
-from distbelief.algorithms.downpour.messages import StartReplica
+from distbelief.algorithms.downpour.checkpoints import StopCheckpoint, StopCheckpointTaken
+from distbelief.algorithms.downpour.master import DownpourMaster
+from distbelief.algorithms.downpour.messages import (
+    CheckpointMarked,
+    CheckpointRequest,
+    ConnectMaster,
+    DataPosition,
+    ShardStateReply,
+    StartReplica,
+)
 from distbelief.cli import main
 from distbelief.core.flat import flatten
 from distbelief.storage import checkpoint
@@ -99,6 +108,61 @@ def test_a_stop_before_any_step_writes_no_checkpoint(tmp_path):
     assert info.value.checkpoint is None and info.value.step is None
     assert checkpoint.checkpoints(tmp_path) == []
     assert torch.equal(flatten(info.value.model.children()), flatten(model.children()))
+
+
+def test_the_stops_checkpoint_is_the_last_one_the_master_writes():
+    # A periodic round is under way when the stop's round is asked for; the stop's is written
+    # (and waited for) and answered to the driver; then no round is written over it: not the
+    # periodic one (superseded), not one that comes due, not the end-of-run one.
+    told, submitted = [], []
+
+    class Ctx:
+        name, self_ref = "master", "master"
+
+        def tell(self, ref, message) -> None:
+            told.append((ref, message))
+
+    class Writer:
+        def submit(self, update, shards, positions, *, wait) -> bool:
+            submitted.append((update, wait))
+            return True
+
+        def written_at(self, update):
+            return Path(f"ck/ckpt-{update}")
+
+    def state(updates: int) -> checkpoint.ShardState:
+        return checkpoint.ShardState(0, torch.full((2,), float(updates)), None, {0: updates},
+                                     {"updates_applied": updates})  # fmt: skip
+
+    def answer(tag: int, steps: int) -> None:
+        master.receive(DataPosition(0, tag, 0, steps, steps, 10 * steps), "data0")
+        master.receive(CheckpointMarked(tag, 0), "shard0")
+        master.receive(ShardStateReply(0, tag, state(steps)), "shard0")
+
+    master = DownpourMaster(1, 0, 1000, None, 0, 10, checkpointer=Writer(), checkpoint_every=5,
+                            checkpoint_marks=1)  # fmt: skip
+    master.bind(Ctx())
+    master.receive(ConnectMaster(("data0",), ("shard0",)), None)
+    coordinator = master.checkpoints
+    periodic = coordinator.start()
+    master.receive(StopCheckpoint(), "driver")
+    stop = periodic + 1
+    assert told[-1] == ("data0", CheckpointRequest(stop))
+    answer(stop, 7)
+    assert submitted == [(7, True)]
+    assert told[-1][0] == "driver" and isinstance(told[-1][1], StopCheckpointTaken)
+    taken = told[-1][1]
+    assert (taken.path, taken.steps, taken.weights.tolist()) == ("ck/ckpt-7", 7, [7.0, 7.0])
+    told.clear()
+    answer(periodic, 5)  # complete after the stop's: superseded
+    coordinator.on_steps(100, running=True)  # due, but no round starts after the stop's
+    assert told == []
+    coordinator.start_final()  # the run's end came meanwhile: it finishes, writing nothing
+    final = coordinator.final_tag
+    master.receive(DataPosition(0, final, 0, 9, 9, 90), "data0")
+    master.receive(CheckpointMarked(final, 0), "shard0")
+    assert coordinator.on_shard_state(ShardStateReply(0, final, state(9)), diverged=False)
+    assert submitted == [(7, True)]
 
 
 @pytest.mark.slow
