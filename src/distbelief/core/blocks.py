@@ -57,15 +57,16 @@ RESHAPES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
 SPLIT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, LocallyConnected1d, LocallyConnected2d)
 
 
-def split_units(n: int, parts: int, what: str = "the layer has") -> tuple[Range, ...]:
+def split_units(
+    n: int, parts: int, owner: str = "the layer", unit: str = "units"
+) -> tuple[Range, ...]:
     """``parts`` contiguous ``[lo, hi)`` ranges covering ``0..n``, sizes differing by <= 1 (the
-    larger ones last). ``parts`` < 1 or > ``n`` is a ``ConfigError`` naming both; ``what`` says
-    what ``n`` counts, e.g. ``"layer 2 (Linear) has 3 output units"`` reads as the message's end.
-    """
+    larger ones last). ``parts`` < 1 or > ``n`` is a ``ConfigError`` naming both, e.g.
+    ``"partitions: 4 partitions but layer 2 (Linear) has only 3 output units"``."""
     if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
         raise ConfigError(f"partitions: must be an integer >= 1, got {parts!r}")
     if parts > n:
-        raise ConfigError(f"partitions: {parts} partitions but {what} only {n}")
+        raise ConfigError(f"partitions: {parts} partitions but {owner} has only {n} {unit}")
     bounds = [b * n // parts for b in range(parts + 1)]
     return tuple((bounds[b], bounds[b + 1]) for b in range(parts))
 
@@ -298,7 +299,7 @@ def plan_split(layers: Sequence[nn.Module], parts: int, in_shape: Sequence[int])
                 _expect(i, layer, shape, (layer.in_channels, *layer.input_size))
                 out_shape = (layer.out_channels, *layer.out_size)
                 units, what = layer.out_size[0], "output rows"
-            outputs = split_units(units, parts, f"{_layer_name(i, layer)} has {what}:")
+            outputs = split_units(units, parts, _layer_name(i, layer), what)
             length = shape[in_axis]
             if kind == "linear":
                 needs = tuple((0, length) for _ in outputs)
