@@ -147,6 +147,19 @@ def test_halo_and_all_to_all_transfers():
     assert mlp.crossing_elements() == 12 * 2  # each of 3 blocks gets the other 8 units
 
 
+def test_an_input_piece_no_block_reads_gets_a_zero_gradient():
+    layers = [LocallyConnected1d(1, 1, 1, 12), LocallyConnected1d(1, 1, 1, 12, stride=5)]
+    plan = plan_split(layers, 2, (1, 12))
+    # Block 1 of the second layer reads positions 5 and 10 (its strip is 5..10); it owns 6..11,
+    # and position 11 is read by no block.
+    second = plan.layers[1]
+    piece = torch.ones(2, 1, 6)
+    returned = [(t, torch.ones(2, 1, t.stop - t.start)) for t in second.transfers if t.src == 1]
+    grad = blocks.own_grad(second, 1, piece, returned)
+    assert grad[0, 0].tolist() == [1, 1, 1, 1, 1, 0]
+    assert blocks.own_grad(second, 1, piece, []).abs().sum() == 0
+
+
 def test_stage_input_layers_run_whole_and_follow_layers_follow():
     plan = plan_split([nn.Unflatten(1, (1, 8)), LocallyConnected1d(1, 2, 3, 8), nn.ReLU()], 2, (8,))
     assert [lp.kind for lp in plan.layers] == ["whole", "local1d", "follow"]

@@ -321,20 +321,20 @@ def plan_split(layers: Sequence[nn.Module], parts: int, in_shape: Sequence[int])
             out = Split(out_shape, out_shape, out_axis, outputs)
             plans.append(
                 LayerPlan(
-                    i,
-                    name,
-                    kind,
-                    shape,
-                    out_shape,
-                    split,
-                    out,
-                    in_axis,
-                    needs,
-                    pads,
-                    transfers,
-                    gather_all,
-                    params,
-                    size,
+                    index=i,
+                    name=name,
+                    kind=kind,
+                    in_shape=shape,
+                    out_shape=out_shape,
+                    input=split,
+                    output=out,
+                    in_axis=in_axis,
+                    needs=needs,
+                    pads=pads,
+                    transfers=transfers,
+                    gather_all=gather_all,
+                    params=params,
+                    size=size,
                 )  # fmt: skip
             )
         elif isinstance(layer, ELEMENTWISE + RESHAPES):
@@ -346,7 +346,20 @@ def plan_split(layers: Sequence[nn.Module], parts: int, in_shape: Sequence[int])
             none = tuple(() for _ in range(parts))
             plans.append(
                 LayerPlan(
-                    i, name, kind, shape, out_shape, split, out, -1, (), (), (), False, none, 0
+                    index=i,
+                    name=name,
+                    kind=kind,
+                    in_shape=shape,
+                    out_shape=out_shape,
+                    input=split,
+                    output=out,
+                    in_axis=-1,
+                    needs=(),
+                    pads=(),
+                    transfers=(),
+                    gather_all=False,
+                    params=none,
+                    size=0,
                 )  # fmt: skip
             )
         else:
@@ -459,19 +472,20 @@ def grads_to_return(
 
 
 def own_grad(
-    plan: LayerPlan, block: int, returned: Sequence[tuple[Transfer, torch.Tensor]]
+    plan: LayerPlan,
+    block: int,
+    piece: torch.Tensor,
+    returned: Sequence[tuple[Transfer, torch.Tensor]],
 ) -> torch.Tensor:
-    """The gradient with respect to the block's piece of the layer's input: the sum of what
-    came back (every transfer whose ``src`` it is, its own part included), each in place."""
+    """The gradient with respect to ``piece``, the block's piece of the layer's input: the sum
+    of what came back (every transfer whose ``src`` it is, its own part included), each added
+    at its positions; zero where no block read it (a stride longer than the kernel)."""
     split = plan.input
     assert split is not None
-    own_lo, own_hi = split.ranges[block]
-    total: torch.Tensor | None = None
+    own_lo = split.ranges[block][0]
+    total = torch.zeros_like(piece)
     for t, g in returned:
-        d = g.dim()
-        g = F.pad(g, _pad_arg(d, split.axis + 1, t.start - own_lo, own_hi - t.stop))
-        total = g if total is None else total + g
-    assert total is not None
+        total.narrow(split.axis + 1, t.start - own_lo, t.stop - t.start).add_(g)
     return total
 
 
@@ -512,7 +526,8 @@ def run_blocks(
     partition actors do, in one process. Each block computes only its own slices, from the
     strips the transfers give it; autograd is used one layer of one block at a time."""
     P = plan.parts
-    saved: list[list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]] = []
+    # per layer: the blocks' input pieces, and per block (strip, parameter slices, output)
+    saved: list[tuple[list[torch.Tensor], list[tuple]]] = []
     pieces: list[torch.Tensor] = [x] * P  # the stage's whole input, in every block
     for lp, layer in zip(plan.layers, layers):
         if lp.kind in ("whole", "follow"):
@@ -533,11 +548,11 @@ def run_blocks(
             out = block_forward(lp, b, layer, xin, params)
             step.append((xin, params, out))
             outs.append(out.detach())
-        saved.append(step)
+        saved.append((pieces, step))
         pieces = outs
     grads = list(plan.output.cut(grad_output))
     param_grads: list[list[torch.Tensor]] = [[] for _ in range(P)]
-    for lp, step in zip(reversed(plan.layers), reversed(saved)):
+    for lp, (pieces_in, step) in zip(reversed(plan.layers), reversed(saved)):
         strip_grads = []
         for b, (xin, params, out) in enumerate(step):
             g = torch.autograd.grad(out, [xin, *params], grads[b], allow_unused=True)
@@ -552,7 +567,7 @@ def run_blocks(
             for b in range(P):
                 for t, g in grads_to_return(lp, b, strip_grads[b]):
                     back[t.src].append((t, g))
-            grads = [own_grad(lp, b, back[b]) for b in range(P)]
+            grads = [own_grad(lp, b, pieces_in[b], back[b]) for b in range(P)]
     # Every block held the whole input: their partial gradients sum.
     input_grad = torch.stack(grads).sum(0)
     return BlocksRun(plan.output.assemble(pieces), input_grad, param_grads)
