@@ -26,7 +26,8 @@ def check_against_unsplit(
 ) -> blocks.StagePlan:
     """Run the stage unsplit and in ``parts`` blocks; everything must agree to 1e-6."""
     torch.manual_seed(parts)
-    x = torch.randn(batch, *in_shape, dtype=torch.float64, requires_grad=True)
+    dtype = next(p for m in layers for p in m.parameters()).dtype
+    x = torch.randn(batch, *in_shape, dtype=dtype, requires_grad=True)
     out = nn.Sequential(*layers)(x)
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
@@ -129,6 +130,14 @@ STACKS = {
 def test_a_split_stack_equals_the_unsplit_stack(stack, parts):
     make, in_shape = STACKS[stack]
     check_against_unsplit(f64(*make()), parts, in_shape)
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("stack", sorted(STACKS))
+def test_a_split_stack_in_float32_too(stack, parts):
+    torch.manual_seed(0)
+    make, in_shape = STACKS[stack]
+    check_against_unsplit(make(), parts, in_shape)
 
 
 def test_halo_and_all_to_all_transfers():
