@@ -21,10 +21,11 @@ split axis with another costs nothing; the next split layer's input is rebuilt f
 that logical shape. Layers before the stage's first split layer see the stage's whole input and
 run in every block. Any other layer is a :class:`ConfigError` naming it and its type.
 
-:func:`plan_split` makes the plan of a stage; the block-level functions (:func:`strip_of_whole`,
-:func:`pieces_to_send`, :func:`assemble_strip`, :func:`block_forward`, :func:`grads_to_return`,
-:func:`whole_input_grad`) are what a partition actor calls; :func:`run_blocks` runs them all
-in one process (the reference the actors follow, and the tests' oracle).
+:func:`plan_split` makes the plan of a stage. The block-level functions are what a partition
+actor calls: :func:`strip_of_whole`, :func:`pieces_to_send`, :func:`assemble_strip`,
+:func:`block_forward`, :func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
+:func:`run_blocks` runs them all in one process (the reference the actors follow, and the
+tests' oracle).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ SPLIT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, LocallyConnected1d, Loca
 def split_units(
     n: int, parts: int, owner: str = "the layer", unit: str = "units"
 ) -> tuple[Range, ...]:
-    """``parts`` contiguous ``[lo, hi)`` ranges covering ``0..n``, sizes differing by <= 1 (the
-    larger ones last). ``parts`` < 1 or > ``n`` is a ``ConfigError`` naming both, e.g.
-    ``"partitions: 4 partitions but layer 2 (Linear) has only 3 output units"``."""
+    """``parts`` contiguous ``[lo, hi)`` ranges covering ``0..n``, sizes differing by <= 1 (cut
+    as ``core/layout.py`` cuts shards). ``parts`` < 1 or > ``n`` is a ``ConfigError`` naming
+    both, e.g. ``"partitions: 4 partitions but layer 2 (Linear) has only 3 output units"``."""
     if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
         raise ConfigError(f"partitions: must be an integer >= 1, got {parts!r}")
     if parts > n:
