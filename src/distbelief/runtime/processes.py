@@ -486,8 +486,8 @@ def _worker_main(host: _Host, threads: int, parent: int) -> None:
 class ProcessesRuntime:
     """Hosts actors in forked worker processes of this machine (see the module doc).
 
-    Options (:class:`~.options.ProcessesOptions`): ``processes`` (workers; default: as many
-    as groups, at most the machine's CPUs),
+    Options (:class:`~.options.ProcessesOptions`): ``processes`` (workers; default: one per
+    (group, member) pair, i.e. per (replica, stage), at most the machine's CPUs),
     ``threads_per_process`` (torch intra-op threads per worker, default 1; 0 leaves torch's),
     ``faults`` (a fault plan, :mod:`.faults`: a delayed actor sleeps in its handler; the
     planned actor dies and, as this runtime restarts nothing, the run ends with
