@@ -111,6 +111,8 @@ def torch_pipeline_examples_per_s(
     processes killed)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if len(data[0]) < microbatch * n_microbatches:
+        raise ValueError(f"a step takes {microbatch * n_microbatches} examples, got {len(data[0])}")
     # Imported here, once, before the fork: it takes seconds, which each process would pay.
     import torch.distributed.pipelining  # noqa: F401
 
@@ -146,7 +148,7 @@ def torch_pipeline_examples_per_s(
             while len(got) < 2:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return {"ok": False, "error": f"timed out after {timeout_s:.0f} s"}
+                    return {"ok": False, "error": f"timed out after {timeout_s:g} s"}
                 try:
                     rank, status, value = results.get(timeout=min(left, 1.0))
                 except queue.Empty:
