@@ -33,7 +33,8 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
   into a free slot of a ring of shared-memory slots for that ordered pair of workers (made
   before the fork), the pipe carries only the slot's number, and the receiver copies it out
   and frees the slot as it reads the message: one copy on each side instead of four (pickle
-  stream, pipe write, pipe read, unpickle), and no pipe traffic to wake the receiver for. When
+  stream, pipe write, pipe read, unpickle), and a message of a few hundred bytes through the
+  pipe instead of one bigger than the pipe's buffer (64 KiB: written in turns). When
   every slot is taken (the receiver is behind) the tensor is pickled instead: a send never
   waits. ``describe()["wire"]`` counts both paths.
 * **Supervision.** A worker whose actor raises reports it and stops; a worker that dies is named
