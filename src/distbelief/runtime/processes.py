@@ -415,10 +415,11 @@ def _member(name: str) -> int:
 
 
 def place(names: list[str], workers: int | None = None) -> dict[str, int]:
-    """The worker (1..n) of every grouped actor in ``names`` (spawn order), and n, the workers
-    used: ``workers`` if given (else the machine's CPUs), at most one per (group, member) pair.
-    The pairs, by group in order of first appearance then member, are dealt round-robin (see
-    the module doc): ``"replica0.stage0"``, ``"replica0.stage1"`` on 2 workers -> 1, 2."""
+    """The worker (1..n) of every grouped actor in ``names`` (spawn order; others are not
+    placed). n is ``workers`` if given (else the machine's CPUs), at most one per (group,
+    member) pair. The pairs, by group in order of first appearance then member, are dealt
+    round-robin (see the module doc): ``"replica0.stage0"``, ``"replica0.stage1"`` on 2
+    workers -> 1, 2."""
     order: dict[int, int] = {}
     pairs: set[tuple[int, int]] = set()
     for name in names:
