@@ -789,4 +789,4 @@ def _run_worker(
     _worker_main(host, threads, parent)
 
 
-__all__ = ["SHARD_UPDATES", "ProcRef", "ProcessesRuntime"]  # SHARD_UPDATES: for the CLI
+__all__ = ["SHARD_UPDATES", "ProcRef", "ProcessesRuntime", "place"]  # SHARD_UPDATES: for the CLI
