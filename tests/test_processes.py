@@ -289,20 +289,27 @@ def test_a_planned_crash_in_a_worker_ends_the_run_naming_the_actor():
 # ---------------------------------------------------------------------- placement and the wire
 
 
-def test_placement_deals_replica_stage_pairs_to_workers_round_robin():
+def test_placement_spreads_stages_only_where_workers_would_idle():
     two_stages = ["data0", "replica0.stage0", "replica0.stage1"]
     assert procs.place(two_stages, 2) == {"data0": 1, "replica0.stage0": 1, "replica0.stage1": 2}
     assert procs.place(two_stages, 1) == dict.fromkeys(two_stages, 1)
-    # 4 replicas x 2 stages on 3 workers: neighbouring stages apart, 8 stages as 3 + 3 + 2,
-    # every data shard with its replica's first stage.
-    names = [n for r in range(4) for n in (f"data{r}", f"replica{r}.stage0")]
-    names += [f"replica{r}.stage1" for r in range(4)]  # spawned after every first stage
-    homes = procs.place(names, 3)
-    for r in range(4):
+    # 2 replicas x 3 stages on 4 workers (fewer replicas than workers): neighbouring stages
+    # apart, 6 stages as 2 + 2 + 1 + 1, every data shard with its replica's first stage.
+    names = [n for r in range(2) for n in (f"data{r}", f"replica{r}.stage0")]
+    names += [f"replica{r}.stage{s}" for s in (1, 2) for r in range(2)]  # after the first
+    homes = procs.place(names, 4)
+    for r in range(2):
         assert homes[f"replica{r}.stage0"] != homes[f"replica{r}.stage1"]
+        assert homes[f"replica{r}.stage1"] != homes[f"replica{r}.stage2"]
         assert homes[f"data{r}"] == homes[f"replica{r}.stage0"]
-    stages = [homes[f"replica{r}.stage{s}"] for r in range(4) for s in range(2)]
-    assert sorted(stages.count(w) for w in (1, 2, 3)) == [2, 3, 3]
+    stages = [homes[f"replica{r}.stage{s}"] for r in range(2) for s in range(3)]
+    assert sorted(stages.count(w) for w in (1, 2, 3, 4)) == [1, 1, 2, 2]
+    # As many replicas as workers or more (the main job: 4 x 2 on 2): each replica whole in
+    # one worker, round-robin in order of first appearance.
+    main = [n for r in range(4) for n in (f"data{r}", f"replica{r}.stage0", f"replica{r}.stage1")]
+    homes = procs.place(main, 2)
+    assert homes == {n: int(n.split(".")[0].removeprefix("data").removeprefix("replica")) % 2 + 1
+                     for n in main}  # fmt: skip
     # One stage per replica: one replica per worker, in order of first appearance (as ever).
     one = ["data1", "replica1.stage0", "data0", "replica0.stage0", "data2", "replica2.stage0"]
     assert procs.place(one, 2) == {
