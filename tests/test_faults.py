@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from support import mlp
+from support import RUNTIMES, mlp
 
 import distbelief
 from distbelief.core.flat import flatten
@@ -176,9 +176,19 @@ def test_stages_killed_by_message_count_in_a_busy_run_all_restart():
     assert torch.isfinite(flatten(result.model.children())).all()
 
 
+NO_RESTARTS_LEFT = [("kill:shard1@update=4", "shard1"), ("kill:master@message=3", "master")]
+
+
+# On Ray a shard without restarts left is test_ray.py's (which also checks nothing is left).
 @pytest.mark.parametrize(
-    "fault, actor",
-    [("kill:shard1@update=4", "shard1"), ("kill:master@message=3", "master")],
+    "runtime, fault, actor",
+    [
+        (rt, fault, actor)
+        for rt in RUNTIMES
+        for fault, actor in NO_RESTARTS_LEFT
+        if rt != "ray" or actor == "master"
+    ],
+    indirect=["runtime"],
 )
 def test_an_actor_without_restarts_left_ends_the_run_naming_it(runtime, fault, actor):
     # Shards and the master are recovered (test_recovery.py); not when no restart is left

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     # name that matches a module decides its layer. "algorithms.*" is every algorithm package
     # (algorithms.downpour, algorithms.sandblaster, ...): one layer, and none imports another.
     ("errors", "settings"),
-    ("results", "core", "models"),
+    ("results", "core", "models", "nn"),
     ("data", "storage"),
     ("runtime",),
     ("evaluate",),

@@ -24,6 +24,7 @@ PACKAGE = ROOT / "src" / "distbelief"
 ILLUSTRATIVE = {"FILE.py", "path/to/file.py"}
 """Module paths that stand for the reader's own file, not one of this repository's."""
 
+
 def quick_start_commands() -> list[str]:
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]

@@ -19,6 +19,7 @@ from .errors import (
     TrainingDiverged,
     TrainingInterrupted,
 )
+from .nn import LocallyConnected1d, LocallyConnected2d
 from .results import History, TrainResult
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "DownpourConfig",
     "History",
     "Layout",
+    "LocallyConnected1d",
+    "LocallyConnected2d",
     "NothingToTrain",
     "RunTimeout",
     "SandblasterConfig",

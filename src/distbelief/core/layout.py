@@ -15,6 +15,7 @@ several times a step). Everything here is pure.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -86,6 +87,33 @@ def overlaps(start: int, stop: int, ranges: tuple[Range, ...]) -> tuple[Range, .
         lo, hi = max(start, a), min(stop, b)
         if lo < hi:
             out.append((lo, hi))
+    return tuple(out)
+
+
+def segments_of_ranges(
+    owner: int,
+    ranges: Sequence[Range],
+    shard_ranges: tuple[Range, ...],
+    tensor_ranges: tuple[Range, ...] = (),
+) -> tuple[Segment, ...]:
+    """The segments an owner of several disjoint ranges fetches and pushes: each range's overlap
+    with each shard's slice, in position order (``Segment.stage`` is ``owner``).
+
+    A stage owns one range; a partition (a block of units through a stage's layers, see
+    ``core/blocks.py``) owns one per layer. Pieces as in :func:`pieces` when ``tensor_ranges``
+    are given, else each segment is one piece.
+    """
+    out = []
+    for start, stop in sorted(ranges):
+        first = bisect.bisect_right(shard_ranges, start, key=lambda r: r[1])  # as in overlaps
+        for k in range(first, len(shard_ranges)):
+            lo, hi = shard_ranges[k]
+            if lo >= stop:
+                break
+            lo, hi = max(start, lo), min(stop, hi)
+            if lo < hi:
+                cut = pieces(lo, hi, tensor_ranges) if tensor_ranges else ((lo, hi),)
+                out.append(Segment(owner, k, lo, hi, cut))
     return tuple(out)
 
 
@@ -173,6 +201,11 @@ class Layout:
     def segments_of_shard(self, shard: int) -> tuple[Segment, ...]:
         """The segments a shard holds, one per stage whose range overlaps its slice."""
         return self._by_shard.get(shard, ())
+
+    def segments_of_ranges(self, owner: int, ranges: Sequence[Range]) -> tuple[Segment, ...]:
+        """The segments an owner of several ranges (a partition) fetches and pushes, cut into
+        pieces as a stage's are (see :func:`segments_of_ranges`)."""
+        return segments_of_ranges(owner, ranges, self.shard_ranges, self.tensor_ranges)
 
 
 def _group(segments: tuple[Segment, ...], key: str) -> dict[int, tuple[Segment, ...]]:

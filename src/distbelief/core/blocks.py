@@ -1,0 +1,574 @@
+"""Partitions within a stage: each layer's units cut into P blocks (the paper's Figure 1). Pure.
+
+A *block* holds its share of the units of every layer of a stage: output units ``[lo, hi)`` of
+an ``nn.Linear``, output positions ``[lo, hi)`` of a ``LocallyConnected1d``, output rows
+``[lo, hi)`` of a ``LocallyConnected2d`` (2-D layers are split along the height only). Its
+parameters are the leading-dimension slice ``[lo, hi)`` of each of the layer's parameters
+(``distbelief.nn`` puts the output position first for that reason), a contiguous range of the
+layer's flat parameters, so a block through several layers owns one range per layer.
+
+Between layers a block holds a *piece* of the activation: the slice ``[lo, hi)`` along the split
+axis (:class:`Split`). Before a split layer's forward, the blocks exchange what crosses their
+boundaries (:class:`Transfer`): a ``Linear`` needs its whole input, so every block sends its piece
+to every other; a locally-connected layer needs only the input positions its receptive fields
+reach, its own plus a *halo* of its neighbours'. In the backward pass each transfer goes back the
+other way as a gradient, and an owner sums what it gets for its piece.
+
+Element-wise layers (activations, dropout) follow the split: each block applies them to its
+piece. ``Flatten`` and ``Unflatten`` are deferred: a block keeps its piece in the shape it was
+cut in (:attr:`Split.view`) and only the logical shape changes, so a flatten that merges the
+split axis with another costs nothing; the next split layer's input is rebuilt from the pieces in
+that logical shape. Layers before the stage's first split layer see the stage's whole input and
+run in every block. Any other layer is a :class:`ConfigError` naming it and its type.
+
+:func:`plan_split` makes the plan of a stage. The block-level functions are what a partition
+actor calls: :func:`strip_of_whole`, :func:`pieces_to_send`, :func:`assemble_strip`,
+:func:`block_forward`, :func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
+:func:`run_blocks` runs them all in one process (the reference the actors follow, and the
+tests' oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..nn import LocallyConnected1d, LocallyConnected2d, local1d, local2d
+from .layout import Range
+
+Shape = tuple[int, ...]
+"""A per-example shape (no batch dimension)."""
+
+ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold,
+    nn.Dropout, nn.AlphaDropout,
+)  # fmt: skip
+"""Parameter-free layers acting on each element alone: they follow the split. (A dropout draws
+its masks per block, so a split net with dropout on is not the unsplit one bit for bit.)"""
+
+RESHAPES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
+SPLIT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, LocallyConnected1d, LocallyConnected2d)
+
+
+def split_units(
+    n: int, parts: int, owner: str = "the layer", unit: str = "units"
+) -> tuple[Range, ...]:
+    """``parts`` contiguous ``[lo, hi)`` ranges covering ``0..n``, sizes differing by <= 1 (cut
+    as ``core/layout.py`` cuts shards). ``parts`` < 1 or > ``n`` is a ``ConfigError`` naming
+    both, e.g. ``"partitions: 4 partitions but layer 2 (Linear) has only 3 output units"``."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ConfigError(f"partitions: must be an integer >= 1, got {parts!r}")
+    if parts > n:
+        raise ConfigError(f"partitions: {parts} partitions but {owner} has only {n} {unit}")
+    bounds = [b * n // parts for b in range(parts + 1)]
+    return tuple((bounds[b], bounds[b + 1]) for b in range(parts))
+
+
+@dataclass(frozen=True)
+class Split:
+    """How an activation is cut into the blocks' pieces.
+
+    The logical activation (what the unsplit layer gives) has per-example shape ``shape``. The
+    pieces are cut along axis ``axis`` of ``view``, a shape with as many elements: block ``b``
+    holds ``full.reshape(N, *view)`` narrowed to ``ranges[b]`` on that axis. ``view`` differs
+    from ``shape`` only after a deferred ``Flatten``/``Unflatten``.
+    """
+
+    shape: Shape
+    view: Shape
+    axis: int
+    """Index into ``view`` (the batch dimension not counted)."""
+    ranges: tuple[Range, ...]
+
+    @property
+    def per_position(self) -> int:
+        """Elements per example in one position of the split axis."""
+        return math.prod(self.view) // self.view[self.axis]
+
+    def assemble(self, pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The logical activation ``(N, *shape)`` from all the blocks' pieces, in block order."""
+        return torch.cat(list(pieces), dim=self.axis + 1).reshape(-1, *self.shape)
+
+    def cut(self, full: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The blocks' pieces of a logical activation (views; the inverse of :meth:`assemble`)."""
+        v = full.reshape(-1, *self.view)
+        return tuple(v.narrow(self.axis + 1, lo, hi - lo) for lo, hi in self.ranges)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Input positions ``[start, stop)`` (along the input :class:`Split`'s axis) that block
+    ``src`` holds and block ``dst`` needs before a split layer's forward; the gradient with
+    respect to them goes back from ``dst`` to ``src`` in the backward pass. ``src == dst`` is the
+    block's own part (nothing crosses)."""
+
+    src: int
+    dst: int
+    start: int
+    stop: int
+    elements: int
+    """Elements per example it carries (each way)."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One layer of a stage, cut into blocks."""
+
+    index: int
+    """Position of the layer in the stage."""
+    name: str
+    """The layer's type name."""
+    kind: str
+    """``"linear"``, ``"local1d"``, ``"local2d"`` (split layers), ``"follow"`` (element-wise or
+    deferred reshape on a split input) or ``"whole"`` (before the first split layer: every
+    block runs it on the whole input)."""
+    in_shape: Shape
+    out_shape: Shape
+    input: Split | None
+    """How the input arrives: None when every block has all of it (the stage's input)."""
+    output: Split | None
+    """How the output is cut (None for a ``"whole"`` layer)."""
+    in_axis: int
+    """The axis of ``in_shape`` the split layer's receptive fields run along (-1 if none)."""
+    needs: tuple[Range, ...]
+    """Per block, the input positions along ``in_axis`` its outputs read (within the input;
+    the rest of a receptive field is zero padding). Empty unless a split layer."""
+    pads: tuple[tuple[int, int], ...]
+    """Per block, the zeros before and after its strip along ``in_axis``."""
+    transfers: tuple[Transfer, ...]
+    """What the blocks exchange before the forward (empty if the input is whole)."""
+    gather_all: bool
+    """Whether a block rebuilds the whole logical input from every piece (a ``Linear``, or an
+    input not cut along ``in_axis``), else its strip is its pieces laid end to end."""
+    params: tuple[tuple[Range, ...], ...]
+    """Per block, its ranges of the layer's flat parameters (relative to the first one)."""
+    size: int
+    """Number of parameters of the layer."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's layers cut into ``parts`` blocks."""
+
+    parts: int
+    in_shape: Shape
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def output(self) -> Split:
+        """How the stage's output is cut (assemble it with :meth:`Split.assemble`)."""
+        out = self.layers[-1].output
+        assert out is not None  # plan_split refuses a stage with no split layer
+        return out
+
+    def block_ranges(self, start: int = 0) -> tuple[tuple[Range, ...], ...]:
+        """Per block, its ranges of the flat parameter space, the stage's layers laid end to
+        end from ``start``; adjacent ranges merged (with one block: the stage's one range)."""
+        out = []
+        for b in range(self.parts):
+            ranges: list[Range] = []
+            offset = start
+            for layer in self.layers:
+                for lo, hi in layer.params[b] if layer.params else ():
+                    lo, hi = lo + offset, hi + offset
+                    if ranges and ranges[-1][1] == lo:
+                        ranges[-1] = (ranges[-1][0], hi)
+                    elif lo < hi:
+                        ranges.append((lo, hi))
+                offset += layer.size
+            out.append(tuple(ranges))
+        return tuple(out)
+
+    def crossing_elements(self) -> int:
+        """Elements per example that cross between blocks in one forward pass (as many
+        gradients cross back in the backward pass): the transfers between different blocks."""
+        return sum(t.elements for layer in self.layers for t in layer.transfers if t.src != t.dst)
+
+
+def _layer_name(index: int, layer: nn.Module) -> str:
+    return f"layer {index} ({type(layer).__name__})"
+
+
+def _reshape(index: int, layer: nn.Module, shape: Shape) -> Shape:
+    """The per-example output shape of a Flatten or Unflatten on per-example ``shape``."""
+    ndim = len(shape) + 1  # with the batch dimension, as the layer counts its dims
+
+    def dim(d: int) -> int:
+        d = d + ndim if d < 0 else d
+        if d < 1 or d >= ndim:
+            raise ConfigError(
+                f"partitions: {_layer_name(index, layer)} reshapes dimension {d} of an input "
+                f"of shape (N, {', '.join(map(str, shape))}); a block can reshape only "
+                "dimensions after the batch"
+            )
+        return d - 1
+
+    if isinstance(layer, nn.Flatten):
+        a, b = dim(layer.start_dim), dim(layer.end_dim)
+        return (*shape[:a], math.prod(shape[a : b + 1]), *shape[b + 1 :])
+    assert isinstance(layer, nn.Unflatten)
+    d = dim(layer.dim) if isinstance(layer.dim, int) else -1
+    sizes = list(layer.unflattened_size)
+    if d < 0 or not all(isinstance(s, int) for s in sizes):
+        raise ConfigError(f"partitions: {_layer_name(index, layer)}: named dims not supported")
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        sizes[sizes.index(-1)] = shape[d] // known
+    if math.prod(sizes) != shape[d]:
+        raise ConfigError(
+            f"partitions: {_layer_name(index, layer)} cannot unflatten {shape[d]} into {sizes}"
+        )
+    return (*shape[:d], *sizes, *shape[d + 1 :])
+
+
+def _expect(index: int, layer: nn.Module, shape: Shape, expected: Shape) -> None:
+    if shape != expected:
+        raise ConfigError(
+            f"partitions: {_layer_name(index, layer)} takes inputs of shape "
+            f"(N, {', '.join(map(str, expected))}), the layers before it give "
+            f"(N, {', '.join(map(str, shape))})"
+        )
+
+
+def _param_ranges(
+    index: int, layer: nn.Module, units: int, outputs: tuple[Range, ...]
+) -> tuple[tuple[tuple[Range, ...], ...], int]:
+    """Per block, the leading-dimension slices of the layer's parameters as flat ranges."""
+    per_block: list[list[Range]] = [[] for _ in outputs]
+    offset = 0
+    for name, p in layer.named_parameters():
+        if p.dim() == 0 or p.shape[0] != units:
+            raise ConfigError(
+                f"partitions: {_layer_name(index, layer)} has a parameter {name!r} of shape "
+                f"{tuple(p.shape)} whose first dimension is not its {units} output units"
+            )
+        row = p[0].numel()
+        for b, (lo, hi) in enumerate(outputs):
+            per_block[b].append((offset + lo * row, offset + hi * row))
+        offset += p.numel()
+    return tuple(tuple(r) for r in per_block), offset
+
+
+def _transfers(
+    split: Split, needs: tuple[Range, ...], direct: bool, full: int
+) -> tuple[Transfer, ...]:
+    """Who sends what to whom: the overlaps of each block's needs with each owner's range (in
+    the split's own coordinates), or, if ``direct`` is false, every piece to every block."""
+    out = []
+    for dst, need in enumerate(needs):
+        lo_need, hi_need = need if direct else (0, full)
+        for src, (lo, hi) in enumerate(split.ranges):
+            a, z = max(lo, lo_need), min(hi, hi_need)
+            if a < z:
+                out.append(Transfer(src, dst, a, z, (z - a) * split.per_position))
+    return tuple(out)
+
+
+def plan_split(layers: Sequence[nn.Module], parts: int, in_shape: Sequence[int]) -> StagePlan:
+    """The plan of a stage's ``layers`` cut into ``parts`` blocks, for inputs of per-example
+    shape ``in_shape``. A layer that cannot be split, ``parts`` < 1, or more parts than a split
+    layer has units (positions, rows) is a ``ConfigError`` naming it."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ConfigError(f"partitions: must be an integer >= 1, got {parts!r}")
+    shape: Shape = tuple(int(d) for d in in_shape)
+    split: Split | None = None
+    plans: list[LayerPlan] = []
+    for i, layer in enumerate(layers):
+        name = type(layer).__name__
+        if isinstance(layer, SPLIT_LAYERS):
+            if isinstance(layer, nn.Linear):
+                kind, in_axis = "linear", len(shape) - 1
+                if not shape or shape[-1] != layer.in_features:
+                    _expect(i, layer, shape, (*shape[:-1], layer.in_features))
+                out_shape = (*shape[:-1], layer.out_features)
+                units, what, out_axis = layer.out_features, "output units", len(shape) - 1
+            elif isinstance(layer, LocallyConnected1d):
+                kind, in_axis, out_axis = "local1d", 1, 1
+                _expect(i, layer, shape, (layer.in_channels, layer.input_length))
+                out_shape = (layer.out_channels, layer.out_length)
+                units, what = layer.out_length, "output positions"
+            else:
+                kind, in_axis, out_axis = "local2d", 1, 1
+                _expect(i, layer, shape, (layer.in_channels, *layer.input_size))
+                out_shape = (layer.out_channels, *layer.out_size)
+                units, what = layer.out_size[0], "output rows"
+            outputs = split_units(units, parts, _layer_name(i, layer), what)
+            length = shape[in_axis]
+            if kind == "linear":
+                needs = tuple((0, length) for _ in outputs)
+                pads = tuple((0, 0) for _ in outputs)
+            else:
+                k = layer.kernel_size if kind == "local1d" else layer.kernel_size[0]
+                s = layer.stride if kind == "local1d" else layer.stride[0]
+                p = layer.padding if kind == "local1d" else layer.padding[0]
+                first = [lo * s - p for lo, _ in outputs]  # receptive fields, padded input
+                last = [(hi - 1) * s + k - p for _, hi in outputs]
+                needs = tuple((max(a, 0), min(z, length)) for a, z in zip(first, last))
+                pads = tuple((max(0, -a), max(0, z - length)) for a, z in zip(first, last))
+            direct = split is not None and split.view == shape and split.axis == in_axis
+            gather_all = kind == "linear" or not direct
+            transfers = (
+                () if split is None else _transfers(split, needs, direct, split.view[split.axis])
+            )
+            params, size = _param_ranges(i, layer, units, outputs)
+            out = Split(out_shape, out_shape, out_axis, outputs)
+            plans.append(
+                LayerPlan(
+                    index=i,
+                    name=name,
+                    kind=kind,
+                    in_shape=shape,
+                    out_shape=out_shape,
+                    input=split,
+                    output=out,
+                    in_axis=in_axis,
+                    needs=needs,
+                    pads=pads,
+                    transfers=transfers,
+                    gather_all=gather_all,
+                    params=params,
+                    size=size,
+                )  # fmt: skip
+            )
+        elif isinstance(layer, ELEMENTWISE + RESHAPES):
+            if any(True for _ in layer.parameters()):
+                raise ConfigError(f"partitions: {_layer_name(i, layer)} has parameters")
+            out_shape = _reshape(i, layer, shape) if isinstance(layer, RESHAPES) else shape
+            kind = "whole" if split is None else "follow"
+            out = None if split is None else Split(out_shape, split.view, split.axis, split.ranges)
+            none = tuple(() for _ in range(parts))
+            plans.append(
+                LayerPlan(
+                    index=i,
+                    name=name,
+                    kind=kind,
+                    in_shape=shape,
+                    out_shape=out_shape,
+                    input=split,
+                    output=out,
+                    in_axis=-1,
+                    needs=(),
+                    pads=(),
+                    transfers=(),
+                    gather_all=False,
+                    params=none,
+                    size=0,
+                )  # fmt: skip
+            )
+        else:
+            raise ConfigError(
+                f"partitions: {_layer_name(i, layer)} cannot be split into blocks; a stage with "
+                "partitions takes Linear, LocallyConnected1d/2d, element-wise layers "
+                "(activations, Dropout), Flatten and Unflatten"
+            )
+        split = plans[-1].output
+        shape = out_shape
+    if split is None:
+        names = ", ".join(type(m).__name__ for m in layers) or "none"
+        raise ConfigError(
+            f"partitions: the stage's layers ({names}) have no units to split; it needs a "
+            "Linear or a locally-connected layer"
+        )
+    return StagePlan(parts, tuple(int(d) for d in in_shape), tuple(plans))
+
+
+# ------------------------------------------------------------- what one block does, per layer
+
+
+def block_parameters(plan: LayerPlan, block: int, layer: nn.Module) -> list[torch.Tensor]:
+    """The block's slices of the layer's parameters (views: leading dimension ``[lo, hi)``)."""
+    if plan.output is None or plan.kind == "follow":
+        return []
+    lo, hi = plan.output.ranges[block]
+    return [p[lo:hi] for p in layer.parameters()]
+
+
+def strip_of_whole(plan: LayerPlan, block: int, x: torch.Tensor) -> torch.Tensor:
+    """The block's input strip when it has the whole input ``(N, *in_shape)`` (the stage's
+    first split layer): the positions it needs along the layer's axis."""
+    lo, hi = plan.needs[block]
+    return x.narrow(plan.in_axis + 1, lo, hi - lo)
+
+
+def pieces_to_send(
+    plan: LayerPlan, block: int, piece: torch.Tensor
+) -> list[tuple[Transfer, torch.Tensor]]:
+    """What the block sends before the layer's forward: per transfer it is the source of, the
+    part of its piece (of the layer's input) the transfer names. Includes its own part
+    (``src == dst``), which it keeps."""
+    split = plan.input
+    assert split is not None
+    own = split.ranges[block][0]
+    return [
+        (t, piece.narrow(split.axis + 1, t.start - own, t.stop - t.start))
+        for t in plan.transfers
+        if t.src == block
+    ]
+
+
+def assemble_strip(
+    plan: LayerPlan, block: int, received: Sequence[tuple[Transfer, torch.Tensor]]
+) -> torch.Tensor:
+    """The block's input strip from what it received (every transfer whose ``dst`` it is,
+    its own part included, in any order)."""
+    split = plan.input
+    assert split is not None
+    parts = sorted(received, key=lambda tv: tv[0].start)
+    strip = torch.cat([v for _, v in parts], dim=split.axis + 1)
+    if not plan.gather_all:
+        return strip
+    lo, hi = plan.needs[block]
+    return strip.reshape(-1, *plan.in_shape).narrow(plan.in_axis + 1, lo, hi - lo)
+
+
+def block_forward(
+    plan: LayerPlan,
+    block: int,
+    layer: nn.Module,
+    x: torch.Tensor,
+    params: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The block's output piece: of a split layer from its input strip and its parameters
+    (``params``: weight and bias slices, by default :func:`block_parameters`), of an
+    element-wise layer from its piece, of a deferred reshape its piece unchanged."""
+    if plan.kind == "whole":
+        return layer(x)
+    if plan.kind == "follow":
+        return x if isinstance(layer, RESHAPES) else layer(x)
+    weight, *rest = block_parameters(plan, block, layer) if params is None else params
+    bias = rest[0] if rest else None
+    if plan.kind == "linear":
+        return F.linear(x, weight, bias)
+    if plan.kind == "local1d":
+        return local1d(x, weight, bias, layer.kernel_size, layer.stride, plan.pads[block])
+    pw = layer.padding[1]
+    top, bottom = plan.pads[block]
+    return local2d(x, weight, bias, layer.kernel_size, layer.stride, (pw, pw, top, bottom))
+
+
+def grads_to_return(
+    plan: LayerPlan, block: int, strip_grad: torch.Tensor
+) -> list[tuple[Transfer, torch.Tensor]]:
+    """The backward of :func:`assemble_strip`: per transfer the block received, the gradient
+    with respect to those positions, to go back to its source (its own part included)."""
+    split = plan.input
+    assert split is not None
+    mine = [t for t in plan.transfers if t.dst == block]
+    if plan.gather_all:
+        lo, hi = plan.needs[block]
+        full_len = plan.in_shape[plan.in_axis]
+        full = F.pad(strip_grad, _pad_arg(strip_grad.dim(), plan.in_axis + 1, lo, full_len - hi))
+        g = full.reshape(-1, *split.view)
+        return [(t, g.narrow(split.axis + 1, t.start, t.stop - t.start)) for t in mine]
+    first = min(t.start for t in mine)
+    return [(t, strip_grad.narrow(split.axis + 1, t.start - first, t.stop - t.start)) for t in mine]
+
+
+def own_grad(
+    plan: LayerPlan,
+    block: int,
+    piece: torch.Tensor,
+    returned: Sequence[tuple[Transfer, torch.Tensor]],
+) -> torch.Tensor:
+    """The gradient with respect to ``piece``, the block's piece of the layer's input: the sum
+    of what came back (every transfer whose ``src`` it is, its own part included), each added
+    at its positions; zero where no block read it (a stride longer than the kernel)."""
+    split = plan.input
+    assert split is not None
+    own_lo = split.ranges[block][0]
+    total = torch.zeros_like(piece)
+    for t, g in returned:
+        total.narrow(split.axis + 1, t.start - own_lo, t.stop - t.start).add_(g)
+    return total
+
+
+def whole_input_grad(plan: LayerPlan, block: int, strip_grad: torch.Tensor) -> torch.Tensor:
+    """The block's partial gradient with respect to the whole input of the stage's first split
+    layer (zeros outside its strip); the stage's input gradient is the sum over blocks."""
+    lo, hi = plan.needs[block]
+    full_len = plan.in_shape[plan.in_axis]
+    return F.pad(strip_grad, _pad_arg(strip_grad.dim(), plan.in_axis + 1, lo, full_len - hi))
+
+
+def _pad_arg(ndim: int, dim: int, before: int, after: int) -> tuple[int, ...]:
+    """``F.pad``'s argument padding only dimension ``dim`` of an ``ndim``-dimensional tensor."""
+    pad = [0] * (2 * (ndim - dim))
+    pad[-2:] = [before, after]
+    return tuple(pad)
+
+
+# ------------------------------------------------------------------- all blocks in one process
+
+
+@dataclass
+class BlocksRun:
+    """What :func:`run_blocks` returns."""
+
+    output: torch.Tensor
+    """The stage's output, assembled from the blocks' pieces."""
+    input_grad: torch.Tensor
+    """The gradient with respect to the stage's input (the blocks' partials summed)."""
+    param_grads: list[list[torch.Tensor]]
+    """Per block, the gradients of its parameter slices, layer by layer in layer order."""
+
+
+def run_blocks(
+    plan: StagePlan, layers: Sequence[nn.Module], x: torch.Tensor, grad_output: torch.Tensor
+) -> BlocksRun:
+    """Forward and backward of the stage block by block, messages passed by hand: what the
+    partition actors do, in one process. Each block computes only its own slices, from the
+    strips the transfers give it; autograd is used one layer of one block at a time."""
+    P = plan.parts
+    # per layer: the blocks' input pieces, and per block (strip, parameter slices, output)
+    saved: list[tuple[list[torch.Tensor], list[tuple]]] = []
+    pieces: list[torch.Tensor] = [x] * P  # the stage's whole input, in every block
+    for lp, layer in zip(plan.layers, layers):
+        if lp.kind in ("whole", "follow"):
+            inputs = pieces
+        elif lp.input is None:
+            inputs = [strip_of_whole(lp, b, pieces[b]) for b in range(P)]
+        else:
+            inbox: list[list] = [[] for _ in range(P)]
+            for b in range(P):
+                for t, v in pieces_to_send(lp, b, pieces[b]):
+                    inbox[t.dst].append((t, v))
+            inputs = [assemble_strip(lp, b, inbox[b]) for b in range(P)]
+        step = []
+        outs = []
+        for b in range(P):
+            xin = inputs[b].detach().requires_grad_()
+            params = [p.detach().requires_grad_() for p in block_parameters(lp, b, layer)]
+            out = block_forward(lp, b, layer, xin, params)
+            step.append((xin, params, out))
+            outs.append(out.detach())
+        saved.append((pieces, step))
+        pieces = outs
+    grads = list(plan.output.cut(grad_output))
+    param_grads: list[list[torch.Tensor]] = [[] for _ in range(P)]
+    for lp, (pieces_in, step) in zip(reversed(plan.layers), reversed(saved)):
+        strip_grads = []
+        for b, (xin, params, out) in enumerate(step):
+            g = torch.autograd.grad(out, [xin, *params], grads[b], allow_unused=True)
+            strip_grads.append(g[0] if g[0] is not None else torch.zeros_like(xin))
+            param_grads[b][:0] = list(g[1:])
+        if lp.kind in ("whole", "follow"):
+            grads = strip_grads
+        elif lp.input is None:  # each block's partial, back through its copy of what came before
+            grads = [whole_input_grad(lp, b, strip_grads[b]) for b in range(P)]
+        else:
+            back: list[list] = [[] for _ in range(P)]
+            for b in range(P):
+                for t, g in grads_to_return(lp, b, strip_grads[b]):
+                    back[t.src].append((t, g))
+            grads = [own_grad(lp, b, pieces_in[b], back[b]) for b in range(P)]
+    # Every block held the whole input: their partial gradients sum.
+    input_grad = torch.stack(grads).sum(0)
+    return BlocksRun(plan.output.assemble(pieces), input_grad, param_grads)
