@@ -176,8 +176,10 @@ def _one_run() -> list[int]:
     layout = Layout.build([100], 1, [100])
     segments = layout.segments_of_shard(0)
     shard = rt.spawn("shard0", ParameterShard, 0, torch.zeros(100), 0, segments, "adagrad", 0.1)
-    check = rt.spawn("check1", Check, 3)
-    count = rt.spawn("count2", Count, check, 3)
+    # One group (fewer than the workers): its members are spread, so count (member 0, with
+    # the first stage) and check (member 1) are in different workers too.
+    check = rt.spawn("pair3.check1", Check, 3)
+    count = rt.spawn("count3", Count, check, 3)
     last = rt.spawn("pair3.stage1", Echo)
     first = rt.spawn("pair3.stage0", Echo)
     rt.tell(check, Go())
