@@ -82,7 +82,7 @@ class DownpourConfig:
     )  # fmt: skip
     """Partitions per replica: a count (balanced by parameter count) or split points."""
     pipeline_depth: int = setting(
-        1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1, may_differ=True,
+        1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1,
         help=f"Mini-batches in flight per replica, at most {MAX_PIPELINE_DEPTH}: stage s works "
         "on one while stage s+1 works on the one before, each backward pass with the "
         "parameters its own forward pass used (1: one at a time; needs stages > 1).",
