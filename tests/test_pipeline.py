@@ -12,7 +12,7 @@ from collections import defaultdict
 import pytest
 import torch
 import torch.nn.functional as F
-from support import RecordingContext, mlp, run_json, separable_data, toy_data
+from support import RecordingContext, mlp, run, run_json, separable_data, toy_data
 from torch import nn
 
 import distbelief
@@ -159,7 +159,7 @@ def test_a_pipelined_replica_equals_weight_stashed_asynchronous_pipelining(
                                  n_push=n_push, seed=seed)  # fmt: skip
     torch.testing.assert_close(flatten(result.model.children()), expected, rtol=0, atol=1e-6)
     pushed = defaultdict(list)
-    for sender, receiver, message in events:
+    for _, _, message in events:
         if isinstance(message, Push):
             pushed[message.stage].append(message.fetched_version)
     assert [pushed[0], pushed[1]] == quoted
@@ -411,7 +411,5 @@ def test_the_command_takes_pipeline_depth_and_refuses_a_bad_one(capsys):
     out = run_json(capsys, "train", "digits", "--epochs", "1", "--pipeline-depth", "2",
                    "--no-run-dir")  # fmt: skip
     assert out["pipeline_depth"] == 2 and out["examples"] > 0
-    from support import run
-
     code, _, err = run(capsys, "train", "digits", "--pipeline-depth", "0", "--no-run-dir")
     assert code == 2 and err.startswith("distbelief: error: pipeline_depth")
