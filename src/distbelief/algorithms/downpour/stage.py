@@ -179,10 +179,11 @@ class Stage(Actor):
     @receives(Forward)
     def on_forward(self, msg: Forward, sender: object) -> None:
         if self.stash:
-            # A forward of a step already waiting is a redo after a restart: what waits from
-            # that step on is of the lost pass (its backward passes are ignored).
+            # A forward of a step already here is a redo after a restart: what waits from that
+            # step on is of the lost pass (its backward passes are ignored; it is sent again).
             for step in [step for step in self.waiting if step >= msg.step]:
                 del self.waiting[step]
+            self.pending = [f for f in self.pending if f.step < msg.step]
         if self.fetching:
             self._wait(msg)  # the replies on their way are the parameters for this step
             return
