@@ -373,6 +373,19 @@ def test_a_checkpoint_taken_with_two_in_flight_resumes(tmp_path):
     assert resumed.history.final_loss < 0.5
 
 
+def test_buffers_and_evaluations_with_two_in_flight():
+    # The forwards run on stashed parameters but the module's own buffers (BatchNorm's
+    # statistics), which the evaluations during training and the result take from replica 0.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 2))
+    data = separable_data()
+    result = distbelief.train(model, data, eval_data=data, eval_every=256, epochs=2,
+                              stages=[2], pipeline_depth=2, **dict(KW, optimizer="adagrad",
+                              lr=0.05))  # fmt: skip
+    assert len(result.history.eval) >= 4 and result.history.eval[-1]["accuracy"] > 0.9
+    assert not torch.equal(result.model[1].running_mean, model[1].running_mean)
+
+
 def test_ctrl_c_with_two_in_flight_keeps_what_was_trained():
     model = mlp([10, 16, 8, 3])
     reports = []
