@@ -187,6 +187,7 @@ class DownpourDriver(Driver):
                     report_every,
                     n_push=config.n_push,
                     start=positions.get(r),
+                    pipeline_depth=config.pipeline_depth,
                 )
             )
             stage_refs.append(
@@ -203,6 +204,7 @@ class DownpourDriver(Driver):
                         config.n_fetch,
                         config.n_push,
                         config.local_lr,
+                        pipeline_depth=config.pipeline_depth,
                     )
                     for s in range(n_stages)
                 ]
