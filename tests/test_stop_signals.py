@@ -114,7 +114,7 @@ def test_the_stops_checkpoint_is_the_last_one_the_master_writes():
     # A periodic round is under way when the stop's round is asked for; the stop's is written
     # (and waited for) and answered to the driver; then no round is written over it: not the
     # periodic one (superseded), not one that comes due, not the end-of-run one.
-    told, submitted = [], []
+    told, submitted, joined = [], [], []
 
     class Ctx:
         name, self_ref = "master", "master"
@@ -129,6 +129,9 @@ def test_the_stops_checkpoint_is_the_last_one_the_master_writes():
 
         def written_at(self, update):
             return Path(f"ck/ckpt-{update}")
+
+        def join(self) -> None:
+            joined.append(len(submitted))
 
     def state(updates: int) -> checkpoint.ShardState:
         return checkpoint.ShardState(0, torch.full((2,), float(updates)), None, {0: updates},
@@ -150,6 +153,7 @@ def test_the_stops_checkpoint_is_the_last_one_the_master_writes():
     assert told[-1] == ("data0", CheckpointRequest(stop))
     answer(stop, 7)
     assert submitted == [(7, True)]
+    assert joined == [1]  # every write over before the answer, none landing after it
     assert told[-1][0] == "driver" and isinstance(told[-1][1], StopCheckpointTaken)
     taken = told[-1][1]
     assert (taken.path, taken.steps, taken.weights.tolist()) == ("ck/ckpt-7", 7, [7.0, 7.0])

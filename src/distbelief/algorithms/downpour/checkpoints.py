@@ -234,6 +234,9 @@ class CheckpointCoordinator:
             written = self.checkpointer.written_at(update)
             path = str(written) if written is not None else None
             why = "" if written is not None else "not written (see the warning)"
+        # A periodic write still under way lands before the answer, never after train() has
+        # raised (a caller reading the directory then sees what stays).
+        self.checkpointer.join()
         self.tell(self.stop_to, StopCheckpointTaken(path, steps, weights, why))
 
     def restart(self, shard: int | None = None) -> None:
