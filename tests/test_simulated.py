@@ -169,6 +169,30 @@ def test_a_replica_slowed_k_times_does_1_over_k_of_the_others_steps(k):
     assert abs(slow - 24 / k) <= 1
 
 
+def test_actors_on_one_machine_queue_for_its_cores():
+    """Four replicas on one machine, network free: with one core they share it, the run takes
+    four times as long as one replica's; with four cores, as long as one replica's."""
+
+    def virtual_s(replicas: int, cores: int) -> float:
+        placement = {"shard0": 0, "master": 0}
+        for r in range(replicas):
+            placement |= {f"data{r}": 1, f"replica{r}": 1}
+        options = dict(
+            machines=2, cores=cores, speeds=[FAST, 1.0], placement=placement,
+            bandwidth_Bps=1e15, latency_s=0.0, local_latency_s=0.0,
+        )  # fmt: skip
+        x, y = toy_data(n=64 * replicas)
+        result = run(
+            mlp([10, 32, 32, 3]), (x, y), replicas=replicas, epochs=2, runtime="simulated",
+            runtime_options=options,
+        )  # fmt: skip
+        return result.stats["virtual_s"]
+
+    alone = virtual_s(1, 1)
+    assert virtual_s(4, 1) == pytest.approx(4 * alone, rel=1e-6)
+    assert virtual_s(4, 4) == pytest.approx(alone, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------ faults
 
 
