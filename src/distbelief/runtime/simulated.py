@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import os
 import time
+import tomllib
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -51,6 +53,26 @@ from .runqueue import Cell, RunQueue, handle
 from .supervise import Supervisor
 
 _ARRIVE, _REACH, _DONE = 0, 1, 2
+
+
+def read_cluster(path: str | os.PathLike) -> dict[str, Any]:
+    """The simulated runtime's options from a cluster file (TOML; its keys are the fields of
+    :class:`~.options.SimulatedOptions`, ``placement`` a string or a table), checked: a file
+    that cannot be read, or a bad or unknown key, is a :class:`ConfigError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cluster: cannot read {os.fspath(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cluster: {os.fspath(path)!r} is not TOML: {exc}") from None
+    try:
+        parse("simulated", data)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"cluster: {os.fspath(path)}: " + str(exc).removeprefix("runtime_options: ")
+        ) from None
+    return data
 
 
 class _FlopCounter(TorchDispatchMode):
