@@ -9,7 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from support import mlp
+from support import mlp, run_json
+from support import run as run_command
 from torch import nn
 
 import distbelief
@@ -221,10 +222,21 @@ def test_a_kill_fires_at_its_count_and_a_delay_adds_virtual_time_not_sleep(monke
     assert killed.stats["steps"] == base.stats["steps"]
 
 
+def test_measured_compute_charges_cpu_time_and_gives_the_same_arithmetic():
+    """Measured compute: virtual times come from thread CPU time (not reproducible), but with
+    one replica the parameters are those of modelled compute."""
+    model = mlp([10, 16, 3])
+    x, y = toy_data()
+    modelled = run(model, (x, y), runtime="simulated")
+    options = {"compute": "measured", "time_scale": 1e3}
+    measured = run(model, (x, y), runtime="simulated", runtime_options=options)
+    assert torch.equal(final(measured), final(modelled))
+    assert measured.stats["virtual_s"] > 0
+
+
 # ------------------------------------------------------------------------------ sandblaster
 
 
-@pytest.mark.slow
 def test_sandblaster_runs_and_converges_as_on_local():
     """Full batch, float64, convex: the same L-BFGS path as on local (the gradient is the sum
     of every portion once, in another order), and a replica on a machine five times slower
@@ -250,6 +262,9 @@ def test_sandblaster_runs_and_converges_as_on_local():
     done = sim.stats["portions_done"]
     assert done[2] < min(done[0], done[1])
     assert sim.stats["virtual_s"] > 0
+    assert sim.stats["virtual_examples_per_s"] == pytest.approx(
+        sim.stats["examples"] / sim.stats["virtual_s"]
+    )
     assert sim.stats["placement"]["replica2"] == "m4"
     assert len(set(sim.stats["placement"][f"replica{r}"] for r in range(3))) == 3
 
@@ -279,3 +294,26 @@ def test_a_bad_cluster_description_is_a_config_error_naming_the_field(options, f
             mlp([10, 3]), toy_data(n=32), runtime="simulated",
             runtime_options={"machines": 2, **options},
         )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_the_command_takes_a_cluster_file_and_reports_virtual_time(capsys, tmp_path):
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(
+        "machines = 3\ncores = 2\nspeeds = [1.0, 1.0, 0.5]\n[placement]\nshard0 = 0\n"
+    )
+    argv = ["train", "xor", "--train-size", "200", "--replicas", "2", "--no-run-dir"]
+    s = run_json(capsys, *argv, "--runtime", "simulated", "--cluster", str(cluster))
+    assert s["runtime"] == "simulated" and s["virtual_s"] > 0 and s["wall_s"] > 0
+    assert set(s["machine_utilisation"]) == {"m0", "m1", "m2"}
+    assert s["bottleneck"]["resource"]
+    cluster.write_text("machines = 2\nbandwidth_Bps = 0\n")
+    code, _, err = run_command(capsys, *argv, "--runtime", "simulated", "--cluster", str(cluster))
+    assert code == 2 and "bandwidth_Bps" in err
+    cluster.write_text("machines = 2\nlatencey_s = 1e-6\n")
+    code, _, err = run_command(capsys, *argv, "--runtime", "simulated", "--cluster", str(cluster))
+    assert code == 2 and "latencey_s" in err
+    code, _, err = run_command(capsys, *argv, "--cluster", str(cluster))
+    assert code == 2 and "--runtime simulated" in err
