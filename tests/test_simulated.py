@@ -194,6 +194,17 @@ def test_actors_on_one_machine_queue_for_its_cores():
     assert virtual_s(4, 4) == pytest.approx(alone, rel=1e-6)
 
 
+def test_each_evaluation_during_training_has_its_virtual_time():
+    x, y = toy_data()
+    result = run(
+        mlp([10, 16, 3]), (x, y), replicas=2, eval_data=toy_data(n=64, seed=1), eval_every=128,
+        runtime="simulated",
+    )  # fmt: skip
+    times = result.stats["virtual_eval_s"]
+    assert len(times) == len(result.history.eval) - 1 >= 2  # the final one is the driver's
+    assert times == sorted(times) and 0 < times[0] and times[-1] <= result.stats["virtual_s"]
+
+
 # ------------------------------------------------------------------------------ faults
 
 
