@@ -135,7 +135,7 @@ class _VirtualQueue(RunQueue):
     arrival key (virtual time, sequence); the pick is the simulated runtime's."""
 
     def discard(self, cell: Cell) -> None:
-        cell.mailbox.clear()  # ready-heap entries of the lost messages go stale (see _start)
+        cell.mailbox.clear()  # its ready-heap entries go stale (see _dispatch)
         cell.ready = False
 
 
