@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from distbelief import bench
+from distbelief.bench import pipeline
+from distbelief.bench.baselines.torch_pipeline import SCHEDULES, torch_pipeline_examples_per_s
 from distbelief.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +83,7 @@ def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) 
     n += len(bench.HOGWILD_MODES)
     n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
     n += len(bench.QUICK.checkpoint_every)
+    n += len(pipeline.configs()) + len(pipeline.PUSHES) + len(SCHEDULES)
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()
     assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]
@@ -99,7 +103,7 @@ def test_only_parses() -> None:
 
 def test_the_registry_is_the_one_list_of_benchmarks() -> None:
     assert bench.BENCHMARKS == (
-        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint"
+        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint", "pipeline"
     )  # fmt: skip
     help_text = bench.only_help()
     assert "\n" not in help_text
@@ -133,3 +137,45 @@ def test_benchmarks_run_script() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "| PS shard | 10,000 parameters, adagrad |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_benchmark_reports_every_configuration_and_both_torch_schedules():
+    report = bench.run(["pipeline"], quick=True)
+    figures = report["pipeline"]
+    width = bench.QUICK.pipeline_width
+    assert figures["widths"] == [40, *[width] * 5, 10] and figures["cut_after_layer"] == 6
+    runs = [(c["stages"], c["pipeline_depth"], c["n_push"]) for c in figures["configs"]]
+    assert runs == pipeline.configs()
+    assert (1, 1, 1) in runs and (2, 4, 4) in runs and (1, 2, 1) not in runs
+    for c in figures["configs"]:
+        assert c["ran"] == (c["pipeline_depth"] == 1 or figures["pipeline_depth_supported"])
+        if c["ran"]:
+            assert positive(c["examples_per_s"]) and positive(c["ratio"])
+    # The cut carries each step's activations forward and their gradient back (32 x width
+    # floats each) and the targets (32 int64).
+    assert figures["cut_bytes_per_step_expected"] == 32 * width * 4 * 2
+    assert figures["cut_bytes_per_step"] == 32 * width * 4 * 2 + 32 * 8
+    assert [s["n_push"] for s in figures["speedup"]] == list(pipeline.PUSHES)
+    for s in figures["speedup"]:
+        assert s["best_depth"] in pipeline.DEPTHS and positive(s["ratio"])
+    assert [t["schedule"] for t in figures["torch"]] == list(SCHEDULES)
+    for t in figures["torch"]:
+        assert t["ok"], t["error"]
+        assert positive(t["examples_per_s"]) and positive(t["ratio"])
+    rows = bench.rows(report)
+    assert len(rows) == len(runs) + len(pipeline.PUSHES) + len(SCHEDULES)
+    assert all(row[0] == "pipeline" for row in rows)
+    json.dumps(report)
+
+
+def test_a_torch_pipeline_that_does_not_finish_is_reported_failed_not_waited_for():
+    from distbelief.models import mlp
+
+    widths = (40, 8, 8, 10)
+    x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
+    out = torch_pipeline_examples_per_s(
+        mlp(widths), 2, (x, y), schedule="gpipe", lr=0.1, steps=10**6, timeout_s=0.5
+    )
+    assert out == {"ok": False, "error": "timed out after 0.5 s"}
+    assert multiprocessing.active_children() == []  # both stages killed and reaped

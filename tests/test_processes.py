@@ -19,6 +19,7 @@ from distbelief.core.layout import Layout
 from distbelief.core.optim import UPDATE_RULES, make_update_rule, materialize_state
 from distbelief.errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from distbelief.runtime import Actor, make_runtime, receives
+from distbelief.runtime import processes as procs
 from distbelief.runtime.processes import ProcessesRuntime
 
 pytestmark = pytest.mark.processes  # the whole module runs the processes runtime
@@ -169,19 +170,26 @@ def _shm(pids: list[int]) -> set[str]:
 
 
 def _one_run() -> list[int]:
-    """A run with a shared shard and two workers, shut down; the workers' pids."""
+    """A run with a shared shard, two workers and a ring of slots each way between them (two
+    neighbouring stages: tensors through slots), shut down; the workers' pids."""
     rt = make_runtime("processes", seed=0, processes=2)
     layout = Layout.build([100], 1, [100])
     segments = layout.segments_of_shard(0)
     shard = rt.spawn("shard0", ParameterShard, 0, torch.zeros(100), 0, segments, "adagrad", 0.1)
-    check = rt.spawn("check1", Check, 3)
-    count = rt.spawn("count2", Count, check, 3)
+    # One group (fewer than the workers): its members are spread, so count (member 0, with
+    # the first stage) and check (member 1) are in different workers too.
+    check = rt.spawn("pair3.check1", Check, 3)
+    count = rt.spawn("count3", Count, check, 3)
+    last = rt.spawn("pair3.stage1", Echo)
+    first = rt.spawn("pair3.stage0", Echo)
     rt.tell(check, Go())
     assert next(iter(rt.converse(count, Go(), timeout=60)))[1] == 3
+    assert next(iter(rt.converse(first, (last, [torch.ones(4096)]), timeout=60)))[0] == 1
     workers = rt.describe()["worker_pids"]
     assert len(workers) == 2 and rt.actor(shard).held[0].values.is_shared()
+    assert rt.describe()["wire"]["tensors_in_slots"] == 2  # there and back
     rt.shutdown()
-    del rt, shard, count, check
+    del rt, shard, count, check, first, last
     gc.collect()
     return workers
 
@@ -278,3 +286,110 @@ def test_a_planned_crash_in_a_worker_ends_the_run_naming_the_actor():
             replicas=2, seed=0, runtime="processes",
             runtime_options={"faults": ["exit:replica1.stage0@step=2"]},
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------- placement and the wire
+
+
+def test_placement_spreads_stages_only_where_workers_would_idle():
+    two_stages = ["data0", "replica0.stage0", "replica0.stage1"]
+    assert procs.place(two_stages, 2) == {"data0": 1, "replica0.stage0": 1, "replica0.stage1": 2}
+    assert procs.place(two_stages, 1) == dict.fromkeys(two_stages, 1)
+    # 2 replicas x 3 stages on 4 workers (fewer replicas than workers): neighbouring stages
+    # apart, 6 stages as 2 + 2 + 1 + 1, every data shard with its replica's first stage.
+    names = [n for r in range(2) for n in (f"data{r}", f"replica{r}.stage0")]
+    names += [f"replica{r}.stage{s}" for s in (1, 2) for r in range(2)]  # after the first
+    homes = procs.place(names, 4)
+    for r in range(2):
+        assert homes[f"replica{r}.stage0"] != homes[f"replica{r}.stage1"]
+        assert homes[f"replica{r}.stage1"] != homes[f"replica{r}.stage2"]
+        assert homes[f"data{r}"] == homes[f"replica{r}.stage0"]
+    stages = [homes[f"replica{r}.stage{s}"] for r in range(2) for s in range(3)]
+    assert sorted(stages.count(w) for w in (1, 2, 3, 4)) == [1, 1, 2, 2]
+    # As many replicas as workers or more (the main job: 4 x 2 on 2): each replica whole in
+    # one worker, round-robin in order of first appearance.
+    main = [n for r in range(4) for n in (f"data{r}", f"replica{r}.stage0", f"replica{r}.stage1")]
+    homes = procs.place(main, 2)
+    assert homes == {n: int(n.split(".")[0].removeprefix("data").removeprefix("replica")) % 2 + 1
+                     for n in main}  # fmt: skip
+    # One stage per replica: one replica per worker, in order of first appearance (as ever).
+    one = ["data1", "replica1.stage0", "data0", "replica0.stage0", "data2", "replica2.stage0"]
+    assert procs.place(one, 2) == {
+        "data1": 1, "replica1.stage0": 1, "data0": 2, "replica0.stage0": 2,
+        "data2": 1, "replica2.stage0": 1,
+    }  # fmt: skip
+    assert procs.place(["master"], 4) == {}  # (a shared actor is not placed: it is everywhere)
+
+
+def test_a_two_stage_replica_runs_on_two_cores_and_equals_the_local_run(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # the default: one worker per core
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 10, generator=g), torch.randint(0, 3, (256,), generator=g)
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=64, epochs=2, stages=2, seed=7)
+    model = mlp([10, 64, 16, 3])  # 64 x 64 activations: 16 KiB, through the slots
+    runs = {
+        rt: distbelief.train(model, (x, y), optimizer="adagrad", runtime=rt, **kw)
+        for rt in ("local", "processes")
+    }
+    assert torch.equal(*(flatten(r.model.children()) for r in runs.values()))
+    stats = runs["processes"].stats
+    assert stats["processes"] == {
+        "shard0": "shared", "master": 0, "data0": 1, "replica0.stage0": 1, "replica0.stage1": 2,
+    }  # fmt: skip
+    steps = stats["steps"]
+    # Each step's activations forward and their gradient back crossed in a slot; the targets
+    # (512 bytes) were pickled.
+    assert stats["wire"]["tensors_in_slots"] == 2 * steps
+    assert stats["wire"]["slot_bytes"] == 2 * steps * 64 * 64 * 4
+    assert stats["wire"]["tensors_pickled"] >= steps
+
+
+class Echo(Actor):
+    """Given ``(peer, tensors)`` by the driver, sends the tensors to ``peer``; given tensors by
+    a peer, checks them against what was sent and replies to the driver how many came."""
+
+    @receives(tuple)
+    def on_start(self, msg: tuple, sender: object) -> None:
+        peer, tensors = msg
+        self.driver = sender
+        self.ctx.tell(peer, ["there", *tensors])
+
+    @receives(list)
+    def on_tensors(self, msg: list, sender: object) -> None:
+        if msg[0] == "back":
+            self.ctx.tell(self.driver, (len(msg) - 1, msg[1:]))
+        else:
+            self.ctx.tell(sender, ["back", *msg[1:]])
+
+
+def test_tensors_cross_between_stages_unchanged_by_slot_or_pickle():
+    torch.manual_seed(0)
+    big = torch.randn(300, 1000)  # 1.2 MB: larger than a slot, pickled
+    tensors = [
+        torch.randn(64, 32),  # 8 KiB: a slot
+        torch.randn(64, 32, dtype=torch.float64).t(),  # not contiguous
+        torch.arange(6).reshape(2, 3)[:, 1],  # a view into a bigger storage
+        torch.tensor(3.5),  # 0-d
+        torch.zeros(0, 5),  # empty
+        torch.rand(5000) > 0.5,  # bool
+        torch.randn(70, 70).to(torch.bfloat16),
+        torch.randn(3, dtype=torch.complex64),  # not plain: torch's own pickling
+        big,
+        *[torch.full((2048,), float(i)) for i in range(2 * procs.SLOTS)],  # more than the ring
+    ]
+    rt = ProcessesRuntime(seed=0, processes=2)
+    try:
+        second = rt.spawn("pair1.stage1", Echo)
+        first = rt.spawn("pair1.stage0", Echo)
+        n, back = next(iter(rt.converse(first, (second, tensors), timeout=60)))
+        assert n == len(tensors)
+        for sent, got in zip(tensors, back, strict=True):
+            assert got.dtype == sent.dtype and torch.equal(got, sent)
+        wire = rt.describe()["wire"]
+        assert rt.describe()["processes"] == {"pair1.stage1": 2, "pair1.stage0": 1}
+        # The ring filled within the message (a slot is freed when its message is read),
+        # so the rest was pickled: no send waited for a slot.
+        assert wire["tensors_in_slots"] == 2 * procs.SLOTS
+        assert wire["tensors_pickled"] > 0
+    finally:
+        rt.shutdown()

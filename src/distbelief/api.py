@@ -49,6 +49,7 @@ def train(
     batch_size: int | None = None,
     epochs: int | None = None,
     stages: int | Sequence[int] = 1,
+    pipeline_depth: int = 1,
     replicas: int = 1,
     shards: int = 1,
     optimizer: str | None = None,
@@ -86,6 +87,9 @@ def train(
     ``epochs`` (see ``DownpourConfig``); Sandblaster takes ``steps``, ``history``,
     ``portions`` and an optional ``batch_size`` (see ``SandblasterConfig``). An option of the
     other algorithm is a ``ConfigError``.
+    ``pipeline_depth`` (Downpour only, with ``stages`` > 1): mini-batches each replica keeps in
+    flight through its stages, each backward pass with the parameters its own forward pass
+    used (weight stashing); 1 (default): one at a time (see ``docs/pipelining.md``).
     ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
     TensorBoard event files there (see ``runlog``); None (default) writes nothing.
     ``checkpoint_dir``, ``checkpoint_every``, ``resume`` (Downpour only): write checkpoints

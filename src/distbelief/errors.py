@@ -91,10 +91,23 @@ class TrainingInterrupted(KeyboardInterrupt):
     A KeyboardInterrupt, so an uncaught one ends a script as Ctrl-C does; caught, its ``model``
     is a new module with the shards' parameters at the interruption and replica 0's buffers,
     and ``signum`` the signal that stopped it (``signal.SIGINT`` or ``signal.SIGTERM``).
-    A second Ctrl-C while they are being collected gives up on them (plain KeyboardInterrupt).
+    A run that writes checkpoints writes a last one first: ``checkpoint`` is its path (a
+    ``ckpt-<update>`` directory; resume from it or from its parent) and ``step`` where it is
+    (Downpour: steps over all replicas; Sandblaster: L-BFGS steps), and ``model`` holds its
+    parameters; both are None when nothing was written (checkpoints off, no step trained since
+    the start, a diverged state or a failed write). A second Ctrl-C while they are being
+    collected gives up on them (plain KeyboardInterrupt).
     """
 
-    def __init__(self, model: Any, signum: int = signal.SIGINT) -> None:
+    def __init__(
+        self,
+        model: Any,
+        signum: int = signal.SIGINT,
+        checkpoint: str | None = None,
+        step: int | None = None,
+    ) -> None:
         super().__init__("training interrupted; the model trained so far is in .model")
         self.model = model
         self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step

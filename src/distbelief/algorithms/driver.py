@@ -1,8 +1,9 @@
 """The skeleton every algorithm's run shares: seed torch's RNG, create the runtime (or take the
 one passed in), spawn and wire the actors, converse with the one that drives the run until it
-reports done, pass progress on, keep what was trained when Ctrl-C or SIGTERM stops the run,
-build the result and evaluate it a last time. An algorithm's driver fills in the hooks of
-:class:`Driver`; ``api.train`` checks the inputs and hands a :class:`Job` over."""
+reports done, pass progress on, keep what was trained when Ctrl-C or SIGTERM stops the run
+(with a last checkpoint where checkpoints are on), build the result and evaluate it a last
+time. An algorithm's driver fills in the hooks of :class:`Driver`; ``api.train`` checks the
+inputs and hands a :class:`Job` over."""
 
 from __future__ import annotations
 
@@ -116,9 +117,11 @@ class Driver:
                     self.receive(rt, reply)
             except KeyboardInterrupt as stop:
                 # Ctrl-C or SIGTERM: the runtimes stop between two messages, so every actor
-                # is whole and can be asked for what it holds.
-                model = self.trained(rt)
-                raise TrainingInterrupted(model, getattr(stop, "signum", signal.SIGINT)) from None
+                # is whole and can be asked for what it holds (and a last checkpoint taken).
+                signum = getattr(stop, "signum", signal.SIGINT)
+                model, taken = self.stopped(rt)
+                path, step = taken if taken is not None else (None, None)
+                raise TrainingInterrupted(model, signum, path, step) from None
             except ActorFailed as exc:
                 self.failed(rt, exc)
                 raise
@@ -158,6 +161,13 @@ class Driver:
     def trained(self, rt: Runtime) -> nn.Module | None:
         """The model trained so far, collected from the actors after a stop signal."""
         raise NotImplementedError
+
+    def stopped(self, rt: Runtime) -> tuple[nn.Module | None, tuple[str, int] | None]:
+        """After a stop signal: the model trained so far, and the last checkpoint written of
+        it (its path and step) where checkpoints are on and something new was trained, else
+        None. Here: :meth:`trained`, no checkpoint; an algorithm that checkpoints overrides
+        it (the runtime still delivers, so a checkpoint round can run as during training)."""
+        return self.trained(rt), None
 
     def failed(self, rt: Runtime, exc: ActorFailed) -> None:
         """An actor failed: raise something more telling than ``exc``, or return to let it

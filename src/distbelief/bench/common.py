@@ -62,6 +62,11 @@ class Sizes:
     """Epochs of each run of the checkpoint comparison."""
     checkpoint_every: tuple[int, ...] = (200, 50)
     """Steps between checkpoints (over all replicas) in the checkpoint comparison."""
+    pipeline_width: int = 512
+    """Width W of the pipeline benchmark's MLP (widths 40, W x 5, 10: four square W x W layers,
+    cut in the middle)."""
+    pipeline_steps: int = 192
+    """Mini-batches of 32 in each run of the pipeline benchmark (a multiple of 4)."""
 
 
 FULL = Sizes(
@@ -83,6 +88,8 @@ QUICK = Sizes(
     coordinator_hidden=(16, 64),
     checkpoint_epochs=1,
     checkpoint_every=(10,),
+    pipeline_width=64,
+    pipeline_steps=24,
 )
 
 

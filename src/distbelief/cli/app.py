@@ -36,12 +36,17 @@ class UsageFailure(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the run; ``signum`` says which. (Not a KeyboardInterrupt:
-    typer would turn that into a silent exit before ``main`` sees it.)"""
+    """Ctrl-C or SIGTERM stopped the run; ``signum`` says which, ``checkpoint`` and ``step``
+    where the run's last checkpoint was written on the way out (None: none was). (Not a
+    KeyboardInterrupt: typer would turn that into a silent exit before ``main`` sees it.)"""
 
-    def __init__(self, signum: int = signal.SIGINT) -> None:
+    def __init__(
+        self, signum: int = signal.SIGINT, checkpoint: str | None = None, step: int | None = None
+    ) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.checkpoint = checkpoint
+        self.step = step
 
 
 def seam(name: str) -> Any:

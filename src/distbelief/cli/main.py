@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shlex
 import signal
 import sys
 import threading
@@ -61,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(str(exc).replace("\n", " "), RUN_ERROR, "--json" in args)
         except (Interrupted, KeyboardInterrupt, typer.Abort) as exc:
             cause = exc.__cause__ or exc  # typer's Abort wraps the KeyboardInterrupt
-            return _stopped(getattr(cause, "signum", stopped[0] if stopped else signal.SIGINT))
+            signum = getattr(cause, "signum", stopped[0] if stopped else signal.SIGINT)
+            where = getattr(cause, "checkpoint", None), getattr(cause, "step", None)
+            return _stopped(signum, *where)
     if rv == INTERRUPTED:  # a stop outside a run (e.g. generating data): typer's silent exit
         return _stopped(stopped[0] if stopped else signal.SIGINT)
     return rv if isinstance(rv, int) else 0
@@ -88,9 +92,16 @@ def _sigterm_as_stop() -> Iterator[list[int]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _stopped(signum: int) -> int:
-    """One line and the shell's status for a stop signal: 130 for SIGINT, 143 for SIGTERM."""
+def _stopped(signum: int, checkpoint: str | None = None, step: int | None = None) -> int:
+    """One line and the shell's status for a stop signal: 130 for SIGINT, 143 for SIGTERM.
+    The line says where the last checkpoint was written on the way out, if one was."""
     what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    if checkpoint is not None:
+        where = os.path.dirname(checkpoint)  # --resume takes the directory (the newest in it)
+        what += (
+            f": checkpoint at step {step} in {where}; resume with distbelief train --resume "
+            f"{shlex.quote(where)}"
+        )
     return _fail(what, 128 + signum)
 
 

@@ -419,7 +419,7 @@ def _run_job(
             runlog.discard()  # nothing was trained: leave no empty run directory behind
         raise UsageFailure(str(exc)) from None
     except TrainingInterrupted as exc:
-        raise Interrupted(exc.signum) from None
+        raise Interrupted(exc.signum, exc.checkpoint, exc.step) from None
     wall_s = time.perf_counter() - t_train
     return summary(dataset, result, widths, wall_s, data_s, test_data, preset.truth_table)
 

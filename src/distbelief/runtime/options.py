@@ -71,7 +71,7 @@ class ProcessesOptions:
 
     runtime: ClassVar[str] = "processes"
     processes: int | None = None
-    """Worker processes; None: as many as replica groups, at most the machine's CPUs."""
+    """Worker processes; None: one per (replica, stage) pair, at most the machine's CPUs."""
     threads_per_process: int = 1
     """Torch intra-op threads per worker; 0 leaves torch's."""
     faults: Any = None

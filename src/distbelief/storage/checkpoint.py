@@ -193,6 +193,11 @@ def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 # ------------------------------------------------------------------ writing
 
 
+def name_of(update: int) -> str:
+    """The directory name of the checkpoint of ``update`` updates (``ckpt-<update>``)."""
+    return f"{PREFIX}{update:012d}"
+
+
 def _write_file(path: Path, data: bytes) -> dict[str, Any]:
     with open(path, "wb") as f:
         f.write(data)
@@ -228,7 +233,7 @@ def save(
         raise ValueError(f"keep must be >= 1, got {keep}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{update:012d}"
+    final = root / name_of(update)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     try:
         files, shard_meta = {}, []
@@ -468,6 +473,13 @@ class Checkpointer:
             return
         self.written += 1
         self.write_s += time.perf_counter() - t
+
+    def written_at(self, update: int) -> Path | None:
+        """The checkpoint of ``update`` updates if it is the last one written (and so the
+        newest whole one), else None (not written: skipped, or its write failed)."""
+        self.join()
+        path = self.directory / name_of(update)
+        return path if self.last == path else None
 
     def join(self) -> None:
         """Wait for the write in progress, if any; raise its error, if it failed."""

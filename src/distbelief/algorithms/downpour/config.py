@@ -32,6 +32,18 @@ from ...settings import (
 
 OWNER = "downpour"
 
+MAX_PIPELINE_DEPTH = 16
+"""The most mini-batches a replica may keep in flight (``pipeline_depth``). Each one in flight
+holds a stashed version of every stage's parameters and its activations until its backward
+pass, and adds to the staleness of every push; overlap stops growing once every stage has one
+to work on (about as many as there are stages, PipeDream's count), so 16 is well past any depth
+that pays while bounding what a mistyped value costs in memory."""
+
+
+def stage_count(stages: int | tuple[int, ...]) -> int:
+    """The number of stages of a checked ``stages`` setting (a count, or split points)."""
+    return stages if is_int(stages) else len(stages) + 1  # type: ignore[arg-type]
+
 
 def _stages(name: str, v: Any) -> Any:
     """A count >= 1 (balanced by parameter count) or split points (a list becomes a tuple)."""
@@ -69,6 +81,15 @@ class DownpourConfig:
         help="Partitions per replica, by layer (preset: {preset}).",
     )  # fmt: skip
     """Partitions per replica: a count (balanced by parameter count) or split points."""
+    pipeline_depth: int = setting(
+        1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1,
+        help=f"Mini-batches in flight per replica, at most {MAX_PIPELINE_DEPTH}: stage s works "
+        "on one while stage s+1 works on the one before, each backward pass with the "
+        "parameters its own forward pass used (1: one at a time; needs stages > 1).",
+    )  # fmt: skip
+    """Mini-batches each replica keeps in flight through its stages (PipeDream's asynchronous
+    pipeline, with weight stashing; 1: one at a time). At most ``MAX_PIPELINE_DEPTH``, and
+    more than 1 only with more than one stage (see docs/pipelining.md)."""
     replicas: int = REPLICAS.field()
     """Model replicas, each on its own part of the training data."""
     shards: int = SHARDS.field()
@@ -153,6 +174,22 @@ class DownpourConfig:
     def __post_init__(self) -> None:
         validate(self)
         check_checkpoints(self)
+        check_pipeline_depth(self)
+
+
+def check_pipeline_depth(config: DownpourConfig) -> None:
+    """``pipeline_depth`` at most the cap, and above 1 only with stages to overlap."""
+    depth = config.pipeline_depth
+    if depth > MAX_PIPELINE_DEPTH:
+        raise ConfigError(
+            f"pipeline_depth: at most {MAX_PIPELINE_DEPTH} mini-batches in flight, got {depth} "
+            "(beyond about one per stage more only adds staleness and stashed copies)"
+        )
+    if depth > 1 and stage_count(config.stages) == 1:
+        raise ConfigError(
+            f"pipeline_depth: {depth} mini-batches in flight need stages > 1 to overlap, "
+            "but stages is 1; give stages=2 or more, or pipeline_depth=1"
+        )
 
 
 def _shard_updates(result: Any) -> str | None:
@@ -194,7 +231,9 @@ def _checkpoints(s: dict[str, Any]) -> str | None:
 
 def _layout(s: dict[str, Any]) -> str:
     how = f", {s['shard_updates']} shard updates" if s.get("shard_updates") else ""
-    return f"{s['replicas']} x {s['stages']} ({s['runtime']} runtime{how})"
+    depth = s.get("pipeline_depth", 1)
+    flight = f", {depth} mini-batches in flight" if depth > 1 else ""
+    return f"{s['replicas']} x {s['stages']}{flight} ({s['runtime']} runtime{how})"
 
 
 SUMMARY = Summary(

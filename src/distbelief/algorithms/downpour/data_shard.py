@@ -36,16 +36,21 @@ class DataShard(Actor):
     per epoch) or a file (``data.formats.FileData``), which it reads itself, one mini-batch at a
     time, in the process it runs in.
 
-    One mini-batch is in flight at a time: the next is sent when the first stage reports the
-    previous step's backward pass done, as in the seed. When a runtime restarts one of the
-    replica's stages, the in-flight mini-batch is sent again (its step redone from fresh
-    parameters) and a step reported twice counts once.
+    Up to ``pipeline_depth`` mini-batches are in flight at a time (1: one, as in the seed):
+    the next is sent when the first stage reports a step's backward pass done, so with more
+    than one stage s works on one while stage s+1 works on an earlier one (see
+    docs/pipelining.md). Steps are counted as they are reported done, whatever their order;
+    the replica finishes once every mini-batch is sent and done. When a runtime restarts one
+    of the replica's stages, every mini-batch in flight is sent again, in order (their steps
+    redone from fresh parameters), and a step reported twice counts once: the step numbers
+    tell the copies apart.
 
     Resumable: ``start`` (a checkpoint's position for the replica: ``epoch``, ``step`` within
     it, ``steps`` and ``examples`` before it) makes it begin there; its order within an epoch
     is a function of the seed, the replica and the epoch, so the resumed run sees the same
     mini-batches from there on. Asked for a checkpoint, it reports the latest position whose
-    every earlier step has been pushed (``n_push``: how often its stages push).
+    every earlier step has been pushed (``n_push``: how often its stages push): with several
+    mini-batches in flight, never past the oldest one not yet done.
     Restartable: a respawned data shard waits for the master's ``ResumeReplica`` (or, if its
     replica had not started, ``StartReplica``), which gives it the steps its replica had
     reported; the epoch order being a function of the seed and the epoch, that is its
@@ -67,6 +72,7 @@ class DataShard(Actor):
         report_every: int,
         n_push: int = 1,
         start: Mapping[str, int] | None = None,
+        pipeline_depth: int = 1,
     ) -> None:
         self.replica = replica
         self.rows = rows
@@ -75,10 +81,11 @@ class DataShard(Actor):
         self.seed = seed
         self.report_every = report_every
         self.n_push = n_push
+        self.depth = pipeline_depth
         start = start or {}
         self.epoch = int(start.get("epoch", 0))
         self.batch_index = int(start.get("step", 0))  # index of the next mini-batch in the epoch
-        self.steps = int(start.get("steps", 0))
+        self.steps = int(start.get("steps", 0))  # steps done (reported by the first stage)
         self.examples = int(start.get("examples", 0))
         self.start_steps = self.steps  # the stages count their pushes from here
         self.start_examples = self.examples
@@ -89,7 +96,10 @@ class DataShard(Actor):
         self.stages: tuple = ()
         self.master = None
         self._epoch_batches: Any = []  # a list, or a file's batches read when asked for
-        self._in_flight: Forward | None = None  # the mini-batch sent and not yet done
+        # The mini-batches sent and not yet done, by step, oldest first.
+        self._in_flight: dict[int, Forward] = {}
+        self.sent = self.steps  # mini-batches sent (Forward.step = step_base + sent)
+        self._sent_all = False  # the last epoch's last mini-batch is sent
         self._finishing = False  # Finish sent to the stages
         self._replica_done = False
         self._done_message: ReplicaDone | None = None
@@ -119,7 +129,7 @@ class DataShard(Actor):
         self.warmstart_steps = msg.warmstart_steps
         self.step_base = msg.step_base
         # (the master counts this run's steps; a resumed run began at start_steps)
-        self.steps = self.start_steps + msg.steps
+        self.steps = self.sent = self.start_steps + msg.steps
         self.examples = self.start_examples + msg.examples
         per_epoch = -(-len(self.rows) // self.batch_size)
         self.epoch, self.batch_index = divmod(self.steps, per_epoch)
@@ -144,13 +154,23 @@ class DataShard(Actor):
         )
 
     def _next_batch(self, shuffle: bool = False) -> None:
-        """Send the next mini-batch (first reading the epoch's order if ``shuffle``). A data
-        file changed under the run stops this replica and tells the master, so the driver
-        keeps what was trained (an exception here would end the run with nothing kept)."""
+        """Send mini-batches until ``pipeline_depth`` are in flight or the last epoch's are all
+        sent (first reading the epoch's order if ``shuffle``, and each next epoch's as it
+        begins). A data file changed under the run stops this replica and tells the master, so
+        the driver keeps what was trained (an exception here would end the run with nothing
+        kept)."""
         try:
             if shuffle:
                 self._shuffle()
-            self._send_batch()
+            while len(self._in_flight) < self.depth and not self._sent_all:
+                if self.batch_index == len(self._epoch_batches):
+                    self.epoch += 1
+                    self.batch_index = 0
+                    if self.epoch == self.epochs:
+                        self._sent_all = True
+                        break
+                    self._shuffle()
+                self._send_batch()
         except DataFileChanged as exc:
             self.ctx.tell(self.master, DataUnreadable(self.replica, str(exc)))
 
@@ -161,19 +181,21 @@ class DataShard(Actor):
     def _send_batch(self) -> None:
         x, y = self._epoch_batches[self.batch_index]
         self.batch_index += 1
-        self._batch = len(x)
-        self._in_flight = Forward(self.step_base + self.steps, x, y)
-        self.ctx.tell(self.stages[0], self._in_flight)
+        forward = Forward(self.step_base + self.sent, x, y)
+        self.sent += 1
+        self._in_flight[forward.step] = forward
+        self.ctx.tell(self.stages[0], forward)
 
     @receives(StepDone)
     def on_step_done(self, msg: StepDone, sender: object) -> None:
-        if self._in_flight is None or msg.step != self._in_flight.step:
+        forward = self._in_flight.pop(msg.step, None)
+        if forward is None:
             return  # a step redone after a stage restart, reported twice: count it once
-        self._in_flight = None
+        batch = len(forward.activations)
         self.steps += 1
-        self.examples += self._batch
+        self.examples += batch
         self.window_steps += 1
-        self.window_examples += self._batch
+        self.window_examples += batch
         if math.isfinite(msg.loss):
             self.window_loss += msg.loss
         else:
@@ -182,15 +204,9 @@ class DataShard(Actor):
             self.ctx.tell(self.master, WarmstartDone(self.replica))
         if self.window_steps == self.report_every:
             self._report()
-        if self.batch_index == len(self._epoch_batches):
-            self.epoch += 1
-            self.batch_index = 0
-            if self.epoch == self.epochs:
-                self._finish()
-                return
-            self._next_batch(shuffle=True)
-            return
         self._next_batch()
+        if self._sent_all and not self._in_flight:
+            self._finish()
 
     def _finish(self) -> None:
         self._report()
@@ -201,6 +217,8 @@ class DataShard(Actor):
     @receives(CheckpointRequest)
     def on_checkpoint_request(self, msg: CheckpointRequest, sender: object) -> None:
         steps = self.steps
+        if self._in_flight:  # (done out of order after a restart: not past the oldest left)
+            steps = min(steps, min(self._in_flight) - self.step_base)
         if not self._replica_done:  # (once done, the stages have pushed everything)
             # The gradient accrued since the stages' last push is not in the shards yet.
             steps -= (steps - self.start_steps) % self.n_push
@@ -233,8 +251,9 @@ class DataShard(Actor):
             return
         if self._finishing:
             self.ctx.tell(msg.ref, Finish())  # it drains (nothing accrued) and reports done
-        elif self._in_flight is not None:
-            self.ctx.tell(self.stages[0], self._in_flight)  # redo the step the restart lost
+        else:  # redo the steps the restart lost, in order (each counted once, when done)
+            for forward in self._in_flight.values():
+                self.ctx.tell(self.stages[0], forward)
 
     @receives(StageDone)
     def on_stage_done(self, msg: StageDone, sender: object) -> None:

@@ -31,6 +31,7 @@ from ...storage.checkpoint import (
     updates_lost,
 )
 from ..driver import Driver, Job
+from .checkpoints import take_on_stop
 from .config import DownpourConfig
 from .data_shard import DataShard
 from .master import DownpourMaster
@@ -186,6 +187,7 @@ class DownpourDriver(Driver):
                     report_every,
                     n_push=config.n_push,
                     start=positions.get(r),
+                    pipeline_depth=config.pipeline_depth,
                 )
             )
             stage_refs.append(
@@ -202,6 +204,7 @@ class DownpourDriver(Driver):
                         config.n_fetch,
                         config.n_push,
                         config.local_lr,
+                        pipeline_depth=config.pipeline_depth,
                     )
                     for s in range(n_stages)
                 ]
@@ -257,7 +260,7 @@ class DownpourDriver(Driver):
                         data_refs[r],
                     ),
                 )
-        self.shard_refs, self.stage_refs = shard_refs, stage_refs
+        self.shard_refs, self.stage_refs, self.master = shard_refs, stage_refs, master
         return master
 
     def receive(self, rt: Runtime, reply: Any) -> None:
@@ -275,6 +278,16 @@ class DownpourDriver(Driver):
         """The shards' parameters with replica 0's buffers."""
         weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0])
         return assemble(self.job.stage_layers, weights, buffers)
+
+    def stopped(self, rt: Runtime) -> tuple[nn.Module, tuple[str, int] | None]:
+        """Where checkpoints are on, the master writes a last one first (``take_on_stop``):
+        the model kept is the parameters it holds, with replica 0's buffers."""
+        taken = take_on_stop(rt, self.master, self.config.timeout_s) if self.checkpointer else None
+        if taken is None:  # checkpoints off, or the round could not be taken
+            return super().stopped(rt)
+        weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0], taken.weights)
+        model = assemble(self.job.stage_layers, weights, buffers)
+        return model, ((taken.path, taken.steps) if taken.path is not None else None)
 
     def failed(self, rt: Runtime, exc: ActorFailed) -> None:
         """A data shard found its file changed under it: keep what was trained, as Ctrl-C
@@ -368,9 +381,14 @@ INTERRUPTED = -2
 
 
 def _collect_trained(
-    rt: Any, shard_refs: tuple, stage_refs: list, timeout: float = 60.0
+    rt: Any,
+    shard_refs: tuple,
+    stage_refs: list,
+    weights: torch.Tensor | None = None,
+    timeout: float = 60.0,
 ) -> tuple[torch.Tensor, tuple]:
-    """The shards' current parameters and replica 0's buffers, asked for by the driver."""
+    """The shards' current parameters (unless ``weights`` are given) and replica 0's buffers,
+    asked for by the driver."""
 
     def ask(ref: Any, request: Any, reply_type: type) -> Any:
         for reply in rt.converse(ref, request, timeout=timeout):
@@ -378,9 +396,11 @@ def _collect_trained(
                 return reply
         raise RuntimeError("the runtime stopped without a reply")  # pragma: no cover
 
-    weights = [ask(s, Snapshot(INTERRUPTED), ShardSnapshot).weights for s in shard_refs]
+    if weights is None:
+        parts = [ask(s, Snapshot(INTERRUPTED), ShardSnapshot).weights for s in shard_refs]
+        weights = torch.cat(parts)
     buffers = [ask(s, BufferSnapshot(INTERRUPTED), StageBuffers).buffers for s in stage_refs]
-    return torch.cat(weights), tuple(buffers)
+    return weights, tuple(buffers)
 
 
 def _sum_histograms(histograms: list[list[int]]) -> list[int]:

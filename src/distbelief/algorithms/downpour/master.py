@@ -13,7 +13,7 @@ import torch
 from ...results import ProgressReport
 from ...runtime.base import Actor, ActorRestarted, receives
 from ..messages import Begin
-from .checkpoints import CheckpointCoordinator
+from .checkpoints import CheckpointCoordinator, StopCheckpoint
 from .data_shard import DataShard
 from .messages import (
     BufferSnapshot,
@@ -472,6 +472,10 @@ class DownpourMaster(Actor):
     @receives(CheckpointMarked)
     def on_checkpoint_marked(self, msg: CheckpointMarked, sender: object) -> None:
         self.checkpoints.on_marked(msg)
+
+    @receives(StopCheckpoint)
+    def on_stop_checkpoint(self, msg: StopCheckpoint, sender: object) -> None:
+        self.checkpoints.start_stop(sender)  # the driver, after a stop signal
 
     @receives(ShardStateReply)
     def on_shard_state(self, msg: ShardStateReply, sender: object) -> None:

@@ -43,6 +43,7 @@ def configure(settings: dict[str, Any]) -> tuple[DownpourConfig, Checkpoint | No
         **{k: settings[k] for k in OPTIONAL if settings[k] is not None},
         batch_size=settings["batch_size"],
         stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
+        pipeline_depth=settings["pipeline_depth"],
         replicas=settings["replicas"],
         shards=settings["shards"],
         runtime=settings["runtime"],
@@ -58,8 +59,13 @@ def configure(settings: dict[str, Any]) -> tuple[DownpourConfig, Checkpoint | No
 
 
 def memory(config: DownpourConfig) -> tuple[int, str]:
-    """The update rule's state: parameter-sized tensors per parameter, and its name."""
-    return STATE_COPIES.get(config.optimizer, 2), f"{config.optimizer}'s state"
+    """The update rule's state: parameter-sized tensors per parameter, and its name; with
+    several mini-batches in flight, also the versions each replica's stages stash."""
+    state, what = STATE_COPIES.get(config.optimizer, 2), f"{config.optimizer}'s state"
+    if config.pipeline_depth > 1:  # up to depth versions per stage, one of them its own copy
+        state += config.replicas * (config.pipeline_depth - 1)
+        what += f" and {config.pipeline_depth} stashed versions per replica"
+    return state, what
 
 
 def check(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ...core.flat import bind_to_flat, parameters_of
 from ...core.layout import Segment
@@ -56,8 +57,22 @@ class Stage(Actor):
     autograd returned (a slice of one where a parameter straddles two shards), small ones
     concatenated.
 
+    With ``pipeline_depth > 1`` several mini-batches are in flight through the replica, so a
+    stage holds up to that many forwards waiting for their backward passes, and **stashes
+    weights**: each backward pass (the parameters' gradients and the input's) uses exactly
+    the parameter values its own forward pass used, and a fetch that lands in between applies
+    from the next forward on. Every fetch (and every local step) makes a fresh version of the
+    parameters rather than writing into the last one: the fetched values are copied into a new
+    flat tensor, the forward runs on it (``torch.func.functional_call``), and each waiting
+    forward keeps a reference to its version, which nothing writes into again; a version is
+    freed with the last forward that used it. So no parameter is read in place from lent
+    values, and a push says it is done reading whenever no fetch of its shard is on its way.
+    A push records the version the oldest of its forwards used. Forwards that arrive while a
+    fetch is on its way wait for it and take its values; with ``n_fetch > 1`` the fetch for
+    step k is issued ahead, right after the forward of step k - 1.
+
     Restartable: a runtime may respawn a dead stage from its constructor arguments; it fetches
-    before its first forward, and a step lost with it is redone (see DataShard).
+    before its first forward, and the steps lost with it are redone (see DataShard).
     """
 
     restartable = True
@@ -73,6 +88,7 @@ class Stage(Actor):
         n_fetch: int,
         n_push: int,
         local_lr: float = 0.0,
+        pipeline_depth: int = 1,
     ) -> None:
         self.replica = replica
         self.index = index
@@ -90,11 +106,12 @@ class Stage(Actor):
         # Segments in stage-local coordinates: (shard, lo, hi).
         self.segments = [(seg.shard, seg.start - start, seg.stop - start) for seg in segments]
         self.versions = {shard: 0 for shard, _, _ in self.segments}
+        self.stash = pipeline_depth > 1  # weight stashing (see the class doc)
         # Per segment: where its pieces lie among the parameters. A piece that is one whole
-        # parameter is read in place from the lent values, unless local steps write into it.
-        self.pieces = [
-            locate_pieces(self.params, seg, start, in_place=local_lr == 0) for seg in segments
-        ]
+        # parameter is read in place from the lent values, unless local steps write into it
+        # (or versions are stashed: they are copied).
+        in_place = local_lr == 0 and not self.stash
+        self.pieces = [locate_pieces(self.params, seg, start, in_place) for seg in segments]
         self.read_from: dict[int, torch.Tensor] = {}  # shard -> lent values read in place
         # How each segment's fetch reply is read: (copies, in_place). Copies are (view of
         # the own buffer, slice of the reply or None for all of it), adjacent pieces merged;
@@ -117,13 +134,42 @@ class Stage(Actor):
         self.accrued: tuple[torch.Tensor, ...] | None = None  # per parameter, since the last push
         self.accrued_steps = 0
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
-        self.pending: Forward | None = None  # forward waiting for fetch replies
+        self.pending: list[Forward] = []  # forwards waiting for fetch replies, in order
         self.fetching: set[int] = set()  # shards whose fetch reply is outstanding
         self.prefetched = -1  # the step whose fetch was issued ahead
         self.draining: set[int] = set()  # shards whose drain reply is outstanding
         self.saved: tuple[int, torch.Tensor, torch.Tensor] | None = None  # step, input, output
         self.previous = self.next = self.data_shard = None
         self.shards: tuple = ()
+        if self.stash:
+            self._init_stash()
+
+    def _init_stash(self) -> None:
+        """The state of weight stashing (``pipeline_depth > 1``, see the class doc)."""
+        named = list(self.module.named_parameters())
+        if [id(p) for _, p in named] != [id(p) for p in self.params]:  # pragma: no cover
+            raise ValueError("the stage's parameters are not in the module's order")
+        self.names = [name for name, _ in named]
+        if sum(hi - lo for _, lo, hi in self.segments) != self.weights.numel():
+            raise ValueError("the stage's segments do not cover its parameters")  # pragma: no cover
+        self.trainable_index = [i for i, p in enumerate(self.params) if p.requires_grad]
+        # The version the next forward uses: one tensor per parameter, never written into.
+        self.current = self._version_of(self.weights.detach().clone())
+        self.incoming: torch.Tensor | None = None  # the version the fetch on its way fills
+        self.incoming_versions: dict[int, int] = {}
+        # step -> (input, output, the parameters its forward used, their versions)
+        self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor, tuple, dict[int, int]]] = {}
+        self.accrued_versions: dict[int, int] | None = None  # the oldest, since the last push
+
+    def _version_of(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One leaf tensor per parameter over ``flat`` (its own storage, read only)."""
+        out, offset = [], 0
+        for p in self.params:
+            k = p.numel()
+            leaf = flat[offset : offset + k].view_as(p).detach()
+            out.append(leaf.requires_grad_(p.requires_grad))
+            offset += k
+        return tuple(out)
 
     @receives(ConnectStage)
     def on_connect(self, msg: ConnectStage, sender: object) -> None:
@@ -132,21 +178,36 @@ class Stage(Actor):
 
     @receives(Forward)
     def on_forward(self, msg: Forward, sender: object) -> None:
+        if self.stash:
+            # A forward of a step already here is a redo after a restart: what waits from that
+            # step on is of the lost pass (its backward passes are ignored; it is sent again).
+            for step in [step for step in self.waiting if step >= msg.step]:
+                del self.waiting[step]
+            self.pending = [f for f in self.pending if f.step < msg.step]
         if self.fetching:
-            self.pending = msg  # the replies on their way are the parameters for this step
+            self._wait(msg)  # the replies on their way are the parameters for this step
             return
         due = msg.step % self.n_fetch == 0 and self.prefetched != msg.step
         if self.segments and (due or not self.fetched):
-            self.pending = msg
+            self._wait(msg)
             self.fetch()
         else:
             self._forward(msg)
+
+    def _wait(self, msg: Forward) -> None:
+        if self.stash:
+            self.pending.append(msg)
+        else:
+            self.pending = [msg]  # one at a time: a later one replaces it (a redo)
 
     def fetch(self) -> None:
         """Ask every shard that holds a segment of this stage for its values. Only the replies
         to the fetch in flight are read (``on_fetch_reply``); a test may start one directly."""
         self.fetched = True
         self.fetching = {shard for shard, _, _ in self.segments}
+        if self.stash:  # a new version, which the replies fill
+            self.incoming = torch.empty_like(self.weights)
+            self.incoming_versions = {}
         for shard, _, _ in self.segments:
             self.ctx.tell(self.shards[shard], Fetch(self.replica, self.index))
 
@@ -154,6 +215,9 @@ class Stage(Actor):
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
         if msg.shard not in self.fetching:
             return  # a reply to the fetch of this stage's previous life, before a restart
+        if self.stash:
+            self._take_version(msg)
+            return
         for (shard, _, _), plan in zip(self.segments, self.reading):
             if shard != msg.shard:
                 continue
@@ -166,15 +230,38 @@ class Stage(Actor):
                 for p, part in in_place:
                     p.data = values[part].view_as(p)
             self.versions[shard] = msg.version
-        self.fetching.discard(msg.shard)
-        if not self.fetching and self.pending is not None:
-            pending, self.pending = self.pending, None
-            self._forward(pending)
+        self._fetched(msg.shard)
+
+    def _fetched(self, shard: int) -> None:
+        """A reply of the fetch on its way is read: once all are, the waiting forwards run."""
+        self.fetching.discard(shard)
+        if self.fetching:
+            return
+        if self.stash and self.incoming is not None:
+            self.current = self._version_of(self.incoming)
+            self.versions = {**self.versions, **self.incoming_versions}  # (a new dict: stashed)
+            self.incoming = None
+        # (a forward may issue the next fetch ahead: the rest then wait for it)
+        while self.pending and not self.fetching:
+            self._forward(self.pending.pop(0))
+
+    def _take_version(self, msg: FetchReply) -> None:
+        """Copy a reply's values into the version being fetched (weight stashing): nothing is
+        read from the lent values after this."""
+        assert self.incoming is not None
+        for shard, lo, hi in self.segments:
+            if shard == msg.shard:
+                self.incoming[lo:hi].copy_(msg.weights)
+                self.incoming_versions[shard] = msg.version
+        self._fetched(msg.shard)
 
     def _forward(self, msg: Forward) -> None:
         x = msg.activations
         if self.previous is not None:
             x = x.detach().requires_grad_()
+        if self.stash:
+            self._forward_stashed(msg, x)
+            return
         out = self.module(x.clone() if self.copy_input else x)
         if self.next is not None:
             self.saved = (msg.step, x, out)
@@ -183,8 +270,36 @@ class Stage(Actor):
         loss = self.loss_fn(out, msg.targets)
         self._backward(msg.step, loss, None, x, loss.item())
 
+    def _forward_stashed(self, msg: Forward, x: torch.Tensor) -> None:
+        """The forward on the current version, which the step keeps until its backward."""
+        params, versions = self.current, self.versions
+        out = functional_call(
+            self.module, dict(zip(self.names, params)), (x.clone() if self.copy_input else x,)
+        )
+        if self.next is not None:
+            self.waiting[msg.step] = (x, out, params, versions)
+            self.ctx.tell(self.next, Forward(msg.step, out.detach(), msg.targets))
+        else:
+            loss = self.loss_fn(out, msg.targets)
+            self._backward(msg.step, loss, None, x, loss.item(), params, versions)
+        if (
+            self.n_fetch > 1
+            and self.segments
+            and not self.fetching
+            and (msg.step + 1) % self.n_fetch == 0
+        ):
+            self.prefetched = msg.step + 1  # the next step's fetch, ahead (see the class doc)
+            self.fetch()
+
     @receives(Backward)
     def on_backward(self, msg: Backward, sender: object) -> None:
+        if self.stash:
+            waiting = self.waiting.pop(msg.step, None)
+            if waiting is None:
+                return  # the step was lost with a restarted stage and is being redone
+            x, out, params, versions = waiting
+            self._backward(msg.step, out, msg.grad, x, msg.loss, params, versions)
+            return
         if self.saved is None or self.saved[0] != msg.step:
             return  # the step was lost with a restarted stage and is being redone
         _, x, out = self.saved
@@ -198,25 +313,36 @@ class Stage(Actor):
         root_grad: torch.Tensor | None,
         x: torch.Tensor,
         loss: float,
+        params: tuple[torch.Tensor, ...] | None = None,
+        versions: dict[int, int] | None = None,
     ) -> None:
         # autograd.grad returns fresh tensors: no .grad fields to zero, and with n_push = 1
-        # they are pushed as they are.
+        # they are pushed as they are. Stashed: the gradients at the version the forward used.
         wants_input = self.previous is not None
-        inputs = [*self.trainable, x] if wants_input else self.trainable
+        trainable = self.trainable
+        if params is not None:
+            trainable = [params[i] for i in self.trainable_index]
+        inputs = [*trainable, x] if wants_input else trainable
         grads = (
             torch.autograd.grad(root, inputs, root_grad, allow_unused=True, materialize_grads=True)
             if inputs
             else ()
         )
         if self.params:
-            param_grads = grads[: len(self.trainable)]
+            param_grads = grads[: len(trainable)]
             if self.frozen_zeros:
                 trained = iter(param_grads)
                 param_grads = tuple(
                     self.frozen_zeros[i] if i in self.frozen_zeros else next(trained)
                     for i in range(len(self.params))
                 )
-            if self.local_lr > 0:
+            if self.local_lr > 0 and self.stash:  # a new version: the stashed ones stay
+                with torch.no_grad():
+                    self.current = tuple(
+                        torch.add(c, g, alpha=-self.local_lr).requires_grad_(c.requires_grad)
+                        for c, g in zip(self.current, param_grads)
+                    )
+            elif self.local_lr > 0:
                 with torch.no_grad():
                     for p, g in zip(self.params, param_grads):
                         p.add_(g, alpha=-self.local_lr)
@@ -224,11 +350,22 @@ class Stage(Actor):
                 self.accrued = param_grads
             else:  # out of place: a gradient autograd returned may alias a message's tensor
                 self.accrued = tuple(a + g for a, g in zip(self.accrued, param_grads))
+        if versions is not None:  # the oldest version among the accrued forwards
+            old = self.accrued_versions
+            self.accrued_versions = (
+                versions if old is None else {k: min(v, versions[k]) for k, v in old.items()}
+            )
         self.accrued_steps += 1
         if self.accrued_steps == self.n_push:
             # Done reading when the next step fetches first.
             self._push(done_reading=(step + 1) % self.n_fetch == 0)
-        if self.n_fetch > 1 and self.segments and self.fetched and (step + 1) % self.n_fetch == 0:
+        if (
+            not self.stash
+            and self.n_fetch > 1
+            and self.segments
+            and self.fetched
+            and (step + 1) % self.n_fetch == 0
+        ):
             self.prefetched = step + 1  # the next step's fetch, ahead (see the class doc)
             self.fetch()
         if wants_input:
@@ -239,11 +376,16 @@ class Stage(Actor):
     def _push(self, done_reading: bool) -> None:
         accrued, self.accrued = self.accrued, None
         self.accrued_steps = 0
+        versions = self.versions
+        if self.stash:
+            versions, self.accrued_versions = self.accrued_versions or versions, None
         if accrued is None:
             return
         for (shard, _, _), pieces in zip(self.segments, self.pieces):
             grads = tuple(piece.gradient(accrued) for piece in pieces)
-            push = Push(self.replica, self.index, grads, self.versions[shard], done_reading)
+            if self.stash:  # it copied what it fetched; not while a reply is on its way
+                done_reading = shard not in self.fetching
+            push = Push(self.replica, self.index, grads, versions[shard], done_reading)
             self.ctx.tell(self.shards[shard], push)
 
     @receives(Finish)
@@ -277,9 +419,10 @@ class Stage(Actor):
         # which are version 0. Its parameters laid end to end are the stage's range, so a
         # segment is a slice of their concatenation.
         length, values, version = 0, None, -1
+        params = self.current if self.stash else self.params
         for shard, lo, hi in self.segments:
             if shard == msg.shard:
-                flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+                flat = torch.cat([p.detach().reshape(-1) for p in params])
                 length, values, version = hi - lo, flat[lo:hi].clone(), self.versions[shard]
         self.ctx.tell(
             sender, SegmentCopy(msg.shard, self.replica, self.index, length, values, version)

@@ -19,6 +19,8 @@ from .messages import (
     Reduce,
     Reduced,
     SandblasterDone,
+    StopAtStepEnd,
+    StoppedAtStepEnd,
     VectorOps,
     VectorResults,
     VectorsRequest,
@@ -72,6 +74,8 @@ class Coordinator(Actor):
         # the state goes to the driver and each shard sends it its vectors (see on_begin).
         self.checkpoint_every = checkpoint_every
         self.checkpoints = checkpoints
+        self.stop_to = None  # the driver, once a stop signal asked to stop at a step's end
+        self.stepped = False  # a step of this run has ended
         self.algo = lbfgs(settings, resume)
         self.request: VectorOps | Evaluate | StepEnd | None = None
         self.tag = 0
@@ -141,6 +145,10 @@ class Coordinator(Actor):
             wall = time.perf_counter() - self.t0
             report = ProgressReport(self.request.step, self.settings.steps, self.request.loss, wall)
             self._tell(self.driver, report)
+            self.stepped = True
+            if self.stop_to is not None:
+                self._stop_at(self.request)
+                return
             self._checkpoint(self.request)
             self._advance(None)
         elif isinstance(self.request, VectorOps):
@@ -152,19 +160,36 @@ class Coordinator(Actor):
         else:
             self._start_evaluation(self.request.batch)
 
-    def _checkpoint(self, end: StepEnd) -> None:
-        """A checkpoint of this step, if one is due: the state to the driver, and a request
-        to every shard, ahead of any further program, to send the driver its vectors."""
+    def _checkpoint(self, end: StepEnd, force: bool = False) -> bool:
+        """A checkpoint of this step, if one is due (or ``force``): the state to the driver,
+        and a request to every shard, ahead of any further program, to send the driver its
+        vectors. Returns whether one is taken."""
         state = end.state
         if not self.checkpoints or state is None:
-            return
+            return False
         due = self.checkpoint_every and end.step % self.checkpoint_every == 0
-        if not (due or state["stop"]):  # the last step's is always taken
-            return
+        if not (due or state["stop"] or force):  # the last step's is always taken
+            return False
         self._tell(self.driver, CoordinatorState(end.step, state))
         for shard in self.shards:  # it holds a ref: a message, not counted in bytes
             self.messages += 1
             self.ctx.tell(shard, VectorsRequest(end.step, self.driver))
+        return True
+
+    @receives(StopAtStepEnd)
+    def on_stop_at_step_end(self, msg: StopAtStepEnd, sender: object) -> None:
+        # (the run is stopping: the traffic stats are not reported, so not counted)
+        if self.request is None or not self.stepped or not self.checkpoints:
+            self.ctx.tell(sender, StoppedAtStepEnd(None))  # nothing new, or nothing under way
+            return
+        self.stop_to = sender  # the step under way ends, then _stop_at
+
+    def _stop_at(self, end: StepEnd) -> None:
+        """A stop signal asked to stop at this step's end: its checkpoint, then nothing more
+        (the shards' vectors stay those of this step)."""
+        taken = self._checkpoint(end, force=True)
+        self.request = None
+        self.ctx.tell(self.stop_to, StoppedAtStepEnd(end.step if taken else None))
 
     @receives(VectorResults)
     def on_vector_results(self, msg: VectorResults, sender: object) -> None:

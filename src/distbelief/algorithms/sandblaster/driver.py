@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +38,8 @@ from .messages import (
     CoordinatorState,
     SandblasterDone,
     ShardVectors,
+    StopAtStepEnd,
+    StoppedAtStepEnd,
     VectorSlice,
     VectorSnapshot,
     VectorsRequest,
@@ -250,7 +253,7 @@ class SandblasterDriver(Driver):
         rt.tell(coordinator, wiring)
         for ref in replica_refs:
             rt.tell(ref, wiring)
-        self.shard_refs = shard_refs
+        self.shard_refs, self.coordinator = shard_refs, coordinator
         self.pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
         self.taking = _Checkpoints(self.checkpointer, len(shard_refs))
         return coordinator
@@ -283,6 +286,31 @@ class SandblasterDriver(Driver):
     def trained(self, rt: Runtime) -> nn.Module:
         """The shards' ``"x"``."""
         return assemble([self.job.layers], collect(rt, self.shard_refs, "x"), ({},))
+
+    def stopped(self, rt: Runtime) -> tuple[nn.Module, tuple[str, int] | None]:
+        """Where checkpoints are on, the coordinator ends the run at the end of the step
+        under way and a checkpoint of that step is written (``StopAtStepEnd``): the model kept
+        is its ``"x"``. Before any step of this run has ended, nothing new is written."""
+        if self.checkpointer is None:
+            return super().stopped(rt)
+        timeout = self.config.timeout_s
+        for reply in rt.converse(self.coordinator, StopAtStepEnd(), timeout=timeout):
+            if isinstance(reply, (CoordinatorState, ShardVectors)):
+                self.taking.got(reply)
+            elif isinstance(reply, SandblasterDone):  # it ended before it heard of the stop
+                done = self.finish(rt, reply)
+                model = assemble([self.job.layers], self.weights, ({},))
+                last = done.checkpoints.get("last_checkpoint")
+                return model, ((last, done.steps) if last is not None else None)
+            elif isinstance(reply, StoppedAtStepEnd):
+                break
+        if reply.step is None:
+            return self.trained(rt), None
+        # (not the shards' "x" asked for now: the driver's request need not arrive after
+        # the coordinator's last program; the checkpoint's vectors are of the step's end)
+        x, written = self.taking.complete(rt, self.shard_refs, reply.step, timeout)
+        model = assemble([self.job.layers], x, ({},))
+        return model, ((str(written), reply.step) if written is not None else None)
 
     def result(
         self, done: SandblasterDone, runtime_stats: dict[str, Any]
@@ -348,6 +376,7 @@ class _Checkpoints:
         self.states: dict[int, dict[str, Any]] = {}  # step -> the coordinator's state
         self.vectors: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # step -> shard ->
         self.written = 0  # the newest step handed to the checkpointer
+        self.x: torch.Tensor | None = None  # its "x"
 
     def got(self, reply: CoordinatorState | ShardVectors) -> None:
         if isinstance(reply, CoordinatorState):
@@ -366,29 +395,39 @@ class _Checkpoints:
         shards = [_shard_state(k, got[k]) for k in range(self.shards)]
         self.checkpointer.submit(step, shards, {}, extra={"coordinator": state})
         self.written = step
+        self.x = torch.cat([s.weights for s in shards])
 
     def finish(
         self, rt: Any, shard_refs: tuple, done: SandblasterDone, timeout: float
     ) -> SandblasterDone:
-        """The run is over: the last step's vectors may still be on their way, to a reply
-        inbox that is gone on some runtimes. No program ran after that step, so each shard
-        missing is asked again, here. Write that checkpoint, wait for it, and report what
-        checkpointing did."""
+        """The run is over: write the last step's checkpoint (:meth:`complete`), wait for
+        it, and report what checkpointing did."""
         last = max(self.states, default=None)
         if last is not None and last == done.steps:
-            got = self.vectors.setdefault(last, {})
+            self.complete(rt, shard_refs, last, timeout)
+        self.checkpointer.join()
+        return dataclasses.replace(done, checkpoints=self.checkpointer.stats)
+
+    def complete(
+        self, rt: Any, shard_refs: tuple, step: int, timeout: float
+    ) -> tuple[torch.Tensor, Path | None]:
+        """Write the checkpoint of ``step``, the last one of the run (it ended, or stopped
+        there), and wait for it. Its vectors may still be on their way, to a reply inbox that
+        is gone on some runtimes; no program ran after that step, so each shard missing is
+        asked again, here. Returns its ``"x"`` and its path (None: not written)."""
+        if self.written != step:
+            got = self.vectors.setdefault(step, {})
             for k, ref in enumerate(shard_refs):
                 if k in got:
                     continue
                 for reply in rt.converse(ref, VectorsRequest(-2), timeout=timeout):
                     if isinstance(reply, ShardVectors) and reply.shard == k and reply.tag in (
-                        last, -2,
+                        step, -2,
                     ):  # fmt: skip
                         got[k] = reply.vectors
                         break
-            self._submit(last)
-        self.checkpointer.join()
-        return dataclasses.replace(done, checkpoints=self.checkpointer.stats)
+            self._submit(step)
+        return self.x, self.checkpointer.written_at(step)
 
 
 def _shard_state(index: int, vectors: dict[str, torch.Tensor]) -> ShardState:

@@ -265,6 +265,23 @@ class CoordinatorState:
 
 
 @dataclass(frozen=True, slots=True)
+class StopAtStepEnd:
+    """Driver -> coordinator, after a stop signal: end the run at the end of the step under
+    way, with a checkpoint of it (its state and ``VectorsRequest`` to the shards, as a due
+    checkpoint), then answer :class:`StoppedAtStepEnd` and run no further program. At once,
+    with none, if no step of this run has ended yet (nothing new to write)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoppedAtStepEnd:
+    """Coordinator -> driver: the run stopped at the end of ``step`` (None: before any step
+    of this run ended, or at a step without a state to write: nothing written)."""
+
+    step: int | None
+    """The step whose checkpoint was asked for (after its ``CoordinatorState``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SandblasterDone:
     """Coordinator -> driver: the run finished; its scalars (parameters stay on the shards)."""
 
