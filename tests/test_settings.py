@@ -45,10 +45,11 @@ def test_the_resume_policy_is_derived_as_it_was_listed():
     assert options.NOT_RECORDED == {
         "config", "as_json", "quiet", "run_dir", "no_run_dir", "checkpoint_dir", "resume"
     }  # fmt: skip
-    assert options.NOT_DEFAULT_ON_RESUME == {"inject", "address", "shard_updates"}
+    # (and since then --cluster, the simulated runtime's option, which goes with the runtime)
+    assert options.NOT_DEFAULT_ON_RESUME == {"inject", "address", "shard_updates", "cluster"}
     assert options.MAY_DIFFER_ON_RESUME == {
         "epochs", "steps", "runtime", "address", "shard_updates", "eval_every", "torch_threads",
-        "inject", "checkpoint_every", "model_sha256",
+        "inject", "checkpoint_every", "model_sha256", "cluster",
     }  # fmt: skip
     filled = {k for k, s in options.SETTINGS.items() if s.preset}
     assert filled == {"lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer",

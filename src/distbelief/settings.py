@@ -251,13 +251,14 @@ SEED = Setting(
     help="Seeds model init, data order and actor interleaving (default: a fresh random seed, "
     "shown in the summary and kept in the run directory).",
 )  # fmt: skip
-RUNTIMES = ("local", "processes", "ray")
+RUNTIMES = ("local", "processes", "ray", "simulated")
 """The runtimes' names (``distbelief.runtime.make_runtime`` creates each)."""
 RUNTIME = Setting(
     default="local", check=one_of(RUNTIMES, "runtime"), flag_default="local", kind=str,
     shown=True, may_differ=True,
     help="Where actors run: local (in-process, one core); processes (forked workers over "
-    "shared memory: one machine with several cores); ray (a cluster of machines).",
+    "shared memory: one machine with several cores); ray (a cluster of machines); simulated "
+    "(in-process, in virtual time on a modelled cluster: --cluster FILE.toml).",
 )  # fmt: skip
 RUNTIME_OPTIONS = Setting(default_factory=dict, flag=False, recorded=False)
 TIMEOUT_S = Setting(default=3600.0, check=number(positive=True), flag=False)

@@ -57,6 +57,11 @@ COMMAND_SETTINGS: tuple[Setting, ...] = (
             help="With --runtime processes: locked (default; a shard applies one push at a "
             "time) or hogwild (pushes from different processes apply at once, unsynchronized "
             "as in Hogwild; staleness still counted): the fastest on one machine."),
+    Setting("cluster", "simulated", default=None, may_differ=True, default_on_resume=False,
+            help="With --runtime simulated: the modelled cluster, a TOML file whose keys are "
+            "the simulated runtime's options (machines, cores, speeds, placement, compute, "
+            "core_flops, bandwidth_Bps, latency_s, ...; docs/simulated.md). Default: 8 "
+            "machines of 4 cores, 10 Gbit/s links."),
     Setting("torch_threads", COMMAND, default=1, kind=int, may_differ=True,
             help="torch intra-op threads in this process."),
     Setting("as_json", COMMAND, default=False, kind=bool, recorded=False,
@@ -89,7 +94,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Algorithm": ("algorithm", "epochs", "lr", "batch_size", "optimizer", "seed", "n_fetch",
                   "n_push", "warmstart_steps", "steps", "history", "portions"),
     "Layout": ("replicas", "stages", "pipeline_depth", "shards"),
-    "Runtime": ("runtime", "address", "shard_updates", "torch_threads"),
+    "Runtime": ("runtime", "address", "shard_updates", "cluster", "torch_threads"),
     "Output": ("as_json", "quiet", "run_dir", "no_run_dir", "eval_every", "checkpoint_dir",
                "checkpoint_every", "resume", "config"),
     "Faults": ("inject",),
@@ -100,7 +105,7 @@ above all of these)."""
 
 METAVARS = {
     "model": "SPEC", "data": "FILE", "test_data": "FILE", "config": "FILE", "run_dir": "DIR",
-    "checkpoint_dir": "DIR", "resume": "DIR", "inject": "FAULT",
+    "checkpoint_dir": "DIR", "resume": "DIR", "inject": "FAULT", "cluster": "FILE",
 }
 """What ``train --help`` shows for a flag's value where its type alone says little."""
 

@@ -22,6 +22,13 @@ def algorithm_of(config: Any) -> str:
     return next(a for a in algorithms.names() if algorithms.get(a).config is type(config))
 
 
+VIRTUAL = (
+    "virtual_s", "virtual_examples_per_s", "virtual_eval_s", "machine_utilisation",
+    "link_utilisation", "shard_utilisation", "bottleneck",
+)  # fmt: skip
+"""The simulated runtime's results in virtual time, reported beside the real ones."""
+
+
 def summary(
     dataset: str,
     result: TrainResult,
@@ -55,6 +62,7 @@ def summary(
     )
     for key, value in config.SUMMARY.report:
         out[key] = value(result)
+    out.update({k: stats[k] for k in VIRTUAL if k in stats})  # --runtime simulated
     if truth_table and config.SUMMARY.truth_table and test is not None:
         out["truth_table"] = _truth_table(result, test)
     return out
@@ -73,6 +81,19 @@ def _truth_table(result: TrainResult, test: datasets.Data) -> list[dict[str, Any
         }
         for i in range(len(x))
     ]
+
+
+def _virtual(s: dict[str, Any]) -> str | None:
+    """The simulated cluster's time, speed and busiest resource (``--runtime simulated``)."""
+    if s.get("virtual_s") is None:
+        return None
+    rate = s.get("virtual_examples_per_s")
+    neck = s["bottleneck"]
+    return (
+        f"{s['virtual_s']:.4g} s simulated"
+        + (f", {rate:,.0f} examples/s" if rate else "")
+        + f"; busiest: {neck['resource']} ({neck['busy']:.0%})"
+    )
 
 
 def _fmt(v: Any, spec: str = "") -> str:
@@ -94,6 +115,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ("test loss", lambda s: _fmt(s["test_loss"], ".4f")),
         ("test accuracy", lambda s: _fmt(s["test_accuracy"], ".3f")),
         ("task", lambda s: f"{s['task']}: {s['task_reason']}" if s.get("task_reason") else None),
+        ("virtual time", _virtual),
         *shown.tail,
     ]
     for label, text in rows:

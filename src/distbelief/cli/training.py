@@ -290,7 +290,8 @@ def _algorithm_settings(
 
 
 def _runtime_options(f: dict[str, Any], settings: dict[str, Any]) -> None:
-    """The runtime's options given as flags (``--shard-updates``) and the faults to inject."""
+    """The runtime's options given as flags (``--shard-updates``, ``--cluster``) and the
+    faults to inject."""
     if f["shard_updates"] is not None:
         runtime = SETTINGS["shard_updates"].owner
         if f["runtime"] != runtime:
@@ -300,6 +301,15 @@ def _runtime_options(f: dict[str, Any], settings: dict[str, Any]) -> None:
                 f"shard-updates: choose {' or '.join(SHARD_UPDATES)}, got {f['shard_updates']!r}"
             )
         settings["runtime_options"]["shard_updates"] = f["shard_updates"]
+    if f["cluster"] is not None:
+        if f["runtime"] != SETTINGS["cluster"].owner:
+            raise UsageFailure(f"cluster: applies to --runtime {SETTINGS['cluster'].owner} only")
+        from ..runtime.simulated import read_cluster  # torch's FLOP counter: only when asked
+
+        try:
+            settings["runtime_options"].update(read_cluster(f["cluster"]))
+        except ConfigError as exc:
+            raise UsageFailure(str(exc)) from None
     if f["inject"]:
         try:
             settings["runtime_options"]["faults"] = list(faults.plan(f["inject"]))

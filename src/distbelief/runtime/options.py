@@ -142,9 +142,130 @@ class RayOptions:
         _plan(self)
 
 
-Options = LocalOptions | ProcessesOptions | RayOptions
+COMPUTE = ("modelled", "measured")
+"""How the simulated runtime costs a handler (``compute``): the FLOPs it ran over a rate, or
+its thread CPU time."""
+
+
+def _positive(name: str, value: Any, *, zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not (value >= 0 if zero else value > 0) or value != value or value == _INF:
+        bound = ">= 0" if zero else "> 0"
+        raise ConfigError(f"runtime_options: {name} must be a finite number {bound}, got {value!r}")
+
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class SimulatedOptions:
+    """Options of the simulated runtime (:class:`~.simulated.SimulatedRuntime`): the modelled
+    cluster. Every actor runs in this process with its real arithmetic; what these describe
+    decides only *when* each message is delivered, in virtual time (docs/simulated.md)."""
+
+    runtime: ClassVar[str] = "simulated"
+    machines: int = 8
+    """Machines in the cluster (named m0, m1, ...)."""
+    cores: int = 4
+    """Cores of each machine: at most this many of its actors handle a message at once."""
+    speeds: tuple[float, ...] | None = None
+    """Relative speed of each machine (one per machine; 0.2: five times slower, a
+    straggler); None: all 1."""
+    placement: str | Mapping[str, int] = "spread"
+    """``"spread"`` (as the Ray runtime spreads actors over nodes: a replica's stages on
+    distinct machines, the others round-robin), ``"pack"`` (all on m0), or {actor name or
+    replica prefix: machine index}, the others spread."""
+    compute: str = "modelled"
+    """``"modelled"``: a handler costs the FLOPs it ran (matrix products and convolutions,
+    counted from shapes) plus ``flops_per_element`` per tensor element of its message, over
+    ``core_flops``, plus ``message_s``; deterministic. ``"measured"``: its thread CPU time
+    times ``time_scale``."""
+    core_flops: float = 1e10
+    """FLOP/s of one core at relative speed 1 (modelled compute)."""
+    flops_per_element: float = 2.0
+    """Elementwise work per element of the tensors a message carries (a shard's update, a
+    copy), in FLOPs (modelled compute)."""
+    message_s: float = 20e-6
+    """Fixed cost of handling one message at relative speed 1, in seconds (modelled)."""
+    time_scale: float = 1.0
+    """Measured compute: virtual seconds per second of the handler's thread CPU time."""
+    bandwidth_Bps: float = 1.25e9
+    """Each machine's link, each direction, in bytes/s (1.25e9: 10 Gbit/s)."""
+    latency_s: float = 50e-6
+    """Network latency between two machines, per message, in seconds."""
+    local_latency_s: float = 1e-6
+    """Latency of a message between two actors of one machine (or to/from the driver)."""
+    header_bytes: int = 64
+    """Bytes a message carries besides its tensors."""
+    faults: Any = None
+    """A fault plan (:mod:`.faults`): kills fire at their count, at that virtual moment;
+    delays add virtual time to each message the actor handles (no real sleep)."""
+    max_restarts: int = 5
+    """Restarts allowed per actor."""
+    tap: Tap | None = None
+    """Sees every message the run sends, as it arrives (see :data:`Tap`)."""
+
+    def __post_init__(self) -> None:
+        machines = self.machines
+        if not isinstance(machines, int) or isinstance(machines, bool) or machines < 1:
+            raise ConfigError(
+                f"runtime_options: machines must be a whole number >= 1, got {machines!r}"
+            )
+        cores = self.cores
+        if not isinstance(cores, int) or isinstance(cores, bool) or cores < 1:
+            raise ConfigError(
+                f"runtime_options: cores must be a whole number >= 1 per machine, got {cores!r}"
+            )
+        if self.speeds is not None:
+            if isinstance(self.speeds, (str, bytes)) or not hasattr(self.speeds, "__len__"):
+                raise ConfigError(
+                    f"runtime_options: speeds must be a list of numbers, got {self.speeds!r}"
+                )
+            if len(self.speeds) != machines:
+                raise ConfigError(
+                    f"runtime_options: speeds must give one speed per machine ({machines}), "
+                    f"got {len(self.speeds)}"
+                )
+            for i, speed in enumerate(self.speeds):
+                _positive(f"speeds[{i}]", speed)
+            object.__setattr__(self, "speeds", tuple(float(v) for v in self.speeds))
+        if isinstance(self.placement, Mapping):
+            for name, machine in self.placement.items():
+                ok = isinstance(machine, int) and not isinstance(machine, bool)
+                if not isinstance(name, str) or not ok or not 0 <= machine < machines:
+                    raise ConfigError(
+                        f"runtime_options: placement: {name!r} must map to a machine index "
+                        f"0..{machines - 1}, got {machine!r}"
+                    )
+            object.__setattr__(self, "placement", dict(self.placement))
+        elif self.placement not in STRATEGIES:
+            raise ConfigError(
+                f"runtime_options: placement must be one of {', '.join(STRATEGIES)} or "
+                f"{{actor name: machine index}}, got {self.placement!r}"
+            )
+        if self.compute not in COMPUTE:
+            raise ConfigError(
+                f"runtime_options: compute must be one of {', '.join(COMPUTE)}, "
+                f"got {self.compute!r}"
+            )
+        _positive("core_flops", self.core_flops)
+        _positive("bandwidth_Bps", self.bandwidth_Bps)
+        _positive("time_scale", self.time_scale)
+        for name in ("flops_per_element", "message_s", "latency_s", "local_latency_s"):
+            _positive(name, getattr(self, name), zero=True)
+        header = self.header_bytes
+        if not isinstance(header, int) or isinstance(header, bool) or header < 0:
+            raise ConfigError(
+                f"runtime_options: header_bytes must be a whole number >= 0, got {header!r}"
+            )
+        _plan(self)
+        _check_max_restarts(self.max_restarts)
+        _check_tap(self.tap)
+
+
+Options = LocalOptions | ProcessesOptions | RayOptions | SimulatedOptions
 OPTIONS: dict[str, type[Options]] = {
-    cls.runtime: cls for cls in (LocalOptions, ProcessesOptions, RayOptions)
+    cls.runtime: cls for cls in (LocalOptions, ProcessesOptions, RayOptions, SimulatedOptions)
 }
 """Runtime name -> its options."""
 
@@ -173,4 +294,7 @@ def fields_of(options: Options) -> dict[str, Any]:
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
-__all__ = ["OPTIONS", "LocalOptions", "Options", "ProcessesOptions", "RayOptions", "Tap", "parse"]
+__all__ = [
+    "OPTIONS", "LocalOptions", "Options", "ProcessesOptions", "RayOptions", "SimulatedOptions",
+    "Tap", "parse",
+]  # fmt: skip

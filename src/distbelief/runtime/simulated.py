@@ -1,0 +1,448 @@
+"""The simulated runtime: every actor runs in this process with its real arithmetic, but each
+message is delivered at the moment a modelled cluster would deliver it, in virtual time.
+
+A discrete-event loop over one heap of events keyed by (virtual time, sequence number), so that
+ties are broken by the order the events were made and a run is the same bit for bit every time
+(with modelled compute). Three kinds of event:
+
+- *arrive*: a message reaches its receiver's mailbox; the actor becomes ready;
+- *reach*: a message's first bit reaches the receiving machine's link (see the link model);
+- *done*: a handler ends: its core is free again and what it sent leaves now.
+
+The cluster (:class:`~.options.SimulatedOptions`): machines with a number of cores and a relative
+speed; each actor placed on one (as the Ray runtime spreads them, or pinned). A ready actor
+starts its oldest message (earliest arrival) when its machine has a free core; an actor handles
+one message at a time. The handler runs for real at once; it occupies its core for its cost:
+modelled (the FLOPs of the matrix products and convolutions it ran, counted from the shapes by
+torch's FLOP formulas, plus ``flops_per_element`` per element of the message's tensors, over
+``core_flops``, plus ``message_s``; all over the machine's speed) or measured (thread CPU time
+times ``time_scale``, over the speed). A planned ``delay`` adds its seconds of virtual time.
+
+Network: messages between two machines leave at the end of the handler that sent them. Each
+machine has an outgoing and an incoming link of ``bandwidth_Bps`` (full duplex), each serving
+one message at a time in order (FIFO): a message of ``b`` bytes (its tensors' bytes plus
+``header_bytes``) occupies the sender's link for ``b / bandwidth`` from when it is free, reaches
+the receiver's link ``latency_s`` after it started leaving, and occupies that link for as long,
+ending no earlier than its last bit left plus the latency. Unloaded: latency + bytes/bandwidth.
+A shard that many replicas push to is limited by its incoming link, as it would be. Messages
+between actors of one machine, and to and from the driver, take ``local_latency_s``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import os
+import time
+import tomllib
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from ..errors import ConfigError, Deadlock, RunTimeout
+from . import faults as fault_plans
+from .base import DRIVER, Actor, StopFlag
+from .local import BATCH, LocalRef, LocalRuntime, _Cell
+from .options import SimulatedOptions, parse
+from .ray.placement import plan_placement
+from .runqueue import Cell, RunQueue, handle
+from .supervise import Supervisor
+
+_ARRIVE, _REACH, _DONE = 0, 1, 2
+
+
+def read_cluster(path: str | os.PathLike) -> dict[str, Any]:
+    """The simulated runtime's options from a cluster file (TOML; its keys are the fields of
+    :class:`~.options.SimulatedOptions`, ``placement`` a string or a table), checked: a file
+    that cannot be read, or a bad or unknown key, is a :class:`ConfigError` naming it."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cluster: cannot read {os.fspath(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"cluster: {os.fspath(path)!r} is not TOML: {exc}") from None
+    try:
+        parse("simulated", data)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"cluster: {os.fspath(path)}: " + str(exc).removeprefix("runtime_options: ")
+        ) from None
+    return data
+
+
+class _FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of the matrix products and convolutions run under it (forward and
+    backward), by torch's own formulas from the shapes: deterministic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def tensor_size(message: Any, depth: int = 3) -> tuple[int, int]:
+    """``(bytes, elements)`` of the tensors a message carries: in its fields, and in tuples,
+    lists and dicts among them (``depth`` levels deep)."""
+    if isinstance(message, torch.Tensor):
+        return message.nbytes, message.numel()
+    if depth == 0:
+        return 0, 0
+    if isinstance(message, (tuple, list)):
+        items: Any = message
+    elif isinstance(message, dict):
+        items = message.values()
+    else:
+        kind = type(message)
+        names = _FIELDS.get(kind)
+        if names is None:
+            names = (
+                tuple(f.name for f in dataclasses.fields(message))
+                if dataclasses.is_dataclass(message)
+                else ()
+            )
+            _FIELDS[kind] = names
+        items = (getattr(message, n, None) for n in names)
+    nbytes = elements = 0
+    for item in items:
+        if (
+            isinstance(item, (torch.Tensor, tuple, list, dict))
+            or type(item) in _FIELDS
+            or (dataclasses.is_dataclass(item) and not isinstance(item, type))
+        ):
+            b, e = tensor_size(item, depth - 1)
+            nbytes += b
+            elements += e
+    return nbytes, elements
+
+
+class _VirtualQueue(RunQueue):
+    """The run queue's cells, tap and fault check, with mailboxes whose messages carry their
+    arrival key (virtual time, sequence); the pick is the simulated runtime's."""
+
+    def discard(self, cell: Cell) -> None:
+        cell.mailbox.clear()  # its ready-heap entries go stale (see _dispatch)
+        cell.ready = False
+
+
+class SimulatedRuntime(LocalRuntime):
+    """Hosts actors in this process and delivers their messages in virtual time, on a modelled
+    cluster (:class:`~.options.SimulatedOptions`; the module doc gives the model).
+
+    ``now`` is the virtual clock (seconds since the run began); :meth:`describe` adds the
+    virtual results to a run's stats. A planned kill fires as on ``local`` (the actor dies
+    instead of handling the message that meets its count, at that virtual moment; a
+    restartable one is respawned); a planned delay is virtual time, never a real sleep.
+    """
+
+    name = "simulated"
+    single_threaded = True
+
+    def __init__(self, seed: int | None = None, **options: Any) -> None:
+        self.options: SimulatedOptions = parse("simulated", options)  # type: ignore[assignment]
+        o = self.options
+        self._queue = _VirtualQueue(seed, self._kill, o.tap)
+        self._cells: dict[str, _Cell] = self._queue.cells  # type: ignore[assignment]
+        self._driver_ref = LocalRef(None)
+        self._driver_inbox: deque[Any] = deque()
+        self._plan = o.faults
+        self._faults = fault_plans.kills(self._plan)
+        self._supervisor = Supervisor(o.max_restarts)
+        self.restarts = self._supervisor.restarts
+        self.now = 0.0
+        """The virtual clock: seconds of the modelled cluster since the run began."""
+        self._events: list[tuple] = []
+        self._seq = 0
+        n = o.machines
+        self._speed = list(o.speeds) if o.speeds is not None else [1.0] * n
+        self._free = [o.cores] * n  # free cores per machine
+        self._ready: list[list[tuple]] = [[] for _ in range(n)]  # per machine: (t, seq, cell)
+        self._keys: dict[str, deque[tuple[float, int]]] = {}  # arrival keys of each mailbox
+        self._machine: dict[str, int] = {}  # actor -> machine
+        self._delay: dict[str, float] = {}
+        self._busy_actor: dict[str, float] = {}  # seconds each actor handled messages
+        self._running: set[str] = set()
+        self._core_s = [0.0] * n  # core-seconds used per machine
+        self._out_free = [0.0] * n  # when each machine's outgoing link is next free
+        self._in_free = [0.0] * n
+        self._out_busy = [0.0] * n
+        self._in_busy = [0.0] * n
+        self._outbox: list[tuple[LocalRef, Any]] | None = None  # sends of the running handler
+        self._sender: str | None = None
+        self._examples: int | None = None  # of the last message to the driver that has them
+        self._eval_s: list[float] = []
+        self._pins: dict[str, int] = {}
+        self._used_pins: set[str] = set()
+        self._checked = False
+
+    # ---------------------------------------------------------------- actors
+
+    def spawn(self, name: str, cls: type[Actor], *args: Any, **kwargs: Any) -> LocalRef:
+        ref = super().spawn(name, cls, *args, **kwargs)
+        self._keys[name] = deque()
+        self._busy_actor[name] = 0.0
+        self._delay[name] = fault_plans.delay_of(self._plan, name)
+        self._machine[name] = self._place(name)
+        return ref
+
+    def _place(self, name: str) -> int:
+        """The machine of a new actor: pinned by the placement map (its name, else its
+        replica's prefix), else by the Ray runtime's rule over machines m0, m1, ..."""
+        placement = self.options.placement
+        if isinstance(placement, dict):
+            key = name if name in placement else name.rpartition(".")[0]
+            if key in placement:
+                self._used_pins.add(key)
+                return placement[key]
+            strategy = "spread"
+        else:
+            strategy = placement
+        nodes = [str(m) for m in range(self.options.machines)]
+        taken = {n: str(m) for n, m in self._machine.items()}
+        return int(plan_placement([name], nodes, strategy, taken=taken)[name])
+
+    def _handlers(self, name: str, actor: Actor) -> dict[type, Any]:
+        return actor.bound_handlers()  # a planned delay is virtual time here (see _start)
+
+    def _kill(self, cell: _Cell, message: Any) -> None:
+        super()._kill(cell, message)  # respawned (its context posts through self._post)
+        self._keys[cell.name].clear()  # its mail was lost with it
+
+    def placement(self) -> dict[str, str]:
+        """Each actor's machine (``m0``, ``m1``, ...)."""
+        return {name: f"m{m}" for name, m in self._machine.items()}
+
+    # ---------------------------------------------------------------- messages
+
+    def _schedule(self, t: float, kind: int, *payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, *payload))
+
+    def _post(self, ref: LocalRef, message: Any, sender: LocalRef) -> None:
+        if self._outbox is not None and sender.name == self._sender:
+            self._outbox.append((ref, message))  # leaves when the handler ends
+        else:
+            self._send(ref, message, sender, self.now)
+
+    def _send(self, ref: LocalRef, message: Any, sender: LocalRef, t: float) -> None:
+        """``message`` leaves ``sender`` at virtual time ``t`` (the events are handled in time
+        order, so each link sees its messages in the order they were sent)."""
+        o = self.options
+        src = self._machine.get(sender.name) if sender._cell is not None else None
+        cell = ref._cell
+        dst = self._machine.get(cell.name) if cell is not None else None
+        if src is None or dst is None or src == dst:
+            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message)
+            return
+        nbytes = tensor_size(message)[0] + o.header_bytes
+        transfer = nbytes / o.bandwidth_Bps
+        start = max(t, self._out_free[src])
+        self._out_free[src] = start + transfer
+        self._out_busy[src] += transfer
+        self._schedule(start + o.latency_s, _REACH, ref, sender, message, transfer, dst)
+
+    def _reach(self, t: float, ref: LocalRef, sender: Any, message: Any, transfer: float, dst: int):
+        """The first bit reaches the receiving link at ``t`` (the last left ``transfer``
+        after it started): the link takes it when free, for ``transfer``."""
+        start = max(t, self._in_free[dst])
+        end = start + transfer
+        self._in_free[dst] = end
+        self._in_busy[dst] += transfer
+        self._schedule(end, _ARRIVE, ref, sender, message)
+
+    def _arrive(self, t: float, seq: int, ref: LocalRef, sender: Any, message: Any) -> None:
+        cell = ref._cell
+        if cell is None:
+            if self._queue.tapped(sender.name, DRIVER, message):
+                examples = getattr(message, "examples", None)
+                if isinstance(examples, int):
+                    self._examples = examples
+                if getattr(message, "evaluation", None) is not None:
+                    self._eval_s.append(t)
+                self._driver_inbox.append(message)
+            return
+        if cell.name not in self._cells or self._cells[cell.name] is not cell:
+            return  # the run was shut down
+        tap = self._queue.tap
+        if tap is not None and tap(sender.name, cell.name, message) is False:
+            return
+        cell.mailbox.append((sender, message))
+        keys = self._keys[cell.name]
+        keys.append((t, seq))
+        if len(keys) == 1 and cell.name not in self._running:
+            m = self._machine[cell.name]
+            heapq.heappush(self._ready[m], (t, seq, cell.name))
+            self._dispatch(m)
+
+    def _dispatch(self, m: int) -> None:
+        """Start handlers on machine ``m`` while it has a free core and a ready actor."""
+        ready = self._ready[m]
+        while ready and self._free[m] > 0:
+            t, seq, name = heapq.heappop(ready)
+            keys = self._keys.get(name)
+            if not keys or keys[0] != (t, seq) or name in self._running:
+                continue  # stale: its mail was lost with it (a restart) or it is running
+            self._start(self._cells[name], m)
+
+    def _start(self, cell: _Cell, m: int) -> None:
+        """Hand ``cell``'s oldest message to its actor now, on a core of machine ``m``."""
+        keys = self._keys[cell.name]
+        sender, message = cell.mailbox.popleft()
+        keys.popleft()
+        if cell.fault is not None:
+            cell.delivered += 1
+            if cell.fault.due(message, cell.delivered, cell.actor):
+                self._kill(cell, message)  # at this virtual moment; no core used
+                if self._keys[cell.name]:
+                    t, seq = self._keys[cell.name][0]
+                    heapq.heappush(self._ready[m], (t, seq, cell.name))
+                return
+        o = self.options
+        self._outbox, self._sender = [], cell.name
+        try:
+            if o.compute == "modelled":
+                counter = _FlopCounter()
+                with counter:
+                    handle(cell, message, sender)
+                elements = tensor_size(message)[1]
+                flops = counter.flops + o.flops_per_element * elements
+                cost = o.message_s + flops / o.core_flops
+            else:
+                t0 = time.thread_time()
+                handle(cell, message, sender)
+                cost = (time.thread_time() - t0) * o.time_scale
+            sends = self._outbox
+        finally:
+            self._outbox = self._sender = None
+        self._queue.delivered += 1
+        cost = cost / self._speed[m] + self._delay[cell.name]
+        self._free[m] -= 1
+        self._running.add(cell.name)
+        self._core_s[m] += cost
+        self._busy_actor[cell.name] += cost
+        self._schedule(self.now + cost, _DONE, cell, sends, m)
+
+    def _done(self, t: float, cell: _Cell, sends: list, m: int) -> None:
+        self._free[m] += 1
+        self._running.discard(cell.name)
+        for ref, message in sends:
+            self._send(ref, message, cell.ref, t)
+        keys = self._keys.get(cell.name)
+        if keys:
+            heapq.heappush(self._ready[m], (*keys[0], cell.name))
+        self._dispatch(m)
+
+    def _step(self) -> None:
+        """Handle the earliest event."""
+        t, seq, kind, *payload = heapq.heappop(self._events)
+        self.now = t
+        if kind == _ARRIVE:
+            self._arrive(t, seq, *payload)
+        elif kind == _REACH:
+            self._reach(t, *payload)
+        else:
+            self._done(t, *payload)
+
+    # ---------------------------------------------------------------- the driver
+
+    def converse(self, ref: LocalRef, message: Any, *, timeout: float) -> Iterator[Any]:
+        if not self._checked:
+            self._check_placement()
+            self._checked = True
+        yield from super().converse(ref, message, timeout=timeout)
+
+    def _check_placement(self) -> None:
+        placement = self.options.placement
+        if isinstance(placement, dict):
+            unknown = sorted(set(placement) - self._used_pins)
+            if unknown:
+                known = ", ".join(sorted(self._cells)[:12]) + (
+                    ", ..." if len(self._cells) > 12 else ""
+                )
+                raise ConfigError(
+                    f"runtime_options: placement names no actor of this run: "
+                    f"{', '.join(unknown)} (actors: {known})"
+                )
+
+    def _run_until_reply(self, deadline: float, interrupted: StopFlag) -> None:
+        events, inbox = self._events, self._driver_inbox
+        while True:
+            interrupted.raise_if_set()  # between two events: every actor is whole
+            if inbox:
+                return
+            if time.monotonic() > deadline:
+                raise RunTimeout("the run did not finish within its timeout")
+            if not events:
+                raise Deadlock(
+                    "no message is on its way and no actor is busy, but the driver got no "
+                    "reply: a message was lost or an actor is waiting for a reply that never comes"
+                )
+            for _ in range(BATCH):
+                self._step()
+                if inbox or not events:
+                    break
+
+    def queued(self) -> int:
+        """Messages waiting in mailboxes or on their way now, the driver's included."""
+        return super().queued() + sum(1 for e in self._events if e[2] != _DONE)
+
+    # ---------------------------------------------------------------- results
+
+    def describe(self) -> dict[str, Any]:
+        """What the runtime adds to a run's stats: the virtual results. ``virtual_s`` (the
+        modelled cluster's seconds until the run's end reached the driver),
+        ``virtual_examples_per_s``, ``virtual_eval_s`` (when each evaluation during training
+        was announced), ``machine_utilisation`` (busy core-seconds over cores x virtual_s, per
+        machine), ``link_utilisation`` (busy fraction of each machine's ``out`` and ``in``
+        link), ``shard_utilisation`` (busy fraction of each actor named shard*),
+        ``bottleneck`` (the busiest resource: an actor, a machine's cores or a link, and its
+        busy fraction) and ``placement`` (each actor's machine)."""
+        total = self.now
+        frac = (lambda busy: busy / total) if total > 0 else (lambda busy: 0.0)
+        cores = self.options.cores
+        machines = {f"m{m}": frac(s / cores) for m, s in enumerate(self._core_s)}
+        links = {}
+        for m in range(self.options.machines):
+            links[f"m{m}.out"] = frac(self._out_busy[m])
+            links[f"m{m}.in"] = frac(self._in_busy[m])
+        actors = {name: frac(s) for name, s in self._busy_actor.items()}
+        candidates = [
+            *((f"actor {n}", u) for n, u in actors.items()),
+            *((f"cores of {n}", u) for n, u in machines.items()),
+            *((f"link {n}", u) for n, u in links.items()),
+        ]
+        name, busiest = max(candidates, key=lambda c: c[1], default=("none", 0.0))
+        examples = self._examples
+        return {
+            **super().describe(),
+            "virtual_s": total,
+            "virtual_examples_per_s": (
+                examples / total if examples is not None and total > 0 else None
+            ),
+            "virtual_eval_s": list(self._eval_s),
+            "machine_utilisation": machines,
+            "link_utilisation": links,
+            "shard_utilisation": {n: u for n, u in actors.items() if n.startswith("shard")},
+            "bottleneck": {"resource": name, "busy": busiest},
+            "placement": self.placement(),
+        }
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self._events.clear()
+        for ready in self._ready:
+            ready.clear()

@@ -1,0 +1,339 @@
+"""The simulated runtime: real arithmetic (a plain torch loop's parameters), the textbook limits
+of its cluster model over a steady-state window (exact in modelled compute), determinism, fault
+plans in virtual time, and bad cluster descriptions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import mlp, run_json
+from support import run as run_command
+from torch import nn
+
+import distbelief
+from distbelief import ConfigError
+from distbelief.algorithms.downpour.messages import Push, StepDone
+from distbelief.core.flat import flatten
+from distbelief.data.inputs import replica_batches
+from distbelief.runtime import faults, make_runtime
+from distbelief.runtime.simulated import tensor_size
+
+FAST = 1e9
+"""A machine speed at which handling a message costs next to nothing."""
+
+
+def toy_data(n: int = 256, features: int = 10, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def run(model, data, **kw):
+    args = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=7)
+    return distbelief.train(model, data, **{**args, **kw})
+
+
+def final(result) -> torch.Tensor:
+    return flatten(result.model.children())
+
+
+class Recorder:
+    """A simulated runtime whose tap records (virtual arrival time, receiver, message)."""
+
+    def __init__(self, **options) -> None:
+        self.arrivals: list[tuple[float, str, object]] = []
+        self.runtime = make_runtime("simulated", seed=0, tap=self.tap, **options)
+
+    def tap(self, sender: str, receiver: str, message: object) -> None:
+        self.arrivals.append((self.runtime.now, receiver, message))
+
+    def times(self, kind: type, receiver: str | None = None) -> list[float]:
+        return [
+            t
+            for t, r, m in self.arrivals
+            if isinstance(m, kind) and (receiver is None or r == receiver)
+        ]
+
+
+def rate_in_window(times: list[float], start: float, stop: float) -> float:
+    """Events per virtual second among ``times`` in ``(start, stop]``."""
+    return sum(1 for t in times if start < t <= stop) / (stop - start)
+
+
+# ------------------------------------------------------------------------------ arithmetic
+
+
+def test_single_replica_equals_plain_torch_optim_loop():
+    model = mlp([10, 16, 16, 3])
+    x, y = toy_data()
+    result = run(model, (x, y), optimizer="adagrad", runtime="simulated")
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2)
+    expected = copy.deepcopy(model)
+    opt = torch.optim.Adagrad(expected.parameters(), lr=0.1)
+    for xb, yb in batches:
+        F.cross_entropy(expected(xb), yb).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(flatten(expected.children()), flatten(model.children()))
+    torch.testing.assert_close(final(result), flatten(expected.children()), rtol=1e-6, atol=1e-6)
+    stats = result.stats
+    assert stats["staleness_max"] == 0
+    assert stats["virtual_s"] > 0 and stats["train_s"] > 0  # both clocks
+    assert stats["virtual_examples_per_s"] == pytest.approx(512 / stats["virtual_s"])
+    assert stats["bottleneck"]["resource"]
+    assert set(stats["placement"]) >= {"master", "shard0", "data0", "replica0.stage0"}
+
+
+def test_same_seed_same_virtual_times_and_parameters_bit_for_bit():
+    x, y = toy_data()
+
+    def once():
+        rec = Recorder(machines=3, cores=1)
+        result = run(
+            mlp([10, 16, 16, 3]), (x, y), replicas=3, stages=2, shards=2, runtime=rec.runtime
+        )
+        return result, [t for t, _, _ in rec.arrivals]
+
+    (a, times_a), (b, times_b) = once(), once()
+    assert torch.equal(final(a), final(b))
+    assert times_a == times_b and len(times_a) > 100
+    virtual = ("virtual_s", "machine_utilisation", "link_utilisation", "bottleneck")
+    assert {k: a.stats[k] for k in virtual} == {k: b.stats[k] for k in virtual}
+    assert a.stats["staleness_max"] > 0  # replicas interleaved in virtual time
+
+
+# ------------------------------------------------------------------------------ limits
+
+
+def replicas_on_their_own_machines(n: int, **options) -> dict:
+    """Machine 0, fast, with every core it needs: the shard and the master. Replica r (its
+    data shard and stage) alone on machine r + 1."""
+    placement = {"shard0": 0, "master": 0}
+    for r in range(n):
+        placement |= {f"data{r}": r + 1, f"replica{r}": r + 1}
+    speeds = [FAST] + [1.0] * n
+    return dict(machines=n + 1, cores=4, speeds=speeds, placement=placement, **options)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_n_replicas_that_never_wait_give_n_times_the_examples_per_s(n):
+    """The shard's machine fast and links free: each replica steps as one alone does."""
+    free = dict(bandwidth_Bps=1e15)
+
+    def steady_rate(replicas: int) -> float:
+        rec = Recorder(**replicas_on_their_own_machines(replicas, **free))
+        x, y = toy_data(n=64 * replicas)  # 4 steps of 16 per epoch for every replica
+        run(mlp([10, 32, 32, 3]), (x, y), replicas=replicas, epochs=3, runtime=rec.runtime)
+        done = rec.times(StepDone, "data0")
+        assert len(done) == 12
+        return rate_in_window(rec.times(StepDone), done[1], done[9]) * 16
+
+    one, many = steady_rate(1), steady_rate(n)
+    assert many == pytest.approx(n * one, rel=1e-9)
+
+
+def test_a_saturated_shard_link_caps_pushes_per_s_at_bandwidth_over_push_bytes():
+    """Eight replicas push to one shard over 1 MB/s links: the shard's incoming link is busy
+    all the time, and pushes arrive at exactly bandwidth / push bytes."""
+    bandwidth = 1e6
+    model = mlp([10, 32, 32, 3])
+    push_bytes = sum(p.numel() for p in model.parameters()) * 4  # float32 gradients
+    options = replicas_on_their_own_machines(8, bandwidth_Bps=bandwidth, header_bytes=0)
+    rec = Recorder(**options)
+    x, y = toy_data(n=64 * 8)
+    result = run(model, (x, y), replicas=8, epochs=2, runtime=rec.runtime)
+    pushes = rec.times(Push, "shard0")
+    assert tensor_size(next(m for _, r, m in rec.arrivals if isinstance(m, Push)))[0] == push_bytes
+    window = pushes[16:-16]  # steady state: every replica pushing
+    rate = (len(window) - 1) / (window[-1] - window[0])
+    assert rate == pytest.approx(bandwidth / push_bytes, rel=1e-9)
+    stats = result.stats
+    assert stats["bottleneck"]["resource"] in ("link m0.in", "link m0.out")
+    assert stats["link_utilisation"]["m0.in"] > 0.9
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_a_replica_slowed_k_times_does_1_over_k_of_the_others_steps(k):
+    """Replica 2's machine has relative speed 1/k; network free: by the time the others
+    finish their 24 steps it has done 24/k (one either way)."""
+    options = replicas_on_their_own_machines(
+        3, bandwidth_Bps=1e15, latency_s=0.0, local_latency_s=0.0
+    )
+    options["speeds"][3] = 1.0 / k
+    rec = Recorder(**options)
+    x, y = toy_data(n=64 * 3)
+    run(mlp([10, 32, 32, 3]), (x, y), replicas=3, epochs=6, runtime=rec.runtime)
+    fast_end = max(rec.times(StepDone, "data0")[-1], rec.times(StepDone, "data1")[-1])
+    slow = sum(1 for t in rec.times(StepDone, "data2") if t <= fast_end)
+    assert abs(slow - 24 / k) <= 1
+
+
+def test_actors_on_one_machine_queue_for_its_cores():
+    """Four replicas on one machine, network free: with one core they share it, the run takes
+    four times as long as one replica's; with four cores, as long as one replica's."""
+
+    def virtual_s(replicas: int, cores: int) -> float:
+        placement = {"shard0": 0, "master": 0}
+        for r in range(replicas):
+            placement |= {f"data{r}": 1, f"replica{r}": 1}
+        options = dict(
+            machines=2, cores=cores, speeds=[FAST, 1.0], placement=placement,
+            bandwidth_Bps=1e15, latency_s=0.0, local_latency_s=0.0,
+        )  # fmt: skip
+        x, y = toy_data(n=64 * replicas)
+        result = run(
+            mlp([10, 32, 32, 3]), (x, y), replicas=replicas, epochs=2, runtime="simulated",
+            runtime_options=options,
+        )  # fmt: skip
+        return result.stats["virtual_s"]
+
+    alone = virtual_s(1, 1)
+    assert virtual_s(4, 1) == pytest.approx(4 * alone, rel=1e-6)
+    assert virtual_s(4, 4) == pytest.approx(alone, rel=1e-6)
+
+
+def test_each_evaluation_during_training_has_its_virtual_time():
+    x, y = toy_data()
+    result = run(
+        mlp([10, 16, 3]), (x, y), replicas=2, eval_data=toy_data(n=64, seed=1), eval_every=128,
+        runtime="simulated",
+    )  # fmt: skip
+    times = result.stats["virtual_eval_s"]
+    assert len(times) == len(result.history.eval) - 1 >= 2  # the final one is the driver's
+    assert times == sorted(times) and 0 < times[0] and times[-1] <= result.stats["virtual_s"]
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def test_a_kill_fires_at_its_count_and_a_delay_adds_virtual_time_not_sleep(monkeypatch):
+    def no_sleep(seconds):
+        raise AssertionError("a delay on the simulated runtime must not sleep")
+
+    monkeypatch.setattr(faults, "_sleep", no_sleep)
+    model = mlp([10, 16, 3])
+    x, y = toy_data()
+    base = run(model, (x, y), runtime="simulated")
+    slowed = run(
+        model, (x, y), runtime="simulated", runtime_options={"faults": ["delay:shard0=5ms"]}
+    )
+    # 32 steps, a fetch and a push each, every one 5 ms longer at the shard: at least the
+    # pushes' and fetches' 64 x 5 ms on the critical path.
+    assert slowed.stats["virtual_s"] >= base.stats["virtual_s"] + 64 * 5e-3
+    assert torch.equal(final(slowed), final(base))  # one replica: the same arithmetic
+    killed = run(
+        model,
+        (x, y),
+        runtime="simulated",
+        runtime_options={"faults": ["kill:replica0.stage0@step=5"]},
+    )
+    assert killed.stats["restarts_by_actor"] == {"replica0.stage0": 1}
+    assert killed.stats["steps"] == base.stats["steps"]
+
+
+def test_measured_compute_charges_cpu_time_and_gives_the_same_arithmetic():
+    """Measured compute: virtual times come from thread CPU time (not reproducible), but with
+    one replica the parameters are those of modelled compute."""
+    model = mlp([10, 16, 3])
+    x, y = toy_data()
+    modelled = run(model, (x, y), runtime="simulated")
+    options = {"compute": "measured", "time_scale": 1e3}
+    measured = run(model, (x, y), runtime="simulated", runtime_options=options)
+    assert torch.equal(final(measured), final(modelled))
+    assert measured.stats["virtual_s"] > 0
+
+
+# ------------------------------------------------------------------------------ sandblaster
+
+
+def test_sandblaster_runs_and_converges_as_on_local():
+    """Full batch, float64, convex: the same L-BFGS path as on local (the gradient is the sum
+    of every portion once, in another order); a replica on a machine five times slower does
+    fewer portions, and costs the evaluations little time."""
+    x, y = toy_data(n=600, features=40, classes=10)
+    x = x.double()
+
+    def model():
+        m = nn.Sequential(nn.Linear(40, 10, dtype=torch.float64))
+        with torch.no_grad():
+            for p in m.parameters():
+                p.zero_()
+        return m
+
+    args = dict(loss="cross_entropy", algorithm="sandblaster", seed=0, steps=15, history=10)
+    args |= dict(replicas=3, shards=2, portions=12)
+    local = distbelief.train(model(), (x, y), **args)
+    options = {"machines": 5, "speeds": [1.0, 1.0, 1.0, 1.0, 0.2], "placement": {"replica2": 4}}
+    sim = distbelief.train(model(), (x, y), runtime="simulated", runtime_options=options, **args)
+    assert sim.stats["final_loss"] == pytest.approx(local.stats["final_loss"], rel=1e-6)
+    with torch.no_grad():
+        assert sim.stats["final_loss"] < 0.9 * float(F.cross_entropy(model()(x), y))
+    done = sim.stats["portions_done"]
+    assert done[2] < min(done[0], done[1])
+    assert sim.stats["virtual_s"] > 0
+    assert sim.stats["virtual_examples_per_s"] == pytest.approx(
+        sim.stats["examples"] / sim.stats["virtual_s"]
+    )
+    # Portions balance the straggler: the time per function evaluation stays near that of a
+    # cluster without it (the paper's claim; seen: +3%), far from the 5 times of fixed shares.
+    even = dict(options, speeds=[1.0] * 5)
+    fast = distbelief.train(model(), (x, y), runtime="simulated", runtime_options=even, **args)
+
+    def per_eval(r):
+        return r.stats["virtual_s"] / r.stats["function_evals"]
+
+    assert per_eval(sim) < 1.15 * per_eval(fast)
+    assert sim.stats["placement"]["replica2"] == "m4"
+    assert len(set(sim.stats["placement"][f"replica{r}"] for r in range(3))) == 3
+
+
+# ------------------------------------------------------------------------------ bad clusters
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"machines": 0}, "machines"),
+        ({"cores": 0}, "cores"),
+        ({"bandwidth_Bps": 0}, "bandwidth_Bps"),
+        ({"bandwidth_Bps": -1e9}, "bandwidth_Bps"),
+        ({"latency_s": -1.0}, "latency_s"),
+        ({"speeds": [1.0, 0.0]}, r"speeds\[1\]"),
+        ({"machines": 3, "speeds": [1.0]}, "speeds"),
+        ({"compute": "guessed"}, "compute"),
+        ({"placement": {"shard0": 9}}, "placement"),
+        ({"placement": {"replica7": 0}}, "placement names no actor.*replica7"),
+        ({"bandwith_Bps": 1e9}, "unknown option.*bandwith_Bps"),
+    ],
+)
+def test_a_bad_cluster_description_is_a_config_error_naming_the_field(options, field):
+    with pytest.raises(ConfigError, match=field):
+        run(
+            mlp([10, 3]), toy_data(n=32), runtime="simulated",
+            runtime_options={"machines": 2, **options},
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_the_command_takes_a_cluster_file_and_reports_virtual_time(capsys, tmp_path):
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text(
+        "machines = 3\ncores = 2\nspeeds = [1.0, 1.0, 0.5]\n[placement]\nshard0 = 0\n"
+    )
+    argv = ["train", "xor", "--train-size", "200", "--replicas", "2", "--no-run-dir"]
+    s = run_json(capsys, *argv, "--runtime", "simulated", "--cluster", str(cluster))
+    assert s["runtime"] == "simulated" and s["virtual_s"] > 0 and s["wall_s"] > 0
+    assert set(s["machine_utilisation"]) == {"m0", "m1", "m2"}
+    assert s["bottleneck"]["resource"]
+    cluster.write_text("machines = 2\nbandwidth_Bps = 0\n")
+    code, _, err = run_command(capsys, *argv, "--runtime", "simulated", "--cluster", str(cluster))
+    assert code == 2 and "bandwidth_Bps" in err
+    cluster.write_text("machines = 2\nlatencey_s = 1e-6\n")
+    code, _, err = run_command(capsys, *argv, "--runtime", "simulated", "--cluster", str(cluster))
+    assert code == 2 and "latencey_s" in err
+    code, _, err = run_command(capsys, *argv, "--cluster", str(cluster))
+    assert code == 2 and "--runtime simulated" in err
