@@ -18,6 +18,7 @@ import psutil  # noqa: E402  (Ray ships it)
 
 import distbelief  # noqa: E402
 from distbelief.core.flat import flatten  # noqa: E402
+from distbelief.runtime.ray.runtime import idle_host_pids  # noqa: E402
 
 # ------------------------------------------------------------------------------ on Ray
 
@@ -45,6 +46,15 @@ def _hosts() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def assert_gone_or_idle(pids: list[int]) -> None:
+    """A finished run's processes are gone, or kept idle for the session's next runs."""
+    assert_gone([p for p in pids if p not in idle_host_pids()])
+
+
+def _pids(result) -> list[int]:
+    return [pid for pids in result.stats["pids"].values() for pid in pids]
 
 
 def test_mnist1d_survives_ray_kill_of_one_stage_of_one_replica(ray_session, mnist1d_data):
@@ -89,14 +99,17 @@ def test_a_slow_shard_makes_its_senders_wait_and_what_they_buffer_stays_bounded(
     assert flow["by_actor"]["replica0.stage0"]["waits"] >= 1
     assert flow["timeouts"] == 0
     assert 0 < flow["peak_buffered"] <= window + 2 * push + 65536, flow
-    assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
+    assert_gone_or_idle(_pids(result))
 
 
 def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_session):
-    assert_gone([p.pid for p in _hosts()])  # earlier tests' actors, if still exiting
+    # A failed run kills every host it had, idle ones of earlier runs it took included.
+    assert_gone_or_idle([p.pid for p in _hosts()])  # earlier tests' actors, if still exiting
+    idle = set(idle_host_pids())
     with pytest.raises(distbelief.ActorFailed, match="replica0.stage1.*loss blew up"):
         toy_run(loss=_loss_failing_on_call(4), stages=2)
-    assert_gone([p.pid for p in _hosts()])
+    assert_gone_or_idle([p.pid for p in _hosts()])
+    assert set(idle_host_pids()) <= idle  # none of its hosts is kept
 
 
 @pytest.mark.parametrize(
@@ -108,7 +121,57 @@ def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(
     # No restarts left: the run ends naming the actor (within the health period), never hangs.
     with pytest.raises(distbelief.ActorFailed, match=f"'{actor}'.*died"):
         toy_run(runtime_options={"faults": fault, "max_restarts": 0})
-    assert_gone([p.pid for p in _hosts()])
+    assert_gone_or_idle([p.pid for p in _hosts()])
+
+
+# ------------------------------------------------------------------------------ idle hosts
+
+
+def _dropout_run(**kw):
+    """Two stages, the second with dropout: its masks come from torch's global RNG in the
+    stage's process, so a reused process must start from a fresh process's seed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
+    )
+    return toy_run(model=model, stages=2, shards=2, **kw)
+
+
+def test_a_second_run_in_the_session_reuses_the_first_runs_processes_bit_for_bit(ray_session):
+    first = _dropout_run()
+    assert set(_pids(first)) <= set(idle_host_pids())  # all clean: all kept
+    before = {p.pid for p in _hosts()}
+    second = _dropout_run()
+    assert set(_pids(second)) == set(_pids(first))  # no process started
+    assert {p.pid for p in _hosts()} <= before
+    assert torch.equal(flatten(first.model.children()), flatten(second.model.children()))
+
+
+def test_no_faulted_host_is_reused_and_a_failed_run_keeps_none_of_its_hosts(ray_session):
+    faulted = toy_run(stages=2, runtime_options={"faults": ["kill:replica0.stage1@step=5"]})
+    killed, respawned = faulted.stats["pids"]["replica0.stage1"]
+    assert_gone([killed])
+    assert respawned in idle_host_pids() and killed not in idle_host_pids()
+    clean = toy_run(stages=2)
+    assert killed not in _pids(clean)
+    # A run that fails kills every host it had (all the idle ones: it needs more than these).
+    idle = set(idle_host_pids())
+    with pytest.raises(distbelief.ActorFailed, match="died"):
+        toy_run(
+            stages=2, shards=len(idle),
+            runtime_options={"faults": ["kill:replica0.stage1@step=3"], "max_restarts": 0},
+        )  # fmt: skip
+    assert idle_host_pids() == []
+    assert_gone([*idle, *(p.pid for p in _hosts())])
+
+
+def test_reuse_hosts_false_starts_fresh_processes_and_leaves_none(ray_session):
+    idle = idle_host_pids()
+    before = {p.pid for p in _hosts()}
+    result = toy_run(stages=2, runtime_options={"reuse_hosts": False})
+    assert not set(_pids(result)) & before
+    assert_gone(_pids(result))
+    assert idle_host_pids() == idle
 
 
 def test_mnist1d_survives_a_killed_parameter_shard(ray_session, mnist1d_data, tmp_path):
@@ -252,6 +315,7 @@ def test_every_listening_port_is_on_loopback_and_refuses_a_caller_without_the_to
         ({"placement": "scatter"}, r"^runtime_options: placement must be one of"),
         ({"max_restarts": -1}, r"^runtime_options: max_restarts must be >= 0, got -1$"),
         ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^faults: 'replica0.stage0': unknown"),
+        ({"reuse_hosts": "no"}, r"^runtime_options: reuse_hosts must be True or False"),
     ],
 )
 def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):
