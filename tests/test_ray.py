@@ -5,8 +5,11 @@ mid-step is in test_faults.py, over the runtimes that restart.)"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,7 @@ import psutil  # noqa: E402  (Ray ships it)
 
 import distbelief  # noqa: E402
 from distbelief.core.flat import flatten  # noqa: E402
+from distbelief.runtime.base import Actor  # noqa: E402
 from distbelief.runtime.ray.runtime import idle_host_pids  # noqa: E402
 
 # ------------------------------------------------------------------------------ on Ray
@@ -127,24 +131,61 @@ def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(
 # ------------------------------------------------------------------------------ idle hosts
 
 
-def _dropout_run(**kw):
-    """Two stages, the second with dropout: its masks come from torch's global RNG in the
-    stage's process, so a reused process must start from a fresh process's seed."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)
-    )
-    return toy_run(model=model, stages=2, shards=2, **kw)
-
-
 def test_a_second_run_in_the_session_reuses_the_first_runs_processes_bit_for_bit(ray_session):
-    first = _dropout_run()
+    first = toy_run(stages=2, shards=2)
     assert set(_pids(first)) <= set(idle_host_pids())  # all clean: all kept
     before = {p.pid for p in _hosts()}
-    second = _dropout_run()
+    second = toy_run(stages=2, shards=2)
     assert set(_pids(second)) == set(_pids(first))  # no process started
     assert {p.pid for p in _hosts()} <= before
     assert torch.equal(flatten(first.model.children()), flatten(second.model.children()))
+
+
+class _Disturbs(Actor):
+    """Records what a fresh process's global state gives it, then changes that state."""
+
+    def __init__(self) -> None:
+        self.seen = (torch.rand(4), random.random(), np.random.rand(), torch.get_num_threads())
+        self.seen += (torch.get_default_dtype(), torch.is_grad_enabled())
+        torch.rand(100)
+        torch.set_num_threads(3)
+        torch.set_default_dtype(torch.float64)
+        torch.set_grad_enabled(False)
+
+
+@pytest.fixture
+def process_state():
+    """Put back what adopting actors in this process changes (the host resets it as in a
+    fresh process; here the process is the test's)."""
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    threads, dtype, grad = (
+        torch.get_num_threads(),
+        torch.get_default_dtype(),
+        torch.is_grad_enabled(),
+    )
+    yield
+    torch.set_rng_state(saved[0])
+    random.setstate(saved[1])
+    np.random.set_state(saved[2])
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+def test_a_host_gives_each_actor_it_adopts_a_fresh_processs_global_state(process_state):
+    from distbelief.runtime.ray.runtime import _Host
+
+    torch.manual_seed(1234)
+    host = _Host()  # records the process's state as a fresh one
+    seen = []
+    for name in ("a", "b"):
+        host.adopt(name, _Disturbs, (), {}, None, 2, b"secret")
+        seen.append(host.actor.seen)
+        assert asyncio.run(host.release()) is True
+    (rng, py, npy, threads, dtype, grad), (rng2, py2, npy2, *rest) = seen
+    assert torch.equal(rng, rng2)  # torch's RNG from the same seed
+    assert py != py2 and npy != npy2  # Python's and numpy's freshly seeded, as at start-up
+    assert (threads, dtype, grad) == tuple(rest) == (2, torch.float32, True)
 
 
 def test_no_faulted_host_is_reused_and_a_failed_run_keeps_none_of_its_hosts(ray_session):
