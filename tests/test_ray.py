@@ -209,7 +209,7 @@ def test_no_faulted_host_is_reused_and_a_failed_run_keeps_none_of_its_hosts(ray_
 def test_reuse_hosts_false_starts_fresh_processes_and_leaves_none(ray_session):
     idle = idle_host_pids()
     before = {p.pid for p in _hosts()}
-    result = toy_run(stages=2, runtime_options={"reuse_hosts": False})
+    result = toy_run(runtime_options={"reuse_hosts": False})
     assert not set(_pids(result)) & before
     assert_gone(_pids(result))
     assert idle_host_pids() == idle
