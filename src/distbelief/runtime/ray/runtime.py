@@ -27,7 +27,10 @@ classes the in-process runtime hosts run here unchanged and never import Ray.
   private single-node Ray instance (:func:`local_ray`: token authentication on, every server on
   127.0.0.1, no dashboard, its own temp dir) and stops it at shutdown. With ``address`` it joins
   that cluster; when Ray is already initialised it uses it and leaves it running. Either way
-  :meth:`RayRuntime.shutdown` kills every actor the run started and waits until they are dead.
+  :meth:`RayRuntime.shutdown` kills every actor the run started and waits until they are dead,
+  except on an instance :func:`local_ray` started around several runs: there the hosts of a
+  run that ended normally let their actors go and stay idle for the next runs (:class:`_Pool`;
+  ``reuse_hosts=False`` opts out).
 """
 
 from __future__ import annotations
