@@ -1,8 +1,8 @@
 """The Ray runtime on a local Ray instance: runs with a killed stage, shard, data shard or
-master, failures that end a run, nothing left behind (but the idle processes a session's
-later runs reuse), loopback and tokens. (Its data plane and
-placement, which need no Ray, are in test_ray_wire.py and test_ray_placement.py; a stage killed
-mid-step is in test_faults.py, over the runtimes that restart.)"""
+master, failures that end a run, nothing left behind (but the idle processes a session's later
+runs reuse), loopback and tokens. (Its data plane and placement, which need no Ray, are in
+test_ray_wire.py and test_ray_placement.py; a stage killed mid-step is in test_faults.py, over
+the runtimes that restart.)"""
 
 from __future__ import annotations
 
