@@ -1,12 +1,16 @@
 """The Ray runtime on a local Ray instance: runs with a killed stage, shard, data shard or
-master, failures that end a run, nothing left behind, loopback and tokens. (Its data plane and
-placement, which need no Ray, are in test_ray_wire.py and test_ray_placement.py; a stage killed
-mid-step is in test_faults.py, over the runtimes that restart.)"""
+master, failures that end a run, nothing left behind (but the idle processes a session's later
+runs reuse), loopback and tokens. (Its data plane and placement, which need no Ray, are in
+test_ray_wire.py and test_ray_placement.py; a stage killed mid-step is in test_faults.py, over
+the runtimes that restart.)"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,8 @@ import psutil  # noqa: E402  (Ray ships it)
 
 import distbelief  # noqa: E402
 from distbelief.core.flat import flatten  # noqa: E402
+from distbelief.runtime.base import Actor  # noqa: E402
+from distbelief.runtime.ray.runtime import idle_host_pids  # noqa: E402
 
 # ------------------------------------------------------------------------------ on Ray
 
@@ -45,6 +51,15 @@ def _hosts() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return out
+
+
+def assert_gone_or_idle(pids: list[int]) -> None:
+    """A finished run's processes are gone, or kept idle for the session's next runs."""
+    assert_gone([p for p in pids if p not in idle_host_pids()])
+
+
+def _pids(result) -> list[int]:
+    return [pid for pids in result.stats["pids"].values() for pid in pids]
 
 
 def test_mnist1d_survives_ray_kill_of_one_stage_of_one_replica(ray_session, mnist1d_data):
@@ -89,14 +104,17 @@ def test_a_slow_shard_makes_its_senders_wait_and_what_they_buffer_stays_bounded(
     assert flow["by_actor"]["replica0.stage0"]["waits"] >= 1
     assert flow["timeouts"] == 0
     assert 0 < flow["peak_buffered"] <= window + 2 * push + 65536, flow
-    assert_gone([pid for pids in result.stats["pids"].values() for pid in pids])
+    assert_gone_or_idle(_pids(result))
 
 
 def test_a_handler_error_ends_the_run_naming_the_actor_and_nothing_is_left(ray_session):
-    assert_gone([p.pid for p in _hosts()])  # earlier tests' actors, if still exiting
+    # A failed run kills every host it had, idle ones of earlier runs it took included.
+    assert_gone_or_idle([p.pid for p in _hosts()])  # earlier tests' actors, if still exiting
+    idle = set(idle_host_pids())
     with pytest.raises(distbelief.ActorFailed, match="replica0.stage1.*loss blew up"):
         toy_run(loss=_loss_failing_on_call(4), stages=2)
-    assert_gone([p.pid for p in _hosts()])
+    assert_gone_or_idle([p.pid for p in _hosts()])
+    assert set(idle_host_pids()) <= idle  # none of its hosts is kept
 
 
 @pytest.mark.parametrize(
@@ -108,7 +126,94 @@ def test_a_dead_actor_that_cannot_restart_ends_the_run_and_nothing_is_left(
     # No restarts left: the run ends naming the actor (within the health period), never hangs.
     with pytest.raises(distbelief.ActorFailed, match=f"'{actor}'.*died"):
         toy_run(runtime_options={"faults": fault, "max_restarts": 0})
-    assert_gone([p.pid for p in _hosts()])
+    assert_gone_or_idle([p.pid for p in _hosts()])
+
+
+# ------------------------------------------------------------------------------ idle hosts
+
+
+def test_a_second_run_in_the_session_reuses_the_first_runs_processes_bit_for_bit(ray_session):
+    first = toy_run(stages=2, shards=2)
+    assert set(_pids(first)) <= set(idle_host_pids())  # all clean: all kept
+    before = {p.pid for p in _hosts()}
+    second = toy_run(stages=2, shards=2)
+    assert set(_pids(second)) == set(_pids(first))  # no process started
+    assert {p.pid for p in _hosts()} <= before
+    assert torch.equal(flatten(first.model.children()), flatten(second.model.children()))
+
+
+class _Disturbs(Actor):
+    """Records what a fresh process's global state gives it, then changes that state."""
+
+    def __init__(self) -> None:
+        self.seen = (torch.rand(4), random.random(), np.random.rand(), torch.get_num_threads())
+        self.seen += (torch.get_default_dtype(), torch.is_grad_enabled())
+        torch.rand(100)
+        torch.set_num_threads(3)
+        torch.set_default_dtype(torch.float64)
+        torch.set_grad_enabled(False)
+
+
+@pytest.fixture
+def process_state():
+    """Put back what adopting actors in this process changes (the host resets it as in a
+    fresh process; here the process is the test's)."""
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+    threads, dtype, grad = (
+        torch.get_num_threads(),
+        torch.get_default_dtype(),
+        torch.is_grad_enabled(),
+    )
+    yield
+    torch.set_rng_state(saved[0])
+    random.setstate(saved[1])
+    np.random.set_state(saved[2])
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.set_grad_enabled(grad)
+
+
+def test_a_host_gives_each_actor_it_adopts_a_fresh_processs_global_state(process_state):
+    from distbelief.runtime.ray.runtime import _Host
+
+    torch.manual_seed(1234)
+    host = _Host()  # records the process's state as a fresh one
+    seen = []
+    for name in ("a", "b"):
+        host.adopt(name, _Disturbs, (), {}, None, 2, b"secret")
+        seen.append(host.actor.seen)
+        assert asyncio.run(host.release()) is True
+    (rng, py, npy, threads, dtype, grad), (rng2, py2, npy2, *rest) = seen
+    assert torch.equal(rng, rng2)  # torch's RNG from the same seed
+    assert py != py2 and npy != npy2  # Python's and numpy's freshly seeded, as at start-up
+    assert (threads, dtype, grad) == tuple(rest) == (2, torch.float32, True)
+
+
+def test_no_faulted_host_is_reused_and_a_failed_run_keeps_none_of_its_hosts(ray_session):
+    faulted = toy_run(stages=2, runtime_options={"faults": ["kill:replica0.stage1@step=5"]})
+    killed, respawned = faulted.stats["pids"]["replica0.stage1"]
+    assert_gone([killed])
+    assert respawned in idle_host_pids() and killed not in idle_host_pids()
+    clean = toy_run(stages=2)
+    assert killed not in _pids(clean)
+    # A run that fails kills every host it had (all the idle ones: it needs more than these).
+    idle = set(idle_host_pids())
+    with pytest.raises(distbelief.ActorFailed, match="died"):
+        toy_run(
+            stages=2, shards=len(idle),
+            runtime_options={"faults": ["kill:replica0.stage1@step=3"], "max_restarts": 0},
+        )  # fmt: skip
+    assert idle_host_pids() == []
+    assert_gone([*idle, *(p.pid for p in _hosts())])
+
+
+def test_reuse_hosts_false_starts_fresh_processes_and_leaves_none(ray_session):
+    idle = idle_host_pids()
+    before = {p.pid for p in _hosts()}
+    result = toy_run(runtime_options={"reuse_hosts": False})
+    assert not set(_pids(result)) & before
+    assert_gone(_pids(result))
+    assert idle_host_pids() == idle
 
 
 def test_mnist1d_survives_a_killed_parameter_shard(ray_session, mnist1d_data, tmp_path):
@@ -252,6 +357,7 @@ def test_every_listening_port_is_on_loopback_and_refuses_a_caller_without_the_to
         ({"placement": "scatter"}, r"^runtime_options: placement must be one of"),
         ({"max_restarts": -1}, r"^runtime_options: max_restarts must be >= 0, got -1$"),
         ({"faults": {"replica0.stage0": (3, "sigstop")}}, r"^faults: 'replica0.stage0': unknown"),
+        ({"reuse_hosts": "no"}, r"^runtime_options: reuse_hosts must be True or False"),
     ],
 )
 def test_bad_runtime_options_are_config_errors_before_anything_starts(options, match):

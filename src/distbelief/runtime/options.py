@@ -120,8 +120,15 @@ class RayOptions:
     num_cpus: int | None = None
     flow_window_bytes: int = FlowControl.window
     flow_timeout_s: float = FlowControl.timeout_s
+    reuse_hosts: bool = True
+    """Inside a ``local_ray()`` block, run actors in the idle processes of earlier runs and
+    leave this run's for later ones (a failed run leaves none); False: fresh ones, none left."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reuse_hosts, bool):
+            raise ConfigError(
+                f"runtime_options: reuse_hosts must be True or False, got {self.reuse_hosts!r}"
+            )
         window = self.flow_window_bytes
         if not isinstance(window, int) or window < 0:
             raise ConfigError(

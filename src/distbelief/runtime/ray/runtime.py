@@ -27,7 +27,10 @@ classes the in-process runtime hosts run here unchanged and never import Ray.
   private single-node Ray instance (:func:`local_ray`: token authentication on, every server on
   127.0.0.1, no dashboard, its own temp dir) and stops it at shutdown. With ``address`` it joins
   that cluster; when Ray is already initialised it uses it and leaves it running. Either way
-  :meth:`RayRuntime.shutdown` kills every actor the run started and waits until they are dead.
+  :meth:`RayRuntime.shutdown` kills every actor the run started and waits until they are dead,
+  except on an instance :func:`local_ray` started around several runs: there the hosts of a
+  run that ended normally let their actors go and stay idle for the next runs (:class:`_Pool`;
+  ``reuse_hosts=False`` opts out).
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import queue
+import random
 import secrets
 import shutil
 import signal
@@ -56,7 +61,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ...errors import ActorFailed, ConfigError, RunTimeout
+from ...errors import ActorFailed, ConfigError, RunStopped, RunTimeout
 from .. import faults as fault_plans
 from ..base import DRIVER, Actor, Failure, NamedRef, stop_signals_as_flag
 from ..faults import Fault
@@ -113,9 +118,40 @@ class _HostContext:
 
 class _Host:
     """One Ray actor (an asyncio one: its event loop runs the data plane and the hosted actor's
-    handlers, one at a time) hosting one distbelief actor."""
+    handlers, one at a time) hosting one distbelief actor at a time: :meth:`adopt` takes one,
+    :meth:`release` lets it go, after which the process can adopt another (of a later run in
+    the same Ray instance: see :class:`_Pool`) as a fresh process would."""
 
-    def __init__(
+    def __init__(self) -> None:
+        # What a fresh process has, to give each adopted actor the same (see _reset).
+        self._seed = torch.initial_seed()
+        self._threads = torch.get_num_threads()
+        self._dtype = torch.get_default_dtype()
+        self._deterministic = torch.are_deterministic_algorithms_enabled()
+        self.name = ""
+        self.fault: Fault | None = None
+        self.dead = False
+        self.actor: Actor | None = None
+        self.endpoint: Endpoint | None = None
+        self.sock: socket.socket | None = None
+        self.driver_progress: asyncio.Event | None = None
+
+    def _reset(self, threads: int) -> None:
+        """Put back the process-wide state an earlier actor may have changed: torch's
+        default RNG (at its start-up seed), Python's and numpy's global RNGs (fresh entropy,
+        as at start-up), torch's thread count, default dtype, grad mode and determinism."""
+        torch.manual_seed(self._seed)
+        random.seed()
+        numpy = sys.modules.get("numpy")
+        if numpy is not None:
+            numpy.random.seed()
+        # many actors share a node's cores
+        torch.set_num_threads(threads if threads > 0 else self._threads)
+        torch.set_default_dtype(self._dtype)
+        torch.set_grad_enabled(True)
+        torch.use_deterministic_algorithms(self._deterministic)
+
+    def adopt(
         self,
         name: str,
         cls: type[Actor],
@@ -128,8 +164,11 @@ class _Host:
         flow: FlowControl | None = None,
         restarted: bool = False,
     ) -> None:
-        if threads > 0:
-            torch.set_num_threads(threads)  # many actors share a node's cores
+        """Host a new actor: ``cls(*args, **kwargs)`` named ``name``, its data plane not yet
+        listening (:meth:`start`)."""
+        if self.actor is not None or self.dead:
+            raise RuntimeError(f"this host already hosts {self.name!r}")
+        self._reset(threads)
         self.name = name
         self.fault = fault
         self.delivered = 0  # messages given to the actor (what a message= fault counts)
@@ -149,6 +188,26 @@ class _Host:
         # A planned delay sleeps in the handler, on this host's event loop: nothing else of
         # this actor runs meanwhile, as on a slow machine.
         self.handlers = fault_plans.slowed(self.actor.bound_handlers(), delay)
+
+    async def release(self) -> bool:
+        """Let the actor go: close its data plane, drop it. Returns whether this host can
+        adopt another: its actor never raised nor reached its planned fault point."""
+        clean = self.actor is not None and not self.dead
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.close()
+            if endpoint._timer is not None:  # a flow-control wait re-arms itself: end it
+                endpoint._timer.cancel()
+                endpoint._timer = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.actor = self.handlers = None  # type: ignore[assignment]
+        self.outbox, self.refs, self.fault = {}, {}, None
+        await asyncio.sleep(0)  # let closed connections report it before the actor goes
+        gc.collect()
+        self.dead = self.dead or not clean
+        return clean
 
     async def start(self, addresses: dict[str, Address]) -> tuple[str, int, Address]:
         """Listen, learn the peers' addresses; returns node id, pid and listening address."""
@@ -266,6 +325,92 @@ class _DriverEndpoint:
             self.loop.close()
 
 
+# ------------------------------------------------------------------------------ idle hosts
+
+IDLE_PER_NODE = 32
+"""Most idle hosts kept per node (the excess is killed)."""
+
+
+def _instance() -> str:
+    """What tells this Ray instance from a later one (a new one may reuse the address)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    session = getattr(node, "session_name", None)
+    return f"{ray.get_runtime_context().gcs_address}/{session}"
+
+
+@dataclasses.dataclass
+class _Idle:
+    """A host whose actor was released: it can adopt the next run's."""
+
+    handle: Any
+    pid: int
+
+
+class _Pool:
+    """The idle hosts of the Ray instance that :func:`local_ray` started in this process, by
+    node: a run takes its hosts from here before it starts processes, and gives back the clean
+    ones when it ends normally. Open only inside ``local_ray`` (which kills them before it stops
+    Ray): on a cluster joined by address a run leaves nothing behind."""
+
+    def __init__(self) -> None:
+        self.instance: str | None = None
+        self.idle: dict[str, list[_Idle]] = {}
+
+    def open(self) -> None:
+        """Pool hosts of the current Ray instance from now on."""
+        self.instance, self.idle = _instance(), {}
+
+    def active(self) -> bool:
+        """Whether runs pool their hosts: the instance ``local_ray`` started is the current
+        one (if it is gone, its idle hosts went with it and are forgotten)."""
+        if self.instance is None:
+            return False
+        if not ray.is_initialized() or _instance() != self.instance:
+            self.instance, self.idle = None, {}
+            return False
+        return True
+
+    def take(self, node: str) -> _Idle | None:
+        """An idle host on ``node``, if any (it is no longer idle)."""
+        hosts = self.idle.get(node)
+        return hosts.pop() if hosts else None
+
+    def give(self, node: str, host: _Idle) -> bool:
+        """Keep ``host`` idle on ``node``; False (the caller kills it) if the node has enough."""
+        hosts = self.idle.setdefault(node, [])
+        if len(hosts) >= IDLE_PER_NODE:
+            return False
+        hosts.append(host)
+        return True
+
+    def close(self) -> None:
+        """Kill every idle host, wait until they are dead, and pool nothing more."""
+        hosts = [h.handle for hs in self.idle.values() for h in hs]
+        self.instance, self.idle = None, {}
+        _kill(hosts)
+
+
+_pool = _Pool()
+
+
+def idle_host_pids() -> list[int]:
+    """Process ids of the idle hosts kept for later runs (see :class:`_Pool`)."""
+    return [h.pid for hs in _pool.idle.values() for h in hs] if _pool.active() else []
+
+
+def _kill(handles: list[Any], timeout: float = 30.0) -> None:
+    """Kill Ray actors and wait (up to ``timeout``) until Ray reports each of them dead."""
+    for h in handles:
+        with contextlib.suppress(Exception):
+            ray.kill(h, no_restart=True)
+    probes = []
+    for h in handles:
+        with contextlib.suppress(Exception):
+            probes.append(h.ping.remote())
+    if probes:
+        ray.wait(probes, num_returns=len(probes), timeout=timeout)
+
+
 # ------------------------------------------------------------------------------ local Ray
 
 
@@ -326,8 +471,11 @@ def local_ray(num_cpus: int | None = None, **init_options: Any) -> Iterator[None
         options.update(init_options)
         with _loopback_node_ip(), _sigterm_kept():
             ray.init(**options)
+        _pool.open()
         yield
     finally:
+        if _pool.active():
+            _pool.close()  # the idle hosts of this instance's runs
         ray.shutdown()
         for k, v in saved.items():
             if v is None:
@@ -396,6 +544,11 @@ class _Spec:
     address: Address | None = None
     sent: int = 0
     """Messages the driver sent to the current incarnation."""
+    adopted: Any = None
+    """The Ray call by which the current host adopts the actor (see :meth:`_Host.adopt`)."""
+    pooled: bool = False
+    """Whether the current host was an idle one of an earlier run (:class:`_Pool`)."""
+    restarted: bool = False
 
 
 class RayRuntime:
@@ -419,6 +572,10 @@ class RayRuntime:
       flow control off). See ``wire`` (flow control) for how cycles cannot deadlock.
     * ``flow_timeout_s``: longest such wait before one more message is handled anyway,
       counted and logged (default 5).
+    * ``reuse_hosts``: inside a :func:`local_ray` block, take the actor processes that earlier
+      runs left idle, and leave this run's idle for later ones when it ends normally (a failed
+      run kills them all); default True. False: start fresh processes and leave none. (Never
+      on a cluster joined by address, nor on the instance a run starts for itself.)
     """
 
     name = "ray"
@@ -445,6 +602,8 @@ class RayRuntime:
         self._pings: dict[Any, str] = {}
         self._next_watch = 0.0
         self._closed = False
+        self._own_instance = False  # a local_ray of its own: nothing to keep hosts for
+        self._failed = False  # the run ended in an error of the runtime's: kill every host
         self.restarts = self._supervisor.restarts
         """Restarts per actor name."""
         self.pids: dict[str, list[int]] = {}
@@ -453,6 +612,7 @@ class RayRuntime:
             if not ray.is_initialized():
                 if address is None:
                     self._stack.enter_context(local_ray(num_cpus=num_cpus))
+                    self._own_instance = True
                 else:
                     check_address(address)  # ray.init retries a dead address for minutes
                     with _sigterm_kept():
@@ -483,13 +643,15 @@ class RayRuntime:
         return RayRef(name)
 
     def tell(self, ref: RayRef, message: Any) -> None:
-        self._start_pending(time.monotonic() + self._startup_timeout)
-        self._supervisor.wiring(ref.name, message)
-        self._send(ref.name, message)
+        with self._failing():
+            self._start_pending(time.monotonic() + self._startup_timeout)
+            self._supervisor.wiring(ref.name, message)
+            self._send(ref.name, message)
 
     def converse(self, ref: RayRef, message: Any, *, timeout: float) -> Iterator[Any]:
         deadline = time.monotonic() + timeout
-        with stop_signals_as_flag() as interrupted:  # a stop during start-up counts after it
+        # A stop during start-up counts after it.
+        with self._failing(), stop_signals_as_flag() as interrupted:
             self._start_pending(min(deadline, time.monotonic() + self._startup_timeout))
             self._supervisor.partner = ref
             self._barrier(list(self._specs), deadline)  # the wiring is in place before any flow
@@ -502,21 +664,52 @@ class RayRuntime:
                 yield from mail
 
     def shutdown(self) -> None:
+        """Kill every host of the run and wait until they are dead; after a run that ended
+        normally (finished, or stopped by a stop signal) with pooling on, the hosts that
+        release their actor cleanly are kept idle for later runs instead (:class:`_Pool`)."""
         if self._closed:
             return
         self._closed = True
         try:
             if ray.is_initialized():
-                handles = [s.handle for s in self._specs.values() if s.handle is not None]
-                for h in handles:
-                    with contextlib.suppress(Exception):
-                        ray.kill(h, no_restart=True)
-                # Wait until Ray reports each of them dead, so none outlives the run.
-                probes = [h.ping.remote() for h in handles]
-                if probes:
-                    ray.wait(probes, num_returns=len(probes), timeout=30)
+                specs = [s for s in self._specs.values() if s.handle is not None]
+                if not self._failed and self._reuse():
+                    specs = self._release(specs)
+                _kill([s.handle for s in specs])  # none outlives the run
         finally:
             self._stack.close()
+
+    def _reuse(self) -> bool:
+        """Whether this run takes and leaves idle hosts (see ``reuse_hosts``)."""
+        return self.options.reuse_hosts and not self._own_instance and _pool.active()
+
+    def _release(self, specs: list[_Spec], timeout: float = 10.0) -> list[_Spec]:
+        """Have each host let its actor go; keep the clean ones idle. Returns the others."""
+        self._pings.clear()  # the watch is over
+        calls = {s.handle.release.remote(): s for s in specs}
+        done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout)
+        kept = set()
+        for ref in done:
+            spec = calls[ref]
+            try:
+                clean = ray.get(ref) is True
+            except Exception:  # noqa: BLE001 - a host that died or failed is killed
+                clean = False
+            if clean and _pool.give(spec.node, _Idle(spec.handle, spec.pid)):
+                kept.add(id(spec))
+        return [s for s in specs if id(s) not in kept]
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Note a run that ends in an error here (an actor failed or died for good, a
+        timeout): its hosts are all killed. A stop signal between two messages is no error."""
+        try:
+            yield
+        except (RunStopped, GeneratorExit):
+            raise
+        except BaseException:
+            self._failed = True
+            raise
 
     # -------------------------------------------------------------- introspection
 
@@ -564,15 +757,24 @@ class RayRuntime:
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         return [me, *(n for n in alive if n != me)] if me in alive else alive
 
-    def _create(self, name: str, node: str, restarted: bool = False) -> None:
+    def _create(self, name: str, node: str, restarted: bool = False, fresh: bool = False) -> None:
+        """Give the actor a host on ``node``: an idle one if pooling is on and there is one
+        (unless ``fresh``), else a new process. :meth:`_start` waits for it."""
         spec = self._specs[name]
-        spec.node, spec.sent = node, 0
-        spec.handle = _RemoteHost.options(
-            num_cpus=0,
-            max_restarts=0,
-            max_task_retries=0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
-        ).remote(
+        spec.node, spec.sent, spec.restarted = node, 0, restarted
+        idle = None if fresh or not self._reuse() else _pool.take(node)
+        spec.pooled = idle is not None
+        if idle is not None:
+            spec.handle = idle.handle
+        else:
+            spec.handle = _RemoteHost.options(
+                num_cpus=0,
+                max_restarts=0,
+                max_task_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote()
+        # An async actor may start calls out of order: _start waits for this before start.
+        spec.adopted = spec.handle.adopt.remote(
             name, spec.cls, spec.args, spec.kwargs, spec.fault, self._threads, self._secret,
             spec.delay, self._flow, restarted,
         )  # fmt: skip
@@ -602,8 +804,37 @@ class RayRuntime:
         new = {n: self._specs[n].address for n in names}
         self._update(list(self._specs), new, deadline)  # new hosts learn each other too
 
+    def _adopt(self, names: list[str], deadline: float) -> None:
+        """Wait until the new hosts have built their actors; an idle host that died
+        meanwhile is replaced by a new process, once."""
+        for attempt in (0, 1):
+            calls = {self._specs[n].adopted: n for n in names}
+            remaining = max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(list(calls), num_returns=len(calls), timeout=remaining)
+            if pending:
+                late = ", ".join(sorted({calls[r] for r in pending}))
+                raise RunTimeout(f"actors did not start within the timeout: {late}")
+            retry = []
+            for ref in done:
+                name, spec = calls[ref], self._specs[calls[ref]]
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:
+                    if not (spec.pooled and attempt == 0):
+                        raise ActorFailed(name, "its constructor", exc) from None
+                    retry.append(name)
+                except Exception as exc:  # noqa: BLE001 - the actor's constructor raised
+                    raise ActorFailed(name, "its constructor", exc) from None
+            for name in retry:
+                spec = self._specs[name]
+                self._create(name, spec.node, spec.restarted, fresh=True)  # type: ignore[arg-type]
+            names = retry
+            if not names:
+                return
+
     def _start(self, names: list[str], deadline: float) -> None:
-        """Start the data plane of new hosts (which waits for their constructors)."""
+        """Start the data plane of new hosts (once they have built their actors)."""
+        self._adopt(names, deadline)
         addresses = self._addresses()
         calls = {self._specs[n].handle.start.remote(addresses): n for n in names}
         for name, result in self._wait(calls, deadline, "start").items():
@@ -756,4 +987,4 @@ def _same_address(wanted: str | None, connected: str) -> bool:
         return False
 
 
-__all__ = ["RayRef", "RayRuntime", "local_ray"]
+__all__ = ["RayRef", "RayRuntime", "idle_host_pids", "local_ray"]
