@@ -4,11 +4,18 @@ engine tests over every runtime that can run here."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 # One intra-op thread for torch here and in every process a test starts (Ray workers inherit
 # the environment). The tests check correctness, not speed; on a busy 2-core machine torch's
 # spinning worker threads made single tests 20-80x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Generated datasets (MNIST-1D takes seconds to make) are cached for this session only, in a
+# directory every process the tests start inherits and that is removed at the end: the user's
+# own cache is neither read nor written.
+_CACHE = tempfile.mkdtemp(prefix="distbelief-test-cache-")
+os.environ["DISTBELIEF_CACHE_DIR"] = _CACHE
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -66,3 +73,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if "processes" in names:
             item.add_marker(pytest.mark.processes)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)

@@ -3,17 +3,58 @@ package."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from .tensors import Data
+
+CACHE_ENV = "DISTBELIEF_CACHE_DIR"
+"""Environment variable naming the directory of generated datasets; set to an empty string, no
+dataset is cached."""
+
+_MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
+
+
+def cache_dir() -> Path | None:
+    """Where generated datasets are kept: ``$DISTBELIEF_CACHE_DIR`` if set (empty: nowhere),
+    else ``$XDG_CACHE_HOME/distbelief``, else ``~/.cache/distbelief``."""
+    if CACHE_ENV in os.environ:
+        return Path(os.environ[CACHE_ENV]) if os.environ[CACHE_ENV] else None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "distbelief"
 
 
 def mnist1d(num_samples: int = 10000, seed: int = 42) -> tuple[Data, Data]:
     """MNIST-1D generated locally by the ``mnist1d`` package (``make_dataset``, no download).
 
     Returns ``((X_train, y_train), (X_test, y_test))``; inputs are float32 of length 40.
+    Generating it takes seconds, so the arrays are kept in :func:`cache_dir` (one ``.npz``
+    per size, seed and ``mnist1d`` version, written whole or not at all) and read from there
+    afterwards; a cache file that cannot be read is made again, and a cache that cannot be
+    written is skipped.
     """
+    from importlib.metadata import version
+
+    name = f"mnist1d-{version('mnist1d')}-{num_samples}-{seed}.npz"
+    where = cache_dir()
+    arrays = _read_cached(where / name) if where is not None else None
+    if arrays is None:
+        arrays = _make_mnist1d(num_samples, seed)
+        if where is not None:
+            _write_cached(where / name, arrays)
+    to_x = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    to_y = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
+    x, y, x_test, y_test = (arrays[k] for k in _MNIST1D_ARRAYS)
+    return (to_x(x), to_y(y)), (to_x(x_test), to_y(y_test))
+
+
+def _make_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
@@ -28,9 +69,42 @@ def mnist1d(num_samples: int = 10000, seed: int = 42) -> tuple[Data, Data]:
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    to_x = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    to_y = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
-    return (to_x(d["x"]), to_y(d["y"])), (to_x(d["x_test"]), to_y(d["y_test"]))
+    return {k: np.asarray(d[k]) for k in _MNIST1D_ARRAYS}
+
+
+def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file, or None if it is missing or not a whole one."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in _MNIST1D_ARRAYS}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    whole = (
+        arrays["x"].ndim == 2
+        and arrays["x_test"].ndim == 2
+        and len(arrays["x"]) == len(arrays["y"])
+        and len(arrays["x_test"]) == len(arrays["y_test"])
+    )
+    return arrays if whole else None
+
+
+def _write_cached(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically (a temporary file renamed), so a reader never sees half a file; any
+    failure (read-only or full disk) leaves the cache as it was."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 XOR_TABLE = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
