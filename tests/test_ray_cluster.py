@@ -92,19 +92,31 @@ def _current_cluster() -> str | None:
     return path.read_text() if path.exists() else None
 
 
-def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(ray_tmp):
-    report = _finished("cluster", ray_tmp)
+@pytest.fixture(scope="module")
+def two_nodes() -> dict:
+    """One script, one two-node cluster, two runs on it: the cluster run, then the node loss
+    (starting a cluster costs seconds; the runs do not share actors)."""
+    tmp = Path(tempfile.mkdtemp(prefix="distbelief-test-ray-"))
+    before = _current_cluster()
+    try:
+        yield _finished("two_nodes", tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert _current_cluster() == before, "a test changed /tmp/ray/ray_current_cluster"
+
+
+def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(two_nodes):
+    report = two_nodes["cluster"]
     nodes = report["nodes"]
     assert len(set(report["cluster"])) == 2 and set(nodes.values()) == set(report["cluster"])
     assert nodes["shard0"] != nodes["shard1"]
-    for r in range(2):
-        assert nodes[f"replica{r}.stage0"] != nodes[f"replica{r}.stage1"]
+    assert nodes["replica0.stage0"] != nodes["replica0.stage1"]
     assert report["accuracy"] >= 0.60
     assert_gone(report["pids"])
 
 
-def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_completes(ray_tmp):
-    report = _finished("node_loss", ray_tmp)
+def test_a_stage_whose_node_is_gone_is_restarted_on_another_and_the_run_completes(two_nodes):
+    report = two_nodes["node_loss"]
     # Only the second stage was on the lost node: one restart, and it now runs on the head.
     assert report["restarts"] == {"replica0.stage1": 1}
     assert report["stage_node_after"] == report["head"] != report["lost"]
@@ -140,52 +152,51 @@ def _pids(result) -> list[int]:
     return [p for ps in result.stats["pids"].values() for p in ps]
 
 
-def _cluster(data) -> dict:
-    """MNIST-1D over two nodes, joined by address as a user would."""
-    import ray
-
-    cluster, _ = _two_nodes()
-    try:
-        options = {"address": cluster.address}
-        result = mnist1d_run(data, replicas=2, shards=2, runtime_options=options)
-        ray.init(address=cluster.address)
-        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        ray.shutdown()
-    finally:
-        cluster.shutdown()
-    return {
-        "nodes": result.stats["nodes"],
-        "cluster": alive,
-        "pids": _pids(result),
-        "accuracy": result.history.accuracy,
-    }
-
-
-def _node_loss(data) -> dict:
-    """Two nodes; the second goes away once training runs, taking a stage with it."""
+def _two_node_runs(data) -> dict:
+    """MNIST-1D over two nodes, joined by address as a user would; then, on the same cluster,
+    the second node goes away once training runs, taking a stage with it."""
     import ray
 
     # Declare a lost node dead within seconds, not after Ray's default tens of seconds.
     fast = {"health_check_period_ms": 500, "health_check_timeout_ms": 500}
     cluster, second = _two_nodes(**fast, health_check_failure_threshold=3)
     try:
-        ray.init(address=cluster.address)  # the run uses this connection and leaves it
-        head = ray.get_runtime_context().get_node_id()
-        # All but the second stage on the head; that stage goes to the other node (a
-        # replica's stages are spread).
-        pins = {name: head for name in ("shard0", "data0", "master")}
-        removed = []
-
-        def progress(_report) -> None:
-            if not removed:
-                removed.append(True)
-                cluster.remove_node(second, allow_graceful=False)
-
-        options = {"placement": pins}
-        result = mnist1d_run(data, epochs=3, runtime_options=options, progress=progress)
+        options = {"address": cluster.address}
+        result = mnist1d_run(data, shards=2, runtime_options=options)
+        ray.init(address=cluster.address)  # the node-loss run uses this connection
+        alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        report = {
+            "cluster": {
+                "nodes": result.stats["nodes"],
+                "cluster": alive,
+                "pids": _pids(result),
+                "accuracy": result.history.accuracy,
+            },
+            "node_loss": _node_loss(data, cluster, second),
+        }
         ray.shutdown()
     finally:
         cluster.shutdown()
+    return report
+
+
+def _node_loss(data, cluster, second) -> dict:
+    """The second node goes away once training runs, taking a stage with it."""
+    import ray
+
+    head = ray.get_runtime_context().get_node_id()
+    # All but the second stage on the head; that stage goes to the other node (a replica's
+    # stages are spread).
+    pins = {name: head for name in ("shard0", "data0", "master")}
+    removed = []
+
+    def progress(_report) -> None:
+        if not removed:
+            removed.append(True)
+            cluster.remove_node(second, allow_graceful=False)
+
+    options = {"placement": pins}
+    result = mnist1d_run(data, epochs=3, runtime_options=options, progress=progress)
     return {
         "lost": second.node_id,
         "head": head,
@@ -216,9 +227,9 @@ def _own_ray(data) -> dict:
         ]
         seen["session_dir"] = ray._private.worker._global_node.get_session_dir_path()
 
-    # One replica of two stages: what is checked is the instance's processes, not training.
+    # One replica of one stage: what is checked is the instance's processes, not training.
     distbelief.train(mlp([40, 64, 10]), data[0], loss="cross_entropy", lr=0.05, batch_size=32,
-                     epochs=1, stages=2, seed=0, runtime="ray", progress=progress)  # fmt: skip
+                     epochs=1, seed=0, runtime="ray", progress=progress)  # fmt: skip
     return seen
 
 
@@ -226,10 +237,8 @@ def _main(mode: str) -> None:
     from distbelief.data.inputs import mnist1d
 
     data = mnist1d()
-    if mode == "cluster":
-        report = _cluster(data)
-    elif mode == "node_loss":
-        report = _node_loss(data)
+    if mode == "two_nodes":
+        report = _two_node_runs(data)
     else:
         report = _own_ray(data)
     print(MARK + json.dumps(report), flush=True)

@@ -395,7 +395,7 @@ def test_nothing_of_a_ray_run_outlives_its_driver(sig):
     # driver's private Ray instance keeps its files in a distbelief-ray-* dir inside it.
     tmp = tempfile.mkdtemp(prefix="db-stop-", dir="/tmp")
     root = Path(tmp) / "ck"
-    cmd = [sys.executable, "-m", "distbelief", "train", "--runtime", "ray", "--replicas", "2",
+    cmd = [sys.executable, "-m", "distbelief", "train", "--runtime", "ray", "--replicas", "1",
            "--stages", "1", "--shards", "1", "--epochs", "500", "--seed", "0", "--no-run-dir",
            "--quiet", "--checkpoint-dir", str(root), "--checkpoint-every", "50"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": tmp}
