@@ -196,9 +196,6 @@ class _Host:
         endpoint, self.endpoint = self.endpoint, None
         if endpoint is not None:
             endpoint.close()
-            if endpoint._timer is not None:  # a flow-control wait re-arms itself: end it
-                endpoint._timer.cancel()
-                endpoint._timer = None
         if self.sock is not None:
             self.sock.close()
             self.sock = None

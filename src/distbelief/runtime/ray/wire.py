@@ -588,7 +588,11 @@ class Endpoint:
         }
 
     def close(self) -> None:
-        """Stop listening and close every connection."""
+        """Stop listening, close every connection, end a flow-control wait (its timer re-arms
+        itself otherwise)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.server is not None:
             self.server.close()
         for conn in [*self.outgoing.values(), *self.incoming]:
