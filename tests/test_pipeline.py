@@ -399,6 +399,29 @@ def test_ctrl_c_with_two_in_flight_keeps_what_was_trained():
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+def test_a_stage_killed_with_two_in_flight_is_survived_on_ray(ray_session):
+    """Ray has no tap to watch the redone steps by (the test above does, in process): here
+    each step is counted once, the stage runs in a new process, and the run trains."""
+    model = mlp([10, 16, 16, 3])
+    x, y = toy_data()
+    result = distbelief.train(
+        model, (x, y), epochs=2, stages=2, pipeline_depth=2, eval_data=(x, y), runtime="ray",
+        runtime_options={"faults": ["kill:replica0.stage1@step=5"]}, **KW,
+    )  # fmt: skip
+    assert result.stats["restarts_by_actor"] == {"replica0.stage1": 1}
+    assert result.stats["steps"] == 2 * 256 // 16  # every step counted once
+    assert result.stats["examples"] == 2 * 256
+    first, second = result.stats["pids"]["replica0.stage1"]
+    assert first != second
+    trained = flatten(result.model.children())
+    assert torch.isfinite(trained).all() and not torch.equal(trained, flatten(model.children()))
+    with torch.no_grad():
+        untrained = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert result.history.eval[-1]["loss"] < untrained
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["processes", pytest.param("ray", marks=pytest.mark.ray)])
 def test_two_in_flight_trains_on_the_other_runtimes(request, runtime):
     if runtime == "ray":
