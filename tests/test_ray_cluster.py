@@ -12,6 +12,7 @@ No fast test here: every test starts Ray instances of its own, in processes of i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -20,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -78,13 +80,23 @@ def _report(proc: subprocess.Popen, timeout: float) -> dict:
     raise AssertionError(f"no report from the script within {timeout} s")
 
 
-@pytest.fixture
-def ray_tmp():
+@contextlib.contextmanager
+def _ray_dir() -> Iterator[Path]:
+    """A directory of its own for a script's Ray files (RAY_TMPDIR), removed afterwards; and
+    /tmp/ray's record of the current cluster left as it was."""
     tmp = Path(tempfile.mkdtemp(prefix="distbelief-test-ray-"))
     before = _current_cluster()
-    yield tmp
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert _current_cluster() == before, "a test changed /tmp/ray/ray_current_cluster"
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    with _ray_dir() as tmp:
+        yield tmp
 
 
 def _current_cluster() -> str | None:
@@ -93,16 +105,11 @@ def _current_cluster() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def two_nodes() -> dict:
+def two_nodes() -> Iterator[dict]:
     """One script, one two-node cluster, two runs on it: the cluster run, then the node loss
     (starting a cluster costs seconds; the runs do not share actors)."""
-    tmp = Path(tempfile.mkdtemp(prefix="distbelief-test-ray-"))
-    before = _current_cluster()
-    try:
+    with _ray_dir() as tmp:
         yield _finished("two_nodes", tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    assert _current_cluster() == before, "a test changed /tmp/ray/ray_current_cluster"
 
 
 def test_two_node_cluster_gets_shards_and_stages_on_different_nodes(two_nodes):
