@@ -50,6 +50,7 @@ def train(
     epochs: int | None = None,
     stages: int | Sequence[int] = 1,
     pipeline_depth: int = 1,
+    partitions: int = 1,
     replicas: int = 1,
     shards: int = 1,
     optimizer: str | None = None,
@@ -90,6 +91,11 @@ def train(
     ``pipeline_depth`` (Downpour only, with ``stages`` > 1): mini-batches each replica keeps in
     flight through its stages, each backward pass with the parameters its own forward pass
     used (weight stashing); 1 (default): one at a time (see ``docs/pipelining.md``).
+    ``partitions`` (Downpour only): each stage's layers cut into this many blocks of units,
+    one actor per block, which send each other only what crosses their boundaries (the
+    paper's Figure 1; ``Linear``, ``distbelief.nn.LocallyConnected1d/2d``, element-wise
+    layers, ``Flatten``, ``Unflatten``); 1 (default): one actor per stage (see
+    ``docs/partitions.md``).
     ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
     TensorBoard event files there (see ``runlog``); None (default) writes nothing.
     ``checkpoint_dir``, ``checkpoint_every``, ``resume`` (Downpour only): write checkpoints

@@ -93,7 +93,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
                        "train_size"),
     "Algorithm": ("algorithm", "epochs", "lr", "batch_size", "optimizer", "seed", "n_fetch",
                   "n_push", "warmstart_steps", "steps", "history", "portions"),
-    "Layout": ("replicas", "stages", "pipeline_depth", "shards"),
+    "Layout": ("replicas", "stages", "pipeline_depth", "partitions", "shards"),
     "Runtime": ("runtime", "address", "shard_updates", "cluster", "torch_threads"),
     "Output": ("as_json", "quiet", "run_dir", "no_run_dir", "eval_every", "checkpoint_dir",
                "checkpoint_every", "resume", "config"),

@@ -572,3 +572,166 @@ def run_blocks(
     # Every block held the whole input: their partial gradients sum.
     input_grad = torch.stack(grads).sum(0)
     return BlocksRun(plan.output.assemble(pieces), input_grad, param_grads)
+
+
+# ------------------------------------------------------------- one block's pass, resumable
+
+Send = tuple[int, int, torch.Tensor]
+"""``(block, layer, tensor)``: what a block sends another across their boundary before (or,
+going back, after) the stage's layer ``layer``: a part of its piece, or a gradient."""
+
+
+class BlockPass:
+    """One block's forward and backward pass of one mini-batch through its stage, as a
+    partition actor runs it: :func:`run_blocks`'s loop for one block, stopping at each split
+    layer whose input strip needs other blocks' pieces (forward) and at each whose input
+    gradient needs other blocks' partials (backward), and carrying on when they are given.
+
+    Pure: :meth:`forward` and :meth:`backward` return what to send (``Send``: block, layer,
+    tensor, a fresh copy); :meth:`receive` and :meth:`receive_grad` take what came, in any
+    order and at any time (before the pass reaches that layer too). ``params`` are, per layer,
+    the block's parameter slices as leaf tensors (empty for a layer without any): the
+    parameters' gradients are taken with respect to them (:attr:`param_grads`). With
+    ``wants_input`` false (the first stage) the gradient of the stage's input is not computed.
+    """
+
+    def __init__(
+        self,
+        plan: StagePlan,
+        block: int,
+        layers: Sequence[nn.Module],
+        wants_input: bool = True,
+    ) -> None:
+        self.plan, self.block, self.layers = plan, block, layers
+        self.wants_input = wants_input
+        self.params: Sequence[Sequence[torch.Tensor]] = ()
+        self.layer = 0  # the next layer to run forward
+        self.current: torch.Tensor | None = None  # what enters it
+        self.saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # piece, in, out
+        self.arrived: dict[tuple[int, int], torch.Tensor] = {}  # (layer, src block) -> part
+        self.returned: dict[tuple[int, int], torch.Tensor] = {}  # (layer, dst block) -> grad
+        self.sent = -1  # the last layer whose transfers were sent (forward)
+        self.back = -1  # the next layer to run backward (-1: not started, or done)
+        self.awaiting = False  # its strip's gradients are sent, it waits for its own
+        self.grad: torch.Tensor | None = None  # the gradient flowing back
+        self.output: torch.Tensor | None = None
+        """The block's piece of the stage's output, once the forward pass is done."""
+        self.input_grad: torch.Tensor | None = None
+        """The block's partial gradient of the stage's whole input (the blocks' partials
+        sum), once the backward pass is done (with ``wants_input``)."""
+        self.param_grads: list[list[torch.Tensor]] = [[] for _ in layers]
+        """Per layer, the gradients of the block's parameter slices."""
+        self.done = False
+        """Whether the backward pass is done."""
+
+    def receive(self, layer: int, src: int, values: torch.Tensor) -> None:
+        """Block ``src``'s part of its piece, for the strip of ``layer``."""
+        self.arrived[layer, src] = values
+
+    def receive_grad(self, layer: int, dst: int, grad: torch.Tensor) -> None:
+        """Block ``dst``'s gradient of the part of this block's piece it read for ``layer``."""
+        self.returned[layer, dst] = grad
+
+    def start(self, x: torch.Tensor, params: Sequence[Sequence[torch.Tensor]]) -> list[Send]:
+        """Begin the forward pass on the stage's input ``x`` (all of it) with ``params``."""
+        self.current, self.params = x, params
+        return self.forward()
+
+    def forward(self) -> list[Send]:
+        """Run layers until one needs what has not arrived, or the stage's output is done."""
+        plan, b = self.plan, self.block
+        sends: list[Send] = []
+        while self.current is not None and self.layer < len(plan.layers):
+            i = self.layer
+            lp, layer, piece = plan.layers[i], self.layers[i], self.current
+            if lp.kind in ("whole", "follow"):
+                xin = piece
+            elif lp.input is None:
+                xin = strip_of_whole(lp, b, piece)
+            else:
+                if self.sent < i:
+                    self.sent = i
+                    for t, v in pieces_to_send(lp, b, piece):
+                        if t.dst == b:
+                            self.arrived[i, b] = v
+                        else:
+                            sends.append((t.dst, i, v.clone()))
+                mine = [t for t in lp.transfers if t.dst == b]
+                if any((i, t.src) not in self.arrived for t in mine):
+                    return sends
+                xin = assemble_strip(lp, b, [(t, self.arrived.pop((i, t.src))) for t in mine])
+            xin = xin.detach().requires_grad_()
+            used = xin.clone() if getattr(layer, "inplace", False) else xin
+            out = block_forward(lp, b, layer, used, self.params[i] if self.params[i] else None)
+            self.saved.append((piece, xin, out))
+            self.current = out.detach()
+            self.layer += 1
+        if self.layer == len(plan.layers):
+            self.output = self.current
+        return sends
+
+    def backward(self, grad: torch.Tensor | None = None) -> list[Send]:
+        """Begin the backward pass with ``grad``, the gradient of the block's output piece
+        (or, without it, carry on); run layers back until one needs what has not returned."""
+        plan, b = self.plan, self.block
+        if grad is not None:
+            self.grad, self.back = grad, len(plan.layers) - 1
+        sends: list[Send] = []
+        while self.back >= 0:
+            i = self.back
+            lp = plan.layers[i]
+            piece, xin, out = self.saved[i]
+            if not self.awaiting:
+                params = list(self.params[i])
+                last = not self.wants_input and lp.input is None  # nothing before needs it
+                inputs = params if last else [xin, *params]
+                got = (
+                    torch.autograd.grad(
+                        out, inputs, self.grad, allow_unused=True, materialize_grads=True
+                    )
+                    if inputs
+                    else ()
+                )
+                self.param_grads[i] = list(got[len(got) - len(params) :]) if params else []
+                if last:
+                    self.back = -1
+                    break
+                strip_grad = got[0]
+                if lp.kind in ("whole", "follow"):
+                    self.grad, self.back = strip_grad, i - 1
+                    continue
+                if lp.input is None:
+                    self.grad, self.back = whole_input_grad(lp, b, strip_grad), i - 1
+                    continue
+                for t, g in grads_to_return(lp, b, strip_grad):
+                    if t.src == b:
+                        self.returned[i, b] = g
+                    else:
+                        sends.append((t.src, i, g.clone()))
+                self.awaiting = True
+            mine = [t for t in lp.transfers if t.src == b]
+            if any((i, t.dst) not in self.returned for t in mine):
+                return sends
+            self.grad = own_grad(lp, b, piece, [(t, self.returned.pop((i, t.dst))) for t in mine])
+            self.awaiting, self.back = False, i - 1
+        self.done = True
+        self.input_grad = self.grad if self.wants_input else None
+        self.saved = []
+        return sends
+
+    def flat_param_grad(self) -> torch.Tensor:
+        """The gradients of the block's parameter slices laid end to end, layer by layer, as
+        its ranges of the flat parameter space are (:meth:`StagePlan.block_ranges`)."""
+        return torch.cat([g.reshape(-1) for grads in self.param_grads for g in grads])
+
+
+def block_shapes(plan: StagePlan, block: int, layers: Sequence[nn.Module]) -> list[list[Shape]]:
+    """Per layer, the shapes of the block's parameter slices (leading dimension its units)."""
+    out: list[list[Shape]] = []
+    for lp, layer in zip(plan.layers, layers):
+        if lp.kind in ("whole", "follow") or lp.output is None:
+            out.append([])
+            continue
+        lo, hi = lp.output.ranges[block]
+        out.append([(hi - lo, *p.shape[1:]) for p in layer.parameters()])
+    return out

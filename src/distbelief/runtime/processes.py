@@ -416,6 +416,12 @@ def _member(name: str) -> int:
     return int(match.group()) if match else 0
 
 
+def _part(name: str) -> int:
+    """``"replica1.stage0.part2"`` -> 2 (a stage's partition); any other name -> 0."""
+    match = re.search(r"\.part(\d+)$", name)
+    return int(match.group(1)) if match else 0
+
+
 def place(names: list[str], workers: int | None = None) -> dict[str, int]:
     """The worker (1..n) of every grouped actor in ``names`` (spawn order; others are not
     placed). n is ``workers`` if given (else the machine's CPUs), at most one per (group,
@@ -433,8 +439,13 @@ def place(names: list[str], workers: int | None = None) -> dict[str, int]:
     n = min(len(pairs), workers or os.cpu_count() or 1)
     if len(order) >= n:
         # Replicas enough to keep every worker busy: each stays whole in one worker, where
-        # its stages hand activations over in memory (spread, the main job ran 0.6x as fast).
-        return {name: order[g] % n + 1 for name in names if (g := _group(name)) is not None}
+        # its stages hand activations over in memory (spread, the main job ran 0.6x as fast);
+        # but the partitions of a stage (``.part<b>``) work at once: block b goes b workers on.
+        return {
+            name: (order[g] + _part(name)) % n + 1
+            for name in names
+            if (g := _group(name)) is not None
+        }
     rank = {pair: k for k, pair in enumerate(sorted(pairs))}
     out = {}
     for name in names:

@@ -90,6 +90,15 @@ class DownpourConfig:
     """Mini-batches each replica keeps in flight through its stages (PipeDream's asynchronous
     pipeline, with weight stashing; 1: one at a time). At most ``MAX_PIPELINE_DEPTH``, and
     more than 1 only with more than one stage (see docs/pipelining.md)."""
+    partitions: int = setting(
+        1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1, must_agree=True,
+        help="Blocks per stage: every layer's units cut into this many blocks, one actor each, "
+        "that send each other only what crosses their boundaries (the paper's Figure 1; "
+        "Linear, LocallyConnected1d/2d, element-wise layers, Flatten, Unflatten) (1).",
+    )  # fmt: skip
+    """Partition actors per stage: each stage's layers cut into this many blocks of units,
+    one actor per block (the paper's Figure 1, see docs/partitions.md; 1: one actor per
+    stage). At most the units (positions, rows) of every split layer."""
     replicas: int = REPLICAS.field()
     """Model replicas, each on its own part of the training data."""
     shards: int = SHARDS.field()
@@ -233,7 +242,9 @@ def _layout(s: dict[str, Any]) -> str:
     how = f", {s['shard_updates']} shard updates" if s.get("shard_updates") else ""
     depth = s.get("pipeline_depth", 1)
     flight = f", {depth} mini-batches in flight" if depth > 1 else ""
-    return f"{s['replicas']} x {s['stages']}{flight} ({s['runtime']} runtime{how})"
+    parts = s.get("partitions", 1)
+    blocks = f" x {parts} partitions" if parts > 1 else ""
+    return f"{s['replicas']} x {s['stages']}{blocks}{flight} ({s['runtime']} runtime{how})"
 
 
 SUMMARY = Summary(
@@ -243,6 +254,7 @@ SUMMARY = Summary(
         ("eval_s", lambda r: round(r.stats.get("eval_s", 0.0), 3)),  # evaluations in training
         ("final_loss", lambda r: r.history.final_loss),
         ("updates_applied", lambda r: r.stats["updates_applied_total"]),
+        ("partition_bytes", lambda r: r.stats.get("partition_bytes")),
         ("updates_applied_per_shard", lambda r: r.stats["updates_applied"]),
         ("shard_updates", _shard_updates),
         ("staleness_mean", lambda r: round(r.stats["staleness_mean"], 3)),

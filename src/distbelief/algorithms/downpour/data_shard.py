@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from ...data.formats import DataFileChanged
@@ -94,6 +95,10 @@ class DataShard(Actor):
         self.window_loss = 0.0
         self.stage_buffers: dict[int, dict] = {}
         self.stages: tuple = ()
+        self.first: tuple = ()  # where mini-batches go: stage 0, or its partitions
+        self.parts = 1  # partitions per stage (``stages`` holds each stage's in turn)
+        self.reports: dict[int, set[int]] = {}  # step -> partitions of stage 0 done with it
+        self.crossed_bytes = 0
         self.master = None
         self._epoch_batches: Any = []  # a list, or a file's batches read when asked for
         # The mini-batches sent and not yet done, by step, oldest first.
@@ -109,6 +114,8 @@ class DataShard(Actor):
     @receives(ConnectDataShard)
     def on_connect(self, msg: ConnectDataShard, sender: object) -> None:
         self.stages, self.master = msg.stages, msg.master
+        self.first = msg.first or msg.stages[:1]
+        self.parts = msg.parts
 
     @receives(StartReplica)
     def on_start(self, msg: StartReplica, sender: object) -> None:
@@ -184,10 +191,20 @@ class DataShard(Actor):
         forward = Forward(self.step_base + self.sent, x, y)
         self.sent += 1
         self._in_flight[forward.step] = forward
-        self.ctx.tell(self.stages[0], forward)
+        for ref in self.first:
+            self.ctx.tell(ref, forward)
 
     @receives(StepDone)
     def on_step_done(self, msg: StepDone, sender: object) -> None:
+        if len(self.first) > 1:  # partitions: the step is done when each has said so
+            forward = self._in_flight.get(msg.step)
+            if forward is None or msg.attempt != forward.attempt:
+                return  # of a pass lost with a restarted partition, or counted already
+            done = self.reports.setdefault(msg.step, set())
+            done.add(msg.block)
+            if len(done) < len(self.first):
+                return
+            del self.reports[msg.step]
         forward = self._in_flight.pop(msg.step, None)
         if forward is None:
             return  # a step redone after a stage restart, reported twice: count it once
@@ -252,16 +269,26 @@ class DataShard(Actor):
         if self._finishing:
             self.ctx.tell(msg.ref, Finish())  # it drains (nothing accrued) and reports done
         else:  # redo the steps the restart lost, in order (each counted once, when done)
-            for forward in self._in_flight.values():
-                self.ctx.tell(self.stages[0], forward)
+            for step, forward in self._in_flight.items():
+                if len(self.first) > 1:  # partitions tell the redo from the lost pass by it
+                    forward = replace(forward, attempt=forward.attempt + 1)
+                    self._in_flight[step] = forward
+                    self.reports.pop(step, None)
+                for ref in self.first:
+                    self.ctx.tell(ref, forward)
 
     @receives(StageDone)
     def on_stage_done(self, msg: StageDone, sender: object) -> None:
         if self._replica_done or not self._finishing:
             return  # not finishing: a reply to this data shard's earlier life
+        if msg.stage not in self.stage_buffers:
+            self.crossed_bytes += msg.crossed_bytes
         self.stage_buffers[msg.stage] = msg.buffers
         if len(self.stage_buffers) == len(self.stages):
             self._replica_done = True
-            buffers = tuple(self.stage_buffers[s] for s in range(len(self.stages)))
-            self._done_message = ReplicaDone(self.replica, self.steps, self.examples, buffers)
+            # per stage (its first partition's: partitions hold no buffers)
+            buffers = tuple(self.stage_buffers[s] for s in range(0, len(self.stages), self.parts))
+            self._done_message = ReplicaDone(
+                self.replica, self.steps, self.examples, buffers, self.crossed_bytes
+            )
             self.ctx.tell(self.master, self._done_message)

@@ -8,13 +8,15 @@ import copy
 import dataclasses
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...core.blocks import StagePlan, plan_split
 from ...core.flat import flatten, parameters_of
-from ...core.layout import Layout
+from ...core.layout import Layout, Range, Segment
 from ...data.formats import DataFileChanged
 from ...data.inputs import replica_ranges
 from ...errors import ActorFailed, ConfigError, DataChanged, TrainingDiverged
@@ -39,6 +41,7 @@ from .messages import (
     BufferSnapshot,
     ConnectDataShard,
     ConnectMaster,
+    ConnectPartition,
     ConnectStage,
     DataUnreadable,
     Diverged,
@@ -48,6 +51,7 @@ from .messages import (
     TrainingDone,
 )
 from .parameter_shard import ParameterShard
+from .partition import Partition
 from .stage import Stage
 
 log = logging.getLogger("distbelief")
@@ -59,6 +63,47 @@ def build_layout(stage_layers: list[list[nn.Module]], shards: int) -> Layout:
     return Layout.build(
         [sum(sizes) for sizes in tensor_sizes], shards, [n for sizes in tensor_sizes for n in sizes]
     )
+
+
+def stage_plans(
+    stage_layers: list[list[nn.Module]], parts: int, in_shape: tuple[int, ...]
+) -> list[StagePlan]:
+    """Each stage's layers cut into ``parts`` blocks (``core.blocks.plan_split``), for inputs
+    of per-example shape ``in_shape``: a layer that cannot be split, or with fewer units than
+    blocks, is a ``ConfigError`` naming it (and its stage, with several)."""
+    plans: list[StagePlan] = []
+    shape = in_shape
+    for s, group in enumerate(stage_layers):
+        try:
+            plan = plan_split(group, parts, shape)
+        except ConfigError as exc:
+            if len(stage_layers) == 1:
+                raise
+            raise ConfigError(f"{exc} (in stage {s}: layers numbered within it)") from None
+        plans.append(plan)
+        shape = plan.output.shape
+    return plans
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A partition's place in the flat parameter space: its ranges and their segments."""
+
+    stage: int
+    block: int
+    ranges: tuple[Range, ...]
+    segments: tuple[Segment, ...]
+
+
+def partition_owners(layout: Layout, plans: list[StagePlan]) -> list[Owner]:
+    """Every partition of a replica, owner ``stage * P + block`` at index ``stage * P +
+    block``: its ranges (``StagePlan.block_ranges``) and its segments on the shards."""
+    owners = []
+    for s, plan in enumerate(plans):
+        for b, ranges in enumerate(plan.block_ranges(layout.stage_ranges[s][0])):
+            owner = s * plan.parts + b
+            owners.append(Owner(s, b, ranges, layout.segments_of_ranges(owner, ranges)))
+    return owners
 
 
 MUST_AGREE = ("batch_size", "optimizer", "lr", "seed")
@@ -100,6 +145,12 @@ def prepare_resume(
             f"{config.replicas}; resume with the same replicas (their data positions are not "
             "re-sliced)"
         )
+    if saved.get("partitions", 1) != config.partitions:
+        raise ConfigError(
+            f"partitions: {where} was taken with partitions {saved.get('partitions', 1)!r}, "
+            f"this run has {config.partitions!r}; resume with the same partitions (each "
+            "partition's update-rule state is held apart)"
+        )
     for name in MUST_AGREE:
         if name in saved and saved[name] != getattr(config, name):
             raise ConfigError(
@@ -133,6 +184,12 @@ class DownpourDriver(Driver):
         # updates the run that wrote the checkpoint lost: read before this run's reports
         self.lost = updates_lost(job.resume) if job.resume is not None else None
         self.layout = build_layout(job.stage_layers, config.shards)
+        self.owners: list[Owner] = []
+        if config.partitions > 1:
+            in_shape = tuple(job.rows.probe()[0].shape[1:])
+            plans = stage_plans(job.stage_layers, config.partitions, in_shape)
+            self.plans = plans
+            self.owners = partition_owners(self.layout, plans)
         self.checkpointer = None
         if config.checkpoint_dir is not None:
             remove_partial(config.checkpoint_dir)  # a write the last run's crash cut off
@@ -145,7 +202,9 @@ class DownpourDriver(Driver):
         # A planned fault whose count this run never reaches is refused before anything starts.
         plan = faults.plan(config.runtime_options.get("faults"))
         if plan:
-            most = most_counts(config, self.layout, len(job.rows), len(job.stage_layers))
+            most = most_counts(
+                config, self.layout, len(job.rows), len(job.stage_layers), self.owners
+            )
             faults.check_reachable(plan, most)
 
     def start(self, rt: Runtime) -> Any:
@@ -155,6 +214,15 @@ class DownpourDriver(Driver):
         initial = flatten(job.layers).to(job.dtype)
         resume = job.resume
         positions: Mapping[int, Mapping[str, int]] = resume.positions if resume is not None else {}
+        owners, P = self.owners, config.partitions
+        if owners:  # each shard holds the partitions' segments, several per partition
+            by_shard: list[list[Segment]] = [[] for _ in layout.shard_ranges]
+            for owner in owners:
+                for seg in owner.segments:
+                    by_shard[seg.shard].append(seg)
+            shard_segments = [tuple(sorted(g, key=lambda seg: seg.start)) for g in by_shard]
+        else:
+            shard_segments = [layout.segments_of_shard(k) for k in range(len(layout.shard_ranges))]
         shard_refs = tuple(
             rt.spawn(
                 f"shard{k}",
@@ -162,7 +230,7 @@ class DownpourDriver(Driver):
                 k,
                 initial[a:b],
                 a,
-                layout.segments_of_shard(k),
+                shard_segments[k],
                 config.optimizer,
                 config.lr,
                 state=resume.shards[k] if resume is not None else None,
@@ -190,6 +258,9 @@ class DownpourDriver(Driver):
                     pipeline_depth=config.pipeline_depth,
                 )
             )
+            if owners:
+                stage_refs.append(self._spawn_partitions(rt, r, stage_layers))
+                continue
             stage_refs.append(
                 [
                     rt.spawn(
@@ -231,16 +302,22 @@ class DownpourDriver(Driver):
             checkpointer=self.checkpointer,
             checkpoint_every=config.checkpoint_every,
             resumed=resumed,
-            # one mark per (replica, stage, shard) segment
+            # one mark per (replica, stage, shard) segment; per (partition, shard) with them
             checkpoint_marks=config.replicas
-            * sum(len(layout.segments_of_stage(s)) for s in range(n_stages)),
+            * (
+                sum(len({seg.shard for seg in o.segments}) for o in owners)
+                if owners
+                else sum(len(layout.segments_of_stage(s)) for s in range(n_stages))
+            ),
         )
         # Replica 0's stages with buffers: an evaluation during training asks them for theirs.
         buffer_stages = tuple(
-            stage_refs[0][s]
+            stage_refs[0][s * P]
             for s, group in enumerate(stage_layers)
             if job.evaluator is not None and any(True for g in group for _ in g.buffers())
         )
+        # Replica 0's stage (its first partition) per stage: asked for buffers after a stop.
+        self.buffer_refs = [stage_refs[0][s * P] for s in range(n_stages)]
         rt.tell(
             master,
             ConnectMaster(
@@ -249,6 +326,20 @@ class DownpourDriver(Driver):
         )
         for r in range(config.replicas):
             refs = stage_refs[r]
+            if owners:
+                blocks = [tuple(refs[s * P : (s + 1) * P]) for s in range(n_stages)]
+                rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master, blocks[0], P))
+                for s, ref in enumerate(refs):
+                    stage = s // P
+                    connect = ConnectPartition(
+                        blocks[stage - 1] if stage > 0 else None,
+                        blocks[stage],
+                        blocks[stage + 1] if stage + 1 < n_stages else None,
+                        shard_refs,
+                        data_refs[r],
+                    )
+                    rt.tell(ref, connect)
+                continue
             rt.tell(data_refs[r], ConnectDataShard(tuple(refs), master))
             for s, ref in enumerate(refs):
                 rt.tell(
@@ -263,20 +354,48 @@ class DownpourDriver(Driver):
         self.shard_refs, self.stage_refs, self.master = shard_refs, stage_refs, master
         return master
 
+    def _spawn_partitions(
+        self, rt: Runtime, r: int, stage_layers: list[list[nn.Module]]
+    ) -> list[Any]:
+        """Replica ``r``'s partitions, each stage's in turn (``replica<r>.stage<s>.part<b>``)."""
+        config, n_stages = self.config, len(stage_layers)
+        refs = []
+        for owner in self.owners:
+            s, b = owner.stage, owner.block
+            refs.append(
+                rt.spawn(
+                    f"replica{r}.stage{s}.part{b}",
+                    Partition,
+                    r,
+                    s,
+                    b,
+                    self.plans[s],
+                    self.plans[s - 1].output if s > 0 else None,
+                    copy.deepcopy(stage_layers[s]),
+                    owner.segments,
+                    owner.ranges,
+                    self.job.loss_fn if s == n_stages - 1 and b == 0 else None,
+                    config.n_fetch,
+                    config.n_push,
+                    config.local_lr,
+                )
+            )
+        return refs
+
     def receive(self, rt: Runtime, reply: Any) -> None:
         """The master's report that a data shard cannot read its data, or that the run
         diverged: keep what was trained (if finite) in the error."""
         if isinstance(reply, DataUnreadable):
             raise DataChanged(reply.reason, self.trained(rt))
         if isinstance(reply, Diverged):
-            weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0])
+            weights, buffers = _collect_trained(rt, self.shard_refs, self.buffer_refs)
             finite = bool(torch.isfinite(weights).all())
             model = assemble(self.job.stage_layers, weights, buffers) if finite else None
             raise TrainingDiverged(reply.reason, model)
 
     def trained(self, rt: Runtime) -> nn.Module:
         """The shards' parameters with replica 0's buffers."""
-        weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0])
+        weights, buffers = _collect_trained(rt, self.shard_refs, self.buffer_refs)
         return assemble(self.job.stage_layers, weights, buffers)
 
     def stopped(self, rt: Runtime) -> tuple[nn.Module, tuple[str, int] | None]:
@@ -285,7 +404,7 @@ class DownpourDriver(Driver):
         taken = take_on_stop(rt, self.master, self.config.timeout_s) if self.checkpointer else None
         if taken is None:  # checkpoints off, or the round could not be taken
             return super().stopped(rt)
-        weights, buffers = _collect_trained(rt, self.shard_refs, self.stage_refs[0], taken.weights)
+        weights, buffers = _collect_trained(rt, self.shard_refs, self.buffer_refs, taken.weights)
         model = assemble(self.job.stage_layers, weights, buffers)
         return model, ((taken.path, taken.steps) if taken.path is not None else None)
 
@@ -343,6 +462,8 @@ class DownpourDriver(Driver):
                 [s.get("staleness_histogram", []) for s in shard_stats]
             ),
             "rejected_pushes": int(sum(s["rejected_pushes"] for s in shard_stats)),
+            # bytes the partitions of a stage sent each other (pieces and their gradients)
+            "partition_bytes": done.crossed_bytes,
             "steps": steps,
             "eval_s": done.eval_s,
             **self.common_stats(examples, done),
@@ -357,7 +478,11 @@ class DownpourDriver(Driver):
 
 
 def most_counts(
-    config: DownpourConfig, layout: Layout, rows: int, stages: int
+    config: DownpourConfig,
+    layout: Layout,
+    rows: int,
+    stages: int,
+    owners: list[Owner] | tuple[()] = (),
 ) -> dict[str, dict[str, int]]:
     """The last step number each replica's data shard and stages see, and the most updates
     each shard applies, in a run where no fault makes a replica redo a step: what a fault
@@ -367,7 +492,11 @@ def most_counts(
     for r, (lo, hi) in enumerate(replica_ranges(rows, config.replicas)):
         steps = config.epochs * -(-(hi - lo) // config.batch_size)
         most[f"data{r}"] = {"step": steps - 1}  # steps are numbered from 0
-        for s in range(stages):
+        for owner in owners:  # partitions
+            most[f"replica{r}.stage{owner.stage}.part{owner.block}"] = {"step": steps - 1}
+            for shard in {seg.shard for seg in owner.segments}:
+                updates[shard] += -(-steps // config.n_push)
+        for s in range(0 if owners else stages):
             most[f"replica{r}.stage{s}"] = {"step": steps - 1}
             for shard in {seg.shard for seg in layout.segments_of_stage(s)}:
                 updates[shard] += -(-steps // config.n_push)  # a push per n_push steps

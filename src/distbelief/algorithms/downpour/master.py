@@ -454,6 +454,7 @@ class DownpourMaster(Actor):
             restarts=self.restarts,
             nonfinite_steps=self.nonfinite_steps,
             recoveries=tuple(self.recoveries),
+            crossed_bytes=sum(d.crossed_bytes for d in self.done.values()),
         )
         if self.checkpoints.enabled and not self.diverged:
             self.checkpoints.start_final()  # TrainingDone goes once it is written

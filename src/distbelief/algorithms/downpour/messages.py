@@ -45,6 +45,11 @@ class ConnectDataShard:
     """Refs of the replica's stages, first to last."""
     master: Any
     """Ref of the Downpour master."""
+    first: tuple[Any, ...] = ()
+    """Refs the mini-batches go to: the first stage's partitions (each gets all of the
+    input; each reports its backward pass done); empty: ``stages[0]``."""
+    parts: int = 1
+    """Partitions per stage: ``stages`` holds each stage's partitions in turn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,8 @@ class TrainingDone:
     for a shard, the updates lost (see ``recovery.choose``)."""
     checkpoints: dict[str, Any] = field(default_factory=dict)
     """What checkpointing did (``checkpoint.Checkpointer.stats``); empty without it."""
+    crossed_bytes: int = 0
+    """Bytes the partitions of every replica's stages sent each other (see ``StageDone``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +257,8 @@ class ReplicaDone:
     """Examples the replica processed."""
     buffers: tuple[dict[str, torch.Tensor], ...]
     """Module buffers of each stage of the replica."""
+    crossed_bytes: int = 0
+    """Bytes its stages' partitions sent each other (see ``StageDone``)."""
 
 
 # ---------------------------------------------------------------- data shard <-> stages
@@ -265,6 +274,9 @@ class Forward:
     """Input of the receiving stage (never mutated after sending)."""
     targets: torch.Tensor
     """Targets of the mini-batch, for the last stage's loss."""
+    attempt: int = 0
+    """How many times the data shard sent this step before (partitions: a redo after a
+    restart is told apart from what is left of the lost pass)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +299,10 @@ class StepDone:
     """Replica-local step number."""
     loss: float
     """Mini-batch loss."""
+    block: int = 0
+    """The reporting partition of the first stage (each reports; a stage: 0)."""
+    attempt: int = 0
+    """The attempt (``Forward.attempt``) whose backward pass is done."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +318,111 @@ class StageDone:
     """Stage index."""
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     """The stage's module buffers (copies)."""
+    crossed_bytes: int = 0
+    """A partition: bytes it sent the other partitions of its stage (the parts of its
+    pieces their strips read, and the gradients of theirs it read), in this life."""
+
+
+# ---------------------------------------------------------------- partitions (see partition.py)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectPartition:
+    """Tells a partition (a block of a stage) who its neighbours are."""
+
+    previous: tuple[Any, ...] | None
+    """Refs of the previous stage's partitions (None for the first stage)."""
+    peers: tuple[Any, ...]
+    """Refs of its own stage's partitions, by block (itself included)."""
+    next: tuple[Any, ...] | None
+    """Refs of the next stage's partitions (None for the last stage)."""
+    shards: tuple[Any, ...]
+    """Refs of all PS shards, indexed by shard number."""
+    data_shard: Any
+    """Ref of the replica's data shard."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockInput:
+    """A partition of stage s -> every partition of stage s + 1: its piece of the stage's
+    output (the next stage's input, which each assembles from all the pieces)."""
+
+    step: int
+    """Replica-local step number."""
+    attempt: int
+    """The step's attempt (``Forward.attempt``)."""
+    src: int
+    """The sending block."""
+    activations: torch.Tensor
+    """Its piece of the output."""
+    targets: torch.Tensor
+    """Targets of the mini-batch, for the last stage's loss."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """Partition -> partition of the same stage: the part of its piece of a layer's input
+    that the receiver's strip reads (a ``core.blocks.Transfer``), before that layer."""
+
+    step: int
+    """Replica-local step number."""
+    attempt: int
+    """The step's attempt."""
+    layer: int
+    """The layer (index within the stage) whose input it is."""
+    src: int
+    """The sending block."""
+    values: torch.Tensor
+    """The part of its piece."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeGrad:
+    """Partition -> partition of the same stage: the gradient of the part of the receiver's
+    piece that the sender read for ``layer`` (``Exchange`` back); the receiver sums them."""
+
+    step: int
+    """Replica-local step number."""
+    attempt: int
+    """The step's attempt."""
+    layer: int
+    """The layer whose input it is the gradient of."""
+    src: int
+    """The sending block (the transfer's destination)."""
+    grad: torch.Tensor
+    """The gradient of those positions."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockOutput:
+    """A partition of the last stage -> its block 0: its piece of the replica's output, for
+    the loss (block 0 assembles the output, takes the loss and its gradient)."""
+
+    step: int
+    """Replica-local step number."""
+    attempt: int
+    """The step's attempt."""
+    src: int
+    """The sending block."""
+    piece: torch.Tensor
+    """Its piece of the output."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockGrad:
+    """The gradient of the receiving partition's output piece: all of it from block 0 of the
+    last stage (the loss's), or a partial from each partition of the next stage (summed)."""
+
+    step: int
+    """Replica-local step number."""
+    attempt: int
+    """The step's attempt."""
+    src: int
+    """The sending block."""
+    grad: torch.Tensor
+    """The gradient (or a partial of it)."""
+    loss: float
+    """Mini-batch loss, carried back to the data shard."""
 
 
 # ---------------------------------------------------------------- stages <-> PS shards

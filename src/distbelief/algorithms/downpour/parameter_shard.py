@@ -59,9 +59,17 @@ class HeldSegment:
     """
 
     def __init__(
-        self, values: torch.Tensor, pieces: list[tuple[int, int]], optimizer: str, lr: float
+        self,
+        values: torch.Tensor,
+        pieces: list[tuple[int, int]],
+        optimizer: str,
+        lr: float,
+        positions: tuple[tuple[int, int], ...] = (),
     ) -> None:
         self.values = values
+        # Where ``values`` lie in the shard's slice, laid end to end: one range for a stage's
+        # segment, one per layer for a partition's (its ranges interleave with the others').
+        self.positions = positions or ((0, len(values)),)
         # One parameter per piece, over a view: the optimizer updates ``values`` in place.
         # (A slice that is all of ``values`` is not taken: copy_on_write runs often.)
         self.parts = [None if (lo, hi) == (0, len(values)) else slice(lo, hi) for lo, hi in pieces]
@@ -195,11 +203,34 @@ class ParameterShard(Actor):
         state: ShardState | None = None,
     ) -> None:
         self.index = index
+        self.size = len(initial)
         self.held: dict[int, HeldSegment] = {}
+        # An owner (a stage, or a partition of one) may hold several segments here, one per
+        # range of its own: they are held as one, with one version and one update rule.
+        owned: dict[int, list[Segment]] = {}
         for seg in segments:
-            values = initial[seg.start - start : seg.stop - start].clone()
-            pieces = [(a - seg.start, b - seg.start) for a, b in seg.pieces]
-            self.held[seg.stage] = HeldSegment(values, pieces, optimizer, lr)
+            owned.setdefault(seg.stage, []).append(seg)
+        for owner, segs in owned.items():
+            if len(segs) == 1:
+                (seg,) = segs
+                values = initial[seg.start - start : seg.stop - start].clone()
+                pieces = [(a - seg.start, b - seg.start) for a, b in seg.pieces]
+                where = ((seg.start - start, seg.stop - start),)
+                self.held[owner] = HeldSegment(values, pieces, optimizer, lr, where)
+                continue
+            values = torch.cat([initial[g.start - start : g.stop - start] for g in segs])
+            pieces, positions, offset = [], [], 0
+            for g in segs:
+                pieces += [(a - g.start + offset, b - g.start + offset) for a, b in g.pieces]
+                positions.append((g.start - start, g.stop - start))
+                offset += g.size
+            self.held[owner] = HeldSegment(values, pieces, optimizer, lr, tuple(positions))
+        # The held values laid end to end are the slice in order (one segment per stage):
+        # ``weights`` concatenates them; else it puts each at its positions.
+        order = [p for held in self.held.values() for p in held.positions]
+        self._in_order = order == sorted(order) and all(
+            a[1] == b[0] for a, b in zip(order, order[1:])
+        )
         # updates_applied, rejected_pushes, staleness_sum, staleness_max: in a tensor so that
         # share_memory can move them, updated through a numpy view (fast scalar updates).
         self._counter_cells = torch.zeros(4, dtype=torch.int64)
@@ -282,8 +313,17 @@ class ParameterShard(Actor):
 
     @property
     def weights(self) -> torch.Tensor:
-        """A copy of the shard's slice (its segments tile it, in order)."""
-        return torch.cat([held.values for held in self.held.values()])
+        """A copy of the shard's slice (its segments tile it)."""
+        if self._in_order:
+            return torch.cat([held.values for held in self.held.values()])
+        first = next(iter(self.held.values())).values
+        out = torch.empty(self.size, dtype=first.dtype)
+        for held in self.held.values():
+            offset = 0
+            for a, b in held.positions:
+                out[a:b] = held.values[offset : offset + b - a]
+                offset += b - a
+        return out
 
     def export_state(self) -> ShardState:
         """Everything needed to carry on from here: a copy of the slice, each segment's update
@@ -325,9 +365,11 @@ class ParameterShard(Actor):
         for stage, held in self.held.items():
             n = len(held.values)
             optimizer = (state.optimizer or {}).get(stage)
-            held.restore(
-                state.weights[offset : offset + n], int(state.versions.get(stage, 0)), optimizer
-            )
+            if self._in_order:
+                values = state.weights[offset : offset + n]
+            else:
+                values = torch.cat([state.weights[a:b] for a, b in held.positions])
+            held.restore(values, int(state.versions.get(stage, 0)), optimizer)
             offset += n
         for i, key in enumerate(
             ("updates_applied", "rejected_pushes", "staleness_sum", "staleness_max")

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.partition import layer_sizes, resolve_split_points, split_layers
 from ...data.formats import FileData
 from ...data.inputs import TensorRows, replica_ranges
 from ...errors import ConfigError, NothingToTrain
 from ...storage.checkpoint import Checkpoint, load, nothing_left
 from .config import DownpourConfig
-from .driver import prepare_resume
+from .driver import prepare_resume, stage_plans
 
 REQUIRED = {"lr": 0.05, "batch_size": 32, "epochs": 5}
 """The settings Downpour has no default for, with the example values its refusal gives."""
@@ -44,6 +45,7 @@ def configure(settings: dict[str, Any]) -> tuple[DownpourConfig, Checkpoint | No
         batch_size=settings["batch_size"],
         stages=tuple(stages) if isinstance(stages, (list, tuple)) else stages,
         pipeline_depth=settings["pipeline_depth"],
+        partitions=settings["partitions"],
         replicas=settings["replicas"],
         shards=settings["shards"],
         runtime=settings["runtime"],
@@ -79,6 +81,9 @@ def check(
     epoch."""
     check_lr(config, dtype)
     check_batches(layers, len(rows), config)
+    if config.partitions > 1:  # a layer that cannot be split: refused before anything runs
+        groups = split_layers(layers, resolve_split_points(layer_sizes(layers), config.stages))
+        stage_plans(groups, config.partitions, tuple(rows.probe()[0].shape[1:]))
     if settings["checkpoint_every"] is None and config.checkpoint_dir is not None:
         config = replace(config, checkpoint_every=epoch_steps(len(rows), config))
     return config

@@ -1,0 +1,265 @@
+"""Partitions within a stage (``partitions``): the block passes against ``run_blocks``, a split
+replica against a plain torch loop, the composed layout on every runtime, a partition killed,
+a checkpoint resumed, and every bad input refused before anything runs."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import run, separable_data
+from torch import nn
+
+import distbelief
+from distbelief.algorithms.downpour.driver import partition_owners, stage_plans
+from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.core.blocks import BlockPass, block_parameters, plan_split, run_blocks
+from distbelief.core.flat import flatten
+from distbelief.core.layout import Layout
+from distbelief.data.inputs import replica_batches
+from distbelief.errors import ConfigError
+from distbelief.nn import LocallyConnected1d
+from distbelief.runtime.processes import place
+
+
+def toy(n: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def mlp_net() -> nn.Sequential:
+    torch.manual_seed(0)  # widths 13, 7, 5: no P of 2..4 divides them all
+    return nn.Sequential(nn.Linear(10, 13), nn.ReLU(), nn.Linear(13, 7), nn.Tanh(), nn.Linear(7, 5))
+
+
+def local_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 10)),
+        LocallyConnected1d(1, 3, 3, 10, padding=1),  # 10 positions
+        nn.ReLU(),
+        LocallyConnected1d(3, 2, 3, 10, stride=2, padding=1),  # 5 positions, halo 1
+        nn.Flatten(),
+        nn.Linear(10, 5),
+    )
+
+
+# ------------------------------------------------------------------------ the pure block pass
+
+
+def _exchange(passes, queue, rng, backward):
+    while queue:
+        src, (dst, layer, values) = queue.pop(rng.randrange(len(queue)))
+        if backward:
+            passes[dst].receive_grad(layer, src, values)
+            queue += [(dst, s) for s in passes[dst].backward()]
+        else:
+            passes[dst].receive(layer, src, values)
+            queue += [(dst, s) for s in passes[dst].forward()]
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+@pytest.mark.parametrize("wants_input", [True, False])
+def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_input):
+    layers = list(local_net()) + [nn.Tanh(), nn.Linear(5, 7)]
+    plan = plan_split(layers, parts, (10,))
+    x, g = torch.randn(6, 10), torch.randn(6, 7)
+    ref = run_blocks(plan, layers, x, g)
+    passes = [BlockPass(plan, b, layers, wants_input) for b in range(parts)]
+    rng, queue = random.Random(parts), []
+    for b, bp in enumerate(passes):
+        params = [
+            [p.detach().clone().requires_grad_() for p in block_parameters(lp, b, layer)]
+            for lp, layer in zip(plan.layers, layers)
+        ]
+        queue += [(b, s) for s in bp.start(x, params)]
+    _exchange(passes, queue, rng, backward=False)
+    torch.testing.assert_close(plan.output.assemble([bp.output for bp in passes]), ref.output)
+    for b, grad in enumerate(plan.output.cut(g)):
+        queue += [(b, s) for s in passes[b].backward(grad)]
+    _exchange(passes, queue, rng, backward=True)
+    for b, bp in enumerate(passes):
+        assert bp.done
+        mine = [t for grads in bp.param_grads for t in grads]
+        assert len(mine) == len(ref.param_grads[b])
+        for got, want in zip(mine, ref.param_grads[b]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    if wants_input:
+        total = torch.stack([bp.input_grad for bp in passes]).sum(0)
+        torch.testing.assert_close(total, ref.input_grad, rtol=1e-6, atol=1e-6)
+    else:
+        assert all(bp.input_grad is None for bp in passes)
+
+
+def test_a_shard_holds_a_partitions_ranges_as_one_and_its_slice_in_order():
+    layers = list(mlp_net())
+    sizes = [p.numel() for layer in layers for p in layer.parameters()]
+    layout = Layout.build([sum(sizes)], 2, sizes)
+    owners = partition_owners(layout, stage_plans([layers], 3, (10,)))
+    initial = flatten(layers)
+    for k, (a, b) in enumerate(layout.shard_ranges):
+        segs = tuple(sorted((s for o in owners for s in o.segments if s.shard == k), key=lambda s: s.start))
+        shard = ParameterShard(k, initial[a:b], a, segs, "sgd", 0.1)
+        assert len(shard.held) == len({s.stage for s in segs}) < len(segs)  # several per owner
+        torch.testing.assert_close(shard.weights, initial[a:b], rtol=0, atol=0)
+        state = shard.export_state()
+        fresh = ParameterShard(k, torch.zeros(b - a), a, segs, "sgd", 0.1)
+        fresh.restore(state)
+        torch.testing.assert_close(fresh.weights, initial[a:b], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ a split replica, trained
+
+
+def plain_sgd(model, batches, lr):
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return flatten(model.children())
+
+
+@pytest.mark.parametrize("net", [mlp_net, local_net])
+@pytest.mark.parametrize("parts, shards", [(1, 1), (2, 3), (3, 2), (4, 1)])
+def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards):
+    model = net()
+    x, y = toy(400, 5)  # 25 steps of 16 an epoch: 50 steps
+    result = distbelief.train(
+        model, (x, y), loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=7,
+        optimizer="sgd", partitions=parts, shards=shards,
+    )  # fmt: skip
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2)
+    expected = plain_sgd(model, batches, 0.1)
+    assert not torch.equal(expected, flatten(model.children())), "the oracle must move"
+    torch.testing.assert_close(flatten(result.model.children()), expected, rtol=1e-5, atol=1e-5)
+    assert result.stats["steps"] == 50 and result.stats["staleness_max"] == 0
+    # Counted, not timed: every transfer between blocks, both ways, per example.
+    crossing = plan_split(list(model), parts, (10,)).crossing_elements()
+    assert result.stats["partition_bytes"] == (crossing * 2 * 800 * 4 if parts > 1 else 0)
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "runtime, depth", [("local", 2), ("processes", 1), ("ray", 1)], indirect=["runtime"]
+)
+def test_replicas_stages_partitions_and_shards_compose_on_every_runtime(runtime, depth):
+    x, y = separable_data(512)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
+    result = distbelief.train(
+        model, (x, y), loss="cross_entropy", lr=0.05, batch_size=16, epochs=4, seed=0,
+        optimizer="adagrad", replicas=2, stages=2, partitions=2, shards=2,
+        pipeline_depth=depth, runtime=runtime,
+    )  # fmt: skip
+    assert result.stats["steps"] == 4 * 512 // 16
+    assert accuracy(result.model, x, y) > 0.85  # chance is 0.5
+    assert result.stats["partition_bytes"] > 0
+
+
+def test_a_killed_partition_redoes_its_steps_and_each_counts_once():
+    x, y = separable_data(256)
+    model = local_net()
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=3, optimizer="sgd",
+              stages=2, partitions=2, shards=2, pipeline_depth=2)  # fmt: skip
+    kills = ["kill:replica0.stage0.part1@step=9", "kill:replica0.stage1.part0@step=20"]
+    result = distbelief.train(model, (x, y), runtime_options={"faults": kills}, **kw)
+    assert result.stats["restarts"] == 2
+    assert result.stats["steps"] == 2 * 256 // 16  # each counted once
+    losses = [point["loss"] for point in result.history.train]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_a_checkpoint_of_partitions_resumes(tmp_path):
+    x, y = toy(160, 5)
+    model = mlp_net()
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=16, seed=7, optimizer="sgd",
+              partitions=2, shards=2)  # fmt: skip
+    ckpt = tmp_path / "ckpt"
+    distbelief.train(model, (x, y), epochs=1, checkpoint_dir=ckpt, **kw)
+    resumed = distbelief.train(model, (x, y), epochs=2, resume=ckpt, **kw)
+    straight = distbelief.train(model, (x, y), epochs=2, **kw)
+    torch.testing.assert_close(
+        flatten(resumed.model.children()), flatten(straight.model.children()), rtol=1e-6, atol=1e-6
+    )
+    with pytest.raises(ConfigError, match="^partitions: .* taken with partitions 2"):
+        distbelief.train(model, (x, y), epochs=2, resume=ckpt, **{**kw, "partitions": 3})
+
+
+# ------------------------------------------------------------------------------ bad input
+
+BAD = [
+    (0, "partitions: must be an integer >= 1, got 0"),
+    (1.5, "partitions"),
+    ("2", "partitions"),
+    (6, "partitions: 6 partitions but layer 4 \\(Linear\\) has only 5 output units"),
+]
+
+
+@pytest.mark.parametrize("value, message", BAD)
+def test_bad_partitions_are_refused_naming_it(value, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        distbelief.train(mlp_net(), toy(64, 5), loss="cross_entropy", lr=0.1, batch_size=16,
+                         epochs=1, partitions=value)  # fmt: skip
+
+
+def test_a_layer_that_cannot_be_split_is_refused_naming_it_and_its_stage():
+    model = nn.Sequential(nn.Linear(10, 8), nn.Unflatten(1, (1, 8)), nn.Conv1d(1, 1, 3))
+    with pytest.raises(ConfigError, match=r"^partitions: layer 2 \(Conv1d\) cannot be split"):
+        distbelief.train(model, toy(64, 6), loss="cross_entropy", lr=0.1, batch_size=16,
+                         epochs=1, partitions=2)  # fmt: skip
+    model = nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 8), nn.Softmax(1))
+    with pytest.raises(ConfigError, match=r"Softmax\) cannot be split.*\(in stage 1"):
+        distbelief.train(model, toy(64, 8), loss="cross_entropy", lr=0.1,
+                         batch_size=16, epochs=1, partitions=2, stages=[2])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--partitions", "0"], "partitions"),
+        (["--partitions", "2.5"], "partitions"),
+        (["--partitions", "11"], "partitions: 11 partitions but layer"),
+    ],
+)
+def test_bad_partitions_on_the_command_exit_2(capsys, argv, names):
+    code, out, err = run(capsys, "train", "digits", "--no-run-dir", *argv)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], err
+
+
+def test_the_command_trains_with_partitions(capsys):
+    from support import run_json
+
+    s = run_json(capsys, "train", "digits", "--partitions", "2", "--epochs", "2", "--seed", "0",
+                 "--no-run-dir")  # fmt: skip
+    assert s["partitions"] == 2 and s["partition_bytes"] > 0 and s["test_accuracy"] > 0.4  # chance is 0.1
+
+
+# ------------------------------------------------------------------------------- placement
+
+
+def test_processes_put_the_blocks_of_a_stage_on_different_workers():
+    names = [f"data{r}" for r in range(2)] + [
+        f"replica{r}.stage{s}.part{b}" for r in range(2) for s in range(2) for b in range(2)
+    ]
+    placed = place(names, workers=2)
+    for r in range(2):
+        for s in range(2):
+            assert placed[f"replica{r}.stage{s}.part0"] != placed[f"replica{r}.stage{s}.part1"]
+    one = place(["data0", "replica0.stage0.part0", "replica0.stage0.part1"], workers=2)
+    assert one["replica0.stage0.part0"] != one["replica0.stage0.part1"]
+    # without partitions: as before, a replica whole per worker
+    assert place(["data0", "replica0.stage0", "data1", "replica1.stage0"], workers=2) == {
+        "data0": 1, "replica0.stage0": 1, "data1": 2, "replica1.stage0": 2,
+    }  # fmt: skip
