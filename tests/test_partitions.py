@@ -101,7 +101,8 @@ def test_a_shard_holds_a_partitions_ranges_as_one_and_its_slice_in_order():
     owners = partition_owners(layout, stage_plans([layers], 3, (10,)))
     initial = flatten(layers)
     for k, (a, b) in enumerate(layout.shard_ranges):
-        segs = tuple(sorted((s for o in owners for s in o.segments if s.shard == k), key=lambda s: s.start))
+        mine = [seg for o in owners for seg in o.segments if seg.shard == k]
+        segs = tuple(sorted(mine, key=lambda seg: seg.start))
         shard = ParameterShard(k, initial[a:b], a, segs, "sgd", 0.1)
         assert len(shard.held) == len({s.stage for s in segs}) < len(segs)  # several per owner
         torch.testing.assert_close(shard.weights, initial[a:b], rtol=0, atol=0)
@@ -155,7 +156,9 @@ def accuracy(model, x, y) -> float:
 def test_replicas_stages_partitions_and_shards_compose_on_every_runtime(runtime, depth):
     x, y = separable_data(512)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
+    model = nn.Sequential(
+        nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2)
+    )
     result = distbelief.train(
         model, (x, y), loss="cross_entropy", lr=0.05, batch_size=16, epochs=4, seed=0,
         optimizer="adagrad", replicas=2, stages=2, partitions=2, shards=2,
@@ -243,7 +246,8 @@ def test_the_command_trains_with_partitions(capsys):
 
     s = run_json(capsys, "train", "digits", "--partitions", "2", "--epochs", "2", "--seed", "0",
                  "--no-run-dir")  # fmt: skip
-    assert s["partitions"] == 2 and s["partition_bytes"] > 0 and s["test_accuracy"] > 0.4  # chance is 0.1
+    assert s["partitions"] == 2 and s["partition_bytes"] > 0
+    assert s["test_accuracy"] > 0.4  # chance is 0.1
 
 
 # ------------------------------------------------------------------------------- placement
