@@ -160,11 +160,11 @@ def test_replicas_stages_partitions_and_shards_compose_on_every_runtime(runtime,
         nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2)
     )
     result = distbelief.train(
-        model, (x, y), loss="cross_entropy", lr=0.05, batch_size=16, epochs=4, seed=0,
+        model, (x, y), loss="cross_entropy", lr=0.1, batch_size=64, epochs=2, seed=0,
         optimizer="adagrad", replicas=2, stages=2, partitions=2, shards=2,
         pipeline_depth=depth, runtime=runtime,
     )  # fmt: skip
-    assert result.stats["steps"] == 4 * 512 // 16
+    assert result.stats["steps"] == 2 * 512 // 64  # few: a Ray hop costs about a millisecond
     assert accuracy(result.model, x, y) > 0.85  # chance is 0.5
     assert result.stats["partition_bytes"] > 0
 

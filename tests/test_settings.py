@@ -55,7 +55,13 @@ def test_the_resume_policy_is_derived_as_it_was_listed():
     assert filled == {"lr", "batch_size", "epochs", "stages", "replicas", "shards", "optimizer",
                       "seed", "steps", "history"}  # fmt: skip
     # and the drivers' (algorithms/*/driver.py MUST_AGREE), as sets
-    assert set(must_agree(DownpourConfig)) == {"batch_size", "optimizer", "lr", "seed"}
+    assert set(must_agree(DownpourConfig)) == {
+        "batch_size",
+        "optimizer",
+        "lr",
+        "seed",
+        "partitions",
+    }
     assert set(must_agree(SandblasterConfig)) == {"history", "batch_size", "seed"}
 
 

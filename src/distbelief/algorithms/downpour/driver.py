@@ -106,7 +106,7 @@ def partition_owners(layout: Layout, plans: list[StagePlan]) -> list[Owner]:
     return owners
 
 
-MUST_AGREE = ("batch_size", "optimizer", "lr", "seed")
+MUST_AGREE = ("batch_size", "optimizer", "lr", "seed", "partitions")
 """Settings a resumed run must share with its checkpoint: the data positions count
 mini-batches of that size in the seed's order, and the update rules' state is of that rule
 (with that rate: torch's state_dict carries it). Replicas, shards and stages are checked too."""
