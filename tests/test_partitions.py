@@ -14,8 +14,9 @@ from support import run, separable_data
 from torch import nn
 
 import distbelief
-from distbelief.algorithms.downpour.driver import partition_owners, stage_plans
+from distbelief.algorithms.downpour.driver import _positions, partition_owners, stage_plans
 from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.algorithms.downpour.recovery import split_checkpoint
 from distbelief.core.blocks import BlockPass, block_parameters, plan_split, run_blocks
 from distbelief.core.flat import flatten
 from distbelief.core.layout import Layout
@@ -110,6 +111,25 @@ def test_a_shard_holds_a_partitions_ranges_as_one_and_its_slice_in_order():
         fresh = ParameterShard(k, torch.zeros(b - a), a, segs, "sgd", 0.1)
         fresh.restore(state)
         torch.testing.assert_close(fresh.weights, initial[a:b], rtol=0, atol=0)
+        # A restarted shard restored from a checkpoint cuts its slice by the owners' ranges.
+        where = _positions([segs], Layout(layout.total, (layout.shard_ranges[k],), (), ()))[0]
+        lengths = {owner: len(held.values) for owner, held in shard.held.items()}
+        cut = split_checkpoint(state, lengths, where)
+        for owner, held in shard.held.items():
+            torch.testing.assert_close(cut[owner].values, held.values, rtol=0, atol=0)
+
+
+def test_a_killed_shard_is_restored_from_the_partitions_copies(tmp_path):
+    x, y = separable_data(256)
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=3, optimizer="sgd",
+              replicas=2, partitions=2, shards=2, checkpoint_dir=tmp_path / "c",
+              checkpoint_every=4)  # fmt: skip
+    faults = {"faults": ["kill:shard1@update=40"]}
+    result = distbelief.train(local_net(), (x, y), runtime_options=faults, **kw)
+    (record,) = result.stats["recoveries"]
+    assert record["actor"] == "shard1" and record["restored_version"] > 0
+    losses = [point["loss"] for point in result.history.train]
+    assert losses[-1] < 0.7 * losses[0]
 
 
 # ------------------------------------------------------------------ a split replica, trained

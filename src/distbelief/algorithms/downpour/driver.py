@@ -303,6 +303,7 @@ class DownpourDriver(Driver):
             checkpoint_every=config.checkpoint_every,
             resumed=resumed,
             # one mark per (replica, stage, shard) segment; per (partition, shard) with them
+            segment_positions=_positions(shard_segments, layout) if owners else None,
             checkpoint_marks=config.replicas
             * (
                 sum(len({seg.shard for seg in o.segments}) for o in owners)
@@ -503,6 +504,21 @@ def most_counts(
     for k, n in enumerate(updates):
         most[f"shard{k}"] = {"update": n}
     return most
+
+
+def _positions(
+    shard_segments: list[tuple[Segment, ...]], layout: Layout
+) -> dict[int, dict[int, tuple[Range, ...]]]:
+    """Per shard, each owner's ranges within the shard's slice (a checkpoint's slice is cut
+    by them when a shard is restored: partitions' ranges interleave)."""
+    out: dict[int, dict[int, tuple[Range, ...]]] = {}
+    for k, segs in enumerate(shard_segments):
+        start = layout.shard_ranges[k][0]
+        mine: dict[int, list[Range]] = {}
+        for seg in segs:
+            mine.setdefault(seg.stage, []).append((seg.start - start, seg.stop - start))
+        out[k] = {owner: tuple(ranges) for owner, ranges in mine.items()}
+    return out
 
 
 INTERRUPTED = -2

@@ -86,6 +86,7 @@ class DownpourMaster(Actor):
         checkpoint_every: int = 0,
         resumed: Mapping[str, int] | None = None,
         checkpoint_marks: int = 0,
+        segment_positions: Mapping[int, Mapping[int, tuple[tuple[int, int], ...]]] | None = None,
     ) -> None:
         self.replicas = replicas
         self.warmstart_steps = warmstart_steps
@@ -125,7 +126,9 @@ class DownpourMaster(Actor):
         self.diverged = False
         self.stages: tuple[tuple, ...] = ()  # stages[replica][stage]
         self.recoveries: list[dict[str, Any]] = []  # one record per actor recovered
-        self.shard_recovery = ShardRecovery(self._tell, checkpoint_dir, self.shard_stats)
+        self.shard_recovery = ShardRecovery(
+            self._tell, checkpoint_dir, self.shard_stats, segment_positions
+        )
         self.step_base = [0] * replicas  # each data shard's step numbering base
         self.status_in: set[int] = set()  # a restarted master: replicas that reported
         self.warm_steps_done = 0  # a restarted master: replica 0's steps, as it last said

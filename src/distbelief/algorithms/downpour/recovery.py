@@ -56,9 +56,14 @@ class Restore:
     ``checkpoint``, ``initial``, or several joined by ``+``), ``sources`` (by stage)."""
 
 
-def split_checkpoint(state: ShardState, lengths: Mapping[int, int]) -> dict[int, SegmentSource]:
+def split_checkpoint(
+    state: ShardState,
+    lengths: Mapping[int, int],
+    positions: Mapping[int, tuple[tuple[int, int], ...]] | None = None,
+) -> dict[int, SegmentSource]:
     """A checkpointed shard's slice cut into its segments (by stage, in position order, which
-    is stage order). Raises ValueError when the lengths do not tile the slice."""
+    is stage order; or, for partitions, whose ranges interleave, by owner at ``positions``:
+    its ranges within the slice). Raises ValueError when the lengths do not tile the slice."""
     if sum(lengths.values()) != state.weights.numel():
         raise ValueError(
             f"the checkpoint of shard {state.index} holds {state.weights.numel()} values, "
@@ -69,6 +74,8 @@ def split_checkpoint(state: ShardState, lengths: Mapping[int, int]) -> dict[int,
     for stage in sorted(lengths):
         n = lengths[stage]
         values = state.weights[offset : offset + n]
+        if positions is not None:
+            values = torch.cat([state.weights[a:b] for a, b in positions[stage]])
         out[stage] = SegmentSource(
             "checkpoint",
             values,

@@ -36,7 +36,10 @@ class _Waiting:
 
 
 def checkpoint_source(
-    directory: str | None, shard: int, lengths: Mapping[int, int]
+    directory: str | None,
+    shard: int,
+    lengths: Mapping[int, int],
+    positions: Mapping[int, tuple[tuple[int, int], ...]] | None = None,
 ) -> tuple[dict[int, recovery.SegmentSource] | None, Path | None, str | None]:
     """The newest checkpoint in ``directory`` as a source of ``shard``'s segments: its
     segments (None if there is no checkpoint or it does not serve), its path (None if there is
@@ -46,7 +49,7 @@ def checkpoint_source(
         return None, None, None
     try:
         state = checkpoint.load(found[-1]).shards[shard]
-        return recovery.split_checkpoint(state, lengths), found[-1], None
+        return recovery.split_checkpoint(state, lengths, positions), found[-1], None
     except (checkpoint.CheckpointError, ValueError, IndexError) as exc:
         return None, found[-1], f"checkpoint {found[-1]} not used: {exc}"  # copies still serve
 
@@ -61,9 +64,15 @@ class ShardRecovery:
     checkpoint was not used."""
 
     def __init__(
-        self, tell: Tell, checkpoint_dir: str | None, reported: Mapping[int, Mapping[str, Any]]
+        self,
+        tell: Tell,
+        checkpoint_dir: str | None,
+        reported: Mapping[int, Mapping[str, Any]],
+        positions: Mapping[int, Mapping[int, tuple[tuple[int, int], ...]]] | None = None,
     ) -> None:
         self.tell = tell
+        # Partitions: per shard, each owner's ranges within its slice (they interleave).
+        self.positions = positions
         self.checkpoint_dir = checkpoint_dir
         self.reported = reported
         self.waiting: dict[int, _Waiting] = {}  # shard -> copies awaited, got
@@ -114,7 +123,8 @@ class ShardRecovery:
     def _restore(self, k: int) -> dict[str, Any]:
         """Every copy is in: restore shard ``k`` from the newest source of each segment."""
         waiting = self.waiting.pop(k)
-        saved, path, note = checkpoint_source(self.checkpoint_dir, k, waiting.lengths)
+        where = self.positions.get(k) if self.positions is not None else None
+        saved, path, note = checkpoint_source(self.checkpoint_dir, k, waiting.lengths, where)
         stats = self.reported.get(k, {})
         restore = recovery.choose(
             k, waiting.lengths, waiting.copies, saved, int(stats.get("updates_applied", 0))
