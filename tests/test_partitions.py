@@ -146,13 +146,15 @@ def plain_sgd(model, batches, lr):
 
 
 @pytest.mark.parametrize("net", [mlp_net, local_net])
-@pytest.mark.parametrize("parts, shards", [(1, 1), (2, 3), (3, 2), (4, 1)])
-def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards):
+@pytest.mark.parametrize(
+    "parts, shards, stages", [(1, 1, 1), (2, 3, 1), (3, 2, 1), (4, 1, 1), (2, 2, 2), (3, 1, 2)]
+)
+def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards, stages):
     model = net()
     x, y = toy(400, 5)  # 25 steps of 16 an epoch: 50 steps
     result = distbelief.train(
         model, (x, y), loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=7,
-        optimizer="sgd", partitions=parts, shards=shards,
+        optimizer="sgd", partitions=parts, shards=shards, stages=stages,
     )  # fmt: skip
     batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2)
     expected = plain_sgd(model, batches, 0.1)
@@ -160,8 +162,9 @@ def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards):
     torch.testing.assert_close(flatten(result.model.children()), expected, rtol=1e-5, atol=1e-5)
     assert result.stats["steps"] == 50 and result.stats["staleness_max"] == 0
     # Counted, not timed: every transfer between blocks, both ways, per example.
-    crossing = plan_split(list(model), parts, (10,)).crossing_elements()
-    assert result.stats["partition_bytes"] == (crossing * 2 * 800 * 4 if parts > 1 else 0)
+    if stages == 1:
+        crossing = plan_split(list(model), parts, (10,)).crossing_elements()
+        assert result.stats["partition_bytes"] == (crossing * 2 * 800 * 4 if parts > 1 else 0)
 
 
 def accuracy(model, x, y) -> float:
