@@ -24,6 +24,7 @@ from distbelief.data.inputs import replica_batches
 from distbelief.errors import ConfigError
 from distbelief.nn import LocallyConnected1d
 from distbelief.runtime.processes import place
+from distbelief.runtime.ray.placement import plan_placement
 
 
 def toy(n: int, classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,3 +291,19 @@ def test_processes_put_the_blocks_of_a_stage_on_different_workers():
     assert place(["data0", "replica0.stage0", "data1", "replica1.stage0"], workers=2) == {
         "data0": 1, "replica0.stage0": 1, "data1": 2, "replica1.stage0": 2,
     }  # fmt: skip
+
+
+def test_ray_puts_the_blocks_of_a_stage_on_different_nodes():
+    names = ["shard0", "data0"] + [f"replica0.stage{s}.part{b}" for s in range(2) for b in range(2)]
+    placed = plan_placement(names, ["n0", "n1"])
+    for s in range(2):
+        assert placed[f"replica0.stage{s}.part0"] != placed[f"replica0.stage{s}.part1"]
+
+
+def test_the_simulated_runtime_runs_partitions():
+    x, y = separable_data(256)
+    result = distbelief.train(
+        mlp_net(), (x, y), loss="cross_entropy", lr=0.1, batch_size=64, epochs=2, seed=0,
+        optimizer="adagrad", stages=2, partitions=2, shards=2, runtime="simulated",
+    )  # fmt: skip
+    assert result.stats["steps"] == 8 and result.stats["virtual_s"] > 0

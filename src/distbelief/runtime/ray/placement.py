@@ -7,7 +7,10 @@ shards are spread over the nodes too. Names carry the structure: an actor called
 (``"shard0"``, ``"data1"``, ``"master"``) stands alone. Members of group *g* (numbered in the
 order groups first appear) take nodes ``(g + m) % N``, so no two members of a group share a node
 when ``N`` is at least the group's size and successive groups start on successive nodes; lone
-actors take nodes round-robin in spawn order. Nothing here imports Ray.
+actors take nodes round-robin in spawn order. A stage's partitions (``"replica1.stage0.part2"``)
+are the members of the group ``"replica1.stage0"``, so the blocks of one stage, which work on
+the same mini-batch at once, take distinct nodes where there are enough. Nothing here imports
+Ray.
 """
 
 from __future__ import annotations
