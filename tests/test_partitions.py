@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
+import signal
 
 import pytest
 import torch
@@ -14,12 +15,18 @@ from support import run, separable_data
 from torch import nn
 
 import distbelief
-from distbelief.algorithms.downpour.driver import _positions, partition_owners, stage_plans
+from distbelief.algorithms.downpour.driver import (
+    _positions,
+    build_layout,
+    partition_owners,
+    stage_plans,
+)
 from distbelief.algorithms.downpour.parameter_shard import ParameterShard
 from distbelief.algorithms.downpour.recovery import split_checkpoint
 from distbelief.core.blocks import BlockPass, block_parameters, plan_split, run_blocks
 from distbelief.core.flat import flatten
 from distbelief.core.layout import Layout
+from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
 from distbelief.data.inputs import replica_batches
 from distbelief.errors import ConfigError
 from distbelief.nn import LocallyConnected1d
@@ -166,6 +173,53 @@ def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards, s
     if stages == 1:
         crossing = plan_split(list(model), parts, (10,)).crossing_elements()
         assert result.stats["partition_bytes"] == (crossing * 2 * 800 * 4 if parts > 1 else 0)
+
+
+def test_n_fetch_n_push_4_with_partitions_equal_summed_gradients_every_4_steps():
+    model = mlp_net()
+    x, y = toy(384, 5)  # 24 steps of 16 an epoch: a multiple of 4
+    result = distbelief.train(
+        model, (x, y), loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=7,
+        optimizer="sgd", partitions=3, stages=2, shards=2, n_fetch=4, n_push=4,
+    )  # fmt: skip
+    batches = replica_batches(x, y, replica=0, seed=7, batch_size=16, epochs=2)
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for i, (bx, by) in enumerate(batches):
+        F.cross_entropy(m(bx), by).backward()
+        if (i + 1) % 4 == 0:
+            opt.step()
+            opt.zero_grad()
+    torch.testing.assert_close(
+        flatten(result.model.children()), flatten(m.children()), rtol=1e-5, atol=1e-5
+    )
+    # (with SGD a push per step would give the same sum): one push per partition and shard
+    stage_layers = split_layers(list(model), resolve_split_points(layer_sizes(list(model)), 2))
+    owners = partition_owners(build_layout(stage_layers, 2), stage_plans(stage_layers, 3, (10,)))
+    pairs = sum(len({seg.shard for seg in o.segments}) for o in owners)
+    assert result.stats["updates_applied_total"] == 48 // 4 * pairs
+
+
+def test_evaluation_warmstart_and_ctrl_c_with_partitions():
+    x, y = separable_data(256)
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=16, seed=0, optimizer="adagrad",
+              replicas=2, stages=2, partitions=2, shards=2)  # fmt: skip
+    result = distbelief.train(
+        mlp_net(), (x, y), epochs=2, eval_data=(x, y), eval_every=128, warmstart_steps=4, **kw
+    )
+    evals = result.history.eval
+    assert len(evals) >= 4 and evals[-1]["accuracy"] > 0.8
+    # Ctrl-C: the run stops and keeps what it trained.
+    model = mlp_net()
+
+    def progress(report):
+        if report.examples >= 256:
+            signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(distbelief.TrainingInterrupted) as info:
+        distbelief.train(model, (x, y), epochs=50, progress=progress, **kw)
+    trained = flatten(info.value.model.children())
+    assert torch.isfinite(trained).all() and not torch.equal(trained, flatten(model.children()))
 
 
 def accuracy(model, x, y) -> float:
