@@ -293,6 +293,16 @@ def test_bad_partitions_are_refused_naming_it(value, message):
                          epochs=1, partitions=value)  # fmt: skip
 
 
+def test_partitions_are_downpours_and_an_integer():
+    data = toy(64, 5)
+    with pytest.raises(ConfigError, match="^partitions: a Downpour option"):
+        distbelief.train(mlp_net(), data, loss="cross_entropy", algorithm="sandblaster",
+                         partitions=2, steps=2)  # fmt: skip
+    with pytest.raises(ConfigError, match="^partitions: must be an integer >= 1, got True"):
+        distbelief.train(mlp_net(), data, loss="cross_entropy", lr=0.1, batch_size=16,
+                         epochs=1, partitions=True)  # fmt: skip
+
+
 def test_a_layer_that_cannot_be_split_is_refused_naming_it_and_its_stage():
     model = nn.Sequential(nn.Linear(10, 8), nn.Unflatten(1, (1, 8)), nn.Conv1d(1, 1, 3))
     with pytest.raises(ConfigError, match=r"^partitions: layer 2 \(Conv1d\) cannot be split"):

@@ -133,9 +133,8 @@ class Partition(Actor):
         if self.weights.numel() != size:  # pragma: no cover (plan and ranges disagree)
             raise ValueError(f"partition {self.owner}: {self.weights.numel()} parameters, {size}")
         self.leaves = self._leaves(self.weights)
-        for layer in self.layers:  # only the block's slices are its: free the rest
-            for p in layer.parameters():
-                p.data = torch.empty(0, dtype=p.dtype)
+        # (the layers' own parameters are left as they are: a runtime may respawn this actor
+        # from the same arguments; only the leaves above are read and trained)
         # Per shard it meets: its run of the block's flat space and the pieces pushed.
         local, offset = {}, 0
         for lo, hi in ranges:
