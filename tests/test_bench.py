@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distbelief import bench
-from distbelief.bench import pipeline
+from distbelief.bench import model_parallel, pipeline
 from distbelief.bench.baselines.torch_pipeline import SCHEDULES, torch_pipeline_examples_per_s
 from distbelief.cli import main
 
@@ -84,6 +84,8 @@ def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) 
     n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
     n += len(bench.QUICK.checkpoint_every)
     n += len(pipeline.configs()) + len(pipeline.PUSHES) + len(SCHEDULES)
+    n += len(model_parallel.NETS) * (len(model_parallel.TIMED_PARTS) + 1)
+    n += len(model_parallel.COUNTED_PARTS)
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()
     assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]
@@ -103,7 +105,8 @@ def test_only_parses() -> None:
 
 def test_the_registry_is_the_one_list_of_benchmarks() -> None:
     assert bench.BENCHMARKS == (
-        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint", "pipeline"
+        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint", "pipeline",
+        "model-parallel",
     )  # fmt: skip
     help_text = bench.only_help()
     assert "\n" not in help_text
