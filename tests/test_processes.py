@@ -278,13 +278,14 @@ def test_bad_options_are_config_errors():
         make_runtime("processes", processes=0)
 
 
-def test_a_planned_crash_in_a_worker_ends_the_run_naming_the_actor():
+def test_a_planned_crash_in_a_worker_without_restarts_left_ends_the_run_naming_the_actor():
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
-    with pytest.raises(ActorFailed, match=r"^actor 'replica1\.stage0' failed.*exit code 70"):
+    match = r"^actor 'replica1\.stage0' failed.*exit code 70.*no restarts left"
+    with pytest.raises(ActorFailed, match=match):
         distbelief.train(
             mlp([10, 8, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1,
             replicas=2, seed=0, runtime="processes",
-            runtime_options={"faults": ["exit:replica1.stage0@step=2"]},
+            runtime_options={"faults": ["exit:replica1.stage0@step=2"], "max_restarts": 0},
         )  # fmt: skip
 
 
