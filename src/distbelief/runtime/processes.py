@@ -1142,6 +1142,8 @@ def _keep_cells(host: _Host, index: int) -> None:
         if cell.home == index or cell.home == SHARED:
             if cell.home == SHARED and index != 0:
                 cell.mailbox.clear()
+            if cell.home == SHARED and index == 0 and cell.fault and cell.fault.kind == "exit":
+                cell.fault = None  # a crash is a worker's (holding the lock): see _Host._die
             continue
         del host.cells[name]
     host.ready[:] = [cell for cell in host.cells.values() if cell.mailbox]
