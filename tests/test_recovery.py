@@ -364,3 +364,39 @@ def test_two_actors_killed_are_both_recovered_and_the_run_completes(faults, runt
     assert result.stats["restarts_by_actor"] == {f.split(":")[1].split("@")[0]: 1 for f in faults}
     assert result.stats["examples"] == 3 * 256
     assert torch.isfinite(flatten(result.model.children())).all()
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_main_job_on_processes_survives_a_death_of_every_kind_and_keeps_its_accuracy(
+    mnist1d_data,
+):
+    """The main job (as the test above) on processes, two workers of two replicas each, with
+    a stage, a data shard, the master and a shard killed, and a worker crashing (its two
+    replicas restarted whole): every death survived, each example trained once, and the
+    accuracy within the band of the run without faults (0.62 in one process)."""
+    train, test = mnist1d_data
+    steps = 5 * len(train[0]) // 4 // 32  # of each replica
+    faults = [
+        f"kill:replica1.stage0@step={steps // 5}",
+        f"kill:data3@step={steps // 4}",
+        f"exit:replica2.stage1@step={steps // 3}",  # worker 1 (replicas 0 and 2) crashes
+        "kill:master@message=60",
+        "kill:shard1@update=400",
+    ]
+    result = distbelief.train(
+        mlp([40, 256, 256, 10]), train, loss="cross_entropy", lr=0.05, batch_size=32,
+        epochs=5, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
+        seed=0, runtime="processes", runtime_options={"faults": faults},
+    )  # fmt: skip
+    assert result.history.accuracy >= 0.60
+    assert result.stats["examples"] == 5 * len(train[0])
+    by_actor = result.stats["restarts_by_actor"]
+    for name in ("replica1.stage0", "data3", "master", "shard1"):
+        assert by_actor.pop(name) == 1
+    where = result.stats["processes"]
+    crashed = {n for n, w in where.items() if w == where["replica2.stage1"]}
+    assert crashed == {"data0", "data2", *(f"replica{r}.stage{s}" for r in (0, 2) for s in (0, 1))}
+    assert by_actor == dict.fromkeys(crashed, 1)
+    shards = [r for r in result.stats["recoveries"] if r["actor"] == "shard1"]
+    assert len(shards) == 1 and shards[0]["source"].startswith("replica")
