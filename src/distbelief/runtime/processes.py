@@ -467,7 +467,7 @@ class _Host(RunQueue):
     def rebuild(self, cell: _Cell) -> None:
         """Respawn ``cell``'s actor from its pristine constructor arguments, as ``restarted``,
         with its wiring first in its mailbox (before any actor's message can reach it)."""
-        args, kwargs = copy.deepcopy(cell.restart_args)
+        (args, kwargs), cell.restart_args = cell.restart_args, None  # (a fault fires once)
         cell.actor = type(cell.actor)(*args, **kwargs)
         self.renew(cell)
 
@@ -1072,6 +1072,10 @@ class ProcessesRuntime:
             "restarts_by_actor": dict(self.restarts),
             "wire": dict(zip(WIRE, wire, strict=True)),
         }
+
+    def hosted(self) -> list[str]:
+        """Names of the actors the driver's process hosts now (none once it is shut down)."""
+        return list(self._host.cells)
 
     def shutdown(self) -> None:
         if self._closed:
