@@ -39,13 +39,27 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
   pipe instead of one bigger than the pipe's buffer (64 KiB: written in turns). When
   every slot is taken (the receiver is behind) the tensor is pickled instead: a send never
   waits. ``describe()["wire"]`` counts both paths.
-* **Supervision.** A worker whose actor raises reports it and stops; a worker that dies is named
-  by the actor it was handling (one shared slot per worker). Either ends the run with
-  :class:`ActorFailed`. There are no restarts here: a run on one machine is simply run again.
+* **Supervision.** A worker whose actor raises reports it and stops, which ends the run with
+  :class:`ActorFailed`. Deaths are survived as on ``local`` and Ray (``max_restarts`` per
+  actor, the :class:`~.supervise.Supervisor`'s restart and replay): a worker that dies (end
+  of file on its pipe to the driver) is replaced by a fork of the *fork server*, forked from
+  the driver with the first workers, before the driver starts a thread and before any
+  message, so that it holds every actor as built from its constructor arguments and the
+  shared memory, locks and slot rings (unlinked at creation: no process started otherwise
+  could open them). Its actors, marked ``restarted``, get their wiring before anything else;
+  the new worker has two new pipes to the driver alone (their ends passed to the fork server
+  over a Unix socket), and the driver hands on the mail between it and the other workers.
+  A planned ``kill`` of an actor rebuilds it in its worker from its kept arguments; ``exit``
+  crashes the worker. A shared actor (a shard) has no process of its own: its planned death,
+  or a worker dying while it holds its lock (each lock records its holder; the driver breaks
+  a dead holder's lock), means its state is lost: it is restarted in the driver's process,
+  which serves it alone from then on, and holds its mail back until the master restores it.
   Workers ignore SIGINT (Ctrl-C and SIGTERM are the driver's: :func:`stop_signals_as_flag`)
-  and die with the driver's process, even one killed with SIGKILL (a parent-death signal).
-  :meth:`ProcessesRuntime.shutdown` kills and reaps every worker; shared memory uses torch's
-  file-descriptor strategy (unlinked at creation), so nothing is left in ``/dev/shm``.
+  and die with the driver's process, even one killed with SIGKILL (a parent-death signal;
+  a replacement with the fork server, which dies with the driver).
+  :meth:`ProcessesRuntime.shutdown` kills and reaps every worker (the fork server reaps its
+  own); shared memory uses torch's file-descriptor strategy (unlinked at creation), so
+  nothing is left in ``/dev/shm``.
 """
 
 from __future__ import annotations
