@@ -302,7 +302,14 @@ def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(
     ],
 )
 def test_the_master_killed_is_rebuilt_from_the_data_shards_and_the_run_completes(fault, runtime):
-    result = run([fault], warmstart_steps=4, runtime=runtime)
+    wiring = []  # what the driver tells the master (its wiring, again to a new master)
+
+    def tap(sender, receiver, message):
+        if sender == "driver" and receiver == "master":
+            wiring.append(type(message).__name__)
+
+    result = run([fault], warmstart_steps=4, runtime=runtime, runtime_options={"tap": tap})
+    assert wiring.count("ConnectMaster") == 2  # a new master, wired as the first was
     assert result.stats["restarts_by_actor"] == {"master": 1}
     assert result.stats["examples"] == 3 * 256
     assert result.stats["steps"] == 2 * 3 * 8
