@@ -445,3 +445,43 @@ def test_a_worker_crashing_inside_a_hogwild_shards_locked_section_is_survived():
     assert rec["source"].startswith("replica")
     assert len(result.stats["worker_pids"]) == 3  # two workers and the crashed one's successor
     assert torch.isfinite(flatten(result.model.children())).all()
+
+
+_LONG_RUN_WITH_A_CRASH = """
+import torch, distbelief
+from support import mlp
+x, y = torch.randn(4096, 10), torch.randint(0, 3, (4096,))
+distbelief.train(mlp([10, 16, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=16,
+                 epochs=1000, replicas=2, seed=0, runtime="processes",
+                 runtime_options={"faults": ["exit:replica1.stage0@step=3"]})
+"""
+
+
+@pytest.mark.slow
+def test_a_replacement_worker_does_not_outlive_a_driver_killed_with_sigkill():
+    # The replacement is the fork server's child, not the driver's: it dies with the fork
+    # server, which dies with the driver (parent-death signals, both).
+    import signal
+    import subprocess
+    import sys
+
+    from test_stop_signals import _children, _running, _wait_for
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", _LONG_RUN_WITH_A_CRASH], env=env)
+    try:
+
+        def replaced() -> set[int] | None:
+            grandchildren = {g for c in _children(driver.pid) for g in _children(c)}
+            return grandchildren or None  # (only the fork server has children)
+
+        replacement = _wait_for(replaced, 120, "a replacement worker")
+        run = {*_children(driver.pid), *replacement}
+        assert len(run) == 3  # the worker that lives, the fork server, the new worker
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(60)
+        _wait_for(lambda: not any(_running(p) for p in run), 5, "the run's processes")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
