@@ -76,8 +76,8 @@ class ProcessesOptions:
     """Torch intra-op threads per worker; 0 leaves torch's."""
     faults: Any = None
     """A fault plan (:mod:`.faults`); a tuple of ``Fault`` and ``Delay`` once parsed."""
-    max_restarts: int = 0
-    """Accepted for the other runtimes' sake: nothing is restarted here."""
+    max_restarts: int = 5
+    """Restarts allowed per actor."""
     shard_updates: str = "locked"
     """``"locked"``: a shared shard applies one push at a time; ``"hogwild"``: at once."""
     tap: Tap | None = None
