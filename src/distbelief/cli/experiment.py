@@ -29,8 +29,10 @@ def experiment_command(
     ] = False,
     out: Annotated[
         str | None,
-        _opt("Write the runs, figures, results.json and experiment.html here (default: "
-             "runs/experiment-NAME-DATE-TIME)."),  # fmt: skip
+        _opt(
+            "Write the runs, figures, results.json and experiment.html here (default: "
+            "runs/experiment-NAME-DATE-TIME)."
+        ),  # fmt: skip
     ] = None,
     runtime: Annotated[
         str | None, _opt("Runtime (default: the experiment's own; see --list).")
@@ -55,9 +57,7 @@ def experiment_command(
         Console().print(table)
         return
     if name is None:
-        raise UsageFailure(
-            f"experiment: name one of {', '.join(experiments.names())} (or --list)"
-        )
+        raise UsageFailure(f"experiment: name one of {', '.join(experiments.names())} (or --list)")
     console = Console(stderr=True)
     try:
         results = experiments.run(

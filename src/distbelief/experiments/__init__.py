@@ -193,9 +193,8 @@ def run(
         "seeds": ctx.seeds,
         "sizes": plain(table),
         "timed": experiment.timed,
-        "reproducible": chosen in ("local", "simulated") and (
-            not experiment.timed or chosen == "simulated"
-        ),
+        "reproducible": chosen in ("local", "simulated")
+        and (not experiment.timed or chosen == "simulated"),
         "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "elapsed_s": elapsed,
         "load": f"load average {load} before, {_load()} after",

@@ -237,11 +237,16 @@ def validation_split(data: Data, fraction: float, seed: int = 0) -> tuple[Data, 
     return (x[fit], y[fit]), (x[val], y[val])
 
 
-def mnist1d_splits(samples: int, val_fraction: float = 0.1) -> tuple[Data, Data, Data]:
+def mnist1d_splits(
+    samples: int, fit_examples: int | None = None, val_fraction: float = 0.1
+) -> tuple[Data, Data, Data]:
     """MNIST-1D of ``samples`` examples: (training, validation, test); the validation part
-    is cut from the training set (80% of the samples), the test set is MNIST-1D's own."""
+    is cut from the training set (80% of the samples), the test set is MNIST-1D's own.
+    ``fit_examples``: keep only that many training rows (quick sizes)."""
     train_set, test_set = mnist1d(num_samples=samples)
     fit, val = validation_split(train_set, val_fraction)
+    if fit_examples is not None:
+        fit = (fit[0][:fit_examples], fit[1][:fit_examples])
     return fit, val, test_set
 
 
