@@ -11,6 +11,7 @@ only) and ``draw(results, out) -> [png]`` (the figures).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import statistics
 import time
@@ -116,6 +117,10 @@ class Outcome:
     """Evaluations during training on the validation split: examples, wall_s, loss, accuracy."""
     losses: list[dict[str, float]] = field(default_factory=list)
     """Training loss points: examples, wall_s, loss."""
+    diverged_at: int | None = None
+    """A diverged run: the examples seen when it was found (from the reason), if said."""
+    reason: str | None = None
+    """A diverged run: what went wrong and when (``TrainingDiverged.reason``)."""
 
     def row(self) -> dict[str, Any]:
         """As plain data for ``results.json``."""
@@ -180,8 +185,11 @@ class Context:
                 model, data, loss="cross_entropy", eval_data=val, runtime=self.runtime,
                 runtime_options=options or None, run_dir=runlog, **settings,
             )  # fmt: skip
-        except TrainingDiverged:
-            outcome = Outcome(name, plain(settings), diverged=True)
+        except TrainingDiverged as exc:
+            found = re.search(r"at ([\d,]+) examples", exc.reason)
+            at = int(found.group(1).replace(",", "")) if found else None
+            outcome = Outcome(name, plain(settings), diverged=True, diverged_at=at,
+                              reason=exc.reason)  # fmt: skip
         else:
             test_acc = accuracy(result.model, test) if test is not None else None
             outcome = Outcome(

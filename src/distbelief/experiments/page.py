@@ -92,3 +92,12 @@ def _show(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_show(v)}" for k, v in value.items())
     return str(value)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The verdict table of a ``results.json`` as Markdown (for docs/paper.md)."""
+    lines = ["| claim | measured | rule | verdict |", "| --- | --- | --- | --- |"]
+    for v in results["verdicts"]:
+        cells = [v["claim"], v["measured"], v["rule"], f"**{v['verdict']}**"]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)

@@ -5,7 +5,8 @@ the share of runs that diverge and the spread of the early training loss across 
 
 The rate is found by the experiment itself, before the measured runs, on a seed of its own
 (never one of the measured seeds): the smallest rate of an ascending grid at which a run
-without warmstart diverges."""
+without warmstart diverges (``edge = "first-diverging"``, the full sweep's), or the rate just
+below it (``"last-stable"``)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,14 @@ def measure(ctx: Context) -> dict[str, Any]:
     search_seed = ctx.seeds[0] + SEARCH_SEED_OFFSET
     edge = s["lr_grid"][-1]
     searched = []
-    for lr in s["lr_grid"]:
+    for i, lr in enumerate(s["lr_grid"]):
         o = ctx.train(f"edge-lr{lr:g}", mlp(s["widths"], seed=search_seed), fit, val=val,
                       lr=lr, seed=search_seed, warmstart_steps=0, **common)  # fmt: skip
         searched.append({"lr": lr, "diverged": o.diverged})
         if o.diverged:
-            edge = lr
+            # "first-diverging": the edge from above; "last-stable": from below (the rate
+            # before it, where only some seeds may diverge)
+            edge = lr if s["edge"] == "first-diverging" or i == 0 else s["lr_grid"][i - 1]
             break
     budget = s["epochs"] * len(fit[0])
     early = int(s["early_fraction"] * budget)
@@ -87,6 +90,7 @@ def measure(ctx: Context) -> dict[str, Any]:
             "early_losses": losses,
             "early_loss_spread": statistics.pstdev(kept) if len(kept) > 1 else None,
             "test_accuracies": [o.test_accuracy for o in runs],
+            "diverged_at": [o.diverged_at for o in runs],
         })  # fmt: skip
     return {
         "lr": edge, "search": searched, "search_seed": search_seed, "points": points,
@@ -149,7 +153,15 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
         ax.scatter([labels[i]] * len(vals), vals, color="C0", alpha=0.6)
     ax.scatter([], [], color="C0", label="a seed that did not diverge")
     second = save(fig, ax, out / "warmstart_early_loss.png")
-    return [first, second]
+    fig, ax = figure("when the diverged runs diverged", "warmstart steps",
+                     "examples seen when found diverged")  # fmt: skip
+    for i, p in enumerate(pts):
+        at = [a for a in p.get("diverged_at", []) if a is not None]
+        ax.scatter([labels[i]] * len(at), at, color="C3", alpha=0.6)
+    ax.scatter([], [], color="C3", label="a seed that diverged")
+    ax.set_ylim(bottom=0)
+    third = save(fig, ax, out / "warmstart_diverged_at.png")
+    return [first, second, third]
 
 
 EXPERIMENT = Experiment(
@@ -172,6 +184,7 @@ EXPERIMENT = Experiment(
         "lr_grid": (0.5, 4.0),
         "warmstart": (0, 25),
         "early_fraction": 0.2,
+        "edge": "first-diverging",
         "seeds": 1,
     },
     full={
@@ -186,6 +199,7 @@ EXPERIMENT = Experiment(
         "lr_grid": (0.1, 0.15, 0.2, 0.3, 0.45, 0.7),
         "warmstart": (0, 25, 100, 400),
         "early_fraction": 0.2,
+        "edge": "first-diverging",
         "seeds": 8,
     },  # fmt: skip
     measure=measure,
