@@ -170,7 +170,7 @@ def judge(measured: dict[str, Any]) -> list[Verdict]:
     no better than one portion without backups: does not hold; else inconclusive. Downpour:
     each faulty case's accuracy (slow replica: at the moment the fault-free run ended; killed
     shard: at the end; means over seeds) within ``TOLERANCE`` of the fault-free run's final
-    one: holds, else does not hold; a case not run: inconclusive."""
+    one: holds, else does not hold; a case not run, or no evaluation by then: inconclusive."""
     pts = measured["sandblaster"]
     k = max(measured["slowdowns"])
     most = max(p["portions_per_replica"] for p in pts)
@@ -216,15 +216,18 @@ def judge(measured: dict[str, Any]) -> list[Verdict]:
                                     "actor)", "", INCONCLUSIVE))  # fmt: skip
             continue
         got = mean([r[key] for r in dp[case]])
-        ok = got is not None and free is not None and got >= free - TOLERANCE
+        if got is None or free is None:  # no evaluation by then: nothing to compare
+            verdict = INCONCLUSIVE
+        else:
+            verdict = HOLDS if got >= free - TOLERANCE else DOES_NOT_HOLD
         what = measured["downpour_slowdown"] if case == "slow replica" else "shard 1 killed"
         verdicts.append(Verdict(
             claim=claim,
             measured=f"validation accuracy {when}, {what}: {fmt(got)}; fault-free final "
             f"{fmt(free)}",
             rule=f"holds if at most {TOLERANCE} below the fault-free run's final accuracy "
-            "(means over seeds), else does not hold",
-            verdict=HOLDS if ok else DOES_NOT_HOLD,
+            "(means over seeds), else does not hold; inconclusive if no evaluation by then",
+            verdict=verdict,
             numbers={"accuracy": got, "fault_free": free},
         ))  # fmt: skip
     return verdicts
