@@ -147,8 +147,11 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
                     vals = [a for a in p["test_accuracies"] if a is not None]
                     ax.scatter([r] * len(vals), vals, color=f"C{i}", alpha=0.3, s=10)
                     ax.annotate(f"lr {p['lr']:g}", (r, p[key]), fontsize="x-small",
-                                textcoords="offset points", xytext=(3, 3 + 8 * i))  # fmt: skip
+                                textcoords="offset points", xytext=(4, 5 if i else -11),
+                                color=f"C{i}")  # fmt: skip
         ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(r) for r in counts])
+        ax.minorticks_off()
         if key == "test_accuracy":
             ax.set_ylim(0, 1)
         paths.append(save(fig, ax, out / name))

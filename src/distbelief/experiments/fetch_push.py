@@ -166,6 +166,8 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
         ax.plot([k[0] for k in kept], [k[1] for k in kept], "o-", color="C0",
                 label=f"{measured['replicas']} replicas ({measured['runtime']})")  # fmt: skip
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
         if not kept:
             ax.text(0.5, 0.5, "not reached within the budget", ha="center", va="center",
                     transform=ax.transAxes)  # fmt: skip
