@@ -178,7 +178,7 @@ def test_stragglers_rules_flip() -> None:
     assert verdicts == [INCONCLUSIVE, DOES_NOT_HOLD, DOES_NOT_HOLD]
     assert judge(_strag(1.2, 2.3, 0.7, 0.7))[0].verdict == INCONCLUSIVE  # gain below 2x
     assert judge(_strag(3.0, 3.0, 0.7, 0.7))[0].verdict == DOES_NOT_HOLD
-    # not run (processes restarts no actor), or no evaluation by then: inconclusive
+    # a case not run, or no evaluation by then: inconclusive
     assert judge(_strag(1.0, 3.0, 0.7, None))[2].verdict == INCONCLUSIVE
     no_eval = _strag(1.0, 3.0, 0.7, 0.7)
     no_eval["downpour"]["slow replica"] = [{"val_at_fault_free_end": None}]
