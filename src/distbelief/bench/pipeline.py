@@ -227,3 +227,41 @@ def rows(figures: dict[str, Any]) -> list[Row]:
 
 
 BENCHMARK = Benchmark("pipeline", pipeline, rows)
+
+
+CATEGORIES = ("compute", "shards", "data", "actors", "wire", "lock_wait", "idle", "loop")
+"""Where a worker's span goes (:func:`breakdown`)."""
+KIND_CATEGORY = {"Stage": "compute", "ParameterShard": "shards", "DataShard": "data"}
+
+
+def breakdown(profile: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run's ``stats["profile"]`` (``runtime_options={"profile": True}`` on ``processes``)
+    grouped, per worker, into seconds of its span: ``compute`` (the stages' handlers: the
+    layers' forward and backward passes, and copying fetched values into a stashed version),
+    ``shards`` (the parameter shards' handlers run in this process: fetches and pushes, the
+    update rule), ``data`` (the data shard), ``actors`` (any other), ``wire`` (pickling, slot
+    copies, unpickling), ``lock_wait`` (for a shard's lock), ``idle`` (waiting for mail) and
+    ``loop`` (the rest: the run loop itself); with ``span_s`` and ``cpu_s`` (the process's)."""
+    out: dict[str, dict[str, Any]] = {}
+    for worker, p in profile.items():
+        if worker == "driver":
+            continue
+        parts = dict.fromkeys(CATEGORIES, 0.0)
+        for actor in p["actors"].values():
+            category = KIND_CATEGORY.get(actor["kind"], "actors")
+            parts[category] += sum(t["wall_s"] for t in actor["handlers"].values())
+        parts["wire"] = p["send"]["wall_s"] + p["receive"]["wall_s"]
+        parts["lock_wait"] = p["lock_wait"]["wall_s"]
+        parts["idle"] = p["idle"]["wall_s"]
+        parts["loop"] = p["other_s"]
+        out[worker] = {
+            "hosts": p["hosts"], "span_s": p["span_s"], "cpu_s": p["process_cpu_s"],
+            **{k: round(v, 4) for k, v in parts.items()},
+        }  # fmt: skip
+    return out
+
+
+def breakdown_text(parts: dict[str, Any]) -> str:
+    """``"compute 61%, shards 14%, ..."``: a worker's :func:`breakdown` in shares of its span."""
+    span = parts["span_s"] or 1.0
+    return ", ".join(f"{k} {100 * parts[k] / span:.0f}%" for k in CATEGORIES if parts[k] > 0)

@@ -72,6 +72,7 @@ import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from . import faults as fault_plans
+from . import profile as profiling
 from .base import DRIVER, Actor, Failure, NamedRef, StopFlag
 from .options import SHARD_UPDATES, ProcessesOptions, Tap, parse
 from .runqueue import Cell, RunQueue, replies
@@ -260,6 +261,7 @@ class _Host(RunQueue):
         self.wire: Any = [0] * len(WIRE)
         self.table = dict(copyreg.dispatch_table)
         self.table[torch.Tensor] = self._reduce_tensor
+        self.profile: profiling.Profile | None = None  # runtime_options profile=True
 
     # ------------------------------------------------------------------ posting
 
@@ -267,6 +269,9 @@ class _Host(RunQueue):
         """Put ``message`` in the mailbox of ``name``, here or in its home process."""
         home = self.route.get(name, 0) if self.started else self.index
         if home != self.index and home != SHARED:
+            profile = self.profile
+            if profile is not None:
+                c0, w0 = profiling.thread_ns(), profiling.wall_ns()
             self.to = self.channels.get((self.index, home))
             buffer = io.BytesIO()
             _Pickler(buffer, self.table).dump((name, sender.name, message))
@@ -274,6 +279,8 @@ class _Host(RunQueue):
             self.wire[4] += len(data)
             self.out_queue.put((home, data))
             self.sent[home] += 1
+            if profile is not None:
+                profile.add(profiling.SEND, profiling.thread_ns() - c0, profiling.wall_ns() - w0)
             return
         if name == DRIVER:
             if self.tapped(sender.name, DRIVER, message):
@@ -329,7 +336,12 @@ class _Host(RunQueue):
 
     def receive(self, timeout: float) -> list[Connection]:
         """Move what the pipes hold into mailboxes; wait up to ``timeout`` s for some first."""
-        readers = wait(list(self.inbound), timeout) if timeout > 0 else self._readable()
+        if timeout > 0 and self.profile is not None:
+            w0 = profiling.wall_ns()
+            readers = wait(list(self.inbound), timeout)
+            self.profile.add(profiling.IDLE, 0, profiling.wall_ns() - w0, nested=False)
+        else:
+            readers = wait(list(self.inbound), timeout) if timeout > 0 else self._readable()
         for conn in readers:
             self._drain(conn)
         return readers
@@ -338,13 +350,23 @@ class _Host(RunQueue):
         return [conn for conn in self.inbound if conn.poll()]
 
     def _drain(self, conn: Connection) -> None:
+        profile = self.profile
         while conn.poll():
+            if profile is not None:
+                c0, w0 = profiling.thread_ns(), profiling.wall_ns()
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 del self.inbound[conn]  # the writer is gone (its death is noticed elsewhere)
                 return
             name, sender, message = _Unpickler(data, self.take).load()
+            if profile is not None:
+                profile.add(
+                    profiling.RECEIVE,
+                    profiling.thread_ns() - c0,
+                    profiling.wall_ns() - w0,
+                    nested=False,
+                )
             if isinstance(message, _Probe):
                 self.probe = message
                 continue
@@ -386,21 +408,32 @@ holder that died is noticed by the driver long before)."""
 
 class _TimedLock:
     """A lock across processes for a shared actor's critical sections, as a context manager
-    whose wait is bounded: a holder that died is noticed by the driver long before."""
+    whose wait is bounded: a holder that died is noticed by the driver long before. With a
+    ``host`` whose run is profiled, the waits and the time held are counted."""
 
-    __slots__ = ("_lock", "_name")
+    __slots__ = ("_lock", "_name", "_host", "_held")
 
-    def __init__(self, lock: Any, name: str) -> None:
+    def __init__(self, lock: Any, name: str, host: _Host | None = None) -> None:
         self._lock, self._name = lock, name
+        self._host = host if host is not None and host.profile is not None else None
+        self._held = 0
 
     def __enter__(self) -> None:
+        if self._host is not None:
+            w0 = profiling.wall_ns()
         if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
             raise RunTimeout(
                 f"waited {LOCK_TIMEOUT_S:.0f} s for the lock of shared actor {self._name!r}"
             )
+        if self._host is not None:
+            self._held = profiling.wall_ns()
+            self._host.profile.add(profiling.LOCK_WAIT, 0, self._held - w0)
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
+        if self._host is not None:
+            held = profiling.wall_ns() - self._held
+            self._host.profile.add(profiling.LOCK_HELD, 0, held, nested=False)
 
 
 def _group(name: str) -> int | None:
@@ -595,7 +628,10 @@ class ProcessesRuntime:
                 )
             self._look_for_deadlock()
             sentinels = [w.sentinel for w in self._workers]
+            w0 = time.perf_counter_ns()
             wait([*host.inbound, *sentinels], min(0.1, max(0.0, deadline - time.monotonic())))
+            if host.profile is not None:
+                host.profile.add(profiling.IDLE, 0, time.perf_counter_ns() - w0, nested=False)
         interrupted.raise_if_set()  # a stop while the reply was on its way: not lost with it
 
     def _look_for_deadlock(self) -> None:
@@ -664,11 +700,19 @@ class ProcessesRuntime:
         ctx = multiprocessing.get_context("fork")
         placed = place(self._grouped, self._processes)  # (group, member) pairs to workers
         n = max(placed.values(), default=0)
+        if self.options.profile:
+            # Every handler of every actor gets a row in each process's block (see .profile).
+            keys = [(name, t.__name__) for name, c in host.cells.items() for t in c.handlers]
+            host.profile = profiling.Profile(keys, n + 1)
+            self._kinds = {name: type(c.actor).__name__ for name, c in host.cells.items()}
+            for name, cell in host.cells.items():
+                cell.handlers = host.profile.timed(name, cell.handlers)
         homes = {}
         for name, cell in host.cells.items():
             if cell.home == SHARED:
                 # The actor holds the lock itself, around its critical sections only.
-                cell.actor.share_memory(_TimedLock(ctx.Lock(), name), hogwild=self._hogwild)
+                lock = _TimedLock(ctx.Lock(), name, host)
+                cell.actor.share_memory(lock, hogwild=self._hogwild)
             elif name in placed:
                 cell.home = placed[name]
             homes[name] = host.route[name] = cell.home
@@ -712,15 +756,19 @@ class ProcessesRuntime:
     def describe(self) -> dict[str, Any]:
         """What a run's stats record: ``processes`` (actor -> the process it ran in: 0 is the
         driver's, "shared" all of them: the placement), ``worker_pids``, ``restarts_by_actor``
-        and ``wire`` (what crossed between processes: :data:`WIRE`)."""
+        and ``wire`` (what crossed between processes: :data:`WIRE`); with the ``profile``
+        option, ``profile``: where each process's time went (:mod:`.profile`)."""
         homes = getattr(self, "_homes", {})
         wire = self._wire.sum(0).tolist() if self._wire is not None else [0] * len(WIRE)
-        return {
+        out = {
             "processes": {n: ("shared" if h == SHARED else h) for n, h in homes.items()},
             "worker_pids": [w.pid for w in self._workers],
             "restarts_by_actor": {},  # as the other runtimes report; nothing restarts here
             "wire": dict(zip(WIRE, wire, strict=True)),
         }
+        if self._host.profile is not None:
+            out["profile"] = self._host.profile.summary(homes, self._kinds)
+        return out
 
     def shutdown(self) -> None:
         if self._closed:
@@ -789,6 +837,8 @@ def _run_worker(
 ) -> None:
     host.rng = random.Random(None if host.seed is None else host.seed * 1_000_003 + index)
     host.wire = wire[index].numpy()  # this worker's row of the shared counters
+    if host.profile is not None:
+        host.profile.attach(index)
     host.channels = {k: c for k, c in host.channels.items() if index in k}
     _keep_ends(host, index, pipes)
     _keep_cells(host, index)
