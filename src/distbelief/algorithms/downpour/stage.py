@@ -132,6 +132,7 @@ class Stage(Actor):
         self.n_push = n_push
         self.local_lr = local_lr
         self.accrued: tuple[torch.Tensor, ...] | None = None  # per parameter, since the last push
+        self.accrued_own = False  # ``accrued`` is this stage's to add into (not autograd's)
         self.accrued_steps = 0
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: list[Forward] = []  # forwards waiting for fetch replies, in order
@@ -155,6 +156,9 @@ class Stage(Actor):
         self.trainable_index = [i for i, p in enumerate(self.params) if p.requires_grad]
         # The version the next forward uses: one tensor per parameter, never written into.
         self.current = self._version_of(self.weights.detach().clone())
+        # Flat tensors of versions no forward uses any more, for the next fetches to fill: a
+        # fresh one per fetch costs more than the copy into it (new pages, cold cache).
+        self.spare: list[torch.Tensor] = []
         self.incoming: torch.Tensor | None = None  # the version the fetch on its way fills
         self.incoming_versions: dict[int, int] = {}
         # step -> (input, output, the parameters its forward used, their versions)
@@ -169,7 +173,19 @@ class Stage(Actor):
             leaf = flat[offset : offset + k].view_as(p).detach()
             out.append(leaf.requires_grad_(p.requires_grad))
             offset += k
-        return tuple(out)
+        version = _Version(out)
+        version.flat = flat
+        return version
+
+    def _retire(self, version: tuple[torch.Tensor, ...]) -> None:
+        """``version`` is neither the current one nor used by a waiting forward: its flat
+        tensor may be filled by a later fetch (a version a local step made has none)."""
+        if version is self.current or any(w[2] is version for w in self.waiting.values()):
+            return
+        flat = getattr(version, "flat", None)
+        if flat is not None and len(self.spare) <= len(self.waiting):
+            version.flat = None
+            self.spare.append(flat)
 
     @receives(ConnectStage)
     def on_connect(self, msg: ConnectStage, sender: object) -> None:
@@ -206,7 +222,7 @@ class Stage(Actor):
         self.fetched = True
         self.fetching = {shard for shard, _, _ in self.segments}
         if self.stash:  # a new version, which the replies fill
-            self.incoming = torch.empty_like(self.weights)
+            self.incoming = self.spare.pop() if self.spare else torch.empty_like(self.weights)
             self.incoming_versions = {}
         for shard, _, _ in self.segments:
             self.ctx.tell(self.shards[shard], Fetch(self.replica, self.index))
@@ -238,7 +254,8 @@ class Stage(Actor):
         if self.fetching:
             return
         if self.stash and self.incoming is not None:
-            self.current = self._version_of(self.incoming)
+            old, self.current = self.current, self._version_of(self.incoming)
+            self._retire(old)
             self.versions = {**self.versions, **self.incoming_versions}  # (a new dict: stashed)
             self.incoming = None
         # (a forward may issue the next fetch ahead: the rest then wait for it)
@@ -299,6 +316,7 @@ class Stage(Actor):
                 return  # the step was lost with a restarted stage and is being redone
             x, out, params, versions = waiting
             self._backward(msg.step, out, msg.grad, x, msg.loss, params, versions)
+            self._retire(params)
             return
         if self.saved is None or self.saved[0] != msg.step:
             return  # the step was lost with a restarted stage and is being redone
@@ -347,9 +365,15 @@ class Stage(Actor):
                     for p, g in zip(self.params, param_grads):
                         p.add_(g, alpha=-self.local_lr)
             if self.accrued is None:
-                self.accrued = param_grads
-            else:  # out of place: a gradient autograd returned may alias a message's tensor
+                self.accrued, self.accrued_own = param_grads, False
+            elif not self.accrued_own:
+                # Out of place: a gradient autograd returned may alias a message's tensor;
+                # the sum is the stage's own, so later steps add into it (the same values).
                 self.accrued = tuple(a + g for a, g in zip(self.accrued, param_grads))
+                self.accrued_own = True
+            else:
+                for a, g in zip(self.accrued, param_grads):
+                    a.add_(g)
         if versions is not None:  # the oldest version among the accrued forwards
             old = self.accrued_versions
             self.accrued_versions = (
@@ -443,6 +467,13 @@ class Stage(Actor):
 
     def _done(self) -> None:
         self.ctx.tell(self.data_shard, StageDone(self.index, self._buffers()))
+
+
+class _Version(tuple):
+    """A stashed version of a stage's parameters (a leaf tensor each) and ``flat``, the tensor
+    they are views of (None once the flat is handed on for reuse)."""
+
+    flat: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
