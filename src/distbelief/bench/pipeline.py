@@ -12,6 +12,11 @@ per 4 micro-batches, so it is compared with ``n_push = 4`` (equal update frequen
 Every run alternates with the others in each repeat; ratios are medians of paired ratios. The
 bytes that cross the cut per step are counted by the runtime (``stats["wire"]``): activations
 forward and their gradient back, ``32 x width x 4`` bytes each, and the targets.
+
+After the timed repeats, 1 stage and 2 stages at the best ``pipeline_depth`` (``n_push`` 1) run
+once more with the runtime's profile on (``runtime_options={"profile": True}``, untimed: it
+costs a few microseconds a message): where each worker's time went (:func:`breakdown`), a row
+per worker.
 """
 
 from __future__ import annotations
@@ -123,7 +128,18 @@ def pipeline(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict
             f"torch {s} {v[-1]:,.0f}" if v[-1] else f"torch {s} failed"
             for s, v in torch_runs.items()
         ))  # fmt: skip
-    return _figures(net, cut, engine, plain, torch_runs, torch_errors, cut_bytes, runnable)
+    out = _figures(net, cut, engine, plain, torch_runs, torch_errors, cut_bytes, runnable)
+    best = out["speedup"][0]["best_depth"] or 1
+    out["profile"] = {}
+    for stages, depth in ((1, 1), (2, best)):
+        extra = {"pipeline_depth": depth} if depth != 1 else {}
+        result = train(
+            mlp(net, seed=seed), data, loss="cross_entropy", lr=LR, batch_size=BATCH,
+            epochs=1, stages=[cut] if stages == 2 else 1, optimizer="sgd", n_fetch=1, n_push=1,
+            seed=seed, runtime="processes", runtime_options={"profile": True}, **extra,
+        )  # fmt: skip
+        out["profile"][label(stages, depth, 1)] = breakdown(result.stats["profile"])
+    return out
 
 
 def _best(samples: list[float | None]) -> int | None:
@@ -223,6 +239,13 @@ def rows(figures: dict[str, Any]) -> list[Row]:
             f"{t['schedule']}, {figures['n_microbatches']} micro-batches of {figures['batch']}",
             _ex(t["distbelief_examples_per_s"]), base, _ratio(t["ratio"]),
         ))  # fmt: skip
+    for config, workers in figures.get("profile", {}).items():
+        for worker, parts in workers.items():
+            out.append((
+                "pipeline", f"profile, {config}: {worker} ({', '.join(parts['hosts'])})",
+                breakdown_text(parts), f"span {parts['span_s']:.2f} s, CPU {parts['cpu_s']:.2f} s",
+                "",
+            ))  # fmt: skip
     return out
 
 
