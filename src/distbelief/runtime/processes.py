@@ -411,12 +411,16 @@ class _TimedLock:
     whose wait is bounded: a holder that died is noticed by the driver long before. With a
     ``host`` whose run is profiled, the waits and the time held are counted."""
 
-    __slots__ = ("_lock", "_name", "_host", "_held")
+    __slots__ = ("_lock", "_name", "_host", "_held", "_make")
 
-    def __init__(self, lock: Any, name: str, host: _Host | None = None) -> None:
-        self._lock, self._name = lock, name
+    def __init__(self, make: Any, name: str, host: _Host | None = None) -> None:
+        self._lock, self._name, self._make = make(), name, make
         self._host = host if host is not None and host.profile is not None else None
         self._held = 0
+
+    def sibling(self, part: str) -> _TimedLock:
+        """Another lock for the same actor (before the fork): for ``part`` of its state."""
+        return _TimedLock(self._make, f"{self._name} ({part})", self._host)
 
     def __enter__(self) -> None:
         if self._host is not None:
@@ -711,7 +715,7 @@ class ProcessesRuntime:
         for name, cell in host.cells.items():
             if cell.home == SHARED:
                 # The actor holds the lock itself, around its critical sections only.
-                lock = _TimedLock(ctx.Lock(), name, host)
+                lock = _TimedLock(ctx.Lock, name, host)
                 cell.actor.share_memory(lock, hogwild=self._hogwild)
             elif name in placed:
                 cell.home = placed[name]
