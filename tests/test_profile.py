@@ -1,17 +1,28 @@
 """The processes runtime's profile (``runtime_options={"profile": True}``): where each worker's
-time went, per handler and on the wire; and the pipeline benchmark's breakdown of it."""
+time went, per handler and on the wire; the pipeline benchmark's breakdown of it; and the
+shard's lock per segment, which the profile showed the stages of one replica waiting for."""
 
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import torch
-from support import mlp
+from support import RecordingContext, mlp
 
 import distbelief
+from distbelief.algorithms.downpour.messages import (
+    Fetch,
+    FetchReply,
+    Push,
+    Snapshot,
+    StatsRequest,
+)
+from distbelief.algorithms.downpour.parameter_shard import ParameterShard
 from distbelief.bench.pipeline import CATEGORIES, breakdown, breakdown_text
 from distbelief.core.flat import flatten
+from distbelief.core.layout import Layout
 from distbelief.errors import ConfigError
 from distbelief.runtime import make_runtime
 
@@ -68,3 +79,55 @@ def test_a_profiled_run_counts_every_handler_in_the_worker_that_ran_it_and_train
 def test_profile_must_be_true_or_false():
     with pytest.raises(ConfigError, match="^runtime_options: profile must be True or False"):
         make_runtime("processes", profile="yes")
+
+
+class Busy(Exception):
+    """A lock was wanted while another holder had it."""
+
+
+class NoWaitLock:
+    """A lock that raises instead of waiting (and can make siblings, as the processes
+    runtime's lock does): a test sees which lock a handler takes while another is held."""
+
+    def __init__(self, name: str = "shard0", made: list | None = None) -> None:
+        self.name, self._lock = name, threading.Lock()
+        self.made = made if made is not None else [self]
+
+    def sibling(self, part: str) -> NoWaitLock:
+        lock = NoWaitLock(f"{self.name} ({part})", self.made)
+        self.made.append(lock)
+        return lock
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise Busy(self.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_a_shared_shard_locks_each_segment_apart_and_everything_for_a_snapshot():
+    layout = Layout.build([3, 5], shards=1)  # two stages' segments in one shard
+    shard = ParameterShard(0, torch.ones(8), 0, layout.segments_of_shard(0), "sgd", 0.5)
+    ctx = RecordingContext()
+    shard.bind(ctx)
+    lock = NoWaitLock()
+    shard.share_memory(lock)
+    shard_lock, first, second = lock.made
+    assert [first.name, second.name] == ["shard0 (segment 0)", "shard0 (segment 1)"]
+    with second:  # the other stage's process is fetching or pushing segment 1
+        shard.on_fetch(Fetch(0, 0), "stage0")
+        shard.on_push(Push(0, 0, (torch.ones(3),), 0, True), "stage0")
+        with pytest.raises(Busy, match="segment 1"):
+            shard.on_fetch(Fetch(0, 1), "stage1")
+        with pytest.raises(Busy, match="segment 1"):
+            shard.on_snapshot(Snapshot(0), "master")
+    ((_, reply),) = ctx.take()
+    assert isinstance(reply, FetchReply) and torch.equal(reply.weights, torch.ones(3))
+    with shard_lock:  # the counters are the shard's: a stats request waits for nothing else
+        with pytest.raises(Busy, match="^shard0$"):
+            shard.on_stats_request(StatsRequest(), "master")
+    shard.on_push(Push(0, 1, (torch.ones(5),), 0, True), "stage1")
+    assert torch.equal(shard.weights, torch.full((8,), 0.5))
+    stats = shard.stats()
+    assert stats["updates_applied"] == 2 and stats["staleness_histogram"] == [2]
