@@ -23,9 +23,10 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
   process. ``describe()["processes"]`` records where each actor ran.
 * **Shared actors.** An actor whose class is ``shareable`` (the parameter shards) is hosted in
   every process at once over shared memory (see ``Actor.shareable``): each process handles the
-  messages its own actors send it, under one lock per actor across processes. A fetch or a
-  push is a function call that moves no byte through a pipe; the update still goes through the
-  shard's update rule, and its versions count staleness.
+  messages its own actors send it, under one lock per actor across processes (and more
+  that the actor asks for before the fork, ``sibling``: a shard's lock per segment). A fetch
+  or a push is a function call that moves no byte through a pipe; the update still goes
+  through the shard's update rule, and its versions count staleness.
 * **Between processes**, messages are pickled onto one pipe per ordered pair of processes
   (per-sender FIFO), written by a writer thread so that a full pipe never stalls a run loop.
   A plain CPU tensor in a message is pickled as its raw bytes (pickle protocol 5), not through
