@@ -66,6 +66,7 @@ def test_a_profiled_run_counts_every_handler_in_the_worker_that_ran_it_and_train
         assert profile[worker]["receive"]["n"] >= steps
         assert profile[worker]["lock_held"]["n"] >= steps
         assert profile[worker]["span_s"] > 0
+        assert profile[worker]["page_faults"] >= 0
     last = profile["worker2"]["actors"]["replica0.stage1"]["handlers"]
     assert last["Forward"]["n"] == steps
     parts = breakdown(profile)

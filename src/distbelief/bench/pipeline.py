@@ -243,7 +243,9 @@ def rows(figures: dict[str, Any]) -> list[Row]:
         for worker, parts in workers.items():
             out.append((
                 "pipeline", f"profile, {config}: {worker} ({', '.join(parts['hosts'])})",
-                breakdown_text(parts), f"span {parts['span_s']:.2f} s, CPU {parts['cpu_s']:.2f} s",
+                breakdown_text(parts),
+                f"span {parts['span_s']:.2f} s, CPU {parts['cpu_s']:.2f} s, "
+                f"{parts['page_faults']:,} page faults",
                 "",
             ))  # fmt: skip
     return out
@@ -264,7 +266,8 @@ def breakdown(profile: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ``shards`` (the parameter shards' handlers run in this process: fetches and pushes, the
     update rule), ``data`` (the data shard), ``actors`` (any other), ``wire`` (pickling, slot
     copies, unpickling), ``lock_wait`` (for a shard's lock), ``idle`` (waiting for mail) and
-    ``loop`` (the rest: the run loop itself); with ``span_s`` and ``cpu_s`` (the process's)."""
+    ``loop`` (the rest: the run loop itself); with ``span_s``, ``cpu_s`` (the process's) and
+    ``page_faults`` (the process's over the span)."""
     out: dict[str, dict[str, Any]] = {}
     for worker, p in profile.items():
         if worker == "driver":
@@ -279,6 +282,7 @@ def breakdown(profile: dict[str, Any]) -> dict[str, dict[str, Any]]:
         parts["loop"] = p["other_s"]
         out[worker] = {
             "hosts": p["hosts"], "span_s": p["span_s"], "cpu_s": p["process_cpu_s"],
+            "page_faults": p["page_faults"],
             **{k: round(v, 4) for k, v in parts.items()},
         }  # fmt: skip
     return out

@@ -79,7 +79,8 @@ class ProcessesOptions:
     max_restarts: int = 0
     """Accepted for the other runtimes' sake: nothing is restarted here."""
     shard_updates: str = "locked"
-    """``"locked"``: a shared shard applies one push at a time; ``"hogwild"``: at once."""
+    """``"locked"``: a shared shard applies one push at a time (to each segment);
+    ``"hogwild"``: at once."""
     tap: Tap | None = None
     """Sees every message, in the process that hosts its receiver (see :data:`Tap`)."""
     profile: bool = False

@@ -541,10 +541,12 @@ class ProcessesRuntime:
     ``ActorFailed`` naming it; a ``message=N`` count of a shared actor counts the messages
     handled in each process), ``max_restarts`` (accepted for the other runtimes' sake;
     nothing is restarted here), ``shard_updates``: ``"locked"`` (default: a shard applies
-    one push at a time, exactly as in one process) or ``"hogwild"`` (pushes from different
-    processes apply at the same time, unsynchronized as in Hogwild; versions, staleness and
-    counters still counted exactly: see ``ParameterShard``), ``tap`` (sees every message, in
-    the process that hosts its receiver: :data:`~.options.Tap`; a worker inherits it).
+    one push at a time to each segment, exactly as in one process) or ``"hogwild"``
+    (pushes from different processes apply at the same time, unsynchronized as in Hogwild;
+    versions, staleness and counters still counted exactly: see ``ParameterShard``),
+    ``tap`` (sees every message, in the process that hosts its receiver:
+    :data:`~.options.Tap`; a worker inherits it), ``profile`` (time every handler, the wire
+    and the waits in each process: ``describe()["profile"]``, :mod:`.profile`).
     """
 
     name = "processes"

@@ -9,16 +9,18 @@ counts the messages it took off its pipes (``receive``: reading and unpickling, 
 out), the time its run loop sat waiting for mail with nothing to do (``idle``), the time it
 held a shared actor's lock (``lock_held``, inside the handlers' time), and its span: from the
 start of its first handler to the end of its last, with the process's CPU time (every thread:
-the pipe writer's too) at that end. What a span leaves unaccounted (``other``) is the run loop
-itself: polling the pipes, picking the next message.
+the pipe writer's too) and its minor page faults (pages touched for the first time: memory the
+allocator took fresh from the kernel) over it. What a span leaves unaccounted (``other``) is
+the run loop itself: polling the pipes, picking the next message.
 
-It costs about 5 us per message (four clock reads; a thread's CPU clock is a system call), so it
-is off unless asked for. The table lives in shared memory, a block of rows per process, made
+It costs about 10 us per message (clock and page fault reads, several of them system calls), so
+it is off unless asked for. The table lives in shared memory, a block of rows per process, made
 before the fork: every process writes its own rows, the driver reads them all at the end.
 """
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,11 +32,17 @@ LOOP = ("send", "receive", "idle", "lock_wait", "lock_held")
 SEND, RECEIVE, IDLE, LOCK_WAIT, LOCK_HELD = range(len(LOOP))
 SPAN = len(LOOP)
 """Index (after the handlers') of the span's rows: at the start of the first handler and at
-the end of the last, the wall clock, the process's CPU clock and the run loop thread's (ns)."""
+the end of the last, the wall clock, the process's CPU clock and the run loop thread's (ns),
+and the process's minor page faults."""
 
 thread_ns = time.thread_time_ns
 wall_ns = time.perf_counter_ns
 process_ns = time.process_time_ns
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far (pages it touched for the first time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 class Profile:
@@ -47,7 +55,7 @@ class Profile:
         self.keys = keys
         self.index = {key: i for i, key in enumerate(keys)}
         self.base = len(keys)
-        self.table = torch.zeros((processes, len(keys) + len(LOOP) + 2, 3), dtype=torch.int64)
+        self.table = torch.zeros((processes, len(keys) + len(LOOP) + 2, 4), dtype=torch.int64)
         self.table.share_memory_()
         self.rows: Any = self.table[0].numpy()
         # Sends and lock waits inside the handler being timed (CPU ns, wall ns): subtracted.
@@ -77,8 +85,8 @@ class Profile:
                 row[1] += c1 - c0 - (nested[0] - n0)
                 row[2] += w1 - w0 - (nested[1] - n1)
                 if rows[span][0] == 0:
-                    rows[span] = (w0, process_ns(), c0)
-                rows[span + 1] = (w1, process_ns(), c1)
+                    rows[span] = (w0, process_ns(), c0, page_faults())
+                rows[span + 1] = (w1, process_ns(), c1, page_faults())
 
         return timed
 
@@ -98,7 +106,8 @@ class Profile:
 
     def summary(self, homes: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
         """Per process (``"driver"``, ``"worker1"``, ...): the actors it hosted, its span with
-        the CPU time of the process and of its run loop's thread over it, per actor (its class
+        the CPU time of the process and of its run loop's thread over it and the page faults
+        it took, per actor (its class
         as ``kind``) each handler's count and CPU and wall seconds, the loop's rows and
         ``other_s``, the span's wall time none of them accounts for."""
         table = self.table.tolist()
@@ -106,11 +115,11 @@ class Profile:
         for p, block in enumerate(table):
             start, end = block[self.base + SPAN], block[self.base + SPAN + 1]
             actors: dict[str, dict[str, Any]] = {}
-            for (actor, message), (n, cpu, wall) in zip(self.keys, block, strict=False):
+            for (actor, message), (n, cpu, wall, _) in zip(self.keys, block, strict=False):
                 if n:
                     entry = actors.setdefault(actor, {"kind": kinds.get(actor, ""), "handlers": {}})
                     entry["handlers"][message] = _times(n, cpu, wall)
-            loop = {name: _times(*block[self.base + i]) for i, name in enumerate(LOOP)}
+            loop = {name: _times(*block[self.base + i][:3]) for i, name in enumerate(LOOP)}
             span = (end[0] - start[0]) / 1e9
             busy = sum(t["wall_s"] for a in actors.values() for t in a["handlers"].values())
             busy += sum(loop[k]["wall_s"] for k in ("send", "receive", "idle", "lock_wait"))
@@ -120,6 +129,7 @@ class Profile:
                 "span_s": round(span, 4),
                 "process_cpu_s": round((end[1] - start[1]) / 1e9, 4),
                 "loop_cpu_s": round((end[2] - start[2]) / 1e9, 4),
+                "page_faults": end[3] - start[3],
                 "actors": actors,
                 **loop,
                 "other_s": round(max(0.0, span - busy), 4) if start[0] else 0.0,
