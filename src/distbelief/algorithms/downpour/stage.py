@@ -62,11 +62,13 @@ class Stage(Actor):
     weights**: each backward pass (the parameters' gradients and the input's) uses exactly
     the parameter values its own forward pass used, and a fetch that lands in between applies
     from the next forward on. Every fetch (and every local step) makes a fresh version of the
-    parameters rather than writing into the last one: the fetched values are copied into a new
-    flat tensor, the forward runs on it (``torch.func.functional_call``), and each waiting
-    forward keeps a reference to its version, which nothing writes into again; a version is
-    freed with the last forward that used it. So no parameter is read in place from lent
-    values, and a push says it is done reading whenever no fetch of its shard is on its way.
+    parameters rather than writing into the last one: the fetched values are copied into a
+    flat tensor of its own (a retired version's, reused), the forward runs on it (its tensors
+    put in the module's place for the call, as ``torch.func.functional_call`` does), and each
+    waiting forward keeps a reference to its version, which nothing writes into again; a
+    version is retired with the last forward that used it. So no parameter is read in place
+    from lent values, and a push says it is done reading whenever no fetch of its shard is on
+    its way.
     A push records the version the oldest of its forwards used. Forwards that arrive while a
     fetch is on its way wait for it and take its values; with ``n_fetch > 1`` the fetch for
     step k is issued ahead, right after the forward of step k - 1.
@@ -151,6 +153,11 @@ class Stage(Actor):
         if [id(p) for _, p in named] != [id(p) for p in self.params]:  # pragma: no cover
             raise ValueError("the stage's parameters are not in the module's order")
         self.names = [name for name, _ in named]
+        # Where each parameter sits (module, attribute), to run a forward on a version by
+        # putting its tensors there for the call: cheaper than functional_call, which a
+        # module whose parameters are shared under two names still takes (it ties them).
+        tied = len(list(self.module.named_parameters(remove_duplicate=False))) != len(named)
+        self.slots = None if tied else [_slot(self.module, name) for name in self.names]
         if sum(hi - lo for _, lo, hi in self.segments) != self.weights.numel():
             raise ValueError("the stage's segments do not cover its parameters")  # pragma: no cover
         self.trainable_index = [i for i, p in enumerate(self.params) if p.requires_grad]
@@ -290,9 +297,11 @@ class Stage(Actor):
     def _forward_stashed(self, msg: Forward, x: torch.Tensor) -> None:
         """The forward on the current version, which the step keeps until its backward."""
         params, versions = self.current, self.versions
-        out = functional_call(
-            self.module, dict(zip(self.names, params)), (x.clone() if self.copy_input else x,)
-        )
+        x_in = x.clone() if self.copy_input else x
+        if self.slots is None:
+            out = functional_call(self.module, dict(zip(self.names, params)), (x_in,))
+        else:
+            out = _call_with(self.module, self.slots, params, x_in)
         if self.next is not None:
             self.waiting[msg.step] = (x, out, params, versions)
             self.ctx.tell(self.next, Forward(msg.step, out.detach(), msg.targets))
@@ -467,6 +476,27 @@ class Stage(Actor):
 
     def _done(self) -> None:
         self.ctx.tell(self.data_shard, StageDone(self.index, self._buffers()))
+
+
+def _slot(module: nn.Module, name: str) -> tuple[dict, str]:
+    """The parameter dict of the submodule that holds parameter ``name``, and its key there."""
+    owner, _, attr = name.rpartition(".")
+    return module.get_submodule(owner)._parameters, attr
+
+
+def _call_with(
+    module: nn.Module, slots: list[tuple[dict, str]], params: tuple, x: torch.Tensor
+) -> torch.Tensor:
+    """``module(x)`` with ``params`` in place of its parameters for the call (a stashed
+    version: autograd records these tensors), the parameters put back afterwards."""
+    old = [table[key] for table, key in slots]
+    for (table, key), p in zip(slots, params):
+        table[key] = p
+    try:
+        return module(x)
+    finally:
+        for (table, key), p in zip(slots, old):
+            table[key] = p
 
 
 class _Version(tuple):
