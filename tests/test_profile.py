@@ -1,25 +1,34 @@
 """The processes runtime's profile (``runtime_options={"profile": True}``): where each worker's
-time went, per handler and on the wire; the pipeline benchmark's breakdown of it; and the
-shard's lock per segment, which the profile showed the stages of one replica waiting for."""
+time went, per handler and on the wire; the pipeline benchmark's breakdown of it; and what it
+led to: the shard's lock per segment (the stages of one replica waited for each other's), and
+a stashed forward without ``functional_call``."""
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from support import RecordingContext, mlp
+from torch import nn
 
 import distbelief
+from distbelief.algorithms.downpour.driver import build_layout
 from distbelief.algorithms.downpour.messages import (
+    Backward,
+    ConnectStage,
     Fetch,
     FetchReply,
+    Forward,
     Push,
     Snapshot,
     StatsRequest,
 )
 from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.algorithms.downpour.stage import Stage
 from distbelief.bench.pipeline import CATEGORIES, breakdown, breakdown_text
 from distbelief.core.flat import flatten
 from distbelief.core.layout import Layout
@@ -132,3 +141,34 @@ def test_a_shared_shard_locks_each_segment_apart_and_everything_for_a_snapshot()
     assert torch.equal(shard.weights, torch.full((8,), 0.5))
     stats = shard.stats()
     assert stats["updates_applied"] == 2 and stats["staleness_histogram"] == [2]
+
+
+def test_a_stashed_forward_runs_on_its_version_and_puts_the_parameters_back():
+    """The forward of a weight-stashed stage (the last of 2) puts its version's tensors in the
+    module's place for the call only: its gradients are plain torch's at the fetched values,
+    and the module holds its own parameters again afterwards."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)]
+    layout = build_layout([[nn.Linear(2, 4)], layers], 1)
+    stage = Stage(0, 1, copy.deepcopy(layers), layout.segments_of_stage(1),
+                  layout.stage_ranges[1][0], F.cross_entropy, 1, 1, pipeline_depth=2)  # fmt: skip
+    assert stage.slots is not None  # (no parameter shared under two names)
+    own = [id(p) for p in stage.module.parameters()]
+    ctx = RecordingContext("replica0.stage1")
+    stage.bind(ctx)
+    stage.on_connect(ConnectStage("prev", None, ("shard0",), "data0"), None)
+    values = torch.randn(sum(p.numel() for p in stage.params))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    stage.on_forward(Forward(0, x, y), "prev")
+    ctx.take()  # the fetch
+    stage.on_fetch_reply(FetchReply(0, values, 3), "shard0")
+    push, back = (m for _, m in ctx.take())
+    assert isinstance(push, Push) and isinstance(back, Backward)
+    assert [id(p) for p in stage.module.parameters()] == own
+    reference = copy.deepcopy(nn.Sequential(*layers))
+    torch.nn.utils.vector_to_parameters(values, reference.parameters())
+    xr = x.clone().requires_grad_()
+    F.cross_entropy(reference(xr), y).backward()
+    expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
+    torch.testing.assert_close(torch.cat(push.grads), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(back.grad, xr.grad, rtol=0, atol=1e-6)
