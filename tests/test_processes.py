@@ -410,12 +410,12 @@ def test_a_lock_whose_holder_died_is_broken_by_the_driver_and_a_worker_waits_bou
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    holders = ctx.RawArray("i", 2)
-    lock = procs._TimedLock(ctx.Lock(), "shard1", holders, 1)
+    lock = procs._TimedLock(ctx, "shard1")
+    segment = lock.sibling("segment 0")  # a shard's segment: its own lock, broken with it
     holder = ctx.Process(target=_hold_and_die, args=(lock,))
     holder.start()
     holder.join(10)
-    assert holders[1] == holder.pid  # it died holding the lock
+    assert lock.holder == holder.pid  # it died holding the lock
     # A worker has no breaker: its wait is bounded, then the run ends (not a hang).
     monkeypatch.setattr(procs, "LOCK_TIMEOUT_S", 0.3)
     with pytest.raises(RunTimeout, match="lock of shared actor 'shard1'"):
@@ -424,9 +424,18 @@ def test_a_lock_whose_holder_died_is_broken_by_the_driver_and_a_worker_waits_bou
     broken = []
     monkeypatch.setattr(procs, "_BREAKER", lambda held: broken.append(held.break_if_dead()))
     with lock:
-        assert holders[1] == os.getpid()
-    assert broken.count(True) == 1 and holders[1] == 0
+        assert lock.holder == os.getpid()
+    assert broken.count(True) == 1 and lock.holder == 0
     assert not lock.break_if_dead()  # free now: nothing to break
+    # A dead holder of a segment's lock is found through the shard's lock (the driver looks
+    # at each shared actor's lock when a worker dies).
+    holder = ctx.Process(target=_hold_and_die, args=(segment,))
+    holder.start()
+    holder.join(10)
+    assert segment.holder == holder.pid and segment.name == "shard1"
+    assert lock.break_if_dead() and segment.holder == 0
+    with segment:  # free again
+        pass
 
 
 @pytest.mark.slow

@@ -23,9 +23,10 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
   process. ``describe()["processes"]`` records where each actor ran.
 * **Shared actors.** An actor whose class is ``shareable`` (the parameter shards) is hosted in
   every process at once over shared memory (see ``Actor.shareable``): each process handles the
-  messages its own actors send it, under one lock per actor across processes. A fetch or a
-  push is a function call that moves no byte through a pipe; the update still goes through the
-  shard's update rule, and its versions count staleness.
+  messages its own actors send it, under one lock per actor across processes (and more
+  that the actor asks for before the fork, ``sibling``: a shard's lock per segment). A fetch
+  or a push is a function call that moves no byte through a pipe; the update still goes
+  through the shard's update rule, and its versions count staleness.
 * **Between processes**, messages are pickled onto one pipe per ordered pair of processes
   (per-sender FIFO), written by a writer thread so that a full pipe never stalls a run loop.
   A plain CPU tensor in a message is pickled as its raw bytes (pickle protocol 5), not through
@@ -89,6 +90,7 @@ import torch
 
 from ..errors import ActorFailed, ConfigError, Deadlock, RunTimeout
 from . import faults as fault_plans
+from . import profile as profiling
 from .base import DRIVER, Actor, Failure, NamedRef, StopFlag
 from .options import SHARD_UPDATES, ProcessesOptions, Tap, parse
 from .runqueue import Cell, RunQueue, replies
@@ -340,6 +342,7 @@ class _Host(RunQueue):
         self.controls: list[_Control] = []
         self.on_death: Any = None
         self.fired: Any = None  # shared bytes: planned faults spent, by cell index (_Once)
+        self.profile: profiling.Profile | None = None  # runtime_options profile=True
 
     # ------------------------------------------------------------------ posting
 
@@ -347,6 +350,9 @@ class _Host(RunQueue):
         """Put ``message`` in the mailbox of ``name``, here or in its home process."""
         home = self.route.get(name, 0) if self.started else self.index
         if home != self.index and home != SHARED:
+            profile = self.profile
+            if profile is not None:
+                c0, w0 = profiling.thread_ns(), profiling.wall_ns()
             self.to = self.channels.get((self.index, home))
             buffer = io.BytesIO()
             _Pickler(buffer, self.table).dump((name, sender.name, message))
@@ -354,6 +360,8 @@ class _Host(RunQueue):
             self.wire[4] += len(data)
             self.out_queue.put((home, data))
             self.sent[home] += 1
+            if profile is not None:
+                profile.add(profiling.SEND, profiling.thread_ns() - c0, profiling.wall_ns() - w0)
             return
         if name == DRIVER:
             if self.tapped(sender.name, DRIVER, message):
@@ -412,7 +420,12 @@ class _Host(RunQueue):
 
     def receive(self, timeout: float) -> list[Connection]:
         """Move what the pipes hold into mailboxes; wait up to ``timeout`` s for some first."""
-        readers = wait(list(self.inbound), timeout) if timeout > 0 else self._readable()
+        if timeout > 0 and self.profile is not None:
+            w0 = profiling.wall_ns()
+            readers = wait(list(self.inbound), timeout)
+            self.profile.add(profiling.IDLE, 0, profiling.wall_ns() - w0, nested=False)
+        else:
+            readers = wait(list(self.inbound), timeout) if timeout > 0 else self._readable()
         for conn in readers:
             self._drain(conn)
         return readers
@@ -421,13 +434,23 @@ class _Host(RunQueue):
         return [conn for conn in self.inbound if conn.poll()]
 
     def _drain(self, conn: Connection) -> None:
+        profile = self.profile
         while conn.poll():
+            if profile is not None:
+                c0, w0 = profiling.thread_ns(), profiling.wall_ns()
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 del self.inbound[conn]  # the writer is gone (its death is noticed elsewhere)
                 return
             name, sender, message = _Unpickler(data, self.take).load()
+            if profile is not None:
+                profile.add(
+                    profiling.RECEIVE,
+                    profiling.thread_ns() - c0,
+                    profiling.wall_ns() - w0,
+                    nested=False,
+                )
             if isinstance(message, _Probe):
                 self.probe = message
                 continue
@@ -528,42 +551,73 @@ class _TimedLock:
     """A lock across processes for a shared actor's critical sections, as a context manager
     whose wait is bounded, and which records its holder (a process id, in shared memory): a
     worker that dies while holding it is found by the driver, which breaks the lock (and has
-    the actor's state, perhaps torn in the middle of an update, restored)."""
+    the actor's state, perhaps torn in the middle of an update, restored). An actor may ask
+    for ``sibling`` locks (before the fork) for parts of its state: a shard's segments. With a
+    ``host`` whose run is profiled, the waits and the time held are counted."""
 
-    __slots__ = ("_lock", "_name", "_holders", "_index")
+    __slots__ = ("_ctx", "_lock", "_label", "_actor", "_holder", "_host", "_held", "siblings")
 
-    def __init__(self, lock: Any, name: str, holders: Any, index: int) -> None:
-        self._lock, self._name, self._holders, self._index = lock, name, holders, index
+    def __init__(
+        self, ctx: Any, name: str, host: _Host | None = None, *, label: str | None = None
+    ) -> None:
+        self._ctx, self._lock, self._holder = ctx, ctx.Lock(), ctx.RawValue("i", 0)
+        self._actor, self._label = name, label or name
+        self._host = host if host is not None and host.profile is not None else None
+        self._held = 0
+        self.siblings: list[_TimedLock] = []
+
+    def sibling(self, part: str) -> _TimedLock:
+        """Another lock of the same actor (made before the fork): for ``part`` of its state."""
+        lock = _TimedLock(self._ctx, self._actor, self._host, label=f"{self._actor} ({part})")
+        self.siblings.append(lock)
+        return lock
 
     def __enter__(self) -> None:
+        if self._host is not None:
+            w0 = profiling.wall_ns()
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while not self._lock.acquire(timeout=LOCK_POLL_S):
             if _BREAKER is not None:
                 _BREAKER(self)
             if time.monotonic() > deadline:
                 raise RunTimeout(
-                    f"waited {LOCK_TIMEOUT_S:.0f} s for the lock of shared actor {self._name!r}"
+                    f"waited {LOCK_TIMEOUT_S:.0f} s for the lock of shared actor {self._label!r}"
                 )
-        self._holders[self._index] = os.getpid()
+        self._holder.value = os.getpid()
+        if self._host is not None:
+            self._held = profiling.wall_ns()
+            self._host.profile.add(profiling.LOCK_WAIT, 0, self._held - w0)
 
     def __exit__(self, *exc: object) -> None:
-        self._holders[self._index] = 0
+        self._holder.value = 0
         self._lock.release()
+        if self._host is not None:
+            held = profiling.wall_ns() - self._held
+            self._host.profile.add(profiling.LOCK_HELD, 0, held, nested=False)
 
     @property
     def name(self) -> str:
         """The shared actor's name."""
-        return self._name
+        return self._actor
+
+    @property
+    def holder(self) -> int:
+        """The process id holding this lock (0: free)."""
+        return self._holder.value
 
     def break_if_dead(self, dead: Any = _pid_dead) -> bool:
-        """Release the lock if its holder died (``dead(pid)``); True if it did. Only the
-        driver's process breaks locks (one breaker: a lock is never released twice)."""
-        holder = self._holders[self._index]
-        if not holder or holder == os.getpid() or not dead(holder):
-            return False
-        self._holders[self._index] = 0
-        self._lock.release()
-        return True
+        """Release this lock and its siblings where their holder died (``dead(pid)``); True if
+        any was. Only the driver's process breaks locks (one breaker: a lock is never released
+        twice)."""
+        broken = False
+        for lock in (self, *self.siblings):
+            holder = lock._holder.value
+            if not holder or holder == os.getpid() or not dead(holder):
+                continue
+            lock._holder.value = 0
+            lock._lock.release()
+            broken = True
+        return broken
 
 
 def _group(name: str) -> int | None:
@@ -687,11 +741,13 @@ class ProcessesRuntime:
     death is survived as on ``local`` and Ray, see the module doc's *Supervision*; a
     ``message=N`` count of a shared actor counts the messages handled in each process),
     ``max_restarts`` (restarts allowed per actor, default 5), ``shard_updates``: ``"locked"``
-    (default: a shard applies one push at a time, exactly as in one process) or ``"hogwild"``
+    (default: a shard applies one push at a time to each segment, exactly as in one process)
+    or ``"hogwild"``
     (pushes from different processes apply at the same time, unsynchronized as in Hogwild;
     versions, staleness and counters still counted exactly: see ``ParameterShard``), ``tap``
     (sees every message, in the process that hosts its receiver: :data:`~.options.Tap`; a
-    worker inherits it).
+    worker inherits it), ``profile`` (time every handler, the wire and the waits in each
+    process: ``describe()["profile"]``, :mod:`.profile`).
     """
 
     name = "processes"
@@ -803,7 +859,11 @@ class ProcessesRuntime:
                     )
                 if not self._replaced:  # (a dead worker's counts died with it)
                     self._look_for_deadlock()
+                w0 = time.perf_counter_ns()
                 wait([*host.inbound], min(0.1, max(0.0, deadline - time.monotonic())))
+                if host.profile is not None:
+                    idle = time.perf_counter_ns() - w0
+                    host.profile.add(profiling.IDLE, 0, idle, nested=False)
         finally:
             _BREAKER = None
         interrupted.raise_if_set()  # a stop while the reply was on its way: not lost with it
@@ -1019,13 +1079,19 @@ class ProcessesRuntime:
         ctx = multiprocessing.get_context("fork")
         placed = place(self._grouped, self._processes)  # (group, member) pairs to workers
         n = max(placed.values(), default=0)
-        holders = ctx.RawArray("i", len(host.names))  # pid holding each shared actor's lock
         fired = ctx.Array("b", len(host.names))  # planned faults spent, by cell index
+        if self.options.profile:
+            # Every handler of every actor gets a row in each process's block (see .profile).
+            keys = [(name, t.__name__) for name, c in host.cells.items() for t in c.handlers]
+            host.profile = profiling.Profile(keys, n + 1)
+            self._kinds = {name: type(c.actor).__name__ for name, c in host.cells.items()}
+            for name, cell in host.cells.items():
+                cell.handlers = host.profile.timed(name, cell.handlers)
         homes = {}
         for name, cell in host.cells.items():
             if cell.home == SHARED:
                 # The actor holds the lock itself, around its critical sections only.
-                lock = host.locks[name] = _TimedLock(ctx.Lock(), name, holders, cell.index)
+                lock = host.locks[name] = _TimedLock(ctx, name, host)
                 cell.actor.share_memory(lock, hogwild=self._hogwild)
             elif name in placed:
                 cell.home = placed[name]
@@ -1088,15 +1154,19 @@ class ProcessesRuntime:
     def describe(self) -> dict[str, Any]:
         """What a run's stats record: ``processes`` (actor -> the process it ran in: 0 is the
         driver's, "shared" all of them: the placement), ``worker_pids`` (replacements too),
-        ``restarts_by_actor`` and ``wire`` (what crossed between processes: :data:`WIRE`)."""
+        ``restarts_by_actor`` and ``wire`` (what crossed between processes: :data:`WIRE`); with
+        the ``profile`` option, ``profile``: where each process's time went (:mod:`.profile`)."""
         homes = getattr(self, "_homes", {})
         wire = self._wire.sum(0).tolist() if self._wire is not None else [0] * len(WIRE)
-        return {
+        out = {
             "processes": {n: ("shared" if h == SHARED else h) for n, h in homes.items()},
             "worker_pids": [w.pid for w in self._workers] + self._replacements,
             "restarts_by_actor": dict(self.restarts),
             "wire": dict(zip(WIRE, wire, strict=True)),
         }
+        if self._host.profile is not None:
+            out["profile"] = self._host.profile.summary(homes, self._kinds)
+        return out
 
     def hosted(self) -> list[str]:
         """Names of the actors the driver's process hosts now (none once it is shut down)."""
@@ -1185,6 +1255,8 @@ def _run_worker(
 ) -> None:
     host.rng = random.Random(None if host.seed is None else host.seed * 1_000_003 + index)
     host.wire = wire[index].numpy()  # this worker's row of the shared counters
+    if host.profile is not None:
+        host.profile.attach(index)
     host.channels = {k: c for k, c in host.channels.items() if index in k}
     _keep_ends(host, index, pipes)
     _keep_cells(host, index)
