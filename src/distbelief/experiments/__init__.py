@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..storage.runlog import default_run_dir, plain
+from ..storage.runlog import default_run_dir, plain, prepare_dir
 from . import adagrad_replicas, fetch_push, stragglers, warmstart
 from .base import (
     DOES_NOT_HOLD,
@@ -102,26 +102,7 @@ def prepare_out(out: str | os.PathLike, name: str = "out") -> Path:
     """Create ``out`` and prove it writable, before any run starts; ``ConfigError`` naming it
     when a file is in the way, it cannot be created or written, or it already holds an
     experiment."""
-    p = Path(out)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{name}: {str(p)!r} exists and is not a directory") from None
-    except NotADirectoryError:
-        raise ConfigError(f"{name}: cannot create {str(p)!r}: a file is in the way") from None
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot create {str(p)!r}: {exc.strerror or exc}") from None
-    if (p / RESULTS).exists():
-        raise ConfigError(
-            f"{name}: {str(p)!r} already holds an experiment ({RESULTS}); choose another"
-        )
-    probe = p / f".distbelief-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot write in {str(p)!r}: {exc.strerror or exc}") from None
-    return p
+    return prepare_dir(out, name, marker=RESULTS, holds="an experiment")
 
 
 def check(

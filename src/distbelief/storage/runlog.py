@@ -59,12 +59,14 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def prepare_dir(path: str | os.PathLike, name: str = "run_dir") -> Path:
+def prepare_dir(
+    path: str | os.PathLike, name: str = "run_dir", marker: str = METRICS, holds: str = "a run"
+) -> Path:
     """Create ``path`` (and its parents) and prove it writable, before anything is trained.
 
     Raises ``ConfigError`` starting with ``name`` when a file is in the way, the directory
-    cannot be created or written, or it already holds a run (a second run's lines would mix
-    with the first's in the plots)."""
+    cannot be created or written, or it already holds ``holds`` (its file ``marker``: a second
+    run's lines would mix with the first's in the plots)."""
     p = Path(path)
     try:
         p.mkdir(parents=True)
@@ -75,9 +77,9 @@ def prepare_dir(path: str | os.PathLike, name: str = "run_dir") -> Path:
         raise ConfigError(f"{name}: cannot create {str(p)!r}: a file is in the way") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot create {str(p)!r}: {exc.strerror or exc}") from None
-    if (p / METRICS).exists():
+    if (p / marker).exists():
         raise ConfigError(
-            f"{name}: {str(p)!r} already holds a run ({METRICS}); choose another directory"
+            f"{name}: {str(p)!r} already holds {holds} ({marker}); choose another directory"
         )
     probe = p / f".distbelief-probe-{os.getpid()}"
     try:
