@@ -942,15 +942,8 @@ class ProcessesRuntime:
                 return ActorFailed(message.name, "a message", RuntimeError(
                     f"died ({message.fault}); {why}"))  # fmt: skip
 
-            self._supervisor.restart(
-                message.name,
-                ProcRef(message.name),
-                restartable=message.rebuilt,
-                refuse=refuse,
-                respawn=lambda: None,  # rebuilt in its process, its wiring given (_Host.rebuild)
-                send=lambda ref, m: self._host.post(ref.name, m, self._driver_ref),
-                replay_wiring=False,
-            )
+            # rebuilt in its process, its wiring given (_Host.rebuild)
+            self._restart(message.name, message.rebuilt, refuse, lambda: None)
 
     def _break_lock(self, lock: _TimedLock) -> None:
         """A wait in the driver's process for a shared actor's lock: break it if its holder
@@ -978,13 +971,19 @@ class ProcessesRuntime:
                 for i in self._slots:
                     host.control(i, _Reroute({name: 0}))
 
+        self._restart(name, self._classes[name].restartable, refuse, respawn)
+
+    def _restart(self, name: str, restartable: bool, refuse: Any, respawn: Any) -> None:
+        """Have the supervisor restart ``name`` (counted, refused past ``max_restarts``) as
+        ``respawn`` does it; its wiring is not replayed: a rebuilt actor keeps what it was told
+        before the start, and the driver's process passes its mail on."""
         self._supervisor.restart(
             name,
             ProcRef(name),
-            restartable=self._classes[name].restartable,
+            restartable=restartable,
             refuse=refuse,
             respawn=respawn,
-            send=lambda ref, m: host.post(ref.name, m, self._driver_ref),
+            send=lambda ref, m: self._host.post(ref.name, m, self._driver_ref),
             replay_wiring=False,
         )
 
@@ -1023,15 +1022,7 @@ class ProcessesRuntime:
                 why = "its class is not restartable" if why == "not restartable" else why
                 return ActorFailed(name, what, RuntimeError(f"{cause}; {why}"))
 
-            self._supervisor.restart(
-                name,
-                ProcRef(name),
-                restartable=self._classes[name].restartable,
-                refuse=refuse,
-                respawn=respawn,
-                send=lambda ref, m: host.post(ref.name, m, self._driver_ref),
-                replay_wiring=False,
-            )
+            self._restart(name, self._classes[name].restartable, refuse, respawn)
 
     def _fork_worker(self, i: int) -> None:
         """Have the fork server fork a new worker ``i`` (see ``_serve_forks``), wired to the
