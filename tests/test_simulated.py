@@ -337,3 +337,35 @@ def test_the_command_takes_a_cluster_file_and_reports_virtual_time(capsys, tmp_p
     assert code == 2 and "latencey_s" in err
     code, _, err = run_command(capsys, *argv, "--cluster", str(cluster))
     assert code == 2 and "--runtime simulated" in err
+
+
+# ------------------------------------------------------------------------------ scale
+
+
+@pytest.mark.slow
+def test_many_replicas_of_both_algorithms_run_and_repeat_bit_for_bit():
+    """The 2,000-replica benchmark (benchmarks/simulated_scale.py) scaled down: 64 Downpour
+    replicas over 8 shards, two steps each, twice from one seed: the same virtual time and
+    parameters bit for bit; 64 Sandblaster replicas with two portions each."""
+    x, y = toy_data(n=64 * 2 * 4, features=20, classes=5)
+    cluster = {"machines": 16, "cores": 4}
+
+    def downpour():
+        return run(
+            mlp([20, 32, 5]), (x, y), batch_size=4, epochs=1, replicas=64, shards=8,
+            optimizer="adagrad", runtime="simulated", runtime_options=cluster,
+        )  # fmt: skip
+
+    a, b = downpour(), downpour()
+    assert a.stats["steps"] == 128
+    assert a.stats["virtual_s"] == b.stats["virtual_s"] > 0
+    assert torch.equal(final(a), final(b))
+    assert a.stats["staleness_max"] > 0
+    sb = distbelief.train(
+        mlp([20, 32, 5]), (x, y), loss="cross_entropy", algorithm="sandblaster", seed=0,
+        steps=1, history=3, replicas=64, shards=8, portions=128, runtime="simulated",
+        runtime_options=cluster,
+    )  # fmt: skip
+    assert sb.stats["virtual_s"] > 0
+    assert len(sb.stats["portions_done"]) == 64
+    assert sum(1 for d in sb.stats["portions_done"] if d > 0) >= 32
