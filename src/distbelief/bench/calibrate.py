@@ -6,8 +6,11 @@ What is measured (each the best of a few repeats, on one torch thread, in this p
 - ``core_flops``: the model's layers' forward and backward FLOPs (as the simulated runtime
   counts them, :func:`~distbelief.runtime.simulated.layer_flops`) over the thread CPU seconds
   they took, at the run's batch size;
-- ``flops_per_element``: the CPU seconds per element of an Adagrad update of a shard (what a
-  parameter shard does per element of a push), times ``core_flops``;
+- ``flops_per_element``: the CPU seconds per element of a tensor copy (what taking a
+  message's tensors costs at least), times ``core_flops``;
+- ``handler_s``: what a Downpour run's handlers cost per message beyond their modelled
+  compute (their Python, the queue, a shard's update rule, which is elementwise and so no
+  matrix-product FLOPs; :func:`handler_seconds`): the simulator's ``message_s``;
 - per runtime (``local``, ``processes``, ``ray`` if asked): the seconds per message of a ball
   passed back and forth between two actors (the runtime's own cost of one message, handler
   included, which does nothing), and on ``processes`` and ``ray`` the same with a large tensor
@@ -127,21 +130,55 @@ def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> flo
     return flops / best
 
 
-def update_seconds_per_element(n: int = 100_000, repeats: int = 5) -> float:
-    """Thread CPU seconds per element of an Adagrad step on ``n`` parameters (a shard's
-    update on a push)."""
-    p = torch.zeros(n, requires_grad=True)
-    opt = torch.optim.Adagrad([p], lr=0.01)
-    g = torch.randn(n)
+def copy_seconds_per_element(n: int = 100_000, repeats: int = 5) -> float:
+    """Thread CPU seconds per element of copying a float32 tensor of ``n`` elements: what
+    taking a message's tensors costs at least (a stage copies fetched weights in)."""
+    src, dst = torch.randn(n), torch.empty(n)
     best = float("inf")
-    reps = 20
+    reps = 50
     for _ in range(repeats):
         t0 = time.thread_time()
         for _ in range(reps):
-            p.grad = g
-            opt.step()
+            dst.copy_(src)
         best = min(best, (time.thread_time() - t0) / reps / n)
     return best
+
+
+def handler_seconds(
+    core_flops: float, flops_per_element: float, widths: list[int], batch_size: int = 32,
+    steps: int = 128, repeats: int = 3,
+) -> tuple[float, int]:
+    """Seconds per message that a Downpour run on ``local`` spends beyond its modelled compute
+    (the handlers' Python, the queue, the copies): a run of 1 replica x 1 stage x 1 shard,
+    ``steps`` steps, its CPU seconds (the best of ``repeats``; the whole call, so its start
+    and end are counted too) less the modelled compute
+    the simulated runtime gives the same run on one core (no per-message cost), over the
+    messages it handled. Returns (seconds per message, messages)."""
+    from .. import train
+    from ..runtime.simulated import SimulatedRuntime
+
+    g = torch.Generator().manual_seed(0)
+    n = steps * batch_size
+    data = (torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
+    args = dict(
+        loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
+        seed=0, eval_every=0,
+    )  # fmt: skip
+    def cpu_seconds() -> float:
+        # CPU time, not wall time: on a loaded machine the wall clock counts other work
+        t0 = time.process_time()
+        train(mlp(widths), data, runtime="local", **args)
+        return time.process_time() - t0
+
+    cpu_seconds()  # warms up (the optimizer's first import)
+    real = min(cpu_seconds() for _ in range(repeats))
+    rt = SimulatedRuntime(
+        0, machines=1, cores=1, placement="pack", core_flops=core_flops,
+        flops_per_element=flops_per_element, message_s=0.0, local_latency_s=0.0,
+    )  # fmt: skip
+    modelled = train(mlp(widths), data, runtime=rt, **args).stats["virtual_s"]
+    messages = rt.delivered_messages
+    return max(real - modelled, 0.0) / messages, messages
 
 
 def measure(
@@ -163,14 +200,19 @@ def measure(
         repeats = 1 if quick else 5
         core = layer_rate(widths, batch_size, repeats)
         say(f"layers: {core:.3g} FLOP/s per core")
-        per_element = update_seconds_per_element(10_000 if quick else 100_000, repeats)
-        say(f"shard update: {per_element * 1e9:.2f} ns per element")
+        per_element = copy_seconds_per_element(10_000 if quick else 100_000, repeats)
+        say(f"tensor copy: {per_element * 1e9:.3f} ns per element")
         figures: dict[str, Any] = {
             "core_flops": core,
             "flops_per_element": per_element * core,
             "cores": os.cpu_count() or 1,
             "runtimes": {},
         }
+        fitted, messages = handler_seconds(
+            core, per_element * core, widths, batch_size, 32 if quick else 256, repeats
+        )
+        figures["handler_s"] = fitted
+        say(f"handlers: {fitted * 1e6:.1f} us per message beyond their FLOPs ({messages} messages)")
         hops = 40 if quick else 400
         big = (1 << 18) if quick else (1 << 22)
         for name in runtimes:
@@ -190,7 +232,8 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     """The simulated runtime's options that model ``runtime`` on the measured machine."""
     if runtime not in figures["runtimes"]:
         raise ConfigError(f"runtime: {runtime!r} was not measured")
-    local = figures["runtimes"].get("local", figures["runtimes"][runtime])["message_s"]
+    ping = figures["runtimes"].get("local", figures["runtimes"][runtime])["message_s"]
+    local = max(float(figures.get("handler_s", 0.0)), ping)
     entry = figures["runtimes"][runtime]
     common = {
         "compute": "modelled",
@@ -202,14 +245,14 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         # One thread handles every message: one machine of one core, each message its cost.
         return {
             **common, "machines": 1, "cores": 1, "placement": "pack",
-            "message_s": float(entry["message_s"]), "local_latency_s": 0.0,
+            "message_s": local, "local_latency_s": 0.0,
         }  # fmt: skip
     # Worker processes: a machine per core; a message between them pays the in-process cost
     # in its handler, and the rest of its measured seconds as the link's latency.
     return {
         **common, "machines": int(figures["cores"]), "cores": 1,
         "message_s": float(local),
-        "latency_s": max(float(entry["message_s"]) - local, 0.0),
+        "latency_s": max(float(entry["message_s"]) - ping, 0.0),
         "local_latency_s": 0.0,
         "bandwidth_Bps": float(entry["bandwidth_Bps"]),
     }  # fmt: skip

@@ -517,6 +517,11 @@ class SimulatedRuntime(LocalRuntime):
                 if inbox or not events:
                     break
 
+    @property
+    def delivered_messages(self) -> int:
+        """Messages handed to actors so far."""
+        return self._queue.delivered
+
     def queued(self) -> int:
         """Messages waiting in mailboxes or on their way now, the driver's included."""
         return super().queued() + sum(1 for e in self._events if e[2] != _DONE)
