@@ -369,3 +369,30 @@ def test_many_replicas_of_both_algorithms_run_and_repeat_bit_for_bit():
     assert sb.stats["virtual_s"] > 0
     assert len(sb.stats["portions_done"]) == 64
     assert sum(1 for d in sb.stats["portions_done"] if d > 0) >= 32
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def test_the_run_log_and_the_report_use_virtual_time(tmp_path):
+    """Every record of a simulated run has virtual_s beside wall_s, increasing; the report
+    draws against it, labelled as virtual time; a local run's records have none."""
+    from distbelief import report
+    from distbelief.storage.runlog import read_metrics
+
+    x, y = toy_data()
+    sim_dir, local_dir = tmp_path / "sim", tmp_path / "local"
+    args = dict(replicas=2, eval_data=toy_data(n=64, seed=1), eval_every=128)
+    result = run(mlp([10, 16, 3]), (x, y), runtime="simulated", run_dir=sim_dir, **args)
+    records = [r for r in read_metrics(sim_dir) if r["kind"] in ("train", "eval")]
+    times = [r["virtual_s"] for r in records]
+    assert all("wall_s" in r for r in records) and len(times) >= 3
+    assert times == sorted(times) and times[-1] == result.stats["virtual_s"]
+    run(mlp([10, 16, 3]), (x, y), run_dir=local_dir, **args)
+    assert not any("virtual_s" in r for r in read_metrics(local_dir))
+    sim, local = report.load_run(sim_dir), report.load_run(local_dir)
+    assert report.time_key(sim) == "virtual_s" and report.time_key(local) == "wall_s"
+    assert "virtual" in report.time_label([sim]) and "wall" in report.time_label([local])
+    assert "virtual" in report.time_label([sim, local])
+    files = report.report([str(sim_dir)], str(tmp_path / "out"))
+    assert any(str(f).endswith("report.html") for f in files)

@@ -145,8 +145,12 @@ def copy_seconds_per_element(n: int = 100_000, repeats: int = 5) -> float:
 
 
 def handler_seconds(
-    core_flops: float, flops_per_element: float, widths: list[int], batch_size: int = 32,
-    steps: int = 128, repeats: int = 3,
+    core_flops: float,
+    flops_per_element: float,
+    widths: list[int],
+    batch_size: int = 32,
+    steps: int = 128,
+    repeats: int = 3,
 ) -> tuple[float, int]:
     """Seconds per message that a Downpour run on ``local`` spends beyond its modelled compute
     (the handlers' Python, the queue, the copies): a run of 1 replica x 1 stage x 1 shard,
@@ -164,6 +168,7 @@ def handler_seconds(
         loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
         seed=0, eval_every=0,
     )  # fmt: skip
+
     def cpu_seconds() -> float:
         # CPU time, not wall time: on a loaded machine the wall clock counts other work
         t0 = time.process_time()

@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ..errors import ConfigError, Deadlock, RunTimeout
+from ..storage.runlog import set_virtual_clock
 from . import faults as fault_plans
 from .base import DRIVER, Actor, StopFlag
 from .local import BATCH, LocalRef, LocalRuntime, _Cell
@@ -484,6 +485,7 @@ class SimulatedRuntime(LocalRuntime):
         if not self._checked:
             self._check_placement()
             self._checked = True
+            set_virtual_clock(lambda: self.now)  # the run log's records get virtual_s
         yield from super().converse(ref, message, timeout=timeout)
 
     def _check_placement(self) -> None:
@@ -568,6 +570,7 @@ class SimulatedRuntime(LocalRuntime):
         }
 
     def shutdown(self) -> None:
+        set_virtual_clock(None)
         super().shutdown()
         self._events.clear()
         for ready in self._ready:
