@@ -396,3 +396,8 @@ def test_the_run_log_and_the_report_use_virtual_time(tmp_path):
     assert "virtual" in report.time_label([sim, local])
     files = report.report([str(sim_dir)], str(tmp_path / "out"))
     assert any(str(f).endswith("report.html") for f in files)
+
+
+def test_a_metric_that_is_not_a_function_is_refused_up_front():
+    with pytest.raises(ConfigError, match="metric: must be a function"):
+        run(mlp([10, 3]), toy_data(n=32), eval_data=toy_data(n=8), metric="accuracy")
