@@ -401,3 +401,15 @@ def test_the_run_log_and_the_report_use_virtual_time(tmp_path):
 def test_a_metric_that_is_not_a_function_is_refused_up_front():
     with pytest.raises(ConfigError, match="metric: must be a function"):
         run(mlp([10, 3]), toy_data(n=32), eval_data=toy_data(n=8), metric="accuracy")
+
+
+def test_the_default_placement_is_the_ray_runtimes_rule():
+    from distbelief.runtime.ray.placement import plan_placement
+
+    result = run(
+        mlp([10, 16, 16, 3]), toy_data(), replicas=3, stages=2, shards=2, epochs=1,
+        runtime="simulated", runtime_options={"machines": 4},
+    )  # fmt: skip
+    placed = result.stats["placement"]
+    expected = plan_placement(list(placed), [str(m) for m in range(4)])
+    assert placed == {name: f"m{m}" for name, m in expected.items()}
