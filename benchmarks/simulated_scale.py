@@ -8,11 +8,11 @@ steps, on a modelled cluster of 500 machines of 8 cores (10 Gbit/s links).
 
 Each run is a fresh subprocess, so that its peak RSS (``VmHWM``) is its own. Reported: real
 seconds of the run (``train`` alone, and the process's whole life with the imports and the data),
-the replica-steps simulated (Downpour: steps; Sandblaster: portions computed), real seconds per
-replica-step, virtual seconds and examples/s, peak RSS. MNIST-1D is generated with enough
-samples (``mnist1d(num_samples=...)``, cached on disk after the first time) that each Downpour
-replica has ``STEPS`` mini-batches and each Sandblaster replica at least one portion per
-evaluation.
+the replica-steps simulated (Downpour: steps; Sandblaster: portions computed), real and CPU
+seconds per replica-step (on a loaded machine the CPU figure is the run's own cost), virtual
+seconds and examples/s, peak RSS. MNIST-1D is generated with enough samples
+(``mnist1d(num_samples=...)``, cached on disk after the first time) that each Downpour replica
+has ``STEPS`` mini-batches and each Sandblaster replica at least one portion per evaluation.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def one(algorithm: str, replicas: int) -> dict:
     x, y = x[:train_n], y[:train_n]
     model = mlp([40, 256, 256, 10])
     common = dict(loss="cross_entropy", seed=0, runtime="simulated", runtime_options=CLUSTER)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if algorithm == "downpour":
         result = distbelief.train(
             model, (x, y), lr=0.05, batch_size=BATCH, epochs=1, replicas=replicas, stages=1,
@@ -69,6 +69,7 @@ def one(algorithm: str, replicas: int) -> dict:
         )  # fmt: skip
         units = sum(result.stats["portions_done"])
     train_s = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0  # on a loaded machine, what the run itself cost
     s = result.stats
     return {
         "algorithm": algorithm,
@@ -78,6 +79,8 @@ def one(algorithm: str, replicas: int) -> dict:
         "train_s": round(train_s, 1),
         "process_s": round(time.perf_counter() - t_start, 1),
         "real_s_per_replica_step": round(train_s / units, 5),
+        "cpu_s": round(cpu_s, 1),
+        "cpu_s_per_replica_step": round(cpu_s / units, 5),
         "virtual_s": s["virtual_s"],
         "virtual_examples_per_s": s["virtual_examples_per_s"],
         "bottleneck": s["bottleneck"],
@@ -111,6 +114,7 @@ def main() -> None:
                 f"{algorithm:11} {r['replicas']:5} replicas  {r['replica_steps']:6} replica-steps"
                 f"  train {r['train_s']:7.1f} s ({r['process_s']:.1f} s with start-up)"
                 f"  {r['real_s_per_replica_step'] * 1e3:7.2f} ms/replica-step"
+                f" (CPU {r.get('cpu_s_per_replica_step', float('nan')) * 1e3:.2f} ms)"
                 f"  virtual {r['virtual_s']:.3f} s  peak RSS {r['peak_rss_mb']:.0f} MB"
                 f"  bottleneck {r['bottleneck']['resource']} {r['bottleneck']['busy']:.2f}"
             )
