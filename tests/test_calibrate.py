@@ -48,10 +48,10 @@ def test_the_flop_rate_counts_what_the_simulator_counts():
     """Its FLOPs are the simulator's: three matrix products per linear layer and example
     (forward, and the weights' and the input's gradients; the first layer's input needs none)."""
     from distbelief.models import mlp
-    from distbelief.runtime.simulated import _LayerFlops
+    from distbelief.runtime.simulated import LayerFlops
 
     model, x = mlp([4, 8, 3]), torch.randn(5, 4)
-    counter = _LayerFlops()
+    counter = LayerFlops()
     with counter:
         torch.autograd.grad(model(x).sum(), list(model.parameters()))
     assert counter.take() == 2 * 5 * (4 * 8 * 2 + 8 * 3 * 3)

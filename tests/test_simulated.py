@@ -413,3 +413,17 @@ def test_the_default_placement_is_the_ray_runtimes_rule():
     placed = result.stats["placement"]
     expected = plan_placement(list(placed), [str(m) for m in range(4)])
     assert placed == {name: f"m{m}" for name, m in expected.items()}
+
+
+def test_an_evaluation_during_training_costs_its_flops_in_the_master():
+    """The master holds the evaluator (and its model a few attributes deep): an evaluation
+    during training is counted, so more of them take more virtual time."""
+
+    def virtual(every: int) -> float:
+        result = run(
+            mlp([10, 64, 3]), toy_data(), eval_data=toy_data(n=4096, seed=1), eval_every=every,
+            runtime="simulated",
+        )  # fmt: skip
+        return result.stats["virtual_s"]
+
+    assert virtual(64) > virtual(512) * 1.05

@@ -35,7 +35,7 @@ from ..errors import ConfigError
 from ..models import mlp
 from ..runtime import make_runtime
 from ..runtime.base import Actor, receives
-from ..runtime.simulated import _LayerFlops
+from ..runtime.simulated import LayerFlops
 
 RUNTIMES = ("local", "processes", "ray")
 
@@ -111,7 +111,7 @@ def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> flo
     x = torch.randn(batch_size, widths[0])
     y = torch.randint(0, widths[-1], (batch_size,))
     params = list(model.parameters())
-    counter = _LayerFlops()
+    counter = LayerFlops()
 
     def step() -> None:
         loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -78,7 +78,7 @@ def read_cluster(path: str | os.PathLike) -> dict[str, Any]:
 class _FlopCounter(TorchDispatchMode):
     """Counts the FLOPs of the matrix products and convolutions run under it, by torch's own
     formulas from the shapes: deterministic. Used once per layer kind and shape (see
-    :class:`_LayerFlops`), on meta tensors."""
+    :class:`LayerFlops`), on meta tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,7 +140,7 @@ def layer_flops(module: torch.nn.Module, inputs: tuple) -> int:
     return flops
 
 
-class _LayerFlops:
+class LayerFlops:
     """Counts the FLOPs of the layers a handler runs forward (:func:`layer_flops`), and of
     their backward when it runs (a gradient for the weights and one for the input, each as
     many FLOPs as the forward: the rule of matrix-product layers), in whichever handler runs
@@ -153,7 +153,7 @@ class _LayerFlops:
         self.flops = 0
         self._hook: Any = None
 
-    def __enter__(self) -> _LayerFlops:
+    def __enter__(self) -> LayerFlops:
         self._hook = torch.nn.modules.module.register_module_forward_hook(self._forward)
         return self
 
@@ -295,7 +295,7 @@ class SimulatedRuntime(LocalRuntime):
         self._pins: dict[str, int] = {}
         self._used_pins: set[str] = set()
         self._checked = False
-        self._layers = _LayerFlops()
+        self._layers = LayerFlops()
         self._groups: dict[str, int] = {}  # placement: each group's number
         self._lone = 0  # placement: actors without a group placed so far
         self._layered: dict[str, tuple[Actor, bool]] = {}
@@ -466,7 +466,7 @@ class SimulatedRuntime(LocalRuntime):
         known = self._layered.get(cell.name)
         if known is not None and known[0] is cell.actor:
             return known[1]
-        found = _holds_module(cell.actor, 3)
+        found = _holds_module(cell.actor, 5)
         self._layered[cell.name] = (cell.actor, found)
         return found
 
