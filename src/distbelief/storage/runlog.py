@@ -8,7 +8,9 @@ one folder per run (``runs/<name>/``):
   ``replica`` (per replica: step, examples, loss, examples/s), ``shard`` (per shard: updates
   applied and their rate, the staleness histogram), ``eval`` (examples seen, wall time, loss,
   accuracy), ``end`` (status and the final stats). Every record has ``wall_s``, seconds of
-  training since the start (evaluation pauses excluded, as in the result's history).
+  training since the start (evaluation pauses excluded, as in the result's history); a run on
+  the simulated runtime's records also have ``virtual_s``, the modelled cluster's seconds
+  (:func:`set_virtual_clock`).
 - ``config.toml``: the resolved configuration, loadable back with ``distbelief train --config``.
 - TensorBoard event files with the same scalars (``tensorboard --logdir runs``), written by
   ``torch.utils.tensorboard``'s ``SummaryWriter``, with the examples seen as the step.
@@ -27,7 +29,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +48,18 @@ TENSORBOARD_EVERY_S = 20.0
 writer one event per report cost ~3-6 ms each on a busy 2-core machine (its thread wakes and
 takes the GIL from training): 3-4% of examples/s, against under 1% for all the JSON lines.
 TensorBoard's own writer flushes to disk every 120 s by default, so nothing is seen later."""
+
+
+_virtual_clock: Callable[[], float] | None = None
+
+
+def set_virtual_clock(clock: Callable[[], float] | None) -> None:
+    """The virtual clock of a simulated run, set by its runtime while it runs (None after):
+    every record written meanwhile has ``virtual_s`` beside ``wall_s``, the modelled cluster's
+    seconds when the record's report reached the driver, which ``distbelief report`` then uses
+    as its time axis."""
+    global _virtual_clock
+    _virtual_clock = clock
 
 
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
@@ -300,6 +314,9 @@ class RunLog:
     def finish(self, stats: Mapping[str, Any], final_eval: Mapping[str, Any] | None) -> None:
         """Log the final evaluation and the end record; close the files."""
         if final_eval is not None:
+            if stats.get("virtual_s") is not None and "virtual_s" not in final_eval:
+                # a simulated run's final evaluation: at its virtual end (the clock is gone)
+                final_eval = {**final_eval, "virtual_s": stats["virtual_s"]}
             self.evaluation(final_eval, final=True)
         self.close("done", stats)
 
@@ -334,6 +351,8 @@ class RunLog:
 
     def _record(self, record: dict[str, Any]) -> None:
         assert self._file is not None
+        if _virtual_clock is not None and "wall_s" in record:
+            record["virtual_s"] = _virtual_clock()
         # One line per record, flushed: a run that dies leaves every line written so far.
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
