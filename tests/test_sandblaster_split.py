@@ -23,7 +23,8 @@ KW = dict(loss="cross_entropy", algorithm="sandblaster", seed=0)
 
 def toy(n: int = 90, classes: int = 5, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 10, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 10, generator=g, dtype=dtype)
+    return x, torch.randint(0, classes, (n,), generator=g)
 
 
 def mlp_net() -> nn.Sequential:
