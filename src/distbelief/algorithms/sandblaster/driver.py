@@ -265,9 +265,12 @@ class SandblasterDriver(Driver):
             )  # fmt: skip
             for r in range(config.replicas)
         )
-        if split is not None:
-            for r, ref in enumerate(replica_refs):
-                self._spawn_partitions(rt, r, ref, split, plans)
+        # Every actor is spawned before any is told anything (a runtime may start them then).
+        partition_refs = (
+            [self._spawn_partitions(rt, r, split, plans) for r in range(config.replicas)]
+            if split is not None
+            else []
+        )
         coordinator = rt.spawn(
             "coordinator",
             Coordinator,
@@ -286,6 +289,9 @@ class SandblasterDriver(Driver):
         rt.tell(coordinator, wiring)
         for ref in replica_refs:
             rt.tell(ref, wiring)
+        for replica, refs in zip(replica_refs, partition_refs):
+            assert split is not None
+            self._wire_partitions(rt, replica, refs, split)
         self.shard_refs, self.coordinator = shard_refs, coordinator
         self.pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
         self.taking = _Checkpoints(self.checkpointer, len(shard_refs))
@@ -295,12 +301,10 @@ class SandblasterDriver(Driver):
         self,
         rt: Runtime,
         r: int,
-        replica: Any,
         split: ReplicaSplit,
         plans: list[StagePlan] | None,
-    ) -> None:
-        """Replica ``r``'s partitions (``replica<r>.stage<s>.part<b>``), wired to each other
-        and to the replica."""
+    ) -> list[Any]:
+        """Replica ``r``'s partitions (``replica<r>.stage<s>.part<b>``), by owner."""
         S, P = split.stages, split.partitions
         refs = []
         for s, group in enumerate(self.job.stage_layers):
@@ -320,6 +324,13 @@ class SandblasterDriver(Driver):
                         S,
                     )  # fmt: skip
                 )
+        return refs
+
+    def _wire_partitions(
+        self, rt: Runtime, replica: Any, refs: list[Any], split: ReplicaSplit
+    ) -> None:
+        """A replica's partitions told each other and their replica, and it them."""
+        S, P = split.stages, split.partitions
         blocks = [tuple(refs[s * P : (s + 1) * P]) for s in range(S)]
         for s in range(S):
             for ref in blocks[s]:
