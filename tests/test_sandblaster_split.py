@@ -84,6 +84,19 @@ def test_the_split_replicas_gradient_equals_the_unsplit_replicas(stages, partiti
         assert split_loss == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.processes
+def test_the_split_replicas_gradient_on_processes_equals_plain_torchs():
+    """The same in forked workers: the plans, pieces and gradients pickled between them."""
+    x, y = toy()
+    for make in (mlp_net, local_net):
+        config = SandblasterConfig(
+            steps=0, replicas=2, shards=2, portions=4, seed=0, stages=2, partitions=2,
+            runtime="processes",
+        )  # fmt: skip
+        _, grad, _ = initial_gradient(make(), (x, y), F.cross_entropy, config)
+        torch.testing.assert_close(grad, plain_gradient(make(), x, y), rtol=1e-6, atol=1e-9)
+
+
 # ------------------------------------------------------------------------ runs
 
 
@@ -171,7 +184,6 @@ def test_a_partition_killed_mid_portion_is_restarted_and_redoes_it():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.slow
 @pytest.mark.processes
 def test_a_partition_killed_on_processes_ends_the_run_naming_it():
     """The processes runtime restarts no actor: the run fails at once, naming the dead
