@@ -162,22 +162,29 @@ def test_a_checkpoint_of_a_split_run_resumes_to_the_uninterrupted_runs_parameter
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_a_partition_killed_mid_portion_is_restarted_and_redoes_it():
+@pytest.mark.parametrize(
+    "faults, reassigned",
+    [
+        ({"replica1.stage1.part0": 3}, False),
+        ({"replica1": 2, "replica1.stage1.part1": 6}, True),
+    ],
+)
+def test_a_partition_killed_mid_portion_is_restarted_and_redoes_it(faults, reassigned):
     """replica1's stage-1 partition 0 dies at the first message of replica1's 3rd portion:
     respawned, it tells its replica, which sends it the point again and redoes the portion;
     the coordinator sees nothing (no reassignment, no backup) and the run ends where the run
-    without a failure ends."""
+    without a failure ends. With the replica itself killed too, the coordinator hands its
+    portions out again (as unsplit) and its partitions drop the old incarnation's pass."""
     data = toy()
     args = dict(steps=4, history=5, replicas=2, shards=2, portions=4, stages=2, partitions=2)
     options = {"backup_tasks": False}
     plain = distbelief.train(mlp_net(), data, runtime_options=options, **args, **KW)
     killed = distbelief.train(
-        mlp_net(), data, runtime_options={**options, "faults": {"replica1.stage1.part0": 3}},
-        **args, **KW,
-    )  # fmt: skip
+        mlp_net(), data, runtime_options={**options, "faults": faults}, **args, **KW
+    )
     stats = killed.stats
-    assert stats["restarts_by_actor"] == {"replica1.stage1.part0": 1}
-    assert stats["reassigned"] == 0 and stats["backup_portions"] == 0
+    assert stats["restarts_by_actor"] == dict.fromkeys(faults, 1)
+    assert (stats["reassigned"] > 0) == reassigned and stats["backup_portions"] == 0
     assert stats["steps"] == plain.stats["steps"]
     assert stats["final_loss"] == pytest.approx(plain.stats["final_loss"], rel=1e-9)
     for a, b in zip(killed.model.parameters(), plain.model.parameters(), strict=True):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ...core.blocks import BlockPass, Send, Split, StagePlan, block_shapes
+from ...core.blocks import BlockPass, Send, Shape, Split, StagePlan, block_shapes
 from ...core.partition import edits_its_input
 from ...runtime.base import Actor, receives
 from .messages import (
@@ -50,8 +50,6 @@ from .messages import (
     PartitionWeights,
     Ticket,
 )
-
-Shape = tuple[int, ...]
 
 
 class WholePass:
@@ -174,7 +172,6 @@ class SandblasterPartition(Actor):
         self.evaluation = 0  # the evaluation whose point ``leaves`` hold (0: none yet)
         self.leaves: list[list[torch.Tensor]] | None = None
         self.state: _State | None = None
-        self.crossed_bytes = 0
         self.replica: Any = None
         self.peers: tuple = ()
         self.previous: tuple | None = None
@@ -317,7 +314,6 @@ class SandblasterPartition(Actor):
 
     def _send(self, state: _State, sends: list[Send], back: bool = False) -> None:
         for dst, layer, values in sends:
-            self.crossed_bytes += values.numel() * values.element_size()
             kind = PartitionExchangeGrad if back else PartitionExchange
             message = kind(state.ticket, state.step, layer, self.block, values)
             self.ctx.tell(self.peers[dst], message)
