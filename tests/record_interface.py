@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from distbelief.cli import app
 
-SUBCOMMANDS = ("train", "bench", "report")
+SUBCOMMANDS = ("train", "bench", "report", "experiment")
 RUNS = {
     "downpour": ["train", "--epochs", "1", "--replicas", "2", "--no-run-dir", "--json"],
     "sandblaster": [

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from distbelief import bench
-from distbelief.bench import pipeline
+from distbelief.bench import model_parallel, pipeline
 from distbelief.bench.baselines.torch_pipeline import SCHEDULES, torch_pipeline_examples_per_s
 from distbelief.cli import main
 
@@ -84,6 +84,9 @@ def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) 
     n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
     n += len(bench.QUICK.checkpoint_every)
     n += len(pipeline.configs()) + len(pipeline.PUSHES) + len(SCHEDULES)
+    n += len(model_parallel.NETS) * (len(model_parallel.TIMED_PARTS) + 1)
+    n += len(model_parallel.COUNTED_PARTS)
+    n += 1 + 2  # the pipeline's profile: a row per worker, of 1 stage and of 2
     assert bench.table(report).row_count == n
     md = bench.markdown(report).splitlines()
     assert md[0].startswith("`distbelief bench --quick") and "cpus" in md[0]
@@ -103,7 +106,8 @@ def test_only_parses() -> None:
 
 def test_the_registry_is_the_one_list_of_benchmarks() -> None:
     assert bench.BENCHMARKS == (
-        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint", "pipeline"
+        "overhead", "scaling", "shard", "xor", "hogwild", "sandblaster", "checkpoint", "pipeline",
+        "model-parallel",
     )  # fmt: skip
     help_text = bench.only_help()
     assert "\n" not in help_text
@@ -163,8 +167,13 @@ def test_pipeline_benchmark_reports_every_configuration_and_both_torch_schedules
     for t in figures["torch"]:
         assert t["ok"], t["error"]
         assert positive(t["examples_per_s"]) and positive(t["ratio"])
+    # The profiled runs: a worker for 1 stage, two for 2 (data shard with the first stage).
+    profile = list(figures["profile"].values())
+    assert [sorted(p) for p in profile] == [["worker1"], ["worker1", "worker2"]]
+    assert profile[1]["worker1"]["hosts"] == ["data0", "replica0.stage0"]
+    assert all(w["compute"] > 0 for p in profile for w in p.values())
     rows = bench.rows(report)
-    assert len(rows) == len(runs) + len(pipeline.PUSHES) + len(SCHEDULES)
+    assert len(rows) == len(runs) + len(pipeline.PUSHES) + len(SCHEDULES) + 3
     assert all(row[0] == "pipeline" for row in rows)
     json.dumps(report)
 

@@ -132,6 +132,9 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
     [
         ("local", "kill"),
         ("local", "exit"),
+        pytest.param("processes", "kill", marks=[pytest.mark.processes, pytest.mark.slow]),
+        # the stage's worker crashes: a new worker, forked by the fork server
+        pytest.param("processes", "exit", marks=[pytest.mark.processes, pytest.mark.slow]),
         pytest.param("ray", "kill", marks=needs_ray),  # ray.kill of the actor
         pytest.param("ray", "exit", marks=needs_ray),  # the actor's process exits
     ],
@@ -139,7 +142,8 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
 def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(request, on, kind):
     """One replica, two stages, SGD: the killed stage's step is lost before any push, so the
     restarted replica redoes it from freshly fetched parameters and the result is exact.
-    (The processes runtime restarts nothing.)"""
+    (On processes the two stages run in two workers: a kill rebuilds the stage in its
+    worker, an exit replaces the worker.)"""
     if on == "ray":
         request.getfixturevalue("ray_session")
     model = mlp([10, 16, 16, 3])
@@ -158,6 +162,9 @@ def test_a_stage_killed_mid_step_is_restarted_and_the_run_equals_the_plain_loop(
     assert result.stats["restarts"] == 1
     assert result.stats["restarts_by_actor"] == {"replica0.stage1": 1}
     assert result.stats["steps"] == 2 * 128 // 16  # the lost step is counted once
+    if on == "processes":  # the stage ran alone in worker 2; an exit replaced that worker
+        assert result.stats["processes"]["replica0.stage1"] == 2
+        assert len(result.stats["worker_pids"]) == 2 + (kind == "exit")
     if on == "ray":  # a new process; the killed one is gone, the rest gone or kept idle
         from support import assert_gone
 
@@ -194,11 +201,10 @@ NO_RESTARTS_LEFT = [("kill:shard1@update=4", "shard1"), ("kill:master@message=3"
     indirect=["runtime"],
 )
 def test_an_actor_without_restarts_left_ends_the_run_naming_it(runtime, fault, actor):
-    # Shards and the master are recovered (test_recovery.py); not when no restart is left
-    # (the processes runtime restarts nothing at all).
+    # Shards and the master are recovered (test_recovery.py); not when no restart is left.
     with pytest.raises(distbelief.ActorFailed, match=rf"^actor '{actor}' failed") as info:
         run([fault], shards=2, runtime=runtime, runtime_options={"max_restarts": 0})
-    if runtime == "local":
+    if runtime != "ray":
         assert "no restarts left" in str(info.value)
 
 

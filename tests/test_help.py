@@ -10,7 +10,7 @@ import typer
 
 from distbelief.cli import app, arrange_help, main
 
-COMMANDS = ["", "train", "bench", "report"]
+COMMANDS = ["", "train", "bench", "report", "experiment"]
 
 
 def command_of(name: str):

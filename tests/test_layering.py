@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     # The algorithms package itself imports each algorithm, so that it registers.
     ("algorithms",),
     ("checks", "api"),
-    ("cli", "bench", "report", "__init__", "__main__"),
+    ("cli", "bench", "report", "experiments", "__init__", "__main__"),
 ]
 """The layers, bottom to top: a module may import only from its own layer or one below."""
 

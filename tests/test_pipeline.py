@@ -399,21 +399,35 @@ def test_ctrl_c_with_two_in_flight_keeps_what_was_trained():
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-def test_a_stage_killed_with_two_in_flight_is_survived_on_ray(ray_session):
-    """Ray has no tap to watch the redone steps by (the test above does, in process): here
-    each step is counted once, the stage runs in a new process, and the run trains."""
+@pytest.mark.parametrize(
+    "runtime, kind",
+    [
+        pytest.param("processes", "exit", marks=pytest.mark.processes),  # its worker crashes
+        pytest.param("ray", "kill", marks=pytest.mark.ray),
+    ],
+)
+def test_a_stage_killed_with_two_in_flight_is_survived_in_a_new_process(request, runtime, kind):
+    """Ray and processes have no tap to watch the redone steps by in the test's process (the
+    test above does, in process): here each step is counted once, the stage runs in a new
+    process, and the run trains. (On processes the two stages are in two workers; the second
+    stage's worker crashes and a new one, forked by the fork server, takes its place.)"""
+    if runtime == "ray":
+        request.getfixturevalue("ray_session")
     model = mlp([10, 16, 16, 3])
     x, y = toy_data()
     result = distbelief.train(
-        model, (x, y), epochs=2, stages=2, pipeline_depth=2, eval_data=(x, y), runtime="ray",
-        runtime_options={"faults": ["kill:replica0.stage1@step=5"]}, **KW,
+        model, (x, y), epochs=2, stages=2, pipeline_depth=2, eval_data=(x, y), runtime=runtime,
+        runtime_options={"faults": [f"{kind}:replica0.stage1@step=5"]}, **KW,
     )  # fmt: skip
     assert result.stats["restarts_by_actor"] == {"replica0.stage1": 1}
     assert result.stats["steps"] == 2 * 256 // 16  # every step counted once
     assert result.stats["examples"] == 2 * 256
-    first, second = result.stats["pids"]["replica0.stage1"]
-    assert first != second
+    if runtime == "ray":
+        first, second = result.stats["pids"]["replica0.stage1"]
+        assert first != second
+    else:  # worker 2 hosted the stage alone: replaced
+        assert result.stats["processes"]["replica0.stage1"] == 2
+        assert len(set(result.stats["worker_pids"])) == 3
     trained = flatten(result.model.children())
     assert torch.isfinite(trained).all() and not torch.equal(trained, flatten(model.children()))
     with torch.no_grad():

@@ -278,13 +278,14 @@ def test_bad_options_are_config_errors():
         make_runtime("processes", processes=0)
 
 
-def test_a_planned_crash_in_a_worker_ends_the_run_naming_the_actor():
+def test_a_planned_crash_in_a_worker_without_restarts_left_ends_the_run_naming_the_actor():
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
-    with pytest.raises(ActorFailed, match=r"^actor 'replica1\.stage0' failed.*exit code 70"):
+    match = r"^actor 'replica1\.stage0' failed.*exit code 70.*no restarts left"
+    with pytest.raises(ActorFailed, match=match):
         distbelief.train(
             mlp([10, 8, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=8, epochs=1,
             replicas=2, seed=0, runtime="processes",
-            runtime_options={"faults": ["exit:replica1.stage0@step=2"]},
+            runtime_options={"faults": ["exit:replica1.stage0@step=2"], "max_restarts": 0},
         )  # fmt: skip
 
 
@@ -393,3 +394,103 @@ def test_tensors_cross_between_stages_unchanged_by_slot_or_pickle():
         assert wire["tensors_pickled"] > 0
     finally:
         rt.shutdown()
+
+
+# ---------------------------------------------------------------------- restarts
+
+
+def _hold_and_die(lock) -> None:
+    lock.__enter__()
+    os._exit(0)
+
+
+def test_a_lock_whose_holder_died_is_broken_by_the_driver_and_a_worker_waits_bounded(
+    monkeypatch,
+):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    lock = procs._TimedLock(ctx, "shard1")
+    segment = lock.sibling("segment 0")  # a shard's segment: its own lock, broken with it
+    holder = ctx.Process(target=_hold_and_die, args=(lock,))
+    holder.start()
+    holder.join(10)
+    assert lock.holder == holder.pid  # it died holding the lock
+    # A worker has no breaker: its wait is bounded, then the run ends (not a hang).
+    monkeypatch.setattr(procs, "LOCK_TIMEOUT_S", 0.3)
+    with pytest.raises(RunTimeout, match="lock of shared actor 'shard1'"):
+        lock.__enter__()
+    # The driver's process breaks the lock of a dead holder while it waits, once.
+    broken = []
+    monkeypatch.setattr(procs, "_BREAKER", lambda held: broken.append(held.break_if_dead()))
+    with lock:
+        assert lock.holder == os.getpid()
+    assert broken.count(True) == 1 and lock.holder == 0
+    assert not lock.break_if_dead()  # free now: nothing to break
+    # A dead holder of a segment's lock is found through the shard's lock (the driver looks
+    # at each shared actor's lock when a worker dies).
+    holder = ctx.Process(target=_hold_and_die, args=(segment,))
+    holder.start()
+    holder.join(10)
+    assert segment.holder == holder.pid and segment.name == "shard1"
+    assert lock.break_if_dead() and segment.holder == 0
+    with segment:  # free again
+        pass
+
+
+@pytest.mark.slow
+def test_a_worker_crashing_inside_a_hogwild_shards_locked_section_is_survived():
+    # Hogwild: the crash is in the bookkeeping under the lock (see the README): the lock is
+    # broken, the shard restored from the other replica's copy, the crashed replica restarted.
+    x, y = torch.randn(256, 10), torch.randint(0, 3, (256,))
+    result = distbelief.train(
+        mlp([10, 16, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=16, epochs=2,
+        replicas=2, shards=2, optimizer="adagrad", seed=0, runtime="processes",
+        runtime_options={"faults": ["exit:shard0@update=20"], "shard_updates": "hogwild"},
+    )  # fmt: skip
+    assert result.stats["examples"] == 2 * 256
+    assert result.stats["restarts_by_actor"]["shard0"] == 1
+    (rec,) = [r for r in result.stats["recoveries"] if r["actor"] == "shard0"]
+    assert rec["source"].startswith("replica")
+    assert len(result.stats["worker_pids"]) == 3  # two workers and the crashed one's successor
+    assert torch.isfinite(flatten(result.model.children())).all()
+
+
+_LONG_RUN_WITH_A_CRASH = """
+import torch, distbelief
+from support import mlp
+x, y = torch.randn(4096, 10), torch.randint(0, 3, (4096,))
+distbelief.train(mlp([10, 16, 3]), (x, y), loss="cross_entropy", lr=0.1, batch_size=16,
+                 epochs=1000, replicas=2, seed=0, runtime="processes",
+                 runtime_options={"faults": ["exit:replica1.stage0@step=3"]})
+"""
+
+
+@pytest.mark.slow
+def test_a_replacement_worker_does_not_outlive_a_driver_killed_with_sigkill():
+    # The replacement is the fork server's child, not the driver's: it dies with the fork
+    # server, which dies with the driver (parent-death signals, both).
+    import signal
+    import subprocess
+    import sys
+
+    from test_stop_signals import _children, _running, _wait_for
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", _LONG_RUN_WITH_A_CRASH], env=env)
+    try:
+
+        def replaced() -> set[int] | None:
+            grandchildren = {g for c in _children(driver.pid) for g in _children(c)}
+            return grandchildren or None  # (only the fork server has children)
+
+        replacement = _wait_for(replaced, 120, "a replacement worker")
+        run = {*_children(driver.pid), *replacement}
+        assert len(run) == 3  # the worker that lives, the fork server, the new worker
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(60)
+        _wait_for(lambda: not any(_running(p) for p in run), 5, "the run's processes")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()

@@ -1,6 +1,7 @@
 """Recovery of a dead parameter shard, data shard or master: the choice of sources (pure), the
-restarted shard holding messages back, and whole runs with planned deaths (in one process;
-the Ray runs are in test_ray.py)."""
+restarted shard holding messages back, and whole runs with planned deaths (in one process,
+and some on processes, where the interleaving is not seeded: they check what every run
+shares; the Ray runs are in test_ray.py)."""
 
 from __future__ import annotations
 
@@ -188,25 +189,48 @@ def test_a_broken_checkpoint_is_noted_and_the_copies_serve(tmp_path):
     assert rec["source"].startswith("replica") and "shard1.safetensors" in rec["note"]
 
 
+ON_PROCESSES = [pytest.mark.processes, pytest.mark.slow]
+
+
 @pytest.mark.parametrize(
-    "fault, source, version",
+    "fault, source, version, runtime",
     [
         # Before most stages fetched: the newest copy is the one of version 0 (the first
         # update is lost), still a replica's and not the shard's initial values.
-        ("kill:shard0@update=1", "replica1", 0),
-        ("exit:shard1@update=40", "replica0", 38),  # the replicas fetched 2 updates earlier
-        ("kill:shard0@message=30", "replica1", 10),
+        ("kill:shard0@update=1", "replica1", 0, "local"),
+        ("exit:shard1@update=40", "replica0", 38, "local"),  # replicas fetched 2 updates ago
+        ("kill:shard0@message=30", "replica1", 10, "local"),
+        # On processes the shard is hosted in every process: its kill is its state treated
+        # as lost; an exit crashes the worker that handles the push inside the shard's locked
+        # section (the lock is broken, the shard restored, the worker and its replica
+        # restarted). Not seeded there: any replica's copy may be the newest.
+        pytest.param("kill:shard0@update=30", None, None, "processes", marks=ON_PROCESSES),
+        pytest.param("exit:shard1@update=40", None, None, "processes", marks=ON_PROCESSES),
     ],
 )
-def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(fault, source, version):
-    result = run([fault])
-    assert result.stats["restarts"] == 1
-    assert result.stats["examples"] == 3 * 256
-    (rec,) = result.stats["recoveries"]
+def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(
+    fault, source, version, runtime
+):
+    result = run([fault], runtime=runtime)
     k = int(fault.split(":")[1].split("@")[0].removeprefix("shard"))
+    assert result.stats["examples"] == 3 * 256
+    recs = [r for r in result.stats["recoveries"] if r["actor"].startswith("shard")]
+    (rec,) = recs
     assert rec["actor"] == f"shard{k}"
-    # The seeded in-process run is the same every time: the same copy wins each time.
-    assert set(rec["sources"].values()) == {source} and rec["restored_version"] == version
+    if runtime == "local":
+        assert result.stats["restarts"] == 1
+        # The seeded in-process run is the same every time: the same copy wins each time.
+        assert set(rec["sources"].values()) == {source} and rec["restored_version"] == version
+    else:
+        # The worker that crashed hosted replica 0 or 1 whole: its actors were restarted too.
+        restarted = set(result.stats["restarts_by_actor"])
+        assert f"shard{k}" in restarted and len(restarted) == (1 if "kill" in fault else 4)
+        assert rec["source"].startswith("replica") and rec["restored_version"] > 0
+        # An exit loses the crashed replica's copies with it: the other's may be older than
+        # the shard's last report, and the difference is counted lost.
+        lost = rec["applied_last_reported"] - rec["restored_version"]
+        assert rec["lost_updates"] == max(0, lost) and ("exit" in fault or lost <= 0)
+        version = rec["restored_version"]
     assert result.stats["updates_applied"][k] > version  # it counted on from the restore
     assert torch.isfinite(flatten(result.model.children())).all()
 
@@ -231,31 +255,61 @@ def test_a_shard_killed_while_the_replicas_drain_at_the_end_is_recovered():
 
 
 @pytest.mark.parametrize(
-    "fault, reported",
+    "fault, reported, runtime",
     [
         # (a data shard reports every step here; the seeded in-process run is the same
         # every time)
-        ("kill:data0@message=20", 17),
-        ("exit:data1@step=3", 3),  # dies at step 3: steps 0..2 were reported
-        ("kill:data1@message=3", 0),  # dies before its first step was reported
+        ("kill:data0@message=20", 17, "local"),
+        ("exit:data1@step=3", 3, "local"),  # dies at step 3: steps 0..2 were reported
+        ("kill:data1@message=3", 0, "local"),  # dies before its first step was reported
+        # On processes a kill rebuilds the data shard in its worker; an exit replaces the
+        # worker, which hosted the replica whole: its stages are restarted too. The steps
+        # reported by then depend on the interleaving there.
+        pytest.param("kill:data0@step=5", None, "processes", marks=ON_PROCESSES),
+        pytest.param("exit:data1@step=3", None, "processes", marks=ON_PROCESSES),
     ],
 )
-def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(fault, reported):
-    result = run([fault])
+def test_a_data_shard_killed_resumes_at_its_reported_step_and_the_run_completes(
+    fault, reported, runtime
+):
+    result = run([fault], runtime=runtime)
     name = fault.split(":")[1].split("@")[0]
-    assert result.stats["restarts_by_actor"] == {name: 1}
+    r = name.removeprefix("data")
+    expected = {name: 1}
+    if runtime == "processes" and fault.startswith("exit"):
+        expected.update({f"replica{r}.stage0": 1, f"replica{r}.stage1": 1})
+    assert result.stats["restarts_by_actor"] == expected
     assert result.stats["examples"] == 3 * 256  # steps redone after the report count once
     assert result.stats["steps"] == 2 * 3 * 8
     (rec,) = result.stats["recoveries"]
     # Resumed by the master at the steps last reported before the kill (not started over).
+    if reported is None:
+        step = int(fault.rpartition("=")[2])
+        reported = rec["resumed_at_step"]
+        assert 0 <= reported <= step  # (as last reported: at most the step it died at)
     assert rec == {"actor": name, "resumed_at_step": reported, "source": "master"}
 
 
 @pytest.mark.parametrize(
-    "fault", ["kill:master@message=2", "kill:master@message=40", "exit:master@message=95"]
+    "fault, runtime",
+    [
+        ("kill:master@message=2", "local"),
+        ("kill:master@message=40", "local"),
+        ("exit:master@message=95", "local"),
+        # On processes the master lives in the driver's process: rebuilt there (an exit of
+        # the driver's process is a kill, as in one process).
+        pytest.param("exit:master@message=40", "processes", marks=ON_PROCESSES),
+    ],
 )
-def test_the_master_killed_is_rebuilt_from_the_data_shards_and_the_run_completes(fault):
-    result = run([fault], warmstart_steps=4)
+def test_the_master_killed_is_rebuilt_from_the_data_shards_and_the_run_completes(fault, runtime):
+    wiring = []  # what the driver tells the master (its wiring, again to a new master)
+
+    def tap(sender, receiver, message):
+        if sender == "driver" and receiver == "master":
+            wiring.append(type(message).__name__)
+
+    result = run([fault], warmstart_steps=4, runtime=runtime, runtime_options={"tap": tap})
+    assert wiring.count("ConnectMaster") == 2  # a new master, wired as the first was
     assert result.stats["restarts_by_actor"] == {"master": 1}
     assert result.stats["examples"] == 3 * 256
     assert result.stats["steps"] == 2 * 3 * 8
@@ -302,15 +356,54 @@ def test_a_restarted_master_recovers_a_shard_whose_restore_was_lost_with_its_ear
 
 
 @pytest.mark.parametrize(
-    "faults",
+    "faults, runtime",
     [
-        ["kill:data0@message=2", "exit:master@message=1"],  # data0 dies answering its status
-        ["kill:shard1@update=20", "kill:master@message=50"],
-        ["kill:data1@message=9", "kill:master@message=21"],
+        (["kill:data0@message=2", "exit:master@message=1"], "local"),  # data0 answers status
+        (["kill:shard1@update=20", "kill:master@message=50"], "local"),
+        (["kill:data1@message=9", "kill:master@message=21"], "local"),
+        pytest.param(
+            ["kill:shard1@update=20", "kill:master@message=50"], "processes", marks=ON_PROCESSES
+        ),
     ],
 )
-def test_two_actors_killed_are_both_recovered_and_the_run_completes(faults):
-    result = run(faults, warmstart_steps=6)
+def test_two_actors_killed_are_both_recovered_and_the_run_completes(faults, runtime):
+    result = run(faults, warmstart_steps=6, runtime=runtime)
     assert result.stats["restarts_by_actor"] == {f.split(":")[1].split("@")[0]: 1 for f in faults}
     assert result.stats["examples"] == 3 * 256
     assert torch.isfinite(flatten(result.model.children())).all()
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_main_job_on_processes_survives_a_death_of_every_kind_and_keeps_its_accuracy(
+    mnist1d_data,
+):
+    """The main job (as the test above) on processes, two workers of two replicas each, with
+    a stage, a data shard, the master and a shard killed, and a worker crashing (its two
+    replicas restarted whole): every death survived, each example trained once, and the
+    accuracy within the band of the run without faults (0.62 in one process)."""
+    train, test = mnist1d_data
+    steps = 5 * len(train[0]) // 4 // 32  # of each replica
+    faults = [
+        f"kill:replica1.stage0@step={steps // 5}",
+        f"kill:data3@step={steps // 4}",
+        f"exit:replica2.stage1@step={steps // 3}",  # worker 1 (replicas 0 and 2) crashes
+        "kill:master@message=60",
+        "kill:shard1@update=400",
+    ]
+    result = distbelief.train(
+        mlp([40, 256, 256, 10]), train, loss="cross_entropy", lr=0.05, batch_size=32,
+        epochs=5, replicas=4, stages=2, shards=2, optimizer="adagrad", eval_data=test,
+        seed=0, runtime="processes", runtime_options={"faults": faults},
+    )  # fmt: skip
+    assert result.history.accuracy >= 0.60
+    assert result.stats["examples"] == 5 * len(train[0])
+    by_actor = result.stats["restarts_by_actor"]
+    for name in ("replica1.stage0", "data3", "master", "shard1"):
+        assert by_actor.pop(name) == 1
+    where = result.stats["processes"]
+    crashed = {n for n, w in where.items() if w == where["replica2.stage1"]}
+    assert crashed == {"data0", "data2", *(f"replica{r}.stage{s}" for r in (0, 2) for s in (0, 1))}
+    assert by_actor == dict.fromkeys(crashed, 1)
+    shards = [r for r in result.stats["recoveries"] if r["actor"] == "shard1"]
+    assert len(shards) == 1 and shards[0]["source"].startswith("replica")

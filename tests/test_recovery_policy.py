@@ -43,11 +43,13 @@ def with_batchnorm() -> nn.Sequential:
     )  # fmt: skip
 
 
-def run(model: nn.Sequential, faults: list, **options) -> distbelief.TrainResult:
+def run(
+    model: nn.Sequential, faults: list, runtime: str = "local", **options
+) -> distbelief.TrainResult:
     return distbelief.train(
         model, toy(256), eval_data=toy(64, seed=1), loss="cross_entropy", lr=0.1,
         batch_size=16, epochs=3, replicas=2, stages=2, shards=2, optimizer="adagrad",
-        eval_every=EVERY, seed=0, runtime_options={"faults": faults, **options},
+        eval_every=EVERY, seed=0, runtime=runtime, runtime_options={"faults": faults, **options},
     )  # fmt: skip
 
 
@@ -66,12 +68,15 @@ def test_an_actor_dying_while_an_evaluation_waits_for_it_loses_no_evaluation(act
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in result.history.eval)
 
 
-def test_max_restarts_bounds_each_actor_not_the_run():
+@pytest.mark.parametrize(
+    "runtime", ["local", pytest.param("processes", marks=[pytest.mark.processes, pytest.mark.slow])]
+)
+def test_max_restarts_bounds_each_actor_not_the_run(runtime):
     """``max_restarts=1``: a stage and a shard each die once, and each is restarted (the
     bound is per actor); with ``max_restarts=0`` the first death ends the run naming it."""
     faults = ["kill:replica1.stage0@step=5", "kill:shard1@update=40"]
-    result = run(mlp([10, 16, 16, 3]), faults, max_restarts=1)
+    result = run(mlp([10, 16, 16, 3]), faults, runtime, max_restarts=1)
     assert result.stats["restarts_by_actor"] == {"replica1.stage0": 1, "shard1": 1}
     assert result.stats["examples"] == 768
     with pytest.raises(distbelief.ActorFailed, match="^actor 'replica1.stage0' failed.*no rest"):
-        run(mlp([10, 16, 16, 3]), faults, max_restarts=0)
+        run(mlp([10, 16, 16, 3]), ["kill:replica1.stage0@step=5"], runtime, max_restarts=0)

@@ -337,3 +337,93 @@ def test_the_command_takes_a_cluster_file_and_reports_virtual_time(capsys, tmp_p
     assert code == 2 and "latencey_s" in err
     code, _, err = run_command(capsys, *argv, "--cluster", str(cluster))
     assert code == 2 and "--runtime simulated" in err
+
+
+# ------------------------------------------------------------------------------ scale
+
+
+@pytest.mark.slow
+def test_many_replicas_of_both_algorithms_run_and_repeat_bit_for_bit():
+    """The 2,000-replica benchmark (benchmarks/simulated_scale.py) scaled down: 64 Downpour
+    replicas over 8 shards, two steps each, twice from one seed: the same virtual time and
+    parameters bit for bit; 64 Sandblaster replicas with two portions each."""
+    x, y = toy_data(n=64 * 2 * 4, features=20, classes=5)
+    cluster = {"machines": 16, "cores": 4}
+
+    def downpour():
+        return run(
+            mlp([20, 32, 5]), (x, y), batch_size=4, epochs=1, replicas=64, shards=8,
+            optimizer="adagrad", runtime="simulated", runtime_options=cluster,
+        )  # fmt: skip
+
+    a, b = downpour(), downpour()
+    assert a.stats["steps"] == 128
+    assert a.stats["virtual_s"] == b.stats["virtual_s"] > 0
+    assert torch.equal(final(a), final(b))
+    assert a.stats["staleness_max"] > 0
+    sb = distbelief.train(
+        mlp([20, 32, 5]), (x, y), loss="cross_entropy", algorithm="sandblaster", seed=0,
+        steps=1, history=3, replicas=64, shards=8, portions=128, runtime="simulated",
+        runtime_options=cluster,
+    )  # fmt: skip
+    assert sb.stats["virtual_s"] > 0
+    assert len(sb.stats["portions_done"]) == 64
+    assert sum(1 for d in sb.stats["portions_done"] if d > 0) >= 32
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def test_the_run_log_and_the_report_use_virtual_time(tmp_path):
+    """Every record of a simulated run has virtual_s beside wall_s, increasing; the report
+    draws against it, labelled as virtual time; a local run's records have none."""
+    from distbelief import report
+    from distbelief.storage.runlog import read_metrics
+
+    x, y = toy_data()
+    sim_dir, local_dir = tmp_path / "sim", tmp_path / "local"
+    args = dict(replicas=2, eval_data=toy_data(n=64, seed=1), eval_every=128)
+    result = run(mlp([10, 16, 3]), (x, y), runtime="simulated", run_dir=sim_dir, **args)
+    records = [r for r in read_metrics(sim_dir) if r["kind"] in ("train", "eval")]
+    times = [r["virtual_s"] for r in records]
+    assert all("wall_s" in r for r in records) and len(times) >= 3
+    assert times == sorted(times) and times[-1] == result.stats["virtual_s"]
+    run(mlp([10, 16, 3]), (x, y), run_dir=local_dir, **args)
+    assert not any("virtual_s" in r for r in read_metrics(local_dir))
+    sim, local = report.load_run(sim_dir), report.load_run(local_dir)
+    assert report.time_key(sim) == "virtual_s" and report.time_key(local) == "wall_s"
+    assert "virtual" in report.time_label([sim]) and "wall" in report.time_label([local])
+    assert "virtual" in report.time_label([sim, local])
+    files = report.report([str(sim_dir)], str(tmp_path / "out"))
+    assert any(str(f).endswith("report.html") for f in files)
+
+
+def test_a_metric_that_is_not_a_function_is_refused_up_front():
+    with pytest.raises(ConfigError, match="metric: must be a function"):
+        run(mlp([10, 3]), toy_data(n=32), eval_data=toy_data(n=8), metric="accuracy")
+
+
+def test_the_default_placement_is_the_ray_runtimes_rule():
+    from distbelief.runtime.ray.placement import plan_placement
+
+    result = run(
+        mlp([10, 16, 16, 3]), toy_data(), replicas=3, stages=2, shards=2, epochs=1,
+        runtime="simulated", runtime_options={"machines": 4},
+    )  # fmt: skip
+    placed = result.stats["placement"]
+    expected = plan_placement(list(placed), [str(m) for m in range(4)])
+    assert placed == {name: f"m{m}" for name, m in expected.items()}
+
+
+def test_an_evaluation_during_training_costs_its_flops_in_the_master():
+    """The master holds the evaluator (and its model a few attributes deep): an evaluation
+    during training is counted, so more of them take more virtual time."""
+
+    def virtual(every: int) -> float:
+        result = run(
+            mlp([10, 64, 3]), toy_data(), eval_data=toy_data(n=4096, seed=1), eval_every=every,
+            runtime="simulated",
+        )  # fmt: skip
+        return result.stats["virtual_s"]
+
+    assert virtual(64) > virtual(512) * 1.05

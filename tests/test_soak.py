@@ -1,5 +1,7 @@
 """Soak: 64 replicas x 2 stages x 4 shards in one process for ``EPOCHS`` epochs (12,288 steps),
-a fault every ``FAULT_EVERY`` steps of each replica. Nothing may deadlock,
+a fault every ``FAULT_EVERY`` steps of each replica; and on ``processes`` 8 x 2 x 4 for 128
+epochs (4,096 steps: what two cores carry in a test), a fault every 512 steps (64 of each
+replica), its memory the driver's and its workers' together. Nothing may deadlock,
 every fault must be survived, memory must not grow with the steps taken, and every actor must be
 gone at the end.
 
@@ -34,19 +36,27 @@ import distbelief
 from distbelief.algorithms.downpour import driver as downpour
 from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
 from distbelief.runtime.local import LocalRuntime
+from distbelief.runtime.processes import ProcessesRuntime
 
-EPOCHS = int(os.environ.get("DISTBELIEF_SOAK_EPOCHS", "48"))
+SIZES = {"local": (64, 48, 12), "processes": (8, 128, 64)}
+"""Per runtime: replicas, epochs and ``FAULT_EVERY``."""
+RUNTIME = os.environ.get("DISTBELIEF_SOAK_RUNTIME", "local")
+"""The runtime soaked (the soak's own process is told by the test)."""
+REPLICAS, STAGES, SHARDS = SIZES[RUNTIME][0], 2, 4
+EPOCHS = int(os.environ.get("DISTBELIEF_SOAK_EPOCHS", SIZES[RUNTIME][1]))
 """Epochs of the soak: 4 steps each per replica."""
-REPLICAS, STAGES, SHARDS = 64, 2, 4
 ROWS_PER_REPLICA = 64  # 4 steps of 16 per epoch: many epochs, each replica reshuffles often
 BATCH = 16
 STEPS = EPOCHS * ROWS_PER_REPLICA // BATCH
 """Steps of each replica."""
-FAULT_EVERY = 12
+FAULT_EVERY = SIZES[RUNTIME][2]
 """Replica steps between faults (the first at this step, none in the last ``FAULT_EVERY``)."""
-WARM_UP = 0.25
+WARM_UP = 0.25 if RUNTIME == "local" else 0.5
 """Fraction of the run, at its start, whose memory growth is not judged (allocator and caches
-filling, the first restarts)."""
+filling, the first restarts). On processes half: each process pays once for the first
+restart of each kind it sees, the first shard whose state is lost most (the driver's process
+serves it from then on, and every process allocates for that path: about 1 MiB in all), and
+its 8 replicas take 8 times fewer steps between two faults than the 64 in one process."""
 GROWTH_PER_STEP = 256
 """Most bytes the peak RSS may grow per step (of any replica) after the warm-up: a leak of one
 16 x 16 activation (1 KiB) a step is 4 times that."""
@@ -84,7 +94,7 @@ def shard_kill(i: int, at_step: int) -> str:
 def data_shard_kill(i: int, at_step: int) -> str:
     """Kill a data shard; it resumes its replica from the steps it last reported (numbered
     on from a new base: so no stage kill names a later step of its replica)."""
-    replica = (7 * i + 35) % REPLICAS  # none of the first 32 stage kills' replicas
+    replica = (7 * i + 3 + REPLICAS // 2) % REPLICAS  # none of the stage kills' replicas
     return f"kill:data{replica}@step={at_step}"
 
 
@@ -113,10 +123,16 @@ def plan_faults() -> list[tuple[str, str]]:
     return out
 
 
-def rss_bytes() -> int:
-    """This process's resident set size now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_bytes(pids: tuple = ("self",)) -> int:
+    """The resident set size of these processes now, summed (gone ones count nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
 
 
 def data():
@@ -140,13 +156,18 @@ def soak() -> dict:
     """The soak run itself, in the process that calls it: what the test judges, as JSON."""
     faults = plan_faults()
     # The runtime the run would create (its seed, its faults), created here to be watched.
-    runtime = LocalRuntime(0, faults=[spec for _, spec in faults], max_restarts=1)
+    make = LocalRuntime if RUNTIME == "local" else ProcessesRuntime
+    runtime = make(0, faults=[spec for _, spec in faults], max_restarts=1)
     samples: list[tuple[int, int]] = []  # (steps of all replicas, RSS)
     queued: list[int] = []
 
     def progress(report) -> None:
-        samples.append((report.examples // BATCH, rss_bytes()))
-        queued.append(runtime.queued())
+        if RUNTIME == "local":
+            samples.append((report.examples // BATCH, rss_bytes()))
+            queued.append(runtime.queued())
+        else:  # the driver's and its workers' (replacements' too) memory
+            pids = ("self", *runtime.describe()["worker_pids"])
+            samples.append((report.examples // BATCH, rss_bytes(pids)))
 
     result = distbelief.train(
         model(), data(), loss="cross_entropy", lr=0.05, optimizer="adagrad", batch_size=BATCH,
@@ -163,7 +184,7 @@ def soak() -> dict:
         "final_loss": result.history.train[-1]["loss"],
         "samples": samples,
         "queued": queued,
-        "delivered": runtime.delivered,
+        "delivered": getattr(runtime, "delivered", 1),
         "hosted": runtime.hosted(),
     }
 
@@ -173,13 +194,37 @@ def soak() -> dict:
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
 def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):
+    soak_and_judge("local", capsys)
+
+
+@pytest.mark.soak
+@pytest.mark.slow
+@pytest.mark.processes
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_soak_8x2x4_on_processes_with_a_fault_every_few_hundred_steps(capsys, monkeypatch):
+    module = sys.modules[__name__]
+    replicas, epochs, every = SIZES["processes"]
+    epochs = int(os.environ.get("DISTBELIEF_SOAK_EPOCHS", epochs))
+    steps = epochs * ROWS_PER_REPLICA // BATCH
+    sizes = {"REPLICAS": replicas, "EPOCHS": epochs, "FAULT_EVERY": every, "STEPS": steps}
+    for name, value in {**sizes, "WARM_UP": 0.5}.items():
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setitem(FAULT_KINDS, "stage kill", (stage_kill, replicas * STAGES))
+    monkeypatch.setitem(FAULT_KINDS, "data shard kill", (data_shard_kill, replicas))
+    soak_and_judge("processes", capsys)
+
+
+def soak_and_judge(runtime: str, capsys) -> None:
+    """Run the soak on ``runtime`` in a process of its own and judge it."""
     faults = plan_faults()
     assert {kind for kind, _ in faults} == set(FAULT_KINDS)
     # In a process of its own: the memory judged is the run's, not what the tests before it
     # left in this one's heap (in a whole-suite run this process holds ~800 MiB by then).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.run(
         [sys.executable, __file__], capture_output=True, text=True, timeout=540,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        env={**env, "DISTBELIEF_SOAK_RUNTIME": runtime},
     )  # fmt: skip
     assert child.returncode == 0, child.stderr[-3000:]
     run = json.loads(child.stdout.strip().splitlines()[-1])
@@ -207,18 +252,19 @@ def test_soak_64x2x4_in_process_with_a_fault_every_few_steps(capsys):
     assert len(samples) >= 20
     growth = growth_per_step(samples)
     assert growth <= GROWTH_PER_STEP, (growth, samples)
-    assert max(queued) <= 8 * REPLICAS  # a step in flight per replica: its messages, no more
+    if queued:  # (in one process: the mailboxes are this process's to count)
+        assert max(queued) <= 8 * REPLICAS  # a step in flight per replica: its messages only
     # Every actor stopped at the end (the runtime's view).
     assert run["delivered"] > 0 and run["hosted"] == []
 
     with capsys.disabled():
         print(
-            f"\nsoak: {stats['train_s']:.0f} s of training, {EPOCHS} epochs, "
+            f"\nsoak on {runtime}: {stats['train_s']:.0f} s of training, {EPOCHS} epochs, "
             f"{stats['steps']} steps; faults injected/survived: "
             + ", ".join(f"{k} {n}/{n}" for k, n in by_kind.items())
             + f"; peak RSS {samples[0][1] / 2**20:.1f} MiB at the first report, "
             f"{max(r for _, r in samples) / 2**20:.1f} MiB at most, growth after the warm-up "
-            f"{growth:.0f} B per step; messages queued at most {max(queued)} "
+            f"{growth:.0f} B per step; messages queued at most {max(queued, default='-')} "
             f"({len(samples)} samples)"
         )
 

@@ -159,6 +159,11 @@ def _train(
             check_device(values.data, f"model: layer {i} ({type(layer).__name__}) {pname} is")
     dtype = model_dtype(layers)
     loss_fn = resolve_loss(loss)
+    if metric is not None and not callable(metric):
+        raise ConfigError(
+            f"metric: must be a function (outputs, targets) -> float, got {metric!r} "
+            "(the default already reports accuracy for a classification loss)"
+        )
     rows = rows_of(train_data, "train_data", dtype, loss)
     x, y = rows.probe()  # in-memory data: all of it; a file: the rows that decide the checks
     if config.replicas > len(rows):

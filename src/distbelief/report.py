@@ -185,10 +185,29 @@ RATE_POINTS = 40
 microseconds apart would otherwise show a spike of thousands per second."""
 
 
-def _rates(records: list[dict[str, Any]], counter: str) -> tuple[list[float], list[float]]:
-    """``(wall_s, rate)`` points of a cumulative ``counter``, each rate over an interval of at
-    least 1/RATE_POINTS of the records' time span (from the run's start)."""
-    pts = [(r["wall_s"], r[counter]) for r in records if r.get(counter) is not None]
+def time_key(run: Run) -> str:
+    """The run's time axis: ``virtual_s`` for a run on the simulated runtime (its records
+    carry the modelled cluster's seconds), else ``wall_s``."""
+    records = run.train or run.eval
+    return "virtual_s" if records and all("virtual_s" in r for r in records) else "wall_s"
+
+
+def time_label(runs: Sequence[Run]) -> str:
+    """The time axis' label: virtual time if every run is simulated, both if some are."""
+    keys = {time_key(r) for r in runs}
+    if keys == {"virtual_s"}:
+        return "virtual time of the modelled cluster (s)"
+    if keys == {"wall_s", "virtual_s"}:
+        return "time (s): virtual for simulated runs, else training wall time"
+    return "training wall time (s)"
+
+
+def _rates(
+    records: list[dict[str, Any]], counter: str, key: str = "wall_s"
+) -> tuple[list[float], list[float]]:
+    """``(time, rate)`` points of a cumulative ``counter``, each rate over an interval of at
+    least 1/RATE_POINTS of the records' time span (from the run's start); time is ``key``."""
+    pts = [(r[key], r[counter]) for r in records if r.get(counter) is not None and key in r]
     if not pts:
         return [], []
     step = pts[-1][0] / RATE_POINTS
@@ -204,19 +223,21 @@ def _rates(records: list[dict[str, Any]], counter: str) -> tuple[list[float], li
 
 def _plot_metric(runs: Sequence[Run], out: Path, metric: str, x: str) -> Path:
     """Test ``metric`` (and for loss, the training loss dashed) against ``x``."""
-    xlabel = "training wall time (s)" if x == "wall_s" else "examples seen"
-    title = f"{'accuracy' if metric == 'accuracy' else 'loss'} vs {xlabel.split(' (')[0]}"
+    xlabel = time_label(runs) if x == "wall_s" else "examples seen"
+    title = f"{'accuracy' if metric == 'accuracy' else 'loss'} vs "
+    title += "time" if x == "wall_s" else "examples seen"
     fig, ax = _figure(title, xlabel, metric)
     styles = []
     for i, run in enumerate(runs):
         color = _color(i)
         label: str | None = run.label  # one legend entry per run, its colour
-        xs, ys = _points(run.eval, x, metric)
+        key = time_key(run) if x == "wall_s" else x
+        xs, ys = _points(run.eval, key, metric)
         if xs:
             ax.plot(xs, ys, "o-", color=color, label=label)
             label = None
         if metric == "loss":
-            xs, ys = _points(run.train, x, "loss")
+            xs, ys = _points(run.train, key, "loss")
             if xs:
                 ax.plot(xs, ys, "--", color=color, alpha=0.6, label=label)
                 styles = [
@@ -235,12 +256,13 @@ def _color(i: int) -> Any:
 
 
 def _plot_replicas(runs: Sequence[Run], out: Path) -> Path:
-    fig, ax = _figure("examples/s per replica", "training wall time (s)", "examples/s")
+    fig, ax = _figure("examples/s per replica", time_label(runs), "examples/s")
     many = len(runs) > 1
     for i, run in enumerate(runs):
         replicas = sorted({r["replica"] for r in run.replica})
         for j, replica in enumerate(replicas):
-            xs, ys = _rates([r for r in run.replica if r["replica"] == replica], "examples")
+            mine = [r for r in run.replica if r["replica"] == replica]
+            xs, ys = _rates(mine, "examples", time_key(run))
             # one colour per run when overlaying runs, one per replica otherwise
             color = _color(i) if many else f"C{j % 10}"
             if not many:
@@ -280,7 +302,7 @@ def _plot_staleness(runs: Sequence[Run], out: Path) -> Path:
 
 
 def _plot_shards(runs: Sequence[Run], out: Path) -> Path:
-    fig, ax = _figure("updates applied per second, per shard", "training wall time (s)",
+    fig, ax = _figure("updates applied per second, per shard", time_label(runs),
                       "updates/s")  # fmt: skip
     styles = ["-", "--", ":", "-."]
     many = len(runs) > 1
@@ -288,7 +310,8 @@ def _plot_shards(runs: Sequence[Run], out: Path) -> Path:
     for i, run in enumerate(runs):
         for j, k in enumerate(sorted({r["shard"] for r in run.shard})):
             shards.add(k)
-            xs, ys = _rates([r for r in run.shard if r["shard"] == k], "updates_applied")
+            mine = [r for r in run.shard if r["shard"] == k]
+            xs, ys = _rates(mine, "updates_applied", time_key(run))
             # overlaid runs: a colour and one legend entry per run, a line style per shard
             label = (run.label if j == 0 else None) if many else f"shard {k}"
             color = _color(i) if many else f"C{k % 10}"

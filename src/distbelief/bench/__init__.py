@@ -9,7 +9,8 @@ slows a run down). Ratios are *engine / baseline* throughput: 1.0 is parity, hig
 All sides run with one torch intra-op thread (see ``TORCH_THREADS``).
 
 One module per benchmark (its doc says what it compares): ``overhead``, ``scaling``,
-``shard``, ``xor``, ``hogwild``, ``sandblaster``, ``checkpoint``, ``pipeline``;
+``shard``, ``xor``, ``hogwild``, ``sandblaster``, ``checkpoint``, ``pipeline``,
+``model_parallel`` (``--only model-parallel``);
 :mod:`.registry` lists them (the only list), :mod:`.runner` runs them, :mod:`.render` draws
 the table, and :mod:`.baselines` holds what they are measured against (plain PyTorch loops,
 Hogwild, torch's own pipelining), so that ``distbelief bench`` needs nothing outside the

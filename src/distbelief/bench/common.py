@@ -67,6 +67,11 @@ class Sizes:
     cut in the middle)."""
     pipeline_steps: int = 192
     """Mini-batches of 32 in each run of the pipeline benchmark (a multiple of 4)."""
+    model_parallel_width: int = 512
+    """Width W of the model-parallel benchmark's fully connected net (40, W x 4, 16); its
+    locally-connected net is sized to match (``model_parallel.lc_channels``)."""
+    model_parallel_steps: int = 192
+    """Mini-batches of 32 in each timed run of the model-parallel benchmark."""
 
 
 FULL = Sizes(
@@ -90,6 +95,8 @@ QUICK = Sizes(
     checkpoint_every=(10,),
     pipeline_width=64,
     pipeline_steps=24,
+    model_parallel_width=64,
+    model_parallel_steps=24,
 )
 
 

@@ -12,6 +12,11 @@ per 4 micro-batches, so it is compared with ``n_push = 4`` (equal update frequen
 Every run alternates with the others in each repeat; ratios are medians of paired ratios. The
 bytes that cross the cut per step are counted by the runtime (``stats["wire"]``): activations
 forward and their gradient back, ``32 x width x 4`` bytes each, and the targets.
+
+After the timed repeats, 1 stage and 2 stages at the best ``pipeline_depth`` (``n_push`` 1) run
+once more with the runtime's profile on (``runtime_options={"profile": True}``, untimed: it
+costs a few microseconds a message): where each worker's time went (:func:`breakdown`), a row
+per worker.
 """
 
 from __future__ import annotations
@@ -123,7 +128,18 @@ def pipeline(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict
             f"torch {s} {v[-1]:,.0f}" if v[-1] else f"torch {s} failed"
             for s, v in torch_runs.items()
         ))  # fmt: skip
-    return _figures(net, cut, engine, plain, torch_runs, torch_errors, cut_bytes, runnable)
+    out = _figures(net, cut, engine, plain, torch_runs, torch_errors, cut_bytes, runnable)
+    best = out["speedup"][0]["best_depth"] or 1
+    out["profile"] = {}
+    for stages, depth in ((1, 1), (2, best)):
+        extra = {"pipeline_depth": depth} if depth != 1 else {}
+        result = train(
+            mlp(net, seed=seed), data, loss="cross_entropy", lr=LR, batch_size=BATCH,
+            epochs=1, stages=[cut] if stages == 2 else 1, optimizer="sgd", n_fetch=1, n_push=1,
+            seed=seed, runtime="processes", runtime_options={"profile": True}, **extra,
+        )  # fmt: skip
+        out["profile"][label(stages, depth, 1)] = breakdown(result.stats["profile"])
+    return out
 
 
 def _best(samples: list[float | None]) -> int | None:
@@ -223,7 +239,56 @@ def rows(figures: dict[str, Any]) -> list[Row]:
             f"{t['schedule']}, {figures['n_microbatches']} micro-batches of {figures['batch']}",
             _ex(t["distbelief_examples_per_s"]), base, _ratio(t["ratio"]),
         ))  # fmt: skip
+    for config, workers in figures.get("profile", {}).items():
+        for worker, parts in workers.items():
+            out.append((
+                "pipeline", f"profile, {config}: {worker} ({', '.join(parts['hosts'])})",
+                breakdown_text(parts),
+                f"span {parts['span_s']:.2f} s, CPU {parts['cpu_s']:.2f} s, "
+                f"{parts['page_faults']:,} page faults",
+                "",
+            ))  # fmt: skip
     return out
 
 
 BENCHMARK = Benchmark("pipeline", pipeline, rows)
+
+
+CATEGORIES = ("compute", "shards", "data", "actors", "wire", "lock_wait", "idle", "loop")
+"""Where a worker's span goes (:func:`breakdown`)."""
+KIND_CATEGORY = {"Stage": "compute", "ParameterShard": "shards", "DataShard": "data"}
+
+
+def breakdown(profile: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A run's ``stats["profile"]`` (``runtime_options={"profile": True}`` on ``processes``)
+    grouped, per worker, into seconds of its span: ``compute`` (the stages' handlers: the
+    layers' forward and backward passes, and copying fetched values into a stashed version),
+    ``shards`` (the parameter shards' handlers run in this process: fetches and pushes, the
+    update rule), ``data`` (the data shard), ``actors`` (any other), ``wire`` (pickling, slot
+    copies, unpickling), ``lock_wait`` (for a shard's lock), ``idle`` (waiting for mail) and
+    ``loop`` (the rest: the run loop itself); with ``span_s``, ``cpu_s`` (the process's) and
+    ``page_faults`` (the process's over the span)."""
+    out: dict[str, dict[str, Any]] = {}
+    for worker, p in profile.items():
+        if worker == "driver":
+            continue
+        parts = dict.fromkeys(CATEGORIES, 0.0)
+        for actor in p["actors"].values():
+            category = KIND_CATEGORY.get(actor["kind"], "actors")
+            parts[category] += sum(t["wall_s"] for t in actor["handlers"].values())
+        parts["wire"] = p["send"]["wall_s"] + p["receive"]["wall_s"]
+        parts["lock_wait"] = p["lock_wait"]["wall_s"]
+        parts["idle"] = p["idle"]["wall_s"]
+        parts["loop"] = p["other_s"]
+        out[worker] = {
+            "hosts": p["hosts"], "span_s": p["span_s"], "cpu_s": p["process_cpu_s"],
+            "page_faults": p["page_faults"],
+            **{k: round(v, 4) for k, v in parts.items()},
+        }  # fmt: skip
+    return out
+
+
+def breakdown_text(parts: dict[str, Any]) -> str:
+    """``"compute 61%, shards 14%, ..."``: a worker's :func:`breakdown` in shares of its span."""
+    span = parts["span_s"] or 1.0
+    return ", ".join(f"{k} {100 * parts[k] / span:.0f}%" for k in CATEGORIES if parts[k] > 0)

@@ -4,12 +4,32 @@ help and the results table follow."""
 
 from __future__ import annotations
 
-from . import checkpoint, hogwild, overhead, pipeline, sandblaster, scaling, shard, xor
+from . import (
+    checkpoint,
+    hogwild,
+    model_parallel,
+    overhead,
+    pipeline,
+    sandblaster,
+    scaling,
+    shard,
+    xor,
+)
 from .common import Benchmark
 
 REGISTRY: tuple[Benchmark, ...] = tuple(
     module.BENCHMARK
-    for module in (overhead, scaling, shard, xor, hogwild, sandblaster, checkpoint, pipeline)
+    for module in (
+        overhead,
+        scaling,
+        shard,
+        xor,
+        hogwild,
+        sandblaster,
+        checkpoint,
+        pipeline,
+        model_parallel,
+    )
 )
 BENCHMARKS: tuple[str, ...] = tuple(b.name for b in REGISTRY)
 """Every benchmark's name, in order (what ``--only`` accepts)."""

@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from ..errors import ActorFailed, DataChanged, Deadlock, RunStopped, RunTimeout, TrainingDiverged
-from . import tools, training  # noqa: F401  (each registers its commands with the app)
+from . import experiment, tools, training  # noqa: F401  (each registers its commands with the app)
 from .app import INTERRUPTED, RUN_ERROR, USAGE_ERROR, Interrupted, UsageFailure, app, strict_json
 from .options import arrange_help
 

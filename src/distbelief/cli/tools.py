@@ -81,3 +81,51 @@ def report_command(
         raise UsageFailure(str(exc).replace("run_dir:", "run-dir:", 1)) from None
     for path in files:
         print(path)
+
+
+@app.command("calibrate")
+@prose
+def calibrate_command(
+    runtime: Annotated[
+        str,
+        _opt("The runtime the cluster file models: local, processes (the default) or ray."),
+    ] = "processes",
+    out: Annotated[str, _opt("Where to write the cluster file (default: cluster.toml).")] = (
+        "cluster.toml"
+    ),
+    quick: Annotated[bool, typer.Option("--quick", help="Few repeats (a smoke test).")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the measured figures as one JSON object.")
+    ] = False,
+) -> None:
+    """Measure this machine (a core's FLOP/s on the MNIST-1D MLP's layers, a tensor copy's
+    cost per element, the handlers' cost per message, each runtime's seconds per message and
+    the loopback's bandwidth) and write a cluster file for `distbelief train --runtime
+    simulated --cluster FILE`.
+
+    A separate command, not a `bench` entry: it writes a file the simulator reads, where a
+    benchmark compares distbelief with a baseline."""
+    from ..bench import calibrate
+
+    if runtime not in calibrate.RUNTIMES:
+        raise UsageFailure(
+            f"runtime: must be one of {', '.join(calibrate.RUNTIMES)}, got {runtime!r}"
+        )
+    console = Console(stderr=True)
+    runtimes = ("local",) if runtime == "local" else ("local", runtime)
+    figures = calibrate.measure(
+        runtimes, quick=quick, log=None if as_json else lambda m: console.print(m, style="dim")
+    )
+    options = calibrate.cluster_for(runtime, figures)
+    comment = f"distbelief calibrate --runtime {runtime}: this machine, measured\n" + "\n".join(
+        f"{name}: {entry}" for name, entry in figures["runtimes"].items()
+    )
+    try:
+        with open(out, "w") as f:
+            f.write(calibrate.to_toml(options, comment))
+    except OSError as exc:
+        raise UsageFailure(f"out: cannot write {out!r}: {exc.strerror}") from None
+    if as_json:
+        print(json.dumps({**figures, "cluster": options, "out": out}))
+    else:
+        print(out)

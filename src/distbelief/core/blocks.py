@@ -21,7 +21,8 @@ split axis with another costs nothing; the next split layer's input is rebuilt f
 that logical shape. Layers before the stage's first split layer see the stage's whole input and
 run in every block. Any other layer is a :class:`ConfigError` naming it and its type.
 
-:func:`plan_split` makes the plan of a stage. The block-level functions are what a partition
+:func:`plan_split` makes the plan of a stage; :func:`crossing_bytes` counts what crosses
+between its blocks per training step. The block-level functions are what a partition
 actor calls: :func:`strip_of_whole`, :func:`pieces_to_send`, :func:`assemble_strip`,
 :func:`block_forward`, :func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
 :func:`run_blocks` runs them all in one process (the reference the actors follow, and the
@@ -191,6 +192,18 @@ class StagePlan:
         """Elements per example that cross between blocks in one forward pass (as many
         gradients cross back in the backward pass): the transfers between different blocks."""
         return sum(t.elements for layer in self.layers for t in layer.transfers if t.src != t.dst)
+
+
+def crossing_bytes(plan: StagePlan, batch: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes that cross between a stage's blocks in one training step on a mini-batch of
+    ``batch`` examples: every transfer between different blocks carries its activations forward
+    and their gradient back, ``2 x crossing_elements() x batch x dtype's size``. Counted from
+    the plan, not measured. Not counted: the stage's input, which every block of a stage
+    receives whole, and its output, which goes to the next stage (or the loss) as pieces."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch: must be an integer >= 1, got {batch!r}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * plan.crossing_elements() * batch * itemsize
 
 
 def _layer_name(index: int, layer: nn.Module) -> str:

@@ -76,14 +76,21 @@ class ProcessesOptions:
     """Torch intra-op threads per worker; 0 leaves torch's."""
     faults: Any = None
     """A fault plan (:mod:`.faults`); a tuple of ``Fault`` and ``Delay`` once parsed."""
-    max_restarts: int = 0
-    """Accepted for the other runtimes' sake: nothing is restarted here."""
+    max_restarts: int = 5
+    """Restarts allowed per actor."""
     shard_updates: str = "locked"
-    """``"locked"``: a shared shard applies one push at a time; ``"hogwild"``: at once."""
+    """``"locked"``: a shared shard applies one push at a time (to each segment);
+    ``"hogwild"``: at once."""
     tap: Tap | None = None
     """Sees every message, in the process that hosts its receiver (see :data:`Tap`)."""
+    profile: bool = False
+    """Time every handler and the wire in each process: ``stats["profile"]`` (runtime/profile)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.profile, bool):
+            raise ConfigError(
+                f"runtime_options: profile must be True or False, got {self.profile!r}"
+            )
         if self.shard_updates not in SHARD_UPDATES:
             raise ConfigError(
                 f"runtime_options: shard_updates must be one of {', '.join(SHARD_UPDATES)}, "

@@ -44,11 +44,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from ..errors import ConfigError, Deadlock, RunTimeout
+from ..storage.runlog import set_virtual_clock
 from . import faults as fault_plans
 from .base import DRIVER, Actor, StopFlag
 from .local import BATCH, LocalRef, LocalRuntime, _Cell
 from .options import SimulatedOptions, parse
-from .ray.placement import plan_placement
 from .runqueue import Cell, RunQueue, handle
 from .supervise import Supervisor
 
@@ -76,8 +76,9 @@ def read_cluster(path: str | os.PathLike) -> dict[str, Any]:
 
 
 class _FlopCounter(TorchDispatchMode):
-    """Counts the FLOPs of the matrix products and convolutions run under it (forward and
-    backward), by torch's own formulas from the shapes: deterministic."""
+    """Counts the FLOPs of the matrix products and convolutions run under it, by torch's own
+    formulas from the shapes: deterministic. Used once per layer kind and shape (see
+    :class:`LayerFlops`), on meta tensors."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -92,12 +93,105 @@ class _FlopCounter(TorchDispatchMode):
         return out
 
 
+_LAYER_FLOPS: dict[tuple, int] = {}
+"""Forward FLOPs of a layer, by (class, its own parameters' shapes, its settings, its inputs'
+shapes): a pure function of the key, so one cache serves every run."""
+
+_measuring = False  # a layer's meta run is under way: the hooks ignore its module calls
+
+
+def _shape_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_key(v) for v in value)
+    return type(value).__name__
+
+
+def _to_meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_meta(v) for v in value)
+    return value
+
+
+def layer_flops(module: torch.nn.Module, inputs: tuple) -> int:
+    """Forward FLOPs of ``module`` (a layer: a module without submodules) on ``inputs``: the
+    matrix products and convolutions it runs, by torch's formulas, counted once per layer kind
+    and shape on meta tensors (no arithmetic) and cached."""
+    own = tuple((n, tuple(p.shape), p.dtype) for n, p in module.named_parameters(recurse=False))
+    key = (type(module), own, module.extra_repr(), _shape_key(inputs))
+    flops = _LAYER_FLOPS.get(key)
+    if flops is None:
+        global _measuring
+        state = {n: _to_meta(t) for n, t in module.state_dict(keep_vars=True).items()}
+        counter = _FlopCounter()
+        _measuring = True
+        try:
+            with torch.no_grad(), counter:
+                torch.func.functional_call(module, state, _to_meta(inputs))
+            flops = counter.flops
+        except Exception:  # a layer that cannot run on meta tensors: counted as no FLOPs
+            flops = 0
+        finally:
+            _measuring = False
+        _LAYER_FLOPS[key] = flops
+    return flops
+
+
+class LayerFlops:
+    """Counts the FLOPs of the layers a handler runs forward (:func:`layer_flops`), and of
+    their backward when it runs (a gradient for the weights and one for the input, each as
+    many FLOPs as the forward: the rule of matrix-product layers), in whichever handler runs
+    it (a pipelined stage's backward comes in a later message). Only layers are counted, by a
+    hook on module calls (a few per step), never each torch op: a dispatch mode over every op
+    cost several times the handler's own arithmetic. One per runtime; :meth:`take` reads and
+    resets the count of the handler that just ran."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+        self._hook: Any = None
+
+    def __enter__(self) -> LayerFlops:
+        self._hook = torch.nn.modules.module.register_module_forward_hook(self._forward)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hook.remove()
+
+    def take(self) -> int:
+        flops, self.flops = self.flops, 0
+        return flops
+
+    def _forward(self, module: torch.nn.Module, inputs: tuple, out: Any) -> None:
+        if _measuring or next(iter(module.children()), None) is not None:
+            return  # a layer's meta run, or a container (its layers count themselves)
+        flops = layer_flops(module, inputs)
+        if not flops:
+            return
+        self.flops += flops
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            weights = any(p.requires_grad for p in module.parameters(recurse=False))
+            needs_input = any(isinstance(i, torch.Tensor) and i.requires_grad for i in inputs)
+            backward = flops * (int(weights) + int(needs_input))
+            if backward:
+                out.register_hook(lambda grad: self._add(backward))
+
+    def _add(self, flops: int) -> None:
+        self.flops += flops
+
+
 _FIELDS: dict[type, tuple[str, ...]] = {}
+_SCALARS = frozenset({int, float, bool, str, bytes, complex, type(None)})
 
 
 def tensor_size(message: Any, depth: int = 3) -> tuple[int, int]:
     """``(bytes, elements)`` of the tensors a message carries: in its fields, and in tuples,
     lists and dicts among them (``depth`` levels deep)."""
+    kind = type(message)
+    if kind in _SCALARS:
+        return 0, 0
     if isinstance(message, torch.Tensor):
         return message.nbytes, message.numel()
     if depth == 0:
@@ -107,27 +201,40 @@ def tensor_size(message: Any, depth: int = 3) -> tuple[int, int]:
     elif isinstance(message, dict):
         items = message.values()
     else:
-        kind = type(message)
         names = _FIELDS.get(kind)
         if names is None:
             names = (
                 tuple(f.name for f in dataclasses.fields(message))
-                if dataclasses.is_dataclass(message)
+                if dataclasses.is_dataclass(message) and not isinstance(message, type)
                 else ()
             )
             _FIELDS[kind] = names
-        items = (getattr(message, n, None) for n in names)
+        if not names:
+            return 0, 0
+        items = [getattr(message, n, None) for n in names]
     nbytes = elements = 0
     for item in items:
-        if (
-            isinstance(item, (torch.Tensor, tuple, list, dict))
-            or type(item) in _FIELDS
-            or (dataclasses.is_dataclass(item) and not isinstance(item, type))
-        ):
+        if type(item) not in _SCALARS:
             b, e = tensor_size(item, depth - 1)
             nbytes += b
             elements += e
     return nbytes, elements
+
+
+def _holds_module(value: Any, depth: int) -> bool:
+    """Whether ``value`` is a module or holds one in its attributes, or in the lists, tuples
+    and dicts among them (``depth`` levels deep)."""
+    if isinstance(value, torch.nn.Module):
+        return True
+    if depth == 0 or type(value) in _SCALARS or isinstance(value, (torch.Tensor, type)):
+        return False
+    if isinstance(value, (list, tuple)):
+        items: Any = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        items = getattr(value, "__dict__", {}).values()
+    return any(_holds_module(v, depth - 1) for v in items)
 
 
 class _VirtualQueue(RunQueue):
@@ -188,6 +295,10 @@ class SimulatedRuntime(LocalRuntime):
         self._pins: dict[str, int] = {}
         self._used_pins: set[str] = set()
         self._checked = False
+        self._layers = LayerFlops()
+        self._groups: dict[str, int] = {}  # placement: each group's number
+        self._lone = 0  # placement: actors without a group placed so far
+        self._layered: dict[str, tuple[Actor, bool]] = {}
 
     # ---------------------------------------------------------------- actors
 
@@ -201,19 +312,30 @@ class SimulatedRuntime(LocalRuntime):
 
     def _place(self, name: str) -> int:
         """The machine of a new actor: pinned by the placement map (its name, else its
-        replica's prefix), else by the Ray runtime's rule over machines m0, m1, ..."""
+        replica's prefix), else by the Ray runtime's rule (``ray.placement.plan_placement``)
+        over machines m0, m1, ...: members of group g (``replica3.stage1``: group replica3,
+        numbered in order of first appearance) on machines (g + member) % N, every other actor
+        round-robin in spawn order. Kept incrementally here: 2,000 replicas' actors asked
+        the planner, with every actor placed before, in quadratic time."""
+        if name in self._machine:
+            return self._machine[name]  # respawned: where it was
+        group, dot, member = name.rpartition(".")
+        machines = self.options.machines
+        if dot:
+            g = self._groups.setdefault(group, len(self._groups))
+            digits = "".join(c for c in member if c.isdigit())
+            spread = (g + (int(digits) if digits else 0)) % machines
+        else:
+            spread = self._lone % machines
+            self._lone += 1
         placement = self.options.placement
         if isinstance(placement, dict):
             key = name if name in placement else name.rpartition(".")[0]
             if key in placement:
                 self._used_pins.add(key)
                 return placement[key]
-            strategy = "spread"
-        else:
-            strategy = placement
-        nodes = [str(m) for m in range(self.options.machines)]
-        taken = {n: str(m) for n, m in self._machine.items()}
-        return int(plan_placement([name], nodes, strategy, taken=taken)[name])
+            return spread
+        return 0 if placement == "pack" else spread
 
     def _handlers(self, name: str, actor: Actor) -> dict[type, Any]:
         return actor.bound_handlers()  # a planned delay is virtual time here (see _start)
@@ -315,11 +437,13 @@ class SimulatedRuntime(LocalRuntime):
         self._outbox, self._sender = [], cell.name
         try:
             if o.compute == "modelled":
-                counter = _FlopCounter()
-                with counter:
+                if self._runs_layers(cell):
+                    with self._layers:
+                        handle(cell, message, sender)
+                else:
                     handle(cell, message, sender)
                 elements = tensor_size(message)[1]
-                flops = counter.flops + o.flops_per_element * elements
+                flops = self._layers.take() + o.flops_per_element * elements
                 cost = o.message_s + flops / o.core_flops
             else:
                 t0 = time.thread_time()
@@ -335,6 +459,16 @@ class SimulatedRuntime(LocalRuntime):
         self._core_s[m] += cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
+
+    def _runs_layers(self, cell: _Cell) -> bool:
+        """Whether ``cell``'s actor holds a module (in its attributes, or theirs), so that its
+        handlers may run layers: only those are watched (a parameter shard never is)."""
+        known = self._layered.get(cell.name)
+        if known is not None and known[0] is cell.actor:
+            return known[1]
+        found = _holds_module(cell.actor, 5)
+        self._layered[cell.name] = (cell.actor, found)
+        return found
 
     def _done(self, t: float, cell: _Cell, sends: list, m: int) -> None:
         self._free[m] += 1
@@ -363,6 +497,7 @@ class SimulatedRuntime(LocalRuntime):
         if not self._checked:
             self._check_placement()
             self._checked = True
+            set_virtual_clock(lambda: self.now)  # the run log's records get virtual_s
         yield from super().converse(ref, message, timeout=timeout)
 
     def _check_placement(self) -> None:
@@ -395,6 +530,11 @@ class SimulatedRuntime(LocalRuntime):
                 self._step()
                 if inbox or not events:
                     break
+
+    @property
+    def delivered_messages(self) -> int:
+        """Messages handed to actors so far."""
+        return self._queue.delivered
 
     def queued(self) -> int:
         """Messages waiting in mailboxes or on their way now, the driver's included."""
@@ -442,6 +582,7 @@ class SimulatedRuntime(LocalRuntime):
         }
 
     def shutdown(self) -> None:
+        set_virtual_clock(None)
         super().shutdown()
         self._events.clear()
         for ready in self._ready:

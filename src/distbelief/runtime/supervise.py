@@ -1,4 +1,5 @@
-"""Restart and replay, as the runtimes that supervise their actors (``local`` and ``ray``) do it.
+"""Restart and replay, as every runtime that supervises its actors (``local``, ``processes``,
+``ray``) does it.
 
 An actor that dies is respawned from its constructor arguments if its class is ``restartable``
 and it has restarts left (``max_restarts`` per actor); what the driver told it before the run
@@ -42,13 +43,16 @@ class Supervisor:
         respawn: Callable[[], None],
         send: Callable[[Any, Any], None],
         settle: Callable[[], None] | None = None,
+        replay_wiring: bool = True,
     ) -> None:
         """Restart the dead actor ``name`` (whose ref, the same before and after, is ``ref``).
 
         ``refuse(why, count)`` builds the error that ends the run when it may not restart
         (``why``: "not restartable" or "no restarts left"; ``count``: its deaths so far);
         ``respawn()`` builds its new incarnation; ``send(ref, message)`` sends from the driver;
-        ``settle()``, if given, waits until the replayed wiring is handled.
+        ``settle()``, if given, waits until the replayed wiring is handled;
+        ``replay_wiring=False``: ``respawn()`` gave the new incarnation its wiring itself (a
+        runtime whose new incarnation must have it before any other actor's message).
         """
         count = self.restarts.get(name, 0) + 1
         if not restartable:
@@ -57,7 +61,7 @@ class Supervisor:
             raise refuse("no restarts left", count)
         self.restarts[name] = count
         respawn()
-        for message in self.told.get(name, ()):  # its wiring, as first sent
+        for message in self.told.get(name, ()) if replay_wiring else ():  # as first sent
             send(ref, message)
         if settle is not None:
             settle()

@@ -8,7 +8,9 @@ one folder per run (``runs/<name>/``):
   ``replica`` (per replica: step, examples, loss, examples/s), ``shard`` (per shard: updates
   applied and their rate, the staleness histogram), ``eval`` (examples seen, wall time, loss,
   accuracy), ``end`` (status and the final stats). Every record has ``wall_s``, seconds of
-  training since the start (evaluation pauses excluded, as in the result's history).
+  training since the start (evaluation pauses excluded, as in the result's history); a run on
+  the simulated runtime's records also have ``virtual_s``, the modelled cluster's seconds
+  (:func:`set_virtual_clock`).
 - ``config.toml``: the resolved configuration, loadable back with ``distbelief train --config``.
 - TensorBoard event files with the same scalars (``tensorboard --logdir runs``), written by
   ``torch.utils.tensorboard``'s ``SummaryWriter``, with the examples seen as the step.
@@ -27,7 +29,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -48,6 +50,18 @@ takes the GIL from training): 3-4% of examples/s, against under 1% for all the J
 TensorBoard's own writer flushes to disk every 120 s by default, so nothing is seen later."""
 
 
+_virtual_clock: Callable[[], float] | None = None
+
+
+def set_virtual_clock(clock: Callable[[], float] | None) -> None:
+    """The virtual clock of a simulated run, set by its runtime while it runs (None after):
+    every record written meanwhile has ``virtual_s`` beside ``wall_s``, the modelled cluster's
+    seconds when the record's report reached the driver, which ``distbelief report`` then uses
+    as its time axis."""
+    global _virtual_clock
+    _virtual_clock = clock
+
+
 def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     """``runs/<name>-<YYYYmmdd-HHMMSS>`` (local time), with ``-2``, ``-3``... if taken."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -59,12 +73,14 @@ def default_run_dir(name: str, root: str | os.PathLike = "runs") -> Path:
     return path
 
 
-def prepare_dir(path: str | os.PathLike, name: str = "run_dir") -> Path:
+def prepare_dir(
+    path: str | os.PathLike, name: str = "run_dir", marker: str = METRICS, holds: str = "a run"
+) -> Path:
     """Create ``path`` (and its parents) and prove it writable, before anything is trained.
 
     Raises ``ConfigError`` starting with ``name`` when a file is in the way, the directory
-    cannot be created or written, or it already holds a run (a second run's lines would mix
-    with the first's in the plots)."""
+    cannot be created or written, or it already holds ``holds`` (its file ``marker``: a second
+    run's lines would mix with the first's in the plots)."""
     p = Path(path)
     try:
         p.mkdir(parents=True)
@@ -75,9 +91,9 @@ def prepare_dir(path: str | os.PathLike, name: str = "run_dir") -> Path:
         raise ConfigError(f"{name}: cannot create {str(p)!r}: a file is in the way") from None
     except OSError as exc:
         raise ConfigError(f"{name}: cannot create {str(p)!r}: {exc.strerror or exc}") from None
-    if (p / METRICS).exists():
+    if (p / marker).exists():
         raise ConfigError(
-            f"{name}: {str(p)!r} already holds a run ({METRICS}); choose another directory"
+            f"{name}: {str(p)!r} already holds {holds} ({marker}); choose another directory"
         )
     probe = p / f".distbelief-probe-{os.getpid()}"
     try:
@@ -298,6 +314,9 @@ class RunLog:
     def finish(self, stats: Mapping[str, Any], final_eval: Mapping[str, Any] | None) -> None:
         """Log the final evaluation and the end record; close the files."""
         if final_eval is not None:
+            if stats.get("virtual_s") is not None and "virtual_s" not in final_eval:
+                # a simulated run's final evaluation: at its virtual end (the clock is gone)
+                final_eval = {**final_eval, "virtual_s": stats["virtual_s"]}
             self.evaluation(final_eval, final=True)
         self.close("done", stats)
 
@@ -332,6 +351,8 @@ class RunLog:
 
     def _record(self, record: dict[str, Any]) -> None:
         assert self._file is not None
+        if _virtual_clock is not None and "wall_s" in record:
+            record["virtual_s"] = _virtual_clock()
         # One line per record, flushed: a run that dies leaves every line written so far.
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()

@@ -180,7 +180,11 @@ class ParameterShard(Actor):
     fetch copies without it, as Hogwild (Recht et al., 2011) reads and writes shared
     parameters: pushes from two processes may interleave element by element, and a fetch may
     see a push half applied. It removes the wait for the lock, the bulk of what a second core
-    costs when replicas share a shard.
+    costs when replicas share a shard. A lock that offers ``sibling(name)`` (the ``processes``
+    runtime's) gives each segment a lock of its own: a fetch or an update of one segment takes
+    that one (and the shard's around the counters, briefly), so stages of a pipelined replica
+    that fetch and push different segments of one shard at once do not wait for each other;
+    what reads or restores every segment takes every lock, the segments' first.
 
     Restartable: a runtime may respawn a dead shard from its constructor arguments (its
     initial values). The respawned shard holds back every message until the master's
@@ -243,6 +247,7 @@ class ParameterShard(Actor):
         # Held around every read or change of the state above: a no-op where one thread
         # runs the shard, a lock across processes once shared (share_memory).
         self._lock: AbstractContextManager[Any] = contextlib.nullcontext()
+        self._segment_locks: dict[int, AbstractContextManager[Any]] = {}  # stage -> its own
         self._hogwild = False
         # A restarted shard's held-back messages (handler, message, sender), until restored.
         self._held_back: list[tuple[Callable, Any, Any]] | None = None
@@ -272,9 +277,22 @@ class ParameterShard(Actor):
         out[StatsRequest] = handlers[StatsRequest]
         return out
 
+    def _locked(self, stage: int) -> AbstractContextManager[Any]:
+        """The lock of segment ``stage``'s values, version and update rule state."""
+        return self._segment_locks.get(stage, self._lock)
+
+    @contextlib.contextmanager
+    def _all_locked(self) -> Any:
+        """Every lock: the segments' in order, then the shard's (the order a push takes them)."""
+        with contextlib.ExitStack() as stack:
+            for stage in sorted(self._segment_locks):
+                stack.enter_context(self._segment_locks[stage])
+            stack.enter_context(self._lock)
+            yield
+
     @receives(RestoreShard)
     def on_restore_shard(self, msg: RestoreShard, sender: object) -> None:
-        with self._lock:
+        with self._all_locked():
             for stage, held in self.held.items():
                 values = msg.values.get(stage)
                 if values is not None:
@@ -300,6 +318,9 @@ class ParameterShard(Actor):
         self._copies = {}
         self._lock = lock
         self._hogwild = hogwild
+        sibling = getattr(lock, "sibling", None)
+        if sibling is not None and len(self.held) > 1:
+            self._segment_locks = {stage: sibling(f"segment {stage}") for stage in self.held}
 
     @property
     def updates_applied(self) -> int:
@@ -327,8 +348,8 @@ class ParameterShard(Actor):
 
     def export_state(self) -> ShardState:
         """Everything needed to carry on from here: a copy of the slice, each segment's update
-        rule state and version (keyed by stage), and the counters. Takes the shard's lock."""
-        with self._lock:
+        rule state and version (keyed by stage), and the counters. Takes the shard's locks."""
+        with self._all_locked():
             applied, rejected, staleness_sum, staleness_max = (int(c) for c in self._counts)
             weights = self.weights
             optimizer = {stage: held.optimizer_state() for stage, held in self.held.items()}
@@ -385,7 +406,7 @@ class ParameterShard(Actor):
             values, version = held.values, held.version
         else:  # shared memory: the stage's own copy, which only its next fetch changes
             values = self._copies.get((msg.replica, msg.stage))
-            with self._lock if not self._hogwild else _UNLOCKED:
+            with self._locked(msg.stage) if not self._hogwild else _UNLOCKED:
                 version = held.version
                 if values is None:
                     values = self._copies[msg.replica, msg.stage] = held.values.clone()
@@ -400,10 +421,12 @@ class ParameterShard(Actor):
             held.readers.discard(msg.replica)
         ok = finite(msg.grads)  # the message alone: outside the lock
         counts = self._counts
-        with self._lock:
-            if not ok:
+        if not ok:
+            with self._lock:
                 counts[1] += 1  # a NaN/Inf push would poison every replica: drop it
-                return
+            return
+        segment = self._locked(msg.stage)
+        with segment:
             # Clamped: a push fetched from a shard's earlier life may quote more than a
             # restore found (a copy newer than every copy left, lost with the shard).
             staleness = held.version - msg.fetched_version
@@ -413,11 +436,12 @@ class ParameterShard(Actor):
                 held.count_update()  # claimed here, applied below without the lock
             else:
                 held.apply(msg.grads)
-            counts[0] += 1
-            counts[2] += staleness
-            if staleness > counts[3]:
-                counts[3] = staleness
-            self._staleness[min(staleness, STALENESS_BUCKETS - 1)] += 1
+            with self._lock if segment is not self._lock else _UNLOCKED:
+                counts[0] += 1
+                counts[2] += staleness
+                if staleness > counts[3]:
+                    counts[3] = staleness
+                self._staleness[min(staleness, STALENESS_BUCKETS - 1)] += 1
         if self._hogwild:
             held.step(msg.grads)
 
@@ -428,7 +452,7 @@ class ParameterShard(Actor):
 
     @receives(Snapshot)
     def on_snapshot(self, msg: Snapshot, sender: object) -> None:
-        with self._lock:
+        with self._all_locked():
             weights, stats = self.weights, self.stats()
         self.ctx.tell(sender, ShardSnapshot(self.index, msg.tag, weights, stats))
 

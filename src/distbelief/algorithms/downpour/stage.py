@@ -62,11 +62,13 @@ class Stage(Actor):
     weights**: each backward pass (the parameters' gradients and the input's) uses exactly
     the parameter values its own forward pass used, and a fetch that lands in between applies
     from the next forward on. Every fetch (and every local step) makes a fresh version of the
-    parameters rather than writing into the last one: the fetched values are copied into a new
-    flat tensor, the forward runs on it (``torch.func.functional_call``), and each waiting
-    forward keeps a reference to its version, which nothing writes into again; a version is
-    freed with the last forward that used it. So no parameter is read in place from lent
-    values, and a push says it is done reading whenever no fetch of its shard is on its way.
+    parameters rather than writing into the last one: the fetched values are copied into a
+    flat tensor of its own (a retired version's, reused), the forward runs on it (its tensors
+    put in the module's place for the call, as ``torch.func.functional_call`` does), and each
+    waiting forward keeps a reference to its version, which nothing writes into again; a
+    version is retired with the last forward that used it. So no parameter is read in place
+    from lent values, and a push says it is done reading whenever no fetch of its shard is on
+    its way.
     A push records the version the oldest of its forwards used. Forwards that arrive while a
     fetch is on its way wait for it and take its values; with ``n_fetch > 1`` the fetch for
     step k is issued ahead, right after the forward of step k - 1.
@@ -132,6 +134,7 @@ class Stage(Actor):
         self.n_push = n_push
         self.local_lr = local_lr
         self.accrued: tuple[torch.Tensor, ...] | None = None  # per parameter, since the last push
+        self.accrued_own = False  # ``accrued`` is this stage's to add into (not autograd's)
         self.accrued_steps = 0
         self.fetched = False  # a new (or restarted) stage fetches before its first forward
         self.pending: list[Forward] = []  # forwards waiting for fetch replies, in order
@@ -150,11 +153,19 @@ class Stage(Actor):
         if [id(p) for _, p in named] != [id(p) for p in self.params]:  # pragma: no cover
             raise ValueError("the stage's parameters are not in the module's order")
         self.names = [name for name, _ in named]
+        # Where each parameter sits (module, attribute), to run a forward on a version by
+        # putting its tensors there for the call: cheaper than functional_call, which a
+        # module whose parameters are shared under two names still takes (it ties them).
+        tied = len(list(self.module.named_parameters(remove_duplicate=False))) != len(named)
+        self.slots = None if tied else [_slot(self.module, name) for name in self.names]
         if sum(hi - lo for _, lo, hi in self.segments) != self.weights.numel():
             raise ValueError("the stage's segments do not cover its parameters")  # pragma: no cover
         self.trainable_index = [i for i, p in enumerate(self.params) if p.requires_grad]
         # The version the next forward uses: one tensor per parameter, never written into.
         self.current = self._version_of(self.weights.detach().clone())
+        # Flat tensors of versions no forward uses any more, for the next fetches to fill: a
+        # fresh one per fetch costs more than the copy into it (new pages, cold cache).
+        self.spare: list[torch.Tensor] = []
         self.incoming: torch.Tensor | None = None  # the version the fetch on its way fills
         self.incoming_versions: dict[int, int] = {}
         # step -> (input, output, the parameters its forward used, their versions)
@@ -169,7 +180,19 @@ class Stage(Actor):
             leaf = flat[offset : offset + k].view_as(p).detach()
             out.append(leaf.requires_grad_(p.requires_grad))
             offset += k
-        return tuple(out)
+        version = _Version(out)
+        version.flat = flat
+        return version
+
+    def _retire(self, version: tuple[torch.Tensor, ...]) -> None:
+        """``version`` is neither the current one nor used by a waiting forward: its flat
+        tensor may be filled by a later fetch (a version a local step made has none)."""
+        if version is self.current or any(w[2] is version for w in self.waiting.values()):
+            return
+        flat = getattr(version, "flat", None)
+        if flat is not None and len(self.spare) <= len(self.waiting):
+            version.flat = None
+            self.spare.append(flat)
 
     @receives(ConnectStage)
     def on_connect(self, msg: ConnectStage, sender: object) -> None:
@@ -206,7 +229,7 @@ class Stage(Actor):
         self.fetched = True
         self.fetching = {shard for shard, _, _ in self.segments}
         if self.stash:  # a new version, which the replies fill
-            self.incoming = torch.empty_like(self.weights)
+            self.incoming = self.spare.pop() if self.spare else torch.empty_like(self.weights)
             self.incoming_versions = {}
         for shard, _, _ in self.segments:
             self.ctx.tell(self.shards[shard], Fetch(self.replica, self.index))
@@ -238,7 +261,8 @@ class Stage(Actor):
         if self.fetching:
             return
         if self.stash and self.incoming is not None:
-            self.current = self._version_of(self.incoming)
+            old, self.current = self.current, self._version_of(self.incoming)
+            self._retire(old)
             self.versions = {**self.versions, **self.incoming_versions}  # (a new dict: stashed)
             self.incoming = None
         # (a forward may issue the next fetch ahead: the rest then wait for it)
@@ -273,9 +297,11 @@ class Stage(Actor):
     def _forward_stashed(self, msg: Forward, x: torch.Tensor) -> None:
         """The forward on the current version, which the step keeps until its backward."""
         params, versions = self.current, self.versions
-        out = functional_call(
-            self.module, dict(zip(self.names, params)), (x.clone() if self.copy_input else x,)
-        )
+        x_in = x.clone() if self.copy_input else x
+        if self.slots is None:
+            out = functional_call(self.module, dict(zip(self.names, params)), (x_in,))
+        else:
+            out = _call_with(self.module, self.slots, params, x_in)
         if self.next is not None:
             self.waiting[msg.step] = (x, out, params, versions)
             self.ctx.tell(self.next, Forward(msg.step, out.detach(), msg.targets))
@@ -299,6 +325,7 @@ class Stage(Actor):
                 return  # the step was lost with a restarted stage and is being redone
             x, out, params, versions = waiting
             self._backward(msg.step, out, msg.grad, x, msg.loss, params, versions)
+            self._retire(params)
             return
         if self.saved is None or self.saved[0] != msg.step:
             return  # the step was lost with a restarted stage and is being redone
@@ -347,9 +374,15 @@ class Stage(Actor):
                     for p, g in zip(self.params, param_grads):
                         p.add_(g, alpha=-self.local_lr)
             if self.accrued is None:
-                self.accrued = param_grads
-            else:  # out of place: a gradient autograd returned may alias a message's tensor
+                self.accrued, self.accrued_own = param_grads, False
+            elif not self.accrued_own:
+                # Out of place: a gradient autograd returned may alias a message's tensor;
+                # the sum is the stage's own, so later steps add into it (the same values).
                 self.accrued = tuple(a + g for a, g in zip(self.accrued, param_grads))
+                self.accrued_own = True
+            else:
+                for a, g in zip(self.accrued, param_grads):
+                    a.add_(g)
         if versions is not None:  # the oldest version among the accrued forwards
             old = self.accrued_versions
             self.accrued_versions = (
@@ -443,6 +476,34 @@ class Stage(Actor):
 
     def _done(self) -> None:
         self.ctx.tell(self.data_shard, StageDone(self.index, self._buffers()))
+
+
+def _slot(module: nn.Module, name: str) -> tuple[dict, str]:
+    """The parameter dict of the submodule that holds parameter ``name``, and its key there."""
+    owner, _, attr = name.rpartition(".")
+    return module.get_submodule(owner)._parameters, attr
+
+
+def _call_with(
+    module: nn.Module, slots: list[tuple[dict, str]], params: tuple, x: torch.Tensor
+) -> torch.Tensor:
+    """``module(x)`` with ``params`` in place of its parameters for the call (a stashed
+    version: autograd records these tensors), the parameters put back afterwards."""
+    old = [table[key] for table, key in slots]
+    for (table, key), p in zip(slots, params):
+        table[key] = p
+    try:
+        return module(x)
+    finally:
+        for (table, key), p in zip(slots, old):
+            table[key] = p
+
+
+class _Version(tuple):
+    """A stashed version of a stage's parameters (a leaf tensor each) and ``flat``, the tensor
+    they are views of (None once the flat is handed on for reuse)."""
+
+    flat: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,165 @@
+"""Does the simulated runtime predict what can be measured? Calibrate on this machine
+(``distbelief.bench.calibrate``), then for each case run it for real and on the simulated
+runtime with the calibrated cluster, and compare.
+
+    python benchmarks/simulated_validation.py            # the table (minutes)
+    python benchmarks/simulated_validation.py --quick    # tiny runs, to see it works
+    python benchmarks/simulated_validation.py --json
+
+Cases (MNIST-1D, MLP 40-256-256-10, batch 32, Adagrad at the shards):
+
+- ``processes`` 2 replicas x 1 stage x 1 shard: examples/s and mean staleness;
+- ``local`` 4 replicas x 2 stages x 2 shards: examples/s and mean staleness;
+- a 2-stage pipelined replica (``pipeline_depth`` 2) on ``processes``, 1 shard;
+- Sandblaster (4 replicas, 2 shards, 32 portions, backups) on ``processes`` with replica 3
+  slowed 5x (a planned ``delay`` of four times a portion's modelled compute on every message
+  it handles, the same plan on both sides): seconds per function evaluation.
+
+Each case is paired: the real run and the simulated one from the same seed, ``--repeats``
+times (the real figure is the median; the simulated one is deterministic). The acceptance aim
+is each prediction within 25% of the measurement on a quiet machine. The cluster models a
+runtime as :func:`distbelief.bench.calibrate.cluster_for` says: ``local`` one machine of one
+core; ``processes`` one machine per core, each actor group (replica, stage) on its worker's
+machine, the shard and the master on machine 0 (where ``processes`` applies a push in the
+sender's process, on shared memory: the model's largest simplification).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import distbelief
+from distbelief.bench import calibrate
+from distbelief.data.datasets import mnist1d
+from distbelief.models import mlp
+from distbelief.runtime.simulated import layer_flops  # noqa: F401  (documents the FLOP rule)
+
+WIDTHS = [40, 256, 256, 10]
+
+
+def downpour_case(name, runtime, replicas, stages, shards, depth, epochs, data, figures, place):
+    """One Downpour case: (measured, predicted) examples/s and mean staleness."""
+    args = dict(
+        loss="cross_entropy", lr=0.05, batch_size=32, epochs=epochs, replicas=replicas,
+        stages=stages, shards=shards, optimizer="adagrad", seed=0, eval_every=0,
+    )  # fmt: skip
+    if depth > 1:
+        args["pipeline_depth"] = depth
+    real_options = {"processes": place["workers"]} if runtime == "processes" else {}
+    real = distbelief.train(
+        mlp(WIDTHS), data, runtime=runtime, runtime_options=real_options, **args
+    )
+    cluster = calibrate.cluster_for(runtime, figures)
+    if "placement" in place:
+        cluster["placement"] = place["placement"]
+    sim = distbelief.train(mlp(WIDTHS), data, runtime="simulated", runtime_options=cluster, **args)
+    return {
+        "case": name,
+        "measured": {
+            "examples_per_s": real.stats["examples_per_s"],
+            "staleness_mean": real.stats["staleness_mean"],
+        },
+        "predicted": {
+            "examples_per_s": sim.stats["virtual_examples_per_s"],
+            "staleness_mean": sim.stats["staleness_mean"],
+        },
+    }
+
+
+def sandblaster_case(data, figures, steps):
+    """Sandblaster with replica 3 of 4 slowed 5x: (measured, predicted) s per evaluation."""
+    x, _ = data
+    portions = 32
+    portion = len(x) // portions
+    # A portion's modelled compute (forward and backward of its examples), four times over:
+    # the slowed replica takes five times as long per portion.
+    flops = 3 * sum(2 * portion * a * b for a, b in zip(WIDTHS[:-1], WIDTHS[1:], strict=False))
+    delay_ms = 4 * flops / figures["core_flops"] * 1e3
+    args = dict(
+        loss="cross_entropy", algorithm="sandblaster", seed=0, steps=steps, history=5,
+        replicas=4, shards=2, portions=portions,
+    )  # fmt: skip
+    plan = [f"delay:replica3={delay_ms:.3f}ms"]
+    real = distbelief.train(
+        mlp(WIDTHS), data, runtime="processes", runtime_options={"faults": plan}, **args
+    )
+    cluster = calibrate.cluster_for("processes", figures) | {"faults": plan}
+    sim = distbelief.train(mlp(WIDTHS), data, runtime="simulated", runtime_options=cluster, **args)
+    return {
+        "case": "sandblaster processes, 4 replicas, replica 3 slowed 5x",
+        "measured": {"s_per_eval": real.stats["train_s"] / real.stats["function_evals"]},
+        "predicted": {"s_per_eval": sim.stats["virtual_s"] / sim.stats["function_evals"]},
+    }
+
+
+def cases(quick: bool, figures: dict) -> list:
+    (x, y), _ = mnist1d()
+    if quick:
+        x, y = x[:1024], y[:1024]
+    data = (x, y)
+    epochs = 1 if quick else 3
+    workers = min(2, figures["cores"])
+    by_replica = {"shard0": 0, "master": 0} | {
+        f"{kind}{r}": r % workers for r in range(2) for kind in ("data", "replica")
+    }
+    by_stage = {"shard0": 0, "master": 0, "data0": 0} | {
+        f"replica0.stage{s}": s % workers for s in range(2)
+    }
+    return [
+        lambda: downpour_case(
+            "processes 2 replicas x 1 stage x 1 shard", "processes", 2, 1, 1, 1, epochs, data,
+            figures, {"workers": workers, "placement": by_replica},
+        ),
+        lambda: downpour_case(
+            "local 4 replicas x 2 stages x 2 shards", "local", 4, 2, 2, 1, epochs, data,
+            figures, {},
+        ),
+        lambda: downpour_case(
+            "processes 1 replica x 2 stages, pipeline_depth 2", "processes", 1, 2, 1, 2,
+            epochs, data, figures, {"workers": workers, "placement": by_stage},
+        ),
+        lambda: sandblaster_case(data, figures, 2 if quick else 10),
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    figures = calibrate.measure(("local", "processes"), quick=args.quick)
+    rows = []
+    for case in cases(args.quick, figures):
+        samples = [case() for _ in range(repeats)]
+        row = samples[0]
+        for key in row["measured"]:
+            row["measured"][key] = statistics.median(s["measured"][key] for s in samples)
+        row["ratio"] = {
+            k: row["predicted"][k] / row["measured"][k] if row["measured"][k] else None
+            for k in row["measured"]
+        }
+        rows.append(row)
+        if not args.json:
+            for k in row["measured"]:
+                ratio = row["ratio"][k]
+                print(
+                    f"{row['case']:55} {k:15} measured {row['measured'][k]:10.4g}"
+                    f"  predicted {row['predicted'][k]:10.4g}"
+                    f"  ratio {ratio if ratio is None else round(ratio, 2)}"
+                )
+    out = {"calibration": figures, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

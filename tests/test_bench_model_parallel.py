@@ -1,0 +1,60 @@
+"""``distbelief bench --only model-parallel`` in its tiny (--quick) configuration: every
+comparison is there, its timings finite and positive (not asserted otherwise: a shared
+machine), the counted bytes those of the plans, the plot drawn."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from distbelief import bench
+from distbelief.bench import model_parallel as mp
+
+
+def positive(x: float | None) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[str, Any]:
+    return bench.run(["model-parallel"], quick=True)
+
+
+@pytest.mark.slow
+@pytest.mark.processes
+def test_model_parallel_benchmark_reports_every_comparison(
+    report: dict[str, Any], tmp_path: Path
+) -> None:
+    figures = report["model-parallel"]
+    assert figures["width"] == bench.QUICK.model_parallel_width
+    timed = [(t["net"], t["partitions"]) for t in figures["timed"]]
+    assert timed == [(n, p) for n in mp.NETS for p in mp.TIMED_PARTS]
+    for t in figures["timed"]:
+        assert t["ran"]
+        assert positive(t["baseline_ms_per_batch"])
+        if t["ran"]:
+            assert positive(t["ms_per_batch"]) and positive(t["ratio"])
+    for s in figures["speedup"]:
+        assert s["ran"] and positive(s["ratio"])
+    assert figures["nets"] == mp.counted(figures["width"])  # counted, so reproducible
+    rows = bench.rows(report)
+    assert len(rows) == len(mp.NETS) * (len(mp.TIMED_PARTS) + 1) + len(mp.COUNTED_PARTS)
+    assert all(row[0] == "model-parallel" for row in rows)
+    assert not any("did not run" in row[2] for row in rows)
+    json.dumps(report)
+    md = mp.bytes_markdown(figures).splitlines()
+    assert len(md) == 2 + len(mp.COUNTED_PARTS) and md[2].startswith("| 1 | 0 | 0 |")
+    png = mp.plot_bytes(figures, tmp_path / "bytes.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_parallel_nets_take_mnist1d_shaped_inputs() -> None:
+
+    x, y = mp.examples(8, seed=0)
+    assert x.shape == (8, 40) and int(y.max()) < mp.CLASSES
+    for make in mp.nets(64).values():
+        assert make(0)(x).shape == (8, mp.CLASSES)
