@@ -293,11 +293,9 @@ def test_bad_partitions_are_refused_naming_it(value, message):
                          epochs=1, partitions=value)  # fmt: skip
 
 
-def test_partitions_are_downpours_and_an_integer():
+def test_partitions_is_an_integer():
+    # (Sandblaster takes partitions too: tests/test_sandblaster_split.py)
     data = toy(64, 5)
-    with pytest.raises(ConfigError, match="^partitions: a Downpour option"):
-        distbelief.train(mlp_net(), data, loss="cross_entropy", algorithm="sandblaster",
-                         partitions=2, steps=2)  # fmt: skip
     with pytest.raises(ConfigError, match="^partitions: must be an integer >= 1, got True"):
         distbelief.train(mlp_net(), data, loss="cross_entropy", lr=0.1, batch_size=16,
                          epochs=1, partitions=True)  # fmt: skip

@@ -91,10 +91,10 @@ def train(
     ``pipeline_depth`` (Downpour only, with ``stages`` > 1): mini-batches each replica keeps in
     flight through its stages, each backward pass with the parameters its own forward pass
     used (weight stashing); 1 (default): one at a time (see ``docs/pipelining.md``).
-    ``partitions`` (Downpour only): each stage's layers cut into this many blocks of units,
-    one actor per block, which send each other only what crosses their boundaries (the
-    paper's Figure 1; ``Linear``, ``distbelief.nn.LocallyConnected1d/2d``, element-wise
-    layers, ``Flatten``, ``Unflatten``); 1 (default): one actor per stage (see
+    ``partitions`` (Downpour and Sandblaster, as ``stages``): each stage's layers cut into this
+    many blocks of units, one actor per block, which send each other only what crosses their
+    boundaries (the paper's Figure 1; ``Linear``, ``distbelief.nn.LocallyConnected1d/2d``,
+    element-wise layers, ``Flatten``, ``Unflatten``); 1 (default): one actor per stage (see
     ``docs/partitions.md``).
     ``run_dir`` (a path, or a :class:`RunLog`): write ``metrics.jsonl``, ``config.toml`` and
     TensorBoard event files there (see ``runlog``); None (default) writes nothing.

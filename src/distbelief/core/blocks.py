@@ -393,6 +393,26 @@ def plan_split(layers: Sequence[nn.Module], parts: int, in_shape: Sequence[int])
     return StagePlan(parts, tuple(int(d) for d in in_shape), tuple(plans))
 
 
+def stage_plans(
+    stage_layers: list[list[nn.Module]], parts: int, in_shape: tuple[int, ...]
+) -> list[StagePlan]:
+    """Each stage's layers cut into ``parts`` blocks (:func:`plan_split`), for inputs
+    of per-example shape ``in_shape``: a layer that cannot be split, or with fewer units than
+    blocks, is a ``ConfigError`` naming it (and its stage, with several)."""
+    plans: list[StagePlan] = []
+    shape = in_shape
+    for s, group in enumerate(stage_layers):
+        try:
+            plan = plan_split(group, parts, shape)
+        except ConfigError as exc:
+            if len(stage_layers) == 1:
+                raise
+            raise ConfigError(f"{exc} (in stage {s}: layers numbered within it)") from None
+        plans.append(plan)
+        shape = plan.output.shape
+    return plans
+
+
 # ------------------------------------------------------------- what one block does, per layer
 
 

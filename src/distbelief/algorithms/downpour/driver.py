@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.blocks import StagePlan, plan_split
+from ...core.blocks import StagePlan, stage_plans
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout, Range, Segment
 from ...data.formats import DataFileChanged
@@ -63,26 +63,6 @@ def build_layout(stage_layers: list[list[nn.Module]], shards: int) -> Layout:
     return Layout.build(
         [sum(sizes) for sizes in tensor_sizes], shards, [n for sizes in tensor_sizes for n in sizes]
     )
-
-
-def stage_plans(
-    stage_layers: list[list[nn.Module]], parts: int, in_shape: tuple[int, ...]
-) -> list[StagePlan]:
-    """Each stage's layers cut into ``parts`` blocks (``core.blocks.plan_split``), for inputs
-    of per-example shape ``in_shape``: a layer that cannot be split, or with fewer units than
-    blocks, is a ``ConfigError`` naming it (and its stage, with several)."""
-    plans: list[StagePlan] = []
-    shape = in_shape
-    for s, group in enumerate(stage_layers):
-        try:
-            plan = plan_split(group, parts, shape)
-        except ConfigError as exc:
-            if len(stage_layers) == 1:
-                raise
-            raise ConfigError(f"{exc} (in stage {s}: layers numbered within it)") from None
-        plans.append(plan)
-        shape = plan.output.shape
-    return plans
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,24 @@ from ...settings import (
     Summary,
     check_checkpoints,
     integer,
+    is_int,
     setting,
     validate,
 )
 
 OWNER = "sandblaster"
+
+
+def _stages(name: str, v: Any) -> Any:
+    """A count >= 1 (balanced by parameter count) or split points (a list becomes a tuple), as
+    Downpour's ``stages`` (whose flag and help it shares)."""
+    if isinstance(v, list):
+        v = tuple(v)
+    if not (is_int(v) or isinstance(v, tuple)):
+        raise ConfigError(f"{name}: expected a count or split points, got {v!r}")
+    if is_int(v) and v < 1:
+        raise ConfigError(f"{name}: must be >= 1, got {v}")
+    return int(v) if is_int(v) else v
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,17 @@ class SandblasterConfig:
     )  # fmt: skip
     """Examples per L-BFGS step: None for the whole training set; a number for a fresh batch
     of that size at every step (mini-batch L-BFGS). (Its flag is Downpour's --batch-size.)"""
+    stages: int | tuple[int, ...] = setting(
+        1, owner=OWNER, check=_stages, kind=int, shown=True, neutral=1,
+    )  # fmt: skip
+    """Each replica split by layer into this many stages, one group of actors each (a count,
+    balanced by parameter count, or split points; 1: the replica is one actor). (Its flag is
+    Downpour's --stages.)"""
+    partitions: int = setting(
+        1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1,
+    )  # fmt: skip
+    """Each stage's layers cut into this many blocks of units, one actor each, as Downpour's
+    (see docs/partitions.md). (Its flag is Downpour's --partitions.)"""
     replicas: int = REPLICAS.field()
     """Model replicas computing portions."""
     shards: int = SHARDS.field()
@@ -122,6 +146,12 @@ def _model(s: dict[str, Any]) -> str:
     return f"{shape} ({s['parameters']:,} parameters)"
 
 
+def _layout(s: dict[str, Any]) -> str:
+    stages, parts = s.get("stages", 1), s.get("partitions", 1)
+    split = "" if stages == 1 and parts == 1 else f" x {stages} stages x {parts} partitions"
+    return f"{s['replicas']}{split}, {s['shards']} ({s['runtime']} runtime)"
+
+
 def _batch(s: dict[str, Any]) -> str:
     batch = "all" if s["batch_size"] is None else s["batch_size"]
     return f"{batch}, {s['portions']}, {s['history']}"
@@ -153,7 +183,7 @@ SUMMARY = Summary(
     ),
     rows=(
         ("model", _model),
-        ("replicas, shards", lambda s: f"{s['replicas']}, {s['shards']} ({s['runtime']} runtime)"),
+        ("replicas, shards", _layout),
         ("batch, portions, history", _batch),
         (
             "L-BFGS steps, evaluations",

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.blocks import StagePlan, stage_plans
 from ...core.flat import flatten, parameters_of
-from ...core.layout import Layout, shard_ranges
+from ...core.layout import Layout, Range, shard_ranges
+from ...core.partition import layer_sizes, resolve_split_points, split_layers
 from ...data.inputs import TensorRows
 from ...errors import ConfigError, NothingToTrain, TrainingDiverged
 from ...evaluate import LossFn, assemble
@@ -34,6 +36,8 @@ from .config import SandblasterConfig
 from .coordinator import Coordinator
 from .lbfgs import FINAL_STOPS, Settings
 from .messages import (
+    ConnectPartition,
+    ConnectReplica,
     ConnectSandblaster,
     CoordinatorState,
     SandblasterDone,
@@ -44,8 +48,9 @@ from .messages import (
     VectorSnapshot,
     VectorsRequest,
 )
+from .partition import SandblasterPartition
 from .portions import batch_size_of
-from .replica import SandblasterReplica
+from .replica import ReplicaSplit, SandblasterReplica
 from .shard import SandblasterShard
 
 OPTIONS = ("slow_replicas", "backup_tasks", "duplicate_portions", "eval_steps")
@@ -118,6 +123,29 @@ def build_layout(layers: list[nn.Module], shards: int) -> Layout:
     """Sandblaster's flat space: one stage, ``shards`` slices (as ``shard_ranges`` cuts it)."""
     sizes = [p.numel() for p in parameters_of(layers)]
     return Layout.build([sum(sizes)], shards, sizes)
+
+
+def replica_split(
+    stage_layers: list[list[nn.Module]], partitions: int, in_shape: tuple[int, ...]
+) -> tuple[ReplicaSplit | None, list[StagePlan] | None]:
+    """How each replica is split: None for one stage of one partition (the replica is one
+    actor); else each partition's ranges of the flat space (owner ``stage * partitions +
+    block``, stages laid end to end as the model's layers) and, with partitions, each stage's
+    plan (``core.blocks.stage_plans``: a layer that cannot be split is a ``ConfigError``)."""
+    stages = len(stage_layers)
+    if stages == 1 and partitions == 1:
+        return None, None
+    sizes = [sum(p.numel() for p in parameters_of(group)) for group in stage_layers]
+    starts = [sum(sizes[:s]) for s in range(stages)]
+    owners: list[tuple[Range, ...]] = []
+    plans = stage_plans(stage_layers, partitions, in_shape) if partitions > 1 else None
+    for s in range(stages):
+        if plans is None:
+            owners.append(((starts[s], starts[s] + sizes[s]),) if sizes[s] else ())
+        else:
+            owners.extend(plans[s].block_ranges(starts[s]))
+    output = plans[-1].output if plans is not None else None
+    return ReplicaSplit(stages, partitions, tuple(owners), output), plans
 
 
 def prepare_resume(
@@ -216,6 +244,7 @@ class SandblasterDriver(Driver):
         )
         slow = own.get("slow_replicas", {})
         names = tuple(f"replica{r}" for r in range(config.replicas))
+        split, plans = replica_split(job.stage_layers, config.partitions, tuple(x.shape[1:]))
         replica_refs = tuple(
             rt.spawn(
                 names[r],
@@ -232,8 +261,15 @@ class SandblasterDriver(Driver):
                 config.push_every,
                 float(slow.get(r, 1.0)),
                 rt.single_threaded,
+                split,
             )  # fmt: skip
             for r in range(config.replicas)
+        )
+        # Every actor is spawned before any is told anything (a runtime may start them then).
+        partition_refs = (
+            [self._spawn_partitions(rt, r, split, plans) for r in range(config.replicas)]
+            if split is not None
+            else []
         )
         coordinator = rt.spawn(
             "coordinator",
@@ -253,10 +289,59 @@ class SandblasterDriver(Driver):
         rt.tell(coordinator, wiring)
         for ref in replica_refs:
             rt.tell(ref, wiring)
+        for replica, refs in zip(replica_refs, partition_refs):
+            assert split is not None
+            self._wire_partitions(rt, replica, refs, split)
         self.shard_refs, self.coordinator = shard_refs, coordinator
         self.pending: dict[int, list] = {}  # step -> (wall_s, slices so far), for ``trace``
         self.taking = _Checkpoints(self.checkpointer, len(shard_refs))
         return coordinator
+
+    def _spawn_partitions(
+        self,
+        rt: Runtime,
+        r: int,
+        split: ReplicaSplit,
+        plans: list[StagePlan] | None,
+    ) -> list[Any]:
+        """Replica ``r``'s partitions (``replica<r>.stage<s>.part<b>``), by owner."""
+        S, P = split.stages, split.partitions
+        refs = []
+        for s, group in enumerate(self.job.stage_layers):
+            plan = plans[s] if plans is not None else None
+            before = plans[s - 1].output if plans is not None and s > 0 else None
+            for b in range(P):
+                refs.append(
+                    rt.spawn(
+                        f"replica{r}.stage{s}.part{b}",
+                        SandblasterPartition,
+                        r,
+                        s,
+                        b,
+                        plan,
+                        before,
+                        copy.deepcopy(group),
+                        S,
+                    )  # fmt: skip
+                )
+        return refs
+
+    def _wire_partitions(
+        self, rt: Runtime, replica: Any, refs: list[Any], split: ReplicaSplit
+    ) -> None:
+        """A replica's partitions told each other and their replica, and it them."""
+        S, P = split.stages, split.partitions
+        blocks = [tuple(refs[s * P : (s + 1) * P]) for s in range(S)]
+        for s in range(S):
+            for ref in blocks[s]:
+                wiring = ConnectPartition(
+                    replica,
+                    blocks[s],
+                    blocks[s - 1] if s > 0 else None,
+                    blocks[s + 1] if s + 1 < S else None,
+                )
+                rt.tell(ref, wiring)
+        rt.tell(replica, ConnectReplica(tuple(refs)))
 
     def report(self, report: ProgressReport) -> None:
         """Each step's report: its wall time kept for the history, then passed on."""
@@ -471,10 +556,12 @@ def initial_gradient(
 ) -> tuple[float, torch.Tensor, SandblasterDone]:
     """The loss and gradient the shards assemble from portions for the first batch at the
     model's parameters (a run of ``steps = 0``), and the coordinator's report: what the
-    exactly-once property is tested on."""
+    exactly-once property is tested on (and the split replicas' gradient: ``config.stages``
+    and ``config.partitions`` split them)."""
     layers = list(model)
     dtype = next(model.parameters()).dtype
-    job = Job(config, layers, [layers], dtype, loss_fn, TensorRows(*data))
+    stage_layers = split_layers(layers, resolve_split_points(layer_sizes(layers), config.stages))
+    job = Job(config, layers, stage_layers, dtype, loss_fn, TensorRows(*data))
     vectors: dict[str, torch.Tensor] = {"g": torch.empty(0)}
     done, _ = SandblasterDriver(job, vectors).converse()
     return done.loss, vectors["g"], done

@@ -330,3 +330,138 @@ class Tick:
 
     left: int
     """Turns still to wait."""
+
+
+# ================================================================ a replica split into partitions
+#
+# With stages x partitions > 1 a replica is its own actor (the coordinator's contact: it fetches
+# the point, cuts the portion, takes the loss, holds and pushes the gradient sums) and S x P
+# partition actors, each holding one block of one stage (``core.blocks``). Every message of a
+# portion's pass carries its *ticket*, ``(generation, n)``: the replica's generation (bumped by
+# the coordinator when the replica restarts) and its count of passes started; a partition drops
+# what it holds of an older ticket when a newer one arrives, and ignores an older one's messages.
+# ``step`` is the replica's ``Assign.step`` of the portion (fault plans key on it).
+
+Ticket = tuple[int, int]
+"""``(generation, n)``: one pass of one portion through a split replica (ordered)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectReplica:
+    """Driver -> a split replica: its partitions."""
+
+    partitions: tuple[Any, ...]
+    """Refs of its partitions, by owner ``stage * partitions + block``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectPartition:
+    """Driver -> partition: who the others are."""
+
+    replica: Any
+    """Ref of its replica (the actor the coordinator talks to)."""
+    peers: tuple[Any, ...]
+    """Refs of its stage's partitions, by block."""
+    previous: tuple[Any, ...] | None
+    """Refs of the previous stage's partitions (None: the first stage)."""
+    next: tuple[Any, ...] | None
+    """Refs of the next stage's partitions (None: the last stage)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionWeights:
+    """Replica -> partition: its ranges of the point ``"w"`` of an evaluation, end to end."""
+
+    evaluation: int
+    """The evaluation the point belongs to."""
+    values: torch.Tensor
+    """The partition's parameters (its ranges of the flat space, in order)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionForward:
+    """Replica -> each partition of the first stage: the portion's inputs, all of them."""
+
+    ticket: Ticket
+    step: int
+    evaluation: int
+    """The evaluation whose point the pass uses."""
+    inputs: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInput:
+    """Partition of stage s -> every partition of stage s + 1: its piece of the stage's
+    output (the receiver assembles the whole input from every piece)."""
+
+    ticket: Ticket
+    step: int
+    evaluation: int
+    src: int
+    """The sending block."""
+    piece: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionExchange:
+    """Partition -> another of its stage: the part of its piece the other's strip of a split
+    layer reads (``core.blocks.Transfer``)."""
+
+    ticket: Ticket
+    step: int
+    layer: int
+    """The layer (within the stage) whose input it is."""
+    src: int
+    values: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionExchangeGrad:
+    """Partition -> another of its stage: the gradient of the part of the other's piece it
+    read for ``layer`` (its owner sums what comes back)."""
+
+    ticket: Ticket
+    step: int
+    layer: int
+    src: int
+    grad: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionOutput:
+    """Partition of the last stage -> replica: its piece of the model's output."""
+
+    ticket: Ticket
+    src: int
+    piece: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionGrad:
+    """Replica -> each partition of the last stage (``src`` -1): the gradient of its output
+    piece; partition of stage s + 1 -> each of stage s: its partial gradient of the receiver's
+    piece (the receiver sums one from each)."""
+
+    ticket: Ticket
+    step: int
+    src: int
+    grad: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionParamGrad:
+    """Partition -> replica: the gradient of the portion's loss sum with respect to the
+    partition's parameters (its ranges of the flat space, in order)."""
+
+    ticket: Ticket
+    owner: int
+    """``stage * partitions + block``."""
+    grad: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionRestarted:
+    """Partition -> replica: it was restarted (its point and its pass are lost): send the
+    point again and redo the portion under way."""
+
+    owner: int

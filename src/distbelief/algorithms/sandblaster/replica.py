@@ -1,24 +1,36 @@
-"""SandblasterReplica: one model replica computing gradients of portions for the coordinator."""
+"""SandblasterReplica: one model replica computing gradients of portions for the coordinator,
+alone or, split into stages and partitions, with its partition actors (``partition.py``)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ...core.blocks import Split
 from ...core.flat import bind_to_flat, parameters_of
+from ...core.layout import Range
 from ...runtime.base import Actor, receives
 from .messages import (
     Assign,
+    ConnectReplica,
     ConnectSandblaster,
     FetchPoint,
     Flush,
+    PartitionForward,
+    PartitionGrad,
+    PartitionOutput,
+    PartitionParamGrad,
+    PartitionRestarted,
+    PartitionWeights,
     Point,
     PortionDone,
     PushGradient,
     Tick,
+    Ticket,
     Verdict,
 )
 from .portions import batch_indices, batch_size_of, portion_range
@@ -30,9 +42,24 @@ TICKS_PER_PORTION = 3
 verdict, ...): a replica slowed ``k`` times waits ``(k - 1)`` times this many turns."""
 
 
+@dataclass(frozen=True)
+class ReplicaSplit:
+    """How a replica is split into partitions (``stages`` x ``partitions`` actors)."""
+
+    stages: int
+    partitions: int
+    owners: tuple[tuple[Range, ...], ...]
+    """Per partition, owner ``stage * partitions + block``: its ranges of the flat space."""
+    output: Split | None
+    """How the last stage's output is cut among its partitions (None: one partition)."""
+
+
 class SandblasterReplica(Actor):
-    """The whole model (Sandblaster's replicas are not split into stages here) and the whole
-    training set (a portion may be any replica's: backup tasks, failures).
+    """The whole model and the whole training set (a portion may be any replica's: backup
+    tasks, failures). With ``split`` (stages x partitions > 1) the model's forward and
+    backward passes are its partition actors' (``partition.py``): it sends them the point and
+    the portion's inputs, takes the loss of the output pieces they send, and lays the
+    gradients of their parameters into the flat gradient.
 
     It fetches the point ``"w"`` from the shards once per function evaluation, computes the
     gradient of each portion it is assigned, holds it until the coordinator's verdict (the
@@ -63,6 +90,7 @@ class SandblasterReplica(Actor):
         push_every: int,
         slowdown: float = 1.0,
         single_threaded: bool = True,
+        split: ReplicaSplit | None = None,
     ) -> None:
         self.replica = replica
         self.module = nn.Sequential(*layers).train()
@@ -90,10 +118,30 @@ class SandblasterReplica(Actor):
         self.accrued_portions = 0
         self.accrued_for: tuple[int, int] = (0, 0)  # (evaluation, generation) of the sum
         self._batch: tuple[int, torch.Tensor | None] = (-1, None)
+        # Split into partitions: their refs, the pass under way, what has come back of it.
+        self.split = split
+        self.partitions: tuple = ()
+        self.passes = 0  # passes started by this incarnation (a ticket's second half)
+        self.ticket: Ticket = (-1, -1)
+        self.running: tuple[Assign, torch.Tensor, torch.Tensor, float] | None = None
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.param_grads: dict[int, torch.Tensor] = {}
+        self.loss_sum = 0.0
+        # Frozen parameters' ranges: their gradient is zero, as unsplit (autograd skips them).
+        self.frozen: list[Range] = []
+        offset = 0
+        for p in self.params:
+            if not p.requires_grad:
+                self.frozen.append((offset, offset + p.numel()))
+            offset += p.numel()
 
     @receives(ConnectSandblaster)
     def on_connect(self, msg: ConnectSandblaster, sender: object) -> None:
         self.shards, self.coordinator = msg.shards, msg.coordinator
+
+    @receives(ConnectReplica)
+    def on_connect_replica(self, msg: ConnectReplica, sender: object) -> None:
+        self.partitions = msg.partitions
 
     @receives(Assign)
     def on_assign(self, msg: Assign, sender: object) -> None:
@@ -111,6 +159,9 @@ class SandblasterReplica(Actor):
         lo, hi = self.shard_ranges[msg.shard]
         self.weights[lo:hi].copy_(msg.values)
         self.fetching -= 1
+        if self.fetching == 0 and self.split is not None:
+            for k in range(len(self.partitions)):
+                self._send_point(k)
         if self.fetching == 0 and self.waiting is not None:
             waiting, self.waiting = self.waiting, None
             self._compute(waiting)
@@ -123,14 +174,21 @@ class SandblasterReplica(Actor):
             )
         return self._batch[1]
 
-    def _compute(self, msg: Assign) -> None:
-        t0 = time.perf_counter()
+    def _portion(self, msg: Assign) -> tuple[torch.Tensor, torch.Tensor]:
+        """The portion's examples: inputs and targets."""
         lo, hi = portion_range(self.batch_examples, self.portions, msg.portion)
         order = self._examples(msg.batch)
         if order is None:
-            x, y = self.inputs[lo:hi], self.targets[lo:hi]
-        else:
-            x, y = self.inputs[order[lo:hi]], self.targets[order[lo:hi]]
+            return self.inputs[lo:hi], self.targets[lo:hi]
+        return self.inputs[order[lo:hi]], self.targets[order[lo:hi]]
+
+    def _compute(self, msg: Assign) -> None:
+        t0 = time.perf_counter()
+        x, y = self._portion(msg)
+        if self.split is not None:
+            self.running = (msg, x, y, t0)
+            self._start_pass()
+            return
         # The loss of the portion as a sum over its examples (the loss function averages), so
         # portions add up to the batch's sum whatever their sizes.
         loss = self.loss_fn(self.module(x), y) * len(x)
@@ -144,10 +202,13 @@ class SandblasterReplica(Actor):
                 for p, t in zip(self.params, self.trainable)
             ]
         )
+        self._computed(msg, flat, loss.item(), len(x), t0)
+
+    def _computed(self, msg: Assign, flat: torch.Tensor, loss: float, n: int, t0: float) -> None:
+        """The portion's gradient (of its loss sum) is in: hold it for the verdict and report
+        the loss sum (after the slow-down, if any)."""
         self.held = (msg, flat)
-        done = PortionDone(
-            self.replica, msg.generation, msg.evaluation, msg.portion, loss.item(), len(x)
-        )
+        done = PortionDone(self.replica, msg.generation, msg.evaluation, msg.portion, loss, n)
         self._pending_done = done
         if self.slowdown > 1.0:
             if not self.single_threaded:
@@ -158,6 +219,80 @@ class SandblasterReplica(Actor):
                     self.ctx.tell(self.ctx.self_ref, Tick(turns - 1))
                     return
         self.ctx.tell(self.coordinator, done)
+
+    # -------------------------------------------------------------- split into partitions
+
+    def _send_point(self, owner: int) -> None:
+        """Partition ``owner``'s ranges of the point held (copies: ``weights`` is reused)."""
+        assert self.split is not None
+        ranges = self.split.owners[owner]
+        values = torch.cat([self.weights[lo:hi] for lo, hi in ranges]) if ranges else None
+        if values is None:
+            values = self.weights.new_empty(0)
+        self.ctx.tell(self.partitions[owner], PartitionWeights(self.fetched, values))
+
+    def _start_pass(self) -> None:
+        """Start the pass of the portion under way with a new ticket: its inputs to every
+        partition of the first stage (each drops what it held of an older ticket)."""
+        assert self.split is not None and self.running is not None
+        msg, x, _, _ = self.running
+        self.ticket = (msg.generation, self.passes)
+        self.passes += 1
+        self.outputs, self.param_grads = {}, {}
+        x = x.clone() if x._base is not None else x  # a view would carry the whole batch
+        forward = PartitionForward(self.ticket, msg.step, msg.evaluation, x)
+        for ref in self.partitions[: self.split.partitions]:
+            self.ctx.tell(ref, forward)
+
+    @receives(PartitionOutput)
+    def on_partition_output(self, msg: PartitionOutput, sender: object) -> None:
+        if msg.ticket != self.ticket or self.running is None or self.split is None:
+            return  # of a pass given up (a restart)
+        self.outputs[msg.src] = msg.piece
+        P = self.split.partitions
+        if len(self.outputs) < P:
+            return
+        assign, _, y, _ = self.running
+        pieces = [self.outputs[b] for b in range(P)]
+        self.outputs = {}
+        out = pieces[0] if self.split.output is None else self.split.output.assemble(pieces)
+        out = out.detach().requires_grad_()
+        # The portion's loss sum, as unsplit (see _compute).
+        loss = self.loss_fn(out, y) * len(y)
+        (grad,) = torch.autograd.grad(loss, out)
+        self.loss_sum = loss.item()
+        grads = [grad] if self.split.output is None else self.split.output.cut(grad)
+        last = self.partitions[(self.split.stages - 1) * P :]
+        for ref, piece in zip(last, grads, strict=True):
+            self.ctx.tell(ref, PartitionGrad(self.ticket, assign.step, -1, piece.clone()))
+
+    @receives(PartitionParamGrad)
+    def on_partition_param_grad(self, msg: PartitionParamGrad, sender: object) -> None:
+        if msg.ticket != self.ticket or self.running is None or self.split is None:
+            return
+        self.param_grads[msg.owner] = msg.grad
+        if len(self.param_grads) < len(self.split.owners):
+            return
+        flat = torch.zeros_like(self.weights)
+        for owner, ranges in enumerate(self.split.owners):
+            grad, offset = self.param_grads[owner], 0
+            for lo, hi in ranges:
+                flat[lo:hi] = grad[offset : offset + hi - lo]
+                offset += hi - lo
+        for lo, hi in self.frozen:
+            flat[lo:hi] = 0.0
+        assign, _, y, t0 = self.running
+        self.running, self.param_grads = None, {}
+        self._computed(assign, flat, self.loss_sum, len(y), t0)
+
+    @receives(PartitionRestarted)
+    def on_partition_restarted(self, msg: PartitionRestarted, sender: object) -> None:
+        """A partition died and was respawned: its point again (unless one is on its way to
+        every partition), and the pass under way redone from its start."""
+        if self.fetched and not self.fetching:
+            self._send_point(msg.owner)
+        if self.running is not None:
+            self._start_pass()
 
     @receives(Tick)
     def on_tick(self, msg: Tick, sender: object) -> None:
