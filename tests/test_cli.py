@@ -52,6 +52,7 @@ def test_json_main_job_shape(capsys: pytest.CaptureFixture[str]) -> None:
     assert s["shard_updates"] is None  # a processes runtime's option; this ran in-process
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 @pytest.mark.processes
 def test_shard_updates_are_in_the_summary_and_the_json(capsys: pytest.CaptureFixture[str]) -> None:
     # issue 17: the JSON and the summary say how the shards applied pushes

@@ -46,6 +46,7 @@ def test_the_main_job_with_a_run_directory_reports_curves(
     assert 'class="plots"' in page and "repeat(2," in page  # two plots a row on a wide page
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 @pytest.mark.parametrize("flags", [("--no-run-dir",), ("--run-dir", "run", "--eval-every", "0")])
 def test_without_a_run_directory_or_with_eval_every_0_only_at_the_end(
     capsys: pytest.CaptureFixture[str], flags: tuple[str, ...]

@@ -23,6 +23,7 @@ def load(name: str) -> ModuleType:
     return module
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_xor_example_prints_the_truth_table(capsys: pytest.CaptureFixture[str]) -> None:
     xor = load("xor")
     result = xor.main(examples=4_000, data_per_replica=2_000, seed=0)
