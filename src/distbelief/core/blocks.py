@@ -768,3 +768,19 @@ def block_shapes(plan: StagePlan, block: int, layers: Sequence[nn.Module]) -> li
         lo, hi = lp.output.ranges[block]
         out.append([(hi - lo, *p.shape[1:]) for p in layer.parameters()])
     return out
+
+
+def block_leaves(shapes: Sequence[Sequence[Shape]], flat: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per layer, leaf tensors (requiring grad) viewing ``flat`` in the block's slice
+    ``shapes`` (:func:`block_shapes`), in order; ``flat`` must hold exactly that many values."""
+    out, offset = [], 0
+    for layer_shapes in shapes:
+        row = []
+        for shape in layer_shapes:
+            n = math.prod(shape)
+            row.append(flat[offset : offset + n].view(shape).detach().requires_grad_())
+            offset += n
+        out.append(row)
+    if offset != flat.numel():
+        raise ValueError(f"a block's slices hold {offset} values, the flat tensor {flat.numel()}")
+    return out

@@ -41,7 +41,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ...core.blocks import BlockPass, Send, Split, StagePlan, block_parameters, block_shapes
+from ...core.blocks import (
+    BlockPass,
+    Send,
+    Split,
+    StagePlan,
+    block_leaves,
+    block_parameters,
+    block_shapes,
+)
 from ...core.layout import Range, Segment
 from ...runtime.base import Actor, receives
 from .messages import (
@@ -176,17 +184,7 @@ class Partition(Actor):
 
     def _leaves(self, flat: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per layer, leaf tensors over ``flat`` in the shapes of the block's slices."""
-        out, offset = [], 0
-        for shapes in self.shapes:
-            row = []
-            for shape in shapes:
-                n = 1
-                for d in shape:
-                    n *= d
-                row.append(flat[offset : offset + n].view(shape).detach().requires_grad_())
-                offset += n
-            out.append(row)
-        return out
+        return block_leaves(self.shapes, flat)
 
     @receives(ConnectPartition)
     def on_connect(self, msg: ConnectPartition, sender: object) -> None:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ...core.blocks import BlockPass, Send, Shape, Split, StagePlan, block_shapes
+from ...core.blocks import BlockPass, Send, Shape, Split, StagePlan, block_leaves, block_shapes
 from ...core.partition import edits_its_input
 from ...runtime.base import Actor, receives
 from .messages import (
@@ -188,19 +188,7 @@ class SandblasterPartition(Actor):
 
     def _leaves(self, flat: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per layer, leaf tensors over ``flat`` in the shapes of the block's slices."""
-        out, offset = [], 0
-        for shapes in self.shapes:
-            row = []
-            for shape in shapes:
-                n = 1
-                for d in shape:
-                    n *= d
-                row.append(flat[offset : offset + n].view(shape).detach().requires_grad_())
-                offset += n
-            out.append(row)
-        if offset != flat.numel():  # pragma: no cover (the driver's ranges and plan disagree)
-            raise ValueError(f"partition {self.owner}: {flat.numel()} values, {offset} needed")
-        return out
+        return block_leaves(self.shapes, flat)
 
     @receives(PartitionWeights)
     def on_weights(self, msg: PartitionWeights, sender: object) -> None:
