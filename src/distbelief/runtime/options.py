@@ -201,6 +201,20 @@ class SimulatedOptions:
     copy), in FLOPs (modelled compute)."""
     message_s: float = 20e-6
     """Fixed cost of handling one message at relative speed 1, in seconds (modelled)."""
+    layer_s: float = 0.0
+    """Fixed cost of each layer call a handler runs, forward or backward (a module call's
+    Python and autograd bookkeeping beyond its FLOPs), in seconds (modelled)."""
+    update_s: float = 0.0
+    """Fixed cost of each update-rule step a handler runs (a ``torch.optim`` optimizer's
+    ``step``, as a parameter shard applies a push), in seconds (modelled)."""
+    update_flops_per_element: float = 0.0
+    """Elementwise work of an update-rule step per parameter element it updates, in FLOPs
+    (modelled)."""
+    shared: tuple[str, ...] = ()
+    """Actors hosted on every machine at once over shared memory, as the processes runtime
+    hosts parameter shards (names or ``fnmatch`` patterns: ``"shard*"``): a message to one is
+    handled on its sender's machine, on a core there, with no network; still one message at a
+    time (its lock)."""
     time_scale: float = 1.0
     """Measured compute: virtual seconds per second of the handler's thread CPU time."""
     bandwidth_Bps: float = 1.25e9
@@ -265,7 +279,17 @@ class SimulatedOptions:
         _positive("core_flops", self.core_flops)
         _positive("bandwidth_Bps", self.bandwidth_Bps)
         _positive("time_scale", self.time_scale)
-        for name in ("flops_per_element", "message_s", "latency_s", "local_latency_s"):
+        shared = self.shared
+        if not isinstance(shared, (list, tuple)) or not all(isinstance(n, str) for n in shared):
+            raise ConfigError(
+                f"runtime_options: shared must be a list of actor names or patterns, "
+                f"got {self.shared!r}"
+            )
+        object.__setattr__(self, "shared", tuple(self.shared))
+        for name in (
+            "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
+            "update_s", "update_flops_per_element",
+        ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes
         if not isinstance(header, int) or isinstance(header, bool) or header < 0:
