@@ -132,11 +132,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--figures", help="a calibration's figures (JSON, as --json prints them): not measured again"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    figures = calibrate.measure(("local", "processes"), quick=args.quick)
+    if args.figures:
+        with open(args.figures) as f:
+            figures = json.load(f)
+        figures = figures.get("calibration", figures)
+    else:
+        figures = calibrate.measure(("local", "processes"), quick=args.quick)
     rows = []
     for case in cases(args.quick, figures):
         samples = [case() for _ in range(repeats)]

@@ -210,6 +210,12 @@ class SimulatedOptions:
     update_flops_per_element: float = 0.0
     """Elementwise work of an update-rule step per parameter element it updates, in FLOPs
     (modelled)."""
+    send_s: float = 0.0
+    """CPU cost to the sender's core of each message it sends to another machine
+    (serialising it: a process's pickling and pipe write), in seconds."""
+    receive_s: float = 0.0
+    """CPU cost to the receiver's core of each message from another machine (reading and
+    unpickling it), in seconds."""
     shared: tuple[str, ...] = ()
     """Actors hosted on every machine at once over shared memory, as the processes runtime
     hosts parameter shards (names or ``fnmatch`` patterns: ``"shard*"``): a message to one is
@@ -288,7 +294,7 @@ class SimulatedOptions:
         object.__setattr__(self, "shared", tuple(self.shared))
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
-            "update_s", "update_flops_per_element",
+            "update_s", "update_flops_per_element", "send_s", "receive_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes

@@ -416,10 +416,10 @@ class SimulatedRuntime(LocalRuntime):
         if cell is not None and cell.name in self._shared:
             # Hosted on every machine: handled where it was sent from, without the network.
             m = dst if src is None else src
-            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message, m)
+            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message, m, False)
             return
         if src is None or dst is None or src == dst:
-            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message, dst)
+            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message, dst, False)
             return
         nbytes = tensor_size(message)[0] + o.header_bytes
         transfer = nbytes / o.bandwidth_Bps
@@ -435,10 +435,17 @@ class SimulatedRuntime(LocalRuntime):
         end = start + transfer
         self._in_free[dst] = end
         self._in_busy[dst] += transfer
-        self._schedule(end, _ARRIVE, ref, sender, message, dst)
+        self._schedule(end, _ARRIVE, ref, sender, message, dst, True)
 
     def _arrive(
-        self, t: float, seq: int, ref: LocalRef, sender: Any, message: Any, m: int | None
+        self,
+        t: float,
+        seq: int,
+        ref: LocalRef,
+        sender: Any,
+        message: Any,
+        m: int | None,
+        remote: bool,
     ) -> None:
         cell = ref._cell
         if cell is None:
@@ -459,7 +466,7 @@ class SimulatedRuntime(LocalRuntime):
         keys = self._keys[cell.name]
         if m is None or cell.name not in self._shared:
             m = self._machine[cell.name]
-        keys.append((t, seq, m))  # m: the machine that handles it
+        keys.append((t, seq, m, remote))  # m: the machine that handles it
         if len(keys) == 1 and cell.name not in self._running:
             heapq.heappush(self._ready[m], (t, seq, cell.name))
             self._dispatch(m)
@@ -478,13 +485,13 @@ class SimulatedRuntime(LocalRuntime):
         """Hand ``cell``'s oldest message to its actor now, on a core of machine ``m``."""
         keys = self._keys[cell.name]
         sender, message = cell.mailbox.popleft()
-        keys.popleft()
+        remote = keys.popleft()[3]
         if cell.fault is not None:
             cell.delivered += 1
             if cell.fault.due(message, cell.delivered, cell.actor):
                 self._kill(cell, message)  # at this virtual moment; no core used
                 if self._keys[cell.name]:
-                    t, seq, next_m = self._keys[cell.name][0]
+                    t, seq, next_m, _ = self._keys[cell.name][0]
                     heapq.heappush(self._ready[next_m], (t, seq, cell.name))
                     if next_m != m:
                         self._dispatch(next_m)
@@ -514,6 +521,9 @@ class SimulatedRuntime(LocalRuntime):
             cost = o.message_s + o.layer_s * calls + o.update_s * steps + work / o.core_flops
         else:
             cost = cpu * o.time_scale
+        if o.send_s or o.receive_s:
+            # Serialising to and from another machine's process occupies this core too.
+            cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
         if self.handler_stats is not None:
             key = (cell.name, type(message).__name__)
             row = self.handler_stats.setdefault(key, [0, 0.0, 0, 0, 0, 0, 0])
@@ -526,6 +536,13 @@ class SimulatedRuntime(LocalRuntime):
         self._core_s[m] += cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
+
+    def _remote(self, ref: LocalRef, m: int) -> bool:
+        """Whether a message from machine ``m`` to ``ref`` crosses the network."""
+        cell = ref._cell
+        if cell is None or cell.name in self._shared:
+            return False
+        return self._machine.get(cell.name, m) != m
 
     def _runs_layers(self, cell: _Cell) -> bool:
         """Whether ``cell``'s actor holds a module (in its attributes, or theirs), so that its
@@ -544,7 +561,7 @@ class SimulatedRuntime(LocalRuntime):
             self._send(ref, message, cell.ref, t, m)
         keys = self._keys.get(cell.name)
         if keys:
-            t0, seq, next_m = keys[0]
+            t0, seq, next_m, _ = keys[0]
             heapq.heappush(self._ready[next_m], (t0, seq, cell.name))
             if next_m != m:
                 self._dispatch(next_m)
