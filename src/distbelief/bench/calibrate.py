@@ -5,7 +5,8 @@ What is measured (each the best of a few repeats, on one torch thread, in this p
 
 - ``core_flops``: the model's layers' forward and backward FLOPs (as the simulated runtime
   counts them, :func:`~distbelief.runtime.simulated.layer_flops`) over the thread CPU seconds
-  they took, at the run's batch size;
+  they took, marginally: between the run's batch size and 8 times it
+  (:func:`marginal_layer_rate`; the fixed cost per layer call is ``layer_s``);
 - ``flops_per_element``: the CPU seconds per element of a tensor copy (what taking a
   message's tensors costs at least), times ``core_flops``;
 - ``update_flops_per_element``: the CPU seconds per parameter element of a step of the shards'
@@ -114,9 +115,9 @@ def seconds_per_message(
         rt.shutdown()
 
 
-def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
-    """FLOP/s of one core on the model's layers: forward and backward of ``mlp(widths)`` on
-    a mini-batch, FLOPs as the simulated runtime counts them over thread CPU seconds."""
+def layer_seconds(widths: list[int], batch_size: int = 32, repeats: int = 5) -> tuple[int, float]:
+    """Forward and backward of ``mlp(widths)`` on a mini-batch: its FLOPs as the simulated
+    runtime counts them, and its thread CPU seconds (the best of ``repeats``)."""
     model = mlp(widths)
     x = torch.randn(batch_size, widths[0])
     y = torch.randint(0, widths[-1], (batch_size,))
@@ -137,7 +138,27 @@ def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> flo
         for _ in range(reps):
             step()
         best = min(best, (time.thread_time() - t0) / reps)
-    return flops / best
+    return flops, best
+
+
+def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
+    """FLOP/s of one core on the model's layers: forward and backward of ``mlp(widths)`` on
+    a mini-batch, FLOPs as the simulated runtime counts them over thread CPU seconds."""
+    flops, seconds = layer_seconds(widths, batch_size, repeats)
+    return flops / seconds
+
+
+def marginal_layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
+    """FLOP/s of one core on the model's layers, less their fixed cost per call: the extra
+    FLOPs of a mini-batch 8 times bigger over its extra CPU seconds (a layer call's fixed
+    cost, which does not grow with the batch, is ``layer_s``, fitted from the handlers). A
+    rate at one batch size charges that fixed cost per FLOP: a Sandblaster portion of 250
+    examples came out 1.7 times as long as measured."""
+    small, t_small = layer_seconds(widths, batch_size, repeats)
+    large, t_large = layer_seconds(widths, 8 * batch_size, repeats)
+    if t_large <= t_small:
+        return large / t_large
+    return (large - small) / (t_large - t_small)
 
 
 def copy_seconds_per_element(n: int = 100_000, repeats: int = 5) -> float:
@@ -180,6 +201,13 @@ def update_seconds_per_element(
     return max(large - small, 0.0) / (sizes[1] - sizes[0])
 
 
+def _variation(row: list) -> float:
+    """Coefficient of variation of a handler kind's costs, from a ``handler_stats`` row."""
+    count, total, square = row[0], row[1], row[7]
+    mean = total / count
+    return max(square / count - mean * mean, 0.0) ** 0.5 / mean if mean > 0 else 0.0
+
+
 def handler_costs(
     core_flops: float,
     flops_per_element: float,
@@ -199,7 +227,10 @@ def handler_costs(
     elements). What each handler kind costs beyond its modelled FLOPs is then split: the
     handlers that run neither layers nor an update rule give ``message_s`` (their mean); those
     that run layers, the rest of theirs over their layer calls (``layer_s``); those that step an
-    update rule, the rest of theirs over their steps (``update_s``). Each at least 0."""
+    update rule, the rest of theirs over their steps (``update_s``). Each at least 0. And
+    ``jitter``: how much one kind's handlers vary in length (the median over the kinds of
+    their coefficient of variation, times sqrt(3), the spread of a uniform factor: at most 0.9):
+    without it, replicas of equal cost stay in lockstep and staleness comes out too low."""
     from .. import train
     from ..runtime.simulated import SimulatedRuntime
 
@@ -222,8 +253,11 @@ def handler_costs(
     measured = [stats(compute="measured") for _ in range(repeats)]
     features = stats(compute="modelled", core_flops=core_flops)
     sums = {"message": [0.0, 0], "layer": [0.0, 0, 0], "update": [0.0, 0, 0]}
+    spreads = []  # each frequent handler kind's coefficient of variation (its quietest run)
     for key, row in features.items():
-        count, _, flops, calls, updates, updated, elements = row
+        count, _, flops, calls, updates, updated, elements, _ = row
+        if count >= 32:
+            spreads.append(min(_variation(m[key]) for m in measured if key in m))
         cpu = min(m[key][1] for m in measured if key in m)
         rest = cpu - (flops + flops_per_element * elements) / core_flops
         if updates:
@@ -239,7 +273,11 @@ def handler_costs(
             sums["message"][1] += count
     message_s = max(sums["message"][0] / max(sums["message"][1], 1), 0.0)
     layer, update = sums["layer"], sums["update"]
+    spreads.sort()
+    spread = spreads[len(spreads) // 2] if spreads else 0.0
     return {
+        # a uniform factor in [1 - j, 1 + j] varies by j / sqrt(3): the handlers' median spread
+        "jitter": min(spread * 3**0.5, 0.9),
         "message_s": message_s,
         "layer_s": max((layer[0] - message_s * layer[1]) / max(layer[2], 1), 0.0),
         "update_s": max((update[0] - message_s * update[1]) / max(update[2], 1), 0.0),
@@ -264,7 +302,7 @@ def measure(
     try:
         say = log or (lambda m: None)
         repeats = 1 if quick else 5
-        core = layer_rate(widths, batch_size, repeats)
+        core = marginal_layer_rate(widths, batch_size, repeats)
         say(f"layers: {core:.3g} FLOP/s per core")
         per_element = copy_seconds_per_element(10_000 if quick else 100_000, repeats)
         say(f"tensor copy: {per_element * 1e9:.3f} ns per element")
@@ -285,7 +323,8 @@ def measure(
         say(
             f"handlers ({fit['messages']} messages): {fit['message_s'] * 1e6:.1f} us per "
             f"message, {fit['layer_s'] * 1e6:.1f} us per layer call, "
-            f"{fit['update_s'] * 1e6:.1f} us per update step, beyond their FLOPs"
+            f"{fit['update_s'] * 1e6:.1f} us per update step, beyond their FLOPs; "
+            f"jitter {fit['jitter']:.2f}"
         )
         hops = 40 if quick else 400
         big = (1 << 18) if quick else (1 << 22)
@@ -318,6 +357,7 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         "layer_s": float(fit.get("layer_s", 0.0)),
         "update_s": float(fit.get("update_s", 0.0)),
         "update_flops_per_element": float(figures.get("update_flops_per_element", 0.0)),
+        "jitter": float(fit.get("jitter", 0.0)),
         "header_bytes": 64,
     }
     if runtime == "local":

@@ -216,6 +216,10 @@ class SimulatedOptions:
     receive_s: float = 0.0
     """CPU cost to the receiver's core of each message from another machine (reading and
     unpickling it), in seconds."""
+    jitter: float = 0.0
+    """Each handler's cost is multiplied by a factor drawn uniformly from [1 - jitter,
+    1 + jitter] (seeded by the run's seed: the same seed, the same virtual times), as real
+    handlers vary; 0: none (replicas of equal cost stay in lockstep)."""
     shared: tuple[str, ...] = ()
     """Actors hosted on every machine at once over shared memory, as the processes runtime
     hosts parameter shards (names or ``fnmatch`` patterns: ``"shard*"``): a message to one is
@@ -292,6 +296,8 @@ class SimulatedOptions:
                 f"got {self.shared!r}"
             )
         object.__setattr__(self, "shared", tuple(self.shared))
+        if not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
+            raise ConfigError(f"runtime_options: jitter must be in [0, 1), got {self.jitter!r}")
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
             "update_s", "update_flops_per_element", "send_s", "receive_s",

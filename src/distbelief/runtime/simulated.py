@@ -34,6 +34,7 @@ import dataclasses
 import fnmatch
 import heapq
 import os
+import random
 import time
 import tomllib
 from collections import deque
@@ -335,10 +336,12 @@ class SimulatedRuntime(LocalRuntime):
         self._shared: set[str] = set()  # actors handled on their sender's machine
         self.handler_stats: dict[tuple[str, str], list[float]] | None = None
         """None, or (set it to {}) per (actor, message type): [messages, cost, layer FLOPs,
-        layer calls, update steps, updated elements, message elements] summed (FLOPs and
+        layer calls, update steps, updated elements, message elements, cost squared] summed
+        (before ``jitter``; FLOPs and
         calls are counted in modelled compute only): what calibration fits the cost terms
         from."""
         _Updates.watch()
+        self._jitter = random.Random(seed)  # seeded: the same seed, the same virtual times
 
     # ---------------------------------------------------------------- actors
 
@@ -526,9 +529,12 @@ class SimulatedRuntime(LocalRuntime):
             cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
         if self.handler_stats is not None:
             key = (cell.name, type(message).__name__)
-            row = self.handler_stats.setdefault(key, [0, 0.0, 0, 0, 0, 0, 0])
-            for i, v in enumerate((1, cost, flops, calls, steps, updated, elements)):
+            row = self.handler_stats.setdefault(key, [0, 0.0, 0, 0, 0, 0, 0, 0.0])
+            for i, v in enumerate((1, cost, flops, calls, steps, updated, elements, cost * cost)):
                 row[i] += v
+        if o.jitter:
+            # Real handlers vary in length; a cluster without it keeps replicas in lockstep
+            cost *= 1.0 + o.jitter * (2.0 * self._jitter.random() - 1.0)
         self._queue.delivered += 1
         cost = cost / self._speed[m] + self._delay[cell.name]
         self._free[m] -= 1
