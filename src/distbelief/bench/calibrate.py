@@ -148,6 +148,39 @@ def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> flo
     return flops / seconds
 
 
+def _busy_core(widths: list[int], batch_size: int, repeats: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    out.put(layer_seconds(widths, batch_size, repeats)[1])
+
+
+def busy_speed(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
+    """A core's speed while every core of the machine computes, relative to one alone: the
+    model's forward and backward in one process per core at once (forked), their mean thread
+    CPU seconds against one process's alone. Cores that share caches, memory bandwidth or a
+    physical core (a virtual machine's) slow each other; ``processes`` and ``ray`` keep every
+    core busy, so their cluster's machines get this speed."""
+    import multiprocessing
+
+    cores = os.cpu_count() or 1
+    alone = layer_seconds(widths, batch_size, repeats)[1]
+    if cores < 2:
+        return 1.0
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    workers = [
+        ctx.Process(target=_busy_core, args=(widths, batch_size, 4 * repeats, out))
+        for _ in range(cores)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        together = [out.get(timeout=600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+    return min(alone / (sum(together) / len(together)), 1.0)
+
+
 def marginal_layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
     """FLOP/s of one core on the model's layers, less their fixed cost per call: the extra
     FLOPs of a mini-batch 8 times bigger over its extra CPU seconds (a layer call's fixed
@@ -304,12 +337,15 @@ def measure(
         repeats = 1 if quick else 5
         core = marginal_layer_rate(widths, batch_size, repeats)
         say(f"layers: {core:.3g} FLOP/s per core")
+        figures_busy = busy_speed(widths, batch_size, repeats)
+        say(f"a core while every core computes: {figures_busy:.2f} of its speed alone")
         per_element = copy_seconds_per_element(10_000 if quick else 100_000, repeats)
         say(f"tensor copy: {per_element * 1e9:.3f} ns per element")
         figures: dict[str, Any] = {
             "core_flops": core,
             "flops_per_element": per_element * core,
             "cores": os.cpu_count() or 1,
+            "busy_speed": figures_busy,
             "runtimes": {},
         }
         update = update_seconds_per_element(repeats=repeats)
@@ -367,15 +403,17 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     # in its handler, and the rest of its measured seconds as the link's latency. On
     # processes a shard is in every worker's shared memory and a push is applied in the
     # sender's process: shared; Ray gives each shard an actor of its own.
-    shared = {"shared": ["shard*"]} if runtime == "processes" else {}
+    shared = {"shared": True} if runtime == "processes" else {}
     # A message between processes costs each of the two some CPU (serialising, the run loop):
     # what the rally's processes spent per message beyond the in-process cost, half to the
     # sender's core and half to the receiver's; the rest of its seconds is waiting: latency.
     local_cpu = figures["runtimes"].get("local", {}).get("cpu_s", ping)
     cpu = float(entry.get("cpu_s", ping))
     wire = max(cpu - local_cpu, 0.0)
+    machines = int(figures["cores"])
     return {
-        **common, "machines": int(figures["cores"]), "cores": 1,
+        **common, "machines": machines, "cores": 1,
+        "speeds": [float(figures.get("busy_speed", 1.0))] * machines,
         "send_s": wire / 2, "receive_s": wire / 2,
         "latency_s": max(float(entry["message_s"]) - ping - wire, 0.0),
         "local_latency_s": 0.0,

@@ -220,11 +220,11 @@ class SimulatedOptions:
     """Each handler's cost is multiplied by a factor drawn uniformly from [1 - jitter,
     1 + jitter] (seeded by the run's seed: the same seed, the same virtual times), as real
     handlers vary; 0: none (replicas of equal cost stay in lockstep)."""
-    shared: tuple[str, ...] = ()
-    """Actors hosted on every machine at once over shared memory, as the processes runtime
-    hosts parameter shards (names or ``fnmatch`` patterns: ``"shard*"``): a message to one is
+    shared: bool = False
+    """Host the actors whose class is ``shareable`` (Downpour's parameter shards) on every
+    machine at once, as the processes runtime does over shared memory: a message to one is
     handled on its sender's machine, on a core there, with no network; still one message at a
-    time (its lock)."""
+    time (its lock). False: each on its machine, as on Ray and a real cluster."""
     time_scale: float = 1.0
     """Measured compute: virtual seconds per second of the handler's thread CPU time."""
     bandwidth_Bps: float = 1.25e9
@@ -289,13 +289,8 @@ class SimulatedOptions:
         _positive("core_flops", self.core_flops)
         _positive("bandwidth_Bps", self.bandwidth_Bps)
         _positive("time_scale", self.time_scale)
-        shared = self.shared
-        if not isinstance(shared, (list, tuple)) or not all(isinstance(n, str) for n in shared):
-            raise ConfigError(
-                f"runtime_options: shared must be a list of actor names or patterns, "
-                f"got {self.shared!r}"
-            )
-        object.__setattr__(self, "shared", tuple(self.shared))
+        if not isinstance(self.shared, bool):
+            raise ConfigError(f"runtime_options: shared must be true or false, got {self.shared!r}")
         if not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
             raise ConfigError(f"runtime_options: jitter must be in [0, 1), got {self.jitter!r}")
         for name in (

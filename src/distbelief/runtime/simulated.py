@@ -31,7 +31,6 @@ between actors of one machine, and to and from the driver, take ``local_latency_
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import heapq
 import os
 import random
@@ -351,7 +350,7 @@ class SimulatedRuntime(LocalRuntime):
         self._busy_actor[name] = 0.0
         self._delay[name] = fault_plans.delay_of(self._plan, name)
         self._machine[name] = self._place(name)
-        if any(fnmatch.fnmatchcase(name, p) for p in self.options.shared):
+        if self.options.shared and cls.shareable:
             self._shared.add(name)
         return ref
 
