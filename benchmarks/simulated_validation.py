@@ -20,8 +20,10 @@ times (the real figure is the median; the simulated one is deterministic). The a
 is each prediction within 25% of the measurement on a quiet machine. The cluster models a
 runtime as :func:`distbelief.bench.calibrate.cluster_for` says: ``local`` one machine of one
 core; ``processes`` one machine per core, each actor group (replica, stage) on its worker's
-machine, the shard and the master on machine 0 (where ``processes`` applies a push in the
-sender's process, on shared memory: the model's largest simplification).
+machine, the master on machine 0, Downpour's shards shared (a push applied in the sender's
+process, on shared memory), every message between processes costing CPU at both ends.
+Take the figures on a quiet machine: a loaded one stretches the real runs' wall time, which
+the calibration (in CPU time) does not see.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
-        "--figures", help="a calibration's figures (JSON, as --json prints them): not measured again"
+        "--figures", help="a calibration's figures (JSON, as --json prints them): not measured"
     )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
