@@ -20,8 +20,11 @@ times (the real figure is the median; the simulated one is deterministic). The a
 is each prediction within 25% of the measurement on a quiet machine. The cluster models a
 runtime as :func:`distbelief.bench.calibrate.cluster_for` says: ``local`` one machine of one
 core; ``processes`` one machine per core, each actor group (replica, stage) on its worker's
-machine, the shard and the master on machine 0 (where ``processes`` applies a push in the
-sender's process, on shared memory: the model's largest simplification).
+machine, one more machine for the driver's process (the master, Sandblaster's coordinator),
+Downpour's shards shared (a push applied in the sender's
+process, on shared memory), every message between processes costing CPU at both ends.
+Take the figures on a quiet machine: a loaded one stretches the real runs' wall time, which
+the calibration (in CPU time) does not see.
 """
 
 from __future__ import annotations
@@ -42,6 +45,18 @@ from distbelief.runtime.simulated import layer_flops  # noqa: F401  (documents t
 WIDTHS = [40, 256, 256, 10]
 
 
+def with_driver(cluster: dict, placement: dict) -> dict:
+    """``cluster`` (processes) with one more machine: the driver's process, where the
+    processes runtime hosts the actors without a number (the master, the coordinator)."""
+    machines = cluster["machines"] + 1
+    speeds = list(cluster.get("speeds") or [1.0] * cluster["machines"])
+    return cluster | {
+        "machines": machines,
+        "speeds": [*speeds, speeds[0]],
+        "placement": {k: (machines - 1 if v == "driver" else v) for k, v in placement.items()},
+    }
+
+
 def downpour_case(name, runtime, replicas, stages, shards, depth, epochs, data, figures, place):
     """One Downpour case: (measured, predicted) examples/s and mean staleness."""
     args = dict(
@@ -56,7 +71,7 @@ def downpour_case(name, runtime, replicas, stages, shards, depth, epochs, data, 
     )
     cluster = calibrate.cluster_for(runtime, figures)
     if "placement" in place:
-        cluster["placement"] = place["placement"]
+        cluster = with_driver(cluster, place["placement"])
     sim = distbelief.train(mlp(WIDTHS), data, runtime="simulated", runtime_options=cluster, **args)
     return {
         "case": name,
@@ -88,7 +103,12 @@ def sandblaster_case(data, figures, steps):
     real = distbelief.train(
         mlp(WIDTHS), data, runtime="processes", runtime_options={"faults": plan}, **args
     )
-    cluster = calibrate.cluster_for("processes", figures) | {"faults": plan}
+    workers = min(2, figures["cores"])
+    placement = {"coordinator": "driver"} | {
+        f"{kind}{i}": i % workers for kind, n in (("shard", 2), ("replica", 4)) for i in range(n)
+    }
+    cluster = with_driver(calibrate.cluster_for("processes", figures), placement)
+    cluster = cluster | {"faults": plan}
     sim = distbelief.train(mlp(WIDTHS), data, runtime="simulated", runtime_options=cluster, **args)
     return {
         "case": "sandblaster processes, 4 replicas, replica 3 slowed 5x",
@@ -104,10 +124,10 @@ def cases(quick: bool, figures: dict) -> list:
     data = (x, y)
     epochs = 1 if quick else 3
     workers = min(2, figures["cores"])
-    by_replica = {"shard0": 0, "master": 0} | {
+    by_replica = {"shard0": 0, "master": "driver"} | {
         f"{kind}{r}": r % workers for r in range(2) for kind in ("data", "replica")
     }
-    by_stage = {"shard0": 0, "master": 0, "data0": 0} | {
+    by_stage = {"shard0": 0, "master": "driver", "data0": 0} | {
         f"replica0.stage{s}": s % workers for s in range(2)
     }
     return [
@@ -132,11 +152,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--figures", help="a calibration's figures (JSON, as --json prints them): not measured"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    figures = calibrate.measure(("local", "processes"), quick=args.quick)
+    if args.figures:
+        with open(args.figures) as f:
+            figures = json.load(f)
+        figures = figures.get("calibration", figures)
+    else:
+        figures = calibrate.measure(("local", "processes"), quick=args.quick)
     rows = []
     for case in cases(args.quick, figures):
         samples = [case() for _ in range(repeats)]

@@ -17,11 +17,13 @@ from distbelief.runtime.simulated import read_cluster
 FIGURES = {
     "core_flops": 2e10,
     "flops_per_element": 2.0,
-    "handler_s": 1.5e-4,
+    "update_flops_per_element": 30.0,
+    "handlers": {"message_s": 1e-5, "layer_s": 4e-5, "update_s": 1.5e-4, "jitter": 0.3},
     "cores": 2,
+    "busy_speed": 0.9,
     "runtimes": {
-        "local": {"message_s": 2e-6},
-        "processes": {"message_s": 1.2e-4, "bandwidth_Bps": 5e8},
+        "local": {"message_s": 2e-6, "cpu_s": 3e-6},
+        "processes": {"message_s": 1.2e-4, "cpu_s": 8e-5, "bandwidth_Bps": 5e8},
     },
 }
 
@@ -29,11 +31,25 @@ FIGURES = {
 def test_the_cluster_file_models_each_runtime_and_reads_back(tmp_path):
     local = calibrate.cluster_for("local", FIGURES)
     assert (local["machines"], local["cores"], local["placement"]) == (1, 1, "pack")
-    assert local["message_s"] == 1.5e-4  # the handlers' cost, above the bare queue's
+    # the handler fit's terms, on every runtime's cluster
+    for options in (local, calibrate.cluster_for("processes", FIGURES)):
+        assert (options["message_s"], options["layer_s"], options["update_s"]) == (
+            1e-5,
+            4e-5,
+            1.5e-4,
+        )
+        assert (options["update_flops_per_element"], options["jitter"]) == (30.0, 0.3)
+    assert "shared" not in local and "speeds" not in local
     procs = calibrate.cluster_for("processes", FIGURES)
-    assert (procs["machines"], procs["cores"]) == (2, 1)
-    assert procs["latency_s"] == pytest.approx(1.2e-4 - 2e-6)
+    assert (procs["machines"], procs["cores"], procs["speeds"]) == (2, 1, [0.9, 0.9])
+    assert procs["shared"] is True  # a push is applied in the sender's process
+    # a message between processes: the CPU beyond the in-process one, half at each end; the
+    # rest of its seconds, less the in-process ping, is latency
+    assert procs["send_s"] == procs["receive_s"] == pytest.approx((8e-5 - 3e-6) / 2)
+    assert procs["latency_s"] == pytest.approx(1.2e-4 - 2e-6 - (8e-5 - 3e-6))
     assert procs["bandwidth_Bps"] == 5e8
+    old = {k: v for k, v in FIGURES.items() if k != "handlers"} | {"handler_s": 1.5e-4}
+    assert calibrate.cluster_for("local", old)["message_s"] == 1.5e-4  # an older file's
     for options in (local, procs):
         path = tmp_path / "cluster.toml"
         path.write_text(calibrate.to_toml(options, "measured\nhere"))
@@ -66,6 +82,16 @@ def test_the_command_writes_a_cluster_file(capsys, tmp_path, monkeypatch):
     )
     assert code == 0
     assert json.loads(stdout.strip().splitlines()[-1])["cluster"]["machines"] == 1
-    assert read_cluster(out)["message_s"] == 1.5e-4
+    assert read_cluster(out)["message_s"] == 1e-5
     code, _, err = run_command(capsys, "calibrate", "--runtime", "guessed")
     assert code == 2 and "runtime" in err
+
+
+def test_the_handler_fit_and_the_core_figures_run():
+    """Plumbing only (their values are timings): the fit's terms are there and not negative."""
+    fit = calibrate.handler_costs(1e10, 2.0, 10.0, [4, 8, 3], batch_size=4, steps=4, repeats=1)
+    assert set(fit) == {"message_s", "layer_s", "update_s", "jitter", "messages"}
+    assert all(v >= 0 for v in fit.values()) and fit["jitter"] < 1
+    assert calibrate.update_seconds_per_element(sizes=(100, 1000), repeats=1) >= 0
+    assert calibrate.marginal_layer_rate([4, 8, 3], batch_size=4, repeats=1) > 0
+    assert 0 < calibrate.busy_speed([4, 8, 3], batch_size=4, repeats=1) <= 1

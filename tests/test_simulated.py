@@ -289,6 +289,92 @@ def test_sandblaster_runs_and_converges_as_on_local():
     assert len(set(sim.stats["placement"][f"replica{r}"] for r in range(3))) == 3
 
 
+# ------------------------------------------------------------------------------ cost terms
+
+
+def test_each_handler_costs_its_terms_exactly():
+    """On one core with no latency a run's virtual time is the sum of its handlers' costs:
+    message_s each, layer_s per layer call, update_s per update-rule step, and the FLOPs
+    (layers', per message element, per updated element) over core_flops. One push is one
+    Adagrad step over every parameter; a step of the 10-8-3 MLP runs 3 layers forward and
+    3 backward (the ReLU's too; the first Linear's input needs no gradient but its weights do)."""
+    model = mlp([10, 8, 3])
+    terms = dict(
+        message_s=3e-6, layer_s=5e-6, update_s=7e-5, update_flops_per_element=11.0,
+        flops_per_element=2.0, core_flops=1e9,
+    )  # fmt: skip
+    rt = make_runtime(
+        "simulated", seed=0, machines=1, cores=1, placement="pack", local_latency_s=0.0, **terms
+    )
+    rt.handler_stats = {}
+    result = run(model, toy_data(n=64), runtime=rt, optimizer="adagrad", epochs=1, eval_every=0)
+    rows = list(rt.handler_stats.values())
+    messages, cost, flops, calls, updates, updated, elements = (
+        sum(r[i] for r in rows) for i in range(7)
+    )
+    steps = 64 // 16
+    params = sum(p.numel() for p in model.parameters())
+    assert (updates, updated) == (steps, steps * params)
+    assert calls == steps * 6
+    expected = (
+        terms["message_s"] * messages + terms["layer_s"] * calls + terms["update_s"] * updates
+        + (flops + 2.0 * elements + 11.0 * updated) / terms["core_flops"]
+    )  # fmt: skip
+    assert cost == pytest.approx(expected, rel=1e-12)
+    assert result.stats["virtual_s"] == pytest.approx(cost, rel=1e-12)
+
+
+def rally(hops: int = 10, **options) -> float:
+    """Virtual seconds of a ball passed ``hops`` times between two actors on two machines."""
+    from distbelief.bench.calibrate import Over, Player, Serve
+
+    rt = make_runtime(
+        "simulated", seed=3, machines=2, cores=1, header_bytes=0, local_latency_s=0.0,
+        placement={"player0": 0, "player1": 1}, message_s=1e-5, latency_s=1e-4, **options,
+    )  # fmt: skip
+    try:
+        a, b = rt.spawn("player0", Player), rt.spawn("player1", Player)
+        for reply in rt.converse(a, Serve(b, hops, None), timeout=60):
+            if isinstance(reply, Over):
+                return rt.now
+        raise AssertionError("no reply")
+    finally:
+        rt.shutdown()
+
+
+def test_a_message_between_machines_costs_send_s_and_receive_s_on_the_two_cores():
+    hops = 10
+    plain = rally(hops)
+    assert plain == pytest.approx((hops + 1) * 1e-5 + hops * 1e-4, rel=1e-12)
+    assert rally(hops, send_s=2e-5, receive_s=3e-5) == pytest.approx(plain + hops * 5e-5, rel=1e-12)
+
+
+def test_jitter_is_seeded_and_bounded():
+    plain = rally(40)
+    jittered = rally(40, jitter=0.5)
+    assert jittered == rally(40, jitter=0.5)  # bit for bit
+    assert jittered != plain
+    handlers = 41 * 1e-5
+    assert plain - 0.5 * handlers <= jittered <= plain + 0.5 * handlers
+
+
+def test_shared_actors_are_handled_on_the_senders_machine():
+    """As on processes: a shareable shard's pushes and fetches take its sender's core and no
+    link; without ``shared`` the shard's machine does that work and the links carry it."""
+    placement = {"shard0": 0, "replica0": 1, "data0": 1, "master": 1}
+    stats = {}
+    for shared in (False, True):
+        stats[shared] = run(
+            mlp([10, 8, 3]), toy_data(n=64), runtime="simulated", epochs=1, eval_every=0,
+            runtime_options={"machines": 2, "placement": placement, "shared": shared},
+        ).stats  # fmt: skip
+    assert stats[False]["machine_utilisation"]["m0"] > 0
+    assert stats[False]["link_utilisation"]["m1.out"] > 0
+    assert stats[True]["machine_utilisation"]["m0"] == 0
+    assert stats[True]["link_utilisation"] == {k: 0 for k in stats[True]["link_utilisation"]}
+    assert stats[True]["shard_utilisation"]["shard0"] > 0
+
+
 # ------------------------------------------------------------------------------ bad clusters
 
 
@@ -306,6 +392,11 @@ def test_sandblaster_runs_and_converges_as_on_local():
         ({"placement": {"shard0": 9}}, "placement"),
         ({"placement": {"replica7": 0}}, "placement names no actor.*replica7"),
         ({"bandwith_Bps": 1e9}, "unknown option.*bandwith_Bps"),
+        ({"layer_s": -1e-6}, "layer_s"),
+        ({"update_s": float("nan")}, "update_s"),
+        ({"send_s": -1.0}, "send_s"),
+        ({"jitter": 1.0}, "jitter"),
+        ({"shared": "shard*"}, "shared"),
     ],
 )
 def test_a_bad_cluster_description_is_a_config_error_naming_the_field(options, field):

@@ -5,12 +5,16 @@ What is measured (each the best of a few repeats, on one torch thread, in this p
 
 - ``core_flops``: the model's layers' forward and backward FLOPs (as the simulated runtime
   counts them, :func:`~distbelief.runtime.simulated.layer_flops`) over the thread CPU seconds
-  they took, at the run's batch size;
+  they took, marginally: between the run's batch size and 8 times it
+  (:func:`marginal_layer_rate`; the fixed cost per layer call is ``layer_s``);
 - ``flops_per_element``: the CPU seconds per element of a tensor copy (what taking a
   message's tensors costs at least), times ``core_flops``;
-- ``handler_s``: what a Downpour run's handlers cost per message beyond their modelled
-  compute (their Python, the queue, a shard's update rule, which is elementwise and so no
-  matrix-product FLOPs; :func:`handler_seconds`): the simulator's ``message_s``;
+- ``update_flops_per_element``: the CPU seconds per parameter element of a step of the shards'
+  update rule (Adagrad), times ``core_flops`` (:func:`update_seconds_per_element`);
+- ``handlers``: what Downpour's handlers cost beyond their modelled compute, split into the
+  simulator's ``message_s`` (per message), ``layer_s`` (per layer call, forward or backward)
+  and ``update_s`` (per update-rule step), fitted from each handler's CPU seconds in a
+  2 x 2 x 2 run (:func:`handler_costs`);
 - per runtime (``local``, ``processes``, ``ray`` if asked): the seconds per message of a ball
   passed back and forth between two actors (the runtime's own cost of one message, handler
   included, which does nothing), and on ``processes`` and ``ray`` the same with a large tensor
@@ -58,6 +62,7 @@ class Ball:
 @dataclass(frozen=True)
 class Over:
     seconds: float
+    cpu_s: float  # the server's process's CPU seconds over the rally (every thread)
 
 
 class Player(Actor):
@@ -66,47 +71,53 @@ class Player(Actor):
     def __init__(self) -> None:
         self.driver: Any = None
         self.t0 = 0.0
+        self.cpu0 = 0.0
 
     @receives(Serve)
     def on_serve(self, msg: Serve, sender: Any) -> None:
         self.driver = sender
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
         self.ctx.tell(msg.peer, Ball(msg.hops - 1, msg.payload))
 
     @receives(Ball)
     def on_ball(self, msg: Ball, sender: Any) -> None:
         if msg.left == 0:
-            self.ctx.tell(self.driver, Over(time.perf_counter() - self.t0))
+            cpu = time.process_time() - self.cpu0
+            self.ctx.tell(self.driver, Over(time.perf_counter() - self.t0, cpu))
         else:
             self.ctx.tell(sender, Ball(msg.left - 1, msg.payload))
 
 
 def seconds_per_message(
     runtime: str, hops: int = 400, payload_bytes: int = 0, repeats: int = 3
-) -> float:
+) -> tuple[float, float]:
     """Seconds per message of a rally of ``hops`` (even) messages between two actors on
     ``runtime`` (in two worker processes on ``processes``), each carrying ``payload_bytes``
-    of tensor; the best of ``repeats`` rallies."""
+    of tensor, the best of ``repeats`` rallies; and the CPU seconds one process spent per
+    message it received and sent (its run loop, serialising, the handler) in that rally."""
     options: dict[str, Any] = {"processes": 2} if runtime == "processes" else {}
     rt = make_runtime(runtime, seed=0, **options)
     payload = torch.zeros(payload_bytes // 4) if payload_bytes else None
     try:
         a = rt.spawn("player0", Player)
         b = rt.spawn("player1", Player)
-        best = float("inf")
+        best, cpu = float("inf"), float("inf")
         for _ in range(repeats + 1):  # the first warms up (process start, imports)
             for reply in rt.converse(a, Serve(b, hops, payload), timeout=600):
                 if isinstance(reply, Over):
                     best = min(best, reply.seconds / hops)
+                    # the server received and sent every other message of the rally
+                    cpu = min(cpu, reply.cpu_s / (hops / 2))
                     break
-        return best
+        return best, cpu
     finally:
         rt.shutdown()
 
 
-def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
-    """FLOP/s of one core on the model's layers: forward and backward of ``mlp(widths)`` on
-    a mini-batch, FLOPs as the simulated runtime counts them over thread CPU seconds."""
+def layer_seconds(widths: list[int], batch_size: int = 32, repeats: int = 5) -> tuple[int, float]:
+    """Forward and backward of ``mlp(widths)`` on a mini-batch: its FLOPs as the simulated
+    runtime counts them, and its thread CPU seconds (the best of ``repeats``)."""
     model = mlp(widths)
     x = torch.randn(batch_size, widths[0])
     y = torch.randint(0, widths[-1], (batch_size,))
@@ -127,7 +138,60 @@ def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> flo
         for _ in range(reps):
             step()
         best = min(best, (time.thread_time() - t0) / reps)
-    return flops / best
+    return flops, best
+
+
+def layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
+    """FLOP/s of one core on the model's layers: forward and backward of ``mlp(widths)`` on
+    a mini-batch, FLOPs as the simulated runtime counts them over thread CPU seconds."""
+    flops, seconds = layer_seconds(widths, batch_size, repeats)
+    return flops / seconds
+
+
+def _busy_core(widths: list[int], batch_size: int, repeats: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    out.put(layer_seconds(widths, batch_size, repeats)[1])
+
+
+def busy_speed(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
+    """A core's speed while every core of the machine computes, relative to one alone: the
+    model's forward and backward in one process per core at once (forked), their mean thread
+    CPU seconds against one process's alone. Cores that share caches, memory bandwidth or a
+    physical core (a virtual machine's) slow each other; ``processes`` and ``ray`` keep every
+    core busy, so their cluster's machines get this speed."""
+    import multiprocessing
+
+    cores = os.cpu_count() or 1
+    alone = layer_seconds(widths, batch_size, repeats)[1]
+    if cores < 2:
+        return 1.0
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    workers = [
+        ctx.Process(target=_busy_core, args=(widths, batch_size, 4 * repeats, out))
+        for _ in range(cores)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        together = [out.get(timeout=600) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+    return min(alone / (sum(together) / len(together)), 1.0)
+
+
+def marginal_layer_rate(widths: list[int], batch_size: int = 32, repeats: int = 5) -> float:
+    """FLOP/s of one core on the model's layers, less their fixed cost per call: the extra
+    FLOPs of a mini-batch 8 times bigger over its extra CPU seconds (a layer call's fixed
+    cost, which does not grow with the batch, is ``layer_s``, fitted from the handlers). A
+    rate at one batch size charges that fixed cost per FLOP: a Sandblaster portion of 250
+    examples came out 1.7 times as long as measured."""
+    small, t_small = layer_seconds(widths, batch_size, repeats)
+    large, t_large = layer_seconds(widths, 8 * batch_size, repeats)
+    if t_large <= t_small:
+        return large / t_large
+    return (large - small) / (t_large - t_small)
 
 
 def copy_seconds_per_element(n: int = 100_000, repeats: int = 5) -> float:
@@ -144,46 +208,114 @@ def copy_seconds_per_element(n: int = 100_000, repeats: int = 5) -> float:
     return best
 
 
-def handler_seconds(
+def update_seconds_per_element(
+    rule: str = "adagrad", sizes: tuple[int, int] = (10_000, 200_000), repeats: int = 5
+) -> float:
+    """Thread CPU seconds per parameter element of one step of the update rule ``rule`` (a
+    shard's ``torch.optim`` optimizer): the slope between a step over ``sizes[0]`` and one
+    over ``sizes[1]`` elements (the fixed part is the handler fit's ``update_s``)."""
+    from ..core.optim import make_update_rule
+
+    def seconds(n: int) -> float:
+        p = torch.nn.Parameter(torch.zeros(n))
+        p.grad = torch.full((n,), 1e-3)
+        opt = make_update_rule(rule, [p], 0.01)
+        opt.step()
+        best = float("inf")
+        reps = 20
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            for _ in range(reps):
+                opt.step()
+            best = min(best, (time.thread_time() - t0) / reps)
+        return best
+
+    small, large = (seconds(n) for n in sizes)
+    return max(large - small, 0.0) / (sizes[1] - sizes[0])
+
+
+def _variation(row: list) -> float:
+    """Coefficient of variation of a handler kind's costs, from a ``handler_stats`` row."""
+    count, total, square = row[0], row[1], row[7]
+    mean = total / count
+    return max(square / count - mean * mean, 0.0) ** 0.5 / mean if mean > 0 else 0.0
+
+
+def handler_costs(
     core_flops: float,
     flops_per_element: float,
+    update_flops_per_element: float,
     widths: list[int],
     batch_size: int = 32,
     steps: int = 128,
     repeats: int = 3,
-) -> tuple[float, int]:
-    """Seconds per message that a Downpour run on ``local`` spends beyond its modelled compute
-    (the handlers' Python, the queue, the copies): a run of 1 replica x 1 stage x 1 shard,
-    ``steps`` steps, its CPU seconds (the best of ``repeats``; the whole call, so its start
-    and end are counted too) less the modelled compute
-    the simulated runtime gives the same run on one core (no per-message cost), over the
-    messages it handled. Returns (seconds per message, messages)."""
+) -> dict[str, float]:
+    """The per-message, per-layer-call and per-update costs of Downpour's handlers beyond
+    their FLOPs: ``message_s``, ``layer_s``, ``update_s``.
+
+    A run of 2 replicas x 2 stages x 2 shards (Adagrad), ``steps`` steps each, on the simulated
+    runtime with measured compute on one core: each handler's thread CPU seconds, by (actor,
+    message type), the least of ``repeats`` runs; and the same run in modelled compute for the
+    features the simulator counts (layer FLOPs and calls, update steps and elements, message
+    elements). What each handler kind costs beyond its modelled FLOPs is then split: the
+    handlers that run neither layers nor an update rule give ``message_s`` (their mean); those
+    that run layers, the rest of theirs over their layer calls (``layer_s``); those that step an
+    update rule, the rest of theirs over their steps (``update_s``). Each at least 0. And
+    ``jitter``: how much one kind's handlers vary in length (the median over the kinds of
+    their coefficient of variation, times sqrt(3), the spread of a uniform factor: at most 0.9):
+    without it, replicas of equal cost stay in lockstep and staleness comes out too low."""
     from .. import train
     from ..runtime.simulated import SimulatedRuntime
 
     g = torch.Generator().manual_seed(0)
-    n = steps * batch_size
+    n = 2 * steps * batch_size
     data = (torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
     args = dict(
         loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
-        seed=0, eval_every=0,
+        seed=0, eval_every=0, replicas=2, stages=2, shards=2,
     )  # fmt: skip
+    one_core = dict(machines=1, cores=1, placement="pack", local_latency_s=0.0)
 
-    def cpu_seconds() -> float:
-        # CPU time, not wall time: on a loaded machine the wall clock counts other work
-        t0 = time.process_time()
-        train(mlp(widths), data, runtime="local", **args)
-        return time.process_time() - t0
+    def stats(**options: Any) -> dict:
+        rt = SimulatedRuntime(0, **one_core, **options)
+        rt.handler_stats = {}
+        train(mlp(widths), data, runtime=rt, **args)
+        return rt.handler_stats
 
-    cpu_seconds()  # warms up (the optimizer's first import)
-    real = min(cpu_seconds() for _ in range(repeats))
-    rt = SimulatedRuntime(
-        0, machines=1, cores=1, placement="pack", core_flops=core_flops,
-        flops_per_element=flops_per_element, message_s=0.0, local_latency_s=0.0,
-    )  # fmt: skip
-    modelled = train(mlp(widths), data, runtime=rt, **args).stats["virtual_s"]
-    messages = rt.delivered_messages
-    return max(real - modelled, 0.0) / messages, messages
+    stats(compute="measured")  # warms up
+    measured = [stats(compute="measured") for _ in range(repeats)]
+    features = stats(compute="modelled", core_flops=core_flops)
+    sums = {"message": [0.0, 0], "layer": [0.0, 0, 0], "update": [0.0, 0, 0]}
+    spreads = []  # each frequent handler kind's coefficient of variation (its quietest run)
+    for key, row in features.items():
+        count, _, flops, calls, updates, updated, elements, _ = row
+        if count >= 32:
+            spreads.append(min(_variation(m[key]) for m in measured if key in m))
+        cpu = min(m[key][1] for m in measured if key in m)
+        rest = cpu - (flops + flops_per_element * elements) / core_flops
+        if updates:
+            sums["update"][0] += rest - update_flops_per_element * updated / core_flops
+            sums["update"][1] += count
+            sums["update"][2] += updates
+        elif calls:
+            sums["layer"][0] += rest
+            sums["layer"][1] += count
+            sums["layer"][2] += calls
+        else:
+            sums["message"][0] += rest
+            sums["message"][1] += count
+    message_s = max(sums["message"][0] / max(sums["message"][1], 1), 0.0)
+    layer, update = sums["layer"], sums["update"]
+    spreads.sort()
+    spread = spreads[len(spreads) // 2] if spreads else 0.0
+    return {
+        # a uniform factor in [1 - j, 1 + j] varies by j / sqrt(3): the handlers' median spread
+        "jitter": min(spread * 3**0.5, 0.9),
+        "message_s": message_s,
+        "layer_s": max((layer[0] - message_s * layer[1]) / max(layer[2], 1), 0.0),
+        "update_s": max((update[0] - message_s * update[1]) / max(update[2], 1), 0.0),
+        "messages": sum(row[0] for row in features.values()),
+    }
 
 
 def measure(
@@ -203,31 +335,43 @@ def measure(
     try:
         say = log or (lambda m: None)
         repeats = 1 if quick else 5
-        core = layer_rate(widths, batch_size, repeats)
+        core = marginal_layer_rate(widths, batch_size, repeats)
         say(f"layers: {core:.3g} FLOP/s per core")
+        figures_busy = busy_speed(widths, batch_size, repeats)
+        say(f"a core while every core computes: {figures_busy:.2f} of its speed alone")
         per_element = copy_seconds_per_element(10_000 if quick else 100_000, repeats)
         say(f"tensor copy: {per_element * 1e9:.3f} ns per element")
         figures: dict[str, Any] = {
             "core_flops": core,
             "flops_per_element": per_element * core,
             "cores": os.cpu_count() or 1,
+            "busy_speed": figures_busy,
             "runtimes": {},
         }
-        fitted, messages = handler_seconds(
-            core, per_element * core, widths, batch_size, 32 if quick else 256, repeats
+        update = update_seconds_per_element(repeats=repeats)
+        figures["update_flops_per_element"] = update * core
+        say(f"update rule (adagrad): {update * 1e9:.3f} ns per element")
+        fit = handler_costs(
+            core, per_element * core, update * core, widths, batch_size,
+            32 if quick else 128, 1 if quick else 3,
+        )  # fmt: skip
+        figures["handlers"] = fit
+        say(
+            f"handlers ({fit['messages']} messages): {fit['message_s'] * 1e6:.1f} us per "
+            f"message, {fit['layer_s'] * 1e6:.1f} us per layer call, "
+            f"{fit['update_s'] * 1e6:.1f} us per update step, beyond their FLOPs; "
+            f"jitter {fit['jitter']:.2f}"
         )
-        figures["handler_s"] = fitted
-        say(f"handlers: {fitted * 1e6:.1f} us per message beyond their FLOPs ({messages} messages)")
         hops = 40 if quick else 400
         big = (1 << 18) if quick else (1 << 22)
         for name in runtimes:
-            small = seconds_per_message(name, hops, 0, 1 if quick else 3)
-            entry = {"message_s": small}
+            small, cpu = seconds_per_message(name, hops, 0, 1 if quick else 3)
+            entry = {"message_s": small, "cpu_s": cpu}
             if name != "local":
-                large = seconds_per_message(name, max(4, hops // 10), big, 1 if quick else 3)
+                large, _ = seconds_per_message(name, max(4, hops // 10), big, 1 if quick else 3)
                 entry["bandwidth_Bps"] = big / max(large - small, 1e-9)
             figures["runtimes"][name] = entry
-            say(f"{name}: {small * 1e6:.1f} us per message")
+            say(f"{name}: {small * 1e6:.1f} us per message, {cpu * 1e6:.1f} us of a process's CPU")
         return figures
     finally:
         torch.set_num_threads(threads)
@@ -238,28 +382,43 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     if runtime not in figures["runtimes"]:
         raise ConfigError(f"runtime: {runtime!r} was not measured")
     ping = figures["runtimes"].get("local", figures["runtimes"][runtime])["message_s"]
-    local = max(float(figures.get("handler_s", 0.0)), ping)
+    # The handler fit (handler_costs); figures of an older calibration have one handler_s.
+    fit = figures.get("handlers") or {"message_s": float(figures.get("handler_s", 0.0))}
     entry = figures["runtimes"][runtime]
     common = {
         "compute": "modelled",
         "core_flops": float(figures["core_flops"]),
         "flops_per_element": float(figures["flops_per_element"]),
+        "message_s": max(float(fit["message_s"]), ping),
+        "layer_s": float(fit.get("layer_s", 0.0)),
+        "update_s": float(fit.get("update_s", 0.0)),
+        "update_flops_per_element": float(figures.get("update_flops_per_element", 0.0)),
+        "jitter": float(fit.get("jitter", 0.0)),
         "header_bytes": 64,
     }
     if runtime == "local":
         # One thread handles every message: one machine of one core, each message its cost.
-        return {
-            **common, "machines": 1, "cores": 1, "placement": "pack",
-            "message_s": local, "local_latency_s": 0.0,
-        }  # fmt: skip
+        return {**common, "machines": 1, "cores": 1, "placement": "pack", "local_latency_s": 0.0}
     # Worker processes: a machine per core; a message between them pays the in-process cost
-    # in its handler, and the rest of its measured seconds as the link's latency.
+    # in its handler, and the rest of its measured seconds as the link's latency. On
+    # processes a shard is in every worker's shared memory and a push is applied in the
+    # sender's process: shared; Ray gives each shard an actor of its own.
+    shared = {"shared": True} if runtime == "processes" else {}
+    # A message between processes costs each of the two some CPU (serialising, the run loop):
+    # what the rally's processes spent per message beyond the in-process cost, half to the
+    # sender's core and half to the receiver's; the rest of its seconds is waiting: latency.
+    local_cpu = figures["runtimes"].get("local", {}).get("cpu_s", ping)
+    cpu = float(entry.get("cpu_s", ping))
+    wire = max(cpu - local_cpu, 0.0)
+    machines = int(figures["cores"])
     return {
-        **common, "machines": int(figures["cores"]), "cores": 1,
-        "message_s": float(local),
-        "latency_s": max(float(entry["message_s"]) - ping, 0.0),
+        **common, "machines": machines, "cores": 1,
+        "speeds": [float(figures.get("busy_speed", 1.0))] * machines,
+        "send_s": wire / 2, "receive_s": wire / 2,
+        "latency_s": max(float(entry["message_s"]) - ping - wire, 0.0),
         "local_latency_s": 0.0,
         "bandwidth_Bps": float(entry["bandwidth_Bps"]),
+        **shared,
     }  # fmt: skip
 
 

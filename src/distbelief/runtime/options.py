@@ -201,6 +201,30 @@ class SimulatedOptions:
     copy), in FLOPs (modelled compute)."""
     message_s: float = 20e-6
     """Fixed cost of handling one message at relative speed 1, in seconds (modelled)."""
+    layer_s: float = 0.0
+    """Fixed cost of each layer call a handler runs, forward or backward (a module call's
+    Python and autograd bookkeeping beyond its FLOPs), in seconds (modelled)."""
+    update_s: float = 0.0
+    """Fixed cost of each update-rule step a handler runs (a ``torch.optim`` optimizer's
+    ``step``, as a parameter shard applies a push), in seconds (modelled)."""
+    update_flops_per_element: float = 0.0
+    """Elementwise work of an update-rule step per parameter element it updates, in FLOPs
+    (modelled)."""
+    send_s: float = 0.0
+    """CPU cost to the sender's core of each message it sends to another machine
+    (serialising it: a process's pickling and pipe write), in seconds."""
+    receive_s: float = 0.0
+    """CPU cost to the receiver's core of each message from another machine (reading and
+    unpickling it), in seconds."""
+    jitter: float = 0.0
+    """Each handler's cost is multiplied by a factor drawn uniformly from [1 - jitter,
+    1 + jitter] (seeded by the run's seed: the same seed, the same virtual times), as real
+    handlers vary; 0: none (replicas of equal cost stay in lockstep)."""
+    shared: bool = False
+    """Host the actors whose class is ``shareable`` (Downpour's parameter shards) on every
+    machine at once, as the processes runtime does over shared memory: a message to one is
+    handled on its sender's machine, on a core there, with no network; still one message at a
+    time (its lock). False: each on its machine, as on Ray and a real cluster."""
     time_scale: float = 1.0
     """Measured compute: virtual seconds per second of the handler's thread CPU time."""
     bandwidth_Bps: float = 1.25e9
@@ -265,7 +289,14 @@ class SimulatedOptions:
         _positive("core_flops", self.core_flops)
         _positive("bandwidth_Bps", self.bandwidth_Bps)
         _positive("time_scale", self.time_scale)
-        for name in ("flops_per_element", "message_s", "latency_s", "local_latency_s"):
+        if not isinstance(self.shared, bool):
+            raise ConfigError(f"runtime_options: shared must be true or false, got {self.shared!r}")
+        if not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
+            raise ConfigError(f"runtime_options: jitter must be in [0, 1), got {self.jitter!r}")
+        for name in (
+            "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
+            "update_s", "update_flops_per_element", "send_s", "receive_s",
+        ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes
         if not isinstance(header, int) or isinstance(header, bool) or header < 0:

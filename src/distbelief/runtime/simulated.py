@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import os
+import random
 import time
 import tomllib
 from collections import deque
@@ -40,6 +41,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
@@ -151,6 +153,9 @@ class LayerFlops:
 
     def __init__(self) -> None:
         self.flops = 0
+        self.calls = 0
+        """Layer calls, forward and backward (each a Python call and autograd's bookkeeping
+        beyond its FLOPs: ``layer_s`` each)."""
         self._hook: Any = None
 
     def __enter__(self) -> LayerFlops:
@@ -164,22 +169,50 @@ class LayerFlops:
         flops, self.flops = self.flops, 0
         return flops
 
+    def take_calls(self) -> int:
+        """Reads and resets the count of layer calls (forward and backward)."""
+        calls, self.calls = self.calls, 0
+        return calls
+
     def _forward(self, module: torch.nn.Module, inputs: tuple, out: Any) -> None:
         if _measuring or next(iter(module.children()), None) is not None:
             return  # a layer's meta run, or a container (its layers count themselves)
+        self.calls += 1
         flops = layer_flops(module, inputs)
-        if not flops:
-            return
         self.flops += flops
         if isinstance(out, torch.Tensor) and out.requires_grad:
             weights = any(p.requires_grad for p in module.parameters(recurse=False))
             needs_input = any(isinstance(i, torch.Tensor) and i.requires_grad for i in inputs)
             backward = flops * (int(weights) + int(needs_input))
-            if backward:
+            if weights or needs_input:
                 out.register_hook(lambda grad: self._add(backward))
 
     def _add(self, flops: int) -> None:
         self.flops += flops
+        self.calls += 1
+
+
+class _Updates:
+    """Counts update-rule steps (``torch.optim`` optimizers' ``step``) and the parameter
+    elements they update, by one global step hook, registered once: a handler's share is the
+    difference across it (one thread runs every handler). Deterministic: counts, not times."""
+
+    steps = 0
+    elements = 0
+    _hook: Any = None
+
+    @classmethod
+    def watch(cls) -> None:
+        if cls._hook is None:
+            cls._hook = register_optimizer_step_post_hook(cls._count)
+
+    @classmethod
+    def _count(cls, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        cls.steps += 1
+        cls.elements += sum(
+            p.numel() for group in optimizer.param_groups for p in group["params"]
+            if p.grad is not None
+        )  # fmt: skip
 
 
 _FIELDS: dict[type, tuple[str, ...]] = {}
@@ -299,6 +332,15 @@ class SimulatedRuntime(LocalRuntime):
         self._groups: dict[str, int] = {}  # placement: each group's number
         self._lone = 0  # placement: actors without a group placed so far
         self._layered: dict[str, tuple[Actor, bool]] = {}
+        self._shared: set[str] = set()  # actors handled on their sender's machine
+        self.handler_stats: dict[tuple[str, str], list[float]] | None = None
+        """None, or (set it to {}) per (actor, message type): [messages, cost, layer FLOPs,
+        layer calls, update steps, updated elements, message elements, cost squared] summed
+        (before ``jitter``; FLOPs and
+        calls are counted in modelled compute only): what calibration fits the cost terms
+        from."""
+        _Updates.watch()
+        self._jitter = random.Random(seed)  # seeded: the same seed, the same virtual times
 
     # ---------------------------------------------------------------- actors
 
@@ -308,6 +350,8 @@ class SimulatedRuntime(LocalRuntime):
         self._busy_actor[name] = 0.0
         self._delay[name] = fault_plans.delay_of(self._plan, name)
         self._machine[name] = self._place(name)
+        if self.options.shared and cls.shareable:
+            self._shared.add(name)
         return ref
 
     def _place(self, name: str) -> int:
@@ -360,15 +404,24 @@ class SimulatedRuntime(LocalRuntime):
         else:
             self._send(ref, message, sender, self.now)
 
-    def _send(self, ref: LocalRef, message: Any, sender: LocalRef, t: float) -> None:
-        """``message`` leaves ``sender`` at virtual time ``t`` (the events are handled in time
-        order, so each link sees its messages in the order they were sent)."""
+    def _send(
+        self, ref: LocalRef, message: Any, sender: LocalRef, t: float, src: int | None = None
+    ) -> None:
+        """``message`` leaves ``sender`` (running on machine ``src``; None: its own) at virtual
+        time ``t`` (the events are handled in time order, so each link sees its messages in
+        the order they were sent)."""
         o = self.options
-        src = self._machine.get(sender.name) if sender._cell is not None else None
+        if src is None and sender._cell is not None:
+            src = self._machine.get(sender.name)
         cell = ref._cell
         dst = self._machine.get(cell.name) if cell is not None else None
+        if cell is not None and cell.name in self._shared:
+            # Hosted on every machine: handled where it was sent from, without the network.
+            m = dst if src is None else src
+            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message, m, False)
+            return
         if src is None or dst is None or src == dst:
-            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message)
+            self._schedule(t + o.local_latency_s, _ARRIVE, ref, sender, message, dst, False)
             return
         nbytes = tensor_size(message)[0] + o.header_bytes
         transfer = nbytes / o.bandwidth_Bps
@@ -384,9 +437,18 @@ class SimulatedRuntime(LocalRuntime):
         end = start + transfer
         self._in_free[dst] = end
         self._in_busy[dst] += transfer
-        self._schedule(end, _ARRIVE, ref, sender, message)
+        self._schedule(end, _ARRIVE, ref, sender, message, dst, True)
 
-    def _arrive(self, t: float, seq: int, ref: LocalRef, sender: Any, message: Any) -> None:
+    def _arrive(
+        self,
+        t: float,
+        seq: int,
+        ref: LocalRef,
+        sender: Any,
+        message: Any,
+        m: int | None,
+        remote: bool,
+    ) -> None:
         cell = ref._cell
         if cell is None:
             if self._queue.tapped(sender.name, DRIVER, message):
@@ -404,9 +466,10 @@ class SimulatedRuntime(LocalRuntime):
             return
         cell.mailbox.append((sender, message))
         keys = self._keys[cell.name]
-        keys.append((t, seq))
-        if len(keys) == 1 and cell.name not in self._running:
+        if m is None or cell.name not in self._shared:
             m = self._machine[cell.name]
+        keys.append((t, seq, m, remote))  # m: the machine that handles it
+        if len(keys) == 1 and cell.name not in self._running:
             heapq.heappush(self._ready[m], (t, seq, cell.name))
             self._dispatch(m)
 
@@ -416,7 +479,7 @@ class SimulatedRuntime(LocalRuntime):
         while ready and self._free[m] > 0:
             t, seq, name = heapq.heappop(ready)
             keys = self._keys.get(name)
-            if not keys or keys[0] != (t, seq) or name in self._running:
+            if not keys or keys[0][:2] != (t, seq) or name in self._running:
                 continue  # stale: its mail was lost with it (a restart) or it is running
             self._start(self._cells[name], m)
 
@@ -424,34 +487,53 @@ class SimulatedRuntime(LocalRuntime):
         """Hand ``cell``'s oldest message to its actor now, on a core of machine ``m``."""
         keys = self._keys[cell.name]
         sender, message = cell.mailbox.popleft()
-        keys.popleft()
+        remote = keys.popleft()[3]
         if cell.fault is not None:
             cell.delivered += 1
             if cell.fault.due(message, cell.delivered, cell.actor):
                 self._kill(cell, message)  # at this virtual moment; no core used
                 if self._keys[cell.name]:
-                    t, seq = self._keys[cell.name][0]
-                    heapq.heappush(self._ready[m], (t, seq, cell.name))
+                    t, seq, next_m, _ = self._keys[cell.name][0]
+                    heapq.heappush(self._ready[next_m], (t, seq, cell.name))
+                    if next_m != m:
+                        self._dispatch(next_m)
                 return
         o = self.options
         self._outbox, self._sender = [], cell.name
+        steps, updated = _Updates.steps, _Updates.elements
         try:
-            if o.compute == "modelled":
-                if self._runs_layers(cell):
-                    with self._layers:
-                        handle(cell, message, sender)
-                else:
+            if o.compute == "modelled" and self._runs_layers(cell):
+                with self._layers:
                     handle(cell, message, sender)
-                elements = tensor_size(message)[1]
-                flops = self._layers.take() + o.flops_per_element * elements
-                cost = o.message_s + flops / o.core_flops
+            elif o.compute == "modelled":
+                handle(cell, message, sender)
             else:
                 t0 = time.thread_time()
                 handle(cell, message, sender)
-                cost = (time.thread_time() - t0) * o.time_scale
+                cpu = time.thread_time() - t0
+            flops, calls = self._layers.take(), self._layers.take_calls()
             sends = self._outbox
         finally:
             self._outbox = self._sender = None
+        steps, updated = _Updates.steps - steps, _Updates.elements - updated
+        elements = tensor_size(message)[1]
+        if o.compute == "modelled":
+            # The cost terms (docs/simulated.md, "The model"), each fitted by calibration.
+            work = flops + o.flops_per_element * elements + o.update_flops_per_element * updated
+            cost = o.message_s + o.layer_s * calls + o.update_s * steps + work / o.core_flops
+        else:
+            cost = cpu * o.time_scale
+        if o.send_s or o.receive_s:
+            # Serialising to and from another machine's process occupies this core too.
+            cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
+        if self.handler_stats is not None:
+            key = (cell.name, type(message).__name__)
+            row = self.handler_stats.setdefault(key, [0, 0.0, 0, 0, 0, 0, 0, 0.0])
+            for i, v in enumerate((1, cost, flops, calls, steps, updated, elements, cost * cost)):
+                row[i] += v
+        if o.jitter:
+            # Real handlers vary in length; a cluster without it keeps replicas in lockstep
+            cost *= 1.0 + o.jitter * (2.0 * self._jitter.random() - 1.0)
         self._queue.delivered += 1
         cost = cost / self._speed[m] + self._delay[cell.name]
         self._free[m] -= 1
@@ -459,6 +541,13 @@ class SimulatedRuntime(LocalRuntime):
         self._core_s[m] += cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
+
+    def _remote(self, ref: LocalRef, m: int) -> bool:
+        """Whether a message from machine ``m`` to ``ref`` crosses the network."""
+        cell = ref._cell
+        if cell is None or cell.name in self._shared:
+            return False
+        return self._machine.get(cell.name, m) != m
 
     def _runs_layers(self, cell: _Cell) -> bool:
         """Whether ``cell``'s actor holds a module (in its attributes, or theirs), so that its
@@ -474,10 +563,13 @@ class SimulatedRuntime(LocalRuntime):
         self._free[m] += 1
         self._running.discard(cell.name)
         for ref, message in sends:
-            self._send(ref, message, cell.ref, t)
+            self._send(ref, message, cell.ref, t, m)
         keys = self._keys.get(cell.name)
         if keys:
-            heapq.heappush(self._ready[m], (*keys[0], cell.name))
+            t0, seq, next_m, _ = keys[0]
+            heapq.heappush(self._ready[next_m], (t0, seq, cell.name))
+            if next_m != m:
+                self._dispatch(next_m)
         self._dispatch(m)
 
     def _step(self) -> None:
