@@ -18,7 +18,7 @@ from distbelief import ConfigError
 from distbelief.algorithms.downpour.messages import Push, StepDone
 from distbelief.core.flat import flatten
 from distbelief.data.inputs import replica_batches
-from distbelief.runtime import faults, make_runtime
+from distbelief.runtime import faults, make_runtime, simulated
 from distbelief.runtime.simulated import tensor_size
 
 FAST = 1e9
@@ -84,6 +84,9 @@ def test_single_replica_equals_plain_torch_optim_loop():
     assert stats["virtual_examples_per_s"] == pytest.approx(512 / stats["virtual_s"])
     assert stats["bottleneck"]["resource"]
     assert set(stats["placement"]) >= {"master", "shard0", "data0", "replica0.stage0"}
+    # Its global hooks (update steps counted) are gone with the run: the process's other
+    # optimizers pay nothing for it afterwards.
+    assert simulated._Updates._hook is None and simulated._Updates._watchers == 0
 
 
 def test_same_seed_same_virtual_times_and_parameters_bit_for_bit():

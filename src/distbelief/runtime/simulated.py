@@ -194,17 +194,28 @@ class LayerFlops:
 
 class _Updates:
     """Counts update-rule steps (``torch.optim`` optimizers' ``step``) and the parameter
-    elements they update, by one global step hook, registered once: a handler's share is the
-    difference across it (one thread runs every handler). Deterministic: counts, not times."""
+    elements they update, by one global step hook while a simulated runtime is open (counted
+    by ``watch``/``unwatch``, so the rest of the process pays nothing once the last closes): a
+    handler's share is the difference across it (one thread runs every handler).
+    Deterministic: counts, not times."""
 
     steps = 0
     elements = 0
     _hook: Any = None
+    _watchers = 0
 
     @classmethod
     def watch(cls) -> None:
+        cls._watchers += 1
         if cls._hook is None:
             cls._hook = register_optimizer_step_post_hook(cls._count)
+
+    @classmethod
+    def unwatch(cls) -> None:
+        cls._watchers = max(0, cls._watchers - 1)
+        if cls._watchers == 0 and cls._hook is not None:
+            cls._hook.remove()
+            cls._hook = None
 
     @classmethod
     def _count(cls, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -340,6 +351,7 @@ class SimulatedRuntime(LocalRuntime):
         calls are counted in modelled compute only): what calibration fits the cost terms
         from."""
         _Updates.watch()
+        self._watching = True
         self._jitter = random.Random(seed)  # seeded: the same seed, the same virtual times
 
     # ---------------------------------------------------------------- actors
@@ -675,6 +687,9 @@ class SimulatedRuntime(LocalRuntime):
 
     def shutdown(self) -> None:
         set_virtual_clock(None)
+        if self._watching:  # (shutdown may be called twice)
+            self._watching = False
+            _Updates.unwatch()
         super().shutdown()
         self._events.clear()
         for ready in self._ready:
