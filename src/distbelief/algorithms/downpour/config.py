@@ -187,17 +187,19 @@ class DownpourConfig:
 
 
 def check_pipeline_depth(config: DownpourConfig) -> None:
-    """``pipeline_depth`` at most the cap, and above 1 only with stages to overlap."""
+    """``pipeline_depth`` at most the cap, and above 1 only with stages or partitions to
+    overlap."""
     depth = config.pipeline_depth
     if depth > MAX_PIPELINE_DEPTH:
         raise ConfigError(
             f"pipeline_depth: at most {MAX_PIPELINE_DEPTH} mini-batches in flight, got {depth} "
             "(beyond about one per stage more only adds staleness and stashed copies)"
         )
-    if depth > 1 and stage_count(config.stages) == 1:
+    # Partitions overlap too: a block computes one mini-batch while another's halo is on its way.
+    if depth > 1 and stage_count(config.stages) == 1 and config.partitions == 1:
         raise ConfigError(
-            f"pipeline_depth: {depth} mini-batches in flight need stages > 1 to overlap, "
-            "but stages is 1; give stages=2 or more, or pipeline_depth=1"
+            f"pipeline_depth: {depth} mini-batches in flight need stages > 1 (or partitions > 1) "
+            "to overlap, but stages is 1; give stages=2 or more, or pipeline_depth=1"
         )
 
 
