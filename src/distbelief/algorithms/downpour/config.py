@@ -85,11 +85,13 @@ class DownpourConfig:
         1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1,
         help=f"Mini-batches in flight per replica, at most {MAX_PIPELINE_DEPTH}: stage s works "
         "on one while stage s+1 works on the one before, each backward pass with the "
-        "parameters its own forward pass used (1: one at a time; needs stages > 1).",
+        "parameters its own forward pass used (1: one at a time; needs stages > 1 or "
+        "partitions > 1).",
     )  # fmt: skip
     """Mini-batches each replica keeps in flight through its stages (PipeDream's asynchronous
     pipeline, with weight stashing; 1: one at a time). At most ``MAX_PIPELINE_DEPTH``, and
-    more than 1 only with more than one stage (see docs/pipelining.md)."""
+    more than 1 only with more than one stage, or with partitions (a block works on one while
+    it waits for another's halo; see docs/pipelining.md, docs/partitions.md)."""
     partitions: int = setting(
         1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1, must_agree=True,
         help="Blocks per stage: every layer's units cut into this many blocks, one actor each, "
