@@ -28,7 +28,9 @@ serializer per hop, and seconds of start-up. On one multi-core machine this one 
   or a push is a function call that moves no byte through a pipe; the update still goes
   through the shard's update rule, and its versions count staleness.
 * **Between processes**, messages are pickled onto one pipe per ordered pair of processes
-  (per-sender FIFO), written by a writer thread so that a full pipe never stalls a run loop.
+  (per-sender FIFO), written by a writer thread so that a full pipe never stalls a run loop
+  (a worker writes an envelope under 4 KiB itself when its writer holds none and the pipe has
+  room: ``DIRECT_BYTES``).
   A plain CPU tensor in a message is pickled as its raw bytes (pickle protocol 5), not through
   torch's own pickling (which serialises each storage with ``torch.save``: ten times slower).
   Between two workers that host neighbouring stages of a replica, a tensor of 4 KiB to 1 MiB
