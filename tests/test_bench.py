@@ -84,7 +84,7 @@ def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) 
     n += 1 + 2 + len(bench.QUICK.coordinator_hidden)  # sandblaster
     n += len(bench.QUICK.checkpoint_every)
     n += len(pipeline.configs()) + len(pipeline.PUSHES) + len(SCHEDULES)
-    n += len(model_parallel.NETS) * (len(model_parallel.TIMED_PARTS) + 1)
+    n += len(model_parallel.NETS) * model_parallel.ROWS_PER_NET
     n += len(model_parallel.COUNTED_PARTS)
     n += 1 + 2  # the pipeline's profile: a row per worker, of 1 stage and of 2
     assert bench.table(report).row_count == n

@@ -31,18 +31,20 @@ def test_model_parallel_benchmark_reports_every_comparison(
 ) -> None:
     figures = report["model-parallel"]
     assert figures["width"] == bench.QUICK.model_parallel_width
-    timed = [(t["net"], t["partitions"]) for t in figures["timed"]]
-    assert timed == [(n, p) for n in mp.NETS for p in mp.TIMED_PARTS]
+    timed = [(t["net"], t["partitions"], t["pipeline_depth"]) for t in figures["timed"]]
+    assert timed == [(n, p, d) for n in mp.NETS for p, d in mp.TIMED]
     for t in figures["timed"]:
         assert t["ran"]
         assert positive(t["baseline_ms_per_batch"])
         if t["ran"]:
             assert positive(t["ms_per_batch"]) and positive(t["ratio"])
+    speedups = [(s["net"], s["which"]) for s in figures["speedup"]]
+    assert speedups == [(n, w) for n in mp.NETS for w in ("depth 1", "best depth")]
     for s in figures["speedup"]:
-        assert s["ran"] and positive(s["ratio"])
+        assert s["ran"] and positive(s["ratio"]) and s["pipeline_depth"] in mp.DEPTHS
     assert figures["nets"] == mp.counted(figures["width"])  # counted, so reproducible
     rows = bench.rows(report)
-    assert len(rows) == len(mp.NETS) * (len(mp.TIMED_PARTS) + 1) + len(mp.COUNTED_PARTS)
+    assert len(rows) == len(mp.NETS) * mp.ROWS_PER_NET + len(mp.COUNTED_PARTS)
     assert all(row[0] == "model-parallel" for row in rows)
     assert not any("did not run" in row[2] for row in rows)
     json.dumps(report)

@@ -175,6 +175,19 @@ def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards, s
         assert result.stats["partition_bytes"] == (crossing * 2 * 800 * 4 if parts > 1 else 0)
 
 
+def test_one_stage_of_partitions_takes_a_pipeline_depth():
+    # The blocks of one stage overlap mini-batches too (one computes while it waits for
+    # another's halo): pipeline_depth > 1 needs stages > 1 or partitions > 1.
+    x, y = separable_data(256)
+    kw = dict(loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=0, optimizer="sgd")
+    result = distbelief.train(local_net(), (x, y), partitions=2, pipeline_depth=3, **kw)
+    assert result.stats["steps"] == 32 and 0 < result.stats["staleness_max"] <= 2
+    losses = [point["loss"] for point in result.history.train]
+    assert losses[-1] < 0.6 * losses[0]
+    with pytest.raises(ConfigError, match=r"^pipeline_depth: 2 .*partitions > 1"):
+        distbelief.train(local_net(), (x, y), pipeline_depth=2, **kw)
+
+
 def test_n_fetch_n_push_4_with_partitions_equal_summed_gradients_every_4_steps():
     model = mlp_net()
     x, y = toy(384, 5)  # 24 steps of 16 an epoch: a multiple of 4

@@ -13,7 +13,11 @@ step does not depend on them) with 16 classes, so that every layer, the classifi
 (a) **Timed**: mean time per mini-batch of 32 (SGD, one replica, one stage, one shard, one
 torch thread per process) on the ``processes`` runtime with P = 1 and 2 partitions, beside the
 same net in a plain one-process torch loop; every run alternates with the others in each
-repeat and ratios are medians of paired ratios.
+repeat and ratios are medians of paired ratios. With 2 partitions also at ``pipeline_depth``
+2 and 4 (a block computes one mini-batch while it waits for another's halo; each backward
+pass uses its forward's parameters, one to three steps stale): the rows say which depth,
+and the last speedup row of each net is the best depth's. The headline (depth 1) is SGD
+every step, as the plain loop.
 
 (b) **Counted**: the bytes that cross between blocks per step for P in {1, 2, 4, 8, 16}, from
 the plans (:func:`~distbelief.core.blocks.crossing_bytes`), so the figures hold on any machine:
@@ -49,6 +53,12 @@ KERNEL = 3
 """Kernel of the locally-connected layers (padding 1: every layer keeps length 40)."""
 TIMED_PARTS = (1, 2)
 """Partitions of the timed runs (2 cores here)."""
+DEPTHS = (1, 2, 4)
+"""``pipeline_depth`` of the timed runs with 2 partitions (1 partition: depth 1 only)."""
+TIMED = ((1, 1), *((2, d) for d in DEPTHS))
+"""(partitions, pipeline_depth) of every timed distbelief run, in order."""
+ROWS_PER_NET = len(TIMED) + 2
+"""Rows of each net: one per timed run, 2 partitions against 1 at depth 1 and at the best."""
 COUNTED_PARTS = (1, 2, 4, 8, 16)
 """Partitions whose crossing bytes are counted."""
 LR = 0.01
@@ -133,8 +143,8 @@ def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -
     data = examples(sizes.model_parallel_steps * BATCH, seed)
     makers = nets(width)
     plain: dict[str, list[float]] = {n: [] for n in makers}
-    engine: dict[tuple[str, int], list[float | None]] = {
-        (n, p): [] for n in makers for p in TIMED_PARTS
+    engine: dict[tuple[str, int, int], list[float | None]] = {
+        (n, p, d): [] for n in makers for p, d in TIMED
     }
     for rep in range(repeats):
         for name, make in makers.items():
@@ -142,15 +152,16 @@ def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -
                 make(seed), data, lr=LR, batch_size=BATCH, epochs=1, seed=seed
             )
             plain[name].append(BATCH / ex_s)
-            for p in TIMED_PARTS:
+            for p, d in TIMED:
+                extra = {"pipeline_depth": d} if d > 1 else {}
                 result = train(
                     make(seed), data, loss="cross_entropy", lr=LR, batch_size=BATCH, epochs=1,
-                    optimizer="sgd", seed=seed, runtime="processes", partitions=p,
+                    optimizer="sgd", seed=seed, runtime="processes", partitions=p, **extra,
                 )  # fmt: skip
-                engine[(name, p)].append(_per_batch(result))
+                engine[(name, p, d)].append(_per_batch(result))
         say(log, f"model-parallel repeat {rep + 1}/{repeats}: " + ", ".join(
             f"{n} plain {plain[n][-1] * 1e3:.2f} ms"
-            + "".join(f", P={p} {v[-1] * 1e3:.2f} ms" for (m, p), v in engine.items()
+            + "".join(f", P={p} D={d} {v[-1] * 1e3:.2f} ms" for (m, p, d), v in engine.items()
                       if m == n and v[-1])
             for n in makers
         ))  # fmt: skip
@@ -179,7 +190,7 @@ def bytes_figures(width: int) -> dict[str, Any]:
 def _figures(
     width: int,
     plain: dict[str, list[float]],
-    engine: dict[tuple[str, int], list[float | None]],
+    engine: dict[tuple[str, int, int], list[float | None]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
         **bytes_figures(width),
@@ -187,21 +198,25 @@ def _figures(
         "speedup": [],
     }
     for name in NETS:
-        for p in TIMED_PARTS:
-            samples = engine[(name, p)]
+        for p, d in TIMED:
+            samples = engine[(name, p, d)]
             out["timed"].append({
-                "net": name, "partitions": p, "ran": any(samples),
+                "net": name, "partitions": p, "pipeline_depth": d, "ran": any(samples),
                 "ms_per_batch": _ms(samples), "baseline_ms_per_batch": _ms(plain[name]),
                 # throughput ratio: plain loop's time over the engine's
                 "ratio": _median_ratio(plain[name], samples),
                 "samples_ms": [round(v * 1e3, 3) if v else None for v in samples],
                 "baseline_samples_ms": [round(v * 1e3, 3) for v in plain[name]],
             })  # fmt: skip
-        one, two = engine[(name, 1)], engine[(name, 2)]
-        out["speedup"].append({
-            "net": name, "ran": any(two), "ms_per_batch": _ms(two),
-            "baseline_ms_per_batch": _ms(one), "ratio": _median_ratio(one, two),
-        })  # fmt: skip
+        one = engine[(name, 1, 1)]
+        ratios = {d: _median_ratio(one, engine[(name, 2, d)]) for d in DEPTHS}
+        best = max((d for d in DEPTHS if ratios[d] is not None), key=ratios.get, default=1)
+        for d, label in ((1, "depth 1"), (best, "best depth")):
+            two = engine[(name, 2, d)]
+            out["speedup"].append({
+                "net": name, "pipeline_depth": d, "which": label, "ran": any(two),
+                "ms_per_batch": _ms(two), "baseline_ms_per_batch": _ms(one), "ratio": ratios[d],
+            })  # fmt: skip
     return out
 
 
@@ -218,20 +233,25 @@ def _bytes(n: int) -> str:
 
 
 def rows(figures: dict[str, Any]) -> list[Row]:
-    """A row per net and P against the plain loop; a row per net for 2 partitions against 1;
-    a row per counted P with both nets' crossing bytes (ratio: locally / fully connected)."""
+    """A row per net and timed run (P, depth) against the plain loop; two per net for 2
+    partitions against 1 (at depth 1, and at the best depth); a row per counted P with both
+    nets' crossing bytes (ratio: locally / fully connected)."""
     out: list[Row] = []
     width = figures["width"]
     for t in figures["timed"]:
-        p = t["partitions"]
+        p, d = t["partitions"], t.get("pipeline_depth", 1)
         config = f"{describe(t['net'], width)}, sgd, processes, {p} partition" + "s" * (p > 1)
+        config += f", pipeline_depth {d}" if d > 1 else ""
         dist = _fmt_ms(t["ms_per_batch"]) if t["ran"] else "did not run"
         out.append(("model-parallel", config, dist,
                     f"plain torch loop {_fmt_ms(t['baseline_ms_per_batch'])}",
                     _ratio(t["ratio"])))  # fmt: skip
     for s in figures["speedup"]:
+        d = s.get("pipeline_depth", 1)
+        best = " (the best of " + ", ".join(map(str, DEPTHS)) + ")"
         out.append((
-            "model-parallel", f"{describe(s['net'], width)}, processes: 2 partitions against 1",
+            "model-parallel", f"{describe(s['net'], width)}, processes: 2 partitions "
+            f"against 1, pipeline_depth {d}{best if s.get('which') == 'best depth' else ''}",
             _fmt_ms(s["ms_per_batch"]) if s["ran"] else "did not run",
             f"1 partition {_fmt_ms(s['baseline_ms_per_batch'])}", _ratio(s["ratio"]),
         ))  # fmt: skip

@@ -85,11 +85,13 @@ class DownpourConfig:
         1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1,
         help=f"Mini-batches in flight per replica, at most {MAX_PIPELINE_DEPTH}: stage s works "
         "on one while stage s+1 works on the one before, each backward pass with the "
-        "parameters its own forward pass used (1: one at a time; needs stages > 1).",
+        "parameters its own forward pass used (1: one at a time; needs stages > 1 or "
+        "partitions > 1).",
     )  # fmt: skip
     """Mini-batches each replica keeps in flight through its stages (PipeDream's asynchronous
     pipeline, with weight stashing; 1: one at a time). At most ``MAX_PIPELINE_DEPTH``, and
-    more than 1 only with more than one stage (see docs/pipelining.md)."""
+    more than 1 only with more than one stage, or with partitions (a block works on one while
+    it waits for another's halo; see docs/pipelining.md, docs/partitions.md)."""
     partitions: int = setting(
         1, owner=OWNER, check=integer(1), kind=int, shown=True, neutral=1, must_agree=True,
         help="Blocks per stage: every layer's units cut into this many blocks, one actor each, "
@@ -187,17 +189,19 @@ class DownpourConfig:
 
 
 def check_pipeline_depth(config: DownpourConfig) -> None:
-    """``pipeline_depth`` at most the cap, and above 1 only with stages to overlap."""
+    """``pipeline_depth`` at most the cap, and above 1 only with stages or partitions to
+    overlap."""
     depth = config.pipeline_depth
     if depth > MAX_PIPELINE_DEPTH:
         raise ConfigError(
             f"pipeline_depth: at most {MAX_PIPELINE_DEPTH} mini-batches in flight, got {depth} "
             "(beyond about one per stage more only adds staleness and stashed copies)"
         )
-    if depth > 1 and stage_count(config.stages) == 1:
+    # Partitions overlap too: a block computes one mini-batch while another's halo is on its way.
+    if depth > 1 and stage_count(config.stages) == 1 and config.partitions == 1:
         raise ConfigError(
-            f"pipeline_depth: {depth} mini-batches in flight need stages > 1 to overlap, "
-            "but stages is 1; give stages=2 or more, or pipeline_depth=1"
+            f"pipeline_depth: {depth} mini-batches in flight need stages > 1 (or partitions > 1) "
+            "to overlap, but stages is 1; give stages=2 or more, or pipeline_depth=1"
         )
 
 
