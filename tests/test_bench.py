@@ -153,9 +153,7 @@ def test_pipeline_benchmark_reports_every_configuration_and_both_torch_schedules
     assert runs == pipeline.configs()
     assert (1, 1, 1) in runs and (2, 4, 4) in runs and (1, 2, 1) not in runs
     for c in figures["configs"]:
-        assert c["ran"] == (c["pipeline_depth"] == 1 or figures["pipeline_depth_supported"])
-        if c["ran"]:
-            assert positive(c["examples_per_s"]) and positive(c["ratio"])
+        assert c["ran"] and positive(c["examples_per_s"]) and positive(c["ratio"])
     # The cut carries each step's activations forward and their gradient back (32 x width
     # floats each) and the targets (32 int64).
     assert figures["cut_bytes_per_step_expected"] == 32 * width * 4 * 2

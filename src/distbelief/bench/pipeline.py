@@ -21,7 +21,6 @@ per worker.
 
 from __future__ import annotations
 
-import inspect
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -65,11 +64,6 @@ def configs() -> list[tuple[int, int, int]]:
     return [(s, d, p) for p in PUSHES for s, d in [(1, 1), *((2, d) for d in DEPTHS)]]
 
 
-def depth_supported() -> bool:
-    """Whether this build's ``train`` takes ``pipeline_depth`` (runs with D > 1 need it)."""
-    return "pipeline_depth" in inspect.signature(train).parameters
-
-
 def label(stages: int, depth: int, n_push: int) -> str:
     """``"2 stages, depth 4, n_push 4"``."""
     text = "1 stage" if stages == 1 else f"{stages} stages, pipeline_depth {depth}"
@@ -87,7 +81,6 @@ def pipeline(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict
     net = widths(sizes.pipeline_width)
     cut = split_widths(net)
     data = examples(sizes.pipeline_steps * BATCH, seed)
-    runnable = depth_supported()
     runs = configs()
     engine: dict[tuple, list[float | None]] = {c: [] for c in runs}
     plain: list[float] = []
@@ -99,14 +92,10 @@ def pipeline(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict
             mlp(net, seed=seed), data, lr=LR, batch_size=BATCH, epochs=1, seed=seed
         ))  # fmt: skip
         for stages, depth, n_push in runs:
-            if depth != 1 and not runnable:
-                engine[(stages, depth, n_push)].append(None)
-                continue
-            extra = {"pipeline_depth": depth} if depth != 1 else {}
             result = train(
                 mlp(net, seed=seed), data, loss="cross_entropy", lr=LR, batch_size=BATCH,
                 epochs=1, stages=[cut] if stages == 2 else 1, optimizer="sgd", n_fetch=n_push,
-                n_push=n_push, seed=seed, runtime="processes", **extra,
+                n_push=n_push, seed=seed, runtime="processes", pipeline_depth=depth,
             )  # fmt: skip
             engine[(stages, depth, n_push)].append(result.stats["examples_per_s"])
             if stages == 2:
@@ -128,7 +117,7 @@ def pipeline(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict
             f"torch {s} {v[-1]:,.0f}" if v[-1] else f"torch {s} failed"
             for s, v in torch_runs.items()
         ))  # fmt: skip
-    out = _figures(net, cut, engine, plain, torch_runs, torch_errors, cut_bytes, runnable)
+    out = _figures(net, cut, engine, plain, torch_runs, torch_errors, cut_bytes)
     best = out["speedup"][0]["best_depth"] or 1
     out["profile"] = {}
     for stages, depth in ((1, 1), (2, best)):
@@ -155,7 +144,6 @@ def _figures(
     torch_runs: dict[str, list[float | None]],
     torch_errors: dict[str, str],
     cut_bytes: list[float],
-    runnable: bool,
 ) -> dict[str, Any]:
     width = net[1]
     out: dict[str, Any] = {
@@ -163,7 +151,6 @@ def _figures(
         "cut_after_layer": cut,
         "batch": BATCH,
         "n_microbatches": MICROBATCHES,
-        "pipeline_depth_supported": runnable,
         "cut_bytes_per_step_expected": BATCH * width * 4 * 2,
         "cut_bytes_per_step": round(statistics.median(cut_bytes)) if cut_bytes else None,
         "baseline_examples_per_s": round(max(plain)),
@@ -219,7 +206,7 @@ def rows(figures: dict[str, Any]) -> list[Row]:
     out: list[Row] = []
     plain = f"plain torch loop {figures['baseline_examples_per_s']:,} ex/s"
     for c in figures["configs"]:
-        dist = _ex(c["examples_per_s"]) if c["ran"] else "needs pipeline_depth"
+        dist = _ex(c["examples_per_s"]) if c["ran"] else "did not run"
         out.append(("pipeline", f"MLP {net}, sgd, processes, {c['config']}", dist, plain,
                     _ratio(c["ratio"])))  # fmt: skip
     for s in figures["speedup"]:
