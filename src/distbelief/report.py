@@ -143,7 +143,8 @@ def label_runs(runs: Sequence[Run]) -> list[str]:
     return labels
 
 
-def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+def figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
+    """A figure in the report's size and style, for any plot of runs (experiments too)."""
     # Constrained layout makes room for a legend outside the axes (tight_layout gave up on it);
     # 864 x 518 pixels: sharp at half the width of a wide page, where report.html puts it.
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=144, layout="constrained")
@@ -226,7 +227,7 @@ def _plot_metric(runs: Sequence[Run], out: Path, metric: str, x: str) -> Path:
     xlabel = time_label(runs) if x == "wall_s" else "examples seen"
     title = f"{'accuracy' if metric == 'accuracy' else 'loss'} vs "
     title += "time" if x == "wall_s" else "examples seen"
-    fig, ax = _figure(title, xlabel, metric)
+    fig, ax = figure(title, xlabel, metric)
     styles = []
     for i, run in enumerate(runs):
         color = _color(i)
@@ -256,7 +257,7 @@ def _color(i: int) -> Any:
 
 
 def _plot_replicas(runs: Sequence[Run], out: Path) -> Path:
-    fig, ax = _figure("examples/s per replica", time_label(runs), "examples/s")
+    fig, ax = figure("examples/s per replica", time_label(runs), "examples/s")
     many = len(runs) > 1
     for i, run in enumerate(runs):
         replicas = sorted({r["replica"] for r in run.replica})
@@ -289,7 +290,7 @@ def staleness_histogram(run: Run) -> list[int]:
 
 
 def _plot_staleness(runs: Sequence[Run], out: Path) -> Path:
-    fig, ax = _figure("staleness of applied updates", "staleness (updates not seen)",
+    fig, ax = figure("staleness of applied updates", "staleness (updates not seen)",
                       "fraction of updates")  # fmt: skip
     width = 0.8 / max(len(runs), 1)
     for i, run in enumerate(runs):
@@ -302,7 +303,7 @@ def _plot_staleness(runs: Sequence[Run], out: Path) -> Path:
 
 
 def _plot_shards(runs: Sequence[Run], out: Path) -> Path:
-    fig, ax = _figure("updates applied per second, per shard", time_label(runs),
+    fig, ax = figure("updates applied per second, per shard", time_label(runs),
                       "updates/s")  # fmt: skip
     styles = ["-", "--", ":", "-."]
     many = len(runs) > 1

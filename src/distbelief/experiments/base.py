@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from ..api import train  # noqa: E402
 from ..data.inputs import mnist1d  # noqa: E402
 from ..errors import TrainingDiverged  # noqa: E402
+from ..report import figure  # noqa: E402,F401  (re-exported: the experiments draw with it)
 from ..storage.runlog import RunLog, plain  # noqa: E402
 
 HOLDS = "holds"
@@ -271,16 +272,6 @@ def fmt(value: Any, spec: str = ".3f") -> str:
     if isinstance(value, float):
         return format(value, spec)
     return str(value)
-
-
-def figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
-    """A figure in the report's size and style (864 x 518 pixels)."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=144, layout="constrained")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
 
 
 def save(fig: Any, ax: Any, path: Path) -> Path:
