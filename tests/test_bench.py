@@ -93,6 +93,7 @@ def test_table_and_markdown_have_one_row_per_comparison(report: dict[str, Any]) 
     assert len([line for line in md if line.startswith("| ")]) == n + 2  # + header, rule
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_shard_benchmark_applies_every_push() -> None:
     grads = [torch.randn(1000) for _ in range(2)]
     assert bench.shard_pushes_per_s(1000, 7, grads, 0.1) > 0  # raises if a push was lost

@@ -81,12 +81,14 @@ def test_json_flags_reach_the_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert {k: s[k] for k in expected} == expected
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_digits_preset_learns(capsys: pytest.CaptureFixture[str]) -> None:
     s = run_json(capsys, "train", "digits", "--seed", "0")
     check_plausible(s)
     assert s["test_accuracy"] >= 0.9  # 0.967-0.983 over seeds 0-4; chance is 0.1
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_xor_truth_table_agrees_with_accuracy(capsys: pytest.CaptureFixture[str]) -> None:
     s = run_json(capsys, "train", "xor", "--train-size", "2000", "--replicas", "2")
     check_plausible(s)
@@ -99,6 +101,7 @@ def test_xor_truth_table_agrees_with_accuracy(capsys: pytest.CaptureFixture[str]
     assert s["test_accuracy"] == right / 4
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_human_output_has_progress_summary_and_truth_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

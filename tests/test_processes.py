@@ -135,6 +135,7 @@ def test_a_reply_that_never_comes_is_a_deadlock_error_not_a_hang():
         rt.shutdown()
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_a_run_that_never_ends_is_a_timeout():
     rt = ProcessesRuntime(seed=0)
     try:

@@ -468,6 +468,7 @@ def test_many_replicas_of_both_algorithms_run_and_repeat_bit_for_bit():
 # ------------------------------------------------------------------------------ results
 
 
+@pytest.mark.slow  # (the fast tier stays under a minute)
 def test_the_run_log_and_the_report_use_virtual_time(tmp_path):
     """Every record of a simulated run has virtual_s beside wall_s, increasing; the report
     draws against it, labelled as virtual time; a local run's records have none."""
