@@ -186,6 +186,18 @@ def integer(low: int, optional: bool = False) -> Check:
     return check
 
 
+def stage_split(name: str, v: Any) -> Any:
+    """A stage count >= 1 (stored as a plain int: balanced by parameter count) or split points
+    (a list becomes a tuple): the ``stages`` setting of every algorithm that cuts replicas."""
+    if isinstance(v, list):
+        v = tuple(v)
+    if not (is_int(v) or isinstance(v, tuple)):
+        raise ConfigError(f"{name}: expected a count or split points, got {v!r}")
+    if is_int(v) and v < 1:
+        raise ConfigError(f"{name}: must be >= 1, got {v}")
+    return int(v) if is_int(v) else v
+
+
 def number(positive: bool) -> Check:
     """A finite number, > 0 if ``positive`` (else >= 0), stored as a float."""
 

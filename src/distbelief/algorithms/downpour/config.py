@@ -27,6 +27,7 @@ from ...settings import (
     number,
     one_of,
     setting,
+    stage_split,
     validate,
 )
 
@@ -43,17 +44,6 @@ that pays while bounding what a mistyped value costs in memory."""
 def stage_count(stages: int | tuple[int, ...]) -> int:
     """The number of stages of a checked ``stages`` setting (a count, or split points)."""
     return stages if is_int(stages) else len(stages) + 1  # type: ignore[arg-type]
-
-
-def _stages(name: str, v: Any) -> Any:
-    """A count >= 1 (balanced by parameter count) or split points (a list becomes a tuple)."""
-    if isinstance(v, list):
-        v = tuple(v)
-    if not (is_int(v) or isinstance(v, tuple)):
-        raise ConfigError(f"{name}: expected a count or split points, got {v!r}")
-    if is_int(v) and v < 1:
-        raise ConfigError(f"{name}: must be >= 1, got {v}")
-    return v
 
 
 @dataclass(frozen=True)
@@ -77,7 +67,7 @@ class DownpourConfig:
     )  # fmt: skip
     """Passes of each replica over its own data shard."""
     stages: int | tuple[int, ...] = setting(
-        1, owner=OWNER, check=_stages, kind=int, preset=True, shown=True, neutral=1,
+        1, owner=OWNER, check=stage_split, kind=int, preset=True, shown=True, neutral=1,
         help="Partitions per replica, by layer (preset: {preset}).",
     )  # fmt: skip
     """Partitions per replica: a count (balanced by parameter count) or split points."""

@@ -22,24 +22,12 @@ from ...settings import (
     Summary,
     check_checkpoints,
     integer,
-    is_int,
     setting,
+    stage_split,
     validate,
 )
 
 OWNER = "sandblaster"
-
-
-def _stages(name: str, v: Any) -> Any:
-    """A count >= 1 (balanced by parameter count) or split points (a list becomes a tuple), as
-    Downpour's ``stages`` (whose flag and help it shares)."""
-    if isinstance(v, list):
-        v = tuple(v)
-    if not (is_int(v) or isinstance(v, tuple)):
-        raise ConfigError(f"{name}: expected a count or split points, got {v!r}")
-    if is_int(v) and v < 1:
-        raise ConfigError(f"{name}: must be >= 1, got {v}")
-    return int(v) if is_int(v) else v
 
 
 @dataclass(frozen=True)
@@ -69,7 +57,7 @@ class SandblasterConfig:
     """Examples per L-BFGS step: None for the whole training set; a number for a fresh batch
     of that size at every step (mini-batch L-BFGS). (Its flag is Downpour's --batch-size.)"""
     stages: int | tuple[int, ...] = setting(
-        1, owner=OWNER, check=_stages, kind=int, shown=True, neutral=1,
+        1, owner=OWNER, check=stage_split, kind=int, shown=True, neutral=1,
     )  # fmt: skip
     """Each replica split by layer into this many stages, one group of actors each (a count,
     balanced by parameter count, or split points; 1: the replica is one actor). (Its flag is
