@@ -226,10 +226,12 @@ def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(
         restarted = set(result.stats["restarts_by_actor"])
         assert f"shard{k}" in restarted and len(restarted) == (1 if "kill" in fault else 4)
         assert rec["source"].startswith("replica") and rec["restored_version"] > 0
-        # An exit loses the crashed replica's copies with it: the other's may be older than
-        # the shard's last report, and the difference is counted lost.
+        # Not seeded: the newest copy may be older than the shard's last report (an exit
+        # loses the crashed replica's copies; after a kill the other worker applies pushes to
+        # the shared state and reports them until its mail is rerouted to the driver), and
+        # the difference is counted lost.
         lost = rec["applied_last_reported"] - rec["restored_version"]
-        assert rec["lost_updates"] == max(0, lost) and ("exit" in fault or lost <= 0)
+        assert rec["lost_updates"] == max(0, lost)
         version = rec["restored_version"]
     assert result.stats["updates_applied"][k] > version  # it counted on from the restore
     assert torch.isfinite(flatten(result.model.children())).all()
