@@ -29,6 +29,8 @@ from distbelief.settings import MAX_SEED, declared, must_agree
         (dict(replicas=0), r"^replicas: must be an integer >= 1, got 0$"),
         (dict(runtime="mpi"), r"^runtime: unknown runtime 'mpi'; choose one of local, "),
         (dict(checkpoint_every=3), r"^checkpoint_every: checkpoints need a checkpoint_dir$"),
+        (dict(stages=0), r"^stages: must be >= 1, got 0$"),
+        (dict(stages="2"), r"^stages: expected a count or split points, got '2'$"),
     ],
 )  # fmt: skip
 def test_shared_settings_are_checked_alike_by_every_algorithm(config, bad, match):
