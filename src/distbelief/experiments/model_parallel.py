@@ -255,8 +255,12 @@ def judge(measured: dict[str, Any]) -> list[Verdict]:
             rule=f"holds if LC's best speed-up over P > 1 is >= {GAIN} and >= {MARGIN}x FC's "
             "best; does not hold if it is <= FC's best or < 1; else inconclusive",
             verdict=spread,
-            numbers={"best_lc": best_lc[0], "best_lc_p": best_lc[1], "best_fc": best_fc[0],
-                     "best_fc_p": best_fc[1]},  # fmt: skip
+            numbers={
+                "best_lc": best_lc[0],
+                "best_lc_p": best_lc[1],
+                "best_fc": best_fc[0],
+                "best_fc_p": best_fc[1],
+            },  # fmt: skip
         )
     ]
     nets = measured["nets"]
@@ -301,8 +305,7 @@ def judge(measured: dict[str, Any]) -> list[Verdict]:
         slows = INCONCLUSIVE
     rows.append(
         Verdict(
-            claim="the fully connected net gains up to some number of partitions, then "
-            "slows down",
+            claim="the fully connected net gains up to some number of partitions, then slows down",
             measured=f"FC's simulated speed-up peaks at P = {peak[1]} ({peak[0]:.2f}x); at "
             f"P = {largest} {last:.2f}x, {fmt(ratio, '.2f')} of the peak",
             rule=f"holds if FC's best speed-up is > 1 at some P > 1 and its speed-up at the "
@@ -324,12 +327,25 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
     for i, (name, marker) in enumerate(((FC, "o"), (LC, "s"))):
         net = measured["nets"][name]["net"]
         sim = [p for p in measured["simulated"] if p["net"] == name and p["speedup"]]
-        ax.plot([p["partitions"] for p in sim], [p["speedup"] for p in sim], marker + "-",
-                color=f"C{i}", label=f"{net}, simulated ({measured['compute']} compute)")
+        ax.plot(
+            [p["partitions"] for p in sim],
+            [p["speedup"] for p in sim],
+            marker + "-",
+            color=f"C{i}",
+            label=f"{net}, simulated ({measured['compute']} compute)",
+        )
         real = [p for p in measured["measured"] if p["net"] == name and p["speedup"]]
-        ax.plot([p["partitions"] for p in real], [p["speedup"] for p in real], marker,
-                color=f"C{i}", markersize=11, markerfacecolor="none", markeredgewidth=1.6,
-                linestyle="none", label=f"{net}, measured (processes, wall time)")
+        ax.plot(
+            [p["partitions"] for p in real],
+            [p["speedup"] for p in real],
+            marker,
+            color=f"C{i}",
+            markersize=11,
+            markerfacecolor="none",
+            markeredgewidth=1.6,
+            linestyle="none",
+            label=f"{net}, measured (processes, wall time)",
+        )
     ax.axhline(1.0, color="0.5", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(parts, [str(p) for p in parts])
@@ -345,9 +361,15 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
                 "counted from the plans")  # fmt: skip
         ran = [p for p in measured["simulated"] if p["net"] == name
                and p.get("partition_bytes_per_step") is not None]  # fmt: skip
-        ax.plot([p["partitions"] for p in ran],
-                [p["partition_bytes_per_step"] / 1024 for p in ran], "x", color=f"C{i}",
-                markersize=9, linestyle="none", label=f"{net['net']}, sent in the runs")
+        ax.plot(
+            [p["partitions"] for p in ran],
+            [p["partition_bytes_per_step"] / 1024 for p in ran],
+            "x",
+            color=f"C{i}",
+            markersize=9,
+            linestyle="none",
+            label=f"{net['net']}, sent in the runs",
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(parts, [str(p) for p in parts])
     ax.minorticks_off()
@@ -376,9 +398,16 @@ EXPERIMENT = Experiment(
         # A stand-in for the calibration (a quick one takes 12 s): the processes figures of
         # docs/simulated.md's load-3 calibration, 64 us of CPU per message between workers.
         "cluster": {
-            "machines": 2, "cores": 1, "speeds": [1.0, 1.0], "send_s": 2.7e-5,
-            "receive_s": 2.7e-5, "latency_s": 0.0, "local_latency_s": 0.0,
-            "bandwidth_Bps": 2.82e8, "header_bytes": 64, "shared": True,
+            "machines": 2,
+            "cores": 1,
+            "speeds": [1.0, 1.0],
+            "send_s": 2.7e-5,
+            "receive_s": 2.7e-5,
+            "latency_s": 0.0,
+            "local_latency_s": 0.0,
+            "bandwidth_Bps": 2.82e8,
+            "header_bytes": 64,
+            "shared": True,
         },
         "seeds": 1,
     },  # fmt: skip
