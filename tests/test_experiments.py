@@ -251,7 +251,7 @@ def test_runtime_not_accepted_names_the_accepted_ones(
     ("args", "named"),
     [
         (["warmstart", "--seeds", "0"], "seeds:"),
-        (["model-parallel"], "not yet available"),
+        (["downpour-vs-sandblaster"], "not yet available"),
         ([], "experiment: name one of"),
     ],
 )
