@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError
 from ..storage.runlog import default_run_dir, plain, prepare_dir
-from . import adagrad_replicas, fetch_push, stragglers, warmstart
+from . import adagrad_replicas, downpour_vs_sandblaster, fetch_push, stragglers, warmstart
 from .base import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -68,18 +68,7 @@ REGISTRY: tuple[Experiment, ...] = (
         needs="a layer's units split into blocks on different actors (partitions) and the "
         "calibrated simulated cluster",
     ),
-    Experiment(
-        name="downpour-vs-sandblaster",
-        title="time to a target accuracy against machines, 1 to 2,000 replicas",
-        section="5",
-        statement="Figures 4 and 5: Downpour SGD with Adagrad offers the best trade-off "
-        "between resource usage and time to a target accuracy, while Sandblaster L-BFGS "
-        "scales best with more cores.",
-        runtimes=("simulated",),
-        quick={},
-        full={},
-        needs="2,000-replica scale of the simulated runtime and a larger generated MNIST-1D",
-    ),
+    downpour_vs_sandblaster.EXPERIMENT,
 )
 """Every experiment, in the order ``--list`` shows them: the only list of them."""
 assert len({e.name for e in REGISTRY}) == len(REGISTRY)
