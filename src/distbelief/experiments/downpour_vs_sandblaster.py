@@ -51,9 +51,10 @@ METHODS = ("downpour-sgd", "downpour-adagrad", "sandblaster")
 "Sandblaster L-BFGS")."""
 LABELS = {
     "downpour-sgd": "Downpour SGD",
-    "downpour-adagrad": "Downpour SGD with Adagrad",
+    "downpour-adagrad": "Downpour Adagrad",
     "sandblaster": "Sandblaster L-BFGS",
 }
+CUT_MARKERS = {"downpour-sgd": "v", "downpour-adagrad": "^", "sandblaster": "s"}
 MODEST = 16
 """Modest resources: replica counts up to this (the paper's trade-off statement)."""
 OBSERVER_SPEED = 1000.0
@@ -324,7 +325,8 @@ def judge(measured: dict[str, Any]) -> list[Verdict]:
 
 def draw(measured: dict[str, Any], out: Path) -> list[Path]:
     """Time to target against replicas (log x, log y), not-reached runs drawn at their run's
-    end, hollow; and validation accuracy against virtual time at ``curve_replicas``."""
+    end, hollow; and validation accuracy against virtual time at ``curve_replicas``, from the
+    warm start's accuracy at 0."""
     rs = measured["replicas"]
     target = measured["target"]
     fig, ax = figure(f"time to validation accuracy {target} from one warm start",
@@ -338,8 +340,8 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
         cut = [(r, p["end_s"]) for r, p in zip(rs, pts)
                if p["time_to_target"] is None and p["end_s"]]  # fmt: skip
         if cut:
-            ax.plot([c[0] for c in cut], [c[1] for c in cut], "^", mfc="none", color=f"C{i}",
-                    label=f"{LABELS[m]}: not reached by the run's end")  # fmt: skip
+            ax.plot([c[0] for c in cut], [c[1] for c in cut], CUT_MARKERS[m], mfc="none",
+                    color=f"C{i}", ms=8, label=f"{LABELS[m]}: not reached (run's end)")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(rs, [str(r) for r in rs])
@@ -348,14 +350,15 @@ def draw(measured: dict[str, Any], out: Path) -> list[Path]:
     r = measured["curve_replicas"]
     fig, ax = figure(f"validation accuracy against virtual time, {r} replicas",
                      "virtual s (modelled cluster)", "validation accuracy")  # fmt: skip
+    warm = measured.get("warm_val_accuracy")
     for i, m in enumerate(METHODS):
         p = _point(measured, m, r)
-        c = p["curve"]
+        # every run starts at the warm start's accuracy, at virtual time 0
+        c = ([{"t": 0.0, "accuracy": warm}] if warm is not None else []) + p["curve"]
         lr = f", lr {p['lr']:g}" if p["lr"] is not None else ""
         ax.plot([q["t"] for q in c], [q["accuracy"] for q in c], ".-", color=f"C{i}",
                 label=f"{LABELS[m]}{lr}")  # fmt: skip
     ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target}")
-    ax.set_xscale("log")
     second = save(fig, ax, out / "downpour_vs_sandblaster_accuracy.png")
     return [first, second]
 
