@@ -134,3 +134,18 @@ def test_same_seed_same_numbers_on_simulated_and_figures_embedded(tmp_path: Path
     ]
     for name in on_disk["figures"]:
         assert base64.b64encode((tmp_path / "a" / name).read_bytes()).decode() in page
+
+
+@pytest.mark.slow
+def test_warmstart_counts_the_steps_a_replica_runs(tmp_path: Path) -> None:
+    # A rate that never diverges, so every run reports its steps.
+    results = experiments.run("warmstart", quick=True, out=tmp_path / "w",
+                              sizes={"lr_grid": (0.05,)})  # fmt: skip
+    measured = results["measured"]
+    runs = [r for r in results["runs"] if r["name"].startswith("w") and not r["diverged"]]
+    assert runs
+    for run in runs:
+        assert run["stats"]["steps"] == measured["replica_steps"] * measured["replicas"]
+    most = max(p["warmstart_steps"] for p in measured["points"])
+    assert most < measured["replica_steps"]
+    assert results["verdicts"][0]["numbers"]["capped"] is False
