@@ -30,7 +30,14 @@ import torch
 
 from ..errors import ConfigError
 from ..storage.runlog import default_run_dir, plain, prepare_dir
-from . import adagrad_replicas, fetch_push, model_parallel, stragglers, warmstart
+from . import (
+    adagrad_replicas,
+    downpour_vs_sandblaster,
+    fetch_push,
+    model_parallel,
+    stragglers,
+    warmstart,
+)
 from .base import (
     DOES_NOT_HOLD,
     HOLDS,
@@ -57,25 +64,14 @@ REGISTRY: tuple[Experiment, ...] = (
     fetch_push.EXPERIMENT,
     stragglers.EXPERIMENT,
     model_parallel.EXPERIMENT,
-    Experiment(
-        name="downpour-vs-sandblaster",
-        title="time to a target accuracy against machines, 1 to 2,000 replicas",
-        section="5",
-        statement="Figures 4 and 5: Downpour SGD with Adagrad offers the best trade-off "
-        "between resource usage and time to a target accuracy, while Sandblaster L-BFGS "
-        "scales best with more cores.",
-        runtimes=("simulated",),
-        quick={},
-        full={},
-        needs="2,000-replica scale of the simulated runtime and a larger generated MNIST-1D",
-    ),
+    downpour_vs_sandblaster.EXPERIMENT,
 )
 """Every experiment, in the order ``--list`` shows them: the only list of them."""
 assert len({e.name for e in REGISTRY}) == len(REGISTRY)
 
 
 def names() -> list[str]:
-    """Every experiment's name, available or not."""
+    """Every experiment's name."""
     return [e.name for e in REGISTRY]
 
 
@@ -100,8 +96,6 @@ def check(
     """The experiment and runtime of a request, every input checked (``ConfigError`` naming
     the bad one)."""
     experiment = get(name)
-    if not experiment.available:
-        raise ConfigError(f"experiment: {name} is not yet available: it needs {experiment.needs}")
     chosen = runtime or experiment.default_runtime
     if chosen not in experiment.runtimes:
         raise ConfigError(
@@ -188,14 +182,13 @@ def _load() -> str:
 
 
 def listing() -> list[tuple[str, str, str, str]]:
-    """``--list``'s rows: name, section, runtimes (default first), and what it shows or, for
-    one not yet available, what it waits for."""
+    """``--list``'s rows: name, section, runtimes (default first), and what it shows."""
     return [
         (
             e.name,
             e.section,
             ", ".join(e.runtimes),
-            e.title if e.available else f"not yet available: needs {e.needs}",
+            e.title,
         )
         for e in REGISTRY
     ]

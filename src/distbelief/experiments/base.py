@@ -87,18 +87,11 @@ class Experiment:
     timed: bool = False
     """Its verdict rests on time: real wall time (not reproducible) except on ``simulated``,
     where it is the modelled cluster's virtual time (reproducible from the seed)."""
-    needs: str = ""
-    """Not empty: not yet available, and what it waits for (``--list`` says so)."""
 
     @property
     def default_runtime(self) -> str:
         """The runtime that makes its point."""
         return self.runtimes[0]
-
-    @property
-    def available(self) -> bool:
-        """Whether it can run now."""
-        return not self.needs
 
 
 @dataclass
