@@ -292,6 +292,43 @@ def test_sandblaster_runs_and_converges_as_on_local():
     assert len(set(sim.stats["placement"][f"replica{r}"] for r in range(3))) == 3
 
 
+@pytest.mark.slow
+def test_sandblaster_slow_replicas_is_virtual_compute_time():
+    """``slow_replicas`` ({replica: k}) on the simulated runtime: the replica's compute takes
+    k times its modelled cost in virtual time (elsewhere a real sleep of k - 1 times it; the
+    run queue's turns it used to fall back to cost no virtual time), nothing else changes."""
+    from distbelief.algorithms.sandblaster.messages import Tick
+    from distbelief.runtime.simulated import SimulatedRuntime
+
+    x, y = toy_data(n=600, features=40, classes=10)
+    x = x.double()  # (portions summed in another order: float64 keeps the path the same)
+    args = dict(loss="cross_entropy", algorithm="sandblaster", seed=0, steps=3, history=5)
+    args |= dict(replicas=3, shards=2, portions=12)
+    cluster = dict(machines=4, message_s=0.0, flops_per_element=0.0)
+
+    def run(slow):
+        rt = SimulatedRuntime(0, **cluster)
+        rt.handler_stats = {}
+        options = {"slow_replicas": slow} if slow else {}
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+        result = distbelief.train(m, (x, y), runtime=rt, runtime_options=options, **args)
+        return result, rt.handler_stats
+
+    base, _ = run({})
+    slowed, stats = run({2: 5.0})
+
+    def per_flop(replica):  # virtual seconds per FLOP of its compute handlers
+        rows = [r for (a, _), r in stats.items() if a == f"replica{replica}" and r[2]]
+        return sum(r[1] for r in rows) / sum(r[2] for r in rows)
+
+    assert per_flop(2) == pytest.approx(5 * per_flop(0), rel=1e-9)
+    assert not any(kind == Tick.__name__ for _, kind in stats)
+    done = slowed.stats["portions_done"]
+    assert done[2] < min(done[0], done[1])
+    assert slowed.stats["final_loss"] == pytest.approx(base.stats["final_loss"], rel=1e-9)
+
+
 # ------------------------------------------------------------------------------ cost terms
 
 
