@@ -5,6 +5,8 @@ plans in virtual time, and bad cluster descriptions."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from distbelief.algorithms.downpour.messages import Push, StepDone
 from distbelief.core.flat import flatten
 from distbelief.data.inputs import replica_batches
 from distbelief.runtime import faults, make_runtime, simulated
+from distbelief.runtime.base import Actor, receives
 from distbelief.runtime.simulated import tensor_size
 
 FAST = 1e9
@@ -389,6 +392,86 @@ def test_a_message_between_machines_costs_send_s_and_receive_s_on_the_two_cores(
     assert rally(hops, send_s=2e-5, receive_s=3e-5) == pytest.approx(plain + hops * 5e-5, rel=1e-12)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Go:
+    big_to: Any
+    small_to: Any
+    payload: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Big:
+    payload: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Small:
+    reply_to: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nap:
+    pass
+
+
+class _Sender(Actor):
+    @receives(_Go)
+    def on_go(self, msg: _Go, sender: Any) -> None:
+        self.ctx.tell(msg.big_to, _Big(msg.payload))
+        self.ctx.tell(msg.small_to, _Small(sender))
+
+
+class _Sleeper(Actor):
+    @receives(_Nap)
+    def on_nap(self, msg: _Nap, sender: Any) -> None:
+        pass
+
+    @receives(_Big)
+    def on_big(self, msg: _Big, sender: Any) -> None:
+        pass
+
+
+class _Peer(Actor):
+    @receives(_Small)
+    def on_small(self, msg: _Small, sender: Any) -> None:
+        self.ctx.tell(msg.reply_to, "got")
+
+
+def test_a_message_larger_than_the_pipe_holds_its_senders_link_until_the_receiver_reads():
+    """``pipe_bytes`` (the processes runtime's pipes): a 100,000-byte message to a machine
+    busy in a 10 ms handler is written only once that handler ends, and the small message
+    sent after it, to a third machine, waits behind it; without it, it goes at once."""
+
+    def got_at(**options: Any) -> float:
+        rt = make_runtime(
+            "simulated", seed=0, machines=3, cores=1, header_bytes=0, local_latency_s=0.0,
+            message_s=1e-5, latency_s=1e-4, bandwidth_Bps=1e9, faults=["delay:sleeper=10ms"],
+            flops_per_element=0.0,
+            placement={"sender": 0, "sleeper": 1, "peer": 2}, **options,
+        )  # fmt: skip
+        try:
+            a, b, c = (
+                rt.spawn("sender", _Sender),
+                rt.spawn("sleeper", _Sleeper),
+                rt.spawn("peer", _Peer),
+            )
+            rt.tell(b, _Nap())
+            for reply in rt.converse(a, _Go(b, c, torch.zeros(25_000)), timeout=60):
+                if reply == "got":
+                    return rt.now
+            raise AssertionError("no reply")
+        finally:
+            rt.shutdown()
+
+    free = got_at()
+    # the sender's handler, the big message's transfer ahead on its link, latency, handler
+    assert free == pytest.approx(1e-5 + 1e-4 + 1e-4 + 1e-5, rel=1e-12)
+    # the nap ends at 1e-5 + 10 ms; then the 34,464 bytes the pipe could not hold
+    held = got_at(pipe_bytes=65_536)
+    assert held == pytest.approx(1e-5 + 0.01 + 34_464 / 1e9 + 1e-5, rel=1e-12)
+    assert got_at(pipe_bytes=100_000) == free  # it fits
+
+
 def test_jitter_is_seeded_and_bounded():
     plain = rally(40)
     jittered = rally(40, jitter=0.5)
@@ -436,6 +519,7 @@ def test_shared_actors_are_handled_on_the_senders_machine():
         ({"update_s": float("nan")}, "update_s"),
         ({"send_s": -1.0}, "send_s"),
         ({"jitter": 1.0}, "jitter"),
+        ({"pipe_bytes": -1}, "pipe_bytes"),
         ({"shared": "shard*"}, "shared"),
     ],
 )

@@ -115,6 +115,22 @@ def seconds_per_message(
         rt.shutdown()
 
 
+def pipe_buffer_bytes() -> int:
+    """What a pipe between two processes holds before its writer blocks (Linux's
+    ``F_GETPIPE_SZ`` of a fresh pipe, as the processes runtime's are; 65,536 where it cannot be
+    asked): a larger message is written only as its reader reads."""
+    import fcntl
+
+    r, w = os.pipe()
+    try:
+        return int(fcntl.fcntl(w, getattr(fcntl, "F_GETPIPE_SZ", 1032)))
+    except OSError:
+        return 65536
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def layer_seconds(widths: list[int], batch_size: int = 32, repeats: int = 5) -> tuple[int, float]:
     """Forward and backward of ``mlp(widths)`` on a mini-batch: its FLOPs as the simulated
     runtime counts them, and its thread CPU seconds (the best of ``repeats``)."""
@@ -370,6 +386,8 @@ def measure(
             if name != "local":
                 large, _ = seconds_per_message(name, max(4, hops // 10), big, 1 if quick else 3)
                 entry["bandwidth_Bps"] = big / max(large - small, 1e-9)
+            if name == "processes":
+                entry["pipe_bytes"] = pipe_buffer_bytes()
             figures["runtimes"][name] = entry
             say(f"{name}: {small * 1e6:.1f} us per message, {cpu * 1e6:.1f} us of a process's CPU")
         return figures
@@ -418,6 +436,9 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         "latency_s": max(float(entry["message_s"]) - ping - wire, 0.0),
         "local_latency_s": 0.0,
         "bandwidth_Bps": float(entry["bandwidth_Bps"]),
+        # A worker reads its pipes between handlers and its one writer thread sends in
+        # order: a message larger than a pipe holds up its sender's later ones.
+        **({"pipe_bytes": int(entry["pipe_bytes"])} if "pipe_bytes" in entry else {}),
         **shared,
     }  # fmt: skip
 

@@ -329,6 +329,7 @@ class SimulatedRuntime(LocalRuntime):
         self._running: set[str] = set()
         self._core_s = [0.0] * n  # core-seconds used per machine
         self._out_free = [0.0] * n  # when each machine's outgoing link is next free
+        self._busy_until = [0.0] * n  # when the handler started last on each machine ends
         self._in_free = [0.0] * n
         self._out_busy = [0.0] * n
         self._in_busy = [0.0] * n
@@ -452,9 +453,19 @@ class SimulatedRuntime(LocalRuntime):
         nbytes = tensor_size(message)[0] + o.header_bytes
         transfer = nbytes / o.bandwidth_Bps
         start = max(t, self._out_free[src])
-        self._out_free[src] = start + transfer
-        self._out_busy[src] += transfer
-        self._schedule(start + o.latency_s, _REACH, ref, sender, message, transfer, dst)
+        reach = start + o.latency_s
+        if o.pipe_bytes and nbytes > o.pipe_bytes and self._busy_until[dst] > reach:
+            # What the pipe cannot hold is written as the receiver reads, between its
+            # handlers: not before the one running there when the message gets there ends.
+            rest = (nbytes - o.pipe_bytes) / o.bandwidth_Bps
+            reach = max(reach, self._busy_until[dst] + rest - transfer)
+            held = reach - o.latency_s - start  # the sender's link waits, then sends
+            self._out_free[src] = start + held + transfer
+            self._out_busy[src] += held + transfer
+        else:
+            self._out_free[src] = start + transfer
+            self._out_busy[src] += transfer
+        self._schedule(reach, _REACH, ref, sender, message, transfer, dst)
 
     def _reach(self, t: float, ref: LocalRef, sender: Any, message: Any, transfer: float, dst: int):
         """The first bit reaches the receiving link at ``t`` (the last left ``transfer``
@@ -576,6 +587,7 @@ class SimulatedRuntime(LocalRuntime):
         self._free[m] -= 1
         self._running.add(cell.name)
         self._core_s[m] += cost
+        self._busy_until[m] = self.now + cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
 
