@@ -367,7 +367,7 @@ def test_each_handler_costs_its_terms_exactly():
     assert result.stats["virtual_s"] == pytest.approx(cost, rel=1e-12)
 
 
-def rally(hops: int = 10, **options) -> float:
+def rally(hops: int = 10, payload: torch.Tensor | None = None, **options) -> float:
     """Virtual seconds of a ball passed ``hops`` times between two actors on two machines."""
     from distbelief.bench.calibrate import Over, Player, Serve
 
@@ -377,7 +377,7 @@ def rally(hops: int = 10, **options) -> float:
     )  # fmt: skip
     try:
         a, b = rt.spawn("player0", Player), rt.spawn("player1", Player)
-        for reply in rt.converse(a, Serve(b, hops, None), timeout=60):
+        for reply in rt.converse(a, Serve(b, hops, payload), timeout=60):
             if isinstance(reply, Over):
                 return rt.now
         raise AssertionError("no reply")
@@ -472,6 +472,13 @@ def test_a_message_larger_than_the_pipe_holds_its_senders_link_until_the_receive
     assert got_at(pipe_bytes=100_000) == free  # it fits
 
 
+def test_the_bytes_of_a_message_between_machines_cost_cpu_at_both_ends():
+    ball = torch.zeros(1000)  # 4,000 bytes (header_bytes 0)
+    plain = rally(10, ball)
+    costly = rally(10, ball, send_byte_s=1e-9, receive_byte_s=2e-9)
+    assert costly == pytest.approx(plain + 10 * 4000 * 3e-9, rel=1e-12)
+
+
 def test_jitter_is_seeded_and_bounded():
     plain = rally(40)
     jittered = rally(40, jitter=0.5)
@@ -520,6 +527,7 @@ def test_shared_actors_are_handled_on_the_senders_machine():
         ({"send_s": -1.0}, "send_s"),
         ({"jitter": 1.0}, "jitter"),
         ({"pipe_bytes": -1}, "pipe_bytes"),
+        ({"receive_byte_s": -1e-9}, "receive_byte_s"),
         ({"shared": "shard*"}, "shared"),
     ],
 )

@@ -235,6 +235,11 @@ class SimulatedOptions:
     """Latency of a message between two actors of one machine (or to/from the driver)."""
     header_bytes: int = 64
     """Bytes a message carries besides its tensors."""
+    send_byte_s: float = 0.0
+    """Sender's CPU seconds per byte of a message to another machine (copying it out: on
+    processes, pickling and the pipe's or slot's copy take the sending core, not a NIC)."""
+    receive_byte_s: float = 0.0
+    """Receiver's CPU seconds per byte of a message from another machine."""
     pipe_bytes: int = 0
     """What a link holds for a receiver that is not reading (a pipe's buffer): a message
     between machines larger than this is written only as its receiving machine reads, which
@@ -307,7 +312,8 @@ class SimulatedOptions:
             raise ConfigError(f"runtime_options: jitter must be in [0, 1), got {self.jitter!r}")
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
-            "update_s", "update_flops_per_element", "send_s", "receive_s",
+            "update_s", "update_flops_per_element", "send_s", "receive_s", "send_byte_s",
+            "receive_byte_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes

@@ -574,6 +574,14 @@ class SimulatedRuntime(LocalRuntime):
         if o.send_s or o.receive_s:
             # Serialising to and from another machine's process occupies this core too.
             cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
+        if o.send_byte_s or o.receive_byte_s:
+            # ... and copying their bytes (pickling, the pipe), per byte.
+            if remote:
+                cost += o.receive_byte_s * (tensor_size(message)[0] + o.header_bytes)
+            out = sum(
+                tensor_size(msg)[0] + o.header_bytes for ref, msg in sends if self._remote(ref, m)
+            )
+            cost += o.send_byte_s * out
         if self.handler_stats is not None:
             key = (cell.name, type(message).__name__)
             row = self.handler_stats.setdefault(key, [0, 0.0, 0, 0, 0, 0, 0, 0.0])
