@@ -95,3 +95,34 @@ def test_the_handler_fit_and_the_core_figures_run():
     assert calibrate.update_seconds_per_element(sizes=(100, 1000), repeats=1) >= 0
     assert calibrate.marginal_layer_rate([4, 8, 3], batch_size=4, repeats=1) > 0
     assert 0 < calibrate.busy_speed([4, 8, 3], batch_size=4, repeats=1) <= 1
+
+
+def test_processes_own_handler_fit_bytes_and_pipe_make_its_cluster(tmp_path):
+    """A calibration of processes with its own handler fit (shared shards, its run loop), the
+    CPU per byte of a message between processes and the pipe's size: its cluster uses them
+    (the handlers' spread stays the in-process fit's); local's does not."""
+    entry = FIGURES["runtimes"]["processes"] | {
+        "byte_cpu_s": 3e-9,
+        "pipe_bytes": 65536,
+        "handlers": {"message_s": 3e-5, "layer_s": 6e-5, "update_s": 4e-4, "messages": 9},
+    }
+    figures = FIGURES | {"runtimes": FIGURES["runtimes"] | {"processes": entry}}
+    procs = calibrate.cluster_for("processes", figures)
+    assert (procs["message_s"], procs["layer_s"], procs["update_s"]) == (3e-5, 6e-5, 4e-4)
+    assert procs["jitter"] == 0.3
+    assert procs["send_byte_s"] == procs["receive_byte_s"] == pytest.approx(1.5e-9)
+    assert procs["pipe_bytes"] == 65536
+    local = calibrate.cluster_for("local", figures)
+    assert local["message_s"] == 1e-5 and "send_byte_s" not in local and "pipe_bytes" not in local
+    path = tmp_path / "cluster.toml"
+    path.write_text(calibrate.to_toml(procs))
+    assert read_cluster(path) == procs
+    assert calibrate.pipe_buffer_bytes() >= 4096
+
+
+@pytest.mark.slow
+def test_the_processes_handler_fit_runs():
+    """Plumbing only (timings): a profiled processes run gives the fit's terms, not negative."""
+    fit = calibrate.processes_handler_costs(1e10, 2.0, 10.0, [4, 8, 3], batch_size=4, steps=4)
+    assert set(fit) == {"message_s", "layer_s", "update_s", "messages"}
+    assert all(v >= 0 for v in fit.values()) and fit["messages"] > 0

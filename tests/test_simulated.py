@@ -5,6 +5,8 @@ plans in virtual time, and bad cluster descriptions."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from distbelief.algorithms.downpour.messages import Push, StepDone
 from distbelief.core.flat import flatten
 from distbelief.data.inputs import replica_batches
 from distbelief.runtime import faults, make_runtime, simulated
+from distbelief.runtime.base import Actor, receives
 from distbelief.runtime.simulated import tensor_size
 
 FAST = 1e9
@@ -292,6 +295,43 @@ def test_sandblaster_runs_and_converges_as_on_local():
     assert len(set(sim.stats["placement"][f"replica{r}"] for r in range(3))) == 3
 
 
+@pytest.mark.slow
+def test_sandblaster_slow_replicas_is_virtual_compute_time():
+    """``slow_replicas`` ({replica: k}) on the simulated runtime: the replica's compute takes
+    k times its modelled cost in virtual time (elsewhere a real sleep of k - 1 times it; the
+    run queue's turns it used to fall back to cost no virtual time), nothing else changes."""
+    from distbelief.algorithms.sandblaster.messages import Tick
+    from distbelief.runtime.simulated import SimulatedRuntime
+
+    x, y = toy_data(n=600, features=40, classes=10)
+    x = x.double()  # (portions summed in another order: float64 keeps the path the same)
+    args = dict(loss="cross_entropy", algorithm="sandblaster", seed=0, steps=3, history=5)
+    args |= dict(replicas=3, shards=2, portions=12)
+    cluster = dict(machines=4, message_s=0.0, flops_per_element=0.0)
+
+    def run(slow):
+        rt = SimulatedRuntime(0, **cluster)
+        rt.handler_stats = {}
+        options = {"slow_replicas": slow} if slow else {}
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+        result = distbelief.train(m, (x, y), runtime=rt, runtime_options=options, **args)
+        return result, rt.handler_stats
+
+    base, _ = run({})
+    slowed, stats = run({2: 5.0})
+
+    def per_flop(replica):  # virtual seconds per FLOP of its compute handlers
+        rows = [r for (a, _), r in stats.items() if a == f"replica{replica}" and r[2]]
+        return sum(r[1] for r in rows) / sum(r[2] for r in rows)
+
+    assert per_flop(2) == pytest.approx(5 * per_flop(0), rel=1e-9)
+    assert not any(kind == Tick.__name__ for _, kind in stats)
+    done = slowed.stats["portions_done"]
+    assert done[2] < min(done[0], done[1])
+    assert slowed.stats["final_loss"] == pytest.approx(base.stats["final_loss"], rel=1e-9)
+
+
 # ------------------------------------------------------------------------------ cost terms
 
 
@@ -327,7 +367,7 @@ def test_each_handler_costs_its_terms_exactly():
     assert result.stats["virtual_s"] == pytest.approx(cost, rel=1e-12)
 
 
-def rally(hops: int = 10, **options) -> float:
+def rally(hops: int = 10, payload: torch.Tensor | None = None, **options) -> float:
     """Virtual seconds of a ball passed ``hops`` times between two actors on two machines."""
     from distbelief.bench.calibrate import Over, Player, Serve
 
@@ -337,7 +377,7 @@ def rally(hops: int = 10, **options) -> float:
     )  # fmt: skip
     try:
         a, b = rt.spawn("player0", Player), rt.spawn("player1", Player)
-        for reply in rt.converse(a, Serve(b, hops, None), timeout=60):
+        for reply in rt.converse(a, Serve(b, hops, payload), timeout=60):
             if isinstance(reply, Over):
                 return rt.now
         raise AssertionError("no reply")
@@ -350,6 +390,93 @@ def test_a_message_between_machines_costs_send_s_and_receive_s_on_the_two_cores(
     plain = rally(hops)
     assert plain == pytest.approx((hops + 1) * 1e-5 + hops * 1e-4, rel=1e-12)
     assert rally(hops, send_s=2e-5, receive_s=3e-5) == pytest.approx(plain + hops * 5e-5, rel=1e-12)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Go:
+    big_to: Any
+    small_to: Any
+    payload: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Big:
+    payload: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Small:
+    reply_to: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nap:
+    pass
+
+
+class _Sender(Actor):
+    @receives(_Go)
+    def on_go(self, msg: _Go, sender: Any) -> None:
+        self.ctx.tell(msg.big_to, _Big(msg.payload))
+        self.ctx.tell(msg.small_to, _Small(sender))
+
+
+class _Sleeper(Actor):
+    @receives(_Nap)
+    def on_nap(self, msg: _Nap, sender: Any) -> None:
+        pass
+
+    @receives(_Big)
+    def on_big(self, msg: _Big, sender: Any) -> None:
+        pass
+
+
+class _Peer(Actor):
+    @receives(_Small)
+    def on_small(self, msg: _Small, sender: Any) -> None:
+        self.ctx.tell(msg.reply_to, "got")
+
+
+def test_a_message_larger_than_the_pipe_holds_its_senders_link_until_the_receiver_reads():
+    """``pipe_bytes`` (the processes runtime's pipes): a 100,000-byte message to a machine
+    busy in a 10 ms handler is written only once that handler ends, and the small message
+    sent after it, to a third machine, waits behind it; without it, it goes at once."""
+
+    def got_at(**options: Any) -> float:
+        rt = make_runtime(
+            "simulated", seed=0, machines=3, cores=1, header_bytes=0, local_latency_s=0.0,
+            message_s=1e-5, latency_s=1e-4, bandwidth_Bps=1e9, faults=["delay:sleeper=10ms"],
+            flops_per_element=0.0,
+            placement={"sender": 0, "sleeper": 1, "peer": 2}, **options,
+        )  # fmt: skip
+        try:
+            a, b, c = (
+                rt.spawn("sender", _Sender),
+                rt.spawn("sleeper", _Sleeper),
+                rt.spawn("peer", _Peer),
+            )
+            rt.tell(b, _Nap())
+            for reply in rt.converse(a, _Go(b, c, torch.zeros(25_000)), timeout=60):
+                if reply == "got":
+                    return rt.now
+            raise AssertionError("no reply")
+        finally:
+            rt.shutdown()
+
+    free = got_at()
+    # the sender's handler, the big message's transfer ahead on its link, latency, handler
+    assert free == pytest.approx(1e-5 + 1e-4 + 1e-4 + 1e-5, rel=1e-12)
+    # the nap ends at 1e-5 + 10 ms; then the 34,464 bytes the pipe could not hold
+    held = got_at(pipe_bytes=65_536)
+    assert held == pytest.approx(1e-5 + 0.01 + 34_464 / 1e9 + 1e-5, rel=1e-12)
+    assert got_at(pipe_bytes=100_000) == free  # it fits
+
+
+def test_the_bytes_of_a_message_between_machines_cost_cpu_at_both_ends():
+    ball = torch.zeros(1000)  # 4,000 bytes (header_bytes 0)
+    plain = rally(10, ball)
+    costly = rally(10, ball, send_byte_s=1e-9, receive_byte_s=2e-9)
+    assert costly == pytest.approx(plain + 10 * 4000 * 3e-9, rel=1e-12)
 
 
 def test_jitter_is_seeded_and_bounded():
@@ -399,6 +526,8 @@ def test_shared_actors_are_handled_on_the_senders_machine():
         ({"update_s": float("nan")}, "update_s"),
         ({"send_s": -1.0}, "send_s"),
         ({"jitter": 1.0}, "jitter"),
+        ({"pipe_bytes": -1}, "pipe_bytes"),
+        ({"receive_byte_s": -1e-9}, "receive_byte_s"),
         ({"shared": "shard*"}, "shared"),
     ],
 )

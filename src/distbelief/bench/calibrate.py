@@ -115,6 +115,22 @@ def seconds_per_message(
         rt.shutdown()
 
 
+def pipe_buffer_bytes() -> int:
+    """What a pipe between two processes holds before its writer blocks (Linux's
+    ``F_GETPIPE_SZ`` of a fresh pipe, as the processes runtime's are; 65,536 where it cannot be
+    asked): a larger message is written only as its reader reads."""
+    import fcntl
+
+    r, w = os.pipe()
+    try:
+        return int(fcntl.fcntl(w, getattr(fcntl, "F_GETPIPE_SZ", 1032)))
+    except OSError:
+        return 65536
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def layer_seconds(widths: list[int], batch_size: int = 32, repeats: int = 5) -> tuple[int, float]:
     """Forward and backward of ``mlp(widths)`` on a mini-batch: its FLOPs as the simulated
     runtime counts them, and its thread CPU seconds (the best of ``repeats``)."""
@@ -285,13 +301,37 @@ def handler_costs(
     stats(compute="measured")  # warms up
     measured = [stats(compute="measured") for _ in range(repeats)]
     features = stats(compute="modelled", core_flops=core_flops)
-    sums = {"message": [0.0, 0], "layer": [0.0, 0, 0], "update": [0.0, 0, 0]}
     spreads = []  # each frequent handler kind's coefficient of variation (its quietest run)
     for key, row in features.items():
-        count, _, flops, calls, updates, updated, elements, _ = row
-        if count >= 32:
+        if row[0] >= 32:
             spreads.append(min(_variation(m[key]) for m in measured if key in m))
-        cpu = min(m[key][1] for m in measured if key in m)
+    spreads.sort()
+    spread = spreads[len(spreads) // 2] if spreads else 0.0
+
+    def cpu_of(key: tuple[str, str], count: int) -> float | None:
+        return min(m[key][1] for m in measured if key in m)
+
+    fit = _fit(features, cpu_of, core_flops, flops_per_element, update_flops_per_element)
+    # a uniform factor in [1 - j, 1 + j] varies by j / sqrt(3): the handlers' median spread
+    return {"jitter": min(spread * 3**0.5, 0.9), **fit}
+
+
+def _fit(
+    features: dict[tuple[str, str], list],
+    cpu_of: Any,
+    core_flops: float,
+    flops_per_element: float,
+    update_flops_per_element: float,
+) -> dict[str, Any]:
+    """``message_s``, ``layer_s`` and ``update_s`` from each handler kind's CPU seconds
+    (``cpu_of(key, count)``, for ``count`` messages; None: not measured) less its modelled
+    FLOPs (``features``: a modelled run's ``handler_stats``): see :func:`handler_costs`."""
+    sums = {"message": [0.0, 0], "layer": [0.0, 0, 0], "update": [0.0, 0, 0]}
+    for key, row in features.items():
+        count, _, flops, calls, updates, updated, elements, _ = row
+        cpu = cpu_of(key, count)
+        if cpu is None:
+            continue
         rest = cpu - (flops + flops_per_element * elements) / core_flops
         if updates:
             sums["update"][0] += rest - update_flops_per_element * updated / core_flops
@@ -306,16 +346,60 @@ def handler_costs(
             sums["message"][1] += count
     message_s = max(sums["message"][0] / max(sums["message"][1], 1), 0.0)
     layer, update = sums["layer"], sums["update"]
-    spreads.sort()
-    spread = spreads[len(spreads) // 2] if spreads else 0.0
     return {
-        # a uniform factor in [1 - j, 1 + j] varies by j / sqrt(3): the handlers' median spread
-        "jitter": min(spread * 3**0.5, 0.9),
         "message_s": message_s,
         "layer_s": max((layer[0] - message_s * layer[1]) / max(layer[2], 1), 0.0),
         "update_s": max((update[0] - message_s * update[1]) / max(update[2], 1), 0.0),
         "messages": sum(row[0] for row in features.values()),
     }
+
+
+def processes_handler_costs(
+    core_flops: float,
+    flops_per_element: float,
+    update_flops_per_element: float,
+    widths: list[int],
+    batch_size: int = 32,
+    steps: int = 128,
+) -> dict[str, Any]:
+    """The handlers' fixed costs on the processes runtime, fitted as :func:`handler_costs`
+    does, from the thread CPU each handler kind took in a profiled run there (the same 2
+    replicas x 2 stages x 2 shards, on 2 workers): a shard's push and fetch work on shared
+    memory under its segment locks, which costs more than in one process (the cores' caches
+    hand the shard's lines back and forth). The CPU of a kind is its mean per message there
+    times its count in the modelled run."""
+    from .. import train
+    from ..runtime.simulated import SimulatedRuntime
+
+    g = torch.Generator().manual_seed(0)
+    n = 2 * steps * batch_size
+    data = (torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
+    args = dict(
+        loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
+        seed=0, eval_every=0, replicas=2, stages=2, shards=2,
+    )  # fmt: skip
+    real = train(
+        mlp(widths), data, runtime="processes", runtime_options={"processes": 2, "profile": True},
+        **args,
+    )  # fmt: skip
+    measured: dict[tuple[str, str], list[float]] = {}
+    for process in real.stats["profile"].values():
+        for actor, row in process["actors"].items():
+            for kind, h in row["handlers"].items():
+                m = measured.setdefault((actor, kind), [0, 0.0])
+                m[0] += h["n"]
+                m[1] += h["cpu_s"]
+    rt = SimulatedRuntime(
+        0, machines=1, cores=1, placement="pack", local_latency_s=0.0, core_flops=core_flops
+    )
+    rt.handler_stats = {}
+    train(mlp(widths), data, runtime=rt, **args)
+
+    def cpu_of(key: tuple[str, str], count: int) -> float | None:
+        m = measured.get(key)
+        return m[1] / m[0] * count if m and m[0] else None
+
+    return _fit(rt.handler_stats, cpu_of, core_flops, flops_per_element, update_flops_per_element)
 
 
 def measure(
@@ -367,7 +451,20 @@ def measure(
         for name in runtimes:
             small, cpu = seconds_per_message(name, hops, 0, 1 if quick else 3)
             entry = {"message_s": small, "cpu_s": cpu}
-            if name != "local":
+            if name == "processes":
+                # Its bytes are copied by the two processes' CPUs (pickling, the pipe): per
+                # byte, at a size of this project's messages (activations, shard slices); the
+                # link is what the rally's wall time has beyond that CPU.
+                mid = 1 << 16
+                wall, cpu_mid = seconds_per_message(name, hops // 2, mid, 1 if quick else 3)
+                entry["byte_cpu_s"] = max(cpu_mid - cpu, 0.0) / mid  # one received + one sent
+                entry["bandwidth_Bps"] = mid / max(wall - small - (cpu_mid - cpu), mid / 1e11)
+                entry["pipe_bytes"] = pipe_buffer_bytes()
+                entry["handlers"] = processes_handler_costs(
+                    core, per_element * core, update * core, widths, batch_size,
+                    32 if quick else 128,
+                )  # fmt: skip
+            elif name != "local":
                 large, _ = seconds_per_message(name, max(4, hops // 10), big, 1 if quick else 3)
                 entry["bandwidth_Bps"] = big / max(large - small, 1e-9)
             figures["runtimes"][name] = entry
@@ -385,6 +482,9 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     # The handler fit (handler_costs); figures of an older calibration have one handler_s.
     fit = figures.get("handlers") or {"message_s": float(figures.get("handler_s", 0.0))}
     entry = figures["runtimes"][runtime]
+    # The runtime's own fit where one was made (processes: its shared shards, its loop); the
+    # handlers' spread stays the in-process one's.
+    fit = fit | {k: v for k, v in entry.get("handlers", {}).items() if k != "messages"}
     common = {
         "compute": "modelled",
         "core_flops": float(figures["core_flops"]),
@@ -418,6 +518,15 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         "latency_s": max(float(entry["message_s"]) - ping - wire, 0.0),
         "local_latency_s": 0.0,
         "bandwidth_Bps": float(entry["bandwidth_Bps"]),
+        # processes: each byte copied by the sender's and the receiver's CPU, half each
+        **(
+            {"send_byte_s": entry["byte_cpu_s"] / 2, "receive_byte_s": entry["byte_cpu_s"] / 2}
+            if "byte_cpu_s" in entry
+            else {}
+        ),
+        # A worker reads its pipes between handlers and its one writer thread sends in
+        # order: a message larger than a pipe holds up its sender's later ones.
+        **({"pipe_bytes": int(entry["pipe_bytes"])} if "pipe_bytes" in entry else {}),
         **shared,
     }  # fmt: skip
 

@@ -235,6 +235,18 @@ class SimulatedOptions:
     """Latency of a message between two actors of one machine (or to/from the driver)."""
     header_bytes: int = 64
     """Bytes a message carries besides its tensors."""
+    send_byte_s: float = 0.0
+    """Sender's CPU seconds per byte of a message to another machine (copying it out: on
+    processes, pickling and the pipe's or slot's copy take the sending core, not a NIC)."""
+    receive_byte_s: float = 0.0
+    """Receiver's CPU seconds per byte of a message from another machine."""
+    pipe_bytes: int = 0
+    """What a link holds for a receiver that is not reading (a pipe's buffer): a message
+    between machines larger than this is written only as its receiving machine reads, which
+    it does between handlers, so it holds its sender's outgoing link (and every later
+    message on it) until the handler running there ends. The processes runtime: a worker
+    reads its pipes between handlers and its one writer thread sends in order. 0: no limit
+    (a network's buffers)."""
     faults: Any = None
     """A fault plan (:mod:`.faults`): kills fire at their count, at that virtual moment;
     delays add virtual time to each message the actor handles (no real sleep)."""
@@ -288,6 +300,11 @@ class SimulatedOptions:
             )
         _positive("core_flops", self.core_flops)
         _positive("bandwidth_Bps", self.bandwidth_Bps)
+        pipe = self.pipe_bytes
+        if not isinstance(pipe, int) or isinstance(pipe, bool) or pipe < 0:
+            raise ConfigError(
+                f"runtime_options: pipe_bytes must be a whole number >= 0, got {pipe!r}"
+            )
         _positive("time_scale", self.time_scale)
         if not isinstance(self.shared, bool):
             raise ConfigError(f"runtime_options: shared must be true or false, got {self.shared!r}")
@@ -295,7 +312,8 @@ class SimulatedOptions:
             raise ConfigError(f"runtime_options: jitter must be in [0, 1), got {self.jitter!r}")
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
-            "update_s", "update_flops_per_element", "send_s", "receive_s",
+            "update_s", "update_flops_per_element", "send_s", "receive_s", "send_byte_s",
+            "receive_byte_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes

@@ -329,6 +329,7 @@ class SimulatedRuntime(LocalRuntime):
         self._running: set[str] = set()
         self._core_s = [0.0] * n  # core-seconds used per machine
         self._out_free = [0.0] * n  # when each machine's outgoing link is next free
+        self._busy_until = [0.0] * n  # when the handler started last on each machine ends
         self._in_free = [0.0] * n
         self._out_busy = [0.0] * n
         self._in_busy = [0.0] * n
@@ -344,6 +345,8 @@ class SimulatedRuntime(LocalRuntime):
         self._lone = 0  # placement: actors without a group placed so far
         self._layered: dict[str, tuple[Actor, bool]] = {}
         self._shared: set[str] = set()  # actors handled on their sender's machine
+        self._slow_asked: dict[str, float] = {}  # slow_down(): by actor or replica prefix
+        self._slow: dict[str, float] = {}  # each spawned actor's factor, if slowed
         self.handler_stats: dict[tuple[str, str], list[float]] | None = None
         """None, or (set it to {}) per (actor, message type): [messages, cost, layer FLOPs,
         layer calls, update steps, updated elements, message elements, cost squared] summed
@@ -361,10 +364,22 @@ class SimulatedRuntime(LocalRuntime):
         self._keys[name] = deque()
         self._busy_actor[name] = 0.0
         self._delay[name] = fault_plans.delay_of(self._plan, name)
+        slow = self._slow_asked.get(name, self._slow_asked.get(name.partition(".")[0], 1.0))
+        if slow != 1.0:
+            self._slow[name] = slow
         self._machine[name] = self._place(name)
         if self.options.shared and cls.shareable:
             self._shared.add(name)
         return ref
+
+    def slow_down(self, name: str, factor: float) -> None:
+        """The actor called ``name`` (or every actor of that replica prefix: its partitions),
+        spawned after this, computes ``factor`` times as slowly: its handlers' layer terms
+        (their FLOPs and layer calls; measured: the CPU of handlers that ran layers) take
+        ``factor`` times as long in virtual time. Sandblaster's ``slow_replicas`` (elsewhere a
+        sleep of ``factor - 1`` times each portion's compute) uses it: the run queue's turns
+        it falls back to in one thread would cost no virtual time."""
+        self._slow_asked[name] = float(factor)
 
     def _place(self, name: str) -> int:
         """The machine of a new actor: pinned by the placement map (its name, else its
@@ -438,9 +453,19 @@ class SimulatedRuntime(LocalRuntime):
         nbytes = tensor_size(message)[0] + o.header_bytes
         transfer = nbytes / o.bandwidth_Bps
         start = max(t, self._out_free[src])
-        self._out_free[src] = start + transfer
-        self._out_busy[src] += transfer
-        self._schedule(start + o.latency_s, _REACH, ref, sender, message, transfer, dst)
+        reach = start + o.latency_s
+        if o.pipe_bytes and nbytes > o.pipe_bytes and self._busy_until[dst] > reach:
+            # What the pipe cannot hold is written as the receiver reads, between its
+            # handlers: not before the one running there when the message gets there ends.
+            rest = (nbytes - o.pipe_bytes) / o.bandwidth_Bps
+            reach = max(reach, self._busy_until[dst] + rest - transfer)
+            held = reach - o.latency_s - start  # the sender's link waits, then sends
+            self._out_free[src] = start + held + transfer
+            self._out_busy[src] += held + transfer
+        else:
+            self._out_free[src] = start + transfer
+            self._out_busy[src] += transfer
+        self._schedule(reach, _REACH, ref, sender, message, transfer, dst)
 
     def _reach(self, t: float, ref: LocalRef, sender: Any, message: Any, transfer: float, dst: int):
         """The first bit reaches the receiving link at ``t`` (the last left ``transfer``
@@ -519,6 +544,11 @@ class SimulatedRuntime(LocalRuntime):
                     handle(cell, message, sender)
             elif o.compute == "modelled":
                 handle(cell, message, sender)
+            elif cell.name in self._slow and self._runs_layers(cell):
+                t0 = time.thread_time()  # (its layer calls counted: is it a compute handler)
+                with self._layers:
+                    handle(cell, message, sender)
+                cpu = time.thread_time() - t0
             else:
                 t0 = time.thread_time()
                 handle(cell, message, sender)
@@ -533,11 +563,25 @@ class SimulatedRuntime(LocalRuntime):
             # The cost terms (docs/simulated.md, "The model"), each fitted by calibration.
             work = flops + o.flops_per_element * elements + o.update_flops_per_element * updated
             cost = o.message_s + o.layer_s * calls + o.update_s * steps + work / o.core_flops
+            slow = self._slow.get(cell.name)
+            if slow is not None and calls:
+                cost += (slow - 1.0) * (o.layer_s * calls + flops / o.core_flops)
         else:
             cost = cpu * o.time_scale
+            slow = self._slow.get(cell.name)
+            if slow is not None and calls:
+                cost *= slow
         if o.send_s or o.receive_s:
             # Serialising to and from another machine's process occupies this core too.
             cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
+        if o.send_byte_s or o.receive_byte_s:
+            # ... and copying their bytes (pickling, the pipe), per byte.
+            if remote:
+                cost += o.receive_byte_s * (tensor_size(message)[0] + o.header_bytes)
+            out = sum(
+                tensor_size(msg)[0] + o.header_bytes for ref, msg in sends if self._remote(ref, m)
+            )
+            cost += o.send_byte_s * out
         if self.handler_stats is not None:
             key = (cell.name, type(message).__name__)
             row = self.handler_stats.setdefault(key, [0, 0.0, 0, 0, 0, 0, 0, 0.0])
@@ -551,6 +595,7 @@ class SimulatedRuntime(LocalRuntime):
         self._free[m] -= 1
         self._running.add(cell.name)
         self._core_s[m] += cost
+        self._busy_until[m] = self.now + cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
 

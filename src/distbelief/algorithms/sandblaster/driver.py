@@ -244,6 +244,13 @@ class SandblasterDriver(Driver):
         )
         slow = own.get("slow_replicas", {})
         names = tuple(f"replica{r}" for r in range(config.replicas))
+        slow_down = getattr(rt, "slow_down", None)
+        if slow_down is not None:
+            # In virtual time (the simulated runtime): the runtime stretches the replica's
+            # compute; its own fallback, turns of the run queue, would cost no virtual time.
+            for r, factor in slow.items():
+                slow_down(names[r], float(factor))
+            slow = {}
         split, plans = replica_split(job.stage_layers, config.partitions, tuple(x.shape[1:]))
         replica_refs = tuple(
             rt.spawn(

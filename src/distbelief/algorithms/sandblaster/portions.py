@@ -53,10 +53,15 @@ class PortionBook:
         self.duplicate_all = duplicate_all
         # Data affinity: replica r's own portions are the r-th contiguous group.
         self.unassigned = [deque(range(lo, hi)) for lo, hi in replica_ranges(portions, replicas)]
+        self.left = portions  # portions in ``unassigned`` (spares a scan of 2,000 groups)
         self.pending: dict[int, list[int]] = {}  # portion -> replicas computing it now
         self.handed: dict[int, list[int]] = {}  # portion -> every replica it was handed to
         self.winner: dict[int, int] = {}  # portion -> replica whose result counted
         self.busy: dict[int, int] = {}  # replica -> the portion it is computing
+        self.counted: dict[int, int] = {}  # replica -> portions whose counted result is its
+        # Portions with a copy being computed and no counted result, in the order of
+        # ``pending`` (the order they were first handed out): the backups' candidates.
+        self.open: dict[int, None] = {}
         self.backups_handed = 0
         self.backup_wins = 0
 
@@ -67,7 +72,7 @@ class PortionBook:
 
     def outstanding(self) -> list[int]:
         """Portions being computed and not yet done, oldest first."""
-        return [p for p, who in self.pending.items() if who and p not in self.winner]
+        return [p for p in self.open if self.pending[p]]
 
     def next_for(self, replica: int) -> tuple[int, bool] | None:
         """The portion to hand ``replica`` (which must be free) and whether it is a backup
@@ -78,18 +83,23 @@ class PortionBook:
                     return self._hand(replica, p)
         own = self.unassigned[replica] if replica < len(self.unassigned) else deque()
         if own:
+            self.left -= 1
             return self._hand(replica, own.popleft())
-        fullest = max(self.unassigned, key=len)
-        if fullest:
+        if self.left:
+            fullest = max(self.unassigned, key=len)
+            self.left -= 1
             return self._hand(replica, fullest.pop())  # from the end: the owner keeps its front
         if self.backup:
-            for p in self.outstanding():
-                if len(self.pending[p]) < 2 and replica not in self.pending[p]:
+            for p in self.open:
+                who = self.pending[p]
+                if who and len(who) < 2 and replica not in who:
                     return self._hand(replica, p)
         return None
 
     def _hand(self, replica: int, portion: int) -> tuple[int, bool]:
         is_backup = bool(self.pending.get(portion)) or portion in self.winner
+        if portion not in self.pending and portion not in self.winner:
+            self.open[portion] = None
         self.pending.setdefault(portion, []).append(replica)
         self.handed.setdefault(portion, []).append(replica)
         self.busy[replica] = portion
@@ -108,6 +118,8 @@ class PortionBook:
         if portion in self.winner:
             return False
         self.winner[portion] = replica
+        self.counted[replica] = self.counted.get(replica, 0) + 1
+        self.open.pop(portion, None)
         if self.handed[portion][0] != replica:
             self.backup_wins += 1
         return True
@@ -123,6 +135,7 @@ class PortionBook:
                 who.remove(replica)
             if self.winner.get(p) == replica:
                 del self.winner[p]
+                self.counted[replica] -= 1
             if p not in self.winner and not who and replica in self.handed[p]:
                 again.append(p)
         for p in again:
@@ -131,6 +144,8 @@ class PortionBook:
             if not self.handed[p]:
                 del self.handed[p]
             self._requeue(p)
+        # (rare: a death) the candidates again in the order of ``pending``
+        self.open = {p: None for p in self.pending if p not in self.winner}
         return again
 
     def _requeue(self, portion: int) -> None:
@@ -142,8 +157,9 @@ class PortionBook:
                 ordered = sorted(group)
                 group.clear()
                 group.extend(ordered)
+                self.left += 1
                 return
 
     def counted_by(self, replica: int) -> int:
         """Portions whose counted result is ``replica``'s."""
-        return sum(1 for r in self.winner.values() if r == replica)
+        return self.counted.get(replica, 0)
