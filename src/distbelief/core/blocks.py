@@ -454,8 +454,15 @@ def assemble_strip(
     its own part included, in any order)."""
     split = plan.input
     assert split is not None
-    parts = sorted(received, key=lambda tv: tv[0].start)
-    strip = torch.cat([v for _, v in parts], dim=split.axis + 1)
+    parts = [v for _, v in sorted(received, key=lambda tv: tv[0].start)]
+    if len(parts) == 1:
+        strip = parts[0]  # all its own: no copy
+    elif plan.kind == "local1d" and not plan.gather_all:
+        # laid out position-major, as local1d works (its permute to (L, N, C) is then free)
+        dim = split.axis + 1
+        strip = torch.cat([v.movedim(dim, 0) for v in parts]).movedim(0, dim)
+    else:
+        strip = torch.cat(parts, dim=split.axis + 1)
     if not plan.gather_all:
         return strip
     lo, hi = plan.needs[block]
@@ -516,7 +523,9 @@ def own_grad(
     at its positions; zero where no block read it (a stride longer than the kernel)."""
     split = plan.input
     assert split is not None
-    own_lo = split.ranges[block][0]
+    own_lo, own_hi = split.ranges[block]
+    if len(returned) == 1 and (returned[0][0].start, returned[0][0].stop) == (own_lo, own_hi):
+        return returned[0][1]  # one block read all of it (its owner, with P = 1): as it is
     total = torch.zeros_like(piece)
     for t, g in returned:
         total.narrow(split.axis + 1, t.start - own_lo, t.stop - t.start).add_(g)
