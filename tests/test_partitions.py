@@ -116,8 +116,8 @@ def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_i
             for lp, layer in zip(plan.layers, layers)
         ]
         queue += [(b, s) for s in bp.start(x, params)] + [(b, "more")] * bp.more
-    # overlapped: each block sent its first halo and left its interior for the next call
-    assert [bp.more for bp in passes] == [overlap and parts > 1] * parts
+    if net == "halo":  # overlapped: each block sent its halo, left its interior for later
+        assert [bp.more for bp in passes] == [overlap and parts > 1] * parts
     _exchange(passes, queue, rng, backward=False)
     torch.testing.assert_close(plan.output.assemble([bp.output for bp in passes]), ref.output)
     for b, grad in enumerate(plan.output.cut(g)):
