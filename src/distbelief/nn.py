@@ -102,7 +102,8 @@ class _Local1d(torch.autograd.Function):
     position-major is then free, and element-wise layers between keep that layout. The
     backward is two batched matmuls and ``kernel_size`` strided adds into the padded input's
     gradient, in place of ``unfold``'s generic backward (a scatter), which took about a sixth
-    of a step.
+    of a step. With ``wgrad_into``, the weight's gradient is written into that tensor (a
+    slice of a buffer: a block computing its outputs in parts fills one gradient, no copy).
     """
 
     @staticmethod
@@ -114,6 +115,7 @@ class _Local1d(torch.autograd.Function):
         kernel_size: int,
         stride: int,
         padding: Pair,
+        wgrad_into: torch.Tensor | None,
     ) -> torch.Tensor:
         n, c, length = x.shape
         before, after = padding
@@ -126,16 +128,21 @@ class _Local1d(torch.autograd.Function):
         out = torch.bmm(cols, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), cols, wt)
         ctx.save_for_backward(cols, weight)
         ctx.geometry = (n, c, length, kernel_size, stride, before, bias is not None)
+        ctx.wgrad_into = wgrad_into
         return out.permute(1, 2, 0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         cols, weight = ctx.saved_tensors
         n, c, length, k, stride, before, has_bias = ctx.geometry
-        g = grad.permute(2, 0, 1)  # (L_out, N, C_out)
+        # (L_out, N, C_out), made contiguous: a gradient of a slice of the output (a block's
+        # part) would send bmm down a per-matrix loop
+        g = grad.permute(2, 0, 1).contiguous()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_w = torch.bmm(g.transpose(1, 2), cols)
+            into = ctx.wgrad_into
+            grad_w = torch.bmm(g.transpose(1, 2), cols, out=into) if into is not None else None
+            grad_w = torch.bmm(g.transpose(1, 2), cols) if grad_w is None else grad_w
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = g.sum(1)
         if ctx.needs_input_grad[0]:
@@ -146,7 +153,7 @@ class _Local1d(torch.autograd.Function):
             for j in range(k):  # each kernel offset's gradient back to the positions it read
                 padded[j : j + span : stride].add_(gcols[:, :, :, j])
             grad_x = padded[before : before + length].permute(1, 2, 0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def local1d(
@@ -156,13 +163,16 @@ def local1d(
     kernel_size: int,
     stride: int,
     padding: Pair = (0, 0),
+    wgrad_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Locally-connected 1-D forward: ``x`` ``(N, C_in, L)`` zero-padded by ``padding``
     (before, after), ``weight`` ``(L_out, C_out, C_in * kernel_size)``, ``bias`` ``(L_out,
     C_out)`` or None; returns ``(N, C_out, L_out)`` (a view of position-major memory; see
     :class:`_Local1d`). ``L_out`` must be what the padded input gives (a block passes its own
-    strip and padding; see ``core/blocks.py``). Differentiable in all three tensors."""
-    return _Local1d.apply(x, weight, bias, kernel_size, stride, tuple(padding))
+    strip and padding; see ``core/blocks.py``). Differentiable in all three tensors. With
+    ``wgrad_into`` (contiguous, the weight's shape) the backward writes the weight's gradient
+    into it and returns it."""
+    return _Local1d.apply(x, weight, bias, kernel_size, stride, tuple(padding), wgrad_into)
 
 
 def local2d(

@@ -651,10 +651,12 @@ def local1d_part(
     params: Sequence[torch.Tensor],
     a: int,
     z: int,
+    wgrad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Outputs ``[a, z)`` of a ``local1d`` layer's block from ``x``, input positions from
     ``x_lo`` on (its own piece, or its strip): the output, and the input and parameter slices
-    it was computed from (views, to take gradients with respect to)."""
+    it was computed from (views, to take gradients with respect to). With ``wgrad``, a buffer
+    of the block's weight's shape, its backward writes the weight's gradient into its rows."""
     assert lp.output is not None
     lo = lp.output.ranges[block][0]
     k, s, p = layer.kernel_size, layer.stride, layer.padding
@@ -664,7 +666,8 @@ def local1d_part(
     pads = (max(0, p - a * s), max(0, (z - 1) * s - p + k - length))
     sliced = [q.narrow(0, a - lo, z - a) for q in params]
     weight, bias = sliced[0], (sliced[1] if len(sliced) > 1 else None)
-    return local1d(xin, weight, bias, k, s, pads), xin, sliced
+    into = None if wgrad is None else wgrad.narrow(0, a - lo, z - a)
+    return local1d(xin, weight, bias, k, s, pads, into), xin, sliced
 
 
 @dataclass
@@ -678,6 +681,8 @@ class _Overlapped:
     strip_lo: int
     strip_len: int
     inner: tuple[int, int]
+    wgrad: torch.Tensor
+    """The weight's gradient, filled by the parts' backward passes."""
     strip_grad: torch.Tensor | None = None
 
 
@@ -772,14 +777,17 @@ class BlockPass:
     def _interior_forward(self, i: int, lp: LayerPlan, layer: nn.Module) -> tuple:
         """The interior outputs of layer ``i`` from the block's own part of its input."""
         a, z = interior(lp, layer, self.block)
+        wgrad = torch.empty_like(self.params[i][0])
         if a == z:
-            return (a, z, None, None, [])
+            return (a, z, None, None, [], wgrad)
         own = self.arrived[i, self.block].detach().requires_grad_()
         self.arrived[i, self.block] = own
         own_t = next(t for t in lp.transfers if t.src == t.dst == self.block)
         params = self.params[i]
-        out, xin, sliced = local1d_part(lp, layer, self.block, own, own_t.start, params, a, z)
-        return (a, z, out, xin, sliced)
+        out, xin, sliced = local1d_part(
+            lp, layer, self.block, own, own_t.start, params, a, z, wgrad
+        )
+        return (a, z, out, xin, sliced, wgrad)
 
     def _edges_forward(
         self, i: int, lp: LayerPlan, layer: nn.Module, piece: torch.Tensor, got: list
@@ -788,7 +796,7 @@ class BlockPass:
         b = self.block
         assert lp.output is not None
         lo, hi = lp.output.ranges[b]
-        a, z, inner_out, inner_in, inner_params = self.inner.pop(i)
+        a, z, inner_out, inner_in, inner_params, wgrad = self.inner.pop(i)
         # the halos are leaves; the own part already is (the interior read it)
         got = [(t, v if t.src == b else v.detach().requires_grad_()) for t, v in got]
         strip = assemble_strip(lp, b, got)
@@ -800,10 +808,11 @@ class BlockPass:
             if (pa, pz) == (a, z):
                 parts.append((pa, pz, inner_out, inner_in, inner_params))
                 continue
-            out, xin, sliced = local1d_part(lp, layer, b, strip, strip_lo, self.params[i], pa, pz)
+            params = self.params[i]
+            out, xin, sliced = local1d_part(lp, layer, b, strip, strip_lo, params, pa, pz, wgrad)
             parts.append((pa, pz, out, xin, sliced))
         out = torch.cat([q[2] for q in parts], dim=2) if len(parts) > 1 else parts[0][2]
-        held = _Overlapped(parts, strip_lo, strip.shape[2], (a, z))
+        held = _Overlapped(parts, strip_lo, strip.shape[2], (a, z), wgrad)
         self.saved.append((piece, held, out))  # type: ignore[arg-type]
         self.current = out.detach()
         self.layer += 1
@@ -962,10 +971,10 @@ class BlockPass:
             first = _field(lp, self.layers[i], pa)[0]
             held.strip_grad.narrow(2, first - held.strip_lo, gx.shape[2]).add_(gx)
             grads[n] = gp
-        n_params = len(self.params[i])
-        self.param_grads[i] = [
+        # the weight's gradient is in the buffer the parts wrote into; the bias's is small
+        self.param_grads[i] = [held.wgrad] + [
             torch.cat([g[j] for g in grads]) if len(grads) > 1 else grads[0][j]
-            for j in range(n_params)
+            for j in range(1, len(self.params[i]))
         ]
         own = [t for t in lp.transfers if t.src == t.dst == b]
         for t, gv in grads_to_return(lp, b, held.strip_grad):

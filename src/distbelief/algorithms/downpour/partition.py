@@ -77,6 +77,12 @@ from .messages import (
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+OVERLAP = False
+"""Whether a block hides its halo's hop behind its interior (``BlockPass``'s ``overlap``).
+Off: on ``processes`` on one machine the parts' extra compute (a third more per block for the
+benchmark's locally-connected net at length 320) cost more than the hops it hid (the profile
+in docs/partitions.md); where a hop costs milliseconds (nodes apart) it may pay."""
+
 
 @dataclass
 class _Step:
@@ -201,7 +207,7 @@ class Partition(Actor):
             return held
         if held is not None and held.attempt > attempt:
             return None
-        pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0, overlap=True)
+        pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0, overlap=OVERLAP)
         state = _Step(attempt, pass_)
         self.steps[step] = state
         return state
