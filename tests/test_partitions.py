@@ -332,14 +332,14 @@ def test_a_killed_partition_redoes_its_steps_and_each_counts_once():
 @pytest.mark.slow
 def test_a_killed_partition_is_restarted_on_ray_and_the_run_completes(ray_session):
     pytest.importorskip("ray")
-    x, y = separable_data(128)
+    x, y = separable_data(64)
     result = distbelief.train(
         local_net(), (x, y), loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=3,
         optimizer="sgd", partitions=2, runtime="ray",
-        runtime_options={"faults": ["kill:replica0.stage0.part1@step=5"]},
+        runtime_options={"faults": ["kill:replica0.stage0.part1@step=3"]},
     )  # fmt: skip
     assert result.stats["restarts"] == 1
-    assert result.stats["steps"] == 2 * 128 // 16  # each counted once, the redone ones too
+    assert result.stats["steps"] == 2 * 64 // 16  # each counted once, the redone ones too
     killed, respawned = result.stats["pids"]["replica0.stage0.part1"]
     assert killed != respawned  # a new process took the partition's place
     losses = [point["loss"] for point in result.history.train]
