@@ -475,10 +475,12 @@ def block_forward(
     layer: nn.Module,
     x: torch.Tensor,
     params: Sequence[torch.Tensor] | None = None,
+    wgrad_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The block's output piece: of a split layer from its input strip and its parameters
     (``params``: weight and bias slices, by default :func:`block_parameters`), of an
-    element-wise layer from its piece, of a deferred reshape its piece unchanged."""
+    element-wise layer from its piece, of a deferred reshape its piece unchanged. With
+    ``wgrad_into``, a ``local1d`` layer's backward writes its weight's gradient there."""
     if plan.kind == "whole":
         return layer(x)
     if plan.kind == "follow":
@@ -488,7 +490,8 @@ def block_forward(
     if plan.kind == "linear":
         return F.linear(x, weight, bias)
     if plan.kind == "local1d":
-        return local1d(x, weight, bias, layer.kernel_size, layer.stride, plan.pads[block])
+        k, s = layer.kernel_size, layer.stride
+        return local1d(x, weight, bias, k, s, plan.pads[block], wgrad_into)
     pw = layer.padding[1]
     top, bottom = plan.pads[block]
     return local2d(x, weight, bias, layer.kernel_size, layer.stride, (pw, pw, top, bottom))
@@ -763,6 +766,20 @@ class BlockPass:
     def start(self, x: torch.Tensor, params: Sequence[Sequence[torch.Tensor]]) -> list[Send]:
         """Begin the forward pass on the stage's input ``x`` (all of it) with ``params``."""
         self.current, self.params = x, params
+        # The flat gradient, laid out as the parameters: a locally-connected layer's backward
+        # writes its weight's gradient straight into its place (the bulk of a block's
+        # parameters: no copy of it in :meth:`flat_param_grad`).
+        total = sum(q.numel() for layer in params for q in layer)
+        first = next((q for layer in params for q in layer), None)
+        self._flat = x.new_empty(total, dtype=first.dtype if first is not None else x.dtype)
+        self._views: list[list[torch.Tensor]] = []
+        offset = 0
+        for layer in params:
+            views = []
+            for q in layer:
+                views.append(self._flat[offset : offset + q.numel()].view(q.shape))
+                offset += q.numel()
+            self._views.append(views)
         return self.forward()
 
     def _overlaps(self, lp: LayerPlan, mine: Sequence[Transfer]) -> bool:
@@ -777,7 +794,7 @@ class BlockPass:
     def _interior_forward(self, i: int, lp: LayerPlan, layer: nn.Module) -> tuple:
         """The interior outputs of layer ``i`` from the block's own part of its input."""
         a, z = interior(lp, layer, self.block)
-        wgrad = torch.empty_like(self.params[i][0])
+        wgrad = self._views[i][0]  # the weight's place in the flat gradient
         if a == z:
             return (a, z, None, None, [], wgrad)
         own = self.arrived[i, self.block].detach().requires_grad_()
@@ -853,7 +870,9 @@ class BlockPass:
                 xin = assemble_strip(lp, b, got)
             xin = xin.detach().requires_grad_()
             used = xin.clone() if getattr(layer, "inplace", False) else xin
-            out = block_forward(lp, b, layer, used, self.params[i] if self.params[i] else None)
+            into = self._views[i][0] if lp.kind == "local1d" else None
+            params = self.params[i] if self.params[i] else None
+            out = block_forward(lp, b, layer, used, params, into)
             self.saved.append((piece, xin, out))
             self.current = out.detach()
             self.layer += 1
@@ -985,7 +1004,11 @@ class BlockPass:
     def flat_param_grad(self) -> torch.Tensor:
         """The gradients of the block's parameter slices laid end to end, layer by layer, as
         its ranges of the flat parameter space are (:meth:`StagePlan.block_ranges`)."""
-        return torch.cat([g.reshape(-1) for grads in self.param_grads for g in grads])
+        for grads, views in zip(self.param_grads, self._views):
+            for g, view in zip(grads, views):
+                if g.data_ptr() != view.data_ptr():  # not written in place by its backward
+                    view.copy_(g)
+        return self._flat
 
 
 def block_shapes(plan: StagePlan, block: int, layers: Sequence[nn.Module]) -> list[list[Shape]]:
