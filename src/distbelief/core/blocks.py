@@ -677,8 +677,7 @@ def local1d_part(
 class _Overlapped:
     """What a block keeps of an overlapped ``local1d`` layer for its backward pass: per part
     (left edge, interior, right edge; empty ones left out) its output range, output, input
-    slice and parameter slices; where its strip starts, and the strip's and the own part's
-    widths."""
+    slice and parameter slices; where its strip starts and how wide it is; its interior."""
 
     parts: list[tuple[int, int, torch.Tensor, torch.Tensor, list[torch.Tensor]]]
     strip_lo: int
