@@ -31,18 +31,33 @@ def test_model_parallel_benchmark_reports_every_comparison(
 ) -> None:
     figures = report["model-parallel"]
     assert figures["width"] == bench.QUICK.model_parallel_width
-    timed = [(t["net"], t["partitions"], t["pipeline_depth"]) for t in figures["timed"]]
-    assert timed == [(n, p, d) for n in mp.NETS for p, d in mp.TIMED]
+    lengths = [40, bench.QUICK.model_parallel_long_length]
+    assert [s["length"] for s in figures["sizes"]] == lengths and mp.SIZES == len(lengths)
+    # the larger size: the same locally-connected channels, on longer signals
+    assert len({s["lc_channels"] for s in figures["sizes"]}) == 1
+    timed = [
+        (t["length"], t["net"], t["partitions"], t["pipeline_depth"]) for t in figures["timed"]
+    ]
+    assert timed == [(n, m, p, d) for n in lengths for m in mp.NETS for p, d in mp.TIMED]
     for t in figures["timed"]:
         assert t["ran"]
         assert positive(t["baseline_ms_per_batch"])
         if t["ran"]:
             assert positive(t["ms_per_batch"]) and positive(t["ratio"])
-    speedups = [(s["net"], s["which"]) for s in figures["speedup"]]
-    assert speedups == [(n, w) for n in mp.NETS for w in ("depth 1", "best depth")]
+    speedups = [(s["length"], s["net"], s["which"]) for s in figures["speedup"]]
+    assert speedups == [
+        (n, m, w) for n in lengths for m in mp.NETS for w in ("depth 1", "best depth")
+    ]
     for s in figures["speedup"]:
         assert s["ran"] and positive(s["ratio"]) and s["pipeline_depth"] in mp.DEPTHS
     assert figures["nets"] == mp.counted(figures["width"])  # counted, so reproducible
+    long_width = figures["sizes"][1]["width"]
+    assert figures["long_nets"] == mp.counted(long_width, lengths[1])
+    for name in mp.NETS:  # the two nets of a size are about as large
+        small, large = figures["nets"][name], figures["long_nets"][name]
+        assert large["parameters"] > small["parameters"]
+    params = [figures["long_nets"][n]["parameters"] for n in mp.NETS]
+    assert max(params) < 1.2 * min(params)
     rows = bench.rows(report)
     assert len(rows) == len(mp.NETS) * mp.ROWS_PER_NET + len(mp.COUNTED_PARTS)
     assert all(row[0] == "model-parallel" for row in rows)
@@ -60,3 +75,9 @@ def test_model_parallel_nets_take_mnist1d_shaped_inputs() -> None:
     assert x.shape == (8, 40) and int(y.max()) < mp.CLASSES
     for make in mp.nets(64).values():
         assert make(0)(x).shape == (8, mp.CLASSES)
+    # the larger size: as the issue-25 experiment may build them, by channels and length
+    x, _ = mp.examples(4, seed=0, length=160)
+    assert mp.lc_net(5, length=160)(x).shape == mp.fc_net(30, length=160)(x).shape == (4, 16)
+    assert mp.lc_channels(mp.fc_width(47, 320), 320) == 47
+    assert mp.describe(mp.NETS[1], mp.fc_width(47, 320), 320) == "LC 1-47x4-2-16, length 320"
+    assert mp.describe(mp.NETS[0], 512) == "FC 40-512x4-16"

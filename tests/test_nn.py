@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import distbelief
@@ -107,6 +108,33 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(
             lambda x, w, b, lc=lc: functional_call(lc, {"weight": w, "bias": b}, (x,)), (x, w, b)
         )
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, pads, length, bias",
+    [(3, 1, (1, 0), 7, True), (2, 3, (0, 2), 9, False), (5, 2, (2, 2), 6, True),
+     (1, 1, (0, 0), 4, True)],
+)  # fmt: skip
+def test_local1d_gradcheck_asymmetric_pads_and_strides(kernel, stride, pads, length, bias):
+    # local1d's backward is written out (strided adds, not unfold's): a block's asymmetric
+    # padding, strides longer than the kernel (positions nobody reads) and no bias.
+    from distbelief.nn import local1d, output_length
+
+    torch.manual_seed(4)
+    l_out = output_length(length, kernel, stride, *pads)
+    x = torch.randn(3, 2, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(l_out, 4, 2 * kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(l_out, 4, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+
+    def f(x, w, b=None):
+        return local1d(x, w, b, kernel, stride, pads)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    # and it is F.pad + unfold + matmul, as written plainly
+    cols = F.pad(x, pads).unfold(2, kernel, stride).permute(0, 2, 1, 3).reshape(3, l_out, -1)
+    plain = torch.einsum("nlf,lof->nol", cols, w) + (b.t() if bias else 0)
+    torch.testing.assert_close(f(*inputs), plain)
 
 
 def test_unbatched_input_and_shapes():

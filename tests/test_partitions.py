@@ -60,35 +60,68 @@ def local_net() -> nn.Sequential:
 
 
 def _exchange(passes, queue, rng, backward):
+    """Deliver the queued sends in random order; a pass that returned early (``more``: its
+    halo first, its interior next) is carried on at a random later point, as a message is."""
     while queue:
-        src, (dst, layer, values) = queue.pop(rng.randrange(len(queue)))
+        src, item = queue.pop(rng.randrange(len(queue)))
+        if item == "more":
+            bp = passes[src]
+            sends = bp.backward() if backward else bp.forward()
+            queue += [(src, s) for s in sends] + [(src, "more")] * bp.more
+            continue
+        dst, layer, values = item
         if backward:
             passes[dst].receive_grad(layer, src, values)
-            queue += [(dst, s) for s in passes[dst].backward()]
+            sends = passes[dst].backward()
         else:
             passes[dst].receive(layer, src, values)
-            queue += [(dst, s) for s in passes[dst].forward()]
+            sends = passes[dst].forward()
+        queue += [(dst, s) for s in sends] + [(dst, "more")] * passes[dst].more
+
+
+def halo_net() -> list[nn.Module]:
+    """Locally-connected layers of several kernels and strides, each cut along its input's
+    positions (so each is overlapped: interior first, edges once the halos are in)."""
+    torch.manual_seed(1)
+    return [
+        nn.Unflatten(1, (1, 10)),
+        LocallyConnected1d(1, 3, 3, 10, padding=1),
+        nn.ReLU(),
+        LocallyConnected1d(3, 3, 5, 10, padding=2),  # halo 2
+        nn.ReLU(),
+        LocallyConnected1d(3, 2, 3, 10, stride=2, padding=1),  # 5 positions
+        nn.Tanh(),
+        LocallyConnected1d(2, 2, 2, 5, bias=False),  # 4 positions, no padding: edges differ
+        nn.Flatten(),
+        nn.Linear(8, 7),
+    ]
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
 @pytest.mark.parametrize("wants_input", [True, False])
-def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_input):
-    layers = list(local_net()) + [nn.Tanh(), nn.Linear(5, 7)]
+@pytest.mark.parametrize("overlap, net", [(False, "local"), (True, "local"), (True, "halo")])
+def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_input, overlap, net):
+    if net == "local":
+        layers = list(local_net()) + [nn.Tanh(), nn.Linear(5, 7)]
+    else:
+        layers = halo_net()
     plan = plan_split(layers, parts, (10,))
     x, g = torch.randn(6, 10), torch.randn(6, 7)
     ref = run_blocks(plan, layers, x, g)
-    passes = [BlockPass(plan, b, layers, wants_input) for b in range(parts)]
+    passes = [BlockPass(plan, b, layers, wants_input, overlap=overlap) for b in range(parts)]
     rng, queue = random.Random(parts), []
     for b, bp in enumerate(passes):
         params = [
             [p.detach().clone().requires_grad_() for p in block_parameters(lp, b, layer)]
             for lp, layer in zip(plan.layers, layers)
         ]
-        queue += [(b, s) for s in bp.start(x, params)]
+        queue += [(b, s) for s in bp.start(x, params)] + [(b, "more")] * bp.more
+    if net == "halo":  # overlapped: each block sent its halo, left its interior for later
+        assert [bp.more for bp in passes] == [overlap and parts > 1] * parts
     _exchange(passes, queue, rng, backward=False)
     torch.testing.assert_close(plan.output.assemble([bp.output for bp in passes]), ref.output)
     for b, grad in enumerate(plan.output.cut(g)):
-        queue += [(b, s) for s in passes[b].backward(grad)]
+        queue += [(b, s) for s in passes[b].backward(grad)] + [(b, "more")] * passes[b].more
     _exchange(passes, queue, rng, backward=True)
     for b, bp in enumerate(passes):
         assert bp.done
@@ -101,6 +134,28 @@ def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_i
         torch.testing.assert_close(total, ref.input_grad, rtol=1e-6, atol=1e-6)
     else:
         assert all(bp.input_grad is None for bp in passes)
+
+
+def test_interior_outputs_read_only_the_blocks_own_piece():
+    from distbelief.core.blocks import _field, interior
+
+    layers = halo_net()
+    for parts in (2, 3, 4):
+        plan = plan_split(layers, parts, (10,))
+        for lp in plan.layers:
+            if lp.kind != "local1d" or lp.input is None:
+                continue
+            layer = layers[lp.index]
+            for b in range(parts):
+                lo, hi = lp.output.ranges[b]
+                own_lo, own_hi = lp.input.ranges[b]
+                a, z = interior(lp, layer, b)
+                assert lo <= a <= z <= hi
+                inside = [
+                    o for o in range(lo, hi)
+                    if own_lo <= _field(lp, layer, o)[0] and _field(lp, layer, o)[1] <= own_hi
+                ]  # fmt: skip
+                assert list(range(a, z)) == inside  # all of them, and only them
 
 
 def test_a_shard_holds_a_partitions_ranges_as_one_and_its_slice_in_order():
@@ -271,6 +326,24 @@ def test_a_killed_partition_redoes_its_steps_and_each_counts_once():
     assert result.stats["steps"] == 2 * 256 // 16  # each counted once
     losses = [point["loss"] for point in result.history.train]
     assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_partition_is_restarted_on_ray_and_the_run_completes(ray_session):
+    pytest.importorskip("ray")
+    x, y = separable_data(64)
+    result = distbelief.train(
+        local_net(), (x, y), loss="cross_entropy", lr=0.1, batch_size=16, epochs=2, seed=3,
+        optimizer="sgd", partitions=2, runtime="ray",
+        runtime_options={"faults": ["kill:replica0.stage0.part1@step=3"]},
+    )  # fmt: skip
+    assert result.stats["restarts"] == 1
+    assert result.stats["steps"] == 2 * 64 // 16  # each counted once, the redone ones too
+    killed, respawned = result.stats["pids"]["replica0.stage0.part1"]
+    assert killed != respawned  # a new process took the partition's place
+    losses = [point["loss"] for point in result.history.train]
+    assert losses[-1] < losses[0]
 
 
 def test_a_checkpoint_of_partitions_resumes(tmp_path):

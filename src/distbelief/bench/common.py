@@ -72,6 +72,10 @@ class Sizes:
     locally-connected net is sized to match (``model_parallel.lc_channels``)."""
     model_parallel_steps: int = 192
     """Mini-batches of 32 in each timed run of the model-parallel benchmark."""
+    model_parallel_long_length: int = 320
+    """Signal length of the model-parallel benchmark's larger pair of nets (the same
+    locally-connected stack on longer signals, and a fully connected net as large); its runs
+    take half as many mini-batches."""
 
 
 FULL = Sizes(
@@ -97,6 +101,7 @@ QUICK = Sizes(
     pipeline_steps=24,
     model_parallel_width=64,
     model_parallel_steps=24,
+    model_parallel_long_length=80,
 )
 
 

@@ -1,19 +1,25 @@
 """``model-parallel``: the shape of the paper's Figure 3 with partitions (a stage's layers cut
-into blocks of units, one actor per block; issue 23, docs/partitions.md). Two nets of about the
-same parameter count, on data of MNIST-1D's input shape (40 features, random values: time per
-step does not depend on them) with 16 classes, so that every layer, the classifier too, splits
-16 ways:
+into blocks of units, one actor per block; issue 23, docs/partitions.md). Pairs of nets of about
+the same parameter count, on signals of length L (random values: time per step does not depend
+on them) with 16 classes, so that every layer, the classifier too, splits 16 ways:
 
-- fully connected: widths 40, W, W, W, W, 16 (W = ``model_parallel_width``);
-- locally connected: ``LocallyConnected1d`` layers of kernel 3 at full length 40 (1 -> C, then
-  three C -> C, then C -> 2) and a ``Linear`` 80 -> 16, with C ~ W / sqrt(120) so that its
-  three square layers (40 x 3 x C^2 weights each) hold what the fully connected net's three
+- fully connected: widths L, W, W, W, W, 16;
+- locally connected: ``LocallyConnected1d`` layers of kernel 3 at full length L (1 -> C, then
+  three C -> C, then C -> 2) and a ``Linear`` 2L -> 16, with C ~ W / sqrt(3L) so that its
+  three square layers (L x 3 x C^2 weights each) hold what the fully connected net's three
   W x W layers hold.
+
+Two sizes, as Figure 3 plots several models: MNIST-1D's length 40 with W =
+``model_parallel_width`` (C = 47 at W = 512), and the same locally-connected stack (the same C)
+on signals of ``model_parallel_long_length`` (320: 8 times the compute per step) with a fully
+connected net as large (W = 1456 at length 320). A block's compute grows with the length while
+the halos it exchanges do not, so the larger locally-connected net should gain more.
 
 (a) **Timed**: mean time per mini-batch of 32 (SGD, one replica, one stage, one shard, one
 torch thread per process) on the ``processes`` runtime with P = 1 and 2 partitions, beside the
-same net in a plain one-process torch loop; every run alternates with the others in each
-repeat and ratios are medians of paired ratios. With 2 partitions also at ``pipeline_depth``
+same net in a plain one-process torch loop, for every net of both sizes (the larger size's runs
+take half as many mini-batches); every run alternates with the others in each repeat and ratios
+are medians of paired ratios. With 2 partitions also at ``pipeline_depth``
 2 and 4 (a block computes one mini-batch while it waits for another's halo; each backward
 pass uses its forward's parameters, one to three steps stale): the rows say which depth,
 and the last speedup row of each net is the best depth's. The headline (depth 1) is SGD
@@ -22,7 +28,8 @@ every step, as the plain loop.
 (b) **Counted**: the bytes that cross between blocks per step for P in {1, 2, 4, 8, 16}, from
 the plans (:func:`~distbelief.core.blocks.crossing_bytes`), so the figures hold on any machine:
 the locally-connected net's grow with the number of boundaries (P - 1) times a halo of each
-layer, the fully connected net's with its width times P - 1.
+layer, the fully connected net's with its width times P - 1 (both sizes; the larger pair's in
+the same rows, in brackets).
 """
 
 from __future__ import annotations
@@ -51,35 +58,46 @@ CLASSES = 16
 """Outputs of both nets: as many as the most partitions counted, so every layer splits."""
 KERNEL = 3
 """Kernel of the locally-connected layers (padding 1: every layer keeps length 40)."""
+LONG_STEPS = 2
+"""The larger size's runs take ``model_parallel_steps // LONG_STEPS`` mini-batches."""
+SIZES = 2
+"""Sizes of each net: length 40, and ``model_parallel_long_length``."""
 TIMED_PARTS = (1, 2)
 """Partitions of the timed runs (2 cores here)."""
 DEPTHS = (1, 2, 4)
 """``pipeline_depth`` of the timed runs with 2 partitions (1 partition: depth 1 only)."""
 TIMED = ((1, 1), *((2, d) for d in DEPTHS))
 """(partitions, pipeline_depth) of every timed distbelief run, in order."""
-ROWS_PER_NET = len(TIMED) + 2
-"""Rows of each net: one per timed run, 2 partitions against 1 at depth 1 and at the best."""
+ROWS_PER_NET = SIZES * (len(TIMED) + 2)
+"""Rows of each net (over its sizes): per size one per timed run, and 2 partitions against 1
+at depth 1 and at the best depth."""
 COUNTED_PARTS = (1, 2, 4, 8, 16)
 """Partitions whose crossing bytes are counted."""
 LR = 0.01
 NETS = ("fully connected", "locally connected")
 
 
-def lc_channels(width: int) -> int:
-    """C for a locally-connected net about as large as the fully connected net of width W:
-    40 x 3 x C^2 = W^2 per square layer."""
-    return max(1, round(width / math.sqrt(LENGTH * KERNEL)))
+def lc_channels(width: int, length: int = LENGTH) -> int:
+    """C for a locally-connected net about as large as the fully connected net of width W on
+    signals of ``length``: ``length`` x 3 x C^2 = W^2 per square layer."""
+    return max(1, round(width / math.sqrt(length * KERNEL)))
 
 
-def fc_net(width: int, seed: int = 0) -> nn.Sequential:
-    """The fully connected net: widths 40, W, W, W, W, 16 with ReLU."""
-    return mlp((LENGTH, width, width, width, width, CLASSES), seed=seed)
+def fc_width(channels: int, length: int = LENGTH) -> int:
+    """W for a fully connected net about as large as the locally-connected net of C channels
+    on signals of ``length`` (the inverse of :func:`lc_channels`)."""
+    return max(1, round(channels * math.sqrt(length * KERNEL)))
 
 
-def lc_net(channels: int, seed: int = 0) -> nn.Sequential:
-    """The locally-connected net: kernel-3 layers at length 40 (1 -> C, three C -> C, C -> 2)
-    with ReLU, then a ``Linear`` 80 -> 16."""
-    c, k, n = channels, KERNEL, LENGTH
+def fc_net(width: int, seed: int = 0, length: int = LENGTH) -> nn.Sequential:
+    """The fully connected net: widths ``length`` (40), W, W, W, W, 16 with ReLU."""
+    return mlp((length, width, width, width, width, CLASSES), seed=seed)
+
+
+def lc_net(channels: int, seed: int = 0, length: int = LENGTH) -> nn.Sequential:
+    """The locally-connected net: kernel-3 layers at full ``length`` (40; 1 -> C, three
+    C -> C, C -> 2) with ReLU, then a ``Linear`` 2 x length -> 16."""
+    c, k, n = channels, KERNEL, length
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers: list[nn.Module] = [nn.Unflatten(1, (1, n))]
@@ -89,37 +107,48 @@ def lc_net(channels: int, seed: int = 0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def nets(width: int) -> dict[str, Callable[[int], nn.Sequential]]:
-    """Each net's maker (seed -> model), by name."""
-    c = lc_channels(width)
-    return {NETS[0]: lambda seed: fc_net(width, seed), NETS[1]: lambda seed: lc_net(c, seed)}
+def nets(width: int, length: int = LENGTH) -> dict[str, Callable[[int], nn.Sequential]]:
+    """Each net's maker (seed -> model), by name, on signals of ``length``."""
+    c = lc_channels(width, length)
+    return {
+        NETS[0]: lambda seed: fc_net(width, seed, length),
+        NETS[1]: lambda seed: lc_net(c, seed, length),
+    }
 
 
-def describe(name: str, width: int) -> str:
+def sizes_of(width: int, long_length: int) -> list[tuple[int, int]]:
+    """(width, length) of each size: length 40 at ``width``; ``long_length`` with the same
+    locally-connected channels and the fully connected width that matches them."""
+    return [(width, LENGTH), (fc_width(lc_channels(width), long_length), long_length)]
+
+
+def describe(name: str, width: int, length: int = LENGTH) -> str:
     """``"FC 40-512x4-16"``, ``"LC 1-47x4-2-16"`` (channels of the locally-connected layers,
-    then the classifier's outputs)."""
+    then the classifier's outputs; ``", length 320"`` after it on longer signals)."""
     if name == NETS[0]:
-        return f"FC 40-{width}x4-{CLASSES}"
-    return f"LC 1-{lc_channels(width)}x4-2-{CLASSES}"
+        return f"FC {length}-{width}x4-{CLASSES}"
+    tail = f", length {length}" if length != LENGTH else ""
+    return f"LC 1-{lc_channels(width, length)}x4-2-{CLASSES}{tail}"
 
 
-def examples(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random examples of MNIST-1D's input shape with labels of 16 classes."""
+def examples(n: int, seed: int, length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random examples of ``length`` features (MNIST-1D's 40) with labels of 16
+    classes."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, LENGTH, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+    return torch.randn(n, length, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
-def counted(width: int) -> dict[str, Any]:
+def counted(width: int, length: int = LENGTH) -> dict[str, Any]:
     """Per net: parameters, and the bytes crossing between blocks per step of ``BATCH`` for
     every P in ``COUNTED_PARTS`` (one stage cut into P blocks; float32)."""
     out: dict[str, Any] = {}
-    for name, make in nets(width).items():
+    for name, make in nets(width, length).items():
         model = make(0)
         per_p = {
-            p: crossing_bytes(plan_split(list(model), p, (LENGTH,)), BATCH) for p in COUNTED_PARTS
+            p: crossing_bytes(plan_split(list(model), p, (length,)), BATCH) for p in COUNTED_PARTS
         }
         out[name] = {
-            "net": describe(name, width),
+            "net": describe(name, width, length),
             "parameters": sum(q.numel() for q in model.parameters()),
             "bytes_per_step": {str(p): b for p, b in per_p.items()},
         }
@@ -136,36 +165,46 @@ def _median_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float
     return round(statistics.median(pairs), 3) if pairs else None
 
 
+Key = tuple[str, int, int, int]
+"""(net, length, partitions, pipeline_depth) of a timed run."""
+
+
 def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict[str, Any]:
-    """Time per mini-batch of each net at each P and in the plain loop, alternating; the bytes
-    crossing per step, counted (see the module doc)."""
+    """Time per mini-batch of each net of each size at each P and in the plain loop,
+    alternating; the bytes crossing per step, counted (see the module doc)."""
     width = sizes.model_parallel_width
-    data = examples(sizes.model_parallel_steps * BATCH, seed)
-    makers = nets(width)
-    plain: dict[str, list[float]] = {n: [] for n in makers}
-    engine: dict[tuple[str, int, int], list[float | None]] = {
-        (n, p, d): [] for n in makers for p, d in TIMED
+    sized = sizes_of(width, sizes.model_parallel_long_length)
+    steps = {
+        length: sizes.model_parallel_steps // (1 if length == LENGTH else LONG_STEPS)
+        for _, length in sized
+    }
+    data = {length: examples(steps[length] * BATCH, seed, length) for _, length in sized}
+    makers = {(n, length): make for w, length in sized for n, make in nets(w, length).items()}
+    plain: dict[tuple[str, int], list[float]] = {k: [] for k in makers}
+    engine: dict[Key, list[float | None]] = {
+        (n, length, p, d): [] for n, length in makers for p, d in TIMED
     }
     for rep in range(repeats):
-        for name, make in makers.items():
+        for (name, length), make in makers.items():
             ex_s = plain_sgd_examples_per_s(
-                make(seed), data, lr=LR, batch_size=BATCH, epochs=1, seed=seed
+                make(seed), data[length], lr=LR, batch_size=BATCH, epochs=1, seed=seed
             )
-            plain[name].append(BATCH / ex_s)
+            plain[name, length].append(BATCH / ex_s)
             for p, d in TIMED:
                 extra = {"pipeline_depth": d} if d > 1 else {}
                 result = train(
-                    make(seed), data, loss="cross_entropy", lr=LR, batch_size=BATCH, epochs=1,
-                    optimizer="sgd", seed=seed, runtime="processes", partitions=p, **extra,
+                    make(seed), data[length], loss="cross_entropy", lr=LR, batch_size=BATCH,
+                    epochs=1, optimizer="sgd", seed=seed, runtime="processes", partitions=p,
+                    **extra,
                 )  # fmt: skip
-                engine[(name, p, d)].append(_per_batch(result))
+                engine[name, length, p, d].append(_per_batch(result))
         say(log, f"model-parallel repeat {rep + 1}/{repeats}: " + ", ".join(
-            f"{n} plain {plain[n][-1] * 1e3:.2f} ms"
-            + "".join(f", P={p} D={d} {v[-1] * 1e3:.2f} ms" for (m, p, d), v in engine.items()
-                      if m == n and v[-1])
-            for n in makers
+            f"{n} L={length} plain {plain[n, length][-1] * 1e3:.2f} ms"
+            + "".join(f", P={p} D={d} {v[-1] * 1e3:.2f} ms"
+                      for (m, ln, p, d), v in engine.items() if (m, ln) == (n, length) and v[-1])
+            for n, length in makers
         ))  # fmt: skip
-    return _figures(width, plain, engine)
+    return _figures(width, sized, steps, plain, engine)
 
 
 def _ms(samples: Sequence[float | None]) -> float | None:
@@ -174,10 +213,11 @@ def _ms(samples: Sequence[float | None]) -> float | None:
     return round(min(ran) * 1e3, 3) if ran else None
 
 
-def bytes_figures(width: int) -> dict[str, Any]:
+def bytes_figures(width: int, long_length: int | None = None) -> dict[str, Any]:
     """The counted part of the figures alone (what :func:`bytes_markdown` and
-    :func:`plot_bytes` take): no run, any machine."""
-    return {
+    :func:`plot_bytes` take): no run, any machine. With ``long_length``, the larger pair's
+    counts too (``"long_nets"``)."""
+    out = {
         "width": width,
         "lc_channels": lc_channels(width),
         "batch": BATCH,
@@ -185,38 +225,57 @@ def bytes_figures(width: int) -> dict[str, Any]:
         "counted_partitions": list(COUNTED_PARTS),
         "nets": counted(width),
     }
+    if long_length is not None:
+        long_width, _ = sizes_of(width, long_length)[1]
+        out["long_nets"] = counted(long_width, long_length)
+    return out
 
 
 def _figures(
     width: int,
-    plain: dict[str, list[float]],
-    engine: dict[tuple[str, int, int], list[float | None]],
+    sized: list[tuple[int, int]],
+    steps: dict[int, int],
+    plain: dict[tuple[str, int], list[float]],
+    engine: dict[Key, list[float | None]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        **bytes_figures(width),
+        **bytes_figures(width, sized[1][1]),
+        "sizes": [
+            {
+                "width": w,
+                "length": length,
+                "lc_channels": lc_channels(w, length),
+                "steps": steps[length],
+            }
+            for w, length in sized
+        ],  # fmt: skip
         "timed": [],
         "speedup": [],
     }
-    for name in NETS:
-        for p, d in TIMED:
-            samples = engine[(name, p, d)]
-            out["timed"].append({
-                "net": name, "partitions": p, "pipeline_depth": d, "ran": any(samples),
-                "ms_per_batch": _ms(samples), "baseline_ms_per_batch": _ms(plain[name]),
-                # throughput ratio: plain loop's time over the engine's
-                "ratio": _median_ratio(plain[name], samples),
-                "samples_ms": [round(v * 1e3, 3) if v else None for v in samples],
-                "baseline_samples_ms": [round(v * 1e3, 3) for v in plain[name]],
-            })  # fmt: skip
-        one = engine[(name, 1, 1)]
-        ratios = {d: _median_ratio(one, engine[(name, 2, d)]) for d in DEPTHS}
-        best = max((d for d in DEPTHS if ratios[d] is not None), key=ratios.get, default=1)
-        for d, label in ((1, "depth 1"), (best, "best depth")):
-            two = engine[(name, 2, d)]
-            out["speedup"].append({
-                "net": name, "pipeline_depth": d, "which": label, "ran": any(two),
-                "ms_per_batch": _ms(two), "baseline_ms_per_batch": _ms(one), "ratio": ratios[d],
-            })  # fmt: skip
+    for w, length in sized:
+        for name in NETS:
+            base = plain[name, length]
+            for p, d in TIMED:
+                samples = engine[name, length, p, d]
+                out["timed"].append({
+                    "net": name, "width": w, "length": length, "partitions": p,
+                    "pipeline_depth": d, "ran": any(samples),
+                    "ms_per_batch": _ms(samples), "baseline_ms_per_batch": _ms(base),
+                    # throughput ratio: plain loop's time over the engine's
+                    "ratio": _median_ratio(base, samples),
+                    "samples_ms": [round(v * 1e3, 3) if v else None for v in samples],
+                    "baseline_samples_ms": [round(v * 1e3, 3) for v in base],
+                })  # fmt: skip
+            one = engine[name, length, 1, 1]
+            ratios = {d: _median_ratio(one, engine[name, length, 2, d]) for d in DEPTHS}
+            best = max((d for d in DEPTHS if ratios[d] is not None), key=ratios.get, default=1)
+            for d, label in ((1, "depth 1"), (best, "best depth")):
+                two = engine[name, length, 2, d]
+                out["speedup"].append({
+                    "net": name, "width": w, "length": length, "pipeline_depth": d,
+                    "which": label, "ran": any(two), "ms_per_batch": _ms(two),
+                    "baseline_ms_per_batch": _ms(one), "ratio": ratios[d],
+                })  # fmt: skip
     return out
 
 
@@ -233,14 +292,15 @@ def _bytes(n: int) -> str:
 
 
 def rows(figures: dict[str, Any]) -> list[Row]:
-    """A row per net and timed run (P, depth) against the plain loop; two per net for 2
+    """Per size and net, a row per timed run (P, depth) against the plain loop and two for 2
     partitions against 1 (at depth 1, and at the best depth); a row per counted P with both
-    nets' crossing bytes (ratio: locally / fully connected)."""
+    nets' crossing bytes (ratio: locally / fully connected; the larger pair's in brackets)."""
     out: list[Row] = []
     width = figures["width"]
     for t in figures["timed"]:
         p, d = t["partitions"], t.get("pipeline_depth", 1)
-        config = f"{describe(t['net'], width)}, sgd, processes, {p} partition" + "s" * (p > 1)
+        net = describe(t["net"], t.get("width", width), t.get("length", LENGTH))
+        config = f"{net}, sgd, processes, {p} partition" + "s" * (p > 1)
         config += f", pipeline_depth {d}" if d > 1 else ""
         dist = _fmt_ms(t["ms_per_batch"]) if t["ran"] else "did not run"
         out.append(("model-parallel", config, dist,
@@ -248,20 +308,27 @@ def rows(figures: dict[str, Any]) -> list[Row]:
                     _ratio(t["ratio"])))  # fmt: skip
     for s in figures["speedup"]:
         d = s.get("pipeline_depth", 1)
+        net = describe(s["net"], s.get("width", width), s.get("length", LENGTH))
         best = " (the best of " + ", ".join(map(str, DEPTHS)) + ")"
         out.append((
-            "model-parallel", f"{describe(s['net'], width)}, processes: 2 partitions "
+            "model-parallel", f"{net}, processes: 2 partitions "
             f"against 1, pipeline_depth {d}{best if s.get('which') == 'best depth' else ''}",
             _fmt_ms(s["ms_per_batch"]) if s["ran"] else "did not run",
             f"1 partition {_fmt_ms(s['baseline_ms_per_batch'])}", _ratio(s["ratio"]),
         ))  # fmt: skip
     fc, lc = (figures["nets"][n] for n in NETS)
+    long = figures.get("long_nets")
     for p in figures["counted_partitions"]:
         a, b = lc["bytes_per_step"][str(p)], fc["bytes_per_step"][str(p)]
+        lc_text, fc_text = f"LC {_bytes(a)}", f"FC {_bytes(b)}"
+        if long is not None:
+            fc_long, lc_long = (long[n] for n in NETS)
+            lc_text += f" ({lc_long['net']}: {_bytes(lc_long['bytes_per_step'][str(p)])})"
+            fc_text += f" ({fc_long['net']}: {_bytes(fc_long['bytes_per_step'][str(p)])})"
         out.append((
             "model-parallel", f"bytes between blocks per step, P = {p}, batch "
             f"{figures['batch']} (counted; ratio LC / FC)",
-            f"LC {_bytes(a)}", f"FC {_bytes(b)}", f"{a / b:.3f}" if b else "n/a",
+            lc_text, fc_text, f"{a / b:.3f}" if b else "n/a",
         ))  # fmt: skip
     return out
 

@@ -454,8 +454,15 @@ def assemble_strip(
     its own part included, in any order)."""
     split = plan.input
     assert split is not None
-    parts = sorted(received, key=lambda tv: tv[0].start)
-    strip = torch.cat([v for _, v in parts], dim=split.axis + 1)
+    parts = [v for _, v in sorted(received, key=lambda tv: tv[0].start)]
+    if len(parts) == 1:
+        strip = parts[0]  # all its own: no copy
+    elif plan.kind == "local1d" and not plan.gather_all:
+        # laid out position-major, as local1d works (its permute to (L, N, C) is then free)
+        dim = split.axis + 1
+        strip = torch.cat([v.movedim(dim, 0) for v in parts]).movedim(0, dim)
+    else:
+        strip = torch.cat(parts, dim=split.axis + 1)
     if not plan.gather_all:
         return strip
     lo, hi = plan.needs[block]
@@ -468,10 +475,12 @@ def block_forward(
     layer: nn.Module,
     x: torch.Tensor,
     params: Sequence[torch.Tensor] | None = None,
+    wgrad_into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The block's output piece: of a split layer from its input strip and its parameters
     (``params``: weight and bias slices, by default :func:`block_parameters`), of an
-    element-wise layer from its piece, of a deferred reshape its piece unchanged."""
+    element-wise layer from its piece, of a deferred reshape its piece unchanged. With
+    ``wgrad_into``, a ``local1d`` layer's backward writes its weight's gradient there."""
     if plan.kind == "whole":
         return layer(x)
     if plan.kind == "follow":
@@ -481,7 +490,8 @@ def block_forward(
     if plan.kind == "linear":
         return F.linear(x, weight, bias)
     if plan.kind == "local1d":
-        return local1d(x, weight, bias, layer.kernel_size, layer.stride, plan.pads[block])
+        k, s = layer.kernel_size, layer.stride
+        return local1d(x, weight, bias, k, s, plan.pads[block], wgrad_into)
     pw = layer.padding[1]
     top, bottom = plan.pads[block]
     return local2d(x, weight, bias, layer.kernel_size, layer.stride, (pw, pw, top, bottom))
@@ -516,7 +526,9 @@ def own_grad(
     at its positions; zero where no block read it (a stride longer than the kernel)."""
     split = plan.input
     assert split is not None
-    own_lo = split.ranges[block][0]
+    own_lo, own_hi = split.ranges[block]
+    if len(returned) == 1 and (returned[0][0].start, returned[0][0].stop) == (own_lo, own_hi):
+        return returned[0][1]  # one block read all of it (its owner, with P = 1): as it is
     total = torch.zeros_like(piece)
     for t, g in returned:
         total.narrow(split.axis + 1, t.start - own_lo, t.stop - t.start).add_(g)
@@ -607,6 +619,75 @@ def run_blocks(
     return BlocksRun(plan.output.assemble(pieces), input_grad, param_grads)
 
 
+# ------------------------------------------------- a locally-connected block, halo and interior
+
+
+def _field(lp: LayerPlan, layer: nn.Module, o: int) -> tuple[int, int]:
+    """The input positions (within the input, padding left out) output position ``o`` of a
+    ``local1d`` layer reads."""
+    k, s, p = layer.kernel_size, layer.stride, layer.padding
+    length = lp.in_shape[lp.in_axis]
+    return max(o * s - p, 0), min(o * s - p + k, length)
+
+
+def interior(lp: LayerPlan, layer: nn.Module, block: int) -> tuple[int, int]:
+    """The block's *interior* outputs of a ``local1d`` layer whose input is cut along its
+    positions: ``[a, z)`` (absolute output positions, possibly empty, ``a`` = ``z``), the
+    outputs whose receptive fields lie within the block's own piece, so that it can compute
+    them before any halo arrives. The rest of ``[lo, hi)`` are its edges."""
+    assert lp.kind == "local1d" and lp.input is not None and lp.output is not None
+    lo, hi = lp.output.ranges[block]
+    own_lo, own_hi = lp.input.ranges[block]
+    inside = [o for o in range(lo, hi) if own_lo <= _field(lp, layer, o)[0]]
+    inside = [o for o in inside if _field(lp, layer, o)[1] <= own_hi]
+    if not inside:
+        return lo, lo
+    return inside[0], inside[-1] + 1
+
+
+def local1d_part(
+    lp: LayerPlan,
+    layer: nn.Module,
+    block: int,
+    x: torch.Tensor,
+    x_lo: int,
+    params: Sequence[torch.Tensor],
+    a: int,
+    z: int,
+    wgrad: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Outputs ``[a, z)`` of a ``local1d`` layer's block from ``x``, input positions from
+    ``x_lo`` on (its own piece, or its strip): the output, and the input and parameter slices
+    it was computed from (views, to take gradients with respect to). With ``wgrad``, a buffer
+    of the block's weight's shape, its backward writes the weight's gradient into its rows."""
+    assert lp.output is not None
+    lo = lp.output.ranges[block][0]
+    k, s, p = layer.kernel_size, layer.stride, layer.padding
+    length = lp.in_shape[lp.in_axis]
+    start, stop = _field(lp, layer, a)[0], _field(lp, layer, z - 1)[1]
+    xin = x.narrow(2, start - x_lo, stop - start)
+    pads = (max(0, p - a * s), max(0, (z - 1) * s - p + k - length))
+    sliced = [q.narrow(0, a - lo, z - a) for q in params]
+    weight, bias = sliced[0], (sliced[1] if len(sliced) > 1 else None)
+    into = None if wgrad is None else wgrad.narrow(0, a - lo, z - a)
+    return local1d(xin, weight, bias, k, s, pads, into), xin, sliced
+
+
+@dataclass
+class _Overlapped:
+    """What a block keeps of an overlapped ``local1d`` layer for its backward pass: per part
+    (left edge, interior, right edge; empty ones left out) its output range, output, input
+    slice and parameter slices; where its strip starts and how wide it is; its interior."""
+
+    parts: list[tuple[int, int, torch.Tensor, torch.Tensor, list[torch.Tensor]]]
+    strip_lo: int
+    strip_len: int
+    inner: tuple[int, int]
+    wgrad: torch.Tensor
+    """The weight's gradient, filled by the parts' backward passes."""
+    strip_grad: torch.Tensor | None = None
+
+
 # ------------------------------------------------------------- one block's pass, resumable
 
 Send = tuple[int, int, torch.Tensor]
@@ -626,6 +707,16 @@ class BlockPass:
     the block's parameter slices as leaf tensors (empty for a layer without any): the
     parameters' gradients are taken with respect to them (:attr:`param_grads`). With
     ``wants_input`` false (the first stage) the gradient of the stage's input is not computed.
+
+    With ``overlap``, a ``local1d`` layer whose input is cut along its positions is computed
+    in two goes, so that the hop of its halo is hidden behind compute: forward, the block
+    sends its edges and returns at once (:attr:`more` set), then computes its *interior*
+    outputs (:func:`interior`: they read only its own piece) while the halos travel, and its
+    edge outputs once they are in; backward, it first takes the gradient of its edge outputs,
+    returns the halos' gradients to send (:attr:`more` set), then takes its interior's. The
+    caller calls :meth:`forward` (:meth:`backward`) again while :attr:`more` is set. The
+    values are the same (the same per-position products, grouped differently: equal to
+    float rounding).
     """
 
     def __init__(
@@ -634,9 +725,15 @@ class BlockPass:
         block: int,
         layers: Sequence[nn.Module],
         wants_input: bool = True,
+        overlap: bool = False,
     ) -> None:
         self.plan, self.block, self.layers = plan, block, layers
         self.wants_input = wants_input
+        self.overlap = overlap
+        self.more = False
+        """Whether the last call returned early with work it can do now (call it again)."""
+        self.inner: dict[int, tuple] = {}  # layer -> its interior, computed before the halos
+        self._part_grads: list[list[torch.Tensor]] = []  # of an overlapped layer's parts
         self.params: Sequence[Sequence[torch.Tensor]] = ()
         self.layer = 0  # the next layer to run forward
         self.current: torch.Tensor | None = None  # what enters it
@@ -668,12 +765,79 @@ class BlockPass:
     def start(self, x: torch.Tensor, params: Sequence[Sequence[torch.Tensor]]) -> list[Send]:
         """Begin the forward pass on the stage's input ``x`` (all of it) with ``params``."""
         self.current, self.params = x, params
+        # The flat gradient, laid out as the parameters: a locally-connected layer's backward
+        # writes its weight's gradient straight into its place (the bulk of a block's
+        # parameters: no copy of it in :meth:`flat_param_grad`).
+        total = sum(q.numel() for layer in params for q in layer)
+        first = next((q for layer in params for q in layer), None)
+        self._flat = x.new_empty(total, dtype=first.dtype if first is not None else x.dtype)
+        self._views: list[list[torch.Tensor]] = []
+        offset = 0
+        for layer in params:
+            views = []
+            for q in layer:
+                views.append(self._flat[offset : offset + q.numel()].view(q.shape))
+                offset += q.numel()
+            self._views.append(views)
         return self.forward()
+
+    def _overlaps(self, lp: LayerPlan, mine: Sequence[Transfer]) -> bool:
+        """Whether this layer is computed in two goes (see the class doc)."""
+        return (
+            self.overlap
+            and lp.kind == "local1d"
+            and not lp.gather_all
+            and any(t.src != self.block for t in mine)
+        )
+
+    def _interior_forward(self, i: int, lp: LayerPlan, layer: nn.Module) -> tuple:
+        """The interior outputs of layer ``i`` from the block's own part of its input."""
+        a, z = interior(lp, layer, self.block)
+        wgrad = self._views[i][0]  # the weight's place in the flat gradient
+        if a == z:
+            return (a, z, None, None, [], wgrad)
+        own = self.arrived[i, self.block].detach().requires_grad_()
+        self.arrived[i, self.block] = own
+        own_t = next(t for t in lp.transfers if t.src == t.dst == self.block)
+        params = self.params[i]
+        out, xin, sliced = local1d_part(
+            lp, layer, self.block, own, own_t.start, params, a, z, wgrad
+        )
+        return (a, z, out, xin, sliced, wgrad)
+
+    def _edges_forward(
+        self, i: int, lp: LayerPlan, layer: nn.Module, piece: torch.Tensor, got: list
+    ) -> None:
+        """Layer ``i``'s edge outputs, once the halos are in, and its whole output piece."""
+        b = self.block
+        assert lp.output is not None
+        lo, hi = lp.output.ranges[b]
+        a, z, inner_out, inner_in, inner_params, wgrad = self.inner.pop(i)
+        # the halos are leaves; the own part already is (the interior read it)
+        got = [(t, v if t.src == b else v.detach().requires_grad_()) for t, v in got]
+        strip = assemble_strip(lp, b, got)
+        strip_lo = min(t.start for t, _ in got)
+        parts = []
+        for pa, pz in ((lo, a), (a, z), (z, hi)):
+            if pa == pz:
+                continue
+            if (pa, pz) == (a, z):
+                parts.append((pa, pz, inner_out, inner_in, inner_params))
+                continue
+            params = self.params[i]
+            out, xin, sliced = local1d_part(lp, layer, b, strip, strip_lo, params, pa, pz, wgrad)
+            parts.append((pa, pz, out, xin, sliced))
+        out = torch.cat([q[2] for q in parts], dim=2) if len(parts) > 1 else parts[0][2]
+        held = _Overlapped(parts, strip_lo, strip.shape[2], (a, z), wgrad)
+        self.saved.append((piece, held, out))  # type: ignore[arg-type]
+        self.current = out.detach()
+        self.layer += 1
 
     def forward(self) -> list[Send]:
         """Run layers until one needs what has not arrived, or the stage's output is done."""
         plan, b = self.plan, self.block
         sends: list[Send] = []
+        self.more = False
         while self.current is not None and self.layer < len(plan.layers):
             i = self.layer
             lp, layer, piece = plan.layers[i], self.layers[i], self.current
@@ -682,6 +846,8 @@ class BlockPass:
             elif lp.input is None:
                 xin = strip_of_whole(lp, b, piece)
             else:
+                mine = [t for t in lp.transfers if t.dst == b]
+                split_halo = self._overlaps(lp, mine)
                 if self.sent < i:
                     self.sent = i
                     for t, v in pieces_to_send(lp, b, piece):
@@ -689,13 +855,23 @@ class BlockPass:
                             self.arrived[i, b] = v
                         else:
                             sends.append((t.dst, i, v.clone()))
-                mine = [t for t in lp.transfers if t.dst == b]
+                    if split_halo and sends:
+                        self.more = True  # send the halo first, then compute the interior
+                        return sends
+                if split_halo and i not in self.inner:
+                    self.inner[i] = self._interior_forward(i, lp, layer)
                 if any((i, t.src) not in self.arrived for t in mine):
                     return sends
-                xin = assemble_strip(lp, b, [(t, self.arrived.pop((i, t.src))) for t in mine])
+                got = [(t, self.arrived.pop((i, t.src))) for t in mine]
+                if split_halo:
+                    self._edges_forward(i, lp, layer, piece, got)
+                    continue
+                xin = assemble_strip(lp, b, got)
             xin = xin.detach().requires_grad_()
             used = xin.clone() if getattr(layer, "inplace", False) else xin
-            out = block_forward(lp, b, layer, used, self.params[i] if self.params[i] else None)
+            into = self._views[i][0] if lp.kind == "local1d" else None
+            params = self.params[i] if self.params[i] else None
+            out = block_forward(lp, b, layer, used, params, into)
             self.saved.append((piece, xin, out))
             self.current = out.detach()
             self.layer += 1
@@ -710,10 +886,27 @@ class BlockPass:
         if grad is not None:
             self.grad, self.back = grad, len(plan.layers) - 1
         sends: list[Send] = []
+        self.more = False
         while self.back >= 0:
             i = self.back
             lp = plan.layers[i]
             piece, xin, out = self.saved[i]
+            if isinstance(xin, _Overlapped):
+                if xin.strip_grad is None:
+                    halos = self._edges_backward(i, lp, xin)
+                    if halos:
+                        self.more = True  # the halos' gradients first, then the interior
+                        return sends + halos
+                if not self.awaiting:
+                    self._interior_backward(i, lp, xin)
+                    self.awaiting = True
+                mine = [t for t in lp.transfers if t.src == b]
+                if any((i, t.dst) not in self.returned for t in mine):
+                    return sends
+                got = [(t, self.returned.pop((i, t.dst))) for t in mine]
+                self.grad = own_grad(lp, b, piece, got)
+                self.awaiting, self.back = False, i - 1
+                continue
             if not self.awaiting:
                 params = list(self.params[i])
                 last = not self.wants_input and lp.input is None  # nothing before needs it
@@ -752,10 +945,69 @@ class BlockPass:
         self.saved = []
         return sends
 
+    def _edges_backward(self, i: int, lp: LayerPlan, held: _Overlapped) -> list[Send]:
+        """The gradients of layer ``i``'s edge outputs: the halos' go back to their owners
+        (returned to send), the own part's are kept in the strip's gradient."""
+        b = self.block
+        assert self.grad is not None and lp.output is not None
+        lo = lp.output.ranges[b][0]
+        g = self.grad
+        n, c = held.parts[0][3].shape[:2]  # the inputs' batch and channels
+        strip_grad = g.new_zeros(n, c, held.strip_len)
+        grads: list[list[torch.Tensor]] = []
+        for pa, pz, out, xin, sliced in held.parts:
+            if (pa, pz) == held.inner:
+                grads.append([])
+                continue
+            gx, *gp = torch.autograd.grad(
+                out, [xin, *sliced], g.narrow(2, pa - lo, pz - pa), materialize_grads=True
+            )
+            first = _field(lp, self.layers[i], pa)[0]
+            strip_grad.narrow(2, first - held.strip_lo, gx.shape[2]).add_(gx)
+            grads.append(gp)
+        held.strip_grad = strip_grad
+        self._part_grads = grads
+        sends: list[Send] = []
+        for t, gv in grads_to_return(lp, b, strip_grad):
+            if t.src != b:
+                sends.append((t.src, i, gv.clone()))
+        return sends
+
+    def _interior_backward(self, i: int, lp: LayerPlan, held: _Overlapped) -> None:
+        """The gradients of layer ``i``'s interior outputs, added to the own part's; the
+        layer's parameter gradients, its parts' laid end to end."""
+        b = self.block
+        assert self.grad is not None and lp.output is not None and held.strip_grad is not None
+        lo = lp.output.ranges[b][0]
+        grads = self._part_grads
+        for n, (pa, pz, out, xin, sliced) in enumerate(held.parts):
+            if (pa, pz) != held.inner:
+                continue
+            gx, *gp = torch.autograd.grad(
+                out, [xin, *sliced], self.grad.narrow(2, pa - lo, pz - pa), materialize_grads=True
+            )
+            first = _field(lp, self.layers[i], pa)[0]
+            held.strip_grad.narrow(2, first - held.strip_lo, gx.shape[2]).add_(gx)
+            grads[n] = gp
+        # the weight's gradient is in the buffer the parts wrote into; the bias's is small
+        self.param_grads[i] = [held.wgrad] + [
+            torch.cat([g[j] for g in grads]) if len(grads) > 1 else grads[0][j]
+            for j in range(1, len(self.params[i]))
+        ]
+        own = [t for t in lp.transfers if t.src == t.dst == b]
+        for t, gv in grads_to_return(lp, b, held.strip_grad):
+            if t in own:
+                self.returned[i, b] = gv
+        held.parts, self._part_grads = [], []
+
     def flat_param_grad(self) -> torch.Tensor:
         """The gradients of the block's parameter slices laid end to end, layer by layer, as
         its ranges of the flat parameter space are (:meth:`StagePlan.block_ranges`)."""
-        return torch.cat([g.reshape(-1) for grads in self.param_grads for g in grads])
+        for grads, views in zip(self.param_grads, self._views):
+            for g, view in zip(grads, views):
+                if g.data_ptr() != view.data_ptr():  # not written in place by its backward
+                    view.copy_(g)
+        return self._flat
 
 
 def block_shapes(plan: StagePlan, block: int, layers: Sequence[nn.Module]) -> list[list[Shape]]:

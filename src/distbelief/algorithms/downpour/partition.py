@@ -77,6 +77,12 @@ from .messages import (
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+OVERLAP = False
+"""Whether a block hides its halo's hop behind its interior (``BlockPass``'s ``overlap``).
+Off: on ``processes`` on one machine the parts' extra compute (a third more per block for the
+benchmark's locally-connected net at length 320) cost more than the hops it hid (the profile
+in docs/partitions.md); where a hop costs milliseconds (nodes apart) it may pay."""
+
 
 @dataclass
 class _Step:
@@ -201,7 +207,8 @@ class Partition(Actor):
             return held
         if held is not None and held.attempt > attempt:
             return None
-        state = _Step(attempt, BlockPass(self.plan, self.block, self.layers, self.stage > 0))
+        pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0, overlap=OVERLAP)
+        state = _Step(attempt, pass_)
         self.steps[step] = state
         return state
 
@@ -242,7 +249,19 @@ class Partition(Actor):
         state.params = (self.weights,)  # kept alive (and never written into) for its backward
         assert state.x is not None
         self._send(step, state, state.pass_.start(state.x, self.leaves))
+        self._forward_more(step, state)
         self._forward_done(step, state)
+
+    def _forward_more(self, step: int, state: _Step) -> None:
+        """Carry on while the pass has work it can do now: it returned early to have its halo
+        sent before computing its interior (``BlockPass``'s overlap)."""
+        while state.pass_.more:
+            self._send(step, state, state.pass_.forward())
+
+    def _backward_more(self, step: int, state: _Step) -> None:
+        """As :meth:`_forward_more`, backward: the halos' gradients went first."""
+        while state.pass_.more:
+            self._send(step, state, state.pass_.backward(), back=True)
 
     @receives(Exchange)
     def on_exchange(self, msg: Exchange, sender: object) -> None:
@@ -252,6 +271,7 @@ class Partition(Actor):
         state.pass_.receive(msg.layer, msg.src, msg.values)
         if state.started and state.pass_.output is None:
             self._send(msg.step, state, state.pass_.forward())
+            self._forward_more(msg.step, state)
             self._forward_done(msg.step, state)
 
     def _forward_done(self, step: int, state: _Step) -> None:
@@ -311,6 +331,7 @@ class Partition(Actor):
         grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
         state.grads = {}
         self._send(step, state, state.pass_.backward(grad), back=True)
+        self._backward_more(step, state)
         self._step_done(step, state)
 
     @receives(ExchangeGrad)
@@ -321,6 +342,7 @@ class Partition(Actor):
         state.pass_.receive_grad(msg.layer, msg.src, msg.grad)
         if state.pass_.back >= 0:
             self._send(msg.step, state, state.pass_.backward(), back=True)
+            self._backward_more(msg.step, state)
             self._step_done(msg.step, state)
 
     def _send(self, step: int, state: _Step, sends: list[Send], back: bool = False) -> None:
