@@ -89,30 +89,38 @@ def fc_width(channels: int, length: int = LENGTH) -> int:
     return max(1, round(channels * math.sqrt(length * KERNEL)))
 
 
-def fc_net(width: int, seed: int = 0, length: int = LENGTH) -> nn.Sequential:
-    """The fully connected net: widths ``length`` (40), W, W, W, W, 16 with ReLU."""
-    return mlp((length, width, width, width, width, CLASSES), seed=seed)
+def fc_net(
+    width: int, seed: int = 0, length: int = LENGTH, classes: int = CLASSES
+) -> nn.Sequential:
+    """The fully connected net: widths ``length`` (40), W, W, W, W, ``classes`` (16) with
+    ReLU."""
+    return mlp((length, width, width, width, width, classes), seed=seed)
 
 
-def lc_net(channels: int, seed: int = 0, length: int = LENGTH) -> nn.Sequential:
+def lc_net(
+    channels: int, seed: int = 0, length: int = LENGTH, classes: int = CLASSES
+) -> nn.Sequential:
     """The locally-connected net: kernel-3 layers at full ``length`` (40; 1 -> C, three
-    C -> C, C -> 2) with ReLU, then a ``Linear`` 2 x length -> 16."""
+    C -> C, C -> 2) with ReLU, then a ``Linear`` 2 x length -> ``classes`` (16)."""
     c, k, n = channels, KERNEL, length
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layers: list[nn.Module] = [nn.Unflatten(1, (1, n))]
         for cin, cout in [(1, c), (c, c), (c, c), (c, c), (c, 2)]:
             layers += [LocallyConnected1d(cin, cout, k, n, padding=k // 2), nn.ReLU()]
-        layers += [nn.Flatten(), nn.Linear(2 * n, CLASSES)]
+        layers += [nn.Flatten(), nn.Linear(2 * n, classes)]
     return nn.Sequential(*layers)
 
 
-def nets(width: int, length: int = LENGTH) -> dict[str, Callable[[int], nn.Sequential]]:
-    """Each net's maker (seed -> model), by name, on signals of ``length``."""
+def nets(
+    width: int, length: int = LENGTH, classes: int = CLASSES
+) -> dict[str, Callable[[int], nn.Sequential]]:
+    """Each net's maker (seed -> model), by name, on signals of ``length`` with ``classes``
+    outputs (a P above 16 needs more: every layer, the classifier too, is cut P ways)."""
     c = lc_channels(width, length)
     return {
-        NETS[0]: lambda seed: fc_net(width, seed, length),
-        NETS[1]: lambda seed: lc_net(c, seed, length),
+        NETS[0]: lambda seed: fc_net(width, seed, length, classes),
+        NETS[1]: lambda seed: lc_net(c, seed, length, classes),
     }
 
 
@@ -131,11 +139,13 @@ def describe(name: str, width: int, length: int = LENGTH) -> str:
     return f"LC 1-{lc_channels(width, length)}x4-2-{CLASSES}{tail}"
 
 
-def examples(n: int, seed: int, length: int = LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random examples of ``length`` features (MNIST-1D's 40) with labels of 16
-    classes."""
+def examples(
+    n: int, seed: int, length: int = LENGTH, classes: int = CLASSES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random examples of ``length`` features (MNIST-1D's 40) with labels of
+    ``classes`` (16) classes."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, length, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+    return torch.randn(n, length, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
 def counted(width: int, length: int = LENGTH) -> dict[str, Any]:
