@@ -41,7 +41,9 @@ def test_the_cluster_file_models_each_runtime_and_reads_back(tmp_path):
         assert (options["update_flops_per_element"], options["jitter"]) == (30.0, 0.3)
     assert "shared" not in local and "speeds" not in local
     procs = calibrate.cluster_for("processes", FIGURES)
-    assert (procs["machines"], procs["cores"], procs["speeds"]) == (2, 1, [0.9, 0.9])
+    # one machine of the cores, shared by the driver's process and a worker per core
+    assert (procs["machines"], procs["cores"], procs["speeds"]) == (1, 2, [0.9])
+    assert procs["processes"] == 2
     assert procs["shared"] is True  # a push is applied in the sender's process
     # a message between processes: the CPU beyond the in-process one, half at each end; the
     # rest of its seconds, less the in-process ping, is latency

@@ -510,9 +510,15 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     local_cpu = figures["runtimes"].get("local", {}).get("cpu_s", ping)
     cpu = float(entry.get("cpu_s", ping))
     wire = max(cpu - local_cpu, 0.0)
-    machines = int(figures["cores"])
+    cores = int(figures["cores"])
+    # processes: one machine, its cores shared by the driver's process (the master, the
+    # coordinator) and a worker process per core, each running one handler at a time, the
+    # actors placed as the processes runtime places them (``processes``). Ray: a machine
+    # per core (its actors are processes of their own).
+    machines, per_machine = (1, cores) if runtime == "processes" else (cores, 1)
+    procs = {"processes": cores} if runtime == "processes" else {}
     return {
-        **common, "machines": machines, "cores": 1,
+        **common, "machines": machines, "cores": per_machine, **procs,
         "speeds": [float(figures.get("busy_speed", 1.0))] * machines,
         "send_s": wire / 2, "receive_s": wire / 2,
         "latency_s": max(float(entry["message_s"]) - ping - wire, 0.0),
