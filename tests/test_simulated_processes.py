@@ -78,6 +78,9 @@ def test_a_process_handles_one_message_at_a_time_and_processes_share_the_cores()
     and x0 at once, w1 after."""
     got = replies(cores=2)
     assert got == pytest.approx({"w0": 2 * MS, "w1": 2 * MS, "x0": 3 * MS}, rel=1e-12)
+    # the driver's process pays driver_message_s per message to another process: the hub's 3
+    slow_loop = replies(cores=2, driver_message_s=MS)
+    assert slow_loop == pytest.approx({"w0": 5 * MS, "w1": 5 * MS, "x0": 6 * MS}, rel=1e-12)
     rt = make_runtime(
         "simulated", seed=0, machines=1, cores=2, message_s=MS, flops_per_element=0.0,
         local_latency_s=0.0,
@@ -95,11 +98,14 @@ def test_a_process_handles_one_message_at_a_time_and_processes_share_the_cores()
     assert plain == pytest.approx({"w0": 2 * MS, "x0": 2 * MS, "w1": 3 * MS}, rel=1e-12)
 
 
-def test_a_sleep_holds_its_process_but_frees_its_core():
-    """One core; w0 sleeps 5 ms after its 1 ms handler (a planned delay, a real sleep on
-    processes): w1 takes the core at 2 ms, x0 waits for w0's process until 7 ms."""
+def test_processes_share_a_core_and_a_sleep_holds_its_process_not_the_core():
+    """One core: w0 and w1 compute at once at half a core each (the OS's time slices), both
+    done at 3 ms; w0 then sleeps 5 ms (a planned delay, a real sleep on processes), which
+    holds its process (x0 waits until 8 ms) but no core: x0 then has the core to itself."""
     got = replies(cores=1, faults=["delay:w0=5ms"])
-    assert got == pytest.approx({"w1": 3 * MS, "w0": 7 * MS, "x0": 8 * MS}, rel=1e-12)
+    assert got == pytest.approx({"w1": 3 * MS, "w0": 8 * MS, "x0": 9 * MS}, rel=1e-12)
+    # no sleep: x0 right after w0, at 3 ms, alone on the core
+    assert replies(cores=1) == pytest.approx({"w1": 3 * MS, "w0": 3 * MS, "x0": 4 * MS})
 
 
 def toy(n: int = 256):

@@ -258,6 +258,10 @@ class SimulatedOptions:
     on two cores). The network's ends are then the processes (a link per process: its pipes
     and its one writer thread), and a sleep in a handler (``slow_replicas``, a planned
     ``delay``) holds its process but frees its core. ``placement`` must stay a strategy."""
+    driver_message_s: float = 0.0
+    """With ``processes``: the driver's process's CPU per message it sends to or receives
+    from another process beyond ``send_s`` / ``receive_s`` (its run loop shares the process
+    with the driver's own thread), in seconds."""
     faults: Any = None
     """A fault plan (:mod:`.faults`): kills fire at their count, at that virtual moment;
     delays add virtual time to each message the actor handles (no real sleep)."""
@@ -334,7 +338,7 @@ class SimulatedOptions:
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
             "update_s", "update_flops_per_element", "send_s", "receive_s", "send_byte_s",
-            "receive_byte_s",
+            "receive_byte_s", "driver_message_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes

@@ -372,6 +372,9 @@ class SimulatedRuntime(LocalRuntime):
         self._host = [m % n for m in range(nodes)]  # node -> machine
         self._on_machine = [[p for p in range(nodes) if self._host[p] == m] for m in range(n)]
         self._idle = [1] * nodes  # processes: free handler slots per node
+        self._computing: list[dict[int, list]] = [{} for _ in range(n)]  # processes, per machine
+        self._since = [0.0] * n  # processes: when each machine's shares were last advanced
+        self._token = 0
         self._grouped: list[str] = []  # processes: grouped actors spawned before the run
         self._ready: list[list[tuple]] = [[] for _ in range(nodes)]  # per node: (t, seq, cell)
         self._machine: dict[str, int] = {}  # actor -> node (its machine, or its process)
@@ -594,9 +597,10 @@ class SimulatedRuntime(LocalRuntime):
             self._start(self._cells[name], m)
 
     def _dispatch_machine(self, machine: int) -> None:
-        """``processes``: while ``machine`` has a free core, start the oldest ready message
-        of its idle processes (a process runs one handler at a time)."""
-        while self._free[machine] > 0:
+        """``processes``: every idle process of ``machine`` with a ready message starts its
+        oldest one (a process runs one handler at a time; the machine's cores are shared
+        among the handlers computing, see :meth:`_share`)."""
+        while True:
             best = None
             for p in self._on_machine[machine]:
                 ready = self._ready[p]
@@ -677,6 +681,10 @@ class SimulatedRuntime(LocalRuntime):
         if o.send_s or o.receive_s:
             # Serialising to and from another machine's process occupies this core too.
             cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
+        if self._procs and m == 0 and o.driver_message_s:
+            # The driver's process: its loop costs more per message between processes.
+            out = sum(self._remote(ref, m) for ref, _ in sends)
+            cost += o.driver_message_s * (remote + out)
         if o.send_byte_s or o.receive_byte_s:
             # ... and copying their bytes (pickling, the pipe), per byte.
             if remote:
@@ -701,16 +709,17 @@ class SimulatedRuntime(LocalRuntime):
             # after it (slow_replicas, a planned delay) holds the process but frees the core.
             machine = self._host[m]
             cost = cost / self._speed[machine]
-            sleep = sleep / self._speed[machine] + self._delay[cell.name]
-            self._free[machine] -= 1
+            sleep = sleep / self._speed[machine]
             self._idle[m] -= 1
             self._running.add(cell.name)
             self._core_s[machine] += cost
-            self._busy_until[m] = self.now + cost + sleep
-            self._busy_actor[cell.name] += cost + sleep
-            if sleep > 0:
-                self._schedule(self.now + cost, _FREE, machine)
-            self._schedule(self.now + cost + sleep, _DONE, cell, sends, m, sleep <= 0)
+            self._advance(machine)
+            self._token += 1
+            # [node, cell, sends, work left (s on a core of its own), start, the slow-down's
+            # sleep per second of its compute, version of its end event]
+            slowed = sleep / cost if cost > 0 else 0.0
+            self._computing[machine][self._token] = [m, cell, sends, cost, self.now, slowed, 0]
+            self._share(machine)
             return
         cost = cost / self._speed[m] + self._delay[cell.name]
         self._free[m] -= 1
@@ -719,6 +728,47 @@ class SimulatedRuntime(LocalRuntime):
         self._busy_until[m] = self.now + cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
+
+    def _advance(self, machine: int) -> None:
+        """``processes``: the handlers computing on ``machine`` did their share of work since
+        the last change (each at the machine's speed, over max(1, computing / cores))."""
+        computing = self._computing[machine]
+        elapsed = self.now - self._since[machine]
+        self._since[machine] = self.now
+        if computing and elapsed > 0:
+            rate = min(1.0, self.options.cores / len(computing))
+            for entry in computing.values():
+                entry[3] -= elapsed * rate
+
+    def _share(self, machine: int) -> None:
+        """``processes``: (re)schedule the end of each handler computing on ``machine``: the
+        operating system shares its cores among the runnable processes (a time slice each),
+        so k of them on c < k cores each go at c / k of a core (processor sharing)."""
+        computing = self._computing[machine]
+        if not computing:
+            return
+        rate = min(1.0, self.options.cores / len(computing))
+        for token, entry in computing.items():
+            entry[6] += 1
+            end = self.now + max(entry[3], 0.0) / rate
+            self._busy_until[entry[0]] = end + (end - entry[4]) * entry[5]
+            self._schedule(end, _FREE, machine, token, entry[6])
+
+    def _computed(self, machine: int, token: int, version: int) -> None:
+        """``processes``: a handler's compute ended (if ``version`` is its latest end): a sleep
+        after it (``slow_replicas``: its factor less one times the compute's wall time, as
+        the replica measures it; a planned delay) holds its process, not a core."""
+        entry = self._computing[machine].get(token)
+        if entry is None or entry[6] != version:
+            return  # rescheduled since
+        self._advance(machine)
+        del self._computing[machine][token]
+        self._share(machine)  # the others get its share
+        m, cell, sends, _, start, slowed, _ = entry
+        sleep = (self.now - start) * slowed + self._delay[cell.name]
+        self._busy_actor[cell.name] += self.now - start + sleep
+        self._busy_until[m] = self.now + sleep
+        self._schedule(self.now + sleep, _DONE, cell, sends, m)
 
     def _remote(self, ref: LocalRef, m: int) -> bool:
         """Whether a message from machine ``m`` to ``ref`` crosses the network."""
@@ -737,13 +787,11 @@ class SimulatedRuntime(LocalRuntime):
         self._layered[cell.name] = (cell.actor, found)
         return found
 
-    def _done(self, t: float, cell: _Cell, sends: list, m: int, core: bool = True) -> None:
+    def _done(self, t: float, cell: _Cell, sends: list, m: int) -> None:
         if not self._procs:
             self._free[m] += 1
         else:
             self._idle[m] += 1
-            if core:  # (else freed at the end of its compute: _FREE)
-                self._free[self._host[m]] += 1
         self._running.discard(cell.name)
         for ref, message in sends:
             self._send(ref, message, cell.ref, t, m)
@@ -765,9 +813,8 @@ class SimulatedRuntime(LocalRuntime):
             self._reach(t, *payload)
         elif kind == _DONE:
             self._done(t, *payload)
-        else:  # _FREE: a process's handler ended its compute and sleeps: its core is free
-            self._free[payload[0]] += 1
-            self._dispatch_machine(payload[0])
+        else:  # _FREE: a process's handler ended its compute (processes)
+            self._computed(*payload)
 
     # ---------------------------------------------------------------- the driver
 
