@@ -26,6 +26,11 @@ the receiver's link ``latency_s`` after it started leaving, and occupies that li
 ending no earlier than its last bit left plus the latency. Unloaded: latency + bytes/bandwidth.
 A shard that many replicas push to is limited by its incoming link, as it would be. Messages
 between actors of one machine, and to and from the driver, take ``local_latency_s``.
+
+With ``processes`` (the processes runtime's model), the actors are grouped into processes by
+that runtime's own placement rule; a process handles one message at a time, the processes of
+a machine share its cores by processor sharing (k computing on c < k cores each go at c / k),
+a sleep in a handler holds its process and no core, and the links are the processes'.
 """
 
 from __future__ import annotations
