@@ -20,10 +20,11 @@ Each case is paired: the real run and the simulated one from the same seed, ``--
 times (the real figure is the median; the simulated one is deterministic). The acceptance aim
 is each prediction within 25% of the measurement on a quiet machine. The cluster models a
 runtime as :func:`distbelief.bench.calibrate.cluster_for` says: ``local`` one machine of one
-core; ``processes`` one machine per core, each actor group (replica, stage) on its worker's
-machine, one more machine for the driver's process (the master, Sandblaster's coordinator),
-Downpour's shards shared (a push applied in the sender's
-process, on shared memory), every message between processes costing CPU at both ends.
+core; ``processes`` one machine of the calibrated cores shared by the driver's process (the
+master, Sandblaster's coordinator) and a worker process per core (``processes``: the actors
+placed by the processes runtime's own rule, each process one handler at a time), Downpour's
+shards shared (a push applied in the sender's process, on shared memory), every message
+between processes costing CPU at both ends.
 Take the figures on a quiet machine: a loaded one stretches the real runs' wall time, which
 the calibration (in CPU time) does not see.
 """
@@ -46,18 +47,6 @@ from distbelief.runtime.simulated import layer_flops  # noqa: F401  (documents t
 WIDTHS = [40, 256, 256, 10]
 
 
-def with_driver(cluster: dict, placement: dict) -> dict:
-    """``cluster`` (processes) with one more machine: the driver's process, where the
-    processes runtime hosts the actors without a number (the master, the coordinator)."""
-    machines = cluster["machines"] + 1
-    speeds = list(cluster.get("speeds") or [1.0] * cluster["machines"])
-    return cluster | {
-        "machines": machines,
-        "speeds": [*speeds, speeds[0]],
-        "placement": {k: (machines - 1 if v == "driver" else v) for k, v in placement.items()},
-    }
-
-
 def downpour_case(name, runtime, replicas, stages, shards, depth, epochs, data, figures, place):
     """One Downpour case: (measured, predicted) examples/s and mean staleness."""
     args = dict(
@@ -71,8 +60,8 @@ def downpour_case(name, runtime, replicas, stages, shards, depth, epochs, data, 
         mlp(WIDTHS), data, runtime=runtime, runtime_options=real_options, **args
     )
     cluster = calibrate.cluster_for(runtime, figures)
-    if "placement" in place:
-        cluster = with_driver(cluster, place["placement"])
+    if runtime == "processes":
+        cluster = cluster | {"processes": place["workers"]}  # as many as the real run's
     sim = distbelief.train(mlp(WIDTHS), data, runtime="simulated", runtime_options=cluster, **args)
     return {
         "case": name,
@@ -101,11 +90,7 @@ def sandblaster_case(data, figures, steps):
     )  # fmt: skip
     slow = {"slow_replicas": {3: 5.0}}
     real = distbelief.train(mlp(WIDTHS), data, runtime="processes", runtime_options=slow, **args)
-    workers = min(2, figures["cores"])
-    placement = {"coordinator": "driver"} | {
-        f"{kind}{i}": i % workers for kind, n in (("shard", 2), ("replica", 4)) for i in range(n)
-    }
-    cluster = with_driver(calibrate.cluster_for("processes", figures), placement)
+    cluster = calibrate.cluster_for("processes", figures)  # the real run's default workers
     sim = distbelief.train(
         mlp(WIDTHS), data, runtime="simulated", runtime_options=cluster | slow, **args
     )
@@ -129,16 +114,10 @@ def cases(quick: bool, figures: dict) -> list:
     data = (x, y)
     epochs = 1 if quick else 3
     workers = min(2, figures["cores"])
-    by_replica = {"shard0": 0, "master": "driver"} | {
-        f"{kind}{r}": r % workers for r in range(2) for kind in ("data", "replica")
-    }
-    by_stage = {"shard0": 0, "master": "driver", "data0": 0} | {
-        f"replica0.stage{s}": s % workers for s in range(2)
-    }
     return [
         lambda: downpour_case(
             "processes 2 replicas x 1 stage x 1 shard", "processes", 2, 1, 1, 1, epochs, data,
-            figures, {"workers": workers, "placement": by_replica},
+            figures, {"workers": workers},
         ),
         lambda: downpour_case(
             "local 4 replicas x 2 stages x 2 shards", "local", 4, 2, 2, 1, epochs, data,
@@ -146,7 +125,7 @@ def cases(quick: bool, figures: dict) -> list:
         ),
         lambda: downpour_case(
             "processes 1 replica x 2 stages, pipeline_depth 2", "processes", 1, 2, 1, 2,
-            epochs, data, figures, {"workers": workers, "placement": by_stage},
+            epochs, data, figures, {"workers": workers},
         ),
         lambda: sandblaster_case(data, figures, 2 if quick else 10),
     ]  # fmt: skip

@@ -41,7 +41,9 @@ def test_the_cluster_file_models_each_runtime_and_reads_back(tmp_path):
         assert (options["update_flops_per_element"], options["jitter"]) == (30.0, 0.3)
     assert "shared" not in local and "speeds" not in local
     procs = calibrate.cluster_for("processes", FIGURES)
-    assert (procs["machines"], procs["cores"], procs["speeds"]) == (2, 1, [0.9, 0.9])
+    # one machine of the cores, shared by the driver's process and a worker per core
+    assert (procs["machines"], procs["cores"], procs["speeds"]) == (1, 2, [0.9])
+    assert procs["processes"] == 2
     assert procs["shared"] is True  # a push is applied in the sender's process
     # a message between processes: the CPU beyond the in-process one, half at each end; the
     # rest of its seconds, less the in-process ping, is latency
@@ -108,6 +110,13 @@ def test_processes_own_handler_fit_bytes_and_pipe_make_its_cluster(tmp_path):
     }
     figures = FIGURES | {"runtimes": FIGURES["runtimes"] | {"processes": entry}}
     procs = calibrate.cluster_for("processes", figures)
+    assert "driver_message_s" not in procs  # not measured in these figures
+    with_driver = figures | {
+        "runtimes": figures["runtimes"] | {"processes": entry | {"driver_cpu_s": 1e-4}}
+    }
+    # the driver's process's CPU per message beyond a worker's (8e-5), half at each end
+    driver = calibrate.cluster_for("processes", with_driver)["driver_message_s"]
+    assert driver == pytest.approx((1e-4 - 8e-5) / 2)
     assert (procs["message_s"], procs["layer_s"], procs["update_s"]) == (3e-5, 6e-5, 4e-4)
     assert procs["jitter"] == 0.3
     assert procs["send_byte_s"] == procs["receive_byte_s"] == pytest.approx(1.5e-9)

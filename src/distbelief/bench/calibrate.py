@@ -90,17 +90,19 @@ class Player(Actor):
 
 
 def seconds_per_message(
-    runtime: str, hops: int = 400, payload_bytes: int = 0, repeats: int = 3
+    runtime: str, hops: int = 400, payload_bytes: int = 0, repeats: int = 3, driver: bool = False
 ) -> tuple[float, float]:
     """Seconds per message of a rally of ``hops`` (even) messages between two actors on
     ``runtime`` (in two worker processes on ``processes``), each carrying ``payload_bytes``
     of tensor, the best of ``repeats`` rallies; and the CPU seconds one process spent per
-    message it received and sent (its run loop, serialising, the handler) in that rally."""
+    message it received and sent (its run loop, serialising, the handler) in that rally.
+    ``driver`` (processes): the server in the driver's process (named without a number, as
+    the master and the coordinator), the other in a worker."""
     options: dict[str, Any] = {"processes": 2} if runtime == "processes" else {}
     rt = make_runtime(runtime, seed=0, **options)
     payload = torch.zeros(payload_bytes // 4) if payload_bytes else None
     try:
-        a = rt.spawn("player0", Player)
+        a = rt.spawn("player" if driver else "player0", Player)
         b = rt.spawn("player1", Player)
         best, cpu = float("inf"), float("inf")
         for _ in range(repeats + 1):  # the first warms up (process start, imports)
@@ -460,6 +462,11 @@ def measure(
                 entry["byte_cpu_s"] = max(cpu_mid - cpu, 0.0) / mid  # one received + one sent
                 entry["bandwidth_Bps"] = mid / max(wall - small - (cpu_mid - cpu), mid / 1e11)
                 entry["pipe_bytes"] = pipe_buffer_bytes()
+                # The driver's process (the master, the coordinator) against a worker: its
+                # run loop shares the process with the driver's thread.
+                _, entry["driver_cpu_s"] = seconds_per_message(
+                    name, hops, 0, 1 if quick else 3, driver=True
+                )
                 entry["handlers"] = processes_handler_costs(
                     core, per_element * core, update * core, widths, batch_size,
                     32 if quick else 128,
@@ -510,9 +517,15 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     local_cpu = figures["runtimes"].get("local", {}).get("cpu_s", ping)
     cpu = float(entry.get("cpu_s", ping))
     wire = max(cpu - local_cpu, 0.0)
-    machines = int(figures["cores"])
+    cores = int(figures["cores"])
+    # processes: one machine, its cores shared by the driver's process (the master, the
+    # coordinator) and a worker process per core, each running one handler at a time, the
+    # actors placed as the processes runtime places them (``processes``). Ray: a machine
+    # per core (its actors are processes of their own).
+    machines, per_machine = (1, cores) if runtime == "processes" else (cores, 1)
+    procs = {"processes": cores} if runtime == "processes" else {}
     return {
-        **common, "machines": machines, "cores": 1,
+        **common, "machines": machines, "cores": per_machine, **procs,
         "speeds": [float(figures.get("busy_speed", 1.0))] * machines,
         "send_s": wire / 2, "receive_s": wire / 2,
         "latency_s": max(float(entry["message_s"]) - ping - wire, 0.0),
@@ -522,6 +535,13 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         **(
             {"send_byte_s": entry["byte_cpu_s"] / 2, "receive_byte_s": entry["byte_cpu_s"] / 2}
             if "byte_cpu_s" in entry
+            else {}
+        ),
+        # The driver's process spends more per message than a worker (the rally with it in
+        # the driver's process), half sending and half receiving, as send_s and receive_s.
+        **(
+            {"driver_message_s": max(float(entry["driver_cpu_s"]) - cpu, 0.0) / 2}
+            if "driver_cpu_s" in entry and runtime == "processes"
             else {}
         ),
         # A worker reads its pipes between handlers and its one writer thread sends in

@@ -32,7 +32,7 @@ tests' oracle).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -488,13 +488,38 @@ def block_forward(
     weight, *rest = block_parameters(plan, block, layer) if params is None else params
     bias = rest[0] if rest else None
     if plan.kind == "linear":
-        return F.linear(x, weight, bias)
-    if plan.kind == "local1d":
-        k, s = layer.kernel_size, layer.stride
-        return local1d(x, weight, bias, k, s, plan.pads[block], wgrad_into)
-    pw = layer.padding[1]
-    top, bottom = plan.pads[block]
-    return local2d(x, weight, bias, layer.kernel_size, layer.stride, (pw, pw, top, bottom))
+        fn, args = F.linear, (x, weight, bias)
+    elif plan.kind == "local1d":
+        fn, args = local1d, (x, weight, bias, layer.kernel_size, layer.stride, plan.pads[block])
+    else:
+        pw = layer.padding[1]
+        top, bottom = plan.pads[block]
+        fn = local2d
+        args = (x, weight, bias, layer.kernel_size, layer.stride, (pw, pw, top, bottom))
+    # (wgrad_into only says where the backward writes: not an argument of the arithmetic)
+    out = fn(*args, wgrad_into) if fn is local1d else fn(*args)
+    if _BLOCK_HOOKS:  # (none registered: nothing to pay)
+        for hook in tuple(_BLOCK_HOOKS):
+            hook(fn, args, out)
+    return out
+
+
+_BLOCK_HOOKS: list[Callable[[Callable[..., torch.Tensor], tuple, torch.Tensor], None]] = []
+
+
+def register_block_hook(
+    hook: Callable[[Callable[..., torch.Tensor], tuple, torch.Tensor], None],
+) -> Callable[[], None]:
+    """Call ``hook(function, args, output)`` each time :func:`block_forward` runs a split
+    layer's slice as a function (``F.linear``, ``local1d``, ``local2d``: no module call, so no
+    module hook sees it), e.g. to count its arithmetic. Returns what removes it."""
+    _BLOCK_HOOKS.append(hook)
+
+    def remove() -> None:
+        if hook in _BLOCK_HOOKS:
+            _BLOCK_HOOKS.remove(hook)
+
+    return remove
 
 
 def grads_to_return(

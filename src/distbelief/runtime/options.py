@@ -247,6 +247,21 @@ class SimulatedOptions:
     message on it) until the handler running there ends. The processes runtime: a worker
     reads its pipes between handlers and its one writer thread sends in order. 0: no limit
     (a network's buffers)."""
+    processes: int = 0
+    """Model the processes runtime's process structure with this many worker processes
+    (0: none, each machine's actors share its cores freely). Actors are grouped into
+    processes as the processes runtime places them (``processes.place``: a replica per worker,
+    or its stages dealt round-robin), those without a number (the master, the coordinator)
+    and those spawned once the run started in the driver's process (process 0); each process
+    handles one message at a time, and process p runs on machine p % machines, sharing its
+    cores with the others there (1 machine of 2 cores: the driver's process and two workers
+    on two cores). The network's ends are then the processes (a link per process: its pipes
+    and its one writer thread), and a sleep in a handler (``slow_replicas``, a planned
+    ``delay``) holds its process but frees its core. ``placement`` must stay a strategy."""
+    driver_message_s: float = 0.0
+    """With ``processes``: the driver's process's CPU per message it sends to or receives
+    from another process beyond ``send_s`` / ``receive_s`` (its run loop shares the process
+    with the driver's own thread), in seconds."""
     faults: Any = None
     """A fault plan (:mod:`.faults`): kills fire at their count, at that virtual moment;
     delays add virtual time to each message the actor handles (no real sleep)."""
@@ -305,6 +320,16 @@ class SimulatedOptions:
             raise ConfigError(
                 f"runtime_options: pipe_bytes must be a whole number >= 0, got {pipe!r}"
             )
+        procs = self.processes
+        if not isinstance(procs, int) or isinstance(procs, bool) or procs < 0:
+            raise ConfigError(
+                f"runtime_options: processes must be a whole number >= 0, got {procs!r}"
+            )
+        if procs and isinstance(self.placement, Mapping):
+            raise ConfigError(
+                "runtime_options: placement cannot be a map with processes > 0 (the processes "
+                "runtime's own rule places the actors)"
+            )
         _positive("time_scale", self.time_scale)
         if not isinstance(self.shared, bool):
             raise ConfigError(f"runtime_options: shared must be true or false, got {self.shared!r}")
@@ -313,7 +338,7 @@ class SimulatedOptions:
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
             "update_s", "update_flops_per_element", "send_s", "receive_s", "send_byte_s",
-            "receive_byte_s",
+            "receive_byte_s", "driver_message_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes

@@ -26,6 +26,11 @@ the receiver's link ``latency_s`` after it started leaving, and occupies that li
 ending no earlier than its last bit left plus the latency. Unloaded: latency + bytes/bandwidth.
 A shard that many replicas push to is limited by its incoming link, as it would be. Messages
 between actors of one machine, and to and from the driver, take ``local_latency_s``.
+
+With ``processes`` (the processes runtime's model), the actors are grouped into processes by
+that runtime's own placement rule; a process handles one message at a time, the processes of
+a machine share its cores by processor sharing (k computing on c < k cores each go at c / k),
+a sleep in a handler holds its process and no core, and the links are the processes'.
 """
 
 from __future__ import annotations
@@ -45,16 +50,18 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from ..core.blocks import register_block_hook
 from ..errors import ConfigError, Deadlock, RunTimeout
 from ..storage.runlog import set_virtual_clock
 from . import faults as fault_plans
 from .base import DRIVER, Actor, StopFlag
 from .local import BATCH, LocalRef, LocalRuntime, _Cell
 from .options import SimulatedOptions, parse
+from .processes import _group, place
 from .runqueue import Cell, RunQueue, handle
 from .supervise import Supervisor
 
-_ARRIVE, _REACH, _DONE = 0, 1, 2
+_ARRIVE, _REACH, _DONE, _FREE = 0, 1, 2, 3
 
 
 def read_cluster(path: str | os.PathLike) -> dict[str, Any]:
@@ -142,6 +149,29 @@ def layer_flops(module: torch.nn.Module, inputs: tuple) -> int:
     return flops
 
 
+_BLOCK_FLOPS: dict[tuple, int] = {}
+"""Forward FLOPs of a split layer's slice run as a function (``core.blocks``), by (function,
+its tensor arguments' shapes and its other arguments): a pure function of the key."""
+
+
+def block_flops(fn: Any, args: tuple) -> int:
+    """Forward FLOPs of ``fn(*args)`` (a partition's slice of a Linear or locally-connected
+    layer, run by ``core.blocks.block_forward`` outside any module call), counted as
+    :func:`layer_flops` counts a layer: once per function and shapes, on meta tensors."""
+    key = (fn, tuple(_shape_key(a) if isinstance(a, torch.Tensor) else a for a in args))
+    flops = _BLOCK_FLOPS.get(key)
+    if flops is None:
+        counter = _FlopCounter()
+        try:
+            with torch.no_grad(), counter:
+                fn(*_to_meta(args))
+            flops = counter.flops
+        except Exception:  # a function that cannot run on meta tensors: counted as no FLOPs
+            flops = 0
+        _BLOCK_FLOPS[key] = flops
+    return flops
+
+
 class LayerFlops:
     """Counts the FLOPs of the layers a handler runs forward (:func:`layer_flops`), and of
     their backward when it runs (a gradient for the weights and one for the input, each as
@@ -157,13 +187,16 @@ class LayerFlops:
         """Layer calls, forward and backward (each a Python call and autograd's bookkeeping
         beyond its FLOPs: ``layer_s`` each)."""
         self._hook: Any = None
+        self._unblock: Any = None
 
     def __enter__(self) -> LayerFlops:
         self._hook = torch.nn.modules.module.register_module_forward_hook(self._forward)
+        self._unblock = register_block_hook(self._block)  # a partition's slice of a layer
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._hook.remove()
+        self._unblock()
 
     def take(self) -> int:
         flops, self.flops = self.flops, 0
@@ -186,6 +219,21 @@ class LayerFlops:
             backward = flops * (int(weights) + int(needs_input))
             if weights or needs_input:
                 out.register_hook(lambda grad: self._add(backward))
+
+    def _block(self, fn: Any, args: tuple, out: Any) -> None:
+        """A split layer's slice run as a function (``core.blocks.block_forward``): counted
+        as a layer call, its backward as the forward's FLOPs for each of the weight's and the
+        input's gradients that it computes."""
+        if _measuring:
+            return
+        self.calls += 1
+        flops = block_flops(fn, args)
+        self.flops += flops
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            x, weight = args[0], args[1]
+            grads = int(weight.requires_grad) + int(x.requires_grad)
+            if grads:
+                out.register_hook(lambda grad: self._add(flops * grads))
 
     def _add(self, flops: int) -> None:
         self.flops += flops
@@ -321,18 +369,30 @@ class SimulatedRuntime(LocalRuntime):
         n = o.machines
         self._speed = list(o.speeds) if o.speeds is not None else [1.0] * n
         self._free = [o.cores] * n  # free cores per machine
-        self._ready: list[list[tuple]] = [[] for _ in range(n)]  # per machine: (t, seq, cell)
+        # The nodes: the network's ends, each with its ready heap. Without ``processes`` a
+        # node is a machine (its actors share its cores freely); with them, a process (0: the
+        # driver's, 1..N the workers) on machine p % machines, one handler at a time.
+        self._procs = o.processes
+        nodes = n if not self._procs else self._procs + 1
+        self._host = [m % n for m in range(nodes)]  # node -> machine
+        self._on_machine = [[p for p in range(nodes) if self._host[p] == m] for m in range(n)]
+        self._idle = [1] * nodes  # processes: free handler slots per node
+        self._computing: list[dict[int, list]] = [{} for _ in range(n)]  # processes, per machine
+        self._since = [0.0] * n  # processes: when each machine's shares were last advanced
+        self._token = 0
+        self._grouped: list[str] = []  # processes: grouped actors spawned before the run
+        self._ready: list[list[tuple]] = [[] for _ in range(nodes)]  # per node: (t, seq, cell)
+        self._machine: dict[str, int] = {}  # actor -> node (its machine, or its process)
         self._keys: dict[str, deque[tuple[float, int]]] = {}  # arrival keys of each mailbox
-        self._machine: dict[str, int] = {}  # actor -> machine
         self._delay: dict[str, float] = {}
         self._busy_actor: dict[str, float] = {}  # seconds each actor handled messages
         self._running: set[str] = set()
         self._core_s = [0.0] * n  # core-seconds used per machine
-        self._out_free = [0.0] * n  # when each machine's outgoing link is next free
-        self._busy_until = [0.0] * n  # when the handler started last on each machine ends
-        self._in_free = [0.0] * n
-        self._out_busy = [0.0] * n
-        self._in_busy = [0.0] * n
+        self._out_free = [0.0] * nodes  # when each node's outgoing link is next free
+        self._busy_until = [0.0] * nodes  # when the handler started last on each node ends
+        self._in_free = [0.0] * nodes
+        self._out_busy = [0.0] * nodes
+        self._in_busy = [0.0] * nodes
         self._outbox: list[tuple[LocalRef, Any]] | None = None  # sends of the running handler
         self._sender: str | None = None
         self._examples: int | None = None  # of the last message to the driver that has them
@@ -367,7 +427,7 @@ class SimulatedRuntime(LocalRuntime):
         slow = self._slow_asked.get(name, self._slow_asked.get(name.partition(".")[0], 1.0))
         if slow != 1.0:
             self._slow[name] = slow
-        self._machine[name] = self._place(name)
+        self._machine[name] = self._place(name, cls.shareable)
         if self.options.shared and cls.shareable:
             self._shared.add(name)
         return ref
@@ -381,7 +441,7 @@ class SimulatedRuntime(LocalRuntime):
         it falls back to in one thread would cost no virtual time."""
         self._slow_asked[name] = float(factor)
 
-    def _place(self, name: str) -> int:
+    def _place(self, name: str, shareable: bool = False) -> int:
         """The machine of a new actor: pinned by the placement map (its name, else its
         replica's prefix), else by the Ray runtime's rule (``ray.placement.plan_placement``)
         over machines m0, m1, ...: members of group g (``replica3.stage1``: group replica3,
@@ -390,6 +450,14 @@ class SimulatedRuntime(LocalRuntime):
         the planner, with every actor placed before, in quadratic time."""
         if name in self._machine:
             return self._machine[name]  # respawned: where it was
+        if self._procs:
+            # The processes runtime: grouped actors get their worker when the run starts
+            # (_assign_processes); the others, and any spawned later, the driver's process.
+            # A shareable actor is in every process (placed by none: the processes runtime's
+            # shared actors; here its messages are handled in their sender's, if ``shared``).
+            if not self._checked and not shareable and _group(name) is not None:
+                self._grouped.append(name)
+            return 0
         group, dot, member = name.rpartition(".")
         machines = self.options.machines
         if dot:
@@ -415,9 +483,19 @@ class SimulatedRuntime(LocalRuntime):
         super()._kill(cell, message)  # respawned (its context posts through self._post)
         self._keys[cell.name].clear()  # its mail was lost with it
 
+    def _assign_processes(self) -> None:
+        """``processes``: the grouped actors spawned so far to their workers, by the processes
+        runtime's own rule (``processes.place``), as it does when its run starts."""
+        for name, worker in place(self._grouped, self._procs).items():
+            self._machine[name] = worker
+
     def placement(self) -> dict[str, str]:
         """Each actor's machine (``m0``, ``m1``, ...)."""
-        return {name: f"m{m}" for name, m in self._machine.items()}
+        return {name: f"m{self._host[m]}" for name, m in self._machine.items()}
+
+    def processes(self) -> dict[str, int]:
+        """``processes``: each actor's process (0: the driver's); else empty."""
+        return dict(self._machine) if self._procs else {}
 
     # ---------------------------------------------------------------- messages
 
@@ -511,7 +589,10 @@ class SimulatedRuntime(LocalRuntime):
             self._dispatch(m)
 
     def _dispatch(self, m: int) -> None:
-        """Start handlers on machine ``m`` while it has a free core and a ready actor."""
+        """Start handlers on node ``m`` while it has a free core and a ready actor."""
+        if self._procs:
+            self._dispatch_machine(self._host[m])
+            return
         ready = self._ready[m]
         while ready and self._free[m] > 0:
             t, seq, name = heapq.heappop(ready)
@@ -519,6 +600,29 @@ class SimulatedRuntime(LocalRuntime):
             if not keys or keys[0][:2] != (t, seq) or name in self._running:
                 continue  # stale: its mail was lost with it (a restart) or it is running
             self._start(self._cells[name], m)
+
+    def _dispatch_machine(self, machine: int) -> None:
+        """``processes``: every idle process of ``machine`` with a ready message starts its
+        oldest one (a process runs one handler at a time; the machine's cores are shared
+        among the handlers computing, see :meth:`_share`)."""
+        while True:
+            best = None
+            for p in self._on_machine[machine]:
+                ready = self._ready[p]
+                if not self._idle[p]:
+                    continue
+                while ready:
+                    t, seq, name = ready[0]
+                    keys = self._keys.get(name)
+                    if keys and keys[0][:2] == (t, seq) and name not in self._running:
+                        break
+                    heapq.heappop(ready)  # stale (see _dispatch)
+                if ready and (best is None or ready[0][:2] < self._ready[best][0][:2]):
+                    best = p
+            if best is None:
+                return
+            name = heapq.heappop(self._ready[best])[2]
+            self._start(self._cells[name], best)
 
     def _start(self, cell: _Cell, m: int) -> None:
         """Hand ``cell``'s oldest message to its actor now, on a core of machine ``m``."""
@@ -559,21 +663,33 @@ class SimulatedRuntime(LocalRuntime):
             self._outbox = self._sender = None
         steps, updated = _Updates.steps - steps, _Updates.elements - updated
         elements = tensor_size(message)[1]
+        sleep = 0.0
         if o.compute == "modelled":
             # The cost terms (docs/simulated.md, "The model"), each fitted by calibration.
             work = flops + o.flops_per_element * elements + o.update_flops_per_element * updated
             cost = o.message_s + o.layer_s * calls + o.update_s * steps + work / o.core_flops
             slow = self._slow.get(cell.name)
             if slow is not None and calls:
-                cost += (slow - 1.0) * (o.layer_s * calls + flops / o.core_flops)
+                extra = (slow - 1.0) * (o.layer_s * calls + flops / o.core_flops)
+                if self._procs:
+                    sleep = extra  # a sleep (slow_replicas): it holds the process, not a core
+                else:
+                    cost += extra
         else:
             cost = cpu * o.time_scale
             slow = self._slow.get(cell.name)
             if slow is not None and calls:
-                cost *= slow
+                if self._procs:
+                    sleep = cost * (slow - 1.0)
+                else:
+                    cost *= slow
         if o.send_s or o.receive_s:
             # Serialising to and from another machine's process occupies this core too.
             cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
+        if self._procs and m == 0 and o.driver_message_s:
+            # The driver's process: its loop costs more per message between processes.
+            out = sum(self._remote(ref, m) for ref, _ in sends)
+            cost += o.driver_message_s * (remote + out)
         if o.send_byte_s or o.receive_byte_s:
             # ... and copying their bytes (pickling, the pipe), per byte.
             if remote:
@@ -589,8 +705,27 @@ class SimulatedRuntime(LocalRuntime):
                 row[i] += v
         if o.jitter:
             # Real handlers vary in length; a cluster without it keeps replicas in lockstep
-            cost *= 1.0 + o.jitter * (2.0 * self._jitter.random() - 1.0)
+            factor = 1.0 + o.jitter * (2.0 * self._jitter.random() - 1.0)
+            cost *= factor
+            sleep *= factor
         self._queue.delivered += 1
+        if self._procs:
+            # A process: its handler takes a core of its machine for its compute; a sleep
+            # after it (slow_replicas, a planned delay) holds the process but frees the core.
+            machine = self._host[m]
+            cost = cost / self._speed[machine]
+            sleep = sleep / self._speed[machine]
+            self._idle[m] -= 1
+            self._running.add(cell.name)
+            self._core_s[machine] += cost
+            self._advance(machine)
+            self._token += 1
+            # [node, cell, sends, work left (s on a core of its own), start, the slow-down's
+            # sleep per second of its compute, version of its end event]
+            slowed = sleep / cost if cost > 0 else 0.0
+            self._computing[machine][self._token] = [m, cell, sends, cost, self.now, slowed, 0]
+            self._share(machine)
+            return
         cost = cost / self._speed[m] + self._delay[cell.name]
         self._free[m] -= 1
         self._running.add(cell.name)
@@ -598,6 +733,47 @@ class SimulatedRuntime(LocalRuntime):
         self._busy_until[m] = self.now + cost
         self._busy_actor[cell.name] += cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
+
+    def _advance(self, machine: int) -> None:
+        """``processes``: the handlers computing on ``machine`` did their share of work since
+        the last change (each at the machine's speed, over max(1, computing / cores))."""
+        computing = self._computing[machine]
+        elapsed = self.now - self._since[machine]
+        self._since[machine] = self.now
+        if computing and elapsed > 0:
+            rate = min(1.0, self.options.cores / len(computing))
+            for entry in computing.values():
+                entry[3] -= elapsed * rate
+
+    def _share(self, machine: int) -> None:
+        """``processes``: (re)schedule the end of each handler computing on ``machine``: the
+        operating system shares its cores among the runnable processes (a time slice each),
+        so k of them on c < k cores each go at c / k of a core (processor sharing)."""
+        computing = self._computing[machine]
+        if not computing:
+            return
+        rate = min(1.0, self.options.cores / len(computing))
+        for token, entry in computing.items():
+            entry[6] += 1
+            end = self.now + max(entry[3], 0.0) / rate
+            self._busy_until[entry[0]] = end + (end - entry[4]) * entry[5]
+            self._schedule(end, _FREE, machine, token, entry[6])
+
+    def _computed(self, machine: int, token: int, version: int) -> None:
+        """``processes``: a handler's compute ended (if ``version`` is its latest end): a sleep
+        after it (``slow_replicas``: its factor less one times the compute's wall time, as
+        the replica measures it; a planned delay) holds its process, not a core."""
+        entry = self._computing[machine].get(token)
+        if entry is None or entry[6] != version:
+            return  # rescheduled since
+        self._advance(machine)
+        del self._computing[machine][token]
+        self._share(machine)  # the others get its share
+        m, cell, sends, _, start, slowed, _ = entry
+        sleep = (self.now - start) * slowed + self._delay[cell.name]
+        self._busy_actor[cell.name] += self.now - start + sleep
+        self._busy_until[m] = self.now + sleep
+        self._schedule(self.now + sleep, _DONE, cell, sends, m)
 
     def _remote(self, ref: LocalRef, m: int) -> bool:
         """Whether a message from machine ``m`` to ``ref`` crosses the network."""
@@ -617,7 +793,10 @@ class SimulatedRuntime(LocalRuntime):
         return found
 
     def _done(self, t: float, cell: _Cell, sends: list, m: int) -> None:
-        self._free[m] += 1
+        if not self._procs:
+            self._free[m] += 1
+        else:
+            self._idle[m] += 1
         self._running.discard(cell.name)
         for ref, message in sends:
             self._send(ref, message, cell.ref, t, m)
@@ -637,8 +816,10 @@ class SimulatedRuntime(LocalRuntime):
             self._arrive(t, seq, *payload)
         elif kind == _REACH:
             self._reach(t, *payload)
-        else:
+        elif kind == _DONE:
             self._done(t, *payload)
+        else:  # _FREE: a process's handler ended its compute (processes)
+            self._computed(*payload)
 
     # ---------------------------------------------------------------- the driver
 
@@ -646,6 +827,8 @@ class SimulatedRuntime(LocalRuntime):
         if not self._checked:
             self._check_placement()
             self._checked = True
+            if self._procs:
+                self._assign_processes()
             set_virtual_clock(lambda: self.now)  # the run log's records get virtual_s
         yield from super().converse(ref, message, timeout=timeout)
 
@@ -687,7 +870,7 @@ class SimulatedRuntime(LocalRuntime):
 
     def queued(self) -> int:
         """Messages waiting in mailboxes or on their way now, the driver's included."""
-        return super().queued() + sum(1 for e in self._events if e[2] != _DONE)
+        return super().queued() + sum(1 for e in self._events if e[2] < _DONE)
 
     # ---------------------------------------------------------------- results
 
@@ -705,9 +888,10 @@ class SimulatedRuntime(LocalRuntime):
         cores = self.options.cores
         machines = {f"m{m}": frac(s / cores) for m, s in enumerate(self._core_s)}
         links = {}
-        for m in range(self.options.machines):
-            links[f"m{m}.out"] = frac(self._out_busy[m])
-            links[f"m{m}.in"] = frac(self._in_busy[m])
+        end = "p" if self._procs else "m"  # processes: each process's pipes and writer
+        for m in range(len(self._out_busy)):
+            links[f"{end}{m}.out"] = frac(self._out_busy[m])
+            links[f"{end}{m}.in"] = frac(self._in_busy[m])
         actors = {name: frac(s) for name, s in self._busy_actor.items()}
         candidates = [
             *((f"actor {n}", u) for n, u in actors.items()),
@@ -728,6 +912,7 @@ class SimulatedRuntime(LocalRuntime):
             "shard_utilisation": {n: u for n, u in actors.items() if n.startswith("shard")},
             "bottleneck": {"resource": name, "busy": busiest},
             "placement": self.placement(),
+            **({"processes": self.processes()} if self._procs else {}),
         }
 
     def shutdown(self) -> None:
