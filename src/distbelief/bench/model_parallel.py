@@ -130,13 +130,13 @@ def sizes_of(width: int, long_length: int) -> list[tuple[int, int]]:
     return [(width, LENGTH), (fc_width(lc_channels(width), long_length), long_length)]
 
 
-def describe(name: str, width: int, length: int = LENGTH) -> str:
+def describe(name: str, width: int, length: int = LENGTH, classes: int = CLASSES) -> str:
     """``"FC 40-512x4-16"``, ``"LC 1-47x4-2-16"`` (channels of the locally-connected layers,
     then the classifier's outputs; ``", length 320"`` after it on longer signals)."""
     if name == NETS[0]:
-        return f"FC {length}-{width}x4-{CLASSES}"
+        return f"FC {length}-{width}x4-{classes}"
     tail = f", length {length}" if length != LENGTH else ""
-    return f"LC 1-{lc_channels(width, length)}x4-2-{CLASSES}{tail}"
+    return f"LC 1-{lc_channels(width, length)}x4-2-{classes}{tail}"
 
 
 def examples(

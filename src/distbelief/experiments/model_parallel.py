@@ -4,30 +4,25 @@ locally-connected (LC) net of about the same parameter count, and the bytes that
 partitions per step.
 
 The nets and their data are those of ``distbelief bench --only model-parallel``
-(:mod:`distbelief.bench.model_parallel`, imported): FC 40-W x 4-16 and LC 1-C x 4-2-16 of
-kernel 3 at length 40 (C sized to match), random inputs of MNIST-1D's shape with 16 classes;
-SGD, mini-batches of 32, one replica, one stage, one shard, ``pipeline_depth`` 1 (the paper's
-"mean time to process a single mini-batch for simple SGD training"). Three parts:
+(:mod:`distbelief.bench.model_parallel`, imported): FC L-W x 4-K and LC 1-C x 4-2-K of kernel 3
+at length L (C sized to match), random inputs with K classes; SGD, mini-batches of 32, one
+replica, one stage, one shard, ``pipeline_depth`` 1 (the paper's "mean time to process a
+single mini-batch for simple SGD training"). The full sweep takes the benchmark's larger size
+(L = 320: 6.6 and 6.9 million parameters) with K = 64 classes, so that every layer, the
+classifier too, can be cut 64 ways. Three parts:
 
 - **simulated** (the verdict's): P partitions on P machines of the calibrated cluster
-  (``runtime="simulated"``, the options of ``distbelief calibrate --runtime processes``: one
-  machine per core, the loopback's latency, bandwidth and CPU per message; the default
-  placement puts block b on machine b, the shard, data shard and master round-robin from
-  machine 0). The time per step is virtual; speed-up = time per step at P = 1 over at P.
-  Compute is ``measured`` (each handler's thread CPU time) by default: the simulator's
-  ``modelled`` compute counts the FLOPs of layers by a hook on module calls, and a partition's
-  block runs its slice of a layer as ``F.linear`` / ``local1d`` outside any module call, so a
-  modelled run with P > 1 counts almost none of its arithmetic (P = 2 came out 4x faster than
-  P = 1 on the default cluster). ``sizes={"compute": "modelled"}`` takes the modelled compute,
-  reproducible bit for bit, once the simulator counts the blocks' FLOPs.
+  (``runtime="simulated"``, the figures of ``distbelief calibrate --runtime processes``: the
+  per-core rate and per-layer costs, the loopback's latency, bandwidth and CPU per message;
+  the default placement puts block b on machine b, the shard, data shard and master
+  round-robin from machine 0). The time per step is virtual; speed-up = time per step at P = 1
+  over at P. Compute is ``modelled`` (each block's FLOPs, counted from the shapes: the same
+  virtual times from the same seed and cluster); ``sizes={"compute": "measured"}`` takes each
+  handler's thread CPU time instead.
 - **measured**: P = 1 and 2 on the ``processes`` runtime (one torch thread per worker), wall
   time per step, as the benchmark times them: the anchor the simulated P = 2 is compared with.
 - **counted**: the bytes crossing between blocks per step from the plans
   (:func:`~distbelief.core.blocks.crossing_bytes`); the same on any machine.
-
-P stops at 16: both nets end in a 16-class classifier (the benchmark's ``CLASSES``), and a P
-larger than a layer's units is a ``ConfigError``; the paper's 81 machines would need the
-benchmark's builders to take more classes (and the LC net a longer input, 40 positions now).
 """
 
 from __future__ import annotations
@@ -94,7 +89,10 @@ def cluster_of(base: Mapping[str, Any], partitions: int, compute: str) -> dict[s
     compute no jitter (the handlers' real CPU times vary by themselves)."""
     if compute not in ("measured", "modelled"):
         raise ConfigError(f"sizes: compute must be 'measured' or 'modelled', got {compute!r}")
-    options = {k: v for k, v in base.items() if k not in ("placement", "machines", "speeds")}
+    # P machines, one block each: not the processes runtime's workers on one machine (a
+    # cluster calibrated for ``processes`` models that: ``processes``, ``driver_message_s``).
+    dropped = ("placement", "machines", "speeds", "processes", "driver_message_s")
+    options = {k: v for k, v in base.items() if k not in dropped}
     speed = float((base.get("speeds") or [1.0])[0])
     options.update(machines=partitions, speeds=[speed] * partitions, compute=compute)
     if compute == "measured":
@@ -114,12 +112,12 @@ def _sweep(
     """Every (seed, net, P) run of one part, alternated within each seed (a repeat): ms per
     step (virtual on ``simulated``), and the speed-ups of P over 1 (medians of paired
     ratios)."""
-    width = ctx.sizes["width"]
-    makers = bench.nets(width)
+    width, length, classes = ctx.sizes["width"], ctx.sizes["length"], ctx.sizes["classes"]
+    makers = bench.nets(width, length, classes)
     times: dict[str, dict[int, list[float | None]]] = {n: {p: [] for p in parts} for n in makers}
     seen: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in makers}
     for seed in ctx.seeds:
-        data = bench.examples(steps * bench.BATCH, seed)
+        data = bench.examples(steps * bench.BATCH, seed, length, classes)
         for name, make in makers.items():
             for p in parts:
                 tag = "fc" if name == FC else "lc"
@@ -151,17 +149,19 @@ def _sweep(
     return {"runtime": "simulated" if kind == "simulated" else "processes", "points": points}
 
 
-def counted(width: int, parts: Sequence[int]) -> dict[str, Any]:
+def counted(
+    width: int, parts: Sequence[int], length: int = bench.LENGTH, classes: int = bench.CLASSES
+) -> dict[str, Any]:
     """Per net: its description, parameters and the bytes crossing between blocks per step of
     ``bench.BATCH`` at each P, from the plans (float32)."""
     out = {}
-    for name, make in bench.nets(width).items():
+    for name, make in bench.nets(width, length, classes).items():
         model = make(0)
         out[name] = {
-            "net": bench.describe(name, width),
+            "net": bench.describe(name, width, length, classes),
             "parameters": sum(q.numel() for q in model.parameters()),
             "bytes_per_step": {
-                str(p): crossing_bytes(plan_split(list(model), p, (bench.LENGTH,)), bench.BATCH)
+                str(p): crossing_bytes(plan_split(list(model), p, (length,)), bench.BATCH)
                 for p in parts
             },
         }
@@ -175,7 +175,8 @@ def measure(ctx: Context) -> dict[str, Any]:
     parts = list(s["partitions"])
     if parts[0] != 1 or any(p < 1 for p in parts) or len(set(parts)) != len(parts):
         raise ConfigError(f"sizes: partitions must start at 1 and not repeat, got {parts}")
-    nets = counted(s["width"], parts)  # a P the nets cannot take fails here, before any run
+    # a P the nets cannot take fails here, before any run
+    nets = counted(s["width"], parts, s["length"], s["classes"])
     ctx.log("model-parallel: calibrating the cluster" if s["cluster"] == "calibrate" else
             "model-parallel: the cluster given")  # fmt: skip
     base = base_cluster(s["cluster"], ctx.quick)
@@ -192,6 +193,8 @@ def measure(ctx: Context) -> dict[str, Any]:
     )
     return {
         "width": s["width"],
+        "length": s["length"],
+        "classes": s["classes"],
         "batch": bench.BATCH,
         "partitions": parts,
         "nets": nets,
@@ -200,8 +203,9 @@ def measure(ctx: Context) -> dict[str, Any]:
         "compute": s["compute"],
         "cluster": base,
         "virtual": True,
-        # measured compute is thread CPU time: the simulated numbers vary from run to run
-        "reproducible": s["compute"] == "modelled",
+        # the same numbers again only from the same cluster (a calibration differs each time;
+        # rerun with this run's cluster.toml) and modelled compute (not thread CPU time)
+        "reproducible": s["compute"] == "modelled" and s["cluster"] != "calibrate",
     }
 
 
@@ -389,12 +393,14 @@ EXPERIMENT = Experiment(
     runtimes=("simulated",),
     quick={
         "width": QUICK.model_parallel_width,
+        "length": bench.LENGTH,
+        "classes": bench.CLASSES,
         "partitions": (1, 2, 4),
         "measured_partitions": (1, 2),
         "steps": 8,
         "measured_steps": 8,
         "pipeline_depth": 1,
-        "compute": "measured",
+        "compute": "modelled",
         # A stand-in for the calibration (a quick one takes 12 s): the processes figures of
         # docs/simulated.md's load-3 calibration, 64 us of CPU per message between workers.
         "cluster": {
@@ -412,13 +418,17 @@ EXPERIMENT = Experiment(
         "seeds": 1,
     },  # fmt: skip
     full={
-        "width": FULL.model_parallel_width,
-        "partitions": tuple(bench.COUNTED_PARTS),
+        # the benchmark's larger size: the same LC channels on signals of length 320, and
+        # the FC width that matches them
+        "width": bench.sizes_of(FULL.model_parallel_width, FULL.model_parallel_long_length)[1][0],
+        "length": FULL.model_parallel_long_length,
+        "classes": 64,
+        "partitions": (1, 2, 4, 8, 16, 32, 64),
         "measured_partitions": tuple(bench.TIMED_PARTS),
-        "steps": 64,
-        "measured_steps": FULL.model_parallel_steps,
+        "steps": 16,
+        "measured_steps": FULL.model_parallel_steps // bench.LONG_STEPS,
         "pipeline_depth": 1,
-        "compute": "measured",
+        "compute": "modelled",
         "cluster": "calibrate",
         "seeds": 3,
     },
