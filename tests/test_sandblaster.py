@@ -382,3 +382,18 @@ def test_a_late_result_of_an_earlier_evaluation_does_not_assign_a_busy_replica_t
     late = done(1, 1, 2)  # replica 1's result for evaluation 1, while it computes the next
     assert late == [("r1", Verdict(1, 2, False))]  # dropped, and no second assignment
     assert c.backup_wins == 1 and c.duplicates_dropped == 1
+
+
+def test_a_shard_refuses_more_pushed_portions_than_were_accepted_even_once_complete():
+    """A replica's pushes already covering its accepted portions, while the Reduce waits for
+    another replica's: one more push of it is an error, not a larger sum."""
+    from distbelief.algorithms.sandblaster.messages import PushGradient, Reduce
+    from distbelief.algorithms.sandblaster.shard import SandblasterShard
+
+    shard = SandblasterShard(0, torch.zeros(3, dtype=torch.float64))
+    shard.bind(RecordingContext("coordinator"))
+    one = torch.ones(3, dtype=torch.float64)
+    shard.receive(Reduce(1, 1, ((0, 0, 2), (1, 0, 2)), 40), "coordinator")
+    shard.receive(PushGradient(1, 0, 0, 2, one), "r0")  # replica 0's two: complete
+    with pytest.raises(RuntimeError, match="replica 0 pushed 3 portions, 2 were accepted"):
+        shard.receive(PushGradient(1, 0, 0, 1, one), "r0")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -259,6 +260,22 @@ def _variation(row: list) -> float:
     return max(square / count - mean * mean, 0.0) ** 0.5 / mean if mean > 0 else 0.0
 
 
+def _fit_workload(
+    widths: Sequence[int], steps: int, batch_size: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, Any]]:
+    """The run the handler costs are fitted from (in one process and on ``processes`` alike):
+    random data for two epochs' worth of ``steps``, and 2 replicas x 2 stages x 2 shards of
+    Adagrad."""
+    g = torch.Generator().manual_seed(0)
+    n = 2 * steps * batch_size
+    data = (torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
+    args = dict(
+        loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
+        seed=0, eval_every=0, replicas=2, stages=2, shards=2,
+    )  # fmt: skip
+    return data, args
+
+
 def handler_costs(
     core_flops: float,
     flops_per_element: float,
@@ -285,13 +302,7 @@ def handler_costs(
     from .. import train
     from ..runtime.simulated import SimulatedRuntime
 
-    g = torch.Generator().manual_seed(0)
-    n = 2 * steps * batch_size
-    data = (torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
-    args = dict(
-        loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
-        seed=0, eval_every=0, replicas=2, stages=2, shards=2,
-    )  # fmt: skip
+    data, args = _fit_workload(widths, steps, batch_size)
     one_core = dict(machines=1, cores=1, placement="pack", local_latency_s=0.0)
 
     def stats(**options: Any) -> dict:
@@ -373,13 +384,7 @@ def processes_handler_costs(
     from .. import train
     from ..runtime.simulated import SimulatedRuntime
 
-    g = torch.Generator().manual_seed(0)
-    n = 2 * steps * batch_size
-    data = (torch.randn(n, widths[0], generator=g), torch.randint(0, widths[-1], (n,), generator=g))
-    args = dict(
-        loss="cross_entropy", lr=0.05, batch_size=batch_size, epochs=1, optimizer="adagrad",
-        seed=0, eval_every=0, replicas=2, stages=2, shards=2,
-    )  # fmt: skip
+    data, args = _fit_workload(widths, steps, batch_size)
     real = train(
         mlp(widths), data, runtime="processes", runtime_options={"processes": 2, "profile": True},
         **args,

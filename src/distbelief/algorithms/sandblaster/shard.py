@@ -74,7 +74,7 @@ class SandblasterShard(Actor):
         else:
             self.sums[key] = (msg.grad, msg.portions)
         if self.reduce is not None and self.reduce[0].evaluation == msg.evaluation:
-            if key in self.missing:
+            if key in self.expected:  # (one already complete is checked again: too many)
                 self._check(key)
             self._try_reduce()
 
