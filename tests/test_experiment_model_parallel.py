@@ -150,3 +150,33 @@ def test_fully_connected_slows_rule_flips() -> None:
     assert mp.judge(_mp({1: 1.0, 2: 2.0, 4: 2.2, 8: 2.3}, lc))[rule].verdict == DOES_NOT_HOLD
     # never gains: its peak is P = 1, which the paper's 2.2x on 8 machines is not
     assert mp.judge(_mp({1: 1.0, 2: 0.5, 4: 0.4, 8: 0.3}, lc))[rule].verdict == INCONCLUSIVE
+
+
+@pytest.mark.slow
+def test_the_cli_takes_a_cluster_file_and_refuses_a_bad_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from distbelief.cli import main
+
+    # an experiment that runs on no calibrated cluster, and a file that is not TOML: exit 2,
+    # named, before any run
+    bad = tmp_path / "bad.toml"
+    bad.write_text("machines = [\n")
+    for args, named in (
+        (["warmstart", "--cluster", str(bad)], "--cluster: warmstart"),
+        (["model-parallel", "--cluster", str(bad)], "bad.toml"),
+    ):
+        capsys.readouterr()
+        assert main(["experiment", *args, "--quick", "--out", str(tmp_path / "o")]) == 2
+        assert named in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+    # a good one is the base cluster of the run, written beside its results
+    good = tmp_path / "c.toml"
+    good.write_text("machines = 2\nbandwidth_Bps = 3e8\n")
+    out = tmp_path / "mp"
+    code = main(["experiment", "model-parallel", "--quick", "--cluster", str(good),
+                 "--out", str(out), "--json"])  # fmt: skip
+    assert code == 0
+    from distbelief.runtime.simulated import read_cluster
+
+    assert read_cluster(out / mp.CLUSTER_FILE)["bandwidth_Bps"] == 3e8

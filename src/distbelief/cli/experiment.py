@@ -42,6 +42,14 @@ def experiment_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print results.json's verdicts as one JSON line.")
     ] = False,
+    cluster: Annotated[
+        str | None,
+        _opt(
+            "A cluster file (TOML) for an experiment that calibrates one (model-parallel): "
+            "e.g. an earlier run's cluster.toml; the same file and seed give the same "
+            "simulated numbers (default: calibrate this machine now)."
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
     """Run one of the paper's findings as an experiment: its sweep, its figures, and a verdict
     table saying whether the finding holds here, by a rule fixed in the code.
@@ -60,8 +68,16 @@ def experiment_command(
         raise UsageFailure(f"experiment: name one of {', '.join(experiments.names())} (or --list)")
     console = Console(stderr=True)
     try:
+        sizes = None
+        if cluster is not None:
+            if "cluster" not in experiments.get(name).full:
+                raise ConfigError(f"--cluster: {name} runs on no calibrated cluster")
+            from ..runtime.simulated import read_cluster
+
+            read_cluster(cluster)  # a file that cannot be read or parsed: named, before any run
+            sizes = {"cluster": cluster}
         results = experiments.run(
-            name, quick=quick, out=out, runtime=runtime, seeds=seeds, seed=seed,
+            name, quick=quick, out=out, runtime=runtime, seeds=seeds, seed=seed, sizes=sizes,
             log=None if as_json else lambda m: console.print(m, style="dim", highlight=False),
         )  # fmt: skip
     except ConfigError as exc:
