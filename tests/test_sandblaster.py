@@ -193,7 +193,8 @@ def test_a_slow_replica_does_fewer_portions_and_a_backup_finishes_for_it(runtime
         options = {"slow_replicas": {2: 20.0}, "processes": 3}
     elif runtime == "ray":
         # Each actor a process of its own, but on 2 cores shared with the machine's other
-        # work: 5 times as slow let the slow one finish first once under load (no backup won).
+        # work: 5 times as slow let the slow one finish first once under load (no backup won);
+        # 20 times, as on processes, lets the run end before its late result comes.
         options = {"slow_replicas": {2: 20.0}}
     result = sandblaster(
         mlp([40, 64, 10]), (x[:2400], y[:2400]), steps=1, replicas=3, portions=24,
@@ -202,9 +203,9 @@ def test_a_slow_replica_does_fewer_portions_and_a_backup_finishes_for_it(runtime
     done = result.stats["portions_done"]
     assert done[2] < (done[0] + done[1]) / 2  # fewer than the others on average
     assert result.stats["backup_wins"] >= 1  # a backup finished a portion the slow one had
-    if runtime != "processes":
-        # Its late result was dropped. On processes the run may end before that result
-        # comes (0 in 9 of 25 runs), which is what the worker per replica makes possible.
+    if runtime == "local":
+        # Its late result was dropped. On processes and Ray the run may end before that result
+        # comes (0 in 9 of 25 runs on processes), which a process per replica makes possible.
         assert result.stats["duplicates_dropped"] >= 1
 
 
