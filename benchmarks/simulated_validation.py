@@ -139,6 +139,10 @@ def main() -> None:
     parser.add_argument(
         "--figures", help="a calibration's figures (JSON, as --json prints them): not measured"
     )
+    parser.add_argument(
+        "--calibrations", type=int, default=1,
+        help="calibrate this many times and take each figure's median (the rates drift)",
+    )  # fmt: skip
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(1)
@@ -148,7 +152,10 @@ def main() -> None:
             figures = json.load(f)
         figures = figures.get("calibration", figures)
     else:
-        figures = calibrate.measure(("local", "processes"), quick=args.quick)
+        figures = calibrate.median_figures([
+            calibrate.measure(("local", "processes"), quick=args.quick)
+            for _ in range(max(1, args.calibrations))
+        ])  # fmt: skip
     rows = []
     for case in cases(args.quick, figures):
         samples = [case() for _ in range(repeats)]

@@ -135,3 +135,22 @@ def test_the_processes_handler_fit_runs():
     fit = calibrate.processes_handler_costs(1e10, 2.0, 10.0, [4, 8, 3], batch_size=4, steps=4)
     assert set(fit) == {"message_s", "layer_s", "update_s", "messages"}
     assert all(v >= 0 for v in fit.values()) and fit["messages"] > 0
+
+
+def test_several_calibrations_merge_into_each_figures_median() -> None:
+    from distbelief.bench.calibrate import median_figures
+
+    samples = [
+        {"core_flops": 6e10, "cores": 2, "runtimes": {"processes": {"send_s": 3e-5}}, "x": "a"},
+        {"core_flops": 8e10, "cores": 2, "runtimes": {"processes": {"send_s": 1e-5}}, "x": "b"},
+        {"core_flops": 7e10, "cores": 2, "runtimes": {"processes": {"send_s": 2e-5}}, "x": "c"},
+    ]
+    merged = median_figures(samples)
+    assert merged == {"core_flops": 7e10, "cores": 2,
+                      "runtimes": {"processes": {"send_s": 2e-5}}, "x": "a"}  # fmt: skip
+    assert isinstance(merged["cores"], int)
+    assert median_figures(samples[:1]) == samples[0]
+    with pytest.raises(ValueError, match="keys differ"):
+        median_figures([{"a": 1.0}, {"b": 1.0}])
+    with pytest.raises(ValueError, match="no calibrations"):
+        median_figures([])

@@ -29,6 +29,7 @@ seconds between processes less the in-process cost; bandwidth: the measured one)
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -484,6 +485,28 @@ def measure(
         return figures
     finally:
         torch.set_num_threads(threads)
+
+
+def median_figures(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several calibrations' figures (:func:`measure`) as one: each number the median of its
+    values across the samples (a machine's rates drift from one calibration to the next),
+    anything else the first sample's. Every sample must have the same keys."""
+    if not samples:
+        raise ValueError("median_figures: no calibrations")
+
+    def merge(values: list[Any]) -> Any:
+        first = values[0]
+        if isinstance(first, dict):
+            keys = set(first)
+            if any(set(v) != keys for v in values):
+                raise ValueError("median_figures: the calibrations' keys differ")
+            return {k: merge([v[k] for v in values]) for k in first}
+        if isinstance(first, (int, float)) and not isinstance(first, bool):
+            middle = statistics.median(values)
+            return type(first)(middle) if isinstance(first, int) else float(middle)
+        return first
+
+    return merge(list(samples))
 
 
 def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
