@@ -221,6 +221,7 @@ def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(
         assert result.stats["restarts"] == 1
         # The seeded in-process run is the same every time: the same copy wins each time.
         assert set(rec["sources"].values()) == {source} and rec["restored_version"] == version
+        assert result.stats["updates_applied"][k] > version  # it counted on from the restore
     else:
         # The worker that crashed hosted replica 0 or 1 whole: its actors were restarted too.
         restarted = set(result.stats["restarts_by_actor"])
@@ -232,8 +233,9 @@ def test_a_shard_dying_at_any_point_is_recovered_and_the_run_completes(
         # the difference is counted lost.
         lost = rec["applied_last_reported"] - rec["restored_version"]
         assert rec["lost_updates"] == max(0, lost)
-        version = rec["restored_version"]
-    assert result.stats["updates_applied"][k] > version  # it counted on from the restore
+        # It counts on from the restore, but the run may end before another push reaches it
+        # (the other worker pushed on while the crashed one was replaced: CI saw 47 and 47).
+        assert result.stats["updates_applied"][k] >= rec["restored_version"]
     assert torch.isfinite(flatten(result.model.children())).all()
 
 
