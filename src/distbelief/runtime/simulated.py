@@ -662,7 +662,7 @@ class SimulatedRuntime(LocalRuntime):
         finally:
             self._outbox = self._sender = None
         steps, updated = _Updates.steps - steps, _Updates.elements - updated
-        elements = tensor_size(message)[1]
+        nbytes, elements = tensor_size(message)
         sleep = 0.0
         if o.compute == "modelled":
             # The cost terms (docs/simulated.md, "The model"), each fitted by calibration.
@@ -693,7 +693,7 @@ class SimulatedRuntime(LocalRuntime):
         if o.send_byte_s or o.receive_byte_s:
             # ... and copying their bytes (pickling, the pipe), per byte.
             if remote:
-                cost += o.receive_byte_s * (tensor_size(message)[0] + o.header_bytes)
+                cost += o.receive_byte_s * (nbytes + o.header_bytes)
             out = sum(
                 tensor_size(msg)[0] + o.header_bytes for ref, msg in sends if self._remote(ref, m)
             )
