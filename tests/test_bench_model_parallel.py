@@ -31,22 +31,28 @@ def test_model_parallel_benchmark_reports_every_comparison(
 ) -> None:
     figures = report["model-parallel"]
     assert figures["width"] == bench.QUICK.model_parallel_width
-    lengths = [40, bench.QUICK.model_parallel_long_length]
-    assert [s["length"] for s in figures["sizes"]] == lengths and mp.SIZES == len(lengths)
-    # the larger size: the same locally-connected channels, on longer signals
+    long, long_batch = bench.QUICK.model_parallel_long_length, bench.QUICK.model_parallel_long_batch
+    shapes = [(40, mp.BATCH), (long, mp.BATCH), (long, long_batch)]
+    assert [(s["length"], s["batch"]) for s in figures["sizes"]] == shapes
+    assert mp.SIZES == len(shapes)
+    lengths = [length for length, _ in shapes]
+    # the larger sizes: the same locally-connected channels, on longer signals
     assert len({s["lc_channels"] for s in figures["sizes"]}) == 1
+    # half as many mini-batches at the larger mini-batch as at 32
+    assert figures["sizes"][1]["steps"] == 2 * figures["sizes"][2]["steps"]
     timed = [
-        (t["length"], t["net"], t["partitions"], t["pipeline_depth"]) for t in figures["timed"]
+        (t["length"], t["batch"], t["net"], t["partitions"], t["pipeline_depth"])
+        for t in figures["timed"]
     ]
-    assert timed == [(n, m, p, d) for n in lengths for m in mp.NETS for p, d in mp.TIMED]
+    assert timed == [(n, b, m, p, d) for n, b in shapes for m in mp.NETS for p, d in mp.TIMED]
     for t in figures["timed"]:
         assert t["ran"]
         assert positive(t["baseline_ms_per_batch"])
         if t["ran"]:
             assert positive(t["ms_per_batch"]) and positive(t["ratio"])
-    speedups = [(s["length"], s["net"], s["which"]) for s in figures["speedup"]]
+    speedups = [(s["length"], s["batch"], s["net"], s["which"]) for s in figures["speedup"]]
     assert speedups == [
-        (n, m, w) for n in lengths for m in mp.NETS for w in ("depth 1", "best depth")
+        (n, b, m, w) for n, b in shapes for m in mp.NETS for w in ("depth 1", "best depth")
     ]
     for s in figures["speedup"]:
         assert s["ran"] and positive(s["ratio"]) and s["pipeline_depth"] in mp.DEPTHS
@@ -81,3 +87,9 @@ def test_model_parallel_nets_take_mnist1d_shaped_inputs() -> None:
     assert mp.lc_channels(mp.fc_width(47, 320), 320) == 47
     assert mp.describe(mp.NETS[1], mp.fc_width(47, 320), 320) == "LC 1-47x4-2-16, length 320"
     assert mp.describe(mp.NETS[0], 512) == "FC 40-512x4-16"
+    assert mp.describe(mp.NETS[0], 1456, 320, batch=128) == "FC 320-1456x4-16, batch 128"
+    assert mp.describe(mp.NETS[1], 1456, 320, batch=128) == "LC 1-47x4-2-16, length 320, batch 128"
+    sizes = mp.sizes_of(512, 320, 128)
+    assert [s.batch for s in sizes] == [32, 32, 128] and sizes[1].width == sizes[2].width == 1456
+    assert mp.size_steps(sizes[0], 192) == 192 and mp.size_steps(sizes[1], 192) == 96
+    assert mp.size_steps(sizes[2], 192) == 48 and mp.size_steps(sizes[2], 4) == 2

@@ -76,6 +76,10 @@ class Sizes:
     """Signal length of the model-parallel benchmark's larger pair of nets (the same
     locally-connected stack on longer signals, and a fully connected net as large); its runs
     take half as many mini-batches."""
+    model_parallel_long_batch: int = 128
+    """Mini-batch of the model-parallel benchmark's third size: the larger pair of nets again,
+    with this many examples per step (more compute per parameter fetched and pushed and per
+    message); its runs take half as many mini-batches as the larger size's of 32."""
 
 
 FULL = Sizes(
@@ -102,6 +106,7 @@ QUICK = Sizes(
     model_parallel_width=64,
     model_parallel_steps=24,
     model_parallel_long_length=80,
+    model_parallel_long_batch=64,
 )
 
 

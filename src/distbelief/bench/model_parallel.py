@@ -9,17 +9,20 @@ on them) with 16 classes, so that every layer, the classifier too, splits 16 way
   three square layers (L x 3 x C^2 weights each) hold what the fully connected net's three
   W x W layers hold.
 
-Two sizes, as Figure 3 plots several models: MNIST-1D's length 40 with W =
+Three sizes, as Figure 3 plots several models: MNIST-1D's length 40 with W =
 ``model_parallel_width`` (C = 47 at W = 512), and the same locally-connected stack (the same C)
 on signals of ``model_parallel_long_length`` (320: 8 times the compute per step) with a fully
-connected net as large (W = 1456 at length 320). A block's compute grows with the length while
-the halos it exchanges do not, so the larger locally-connected net should gain more.
+connected net as large (W = 1456 at length 320), at mini-batches of 32 and of
+``model_parallel_long_batch`` (128: 4 times the compute again, for the same parameters to
+fetch and push and the same number of messages). A block's compute grows with the length and
+the mini-batch while what it costs to fetch, push and exchange a message's envelope does not,
+so the larger locally-connected net should gain more, and more at the larger mini-batch.
 
-(a) **Timed**: mean time per mini-batch of 32 (SGD, one replica, one stage, one shard, one
-torch thread per process) on the ``processes`` runtime with P = 1 and 2 partitions, beside the
-same net in a plain one-process torch loop, for every net of both sizes (the larger size's runs
-take half as many mini-batches); every run alternates with the others in each repeat and ratios
-are medians of paired ratios. With 2 partitions also at ``pipeline_depth``
+(a) **Timed**: mean time per mini-batch (SGD, one replica, one stage, one shard, one torch
+thread per process) on the ``processes`` runtime with P = 1 and 2 partitions, beside the same
+net in a plain one-process torch loop, for every net of every size (the larger size's runs
+take half as many mini-batches of 32, a quarter as many of 128); every run alternates with the
+others in each repeat and ratios are medians of paired ratios. With 2 partitions also at ``pipeline_depth``
 2 and 4 (a block computes one mini-batch while it waits for another's halo; each backward
 pass uses its forward's parameters, one to three steps stale): the rows say which depth,
 and the last speedup row of each net is the best depth's. The headline (depth 1) is SGD
@@ -38,7 +41,7 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -51,7 +54,7 @@ from .baselines.plain import plain_sgd_examples_per_s
 from .common import Benchmark, Log, Row, Sizes, say
 
 BATCH = 32
-"""Examples per mini-batch."""
+"""Examples per mini-batch (of the counted bytes, and of the first two sizes' timed runs)."""
 LENGTH = 40
 """Input features (MNIST-1D's signal length)."""
 CLASSES = 16
@@ -59,9 +62,11 @@ CLASSES = 16
 KERNEL = 3
 """Kernel of the locally-connected layers (padding 1: every layer keeps length 40)."""
 LONG_STEPS = 2
-"""The larger size's runs take ``model_parallel_steps // LONG_STEPS`` mini-batches."""
-SIZES = 2
-"""Sizes of each net: length 40, and ``model_parallel_long_length``."""
+"""The larger size's runs take ``model_parallel_steps // LONG_STEPS`` mini-batches of 32, and
+``LONG_STEPS`` times fewer again of the larger mini-batch (:func:`size_steps`)."""
+SIZES = 3
+"""Sizes of each net: length 40; ``model_parallel_long_length``; the same at
+``model_parallel_long_batch``."""
 TIMED_PARTS = (1, 2)
 """Partitions of the timed runs (2 cores here)."""
 DEPTHS = (1, 2, 4)
@@ -124,18 +129,35 @@ def nets(
     }
 
 
-def sizes_of(width: int, long_length: int) -> list[tuple[int, int]]:
-    """(width, length) of each size: length 40 at ``width``; ``long_length`` with the same
-    locally-connected channels and the fully connected width that matches them."""
-    return [(width, LENGTH), (fc_width(lc_channels(width), long_length), long_length)]
+class Size(NamedTuple):
+    """One size of the timed nets."""
+
+    width: int
+    """The fully connected net's width W (the locally-connected net is sized to match)."""
+    length: int
+    """Signal length L."""
+    batch: int = BATCH
+    """Examples per mini-batch of its timed runs."""
 
 
-def describe(name: str, width: int, length: int = LENGTH, classes: int = CLASSES) -> str:
+def sizes_of(width: int, long_length: int, long_batch: int | None = None) -> list[Size]:
+    """Each size: length 40 at ``width``; ``long_length`` with the same locally-connected
+    channels and the fully connected width that matches them; with ``long_batch``, the same
+    again at mini-batches of ``long_batch``."""
+    long = Size(fc_width(lc_channels(width), long_length), long_length)
+    return [Size(width, LENGTH), long] + ([long._replace(batch=long_batch)] if long_batch else [])
+
+
+def describe(
+    name: str, width: int, length: int = LENGTH, classes: int = CLASSES, batch: int = BATCH
+) -> str:
     """``"FC 40-512x4-16"``, ``"LC 1-47x4-2-16"`` (channels of the locally-connected layers,
-    then the classifier's outputs; ``", length 320"`` after it on longer signals)."""
+    then the classifier's outputs; ``", length 320"`` after it on longer signals, and
+    ``", batch 128"`` at a mini-batch other than 32)."""
+    tail = f", batch {batch}" if batch != BATCH else ""
     if name == NETS[0]:
-        return f"FC {length}-{width}x4-{classes}"
-    tail = f", length {length}" if length != LENGTH else ""
+        return f"FC {length}-{width}x4-{classes}{tail}"
+    tail = (f", length {length}" if length != LENGTH else "") + tail
     return f"LC 1-{lc_channels(width, length)}x4-2-{classes}{tail}"
 
 
@@ -175,44 +197,51 @@ def _median_ratio(a: Sequence[float | None], b: Sequence[float | None]) -> float
     return round(statistics.median(pairs), 3) if pairs else None
 
 
-Key = tuple[str, int, int, int]
-"""(net, length, partitions, pipeline_depth) of a timed run."""
+Key = tuple[str, Size, int, int]
+"""(net, size, partitions, pipeline_depth) of a timed run."""
+
+
+def size_steps(size: Size, steps: int) -> int:
+    """Mini-batches of a timed run of ``size``: ``steps`` (``model_parallel_steps``) at length
+    40, ``LONG_STEPS`` times fewer on longer signals, and ``LONG_STEPS`` times fewer again at a
+    larger mini-batch (at least 2)."""
+    if size.length == LENGTH:
+        return steps
+    return max(2, steps // LONG_STEPS // (LONG_STEPS if size.batch > BATCH else 1))
 
 
 def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict[str, Any]:
     """Time per mini-batch of each net of each size at each P and in the plain loop,
     alternating; the bytes crossing per step, counted (see the module doc)."""
     width = sizes.model_parallel_width
-    sized = sizes_of(width, sizes.model_parallel_long_length)
-    steps = {
-        length: sizes.model_parallel_steps // (1 if length == LENGTH else LONG_STEPS)
-        for _, length in sized
-    }
-    data = {length: examples(steps[length] * BATCH, seed, length) for _, length in sized}
-    makers = {(n, length): make for w, length in sized for n, make in nets(w, length).items()}
-    plain: dict[tuple[str, int], list[float]] = {k: [] for k in makers}
+    sized = sizes_of(width, sizes.model_parallel_long_length, sizes.model_parallel_long_batch)
+    steps = {size: size_steps(size, sizes.model_parallel_steps) for size in sized}
+    data = {size: examples(steps[size] * size.batch, seed, size.length) for size in sized}
+    makers = {(n, size): make for size in sized for n, make in nets(*size[:2]).items()}
+    plain: dict[tuple[str, Size], list[float]] = {k: [] for k in makers}
     engine: dict[Key, list[float | None]] = {
-        (n, length, p, d): [] for n, length in makers for p, d in TIMED
+        (n, size, p, d): [] for n, size in makers for p, d in TIMED
     }
     for rep in range(repeats):
-        for (name, length), make in makers.items():
+        for (name, size), make in makers.items():
+            batch = size.batch
             ex_s = plain_sgd_examples_per_s(
-                make(seed), data[length], lr=LR, batch_size=BATCH, epochs=1, seed=seed
+                make(seed), data[size], lr=LR, batch_size=batch, epochs=1, seed=seed
             )
-            plain[name, length].append(BATCH / ex_s)
+            plain[name, size].append(batch / ex_s)
             for p, d in TIMED:
                 extra = {"pipeline_depth": d} if d > 1 else {}
                 result = train(
-                    make(seed), data[length], loss="cross_entropy", lr=LR, batch_size=BATCH,
+                    make(seed), data[size], loss="cross_entropy", lr=LR, batch_size=batch,
                     epochs=1, optimizer="sgd", seed=seed, runtime="processes", partitions=p,
                     **extra,
                 )  # fmt: skip
-                engine[name, length, p, d].append(_per_batch(result))
+                engine[name, size, p, d].append(_per_batch(result))
         say(log, f"model-parallel repeat {rep + 1}/{repeats}: " + ", ".join(
-            f"{n} L={length} plain {plain[n, length][-1] * 1e3:.2f} ms"
+            f"{n} L={size.length} B={size.batch} plain {plain[n, size][-1] * 1e3:.2f} ms"
             + "".join(f", P={p} D={d} {v[-1] * 1e3:.2f} ms"
-                      for (m, ln, p, d), v in engine.items() if (m, ln) == (n, length) and v[-1])
-            for n, length in makers
+                      for (m, sz, p, d), v in engine.items() if (m, sz) == (n, size) and v[-1])
+            for n, size in makers
         ))  # fmt: skip
     return _figures(width, sized, steps, plain, engine)
 
@@ -236,39 +265,41 @@ def bytes_figures(width: int, long_length: int | None = None) -> dict[str, Any]:
         "nets": counted(width),
     }
     if long_length is not None:
-        long_width, _ = sizes_of(width, long_length)[1]
+        long_width = sizes_of(width, long_length)[1].width
         out["long_nets"] = counted(long_width, long_length)
     return out
 
 
 def _figures(
     width: int,
-    sized: list[tuple[int, int]],
-    steps: dict[int, int],
-    plain: dict[tuple[str, int], list[float]],
+    sized: list[Size],
+    steps: dict[Size, int],
+    plain: dict[tuple[str, Size], list[float]],
     engine: dict[Key, list[float | None]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
-        **bytes_figures(width, sized[1][1]),
+        **bytes_figures(width, sized[1].length),
         "sizes": [
             {
-                "width": w,
-                "length": length,
-                "lc_channels": lc_channels(w, length),
-                "steps": steps[length],
+                "width": size.width,
+                "length": size.length,
+                "batch": size.batch,
+                "lc_channels": lc_channels(size.width, size.length),
+                "steps": steps[size],
             }
-            for w, length in sized
+            for size in sized
         ],  # fmt: skip
         "timed": [],
         "speedup": [],
     }
-    for w, length in sized:
+    for size in sized:
+        w, length, batch = size
         for name in NETS:
-            base = plain[name, length]
+            base = plain[name, size]
             for p, d in TIMED:
-                samples = engine[name, length, p, d]
+                samples = engine[name, size, p, d]
                 out["timed"].append({
-                    "net": name, "width": w, "length": length, "partitions": p,
+                    "net": name, "width": w, "length": length, "batch": batch, "partitions": p,
                     "pipeline_depth": d, "ran": any(samples),
                     "ms_per_batch": _ms(samples), "baseline_ms_per_batch": _ms(base),
                     # throughput ratio: plain loop's time over the engine's
@@ -276,15 +307,16 @@ def _figures(
                     "samples_ms": [round(v * 1e3, 3) if v else None for v in samples],
                     "baseline_samples_ms": [round(v * 1e3, 3) for v in base],
                 })  # fmt: skip
-            one = engine[name, length, 1, 1]
-            ratios = {d: _median_ratio(one, engine[name, length, 2, d]) for d in DEPTHS}
+            one = engine[name, size, 1, 1]
+            ratios = {d: _median_ratio(one, engine[name, size, 2, d]) for d in DEPTHS}
             best = max((d for d in DEPTHS if ratios[d] is not None), key=ratios.get, default=1)
             for d, label in ((1, "depth 1"), (best, "best depth")):
-                two = engine[name, length, 2, d]
+                two = engine[name, size, 2, d]
                 out["speedup"].append({
-                    "net": name, "width": w, "length": length, "pipeline_depth": d,
-                    "which": label, "ran": any(two), "ms_per_batch": _ms(two),
-                    "baseline_ms_per_batch": _ms(one), "ratio": ratios[d],
+                    "net": name, "width": w, "length": length, "batch": batch,
+                    "pipeline_depth": d, "which": label, "ran": any(two),
+                    "ms_per_batch": _ms(two), "baseline_ms_per_batch": _ms(one),
+                    "ratio": ratios[d],
                 })  # fmt: skip
     return out
 
@@ -309,7 +341,8 @@ def rows(figures: dict[str, Any]) -> list[Row]:
     width = figures["width"]
     for t in figures["timed"]:
         p, d = t["partitions"], t.get("pipeline_depth", 1)
-        net = describe(t["net"], t.get("width", width), t.get("length", LENGTH))
+        net = describe(t["net"], t.get("width", width), t.get("length", LENGTH),
+                       batch=t.get("batch", BATCH))  # fmt: skip
         config = f"{net}, sgd, processes, {p} partition" + "s" * (p > 1)
         config += f", pipeline_depth {d}" if d > 1 else ""
         dist = _fmt_ms(t["ms_per_batch"]) if t["ran"] else "did not run"
@@ -318,7 +351,8 @@ def rows(figures: dict[str, Any]) -> list[Row]:
                     _ratio(t["ratio"])))  # fmt: skip
     for s in figures["speedup"]:
         d = s.get("pipeline_depth", 1)
-        net = describe(s["net"], s.get("width", width), s.get("length", LENGTH))
+        net = describe(s["net"], s.get("width", width), s.get("length", LENGTH),
+                       batch=s.get("batch", BATCH))  # fmt: skip
         best = " (the best of " + ", ".join(map(str, DEPTHS)) + ")"
         out.append((
             "model-parallel", f"{net}, processes: 2 partitions "
