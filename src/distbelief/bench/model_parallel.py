@@ -25,8 +25,8 @@ take half as many mini-batches of 32, a quarter as many of 128); every run alter
 the others in each repeat and ratios are medians of paired ratios. With 2 partitions also at
 ``pipeline_depth`` 2 and 4 (a block computes one mini-batch while it waits for another's
 halo; each backward pass uses its forward's parameters, one to three steps stale): the rows
-say which depth, and the last speedup row of each net is the best depth's. The headline (depth 1) is SGD
-every step, as the plain loop.
+say which depth, and the last speedup row of each net is the best depth's. The headline
+(depth 1) is SGD every step, as the plain loop.
 
 (b) **Counted**: the bytes that cross between blocks per step for P in {1, 2, 4, 8, 16}, from
 the plans (:func:`~distbelief.core.blocks.crossing_bytes`), so the figures hold on any machine:
