@@ -408,6 +408,9 @@ class SimulatedRuntime(LocalRuntime):
         self._outbox: list[tuple[LocalRef, Any]] | None = None  # sends of the running handler
         self._sender: str | None = None
         self._examples: int | None = None  # of the last message to the driver that has them
+        # training's virtual span: the start of the first handler that ran layers or an update
+        # rule, the end of the last
+        self._span = [float("inf"), 0.0]
         self._eval_s: list[float] = []
         self._pins: dict[str, int] = {}
         self._used_pins: set[str] = set()
@@ -772,6 +775,9 @@ class SimulatedRuntime(LocalRuntime):
         finally:
             self._outbox = self._sender = None
         steps, updated = _Updates.steps - steps, _Updates.elements - updated
+        working = calls > 0 or steps > 0  # training work: layers or an update rule
+        if working and self.now < self._span[0]:
+            self._span[0] = self.now
         nbytes, elements = tensor_size(message)
         sleep = 0.0
         if o.compute == "modelled":
@@ -834,9 +840,11 @@ class SimulatedRuntime(LocalRuntime):
             self._advance(machine)
             self._token += 1
             # [node, cell, sends, work left (s on a core of its own), start, the slow-down's
-            # sleep per second of its compute, version of its end event]
+            # sleep per second of its compute, version of its end event, training work]
             slowed = sleep / cost if cost > 0 else 0.0
-            self._computing[machine][self._token] = [m, cell, sends, cost, self.now, slowed, 0]
+            self._computing[machine][self._token] = [
+                m, cell, sends, cost, self.now, slowed, 0, working
+            ]  # fmt: skip
             self._share(machine)
             return
         cost = cost / self._speed[m] + self._delay[cell.name]
@@ -845,6 +853,8 @@ class SimulatedRuntime(LocalRuntime):
         self._core_s[m] += cost
         self._busy_until[m] = self.now + cost
         self._busy_actor[cell.name] += cost
+        if working and self.now + cost > self._span[1]:
+            self._span[1] = self.now + cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
 
     def _advance(self, machine: int) -> None:
@@ -882,10 +892,12 @@ class SimulatedRuntime(LocalRuntime):
         self._advance(machine)
         del self._computing[machine][token]
         self._share(machine)  # the others get its share
-        m, cell, sends, _, start, slowed, _ = entry
+        m, cell, sends, _, start, slowed, _, working = entry
         sleep = (self.now - start) * slowed + self._delay[cell.name]
         self._busy_actor[cell.name] += self.now - start + sleep
         self._busy_until[m] = self.now + sleep
+        if working and self.now + sleep > self._span[1]:
+            self._span[1] = self.now + sleep
         self._schedule(self.now + sleep, _DONE, cell, sends, m)
 
     def _remote(self, ref: LocalRef, m: int) -> bool:
@@ -1005,7 +1017,10 @@ class SimulatedRuntime(LocalRuntime):
     def describe(self) -> dict[str, Any]:
         """What the runtime adds to a run's stats: the virtual results. ``virtual_s`` (the
         modelled cluster's seconds until the run's end reached the driver),
-        ``virtual_examples_per_s``, ``virtual_eval_s`` (when each evaluation during training
+        ``virtual_train_s`` (from the start of the first handler that ran layers or an update
+        rule to the end of the last: training, as ``train_s`` is from the first mini-batch
+        to the last push, without the run's start and end), ``virtual_examples_per_s`` (the
+        examples the run reports over ``virtual_train_s``), ``virtual_eval_s`` (when each evaluation during training
         was announced), ``machine_utilisation`` (busy core-seconds over cores x virtual_s, per
         machine), ``link_utilisation`` (busy fraction of each machine's ``out`` and ``in``
         link), ``shard_utilisation`` (busy fraction of each actor named shard*),
@@ -1028,11 +1043,14 @@ class SimulatedRuntime(LocalRuntime):
         ]
         name, busiest = max(candidates, key=lambda c: c[1], default=("none", 0.0))
         examples = self._examples
+        start, end = self._span
+        train = end - start if end > start else total
         return {
             **super().describe(),
             "virtual_s": total,
+            "virtual_train_s": train,
             "virtual_examples_per_s": (
-                examples / total if examples is not None and total > 0 else None
+                examples / train if examples is not None and train > 0 else None
             ),
             "virtual_eval_s": list(self._eval_s),
             "machine_utilisation": machines,
