@@ -1020,12 +1020,13 @@ class SimulatedRuntime(LocalRuntime):
         ``virtual_train_s`` (from the start of the first handler that ran layers or an update
         rule to the end of the last: training, as ``train_s`` is from the first mini-batch
         to the last push, without the run's start and end), ``virtual_examples_per_s`` (the
-        examples the run reports over ``virtual_train_s``), ``virtual_eval_s`` (when each evaluation during training
-        was announced), ``machine_utilisation`` (busy core-seconds over cores x virtual_s, per
-        machine), ``link_utilisation`` (busy fraction of each machine's ``out`` and ``in``
-        link), ``shard_utilisation`` (busy fraction of each actor named shard*),
-        ``bottleneck`` (the busiest resource: an actor, a machine's cores or a link, and its
-        busy fraction) and ``placement`` (each actor's machine)."""
+        examples the run reports over ``virtual_train_s``), ``virtual_eval_s`` (when each
+        evaluation during training was announced), ``machine_utilisation`` (busy
+        core-seconds over cores x virtual_s, per machine), ``link_utilisation`` (busy
+        fraction of each machine's ``out`` and ``in`` link), ``shard_utilisation`` (busy
+        fraction of each actor named shard*), ``bottleneck`` (the busiest resource: an actor,
+        a machine's cores or a link, and its busy fraction) and ``placement`` (each actor's
+        machine)."""
         total = self.now
         frac = (lambda busy: busy / total) if total > 0 else (lambda busy: 0.0)
         cores = self.options.cores
