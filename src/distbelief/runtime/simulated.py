@@ -30,7 +30,11 @@ between actors of one machine, and to and from the driver, take ``local_latency_
 With ``processes`` (the processes runtime's model), the actors are grouped into processes by
 that runtime's own placement rule; a process handles one message at a time, the processes of
 a machine share its cores by processor sharing (k computing on c < k cores each go at c / k),
-a sleep in a handler holds its process and no core, and the links are the processes'.
+a sleep in a handler holds its process and no core, and the links are the processes'. As
+that runtime's run loop, a process picks one of its actors with mail at random (seeded), and
+a shared actor (a shard) runs under its lock: a process that picks it while another holds
+it blocks, and gets it only ``lock_handoff_s`` after its release (its wake-up), unless the
+releasing process (or another) takes it first.
 """
 
 from __future__ import annotations
