@@ -92,7 +92,9 @@ def test_the_command_writes_a_cluster_file(capsys, tmp_path, monkeypatch):
 def test_the_handler_fit_and_the_core_figures_run():
     """Plumbing only (their values are timings): the fit's terms are there and not negative."""
     fit = calibrate.handler_costs(1e10, 2.0, 10.0, [4, 8, 3], batch_size=4, steps=4, repeats=1)
-    assert set(fit) == {"message_s", "layer_s", "update_s", "jitter", "messages"}
+    assert set(fit) == {"message_s", "layer_s", "update_s", "jitter", "messages", "message_type_s"}
+    by_type = fit.pop("message_type_s")
+    assert "Forward" in by_type and all(v >= 0 for v in by_type.values())
     assert all(v >= 0 for v in fit.values()) and fit["jitter"] < 1
     assert calibrate.update_seconds_per_element(sizes=(100, 1000), repeats=1) >= 0
     assert calibrate.marginal_layer_rate([4, 8, 3], batch_size=4, repeats=1) > 0
@@ -106,7 +108,17 @@ def test_processes_own_handler_fit_bytes_and_pipe_make_its_cluster(tmp_path):
     entry = FIGURES["runtimes"]["processes"] | {
         "byte_cpu_s": 3e-9,
         "pipe_bytes": 65536,
-        "handlers": {"message_s": 3e-5, "layer_s": 6e-5, "update_s": 4e-4, "messages": 9},
+        "handlers": {
+            "message_s": 3e-5,
+            "layer_s": 6e-5,
+            "update_s": 4e-4,
+            "messages": 9,
+            "message_type_s": {"Forward": 1.2e-5, "Fetch": 1e-6},
+            "loop_s": 7e-6,
+        },
+        "lock_handoff_s": 6e-5,
+        "lock_handoff_jitter": 0.5,
+        "lock_wake_s": 2e-5,
     }
     figures = FIGURES | {"runtimes": FIGURES["runtimes"] | {"processes": entry}}
     procs = calibrate.cluster_for("processes", figures)
@@ -121,7 +133,13 @@ def test_processes_own_handler_fit_bytes_and_pipe_make_its_cluster(tmp_path):
     assert procs["jitter"] == 0.3
     assert procs["send_byte_s"] == procs["receive_byte_s"] == pytest.approx(1.5e-9)
     assert procs["pipe_bytes"] == 65536
+    # a fixed cost per message type (no lower than a message's own on local, 2e-6), the
+    # lock's handoff and the run loop
+    assert procs["message_type_s"] == {"Forward": 1.2e-5, "Fetch": 2e-6}
+    assert (procs["lock_handoff_s"], procs["lock_handoff_jitter"]) == (6e-5, 0.5)
+    assert (procs["lock_wake_s"], procs["loop_s"]) == (2e-5, 7e-6)
     local = calibrate.cluster_for("local", figures)
+    assert "lock_handoff_s" not in local and "loop_s" not in local
     assert local["message_s"] == 1e-5 and "send_byte_s" not in local and "pipe_bytes" not in local
     path = tmp_path / "cluster.toml"
     path.write_text(calibrate.to_toml(procs))
@@ -133,8 +151,15 @@ def test_processes_own_handler_fit_bytes_and_pipe_make_its_cluster(tmp_path):
 def test_the_processes_handler_fit_runs():
     """Plumbing only (timings): a profiled processes run gives the fit's terms, not negative."""
     fit = calibrate.processes_handler_costs(1e10, 2.0, 10.0, [4, 8, 3], batch_size=4, steps=4)
-    assert set(fit) == {"message_s", "layer_s", "update_s", "messages"}
+    assert set(fit) == {"message_s", "layer_s", "update_s", "messages", "message_type_s", "loop_s"}
+    assert all(v >= 0 for v in fit.pop("message_type_s").values())
     assert all(v >= 0 for v in fit.values()) and fit["messages"] > 0
+
+
+def test_the_lock_handoff_is_measured():
+    """Plumbing only (timings): a handoff, its spread (at most 0.9) and a release's cost."""
+    handoff, spread, wake = calibrate.lock_handoff_seconds(rounds=10, hold_s=1e-4, busy_s=1e-4)
+    assert handoff > 0 and 0 <= spread <= 0.9 and wake >= 0
 
 
 def test_several_calibrations_merge_into_each_figures_median() -> None:

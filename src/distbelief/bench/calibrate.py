@@ -135,6 +135,84 @@ def pipe_buffer_bytes() -> int:
         os.close(w)
 
 
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def _lock_waiter(lock: Any, turn: Any, got: Any, rounds: int, busy_s: float) -> None:
+    deadline = time.monotonic() + 60
+    for i in range(1, rounds + 1):
+        while turn.value < i:  # spinning, never idle but on the lock (see lock_handoff_seconds)
+            if time.monotonic() > deadline:
+                return
+        _spin(busy_s)  # computing, as a replica before its push
+        lock.acquire()  # blocks: the other process holds it
+        got.value = time.perf_counter_ns()
+        lock.release()
+
+
+def lock_handoff_seconds(
+    rounds: int = 200, hold_s: float = 400e-6, busy_s: float = 800e-6
+) -> tuple[float, float, float]:
+    """Seconds from the release of a lock across processes (the ``processes`` runtime's kind,
+    a ``multiprocessing`` lock) to the moment a process blocked on it has it: the operating
+    system waking that process: the median of ``rounds``, and their spread as the
+    half-width of a uniform factor around it with the same 10th to 90th percentiles (at most
+    0.9; the simulator's ``lock_handoff_jitter``); and the median time the release itself
+    took (``lock_wake_s``: waking the blocked process). As two replicas' workers on one
+    shard: one process computes for ``busy_s`` (a step's forward and backward) and then asks
+    for the lock, which the other holds for ``hold_s`` more (about a shard's push) before it
+    releases it and keeps its core busy (as a worker going on with its next message does);
+    the blocked one notes when it got it, on the clock every process shares. Neither is ever
+    idle but the one blocked on the lock, as in a run (they take turns through shared
+    memory, spinning): a core that idled briefly just before may poll for work instead of
+    sleeping (a virtual machine's ``haltpoll``), and wake in microseconds, which a worker
+    busy between its waits for the lock does not. Meanwhile the lock is free: the releasing
+    process, if it asks again first, takes it back (the simulator's ``lock_handoff_s``)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    lock = ctx.Lock()
+    turn, got = ctx.RawValue("q", 0), ctx.RawValue("q", 0)
+    lock.acquire()
+    waiter = ctx.Process(
+        target=_lock_waiter, args=(lock, turn, got, rounds, busy_s), daemon=True
+    )  # fmt: skip
+    waiter.start()
+    seconds, releases = [], []
+    try:
+        deadline = time.monotonic() + 60
+        for i in range(1, rounds + 1):
+            got.value = 0
+            turn.value = i
+            _spin(busy_s + hold_s)  # the other computes, then blocks on the lock
+            released = time.perf_counter_ns()
+            lock.release()
+            releases.append((time.perf_counter_ns() - released) * 1e-9)
+            _spin(hold_s)  # busy, as a worker going on
+            while not got.value and time.monotonic() < deadline:
+                pass
+            if not got.value:
+                break
+            seconds.append((got.value - released) * 1e-9)
+            lock.acquire()
+    finally:
+        turn.value = rounds + 1
+        waiter.join(timeout=10)
+        if waiter.is_alive():
+            waiter.kill()
+    if not seconds:
+        return 0.0, 0.0, 0.0
+    seconds.sort()
+    middle = statistics.median(seconds)
+    tenth, ninetieth = seconds[len(seconds) // 10], seconds[(9 * len(seconds)) // 10]
+    # a uniform factor in [1 - s, 1 + s] has its 10th and 90th percentiles at 1 -/+ 0.8 s
+    spread = (ninetieth - tenth) / (1.6 * middle) if middle > 0 else 0.0
+    return middle, min(spread, 0.9), statistics.median(releases)
+
+
 def layer_seconds(widths: list[int], batch_size: int = 32, repeats: int = 5) -> tuple[int, float]:
     """Forward and backward of ``mlp(widths)`` on a mini-batch: its FLOPs as the simulated
     runtime counts them, and its thread CPU seconds (the best of ``repeats``)."""
@@ -341,6 +419,7 @@ def _fit(
     (``cpu_of(key, count)``, for ``count`` messages; None: not measured) less its modelled
     FLOPs (``features``: a modelled run's ``handler_stats``): see :func:`handler_costs`."""
     sums = {"message": [0.0, 0], "layer": [0.0, 0, 0], "update": [0.0, 0, 0]}
+    kinds: dict[str, list] = {}  # message type -> [rest, count] of those of the message kind
     for key, row in features.items():
         count, _, flops, calls, updates, updated, elements, _ = row
         cpu = cpu_of(key, count)
@@ -358,12 +437,22 @@ def _fit(
         else:
             sums["message"][0] += rest
             sums["message"][1] += count
+            kind = kinds.setdefault(key[1], [0.0, 0])
+            kind[0] += rest
+            kind[1] += count
     message_s = max(sums["message"][0] / max(sums["message"][1], 1), 0.0)
     layer, update = sums["layer"], sums["update"]
     return {
         "message_s": message_s,
         "layer_s": max((layer[0] - message_s * layer[1]) / max(layer[2], 1), 0.0),
         "update_s": max((update[0] - message_s * update[1]) / max(update[2], 1), 0.0),
+        # each frequent kind of the message kind its own (a shard's fetch copies a segment
+        # under its lock; a stage's forward that only asks for one does next to nothing)
+        "message_type_s": {
+            kind: max(rest / count, 0.0)
+            for kind, (rest, count) in sorted(kinds.items())
+            if count >= 16
+        },
         "messages": sum(row[0] for row in features.values()),
     }
 
@@ -381,7 +470,9 @@ def processes_handler_costs(
     replicas x 2 stages x 2 shards, on 2 workers): a shard's push and fetch work on shared
     memory under its segment locks, which costs more than in one process (the cores' caches
     hand the shard's lines back and forth). The CPU of a kind is its mean per message there
-    times its count in the modelled run."""
+    times its count in the modelled run. And ``loop_s``: the workers' run loops' time per
+    message beyond their handlers (the profile's unaccounted time, ``other_s``: picking the
+    next message, looking at the pipes; the profile's own clock reads add to it)."""
     from .. import train
     from ..runtime.simulated import SimulatedRuntime
 
@@ -391,7 +482,12 @@ def processes_handler_costs(
         **args,
     )  # fmt: skip
     measured: dict[tuple[str, str], list[float]] = {}
-    for process in real.stats["profile"].values():
+    loop = [0.0, 0]  # the workers' run loops: unaccounted seconds, messages handled
+    for name, process in real.stats["profile"].items():
+        if name != "driver":  # (the driver's process also runs the driver's own thread)
+            loop[0] += process["other_s"]
+            rows = process["actors"].values()
+            loop[1] += sum(h["n"] for row in rows for h in row["handlers"].values())
         for actor, row in process["actors"].items():
             for kind, h in row["handlers"].items():
                 m = measured.setdefault((actor, kind), [0, 0.0])
@@ -407,7 +503,8 @@ def processes_handler_costs(
         m = measured.get(key)
         return m[1] / m[0] * count if m and m[0] else None
 
-    return _fit(rt.handler_stats, cpu_of, core_flops, flops_per_element, update_flops_per_element)
+    fit = _fit(rt.handler_stats, cpu_of, core_flops, flops_per_element, update_flops_per_element)
+    return fit | {"loop_s": max(loop[0], 0.0) / max(loop[1], 1)}
 
 
 def measure(
@@ -468,6 +565,10 @@ def measure(
                 entry["byte_cpu_s"] = max(cpu_mid - cpu, 0.0) / mid  # one received + one sent
                 entry["bandwidth_Bps"] = mid / max(wall - small - (cpu_mid - cpu), mid / 1e11)
                 entry["pipe_bytes"] = pipe_buffer_bytes()
+                # A worker blocked on a shared shard's lock: how long until it has it.
+                handoff = lock_handoff_seconds(40 if quick else 200)
+                entry["lock_handoff_s"], entry["lock_handoff_jitter"] = handoff[:2]
+                entry["lock_wake_s"] = handoff[2]
                 # The driver's process (the master, the coordinator) against a worker: its
                 # run loop shares the process with the driver's thread.
                 _, entry["driver_cpu_s"] = seconds_per_message(
@@ -520,6 +621,8 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
     # The runtime's own fit where one was made (processes: its shared shards, its loop); the
     # handlers' spread stays the in-process one's.
     fit = fit | {k: v for k, v in entry.get("handlers", {}).items() if k != "messages"}
+    # (figures of an older calibration have no fixed cost by message type)
+    by_type = {k: max(float(v), ping) for k, v in fit.get("message_type_s", {}).items()}
     common = {
         "compute": "modelled",
         "core_flops": float(figures["core_flops"]),
@@ -528,6 +631,7 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         "layer_s": float(fit.get("layer_s", 0.0)),
         "update_s": float(fit.get("update_s", 0.0)),
         "update_flops_per_element": float(figures.get("update_flops_per_element", 0.0)),
+        **({"message_type_s": by_type} if by_type else {}),
         "jitter": float(fit.get("jitter", 0.0)),
         "header_bytes": 64,
     }
@@ -570,6 +674,23 @@ def cluster_for(runtime: str, figures: dict[str, Any]) -> dict[str, Any]:
         **(
             {"driver_message_s": max(float(entry["driver_cpu_s"]) - cpu, 0.0) / 2}
             if "driver_cpu_s" in entry and runtime == "processes"
+            else {}
+        ),
+        # A process blocked on a shared shard's lock gets it only once woken, after its
+        # release: the releasing process, going on, often takes it back first.
+        **(
+            {
+                "lock_handoff_s": float(entry["lock_handoff_s"]),
+                "lock_handoff_jitter": float(entry.get("lock_handoff_jitter", 0.0)),
+                "lock_wake_s": float(entry.get("lock_wake_s", 0.0)),
+            }
+            if "lock_handoff_s" in entry and runtime == "processes"
+            else {}
+        ),
+        # processes: its run loop around each handler (the profile's unaccounted time)
+        **(
+            {"loop_s": float(entry["handlers"]["loop_s"])}
+            if "loop_s" in entry.get("handlers", {}) and runtime == "processes"
             else {}
         ),
         # A worker reads its pipes between handlers and its one writer thread sends in

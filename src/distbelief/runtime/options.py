@@ -201,6 +201,12 @@ class SimulatedOptions:
     copy), in FLOPs (modelled compute)."""
     message_s: float = 20e-6
     """Fixed cost of handling one message at relative speed 1, in seconds (modelled)."""
+    message_type_s: Mapping[str, float] | None = None
+    """Fixed costs by message type (its class name: ``{"Forward": 12e-6}``) used instead of
+    ``message_s`` for those types, in seconds (modelled): calibration measures each kind of
+    handler that runs neither layers nor an update rule, from a shard's fetch (a copy of its
+    segment under its lock) to a stage's forward that only asks for one. None: ``message_s``
+    for every message."""
     layer_s: float = 0.0
     """Fixed cost of each layer call a handler runs, forward or backward (a module call's
     Python and autograd bookkeeping beyond its FLOPs), in seconds (modelled)."""
@@ -262,6 +268,25 @@ class SimulatedOptions:
     """With ``processes``: the driver's process's CPU per message it sends to or receives
     from another process beyond ``send_s`` / ``receive_s`` (its run loop shares the process
     with the driver's own thread), in seconds."""
+    loop_s: float = 0.0
+    """With ``processes``: a process's run loop's CPU per message it handles, beyond the
+    handler (picking the next one, looking at its pipes), in seconds (modelled and
+    measured)."""
+    lock_handoff_s: float = 0.0
+    """With ``processes`` and ``shared``: how long a process blocked on a shared actor's lock
+    takes to get it once it is released (the operating system waking it), in seconds. Until
+    then the lock is free, and a process that asks for it first takes it (the releasing one,
+    for its next message to the same actor, most often); the woken process then waits for
+    the next release. 0: a released lock goes at once to the process that waited longest."""
+    lock_wake_s: float = 0.0
+    """With ``processes`` and ``shared``: how long the process releasing a shared actor's lock
+    that another process is blocked on takes to wake it (its release's system call; in a
+    virtual machine, an interrupt to the sleeping core), in seconds: it runs nothing else
+    meanwhile. A release nobody waits for costs nothing."""
+    lock_handoff_jitter: float = 0.0
+    """Each handoff's ``lock_handoff_s`` times a factor drawn uniformly from
+    [1 - lock_handoff_jitter, 1 + lock_handoff_jitter] (seeded by the run's seed): how long a
+    woken process takes varies widely (from a few to a hundred and more microseconds)."""
     faults: Any = None
     """A fault plan (:mod:`.faults`): kills fire at their count, at that virtual moment;
     delays add virtual time to each message the actor handles (no real sleep)."""
@@ -331,14 +356,32 @@ class SimulatedOptions:
                 "runtime's own rule places the actors)"
             )
         _positive("time_scale", self.time_scale)
+        if self.message_type_s is not None:
+            if not isinstance(self.message_type_s, Mapping):
+                raise ConfigError(
+                    "runtime_options: message_type_s must map message type names to "
+                    f"seconds, got {self.message_type_s!r}"
+                )
+            for kind, seconds in self.message_type_s.items():
+                if not isinstance(kind, str):
+                    raise ConfigError(
+                        f"runtime_options: message_type_s: {kind!r} is not a type name"
+                    )
+                _positive(f"message_type_s[{kind!r}]", seconds, zero=True)
+            object.__setattr__(
+                self, "message_type_s", {k: float(v) for k, v in self.message_type_s.items()}
+            )
         if not isinstance(self.shared, bool):
             raise ConfigError(f"runtime_options: shared must be true or false, got {self.shared!r}")
-        if not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter < 1:
-            raise ConfigError(f"runtime_options: jitter must be in [0, 1), got {self.jitter!r}")
+        for name in ("jitter", "lock_handoff_jitter"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ConfigError(f"runtime_options: {name} must be in [0, 1), got {value!r}")
         for name in (
             "flops_per_element", "message_s", "latency_s", "local_latency_s", "layer_s",
             "update_s", "update_flops_per_element", "send_s", "receive_s", "send_byte_s",
-            "receive_byte_s", "driver_message_s",
+            "receive_byte_s", "driver_message_s", "lock_handoff_s", "loop_s",
+            "lock_wake_s",
         ):  # fmt: skip
             _positive(name, getattr(self, name), zero=True)
         header = self.header_bytes

@@ -30,7 +30,11 @@ between actors of one machine, and to and from the driver, take ``local_latency_
 With ``processes`` (the processes runtime's model), the actors are grouped into processes by
 that runtime's own placement rule; a process handles one message at a time, the processes of
 a machine share its cores by processor sharing (k computing on c < k cores each go at c / k),
-a sleep in a handler holds its process and no core, and the links are the processes'.
+a sleep in a handler holds its process and no core, and the links are the processes'. As
+that runtime's run loop, a process picks one of its actors with mail at random (seeded), and
+a shared actor (a shard) runs under its lock: a process that picks it while another holds
+it blocks, and gets it only ``lock_handoff_s`` after its release (its wake-up), unless the
+releasing process (or another) takes it first.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from .processes import _group, place
 from .runqueue import Cell, RunQueue, handle
 from .supervise import Supervisor
 
-_ARRIVE, _REACH, _DONE, _FREE = 0, 1, 2, 3
+_ARRIVE, _REACH, _DONE, _FREE, _WAKE, _RESUME = 0, 1, 2, 3, 4, 5
 
 
 def read_cluster(path: str | os.PathLike) -> dict[str, Any]:
@@ -329,6 +333,18 @@ def _holds_module(value: Any, depth: int) -> bool:
     return any(_holds_module(v, depth - 1) for v in items)
 
 
+class _ByName(dict):
+    """``message_type_s`` by message class: a class's name is looked up once, when first met."""
+
+    def __init__(self, by_name: dict[str, float], default: float) -> None:
+        super().__init__()
+        self._names, self._default = by_name, default
+
+    def __missing__(self, kind: type) -> float:
+        seconds = self[kind] = self._names.get(kind.__name__, self._default)
+        return seconds
+
+
 class _VirtualQueue(RunQueue):
     """The run queue's cells, tap and fault check, with mailboxes whose messages carry their
     arrival key (virtual time, sequence); the pick is the simulated runtime's."""
@@ -396,6 +412,9 @@ class SimulatedRuntime(LocalRuntime):
         self._outbox: list[tuple[LocalRef, Any]] | None = None  # sends of the running handler
         self._sender: str | None = None
         self._examples: int | None = None  # of the last message to the driver that has them
+        # training's virtual span: the start of the first handler that ran layers or an update
+        # rule, the end of the last
+        self._span = [float("inf"), 0.0]
         self._eval_s: list[float] = []
         self._pins: dict[str, int] = {}
         self._used_pins: set[str] = set()
@@ -416,6 +435,17 @@ class SimulatedRuntime(LocalRuntime):
         _Updates.watch()
         self._watching = True
         self._jitter = random.Random(seed)  # seeded: the same seed, the same virtual times
+        # message_type_s by class (filled as classes are met: a name looked up once each)
+        self._by_type: _ByName | None = None
+        if o.message_type_s:
+            self._by_type = _ByName(o.message_type_s, o.message_s)
+        # processes: each process's pick among its actors with mail, seeded (its own stream)
+        self._pick = random.Random(None if seed is None else f"pick {seed}")
+        self._wakes = random.Random(None if seed is None else f"wake {seed}")  # lock handoffs
+        self._by_node: dict[int, list[str]] | None = None  # processes: actors of each process
+        self._holder: dict[str, int | None] = {}  # processes: the process holding a lock
+        self._waiters: dict[str, deque[tuple[int, tuple]]] = {}  # ... and those blocked on it
+        self._lock_wait = [0.0] * nodes  # processes: seconds each process was blocked on one
 
     # ---------------------------------------------------------------- actors
 
@@ -430,6 +460,7 @@ class SimulatedRuntime(LocalRuntime):
         self._machine[name] = self._place(name, cls.shareable)
         if self.options.shared and cls.shareable:
             self._shared.add(name)
+        self._by_node = None
         return ref
 
     def slow_down(self, name: str, factor: float) -> None:
@@ -482,12 +513,18 @@ class SimulatedRuntime(LocalRuntime):
     def _kill(self, cell: _Cell, message: Any) -> None:
         super()._kill(cell, message)  # respawned (its context posts through self._post)
         self._keys[cell.name].clear()  # its mail was lost with it
+        if cell.name in self._holder:  # processes: a shared actor's lock, and its waiters
+            self._holder[cell.name] = None
+            for p, _ in self._waiters.pop(cell.name, ()):
+                self._idle[p] += 1  # what it waited to hand over was lost with the actor
+                self._dispatch(p)
 
     def _assign_processes(self) -> None:
         """``processes``: the grouped actors spawned so far to their workers, by the processes
         runtime's own rule (``processes.place``), as it does when its run starts."""
         for name, worker in place(self._grouped, self._procs).items():
             self._machine[name] = worker
+        self._by_node = None
 
     def placement(self) -> dict[str, str]:
         """Each actor's machine (``m0``, ``m1``, ...)."""
@@ -584,6 +621,9 @@ class SimulatedRuntime(LocalRuntime):
         if m is None or cell.name not in self._shared:
             m = self._machine[cell.name]
         keys.append((t, seq, m, remote))  # m: the machine that handles it
+        if self._procs:
+            self._dispatch_machine(self._host[m])
+            return
         if len(keys) == 1 and cell.name not in self._running:
             heapq.heappush(self._ready[m], (t, seq, cell.name))
             self._dispatch(m)
@@ -602,37 +642,114 @@ class SimulatedRuntime(LocalRuntime):
             self._start(self._cells[name], m)
 
     def _dispatch_machine(self, machine: int) -> None:
-        """``processes``: every idle process of ``machine`` with a ready message starts its
-        oldest one (a process runs one handler at a time; the machine's cores are shared
-        among the handlers computing, see :meth:`_share`)."""
-        while True:
-            best = None
-            for p in self._on_machine[machine]:
-                ready = self._ready[p]
-                if not self._idle[p]:
-                    continue
-                while ready:
-                    t, seq, name = ready[0]
-                    keys = self._keys.get(name)
-                    if keys and keys[0][:2] == (t, seq) and name not in self._running:
-                        break
-                    heapq.heappop(ready)  # stale (see _dispatch)
-                if ready and (best is None or ready[0][:2] < self._ready[best][0][:2]):
-                    best = p
-            if best is None:
-                return
-            name = heapq.heappop(self._ready[best])[2]
-            self._start(self._cells[name], best)
+        """``processes``: every idle process of ``machine`` with mail starts a handler (a
+        process runs one at a time; the machine's cores are shared among the handlers
+        computing, see :meth:`_share`). As the processes runtime's run loop does
+        (``RunQueue.deliver``), it picks one of its actors with mail uniformly at random
+        (seeded: the same seed, the same picks) and hands it its oldest message; a shared
+        actor's messages sent from this process are its mail here (that runtime hosts it in
+        every process). A process that picks a shared actor whose lock another holds blocks
+        until it gets it (:meth:`_take`)."""
+        for p in self._on_machine[machine]:
+            if not self._idle[p]:
+                continue
+            mail = self._mail(p)
+            if not mail:
+                continue
+            name, i = mail[int(self._pick.random() * len(mail))] if len(mail) > 1 else mail[0]
+            self._take(p, self._cells[name], i)
 
-    def _start(self, cell: _Cell, m: int) -> None:
-        """Hand ``cell``'s oldest message to its actor now, on a core of machine ``m``."""
+    def _mail(self, p: int) -> list[tuple[str, int]]:
+        """``processes``: the actors process ``p`` may pick, each with the index of the message
+        it would get in its mailbox: its own actors with mail, in the order they were spawned,
+        then each shared actor with a message sent from ``p`` (the oldest)."""
+        if self._by_node is None:
+            self._by_node = {}
+            for name, node in self._machine.items():  # (in the order they were spawned)
+                key = -1 if name in self._shared else node  # -1: the shared actors
+                self._by_node.setdefault(key, []).append(name)
+        mail = [
+            (name, 0)
+            for name in self._by_node.get(p, ())
+            if self._keys.get(name) and name not in self._running and name in self._cells
+        ]
+        for name in self._by_node.get(-1, ()):
+            for i, key in enumerate(self._keys[name]):
+                if key[2] == p:
+                    mail.append((name, i))
+                    break
+        return mail
+
+    def _take(self, p: int, cell: _Cell, i: int) -> None:
+        """``processes``: process ``p`` takes message ``i`` of ``cell``'s mailbox. A shared
+        actor's handler runs under its lock, as on the processes runtime: if another process
+        holds it, ``p`` blocks (it runs nothing else and takes no core) until the lock is
+        handed to it (:meth:`_unlock`)."""
+        name = cell.name
+        item = self._pop(cell, i)
+        if name in self._shared:
+            if self._holder.get(name) is not None:
+                self._idle[p] -= 1
+                self._waiters.setdefault(name, deque()).append((p, item, self.now))
+                return
+            self._holder[name] = p
+        self._start(cell, p, item)
+
+    def _pop(self, cell: _Cell, i: int) -> tuple[Any, Any, bool]:
+        """Message ``i`` of ``cell``'s mailbox, taken out: (sender, message, remote)."""
         keys = self._keys[cell.name]
-        sender, message = cell.mailbox.popleft()
-        remote = keys.popleft()[3]
+        if i == 0:
+            sender, message = cell.mailbox.popleft()
+            return sender, message, keys.popleft()[3]
+        sender, message = cell.mailbox[i]
+        remote = keys[i][3]
+        del cell.mailbox[i]
+        del keys[i]
+        return sender, message, remote
+
+    def _unlock(self, name: str, t: float) -> bool:
+        """``processes``: the shared actor ``name``'s lock is released at ``t``. The process
+        blocked on it longest gets it ``lock_handoff_s`` later (the operating system wakes
+        it), if nobody took it meanwhile (the releasing process, for its next message to the
+        same actor, may: it is running); with ``lock_handoff_s`` 0, at once. True if a
+        process was blocked on it (the releasing one then spends ``lock_wake_s`` waking it)."""
+        self._holder[name] = None
+        if not self._waiters.get(name):
+            return False
+        o = self.options
+        handoff = o.lock_handoff_s
+        if handoff > 0 and o.lock_handoff_jitter:
+            handoff *= 1.0 + o.lock_handoff_jitter * (2.0 * self._wakes.random() - 1.0)
+        if handoff > 0:
+            self._schedule(t + handoff, _WAKE, name)
+        else:
+            self._wake(name)
+        return True
+
+    def _wake(self, name: str) -> None:
+        """The process blocked longest on ``name``'s lock gets it, if it is free."""
+        waiters = self._waiters.get(name)
+        if not waiters or self._holder.get(name) is not None:
+            return  # taken meanwhile: it waits for the next release
+        p, item, since = waiters.popleft()
+        self._lock_wait[p] += self.now - since
+        self._holder[name] = p
+        self._idle[p] += 1
+        self._start(self._cells[name], p, item)
+
+    def _start(self, cell: _Cell, m: int, item: tuple[Any, Any, bool] | None = None) -> None:
+        """Hand ``cell``'s oldest message (or ``item``: (sender, message, remote), taken out
+        of its mailbox already) to its actor now, on a core of machine ``m``."""
+        if item is None:
+            item = self._pop(cell, 0)
+        sender, message, remote = item
         if cell.fault is not None:
             cell.delivered += 1
             if cell.fault.due(message, cell.delivered, cell.actor):
                 self._kill(cell, message)  # at this virtual moment; no core used
+                if self._procs:
+                    self._dispatch(m)
+                    return
                 if self._keys[cell.name]:
                     t, seq, next_m, _ = self._keys[cell.name][0]
                     heapq.heappush(self._ready[next_m], (t, seq, cell.name))
@@ -662,12 +779,16 @@ class SimulatedRuntime(LocalRuntime):
         finally:
             self._outbox = self._sender = None
         steps, updated = _Updates.steps - steps, _Updates.elements - updated
+        working = calls > 0 or steps > 0  # training work: layers or an update rule
+        if working and self.now < self._span[0]:
+            self._span[0] = self.now
         nbytes, elements = tensor_size(message)
         sleep = 0.0
         if o.compute == "modelled":
             # The cost terms (docs/simulated.md, "The model"), each fitted by calibration.
             work = flops + o.flops_per_element * elements + o.update_flops_per_element * updated
-            cost = o.message_s + o.layer_s * calls + o.update_s * steps + work / o.core_flops
+            fixed = o.message_s if self._by_type is None else self._by_type[type(message)]
+            cost = fixed + o.layer_s * calls + o.update_s * steps + work / o.core_flops
             slow = self._slow.get(cell.name)
             if slow is not None and calls:
                 extra = (slow - 1.0) * (o.layer_s * calls + flops / o.core_flops)
@@ -683,6 +804,8 @@ class SimulatedRuntime(LocalRuntime):
                     sleep = cost * (slow - 1.0)
                 else:
                     cost *= slow
+        if self._procs:
+            cost += o.loop_s  # the process's run loop, around the handler
         if o.send_s or o.receive_s:
             # Serialising to and from another machine's process occupies this core too.
             cost += o.receive_s * remote + o.send_s * sum(self._remote(ref, m) for ref, _ in sends)
@@ -721,9 +844,11 @@ class SimulatedRuntime(LocalRuntime):
             self._advance(machine)
             self._token += 1
             # [node, cell, sends, work left (s on a core of its own), start, the slow-down's
-            # sleep per second of its compute, version of its end event]
+            # sleep per second of its compute, version of its end event, training work]
             slowed = sleep / cost if cost > 0 else 0.0
-            self._computing[machine][self._token] = [m, cell, sends, cost, self.now, slowed, 0]
+            self._computing[machine][self._token] = [
+                m, cell, sends, cost, self.now, slowed, 0, working
+            ]  # fmt: skip
             self._share(machine)
             return
         cost = cost / self._speed[m] + self._delay[cell.name]
@@ -732,6 +857,8 @@ class SimulatedRuntime(LocalRuntime):
         self._core_s[m] += cost
         self._busy_until[m] = self.now + cost
         self._busy_actor[cell.name] += cost
+        if working and self.now + cost > self._span[1]:
+            self._span[1] = self.now + cost
         self._schedule(self.now + cost, _DONE, cell, sends, m)
 
     def _advance(self, machine: int) -> None:
@@ -769,10 +896,12 @@ class SimulatedRuntime(LocalRuntime):
         self._advance(machine)
         del self._computing[machine][token]
         self._share(machine)  # the others get its share
-        m, cell, sends, _, start, slowed, _ = entry
+        m, cell, sends, _, start, slowed, _, working = entry
         sleep = (self.now - start) * slowed + self._delay[cell.name]
         self._busy_actor[cell.name] += self.now - start + sleep
         self._busy_until[m] = self.now + sleep
+        if working and self.now + sleep > self._span[1]:
+            self._span[1] = self.now + sleep
         self._schedule(self.now + sleep, _DONE, cell, sends, m)
 
     def _remote(self, ref: LocalRef, m: int) -> bool:
@@ -800,6 +929,15 @@ class SimulatedRuntime(LocalRuntime):
         self._running.discard(cell.name)
         for ref, message in sends:
             self._send(ref, message, cell.ref, t, m)
+        if self._procs:
+            if self._holder.get(cell.name) == m and self._unlock(cell.name, t):
+                wake = self.options.lock_wake_s
+                if wake > 0:  # waking the process blocked on the lock: m runs nothing else
+                    self._idle[m] -= 1
+                    self._schedule(t + wake, _RESUME, m)
+                    return
+            self._dispatch(m)
+            return
         keys = self._keys.get(cell.name)
         if keys:
             t0, seq, next_m, _ = keys[0]
@@ -818,8 +956,13 @@ class SimulatedRuntime(LocalRuntime):
             self._reach(t, *payload)
         elif kind == _DONE:
             self._done(t, *payload)
-        else:  # _FREE: a process's handler ended its compute (processes)
+        elif kind == _FREE:  # a process's handler ended its compute (processes)
             self._computed(*payload)
+        elif kind == _WAKE:  # a process blocked on a shared actor's lock is woken (processes)
+            self._wake(*payload)
+        else:  # _RESUME: a process that woke another blocked on a lock goes on (processes)
+            self._idle[payload[0]] += 1
+            self._dispatch(payload[0])
 
     # ---------------------------------------------------------------- the driver
 
@@ -870,19 +1013,24 @@ class SimulatedRuntime(LocalRuntime):
 
     def queued(self) -> int:
         """Messages waiting in mailboxes or on their way now, the driver's included."""
-        return super().queued() + sum(1 for e in self._events if e[2] < _DONE)
+        blocked = sum(len(w) for w in self._waiters.values())  # processes: on a lock
+        return super().queued() + blocked + sum(1 for e in self._events if e[2] < _DONE)
 
     # ---------------------------------------------------------------- results
 
     def describe(self) -> dict[str, Any]:
         """What the runtime adds to a run's stats: the virtual results. ``virtual_s`` (the
         modelled cluster's seconds until the run's end reached the driver),
-        ``virtual_examples_per_s``, ``virtual_eval_s`` (when each evaluation during training
-        was announced), ``machine_utilisation`` (busy core-seconds over cores x virtual_s, per
-        machine), ``link_utilisation`` (busy fraction of each machine's ``out`` and ``in``
-        link), ``shard_utilisation`` (busy fraction of each actor named shard*),
-        ``bottleneck`` (the busiest resource: an actor, a machine's cores or a link, and its
-        busy fraction) and ``placement`` (each actor's machine)."""
+        ``virtual_train_s`` (from the start of the first handler that ran layers or an update
+        rule to the end of the last: training, as ``train_s`` is from the first mini-batch
+        to the last push, without the run's start and end), ``virtual_examples_per_s`` (the
+        examples the run reports over ``virtual_train_s``), ``virtual_eval_s`` (when each
+        evaluation during training was announced), ``machine_utilisation`` (busy
+        core-seconds over cores x virtual_s, per machine), ``link_utilisation`` (busy
+        fraction of each machine's ``out`` and ``in`` link), ``shard_utilisation`` (busy
+        fraction of each actor named shard*), ``bottleneck`` (the busiest resource: an actor,
+        a machine's cores or a link, and its busy fraction) and ``placement`` (each actor's
+        machine)."""
         total = self.now
         frac = (lambda busy: busy / total) if total > 0 else (lambda busy: 0.0)
         cores = self.options.cores
@@ -900,11 +1048,14 @@ class SimulatedRuntime(LocalRuntime):
         ]
         name, busiest = max(candidates, key=lambda c: c[1], default=("none", 0.0))
         examples = self._examples
+        start, end = self._span
+        train = end - start if end > start else total
         return {
             **super().describe(),
             "virtual_s": total,
+            "virtual_train_s": train,
             "virtual_examples_per_s": (
-                examples / total if examples is not None and total > 0 else None
+                examples / train if examples is not None and train > 0 else None
             ),
             "virtual_eval_s": list(self._eval_s),
             "machine_utilisation": machines,
