@@ -16,14 +16,20 @@ Cases (MNIST-1D, MLP 40-256-256-10, batch 32, Adagrad at the shards):
   on processes and virtual time on the simulator): seconds per function evaluation, and the
   slowed replica's share of the portions computed.
 
-Each case is paired: the real run and the simulated one from the same seed, ``--repeats``
-times (the real figure is the median; the simulated one is deterministic). The acceptance aim
-is each prediction within 25% of the measurement on a quiet machine. The cluster models a
-runtime as :func:`distbelief.bench.calibrate.cluster_for` says: ``local`` one machine of one
-core; ``processes`` one machine of the calibrated cores shared by the driver's process (the
-master, Sandblaster's coordinator) and a worker process per core (``processes``: the actors
-placed by the processes runtime's own rule, each process one handler at a time), Downpour's
-shards shared (a push applied in the sender's process, on shared memory), every message
+Each case is paired, ``--repeats`` times: a calibration (the median of ``--calibrations``),
+then at once the real run and the simulated one from the same seed with that calibration's
+cluster, so that the machine's drift from minute to minute (its rates moved 15-25% within an
+hour here) is in both sides of a pair and not in its ratio. A row gives the medians of the
+measured and the predicted figures and of the pairs' ratios (predicted / measured), with the
+ratios' range. ``--figures FILE`` predicts every pair from one given calibration instead.
+The acceptance aim is each prediction within 25% of the measurement on a quiet machine.
+
+The cluster models a runtime as :func:`distbelief.bench.calibrate.cluster_for` says:
+``local`` one machine of one core; ``processes`` one machine of the calibrated cores shared
+by the driver's process (the master, Sandblaster's coordinator) and a worker process per core
+(``processes``: the actors placed by the processes runtime's own rule, each process one
+handler at a time), Downpour's shards shared (a push applied in the sender's process, on
+shared memory), every message
 between processes costing CPU at both ends.
 Take the figures on a quiet machine: a loaded one stretches the real runs' wall time, which
 the calibration (in CPU time) does not see.
@@ -107,28 +113,46 @@ def sandblaster_case(data, figures, steps):
     }
 
 
-def cases(quick: bool, figures: dict) -> list:
+def cases(quick: bool) -> list:
+    """Each case, as a function of a calibration's figures: (measured, predicted)."""
     (x, y), _ = mnist1d()
     if quick:
         x, y = x[:1024], y[:1024]
     data = (x, y)
     epochs = 1 if quick else 3
-    workers = min(2, figures["cores"])
+
+    def workers(figures: dict) -> dict:
+        return {"workers": min(2, figures["cores"])}
+
     return [
-        lambda: downpour_case(
+        lambda f: downpour_case(
             "processes 2 replicas x 1 stage x 1 shard", "processes", 2, 1, 1, 1, epochs, data,
-            figures, {"workers": workers},
+            f, workers(f),
         ),
-        lambda: downpour_case(
-            "local 4 replicas x 2 stages x 2 shards", "local", 4, 2, 2, 1, epochs, data,
-            figures, {},
+        lambda f: downpour_case(
+            "local 4 replicas x 2 stages x 2 shards", "local", 4, 2, 2, 1, epochs, data, f, {},
         ),
-        lambda: downpour_case(
+        lambda f: downpour_case(
             "processes 1 replica x 2 stages, pipeline_depth 2", "processes", 1, 2, 1, 2,
-            epochs, data, figures, {"workers": workers},
+            epochs, data, f, workers(f),
         ),
-        lambda: sandblaster_case(data, figures, 2 if quick else 10),
+        lambda f: sandblaster_case(data, f, 2 if quick else 10),
     ]  # fmt: skip
+
+
+def paired_row(samples: list[dict]) -> dict:
+    """One case's row from its paired samples (each a real run and the simulated run from
+    the calibration made just before it): the medians of the measured figures, of the
+    predicted ones and of the per-pair ratios (predicted / measured), with the ratios' range."""
+    row = {"case": samples[0]["case"], "measured": {}, "predicted": {}, "ratio": {}}
+    row["ratio_range"] = {}
+    for key in samples[0]["measured"]:
+        row["measured"][key] = statistics.median(s["measured"][key] for s in samples)
+        row["predicted"][key] = statistics.median(s["predicted"][key] for s in samples)
+        ratios = [s["predicted"][key] / s["measured"][key] for s in samples if s["measured"][key]]
+        row["ratio"][key] = statistics.median(ratios) if ratios else None
+        row["ratio_range"][key] = [min(ratios), max(ratios)] if ratios else None
+    return row
 
 
 def main() -> None:
@@ -141,40 +165,48 @@ def main() -> None:
     )
     parser.add_argument(
         "--calibrations", type=int, default=1,
-        help="calibrate this many times and take each figure's median (the rates drift)",
+        help="before each real run, calibrate this many times and take each figure's median",
     )  # fmt: skip
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    given = None
     if args.figures:
         with open(args.figures) as f:
-            figures = json.load(f)
-        figures = figures.get("calibration", figures)
-    else:
-        figures = calibrate.median_figures([
+            given = json.load(f)
+        given = given.get("calibration", given)
+
+    def calibration() -> dict:
+        """The figures to predict from: the given ones, or measured now (the median of
+        ``--calibrations``), so that each real run is paired with a calibration made just
+        before it and the machine's drift over minutes does not pass for the model's error."""
+        if given is not None:
+            return given
+        return calibrate.median_figures([
             calibrate.measure(("local", "processes"), quick=args.quick)
             for _ in range(max(1, args.calibrations))
         ])  # fmt: skip
-    rows = []
-    for case in cases(args.quick, figures):
-        samples = [case() for _ in range(repeats)]
-        row = samples[0]
-        for key in row["measured"]:
-            row["measured"][key] = statistics.median(s["measured"][key] for s in samples)
-        row["ratio"] = {
-            k: row["predicted"][k] / row["measured"][k] if row["measured"][k] else None
-            for k in row["measured"]
-        }
+
+    rows, calibrations = [], []
+    for case in cases(args.quick):
+        samples = []
+        for _ in range(repeats):
+            figures = calibration()
+            calibrations.append(figures)
+            samples.append(case(figures))
+        row = paired_row(samples)
         rows.append(row)
         if not args.json:
             for k in row["measured"]:
-                ratio = row["ratio"][k]
+                ratio, spread = row["ratio"][k], row["ratio_range"][k]
                 print(
                     f"{row['case']:55} {k:15} measured {row['measured'][k]:10.4g}"
                     f"  predicted {row['predicted'][k]:10.4g}"
                     f"  ratio {ratio if ratio is None else round(ratio, 2)}"
+                    + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
                 )
+    figures = given if given is not None else calibrate.median_figures(calibrations)
     out = {"calibration": figures, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     if args.json:
         print(json.dumps(out))
