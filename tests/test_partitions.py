@@ -99,7 +99,9 @@ def halo_net() -> list[nn.Module]:
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
 @pytest.mark.parametrize("wants_input", [True, False])
-@pytest.mark.parametrize("overlap, net", [(False, "local"), (True, "local"), (True, "halo")])
+@pytest.mark.parametrize(
+    "overlap, net", [(False, "local"), (True, "local"), (False, "halo"), (True, "halo")]
+)
 def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_input, overlap, net):
     if net == "local":
         layers = list(local_net()) + [nn.Tanh(), nn.Linear(5, 7)]

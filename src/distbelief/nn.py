@@ -96,7 +96,8 @@ class _Local1d(torch.autograd.Function):
     """The locally-connected 1-D pass with its backward written out, in position-major layout.
 
     Every tensor is laid out ``(position, N, channels)`` inside: the padded input is one copy
-    of ``x`` (zeros at the pads), its receptive fields one strided view of it made contiguous
+    of ``x`` (zeros at the pads; none where ``x`` is position-major already and comes padded,
+    as a block's strip does), its receptive fields one strided view of it made contiguous
     once, the output one batched matmul (with the bias added in it), returned as an
     ``(N, C_out, L_out)`` view of ``(L_out, N, C_out)`` memory. The next layer's permute to
     position-major is then free, and element-wise layers between keep that layout. The
@@ -119,8 +120,14 @@ class _Local1d(torch.autograd.Function):
     ) -> torch.Tensor:
         n, c, length = x.shape
         before, after = padding
-        padded = x.new_zeros(length + before + after, n, c)
-        padded[before : before + length] = x.permute(2, 0, 1)
+        xp = x.permute(2, 0, 1)
+        if before == after == 0 and xp.is_contiguous():
+            padded = xp  # already position-major (a block's strip with its padding in it)
+        else:
+            padded = x.new_empty(length + before + after, n, c)
+            padded[:before].zero_()
+            padded[before + length :].zero_()
+            padded[before : before + length] = xp
         cols = padded.unfold(0, kernel_size, stride)  # (L_out, N, C_in, k): a view
         l_out = cols.shape[0]
         cols = cols.reshape(l_out, n, c * kernel_size)  # a copy, the fields' order as weight's

@@ -469,6 +469,28 @@ def assemble_strip(
     return strip.reshape(-1, *plan.in_shape).narrow(plan.in_axis + 1, lo, hi - lo)
 
 
+def padded_strip(
+    plan: LayerPlan, block: int, received: Sequence[tuple[Transfer, torch.Tensor]]
+) -> tuple[torch.Tensor, int]:
+    """:func:`assemble_strip` of a ``local1d`` layer whose input is cut along its positions,
+    with the block's zero padding (``plan.pads[block]``) already in it: one position-major
+    buffer the pieces are copied into once, which :func:`~distbelief.nn.local1d` then reads
+    as it is (``pads`` (0, 0) to :func:`block_forward`), in place of a strip and a padded
+    copy of it. Returns the strip ``(N, C, before + positions + after)`` and ``before``."""
+    parts = [v for _, v in sorted(received, key=lambda tv: tv[0].start)]
+    before, after = plan.pads[block]
+    n, c = parts[0].shape[:2]
+    positions = sum(v.shape[2] for v in parts)
+    buf = parts[0].new_empty(before + positions + after, n, c)
+    buf[:before].zero_()
+    buf[before + positions :].zero_()
+    at = before
+    for v in parts:
+        buf[at : at + v.shape[2]].copy_(v.permute(2, 0, 1))
+        at += v.shape[2]
+    return buf.permute(1, 2, 0), before
+
+
 def block_forward(
     plan: LayerPlan,
     block: int,
@@ -476,11 +498,14 @@ def block_forward(
     x: torch.Tensor,
     params: Sequence[torch.Tensor] | None = None,
     wgrad_into: torch.Tensor | None = None,
+    pads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The block's output piece: of a split layer from its input strip and its parameters
     (``params``: weight and bias slices, by default :func:`block_parameters`), of an
     element-wise layer from its piece, of a deferred reshape its piece unchanged. With
-    ``wgrad_into``, a ``local1d`` layer's backward writes its weight's gradient there."""
+    ``wgrad_into``, a ``local1d`` layer's backward writes its weight's gradient there; with
+    ``pads``, a ``local1d`` layer's strip is padded by those (a :func:`padded_strip`: (0, 0))
+    in place of the plan's."""
     if plan.kind == "whole":
         return layer(x)
     if plan.kind == "follow":
@@ -490,7 +515,8 @@ def block_forward(
     if plan.kind == "linear":
         fn, args = F.linear, (x, weight, bias)
     elif plan.kind == "local1d":
-        fn, args = local1d, (x, weight, bias, layer.kernel_size, layer.stride, plan.pads[block])
+        pad = plan.pads[block] if pads is None else pads
+        fn, args = local1d, (x, weight, bias, layer.kernel_size, layer.stride, pad)
     else:
         pw = layer.padding[1]
         top, bottom = plan.pads[block]
@@ -545,15 +571,25 @@ def own_grad(
     block: int,
     piece: torch.Tensor,
     returned: Sequence[tuple[Transfer, torch.Tensor]],
+    add_into_own: bool = False,
 ) -> torch.Tensor:
     """The gradient with respect to ``piece``, the block's piece of the layer's input: the sum
     of what came back (every transfer whose ``src`` it is, its own part included), each added
-    at its positions; zero where no block read it (a stride longer than the kernel)."""
+    at its positions; zero where no block read it (a stride longer than the kernel).
+
+    With ``add_into_own``, where the block read all of its own piece, the others' parts are
+    added into that part's gradient in place and it is returned (no zeroed sum and no copy of
+    it: a block's own part is most of the gradient); only for a caller that owns it."""
     split = plan.input
     assert split is not None
     own_lo, own_hi = split.ranges[block]
-    if len(returned) == 1 and (returned[0][0].start, returned[0][0].stop) == (own_lo, own_hi):
-        return returned[0][1]  # one block read all of it (its owner, with P = 1): as it is
+    whole = [g for t, g in returned if t.dst == block and (t.start, t.stop) == (own_lo, own_hi)]
+    if whole and (add_into_own or len(returned) == 1):
+        total = whole[0]  # (alone: one block read all of it, its owner with P = 1)
+        for t, g in returned:
+            if g is not total:
+                total.narrow(split.axis + 1, t.start - own_lo, t.stop - t.start).add_(g)
+        return total
     total = torch.zeros_like(piece)
     for t, g in returned:
         total.narrow(split.axis + 1, t.start - own_lo, t.stop - t.start).add_(g)
@@ -638,7 +674,7 @@ def run_blocks(
             for b in range(P):
                 for t, g in grads_to_return(lp, b, strip_grads[b]):
                     back[t.src].append((t, g))
-            grads = [own_grad(lp, b, pieces_in[b], back[b]) for b in range(P)]
+            grads = [own_grad(lp, b, pieces_in[b], back[b], True) for b in range(P)]
     # Every block held the whole input: their partial gradients sum.
     input_grad = torch.stack(grads).sum(0)
     return BlocksRun(plan.output.assemble(pieces), input_grad, param_grads)
@@ -758,6 +794,7 @@ class BlockPass:
         self.more = False
         """Whether the last call returned early with work it can do now (call it again)."""
         self.inner: dict[int, tuple] = {}  # layer -> its interior, computed before the halos
+        self.padded: dict[int, tuple[int, int]] = {}  # layer -> its padded strip's (before, n)
         self._part_grads: list[list[torch.Tensor]] = []  # of an overlapped layer's parts
         self.params: Sequence[Sequence[torch.Tensor]] = ()
         self.layer = 0  # the next layer to run forward
@@ -891,12 +928,17 @@ class BlockPass:
                 if split_halo:
                     self._edges_forward(i, lp, layer, piece, got)
                     continue
-                xin = assemble_strip(lp, b, got)
+                if lp.kind == "local1d" and not lp.gather_all:
+                    xin, before = padded_strip(lp, b, got)
+                    self.padded[i] = (before, sum(t.stop - t.start for t in mine))
+                else:
+                    xin = assemble_strip(lp, b, got)
             xin = xin.detach().requires_grad_()
             used = xin.clone() if getattr(layer, "inplace", False) else xin
             into = self._views[i][0] if lp.kind == "local1d" else None
             params = self.params[i] if self.params[i] else None
-            out = block_forward(lp, b, layer, used, params, into)
+            pads = (0, 0) if i in self.padded else None
+            out = block_forward(lp, b, layer, used, params, into, pads)
             self.saved.append((piece, xin, out))
             self.current = out.detach()
             self.layer += 1
@@ -929,7 +971,7 @@ class BlockPass:
                 if any((i, t.dst) not in self.returned for t in mine):
                     return sends
                 got = [(t, self.returned.pop((i, t.dst))) for t in mine]
-                self.grad = own_grad(lp, b, piece, got)
+                self.grad = own_grad(lp, b, piece, got, add_into_own=True)
                 self.awaiting, self.back = False, i - 1
                 continue
             if not self.awaiting:
@@ -948,6 +990,9 @@ class BlockPass:
                     self.back = -1
                     break
                 strip_grad = got[0]
+                if i in self.padded:  # the padding's rows are nobody's
+                    before, positions = self.padded.pop(i)
+                    strip_grad = strip_grad.narrow(2, before, positions)
                 if lp.kind in ("whole", "follow"):
                     self.grad, self.back = strip_grad, i - 1
                     continue
@@ -963,7 +1008,8 @@ class BlockPass:
             mine = [t for t in lp.transfers if t.src == b]
             if any((i, t.dst) not in self.returned for t in mine):
                 return sends
-            self.grad = own_grad(lp, b, piece, [(t, self.returned.pop((i, t.dst))) for t in mine])
+            got = [(t, self.returned.pop((i, t.dst))) for t in mine]
+            self.grad = own_grad(lp, b, piece, got, add_into_own=True)
             self.awaiting, self.back = False, i - 1
         self.done = True
         self.input_grad = self.grad if self.wants_input else None
