@@ -101,6 +101,27 @@ def _linear_stage(n_push: int, local_lr: float = 0.0, shards: int = 2) -> Stage:
     return stage
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_fetch_to_keep_gets_a_copy_of_its_own_that_no_update_or_fetch_changes(shared):
+    """A partition keeps its fetch's values as its version (``Fetch.keep``): the reply is a
+    copy made for it, neither the shard's values nor a buffer a later fetch writes into."""
+    import contextlib
+
+    shard, ctx = one_segment_shard()
+    if shared:
+        shard.share_memory(contextlib.nullcontext())
+    shard.on_fetch(Fetch(0, 0, keep=True), "partition")
+    ((_, kept),) = ctx.take()
+    assert torch.equal(kept.weights, torch.ones(4)) and kept.version == 0
+    assert kept.weights.data_ptr() != shard.held[0].values.data_ptr()
+    push(shard, replica=0, version=0)  # updated in place: no reader was registered
+    shard.on_fetch(Fetch(0, 0, keep=True), "partition")
+    ((_, second),) = ctx.take()
+    assert torch.equal(second.weights, torch.full((4,), 0.5)) and second.version == 1
+    assert torch.equal(kept.weights, torch.ones(4))  # the first is as it was sent
+    assert not shard.held[0].readers
+
+
 @pytest.mark.parametrize("n_push", [1, 2])
 def test_pushed_gradients_are_not_changed_by_the_stage_afterwards(n_push):
     # One stage over two shards of 4,160: the weight straddles them. Shard 0's piece is a slice

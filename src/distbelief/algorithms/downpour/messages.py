@@ -438,6 +438,11 @@ class Fetch:
     """Replica of the requesting stage (the shard tracks who reads lent values)."""
     stage: int
     """Index of the requesting stage (selects the segment)."""
+    keep: bool = False
+    """The stage keeps the reply's values as they are, as its own version of them (a
+    partition that fetches all of its parameters from one shard): the shard sends a copy of
+    its own, neither lent nor a buffer its next fetch reuses, so that it is not copied
+    again on arrival."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +453,8 @@ class FetchReply:
     """Index of the replying shard."""
     weights: torch.Tensor
     """The segment's values, lent: read-only to the stage, and never changed by the shard
-    (it updates a copy while any stage still reads them)."""
+    (it updates a copy while any stage still reads them); the stage's own copy if its fetch
+    asked to ``keep`` them."""
     version: int
     """Updates applied to the segment so far; pushes quote it back to measure staleness."""
 

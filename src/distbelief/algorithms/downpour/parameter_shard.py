@@ -401,7 +401,10 @@ class ParameterShard(Actor):
     @receives(Fetch)
     def on_fetch(self, msg: Fetch, sender: object) -> None:
         held = self.held[msg.stage]
-        if self._copies is None:
+        if msg.keep:  # a copy the stage keeps: made once, here
+            with self._locked(msg.stage) if not self._hogwild else _UNLOCKED:
+                values, version = held.values.clone(), held.version
+        elif self._copies is None:
             held.readers.add(msg.replica)  # lent, not copied: see HeldSegment
             values, version = held.values, held.version
         else:  # shared memory: the stage's own copy, which only its next fetch changes

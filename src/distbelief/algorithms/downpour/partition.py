@@ -170,6 +170,8 @@ class Partition(Actor):
                 (to_local(a), to_local(a) + b - a) for a, b in seg.pieces
             )
         self.spans = {k: (a, z) for k, (a, z) in spans.items()}
+        self.keeps = list(self.spans.values()) == [(0, size)]
+        """Whether one shard holds all of the block's parameters (its replies are kept)."""
         self.versions = {k: 0 for k in self.spans}
         self.fetched = False
         self.fetching: set[int] = set()
@@ -375,17 +377,23 @@ class Partition(Actor):
         version of them: see the module doc)."""
         self.fetched = True
         self.fetching = set(self.spans)
-        self.incoming = torch.empty_like(self.weights)
+        # From one shard, its reply becomes the new version as it is (sent as a copy to
+        # keep); from several, each reply is copied into its span of a new one.
+        self.incoming = None if self.keeps else torch.empty_like(self.weights)
         self.incoming_versions = {}
         for shard in self.spans:
-            self.ctx.tell(self.shards[shard], Fetch(self.replica, self.owner))
+            self.ctx.tell(self.shards[shard], Fetch(self.replica, self.owner, self.keeps))
 
     @receives(FetchReply)
     def on_fetch_reply(self, msg: FetchReply, sender: object) -> None:
-        if msg.shard not in self.fetching or self.incoming is None:
+        if msg.shard not in self.fetching:
             return  # a reply to the fetch of this partition's previous life
-        lo, hi = self.spans[msg.shard]
-        self.incoming[lo:hi].copy_(msg.weights)
+        if self.keeps:
+            self.incoming = msg.weights
+        else:
+            assert self.incoming is not None  # made by the fetch
+            lo, hi = self.spans[msg.shard]
+            self.incoming[lo:hi].copy_(msg.weights)
         self.incoming_versions[msg.shard] = msg.version
         self.fetching.discard(msg.shard)
         if self.fetching:
@@ -454,7 +462,7 @@ class Partition(Actor):
     def on_copy_request(self, msg: CopyRequest, sender: object) -> None:
         # As a stage answers (see Stage.on_copy_request), with its segments on that shard.
         if msg.shard in self.fetching:
-            self.ctx.tell(self.shards[msg.shard], Fetch(self.replica, self.owner))
+            self.ctx.tell(self.shards[msg.shard], Fetch(self.replica, self.owner, self.keeps))
         if msg.shard in self.draining:
             self.ctx.tell(self.shards[msg.shard], Drain(self.owner))
         length, values, version = 0, None, -1
