@@ -56,6 +56,11 @@ def test_model_parallel_benchmark_reports_every_comparison(
     ]
     for s in figures["speedup"]:
         assert s["ran"] and positive(s["ratio"]) and s["pipeline_depth"] in mp.DEPTHS
+    bounds = [(b["length"], b["batch"], b["net"]) for b in figures["bound"]]
+    assert bounds == [(n, b, m) for n, b in shapes for m in mp.NETS]
+    for b in figures["bound"]:
+        assert positive(b["ms_per_batch"]) and positive(b["ratio"])
+        assert len(b["samples_ms"]) == report["repeats"]
     assert figures["nets"] == mp.counted(figures["width"])  # counted, so reproducible
     long_width = figures["sizes"][1]["width"]
     assert figures["long_nets"] == mp.counted(long_width, lengths[1])
@@ -93,3 +98,20 @@ def test_model_parallel_nets_take_mnist1d_shaped_inputs() -> None:
     assert [s.batch for s in sizes] == [32, 32, 128] and sizes[1].width == sizes[2].width == 1456
     assert mp.size_steps(sizes[0], 192) == 192 and mp.size_steps(sizes[1], 192) == 96
     assert mp.size_steps(sizes[2], 192) == 48 and mp.size_steps(sizes[2], 4) == 2
+
+
+def test_two_plain_loops_at_once_time_their_slower_half_and_report_a_death() -> None:
+    from torch import nn
+
+    from distbelief.bench.baselines.plain import two_plain_loops_s_per_batch
+
+    data = mp.examples(64, seed=0)
+    s = two_plain_loops_s_per_batch(lambda seed: mp.fc_net(8, seed), data, lr=0.1,
+                                    batch_size=16, seed=0)  # fmt: skip
+    assert positive(s)
+
+    def broken(seed: int) -> nn.Module:
+        raise ValueError("no model")
+
+    with pytest.raises(RuntimeError, match="died"):
+        two_plain_loops_s_per_batch(broken, data, lr=0.1, batch_size=16, seed=0)

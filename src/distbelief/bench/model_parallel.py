@@ -28,6 +28,12 @@ halo; each backward pass uses its forward's parameters, one to three steps stale
 say which depth, and the last speedup row of each net is the best depth's. The headline
 (depth 1) is SGD every step, as the plain loop.
 
+Beside them, **the machine's bound**: the same net in two plain loops at once (two processes,
+one torch thread each), each over half of every mini-batch, against one loop over whole
+mini-batches: what 2 cores give for the same work when nothing passes between them. Two
+busy cores of a virtual machine can slow each other (shared caches, memory, the host), so
+the bound may be under 2.0; 2 partitions against 1 can only approach it.
+
 (b) **Counted**: the bytes that cross between blocks per step for P in {1, 2, 4, 8, 16}, from
 the plans (:func:`~distbelief.core.blocks.crossing_bytes`), so the figures hold on any machine:
 the locally-connected net's grow with the number of boundaries (P - 1) times a halo of each
@@ -50,7 +56,7 @@ from ..api import train
 from ..core.blocks import crossing_bytes, plan_split
 from ..models import mlp
 from ..nn import LocallyConnected1d
-from .baselines.plain import plain_sgd_examples_per_s
+from .baselines.plain import plain_sgd_examples_per_s, two_plain_loops_s_per_batch
 from .common import Benchmark, Log, Row, Sizes, say
 
 BATCH = 32
@@ -73,9 +79,9 @@ DEPTHS = (1, 2, 4)
 """``pipeline_depth`` of the timed runs with 2 partitions (1 partition: depth 1 only)."""
 TIMED = ((1, 1), *((2, d) for d in DEPTHS))
 """(partitions, pipeline_depth) of every timed distbelief run, in order."""
-ROWS_PER_NET = SIZES * (len(TIMED) + 2)
-"""Rows of each net (over its sizes): per size one per timed run, and 2 partitions against 1
-at depth 1 and at the best depth."""
+ROWS_PER_NET = SIZES * (len(TIMED) + 3)
+"""Rows of each net (over its sizes): per size one per timed run, the machine's bound (two
+plain loops at once), and 2 partitions against 1 at depth 1 and at the best depth."""
 COUNTED_PARTS = (1, 2, 4, 8, 16)
 """Partitions whose crossing bytes are counted."""
 LR = 0.01
@@ -219,6 +225,7 @@ def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -
     data = {size: examples(steps[size] * size.batch, seed, size.length) for size in sized}
     makers = {(n, size): make for size in sized for n, make in nets(*size[:2]).items()}
     plain: dict[tuple[str, Size], list[float]] = {k: [] for k in makers}
+    pair: dict[tuple[str, Size], list[float]] = {k: [] for k in makers}
     engine: dict[Key, list[float | None]] = {
         (n, size, p, d): [] for n, size in makers for p, d in TIMED
     }
@@ -229,6 +236,9 @@ def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -
                 make(seed), data[size], lr=LR, batch_size=batch, epochs=1, seed=seed
             )
             plain[name, size].append(batch / ex_s)
+            pair[name, size].append(two_plain_loops_s_per_batch(
+                make, data[size], lr=LR, batch_size=batch, seed=seed
+            ))  # fmt: skip
             for p, d in TIMED:
                 extra = {"pipeline_depth": d} if d > 1 else {}
                 result = train(
@@ -243,7 +253,7 @@ def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -
                       for (m, sz, p, d), v in engine.items() if (m, sz) == (n, size) and v[-1])
             for n, size in makers
         ))  # fmt: skip
-    return _figures(width, sized, steps, plain, engine)
+    return _figures(width, sized, steps, plain, pair, engine)
 
 
 def _ms(samples: Sequence[float | None]) -> float | None:
@@ -275,6 +285,7 @@ def _figures(
     sized: list[Size],
     steps: dict[Size, int],
     plain: dict[tuple[str, Size], list[float]],
+    pair: dict[tuple[str, Size], list[float]],
     engine: dict[Key, list[float | None]],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {
@@ -290,6 +301,7 @@ def _figures(
             for size in sized
         ],  # fmt: skip
         "timed": [],
+        "bound": [],
         "speedup": [],
     }
     for size in sized:
@@ -307,6 +319,12 @@ def _figures(
                     "samples_ms": [round(v * 1e3, 3) if v else None for v in samples],
                     "baseline_samples_ms": [round(v * 1e3, 3) for v in base],
                 })  # fmt: skip
+            out["bound"].append({
+                "net": name, "width": w, "length": length, "batch": batch,
+                "ms_per_batch": _ms(pair[name, size]), "baseline_ms_per_batch": _ms(base),
+                "ratio": _median_ratio(base, pair[name, size]),
+                "samples_ms": [round(v * 1e3, 3) for v in pair[name, size]],
+            })  # fmt: skip
             one = engine[name, size, 1, 1]
             ratios = {d: _median_ratio(one, engine[name, size, 2, d]) for d in DEPTHS}
             best = max((d for d in DEPTHS if ratios[d] is not None), key=ratios.get, default=1)
@@ -334,8 +352,9 @@ def _bytes(n: int) -> str:
 
 
 def rows(figures: dict[str, Any]) -> list[Row]:
-    """Per size and net, a row per timed run (P, depth) against the plain loop and two for 2
-    partitions against 1 (at depth 1, and at the best depth); a row per counted P with both
+    """Per size and net, a row per timed run (P, depth) against the plain loop, one for the
+    machine's bound (two plain loops at once against one) and two for 2 partitions against 1
+    (at depth 1, and at the best depth); a row per counted P with both
     nets' crossing bytes (ratio: locally / fully connected; the larger pair's in brackets)."""
     out: list[Row] = []
     width = figures["width"]
@@ -349,6 +368,14 @@ def rows(figures: dict[str, Any]) -> list[Row]:
         out.append(("model-parallel", config, dist,
                     f"plain torch loop {_fmt_ms(t['baseline_ms_per_batch'])}",
                     _ratio(t["ratio"])))  # fmt: skip
+    for b in figures.get("bound", ()):
+        net = describe(b["net"], b["width"], b["length"], batch=b["batch"])
+        out.append((
+            "model-parallel", f"{net}: two plain torch loops at once, each on half of every "
+            "mini-batch (2 cores on the same work, nothing exchanged: what 2 partitions "
+            "against 1 can approach)", _fmt_ms(b["ms_per_batch"]),
+            f"one plain torch loop {_fmt_ms(b['baseline_ms_per_batch'])}", _ratio(b["ratio"]),
+        ))  # fmt: skip
     for s in figures["speedup"]:
         d = s.get("pipeline_depth", 1)
         net = describe(s["net"], s.get("width", width), s.get("length", LENGTH),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import select
+import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,62 @@ def plain_sgd_examples_per_s(
         opt.step()
         examples += len(xb)
     return examples / (time.perf_counter() - t0)
+
+
+def two_plain_loops_s_per_batch(
+    make_model: Callable[[int], nn.Module],
+    data: tuple[torch.Tensor, torch.Tensor],
+    *,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    timeout: float = 900.0,
+) -> float:
+    """Two plain loops at once, each in a forked process with one torch thread and a model of
+    its own, each over half of every mini-batch of ``batch_size`` (every other example):
+    seconds per mini-batch of the slower. What 2 cores do for the same work as one loop over
+    whole mini-batches when nothing passes between them: the machine's own bound for 2
+    partitions against 1 (cores that slow each other when both run share it)."""
+    x, y = data
+    reader, writer = os.pipe()
+    children = []
+    for k in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (a forked child: its coverage is not collected)
+            code = 1
+            try:
+                torch.set_num_threads(1)
+                half = (x[k::2], y[k::2])
+                steps = -(-len(x) // batch_size)
+                ex_s = plain_sgd_examples_per_s(
+                    make_model(seed), half, lr=lr, batch_size=batch_size // 2, epochs=1,
+                    seed=seed,
+                )  # fmt: skip
+                os.write(writer, f"{len(half[0]) / ex_s / steps!r}\n".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    os.close(writer)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while out.count(b"\n") < 2:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([reader], [], [], left)[0]:
+                raise TimeoutError(f"two plain loops did not finish in {timeout:.0f} s")
+            chunk = os.read(reader, 256)
+            if not chunk:
+                raise RuntimeError("a plain loop's process died before its time was in")
+            out += chunk
+    finally:
+        os.close(reader)
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)  # done or not: reaped at once either way
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+    return max(float(v) for v in out.split())
 
 
 def plain_xor_seconds(data: tuple[torch.Tensor, torch.Tensor], seed: int, lr: float) -> float:
