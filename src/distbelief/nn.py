@@ -156,8 +156,15 @@ class _Local1d(torch.autograd.Function):
             l_out = g.shape[0]
             gcols = torch.bmm(g, weight).view(l_out, n, c, k)
             span = stride * (l_out - 1) + 1
-            padded = gcols.new_zeros(max(length + before, span + k - 1), n, c)
-            for j in range(k):  # each kernel offset's gradient back to the positions it read
+            size = max(length + before, span + k - 1)
+            if stride == 1:  # offset 0 covers [0, span): written, not added to zeros
+                padded = gcols.new_empty(size, n, c)
+                padded[:span] = gcols[:, :, :, 0]
+                padded[span:].zero_()
+                first = 1
+            else:
+                padded, first = gcols.new_zeros(size, n, c), 0
+            for j in range(first, k):  # each kernel offset's gradient to the positions it read
                 padded[j : j + span : stride].add_(gcols[:, :, :, j])
             grad_x = padded[before : before + length].permute(1, 2, 0)
         return grad_x, grad_w, grad_b, None, None, None, None
