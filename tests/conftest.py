@@ -51,6 +51,15 @@ def mnist1d_data():
     return mnist1d()
 
 
+@pytest.fixture(scope="session")
+def quick_bench_report():
+    """``distbelief bench --quick``'s report, every benchmark: made once, read by the tests
+    of each benchmark's figures (test_bench.py, test_bench_model_parallel.py)."""
+    from distbelief import bench
+
+    return bench.run(quick=True)
+
+
 @pytest.fixture
 def in_tmp_dir(tmp_path, monkeypatch):
     """Run in an empty temporary directory, so that the command's default run directory

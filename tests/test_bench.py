@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def report() -> dict[str, Any]:
-    return bench.run(quick=True)
+def report(quick_bench_report: dict[str, Any]) -> dict[str, Any]:
+    return quick_bench_report
 
 
 def positive(x: float) -> bool:
