@@ -32,7 +32,8 @@ Beside them, **the machine's bound**: the same net in two plain loops at once (t
 one torch thread each), each over half of every mini-batch, against one loop over whole
 mini-batches: what 2 cores give for the same work when nothing passes between them. Two
 busy cores of a virtual machine can slow each other (shared caches, memory, the host), so
-the bound may be under 2.0; 2 partitions against 1 can only approach it.
+the bound may be under 2.0; 2 partitions against 1 can approach it (and pass it a little:
+each loop steps all the parameters, a block only its half).
 
 (b) **Counted**: the bytes that cross between blocks per step for P in {1, 2, 4, 8, 16}, from
 the plans (:func:`~distbelief.core.blocks.crossing_bytes`), so the figures hold on any machine:

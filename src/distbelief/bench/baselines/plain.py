@@ -51,8 +51,8 @@ def two_plain_loops_s_per_batch(
     """Two plain loops at once, each in a forked process with one torch thread and a model of
     its own, each over half of every mini-batch of ``batch_size`` (every other example):
     seconds per mini-batch of the slower. What 2 cores do for the same work as one loop over
-    whole mini-batches when nothing passes between them: the machine's own bound for 2
-    partitions against 1 (cores that slow each other when both run share it)."""
+    whole mini-batches when nothing passes between them: about what 2 partitions against 1
+    can reach on this machine (cores that slow each other when both run share it)."""
     x, y = data
     reader, writer = os.pipe()
     children = []
