@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import select
-import signal
+import queue
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +38,26 @@ def plain_sgd_examples_per_s(
     return examples / (time.perf_counter() - t0)
 
 
+def _half_loop(
+    half: int,
+    make_model: Callable[[int], nn.Module],
+    data: tuple[torch.Tensor, torch.Tensor],
+    lr: float,
+    batch_size: int,
+    seed: int,
+    out: Any,
+) -> None:
+    """(In a forked process.) The plain loop over every other example (from ``half``), in
+    mini-batches of half of ``batch_size``: its seconds per mini-batch, put on ``out``."""
+    torch.set_num_threads(1)
+    x, y = data
+    mine = (x[half::2], y[half::2])
+    ex_s = plain_sgd_examples_per_s(
+        make_model(seed), mine, lr=lr, batch_size=batch_size // 2, epochs=1, seed=seed
+    )
+    out.put(len(mine[0]) / ex_s / -(-len(x) // batch_size))
+
+
 def two_plain_loops_s_per_batch(
     make_model: Callable[[int], nn.Module],
     data: tuple[torch.Tensor, torch.Tensor],
@@ -53,46 +72,36 @@ def two_plain_loops_s_per_batch(
     seconds per mini-batch of the slower. What 2 cores do for the same work as one loop over
     whole mini-batches when nothing passes between them: about what 2 partitions against 1
     can reach on this machine (cores that slow each other when both run share it)."""
-    x, y = data
-    reader, writer = os.pipe()
-    children = []
-    for k in range(2):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover (a forked child: its coverage is not collected)
-            code = 1
-            try:
-                torch.set_num_threads(1)
-                half = (x[k::2], y[k::2])
-                steps = -(-len(x) // batch_size)
-                ex_s = plain_sgd_examples_per_s(
-                    make_model(seed), half, lr=lr, batch_size=batch_size // 2, epochs=1,
-                    seed=seed,
-                )  # fmt: skip
-                os.write(writer, f"{len(half[0]) / ex_s / steps!r}\n".encode())
-                code = 0
-            finally:
-                os._exit(code)
-        children.append(pid)
-    os.close(writer)
-    out, deadline = b"", time.monotonic() + timeout
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    loops = [
+        ctx.Process(
+            target=_half_loop, args=(k, make_model, data, lr, batch_size, seed, out), daemon=True
+        )
+        for k in range(2)
+    ]
+    for loop in loops:
+        loop.start()
+    deadline, times = time.monotonic() + timeout, []
     try:
-        while out.count(b"\n") < 2:
+        while len(times) < 2:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([reader], [], [], left)[0]:
+            if left <= 0:
                 raise TimeoutError(f"two plain loops did not finish in {timeout:.0f} s")
-            chunk = os.read(reader, 256)
-            if not chunk:
-                raise RuntimeError("a plain loop's process died before its time was in")
-            out += chunk
-    finally:
-        os.close(reader)
-        for pid in children:
             try:
-                os.kill(pid, signal.SIGKILL)  # done or not: reaped at once either way
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-    return max(float(v) for v in out.split())
+                times.append(out.get(timeout=min(left, 1.0)))
+            except queue.Empty:
+                if any(loop.exitcode not in (None, 0) for loop in loops):
+                    died = "a plain loop's process died before its time was in"
+                    raise RuntimeError(died) from None
+    finally:
+        for loop in loops:
+            if loop.is_alive():
+                loop.kill()
+            loop.join(timeout=10)
+    return max(times)
 
 
 def plain_xor_seconds(data: tuple[torch.Tensor, torch.Tensor], seed: int, lr: float) -> float:
