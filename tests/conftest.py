@@ -14,7 +14,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Generated datasets (MNIST-1D takes seconds to make) are cached for this session only, in a
 # directory every process the tests start inherits and that is removed at the end: the user's
 # own cache is neither read nor written.
-_CACHE = tempfile.mkdtemp(prefix="distbelief-test-cache-")
+# pytest-xdist's workers share their controller's directory (datasets are written atomically).
+_PREFIX = "distbelief-test-cache-"
+_INHERITED = os.environ.get("DISTBELIEF_CACHE_DIR", "")
+_WORKER = "PYTEST_XDIST_WORKER" in os.environ and os.path.basename(_INHERITED).startswith(_PREFIX)
+_CACHE = _INHERITED if _WORKER else tempfile.mkdtemp(prefix=_PREFIX)
 os.environ["DISTBELIEF_CACHE_DIR"] = _CACHE
 
 import pytest  # noqa: E402
@@ -103,4 +107,5 @@ def _xdist_group(item: pytest.Item) -> str | None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    shutil.rmtree(_CACHE, ignore_errors=True)
+    if not _WORKER:  # the controller's, removed once every worker is done
+        shutil.rmtree(_CACHE, ignore_errors=True)
