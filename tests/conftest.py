@@ -92,16 +92,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def _xdist_group(item: pytest.Item) -> str | None:
-    """Which tests pytest-xdist (``-n``, ``--dist loadgroup``) keeps in one worker: a module's
-    tests that share a module-scoped fixture (made once, not once per worker), a module's Ray
-    tests (one Ray instance per worker, and a module's order of runs on it kept), and the
-    readers of the quick benchmark report (it takes most of a minute to make)."""
+    """Which tests pytest-xdist (``-n``, ``--dist loadgroup``) keeps in one worker: every Ray
+    test (one Ray instance, whose idle actor processes later runs reuse: a second instance in
+    the other worker would start its own, each importing torch, which cost more than it
+    saved), a module's tests that share a module-scoped fixture (made once, not once per
+    worker), and the readers of the quick benchmark report (it takes most of a minute)."""
+    if item.get_closest_marker("ray") is not None:
+        return "ray"
     info = getattr(item, "_fixtureinfo", None)
     defs = info.name2fixturedefs if info is not None else {}
     if "quick_bench_report" in defs:
         return "quick_bench_report"
-    shared = any(d[-1].scope == "module" for d in defs.values())
-    if shared or item.get_closest_marker("ray") is not None:
+    if any(d[-1].scope == "module" for d in defs.values()):
         return item.nodeid.split("::")[0]
     return None
 
