@@ -38,8 +38,8 @@ def test_model_parallel_benchmark_reports_every_comparison(
     lengths = [length for length, _ in shapes]
     # the larger sizes: the same locally-connected channels, on longer signals
     assert len({s["lc_channels"] for s in figures["sizes"]}) == 1
-    # half as many mini-batches at the larger mini-batch as at 32
-    assert figures["sizes"][1]["steps"] == 2 * figures["sizes"][2]["steps"]
+    # as many mini-batches at the larger mini-batch as at 32 (a run's fixed costs weigh less)
+    assert figures["sizes"][1]["steps"] == figures["sizes"][2]["steps"]
     timed = [
         (t["length"], t["batch"], t["net"], t["partitions"], t["pipeline_depth"])
         for t in figures["timed"]
@@ -97,7 +97,7 @@ def test_model_parallel_nets_take_mnist1d_shaped_inputs() -> None:
     sizes = mp.sizes_of(512, 320, 128)
     assert [s.batch for s in sizes] == [32, 32, 128] and sizes[1].width == sizes[2].width == 1456
     assert mp.size_steps(sizes[0], 192) == 192 and mp.size_steps(sizes[1], 192) == 96
-    assert mp.size_steps(sizes[2], 192) == 48 and mp.size_steps(sizes[2], 4) == 2
+    assert mp.size_steps(sizes[2], 192) == 96 and mp.size_steps(sizes[2], 4) == 2
 
 
 def test_two_plain_loops_at_once_time_their_slower_half_and_report_a_death() -> None:

@@ -21,7 +21,7 @@ so the larger locally-connected net should gain more, and more at the larger min
 (a) **Timed**: mean time per mini-batch (SGD, one replica, one stage, one shard, one torch
 thread per process) on the ``processes`` runtime with P = 1 and 2 partitions, beside the same
 net in a plain one-process torch loop, for every net of every size (the larger size's runs
-take half as many mini-batches of 32, a quarter as many of 128); every run alternates with
+take half as many mini-batches, of 32 and of 128); every run alternates with
 the others in each repeat and ratios are medians of paired ratios. With 2 partitions also at
 ``pipeline_depth`` 2 and 4 (a block computes one mini-batch while it waits for another's
 halo; each backward pass uses its forward's parameters, one to three steps stale): the rows
@@ -69,8 +69,8 @@ CLASSES = 16
 KERNEL = 3
 """Kernel of the locally-connected layers (padding 1: every layer keeps length 40)."""
 LONG_STEPS = 2
-"""The larger size's runs take ``model_parallel_steps // LONG_STEPS`` mini-batches of 32, and
-``LONG_STEPS`` times fewer again of the larger mini-batch (:func:`size_steps`)."""
+"""The larger size's runs take ``model_parallel_steps // LONG_STEPS`` mini-batches, of 32 and
+of the larger mini-batch alike (:func:`size_steps`)."""
 SIZES = 3
 """Sizes of each net: length 40; ``model_parallel_long_length``; the same at
 ``model_parallel_long_batch``."""
@@ -210,11 +210,14 @@ Key = tuple[str, Size, int, int]
 
 def size_steps(size: Size, steps: int) -> int:
     """Mini-batches of a timed run of ``size``: ``steps`` (``model_parallel_steps``) at length
-    40, ``LONG_STEPS`` times fewer on longer signals, and ``LONG_STEPS`` times fewer again at a
-    larger mini-batch (at least 2)."""
+    40, ``LONG_STEPS`` times fewer on longer signals, at either mini-batch (at least 2). Not
+    fewer again at the larger mini-batch: a run's fixed costs (its first fetch, filling and
+    draining a pipeline of 2 partitions) cost 3-5% more of a 2-partition run's time per
+    mini-batch over 48 mini-batches of 128 than over 144 (docs/partitions.md), and the figure is
+    the time per mini-batch of a run under way, as Figure 3's."""
     if size.length == LENGTH:
         return steps
-    return max(2, steps // LONG_STEPS // (LONG_STEPS if size.batch > BATCH else 1))
+    return max(2, steps // LONG_STEPS)
 
 
 def model_parallel(sizes: Sizes, repeats: int, log: Log = None, seed: int = 0) -> dict[str, Any]:
