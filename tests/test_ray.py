@@ -86,8 +86,8 @@ def test_a_slow_shard_makes_its_senders_wait_and_what_they_buffer_stays_bounded(
     """shard0 takes 40 ms more per message; the stage fetches once and then pushes every step
     (n_fetch 1000), about 140 KB to shard0 each: unchecked, the stage would buffer most of
     64 pushes (9 MB). With a 256 KiB window it waits instead, and the run is whole. (The delay
-    is several times a step's time even on a loaded machine: the suite runs tests side by
-    side, and a slower stage than the shard would never need to wait.)"""
+    is several times a step's time even on a loaded machine, as the suite's two workers make
+    it: a stage slower than the shard never needs to wait.)"""
     window = 256 * 1024
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(1024, 10, generator=g), torch.randint(0, 3, (1024,), generator=g)
