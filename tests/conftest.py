@@ -72,6 +72,7 @@ def in_tmp_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark ``ray`` and ``processes`` every test that runs that runtime through the ``runtime``
     fixture, a parameter naming it, or the shared Ray instance (``-m "not ray"`` deselects
