@@ -99,6 +99,65 @@ def test_a_newer_checkpoint_replaces_the_older_only_once_whole(tmp_path):
     assert ckpt.load(tmp_path).update == 30
 
 
+class Killed(BaseException):
+    """Stands for a SIGKILL: nothing after it runs."""
+
+
+def test_a_kill_while_an_older_checkpoint_is_removed_leaves_no_half_checkpoint(
+    tmp_path, monkeypatch
+):
+    first = _save(tmp_path, update=10)
+
+    def killed_midway(path, ignore_errors=False):  # one file gone, then the kill
+        next(Path(path).rglob("shard1.safetensors")).unlink()
+        raise Killed
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        _save(tmp_path, update=20)
+    monkeypatch.undo()
+    second = tmp_path / ckpt.name_of(20)
+    assert ckpt.checkpoints(tmp_path) == [second] and not first.exists()
+    assert ckpt.load(tmp_path).update == 20
+    assert ckpt.remove_partial(tmp_path) and sorted(tmp_path.iterdir()) == [second]
+
+
+def test_a_kill_while_the_same_update_is_written_again_keeps_a_whole_checkpoint(
+    tmp_path, monkeypatch
+):
+    first = _save(tmp_path, update=10)
+    before = ckpt.load(first).weights
+    rename = ckpt.os.rename
+
+    def killed_before_the_new_one_is_in(src, dst):
+        if Path(src).name.startswith(".tmp-"):
+            raise Killed
+        rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", killed_before_the_new_one_is_in)
+    with pytest.raises(Killed):
+        _save(tmp_path, update=10)
+    monkeypatch.undo()
+    loaded = ckpt.load(tmp_path)  # the old copy, set aside whole
+    assert loaded.update == 10 and torch.equal(loaded.weights, before)
+    # the next write (the same update again) puts it back under its name, alone
+    assert _save(tmp_path, update=10) == first
+    assert ckpt.checkpoints(tmp_path) == [first] and sorted(tmp_path.iterdir()) == [first]
+
+
+def test_a_checkpoint_rotated_away_while_it_is_read_gives_the_newer_one(tmp_path, monkeypatch):
+    _save(tmp_path, update=10)
+    verified = ckpt._verified
+
+    def a_run_writes_the_next_one(file, expected):
+        if file.parent.name == ckpt.name_of(10):
+            _save(tmp_path, update=20)  # keep=1: checkpoint 10 goes
+        return verified(file, expected)
+
+    monkeypatch.setattr(ckpt, "_verified", a_run_writes_the_next_one)
+    assert ckpt.load(tmp_path).update == 20
+
+
 def _corrupt_last_byte(file: Path) -> None:
     data = bytearray(file.read_bytes())
     data[-1] ^= 0xFF

@@ -11,7 +11,8 @@ A checkpoint is a directory ``<dir>/ckpt-<update>``:
 
 Writes are atomic: files go into a temporary directory (each written, flushed and fsynced),
 the manifest last, then one ``rename`` makes it ``ckpt-<update>``; only then are older
-checkpoints removed, so a crash at any moment leaves the previous whole checkpoint. Loading
+checkpoints removed, each first renamed out of sight, so a crash at any moment leaves the
+previous whole checkpoint and no half-removed one is ever listed. Loading
 reads JSON and safetensors only (nothing is unpickled) and verifies every file's size and
 hash before using it; anything wrong is a :class:`CheckpointError` naming the file.
 """
@@ -45,6 +46,8 @@ FORMAT_VERSION = 1
 """Bumped when the layout of a checkpoint changes; a loader refuses versions it does not know."""
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
+REPLACED = ".replaced"
+"""Suffix of the old copy that a rewrite of the same update sets aside until the new one is in."""
 
 log = logging.getLogger("distbelief")
 
@@ -265,16 +268,33 @@ def save(
         text = json.dumps(manifest, indent=1, allow_nan=False).encode()
         _write_file(tmp / MANIFEST, text)  # last: a directory without it is not a checkpoint
         _fsync_dir(tmp)
-        if final.exists():  # the same update written again (e.g. a final one): replace it
-            shutil.rmtree(final)
+        replaced = final.with_name(final.name + REPLACED)
+        if final.exists():  # the same update written again (e.g. a final one): replace it,
+            if replaced.exists():  # keeping the old one whole, under a name that sorts older,
+                _discard(replaced)  # until the new one is in place
+            os.rename(final, replaced)
         os.rename(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replaced.exists():
+        _discard(replaced)
     for old in checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint so that no reader, and no crash midway, sees it half-deleted: one
+    rename first makes it a ``.tmp-*`` directory (never listed, and removed by
+    :func:`remove_partial`), then its files go."""
+    gone = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    try:
+        os.rename(path, gone / path.name)
+    except FileNotFoundError:  # already gone
+        pass
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ reading
@@ -286,19 +306,30 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob(f"{PREFIX}*") if (p / MANIFEST).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    # ckpt-<update>.replaced is the copy a rewrite of the same update sets aside: older
+    return sorted(found, key=lambda p: (p.name.removesuffix(REPLACED), p.name == p.stem))
 
 
 def load(path: str | os.PathLike) -> Checkpoint:
     """Read and verify a checkpoint: ``path`` is a ``ckpt-<update>`` directory, or a directory
     of them (the newest is taken). Raises :class:`CheckpointError` naming the bad file."""
     path = Path(path)
-    if not (path / MANIFEST).is_file():
+    if (path / MANIFEST).is_file():
+        return _load_one(path)
+    for _ in range(8):  # a run writing there may rotate the newest away while it is read
         found = checkpoints(path)
         if not found:
             what = "does not exist" if not path.exists() else "holds no checkpoint"
             raise CheckpointError(f"resume: {path} {what}")
-        path = found[-1]
+        try:
+            return _load_one(found[-1])
+        except CheckpointError:
+            if found[-1].exists():
+                raise
+    raise CheckpointError(f"resume: {path}: its checkpoints changed under every read")
+
+
+def _load_one(path: Path) -> Checkpoint:
     where = path / MANIFEST
     try:
         manifest = json.loads(where.read_bytes())
