@@ -5,6 +5,7 @@ a checkpoint resumed, and every bad input refused before anything runs."""
 from __future__ import annotations
 
 import copy
+import math
 import random
 import signal
 
@@ -23,7 +24,18 @@ from distbelief.algorithms.downpour.driver import (
 )
 from distbelief.algorithms.downpour.parameter_shard import ParameterShard
 from distbelief.algorithms.downpour.recovery import split_checkpoint
-from distbelief.core.blocks import BlockPass, block_parameters, plan_split, run_blocks
+from distbelief.core.blocks import (
+    BlockPass,
+    assemble_strip,
+    block_parameters,
+    cut_elements,
+    grads_to_return,
+    own_grad,
+    pieces_to_send,
+    plan_split,
+    run_blocks,
+    stage_cut,
+)
 from distbelief.core.flat import flatten
 from distbelief.core.layout import Layout
 from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
@@ -138,6 +150,79 @@ def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_i
         assert all(bp.input_grad is None for bp in passes)
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 4])
+@pytest.mark.parametrize("cut_at", [3, 5, 7])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_stage_cut_sends_only_strips_and_equals_run_blocks(parts, cut_at, overlap):
+    # The second stage starts with a locally-connected layer (kernels 5, 3 with stride 2, 2 with
+    # no padding): each of its blocks gets only its strip from the first stage's blocks, and
+    # the strips' gradients go back to be summed by their owners.
+    layers = halo_net()
+    first, second = layers[:cut_at], layers[cut_at:]
+    plan_a = plan_split(first, parts, (10,))
+    plan_b = plan_split(second, parts, plan_a.output.shape)
+    cut = stage_cut(plan_a, plan_b)
+    assert cut is not None and cut.input == plan_a.output
+    whole = math.prod(plan_a.output.shape) * parts  # every piece to every block
+    assert cut_elements(plan_a, plan_b) == sum(t.elements for t in cut.transfers)
+    if parts > 1:
+        assert cut_elements(plan_a, plan_b) < whole / 2 + whole / parts
+    x, g = torch.randn(6, 10), torch.randn(6, 7)
+    ref_b = run_blocks(
+        plan_b, second, run_blocks(plan_a, first, x, torch.zeros(6, *plan_a.output.shape)).output, g
+    )
+    ref_a = run_blocks(plan_a, first, x, ref_b.input_grad)
+    rng = random.Random(parts)
+
+    def params(plan, stage_layers, b):
+        return [
+            [p.detach().clone().requires_grad_() for p in block_parameters(lp, b, layer)]
+            for lp, layer in zip(plan.layers, stage_layers)
+        ]
+
+    passes_a = [BlockPass(plan_a, b, first, False, overlap) for b in range(parts)]
+    queue = []
+    for b, bp in enumerate(passes_a):
+        queue += [(b, s) for s in bp.start(x, params(plan_a, first, b))] + [(b, "more")] * bp.more
+    _exchange(passes_a, queue, rng, backward=False)
+    passes_b = [BlockPass(plan_b, b, second, True, overlap, strip_input=True) for b in range(parts)]
+    sent = [(t, v) for b, bp in enumerate(passes_a) for t, v in pieces_to_send(cut, b, bp.output)]
+    rng.shuffle(sent)
+    for b, bp in enumerate(passes_b):
+        strip = assemble_strip(cut, b, [(t, v) for t, v in sent if t.dst == b])
+        queue += [(b, s) for s in bp.start(strip, params(plan_b, second, b))]
+        queue += [(b, "more")] * bp.more
+    _exchange(passes_b, queue, rng, backward=False)
+    torch.testing.assert_close(plan_b.output.assemble([bp.output for bp in passes_b]), ref_b.output)
+    for b, grad in enumerate(plan_b.output.cut(g)):
+        queue += [(b, s) for s in passes_b[b].backward(grad)] + [(b, "more")] * passes_b[b].more
+    _exchange(passes_b, queue, rng, backward=True)
+    back = [
+        (t, gv) for b, bp in enumerate(passes_b) for t, gv in grads_to_return(cut, b, bp.input_grad)
+    ]
+    rng.shuffle(back)
+    for b, bp in enumerate(passes_a):
+        grad = own_grad(cut, b, bp.output, [(t, gv) for t, gv in back if t.src == b])
+        torch.testing.assert_close(grad, plan_a.output.cut(ref_b.input_grad)[b])
+        queue += [(b, s) for s in bp.backward(grad)] + [(b, "more")] * bp.more
+    _exchange(passes_a, queue, rng, backward=True)
+    for passes, ref in ((passes_a, ref_a), (passes_b, ref_b)):
+        for b, bp in enumerate(passes):
+            assert bp.done
+            mine = [t for grads in bp.param_grads for t in grads]
+            for got, want in zip(mine, ref.param_grads[b], strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_stage_cut_sends_every_piece_where_a_layer_reads_all_of_its_input():
+    layers = halo_net()  # the second stage starts with a ReLU, or with the Linear
+    for cut_at in (2, 9):
+        plan_a = plan_split(layers[:cut_at], 2, (10,))
+        plan_b = plan_split(layers[cut_at:], 2, plan_a.output.shape)
+        assert stage_cut(plan_a, plan_b) is None
+        assert cut_elements(plan_a, plan_b) == math.prod(plan_a.output.shape) * 2
+
+
 def test_interior_outputs_read_only_the_blocks_own_piece():
     from distbelief.core.blocks import _field, interior
 
@@ -212,7 +297,8 @@ def plain_sgd(model, batches, lr):
 
 @pytest.mark.parametrize("net", [mlp_net, local_net])
 @pytest.mark.parametrize(
-    "parts, shards, stages", [(1, 1, 1), (2, 3, 1), (3, 2, 1), (4, 1, 1), (2, 2, 2), (3, 1, 2)]
+    "parts, shards, stages",
+    [(1, 1, 1), (2, 3, 1), (3, 2, 1), (4, 1, 1), (2, 2, 2), (3, 1, 2), (2, 2, (3,)), (4, 1, (3,))],
 )
 def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards, stages):
     model = net()

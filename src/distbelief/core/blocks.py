@@ -22,15 +22,18 @@ that logical shape. Layers before the stage's first split layer see the stage's 
 run in every block. Any other layer is a :class:`ConfigError` naming it and its type.
 
 :func:`plan_split` makes the plan of a stage; :func:`crossing_bytes` counts what crosses
-between its blocks per training step. The block-level functions are what a partition
-actor calls: :func:`strip_of_whole`, :func:`pieces_to_send`, :func:`assemble_strip`,
-:func:`block_forward`, :func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
+between its blocks per training step; :func:`stage_cut` plans a cut between two stages that
+sends each block of the next only its strip (:func:`cut_elements` counts it). The
+block-level functions are what a partition actor calls: :func:`strip_of_whole`,
+:func:`pieces_to_send`, :func:`assemble_strip`, :func:`block_forward`,
+:func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
 :func:`run_blocks` runs them all in one process (the reference the actors follow, and the
 tests' oracle).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -413,6 +416,41 @@ def stage_plans(
     return plans
 
 
+def stage_cut(previous: StagePlan, plan: StagePlan) -> LayerPlan | None:
+    """What crosses the cut into ``plan``'s stage from ``previous``'s, when only strips need
+    to: the stage's first layer is locally connected and reads its input along the axis the
+    previous stage's output is cut on. Then it is that layer's plan with the previous stage's
+    output as its input and, per block, the parts of the previous blocks' pieces its strip
+    reads (``transfers``: ``src`` a previous block, ``dst`` one of this stage's), so a block of
+    the next stage gets its strip (its own positions and a halo), not every piece; its strip's
+    gradient goes back the same way (:func:`pieces_to_send`, :func:`assemble_strip`,
+    :func:`grads_to_return`, :func:`own_grad` work on it as on a layer within a stage). None
+    otherwise (a ``Linear`` reads all of its input; a reshape or element-wise layer first; a
+    previous block nobody reads, with a stride longer than the kernel): every piece goes to
+    every block, which assembles the whole input."""
+    first, out = plan.layers[0], previous.output
+    if first.kind not in ("local1d", "local2d") or first.input is not None:
+        return None
+    if out.view != first.in_shape or out.axis != first.in_axis or previous.parts != plan.parts:
+        return None
+    transfers = _transfers(out, first.needs, True, out.view[out.axis])
+    sources = {t.src for t in transfers}
+    if len(sources) < previous.parts or {t.dst for t in transfers} != set(range(plan.parts)):
+        return None
+    return dataclasses.replace(first, input=out, transfers=transfers, gather_all=False)
+
+
+def cut_elements(previous: StagePlan, plan: StagePlan) -> int:
+    """Elements per example that cross the cut between two stages of blocks in one forward
+    pass (as many gradients cross back): every previous piece to every block, or, with a
+    :func:`stage_cut`, only the strips. Counted from the plans."""
+    cut = stage_cut(previous, plan)
+    if cut is not None:
+        return sum(t.elements for t in cut.transfers)
+    out = previous.output
+    return math.prod(out.shape) * plan.parts
+
+
 # ------------------------------------------------------------- what one block does, per layer
 
 
@@ -768,6 +806,9 @@ class BlockPass:
     the block's parameter slices as leaf tensors (empty for a layer without any): the
     parameters' gradients are taken with respect to them (:attr:`param_grads`). With
     ``wants_input`` false (the first stage) the gradient of the stage's input is not computed.
+    With ``strip_input`` (a :func:`stage_cut` into the stage) the input given to :meth:`start`
+    is the block's strip of its first layer's input, not all of it, and :attr:`input_grad`
+    is that strip's gradient.
 
     With ``overlap``, a ``local1d`` layer whose input is cut along its positions is computed
     in two goes, so that the hop of its halo is hidden behind compute: forward, the block
@@ -787,9 +828,11 @@ class BlockPass:
         layers: Sequence[nn.Module],
         wants_input: bool = True,
         overlap: bool = False,
+        strip_input: bool = False,
     ) -> None:
         self.plan, self.block, self.layers = plan, block, layers
         self.wants_input = wants_input
+        self.strip_input = strip_input
         self.overlap = overlap
         self.more = False
         """Whether the last call returned early with work it can do now (call it again)."""
@@ -810,7 +853,8 @@ class BlockPass:
         """The block's piece of the stage's output, once the forward pass is done."""
         self.input_grad: torch.Tensor | None = None
         """The block's partial gradient of the stage's whole input (the blocks' partials
-        sum), once the backward pass is done (with ``wants_input``)."""
+        sum), or with ``strip_input`` its strip's, once the backward pass is done (with
+        ``wants_input``)."""
         self.param_grads: list[list[torch.Tensor]] = [[] for _ in layers]
         """Per layer, the gradients of the block's parameter slices."""
         self.done = False
@@ -825,7 +869,8 @@ class BlockPass:
         self.returned[layer, dst] = grad
 
     def start(self, x: torch.Tensor, params: Sequence[Sequence[torch.Tensor]]) -> list[Send]:
-        """Begin the forward pass on the stage's input ``x`` (all of it) with ``params``."""
+        """Begin the forward pass on the stage's input ``x`` (all of it, or with ``strip_input``
+        the block's strip) with ``params``."""
         self.current, self.params = x, params
         # The flat gradient, laid out as the parameters: a locally-connected layer's backward
         # writes its weight's gradient straight into its place (the bulk of a block's
@@ -906,7 +951,7 @@ class BlockPass:
             if lp.kind in ("whole", "follow"):
                 xin = piece
             elif lp.input is None:
-                xin = strip_of_whole(lp, b, piece)
+                xin = piece if self.strip_input else strip_of_whole(lp, b, piece)
             else:
                 mine = [t for t in lp.transfers if t.dst == b]
                 split_halo = self._overlaps(lp, mine)
@@ -997,7 +1042,9 @@ class BlockPass:
                     self.grad, self.back = strip_grad, i - 1
                     continue
                 if lp.input is None:
-                    self.grad, self.back = whole_input_grad(lp, b, strip_grad), i - 1
+                    whole = not self.strip_input
+                    self.grad = whole_input_grad(lp, b, strip_grad) if whole else strip_grad
+                    self.back = i - 1
                     continue
                 for t, g in grads_to_return(lp, b, strip_grad):
                     if t.src == b:

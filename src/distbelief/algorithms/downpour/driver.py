@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.blocks import StagePlan, stage_plans
+from ...core.blocks import StagePlan, stage_cut, stage_plans
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout, Range, Segment
 from ...data.formats import DataFileChanged
@@ -169,6 +169,8 @@ class DownpourDriver(Driver):
             in_shape = tuple(job.rows.probe()[0].shape[1:])
             plans = stage_plans(job.stage_layers, config.partitions, in_shape)
             self.plans = plans
+            # per stage, what crosses into it from the one before when only strips need to
+            self.cuts = [None] + [stage_cut(a, b) for a, b in zip(plans, plans[1:])]
             self.owners = partition_owners(self.layout, plans)
         self.checkpointer = None
         if config.checkpoint_dir is not None:
@@ -359,6 +361,8 @@ class DownpourDriver(Driver):
                     config.n_fetch,
                     config.n_push,
                     config.local_lr,
+                    self.cuts[s],
+                    self.cuts[s + 1] if s + 1 < n_stages else None,
                 )
             )
         return refs

@@ -8,7 +8,9 @@ sends (the maths is ``core.blocks.BlockPass``'s; this actor only routes it):
 
 - into the stage: the first stage's partitions each get the whole mini-batch from the data
   shard (``Forward``); a later stage's each get every piece of the stage before's output
-  (``BlockInput``, from each of its partitions) and assemble it;
+  (``BlockInput``, from each of its partitions) and assemble it, or, across a
+  ``core.blocks.stage_cut`` (the stage starts with a locally-connected layer), only the parts
+  its strip reads;
 - within the stage, before each split layer whose input is cut: the parts of its piece the
   others' strips read (``Exchange``: all of it for a ``Linear``, a halo for a locally-connected
   layer), and in the backward pass the gradients of the parts it read (``ExchangeGrad``),
@@ -16,8 +18,9 @@ sends (the maths is ``core.blocks.BlockPass``'s; this actor only routes it):
 - out of the last stage: each partition sends its output piece to block 0 (``BlockOutput``),
   which assembles the output, takes the loss and returns each its piece's gradient
   (``BlockGrad``); out of an earlier stage's backward pass, each partition sends each of the
-  stage before's partitions its piece of its partial input gradient (``BlockGrad``), which
-  they sum; the first stage's partitions each tell the data shard the step is done.
+  stage before's partitions it read from its piece of its partial input gradient
+  (``BlockGrad``), which they sum at its positions; the first stage's partitions each tell
+  the data shard the step is done.
 
 Fetches, pushes, ``n_fetch``, ``n_push``, ``local_lr``, drains and checkpoint marks are a
 stage's, per partition (its own segments on each shard it meets: an owner of several ranges).
@@ -43,12 +46,17 @@ from torch import nn
 
 from ...core.blocks import (
     BlockPass,
+    LayerPlan,
     Send,
     Split,
     StagePlan,
+    assemble_strip,
     block_leaves,
     block_parameters,
     block_shapes,
+    grads_to_return,
+    own_grad,
+    pieces_to_send,
 )
 from ...core.layout import Range, Segment
 from ...runtime.base import Actor, receives
@@ -106,6 +114,8 @@ class Partition(Actor):
 
     ``plan`` is the stage's ``core.blocks.StagePlan``; ``input_split`` how the stage's input
     is cut among the previous stage's partitions (None for the first stage: it comes whole);
+    ``entry`` and ``next_entry`` the ``core.blocks.stage_cut`` into this stage and into the
+    next (None where every piece goes to every block);
     ``layers`` the stage's layers (only the block's slices of their parameters are used);
     ``segments`` the block's segments (``Layout.segments_of_ranges`` of its ``ranges``,
     ``Segment.stage`` being its owner index, ``stage * P + block``); ``loss_fn`` the loss
@@ -128,9 +138,17 @@ class Partition(Actor):
         n_fetch: int,
         n_push: int,
         local_lr: float = 0.0,
+        entry: LayerPlan | None = None,
+        next_entry: LayerPlan | None = None,
     ) -> None:
         self.replica, self.stage, self.block = replica, stage, block
         self.plan, self.input_split = plan, input_split
+        self.entry, self.next_entry = entry, next_entry
+        # with a stage cut, whom the block hears from (sends to) across it, and what
+        self.sources = {t.src: t for t in entry.transfers if t.dst == block} if entry else {}
+        self.readers = (
+            {t.dst: t for t in next_entry.transfers if t.src == block} if next_entry else {}
+        )
         self.owner = stage * plan.parts + block
         self.layers = [layer.train() for layer in layers]
         self.loss_fn = loss_fn
@@ -209,7 +227,9 @@ class Partition(Actor):
             return held
         if held is not None and held.attempt > attempt:
             return None
-        pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0, overlap=OVERLAP)
+        pass_ = BlockPass(
+            self.plan, self.block, self.layers, self.stage > 0, OVERLAP, self.entry is not None
+        )
         state = _Step(attempt, pass_)
         self.steps[step] = state
         return state
@@ -228,7 +248,12 @@ class Partition(Actor):
             return
         state.inputs[msg.src] = msg.activations
         state.targets = msg.targets
-        if len(state.inputs) == len(self.previous or ()):
+        if self.entry is not None:  # a stage cut: only the strip's parts come
+            if len(state.inputs) == len(self.sources):
+                got = [(self.sources[src], v) for src, v in state.inputs.items()]
+                state.x, state.inputs = assemble_strip(self.entry, self.block, got), {}
+                self._ready(msg.step, state)
+        elif len(state.inputs) == len(self.previous or ()):
             assert self.input_split is not None
             pieces = [state.inputs[b] for b in range(len(state.inputs))]
             state.x, state.inputs = self.input_split.assemble(pieces), {}
@@ -280,7 +305,12 @@ class Partition(Actor):
         out = state.pass_.output
         if out is None:
             return
-        if self.next is not None:
+        if self.next is not None and self.next_entry is not None:  # only what each reads
+            for t, part in pieces_to_send(self.next_entry, self.block, out):
+                part = part if part.shape == out.shape else part.clone()
+                msg = BlockInput(step, state.attempt, self.block, part, state.targets)
+                self.ctx.tell(self.next[t.dst], msg)
+        elif self.next is not None:
             for ref in self.next:
                 self.ctx.tell(ref, BlockInput(step, state.attempt, self.block, out, state.targets))
         elif self.block == 0:
@@ -324,13 +354,21 @@ class Partition(Actor):
         if state is None:
             return
         state.grads[msg.src], state.loss = msg.grad, msg.loss
-        self._backward(msg.step, state, 1 if self.next is None else len(self.next))
+        if self.next is None:
+            expected = 1
+        else:
+            expected = len(self.readers) if self.next_entry is not None else len(self.next)
+        self._backward(msg.step, state, expected)
 
     def _backward(self, step: int, state: _Step, expected: int) -> None:
         if len(state.grads) < expected or state.pass_.output is None:
             return
-        grads = [state.grads[k] for k in sorted(state.grads)]
-        grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+        if self.next is not None and self.next_entry is not None:  # each for what it read
+            got = [(self.readers[dst], g) for dst, g in state.grads.items()]
+            grad = own_grad(self.next_entry, self.block, state.pass_.output, got)
+        else:
+            grads = [state.grads[k] for k in sorted(state.grads)]
+            grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
         state.grads = {}
         self._send(step, state, state.pass_.backward(grad), back=True)
         self._backward_more(step, state)
@@ -362,7 +400,12 @@ class Partition(Actor):
             self._accrue(bp.flat_param_grad(), state.versions)
             if self.accrued_steps == self.n_push:
                 self._push()
-        if self.previous is not None:
+        if self.previous is not None and self.entry is not None:
+            assert bp.input_grad is not None
+            for t, g in grads_to_return(self.entry, self.block, bp.input_grad):
+                grad = BlockGrad(step, state.attempt, self.block, g.clone(), state.loss)
+                self.ctx.tell(self.previous[t.src], grad)
+        elif self.previous is not None:
             assert self.input_split is not None and bp.input_grad is not None
             for b, piece in enumerate(self.input_split.cut(bp.input_grad)):
                 grad = BlockGrad(step, state.attempt, self.block, piece.clone(), state.loss)
