@@ -12,7 +12,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from support import run, separable_data
+from support import RecordingContext, run, separable_data
 from torch import nn
 
 import distbelief
@@ -22,7 +22,9 @@ from distbelief.algorithms.downpour.driver import (
     partition_owners,
     stage_plans,
 )
+from distbelief.algorithms.downpour.messages import ConnectPartition, FetchReply, Forward
 from distbelief.algorithms.downpour.parameter_shard import ParameterShard
+from distbelief.algorithms.downpour.partition import Partition
 from distbelief.algorithms.downpour.recovery import split_checkpoint
 from distbelief.core.blocks import (
     BlockPass,
@@ -543,3 +545,33 @@ def test_the_simulated_runtime_runs_partitions():
         optimizer="adagrad", stages=2, partitions=2, shards=2, runtime="simulated",
     )  # fmt: skip
     assert result.stats["steps"] == 8 and result.stats["virtual_s"] > 0
+
+
+def test_with_n_fetch_2_a_partition_fetches_the_due_step_as_soon_as_the_step_before_is_done():
+    layers = [nn.Linear(4, 3)]
+    plans = stage_plans([layers], 1, (4,))
+    (owner,) = partition_owners(build_layout([layers], 1), plans)
+    part = Partition(
+        0, 0, 0, plans[0], None, layers, owner.segments, owner.ranges,
+        F.cross_entropy, n_fetch=2, n_push=2,
+    )  # fmt: skip
+    ctx = RecordingContext()
+    part.bind(ctx)
+    part.on_connect(ConnectPartition(None, ("self",), None, ("s0",), "data"), None)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    values = flatten(layers)
+
+    def kinds() -> list[str]:
+        return [type(m).__name__ for _, m in ctx.take()]
+
+    part.on_forward(Forward(0, x, y), "data")
+    assert kinds() == ["Fetch"]  # the first step fetches
+    part.on_fetch_reply(FetchReply(0, values.clone(), 1), "s0")
+    assert kinds() == ["StepDone"]  # step 1 is not due
+    part.on_forward(Forward(1, x, y), "data")
+    # step 2 is due: its fetch goes right after step 1's push, before step 2 arrives
+    assert kinds() == ["Push", "Fetch", "StepDone"]
+    part.on_fetch_reply(FetchReply(0, values.clone(), 2), "s0")
+    part.on_forward(Forward(2, x, y), "data")
+    assert kinds() == ["StepDone"]  # it runs at once, on what the fetch ahead brought
+    assert part.versions == {0: 2}

@@ -27,8 +27,8 @@ stage's, per partition (its own segments on each shard it meets: an owner of sev
 Every fetch makes a new version of its parameters (copied from the replies, never read in
 place), which each mini-batch's pass keeps until its backward pass: so with several
 mini-batches in flight (``pipeline_depth``) every backward pass uses the parameters its own
-forward pass used (weight stashing). Unlike a stage it does not fetch ahead (``n_fetch`` > 1):
-it fetches when a step that is due arrives.
+forward pass used (weight stashing). With ``n_fetch`` > 1 the fetch of a step that is due is
+issued as soon as the step before is done, after its push (as a stage fetches ahead).
 
 Every message of a pass carries the step and its *attempt*: after a restart of any partition
 of the replica the data shard sends every mini-batch in flight again with the attempt bumped,
@@ -193,6 +193,7 @@ class Partition(Actor):
         self.versions = {k: 0 for k in self.spans}
         self.fetched = False
         self.fetching: set[int] = set()
+        self.prefetched = -1  # the step whose fetch was issued ahead
         self.incoming: torch.Tensor | None = None
         self.incoming_versions: dict[int, int] = {}
         self.pending: list[tuple[int, int]] = []  # (step, attempt) waiting for a fetch
@@ -264,7 +265,8 @@ class Partition(Actor):
         if self.fetching:
             self.pending.append((step, state.attempt))
             return
-        if self.spans and (step % self.n_fetch == 0 or not self.fetched):
+        due = step % self.n_fetch == 0 and self.prefetched != step
+        if self.spans and (due or not self.fetched):
             self.pending.append((step, state.attempt))
             self.fetch()
         else:
@@ -400,6 +402,7 @@ class Partition(Actor):
             self._accrue(bp.flat_param_grad(), state.versions)
             if self.accrued_steps == self.n_push:
                 self._push()
+            self._fetch_ahead(step + 1)
         if self.previous is not None and self.entry is not None:
             assert bp.input_grad is not None
             for t, g in grads_to_return(self.entry, self.block, bp.input_grad):
@@ -414,6 +417,19 @@ class Partition(Actor):
             self.ctx.tell(self.data_shard, StepDone(step, state.loss, self.block, state.attempt))
 
     # -------------------------------------------------------------- fetch and push
+
+    def _fetch_ahead(self, step: int) -> None:
+        """With ``n_fetch`` > 1, the fetch for ``step``, when it is due, as soon as the step
+        before is done (the paper's fetch thread beside compute): after that step's push, on
+        the same ordered channels, so the reply includes it, as a fetch when ``step`` arrives
+        would; but its reply travels while the step's end goes round the replica. Not when
+        ``step`` has started already (mini-batches in flight) or a fetch is on its way."""
+        if self.n_fetch == 1 or step % self.n_fetch or self.fetching or not self.fetched:
+            return
+        held = self.steps.get(step)
+        if held is None or not held.started:
+            self.prefetched = step
+            self.fetch()
 
     def fetch(self) -> None:
         """Ask every shard holding a segment of this partition for its values (a new
