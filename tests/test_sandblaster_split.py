@@ -16,6 +16,8 @@ from torch import nn
 import distbelief
 from distbelief import ConfigError, SandblasterConfig
 from distbelief.algorithms.sandblaster.driver import initial_gradient
+from distbelief.core.blocks import crossing_bytes, stage_plans
+from distbelief.core.partition import layer_sizes, resolve_split_points, split_layers
 from distbelief.nn import LocallyConnected1d
 
 KW = dict(loss="cross_entropy", algorithm="sandblaster", seed=0)
@@ -82,6 +84,26 @@ def test_the_split_replicas_gradient_equals_the_unsplit_replicas(stages, partiti
         torch.testing.assert_close(split_grad, grad, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(split_grad, plain_gradient(make(), x, y), rtol=1e-6, atol=1e-9)
         assert split_loss == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("stages, partitions", [(1, 1), (1, 3), (2, 2)])
+def test_the_bytes_partitions_send_each_other_are_counted(stages, partitions):
+    """``partition_bytes``: what crossed between the blocks of each stage, both ways, for
+    every example computed (one replica: each portion once), as the plans count it."""
+    x, y = toy()
+    config = SandblasterConfig(
+        steps=0, replicas=1, shards=2, portions=3, seed=0, stages=stages, partitions=partitions
+    )
+    model = local_net()
+    _, _, done = initial_gradient(model, (x, y), F.cross_entropy, config)
+    assert done.portions_computed == (3,)
+    if partitions == 1:
+        assert done.partition_bytes == 0
+        return
+    groups = split_layers(list(model), resolve_split_points(layer_sizes(list(model)), stages))
+    plans = stage_plans(groups, partitions, (10,))
+    expected = sum(crossing_bytes(plan, len(x), torch.float64) for plan in plans)
+    assert expected > 0 and done.partition_bytes == expected
 
 
 @pytest.mark.processes

@@ -95,6 +95,7 @@ class Coordinator(Actor):
         self.backup_portions = 0
         self.backup_wins = 0
         self.duplicates_dropped = 0
+        self.partition_bytes = 0  # within the replicas' stages, every portion computed
         self.reassigned = 0
         self.restarts = 0
         self.examples = 0
@@ -247,6 +248,7 @@ class Coordinator(Actor):
             self.duplicates_dropped += 1  # from an incarnation that died: nothing of it counts
             return
         self.portions_computed[r] += 1
+        self.partition_bytes += msg.crossed_bytes
         current = self.book is not None and msg.evaluation == self.evaluation
         accepted = current and self.book.complete(r, msg.portion)
         self._tell(sender, Verdict(msg.evaluation, msg.portion, accepted))
@@ -338,6 +340,7 @@ class Coordinator(Actor):
             examples=self.examples,
             restarts=self.restarts,
             diverged=out.diverged,
+            partition_bytes=self.partition_bytes,
         )
         size = message_bytes(done) if self.count_bytes else 0
         self.ctx.tell(

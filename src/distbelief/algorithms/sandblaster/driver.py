@@ -441,6 +441,7 @@ class SandblasterDriver(Driver):
             "reassigned": done.reassigned,
             "coordinator_bytes": done.coordinator_bytes,
             "coordinator_messages": done.coordinator_messages,
+            "partition_bytes": done.partition_bytes,
             "parameters": int(weights.numel()),
             **self.common_stats(done.examples, done),
             "resumed_from_step": resume.update if resume is not None else None,

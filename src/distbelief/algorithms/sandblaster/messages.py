@@ -138,6 +138,8 @@ class PortionDone:
     """Sum of the per-example losses of the portion."""
     examples: int
     """Examples in the portion."""
+    crossed_bytes: int = 0
+    """Bytes its partitions sent each other within their stages computing it (0 unsplit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +321,9 @@ class SandblasterDone:
     """Replicas that died and were restarted."""
     diverged: str = ""
     """Why L-BFGS could not go on, when ``stop`` is ``diverged`` (a NaN or Inf met)."""
+    partition_bytes: int = 0
+    """Bytes the replicas' partitions sent each other within their stages, every portion
+    computed counted (Downpour's ``partition_bytes``); 0 without partitions."""
     checkpoints: dict[str, Any] = field(default_factory=dict)
     """What checkpointing did (``checkpoint.Checkpointer.stats``); empty without it."""
 
@@ -457,6 +462,9 @@ class PartitionParamGrad:
     owner: int
     """``stage * partitions + block``."""
     grad: torch.Tensor
+    crossed_bytes: int = 0
+    """Bytes it sent the other blocks of its stage in this pass (``PartitionExchange`` and
+    ``PartitionExchangeGrad``)."""
 
 
 @dataclass(frozen=True, slots=True)

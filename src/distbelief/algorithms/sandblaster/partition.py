@@ -134,6 +134,7 @@ class _State:
         self.sent_output = False
         self.backward_started = False
         self.reported = False
+        self.crossed_bytes = 0  # sent to the other blocks of its stage
 
 
 class SandblasterPartition(Actor):
@@ -302,6 +303,7 @@ class SandblasterPartition(Actor):
 
     def _send(self, state: _State, sends: list[Send], back: bool = False) -> None:
         for dst, layer, values in sends:
+            state.crossed_bytes += values.numel() * values.element_size()
             kind = PartitionExchangeGrad if back else PartitionExchange
             message = kind(state.ticket, state.step, layer, self.block, values)
             self.ctx.tell(self.peers[dst], message)
@@ -312,7 +314,8 @@ class SandblasterPartition(Actor):
             return
         state.reported = True
         grad = bp.flat_param_grad()
-        self.ctx.tell(self.replica, PartitionParamGrad(state.ticket, self.owner, grad))
+        param_msg = PartitionParamGrad(state.ticket, self.owner, grad, state.crossed_bytes)
+        self.ctx.tell(self.replica, param_msg)
         if self.previous is not None:
             assert bp.input_grad is not None
             split = self.input_split

@@ -126,6 +126,7 @@ class SandblasterReplica(Actor):
         self.running: tuple[Assign, torch.Tensor, torch.Tensor, float] | None = None
         self.outputs: dict[int, torch.Tensor] = {}
         self.param_grads: dict[int, torch.Tensor] = {}
+        self.crossed_bytes = 0  # that the partitions sent each other in the pass under way
         self.loss_sum = 0.0
         # Frozen parameters' ranges: their gradient is zero, as unsplit (autograd skips them).
         self.frozen: list[Range] = []
@@ -204,11 +205,15 @@ class SandblasterReplica(Actor):
         )
         self._computed(msg, flat, loss.item(), len(x), t0)
 
-    def _computed(self, msg: Assign, flat: torch.Tensor, loss: float, n: int, t0: float) -> None:
+    def _computed(
+        self, msg: Assign, flat: torch.Tensor, loss: float, n: int, t0: float, crossed: int = 0
+    ) -> None:
         """The portion's gradient (of its loss sum) is in: hold it for the verdict and report
-        the loss sum (after the slow-down, if any)."""
+        the loss sum (after the slow-down, if any) and the bytes its partitions exchanged."""
         self.held = (msg, flat)
-        done = PortionDone(self.replica, msg.generation, msg.evaluation, msg.portion, loss, n)
+        done = PortionDone(
+            self.replica, msg.generation, msg.evaluation, msg.portion, loss, n, crossed
+        )
         self._pending_done = done
         if self.slowdown > 1.0:
             if not self.single_threaded:
@@ -238,7 +243,7 @@ class SandblasterReplica(Actor):
         msg, x, _, _ = self.running
         self.ticket = (msg.generation, self.passes)
         self.passes += 1
-        self.outputs, self.param_grads = {}, {}
+        self.outputs, self.param_grads, self.crossed_bytes = {}, {}, 0
         x = x.clone() if x._base is not None else x  # a view would carry the whole batch
         forward = PartitionForward(self.ticket, msg.step, msg.evaluation, x)
         for ref in self.partitions[: self.split.partitions]:
@@ -271,6 +276,7 @@ class SandblasterReplica(Actor):
         if msg.ticket != self.ticket or self.running is None or self.split is None:
             return
         self.param_grads[msg.owner] = msg.grad
+        self.crossed_bytes += msg.crossed_bytes
         if len(self.param_grads) < len(self.split.owners):
             return
         flat = torch.zeros_like(self.weights)
@@ -283,7 +289,8 @@ class SandblasterReplica(Actor):
             flat[lo:hi] = 0.0
         assign, _, y, t0 = self.running
         self.running, self.param_grads = None, {}
-        self._computed(assign, flat, self.loss_sum, len(y), t0)
+        crossed, self.crossed_bytes = self.crossed_bytes, 0
+        self._computed(assign, flat, self.loss_sum, len(y), t0, crossed)
 
     @receives(PartitionRestarted)
     def on_partition_restarted(self, msg: PartitionRestarted, sender: object) -> None:
