@@ -169,7 +169,9 @@ def _two_node_runs(data) -> dict:
     cluster, second = _two_nodes(**fast, health_check_failure_threshold=3)
     try:
         options = {"address": cluster.address}
-        result = mnist1d_run(data, shards=2, runtime_options=options)
+        # 3 epochs, as the node loss's: one replica, so the accuracy is the local runtime's
+        # (0.63 against the band of 0.60; 0.69 at 5 epochs)
+        result = mnist1d_run(data, shards=2, epochs=3, runtime_options=options)
         ray.init(address=cluster.address)  # the node-loss run uses this connection
         alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         report = {
