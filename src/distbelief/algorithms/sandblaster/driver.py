@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.blocks import StagePlan, stage_plans
+from ...core.blocks import StagePlan, stage_cut, stage_plans
 from ...core.flat import flatten, parameters_of
 from ...core.layout import Layout, Range, shard_ranges
 from ...core.partition import layer_sizes, resolve_split_points, split_layers
@@ -317,6 +317,9 @@ class SandblasterDriver(Driver):
         for s, group in enumerate(self.job.stage_layers):
             plan = plans[s] if plans is not None else None
             before = plans[s - 1].output if plans is not None and s > 0 else None
+            # what crosses into stage s (and into s + 1) when only strips need to
+            entry = stage_cut(plans[s - 1], plans[s]) if plans is not None and s > 0 else None
+            leaving = stage_cut(plans[s], plans[s + 1]) if plans is not None and s + 1 < S else None
             for b in range(P):
                 refs.append(
                     rt.spawn(
@@ -329,6 +332,8 @@ class SandblasterDriver(Driver):
                         before,
                         copy.deepcopy(group),
                         S,
+                        entry,
+                        leaving,
                     )  # fmt: skip
                 )
         return refs

@@ -14,7 +14,9 @@ block holding all its layers, of any type, :class:`WholePass`). What a pass send
   read, and their gradients back (``PartitionExchange``, ``PartitionExchangeGrad``);
 - between stages, each partition's output piece to every partition of the next stage
   (``PartitionInput``), and each one's partial gradient of those pieces back
-  (``PartitionGrad``, summed by their owner);
+  (``PartitionGrad``, summed by their owner); or, across a ``core.blocks.stage_cut`` (the next
+  stage starts with a locally-connected layer), only the part each one's strip reads, and its
+  gradient back;
 - the last stage's pieces to the replica (``PartitionOutput``), which takes the loss and
   returns each its piece's gradient (``PartitionGrad``); every partition sends the replica the
   gradient of its parameters (``PartitionParamGrad``), which it lays into the flat gradient.
@@ -34,7 +36,20 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ...core.blocks import BlockPass, Send, Shape, Split, StagePlan, block_leaves, block_shapes
+from ...core.blocks import (
+    BlockPass,
+    LayerPlan,
+    Send,
+    Shape,
+    Split,
+    StagePlan,
+    assemble_strip,
+    block_leaves,
+    block_shapes,
+    grads_to_return,
+    own_grad,
+    pieces_to_send,
+)
 from ...core.partition import edits_its_input
 from ...runtime.base import Actor, receives
 from .messages import (
@@ -144,7 +159,9 @@ class SandblasterPartition(Actor):
     whole stage, any layers); ``input_split`` how the stage's input is cut among the previous
     stage's partitions (None: it comes whole, from the replica or from one partition);
     ``layers`` the stage's layers (only the block's slices of their parameters are used, and
-    only as shapes: the values come from the replica); ``stages`` the replica's stage count.
+    only as shapes: the values come from the replica); ``stages`` the replica's stage count;
+    ``entry`` and ``next_entry`` the ``core.blocks.stage_cut`` into this stage and into the
+    next (None where every piece goes to every block), as Downpour's partitions take them.
     """
 
     restartable = True
@@ -158,9 +175,17 @@ class SandblasterPartition(Actor):
         input_split: Split | None,
         layers: list[nn.Module],
         stages: int,
+        entry: LayerPlan | None = None,
+        next_entry: LayerPlan | None = None,
     ) -> None:
         self.replica_index, self.stage, self.block = replica, stage, block
         self.plan, self.input_split = plan, input_split
+        self.entry, self.next_entry = entry, next_entry
+        # with a stage cut, whom the block hears from (sends to) across it, and what
+        self.sources = {t.src: t for t in entry.transfers if t.dst == block} if entry else {}
+        self.readers = (
+            {t.dst: t for t in next_entry.transfers if t.src == block} if next_entry else {}
+        )
         self.parts = plan.parts if plan is not None else 1
         self.owner = stage * self.parts + block
         self.last = stage == stages - 1
@@ -210,7 +235,8 @@ class SandblasterPartition(Actor):
             return None
         pass_: BlockPass | WholePass
         if self.plan is not None:
-            pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0)
+            strips = self.entry is not None
+            pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0, False, strips)
         else:
             pass_ = WholePass(self.layers, self.stage > 0)
         self.state = _State(ticket, pass_)
@@ -231,7 +257,12 @@ class SandblasterPartition(Actor):
         state.step, state.evaluation = msg.step, msg.evaluation
         state.inputs[msg.src] = msg.piece
         assert self.previous is not None
-        if len(state.inputs) == len(self.previous):
+        if self.entry is not None:  # a stage cut: only the strip's parts come
+            if len(state.inputs) == len(self.sources):
+                got = [(self.sources[src], v) for src, v in state.inputs.items()]
+                state.x, state.inputs = assemble_strip(self.entry, self.block, got), {}
+                self._start(state)
+        elif len(state.inputs) == len(self.previous):
             pieces = [state.inputs[b] for b in range(len(self.previous))]
             split = self.input_split
             state.x = pieces[0] if split is None else split.assemble(pieces)
@@ -263,7 +294,12 @@ class SandblasterPartition(Actor):
         if out is None or state.sent_output:
             return
         state.sent_output = True
-        if self.next is not None:
+        if self.next is not None and self.next_entry is not None:  # only what each reads
+            for t, part in pieces_to_send(self.next_entry, self.block, out):
+                part = part if part.shape == out.shape else part.clone()
+                msg = PartitionInput(state.ticket, state.step, state.evaluation, self.block, part)
+                self.ctx.tell(self.next[t.dst], msg)
+        elif self.next is not None:
             for ref in self.next:
                 self.ctx.tell(
                     ref, PartitionInput(state.ticket, state.step, state.evaluation, self.block, out)
@@ -281,12 +317,20 @@ class SandblasterPartition(Actor):
         self._backward(state)
 
     def _backward(self, state: _State) -> None:
-        expected = 1 if self.next is None else len(self.next)
+        if self.next is None:
+            expected = 1
+        else:
+            expected = len(self.readers) if self.next_entry is not None else len(self.next)
         if state.backward_started or len(state.grads) < expected or not state.sent_output:
             return
         state.backward_started = True
-        grads = [state.grads[k] for k in sorted(state.grads)]
-        grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
+        if self.next is not None and self.next_entry is not None:  # each for what it read
+            got = [(self.readers[dst], g) for dst, g in state.grads.items()]
+            assert state.pass_.output is not None
+            grad = own_grad(self.next_entry, self.block, state.pass_.output, got)
+        else:
+            grads = [state.grads[k] for k in sorted(state.grads)]
+            grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
         state.grads = {}
         self._send(state, state.pass_.backward(grad), back=True)
         self._backward_done(state)
@@ -316,7 +360,12 @@ class SandblasterPartition(Actor):
         grad = bp.flat_param_grad()
         param_msg = PartitionParamGrad(state.ticket, self.owner, grad, state.crossed_bytes)
         self.ctx.tell(self.replica, param_msg)
-        if self.previous is not None:
+        if self.previous is not None and self.entry is not None:
+            assert bp.input_grad is not None
+            for t, g in grads_to_return(self.entry, self.block, bp.input_grad):
+                grad_msg = PartitionGrad(state.ticket, state.step, self.block, g.clone())
+                self.ctx.tell(self.previous[t.src], grad_msg)
+        elif self.previous is not None:
             assert bp.input_grad is not None
             split = self.input_split
             pieces = [bp.input_grad] if split is None else split.cut(bp.input_grad)
