@@ -153,12 +153,13 @@ def test_block_passes_with_messages_in_any_order_equal_run_blocks(parts, wants_i
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 4])
-@pytest.mark.parametrize("cut_at", [3, 5, 7])
+@pytest.mark.parametrize("cut_at", [2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_stage_cut_sends_only_strips_and_equals_run_blocks(parts, cut_at, overlap):
     # The second stage starts with a locally-connected layer (kernels 5, 3 with stride 2, 2 with
-    # no padding): each of its blocks gets only its strip from the first stage's blocks, and
-    # the strips' gradients go back to be summed by their owners.
+    # no padding), or with an activation before one: each of its blocks gets only its strip
+    # from the first stage's blocks, and the strips' gradients go back to be summed by their
+    # owners.
     layers = halo_net()
     first, second = layers[:cut_at], layers[cut_at:]
     plan_a = plan_split(first, parts, (10,))
@@ -217,10 +218,15 @@ def test_a_stage_cut_sends_only_strips_and_equals_run_blocks(parts, cut_at, over
 
 
 def test_a_stage_cut_sends_every_piece_where_a_layer_reads_all_of_its_input():
-    layers = halo_net()  # the second stage starts with a ReLU, or with the Linear
-    for cut_at in (2, 9):
-        plan_a = plan_split(layers[:cut_at], 2, (10,))
-        plan_b = plan_split(layers[cut_at:], 2, plan_a.output.shape)
+    layers = halo_net()  # the second stage starts with the Flatten, or with the Linear
+    reshaped = [nn.Flatten(), nn.Unflatten(1, (3, 10)), *layers[3:]]  # a reshape, then local
+    for first, second in (
+        (layers[:8], layers[8:]),
+        (layers[:9], layers[9:]),
+        (layers[:3], reshaped),
+    ):
+        plan_a = plan_split(first, 2, (10,))
+        plan_b = plan_split(second, 2, plan_a.output.shape)
         assert stage_cut(plan_a, plan_b) is None
         assert cut_elements(plan_a, plan_b) == math.prod(plan_a.output.shape) * 2
 
@@ -300,7 +306,17 @@ def plain_sgd(model, batches, lr):
 @pytest.mark.parametrize("net", [mlp_net, local_net])
 @pytest.mark.parametrize(
     "parts, shards, stages",
-    [(1, 1, 1), (2, 3, 1), (3, 2, 1), (4, 1, 1), (2, 2, 2), (3, 1, 2), (2, 2, (3,)), (4, 1, (3,))],
+    [
+        (1, 1, 1),
+        (2, 3, 1),
+        (3, 2, 1),
+        (4, 1, 1),
+        (2, 2, 2),
+        (3, 1, 2),
+        (2, 2, (3,)),
+        (4, 1, (3,)),
+        (3, 1, (2,)),
+    ],
 )
 def test_one_replica_of_p_partitions_equals_the_plain_loop(net, parts, shards, stages):
     model = net()

@@ -58,6 +58,8 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 """Parameter-free layers acting on each element alone: they follow the split. (A dropout draws
 its masks per block, so a split net with dropout on is not the unsplit one bit for bit.)"""
 
+_ELEMENTWISE_NAMES = frozenset(t.__name__ for t in ELEMENTWISE)
+
 RESHAPES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
 SPLIT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, LocallyConnected1d, LocallyConnected2d)
 
@@ -418,19 +420,23 @@ def stage_plans(
 
 def stage_cut(previous: StagePlan, plan: StagePlan) -> LayerPlan | None:
     """What crosses the cut into ``plan``'s stage from ``previous``'s, when only strips need
-    to: the stage's first layer is locally connected and reads its input along the axis the
-    previous stage's output is cut on. Then it is that layer's plan with the previous stage's
-    output as its input and, per block, the parts of the previous blocks' pieces its strip
-    reads (``transfers``: ``src`` a previous block, ``dst`` one of this stage's), so a block of
-    the next stage gets its strip (its own positions and a halo), not every piece; its strip's
-    gradient goes back the same way (:func:`pieces_to_send`, :func:`assemble_strip`,
-    :func:`grads_to_return`, :func:`own_grad` work on it as on a layer within a stage). None
-    otherwise (a ``Linear`` reads all of its input; a reshape or element-wise layer first; a
+    to: the stage's first split layer is locally connected, only element-wise layers come
+    before it (they commute with the cut: a block applies them to its strip), and it reads its
+    input along the axis the previous stage's output is cut on. Then it is that layer's plan
+    with the previous stage's output as its input and, per block, the parts of the previous
+    blocks' pieces its strip reads (``transfers``: ``src`` a previous block, ``dst`` one of
+    this stage's), so a block of the next stage gets its strip (its own positions and a halo),
+    not every piece; its strip's gradient goes back the same way (:func:`pieces_to_send`,
+    :func:`assemble_strip`, :func:`grads_to_return`, :func:`own_grad` work on it as on a layer
+    within a stage). None otherwise (a ``Linear`` reads all of its input; a reshape first; a
     previous block nobody reads, with a stride longer than the kernel): every piece goes to
     every block, which assembles the whole input."""
-    first, out = plan.layers[0], previous.output
+    out = previous.output
+    first = next(lp for lp in plan.layers if lp.kind != "whole")  # plan_split ensures one
     if first.kind not in ("local1d", "local2d") or first.input is not None:
         return None
+    if any(lp.name not in _ELEMENTWISE_NAMES for lp in plan.layers[: first.index]):
+        return None  # (a reshape; or a subclass under another name: not taken for element-wise)
     if out.view != first.in_shape or out.axis != first.in_axis or previous.parts != plan.parts:
         return None
     transfers = _transfers(out, first.needs, True, out.view[out.axis])
