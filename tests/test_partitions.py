@@ -28,12 +28,9 @@ from distbelief.algorithms.downpour.partition import Partition
 from distbelief.algorithms.downpour.recovery import split_checkpoint
 from distbelief.core.blocks import (
     BlockPass,
-    assemble_strip,
+    CutEnds,
     block_parameters,
     cut_elements,
-    grads_to_return,
-    own_grad,
-    pieces_to_send,
     plan_split,
     run_blocks,
     stage_cut,
@@ -184,15 +181,23 @@ def test_a_stage_cut_sends_only_strips_and_equals_run_blocks(parts, cut_at, over
         ]
 
     passes_a = [BlockPass(plan_a, b, first, False, overlap) for b in range(parts)]
+    ends_a = [CutEnds(b, None, cut) for b in range(parts)]
+    ends_b = [CutEnds(b, cut, None) for b in range(parts)]
     queue = []
     for b, bp in enumerate(passes_a):
         queue += [(b, s) for s in bp.start(x, params(plan_a, first, b))] + [(b, "more")] * bp.more
     _exchange(passes_a, queue, rng, backward=False)
     passes_b = [BlockPass(plan_b, b, second, True, overlap, strip_input=True) for b in range(parts)]
-    sent = [(t, v) for b, bp in enumerate(passes_a) for t, v in pieces_to_send(cut, b, bp.output)]
+    # what each block of the first stage sends across (CutEnds, as a partition actor uses it)
+    sent = [(b, dst, v) for b, bp in enumerate(passes_a) for dst, v in ends_a[b].parts(bp.output)]
     rng.shuffle(sent)
     for b, bp in enumerate(passes_b):
-        strip = assemble_strip(cut, b, [(t, v) for t, v in sent if t.dst == b])
+        inbox: dict[int, torch.Tensor] = {}
+        for src, dst, v in sent:
+            if dst == b:
+                assert ends_b[b].strip(inbox) is None  # not before every source's part is in
+                inbox[src] = v
+        strip = ends_b[b].strip(inbox)
         queue += [(b, s) for s in bp.start(strip, params(plan_b, second, b))]
         queue += [(b, "more")] * bp.more
     _exchange(passes_b, queue, rng, backward=False)
@@ -201,11 +206,13 @@ def test_a_stage_cut_sends_only_strips_and_equals_run_blocks(parts, cut_at, over
         queue += [(b, s) for s in passes_b[b].backward(grad)] + [(b, "more")] * passes_b[b].more
     _exchange(passes_b, queue, rng, backward=True)
     back = [
-        (t, gv) for b, bp in enumerate(passes_b) for t, gv in grads_to_return(cut, b, bp.input_grad)
+        (b, src, g)
+        for b, bp in enumerate(passes_b)
+        for src, g in ends_b[b].input_grads(bp.input_grad)
     ]
     rng.shuffle(back)
     for b, bp in enumerate(passes_a):
-        grad = own_grad(cut, b, bp.output, [(t, gv) for t, gv in back if t.src == b])
+        grad = ends_a[b].output_grad(bp.output, {dst: g for dst, src, g in back if src == b})
         torch.testing.assert_close(grad, plan_a.output.cut(ref_b.input_grad)[b])
         queue += [(b, s) for s in bp.backward(grad)] + [(b, "more")] * bp.more
     _exchange(passes_a, queue, rng, backward=True)

@@ -23,7 +23,8 @@ run in every block. Any other layer is a :class:`ConfigError` naming it and its 
 
 :func:`plan_split` makes the plan of a stage; :func:`crossing_bytes` counts what crosses
 between its blocks per training step; :func:`stage_cut` plans a cut between two stages that
-sends each block of the next only its strip (:func:`cut_elements` counts it). The
+sends each block of the next only its strip (:func:`cut_elements` counts it; a block's ends
+of it are a :class:`CutEnds`). The
 block-level functions are what a partition actor calls: :func:`strip_of_whole`,
 :func:`pieces_to_send`, :func:`assemble_strip`, :func:`block_forward`,
 :func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -444,6 +445,65 @@ def stage_cut(previous: StagePlan, plan: StagePlan) -> LayerPlan | None:
     if len(sources) < previous.parts or {t.dst for t in transfers} != set(range(plan.parts)):
         return None
     return dataclasses.replace(first, input=out, transfers=transfers, gather_all=False)
+
+
+@dataclass(frozen=True)
+class CutEnds:
+    """One block's ends of the :func:`stage_cut` into its stage (``entry``) and out of it into
+    the next (``exit``), None where every piece goes to every block: whom it hears from and
+    sends to across them, and what. A partition actor routes these; the maths is here."""
+
+    block: int
+    entry: LayerPlan | None
+    exit: LayerPlan | None
+
+    @property
+    def sources(self) -> dict[int, Transfer]:
+        """Per previous block it reads from across ``entry``, what it reads."""
+        cut = self.entry
+        return {t.src: t for t in cut.transfers if t.dst == self.block} if cut else {}
+
+    @property
+    def readers(self) -> dict[int, Transfer]:
+        """Per next block that reads from it across ``exit``, what that block reads."""
+        cut = self.exit
+        return {t.dst: t for t in cut.transfers if t.src == self.block} if cut else {}
+
+    def strip(self, received: Mapping[int, torch.Tensor]) -> torch.Tensor | None:
+        """The block's input strip once every source's part is in (``received``: by previous
+        block), else None."""
+        assert self.entry is not None
+        sources = self.sources
+        if len(received) < len(sources):
+            return None
+        got = [(sources[src], v) for src, v in received.items()]
+        return assemble_strip(self.entry, self.block, got)
+
+    def parts(self, out: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(next block, part)``: what of its output piece ``out`` each reader reads (a copy
+        where it is part of it, else ``out`` itself)."""
+        assert self.exit is not None
+        return [
+            (t.dst, v if v.shape == out.shape else v.clone())
+            for t, v in pieces_to_send(self.exit, self.block, out)
+        ]
+
+    def output_grad(
+        self, out: torch.Tensor, grads: Mapping[int, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The gradient of its output piece ``out`` once every reader's is in (``grads``: by
+        next block, each of what that block read), summed at their positions; else None."""
+        assert self.exit is not None
+        readers = self.readers
+        if len(grads) < len(readers):
+            return None
+        return own_grad(self.exit, self.block, out, [(readers[d], g) for d, g in grads.items()])
+
+    def input_grads(self, strip_grad: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``(previous block, gradient)``: its strip's gradient cut by the part each source
+        gave (copies)."""
+        assert self.entry is not None
+        return [(t.src, g.clone()) for t, g in grads_to_return(self.entry, self.block, strip_grad)]
 
 
 def cut_elements(previous: StagePlan, plan: StagePlan) -> int:

@@ -46,17 +46,14 @@ from torch import nn
 
 from ...core.blocks import (
     BlockPass,
+    CutEnds,
     LayerPlan,
     Send,
     Split,
     StagePlan,
-    assemble_strip,
     block_leaves,
     block_parameters,
     block_shapes,
-    grads_to_return,
-    own_grad,
-    pieces_to_send,
 )
 from ...core.layout import Range, Segment
 from ...runtime.base import Actor, receives
@@ -143,12 +140,7 @@ class Partition(Actor):
     ) -> None:
         self.replica, self.stage, self.block = replica, stage, block
         self.plan, self.input_split = plan, input_split
-        self.entry, self.next_entry = entry, next_entry
-        # with a stage cut, whom the block hears from (sends to) across it, and what
-        self.sources = {t.src: t for t in entry.transfers if t.dst == block} if entry else {}
-        self.readers = (
-            {t.dst: t for t in next_entry.transfers if t.src == block} if next_entry else {}
-        )
+        self.cut = CutEnds(block, entry, next_entry)
         self.owner = stage * plan.parts + block
         self.layers = [layer.train() for layer in layers]
         self.loss_fn = loss_fn
@@ -229,7 +221,7 @@ class Partition(Actor):
         if held is not None and held.attempt > attempt:
             return None
         pass_ = BlockPass(
-            self.plan, self.block, self.layers, self.stage > 0, OVERLAP, self.entry is not None
+            self.plan, self.block, self.layers, self.stage > 0, OVERLAP, self.cut.entry is not None
         )
         state = _Step(attempt, pass_)
         self.steps[step] = state
@@ -249,10 +241,10 @@ class Partition(Actor):
             return
         state.inputs[msg.src] = msg.activations
         state.targets = msg.targets
-        if self.entry is not None:  # a stage cut: only the strip's parts come
-            if len(state.inputs) == len(self.sources):
-                got = [(self.sources[src], v) for src, v in state.inputs.items()]
-                state.x, state.inputs = assemble_strip(self.entry, self.block, got), {}
+        if self.cut.entry is not None:  # a stage cut: only the strip's parts come
+            strip = self.cut.strip(state.inputs)
+            if strip is not None:
+                state.x, state.inputs = strip, {}
                 self._ready(msg.step, state)
         elif len(state.inputs) == len(self.previous or ()):
             assert self.input_split is not None
@@ -307,11 +299,10 @@ class Partition(Actor):
         out = state.pass_.output
         if out is None:
             return
-        if self.next is not None and self.next_entry is not None:  # only what each reads
-            for t, part in pieces_to_send(self.next_entry, self.block, out):
-                part = part if part.shape == out.shape else part.clone()
+        if self.next is not None and self.cut.exit is not None:  # only what each reads
+            for dst, part in self.cut.parts(out):
                 msg = BlockInput(step, state.attempt, self.block, part, state.targets)
-                self.ctx.tell(self.next[t.dst], msg)
+                self.ctx.tell(self.next[dst], msg)
         elif self.next is not None:
             for ref in self.next:
                 self.ctx.tell(ref, BlockInput(step, state.attempt, self.block, out, state.targets))
@@ -359,15 +350,15 @@ class Partition(Actor):
         if self.next is None:
             expected = 1
         else:
-            expected = len(self.readers) if self.next_entry is not None else len(self.next)
+            expected = len(self.cut.readers) if self.cut.exit is not None else len(self.next)
         self._backward(msg.step, state, expected)
 
     def _backward(self, step: int, state: _Step, expected: int) -> None:
         if len(state.grads) < expected or state.pass_.output is None:
             return
-        if self.next is not None and self.next_entry is not None:  # each for what it read
-            got = [(self.readers[dst], g) for dst, g in state.grads.items()]
-            grad = own_grad(self.next_entry, self.block, state.pass_.output, got)
+        if self.next is not None and self.cut.exit is not None:  # each for what it read
+            grad = self.cut.output_grad(state.pass_.output, state.grads)
+            assert grad is not None  # every reader's is in (expected)
         else:
             grads = [state.grads[k] for k in sorted(state.grads)]
             grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
@@ -403,11 +394,11 @@ class Partition(Actor):
             if self.accrued_steps == self.n_push:
                 self._push()
             self._fetch_ahead(step + 1)
-        if self.previous is not None and self.entry is not None:
+        if self.previous is not None and self.cut.entry is not None:
             assert bp.input_grad is not None
-            for t, g in grads_to_return(self.entry, self.block, bp.input_grad):
-                grad = BlockGrad(step, state.attempt, self.block, g.clone(), state.loss)
-                self.ctx.tell(self.previous[t.src], grad)
+            for src, g in self.cut.input_grads(bp.input_grad):
+                grad = BlockGrad(step, state.attempt, self.block, g, state.loss)
+                self.ctx.tell(self.previous[src], grad)
         elif self.previous is not None:
             assert self.input_split is not None and bp.input_grad is not None
             for b, piece in enumerate(self.input_split.cut(bp.input_grad)):

@@ -38,17 +38,14 @@ from torch.func import functional_call
 
 from ...core.blocks import (
     BlockPass,
+    CutEnds,
     LayerPlan,
     Send,
     Shape,
     Split,
     StagePlan,
-    assemble_strip,
     block_leaves,
     block_shapes,
-    grads_to_return,
-    own_grad,
-    pieces_to_send,
 )
 from ...core.partition import edits_its_input
 from ...runtime.base import Actor, receives
@@ -180,12 +177,7 @@ class SandblasterPartition(Actor):
     ) -> None:
         self.replica_index, self.stage, self.block = replica, stage, block
         self.plan, self.input_split = plan, input_split
-        self.entry, self.next_entry = entry, next_entry
-        # with a stage cut, whom the block hears from (sends to) across it, and what
-        self.sources = {t.src: t for t in entry.transfers if t.dst == block} if entry else {}
-        self.readers = (
-            {t.dst: t for t in next_entry.transfers if t.src == block} if next_entry else {}
-        )
+        self.cut = CutEnds(block, entry, next_entry)
         self.parts = plan.parts if plan is not None else 1
         self.owner = stage * self.parts + block
         self.last = stage == stages - 1
@@ -235,7 +227,7 @@ class SandblasterPartition(Actor):
             return None
         pass_: BlockPass | WholePass
         if self.plan is not None:
-            strips = self.entry is not None
+            strips = self.cut.entry is not None
             pass_ = BlockPass(self.plan, self.block, self.layers, self.stage > 0, False, strips)
         else:
             pass_ = WholePass(self.layers, self.stage > 0)
@@ -257,10 +249,10 @@ class SandblasterPartition(Actor):
         state.step, state.evaluation = msg.step, msg.evaluation
         state.inputs[msg.src] = msg.piece
         assert self.previous is not None
-        if self.entry is not None:  # a stage cut: only the strip's parts come
-            if len(state.inputs) == len(self.sources):
-                got = [(self.sources[src], v) for src, v in state.inputs.items()]
-                state.x, state.inputs = assemble_strip(self.entry, self.block, got), {}
+        if self.cut.entry is not None:  # a stage cut: only the strip's parts come
+            strip = self.cut.strip(state.inputs)
+            if strip is not None:
+                state.x, state.inputs = strip, {}
                 self._start(state)
         elif len(state.inputs) == len(self.previous):
             pieces = [state.inputs[b] for b in range(len(self.previous))]
@@ -294,11 +286,10 @@ class SandblasterPartition(Actor):
         if out is None or state.sent_output:
             return
         state.sent_output = True
-        if self.next is not None and self.next_entry is not None:  # only what each reads
-            for t, part in pieces_to_send(self.next_entry, self.block, out):
-                part = part if part.shape == out.shape else part.clone()
+        if self.next is not None and self.cut.exit is not None:  # only what each reads
+            for dst, part in self.cut.parts(out):
                 msg = PartitionInput(state.ticket, state.step, state.evaluation, self.block, part)
-                self.ctx.tell(self.next[t.dst], msg)
+                self.ctx.tell(self.next[dst], msg)
         elif self.next is not None:
             for ref in self.next:
                 self.ctx.tell(
@@ -320,14 +311,14 @@ class SandblasterPartition(Actor):
         if self.next is None:
             expected = 1
         else:
-            expected = len(self.readers) if self.next_entry is not None else len(self.next)
+            expected = len(self.cut.readers) if self.cut.exit is not None else len(self.next)
         if state.backward_started or len(state.grads) < expected or not state.sent_output:
             return
         state.backward_started = True
-        if self.next is not None and self.next_entry is not None:  # each for what it read
-            got = [(self.readers[dst], g) for dst, g in state.grads.items()]
+        if self.next is not None and self.cut.exit is not None:  # each for what it read
             assert state.pass_.output is not None
-            grad = own_grad(self.next_entry, self.block, state.pass_.output, got)
+            grad = self.cut.output_grad(state.pass_.output, state.grads)
+            assert grad is not None  # every reader's is in (expected)
         else:
             grads = [state.grads[k] for k in sorted(state.grads)]
             grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
@@ -360,11 +351,11 @@ class SandblasterPartition(Actor):
         grad = bp.flat_param_grad()
         param_msg = PartitionParamGrad(state.ticket, self.owner, grad, state.crossed_bytes)
         self.ctx.tell(self.replica, param_msg)
-        if self.previous is not None and self.entry is not None:
+        if self.previous is not None and self.cut.entry is not None:
             assert bp.input_grad is not None
-            for t, g in grads_to_return(self.entry, self.block, bp.input_grad):
-                grad_msg = PartitionGrad(state.ticket, state.step, self.block, g.clone())
-                self.ctx.tell(self.previous[t.src], grad_msg)
+            for src, g in self.cut.input_grads(bp.input_grad):
+                grad_msg = PartitionGrad(state.ticket, state.step, self.block, g)
+                self.ctx.tell(self.previous[src], grad_msg)
         elif self.previous is not None:
             assert bp.input_grad is not None
             split = self.input_split
