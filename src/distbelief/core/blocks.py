@@ -24,9 +24,8 @@ run in every block. Any other layer is a :class:`ConfigError` naming it and its 
 :func:`plan_split` makes the plan of a stage; :func:`crossing_bytes` counts what crosses
 between its blocks per training step; :func:`stage_cut` plans a cut between two stages that
 sends each block of the next only its strip (:func:`cut_elements` counts it; a block's ends
-of it are a :class:`CutEnds`). The
-block-level functions are what a partition actor calls: :func:`strip_of_whole`,
-:func:`pieces_to_send`, :func:`assemble_strip`, :func:`block_forward`,
+of it are a :class:`CutEnds`). The block-level functions are what a partition actor calls:
+:func:`strip_of_whole`, :func:`pieces_to_send`, :func:`assemble_strip`, :func:`block_forward`,
 :func:`grads_to_return`, :func:`own_grad`, :func:`whole_input_grad`.
 :func:`run_blocks` runs them all in one process (the reference the actors follow, and the
 tests' oracle).
@@ -35,6 +34,7 @@ tests' oracle).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -433,8 +433,8 @@ def stage_cut(previous: StagePlan, plan: StagePlan) -> LayerPlan | None:
     previous block nobody reads, with a stride longer than the kernel): every piece goes to
     every block, which assembles the whole input."""
     out = previous.output
-    first = next(lp for lp in plan.layers if lp.kind != "whole")  # plan_split ensures one
-    if first.kind not in ("local1d", "local2d") or first.input is not None:
+    first = next(lp for lp in plan.layers if lp.kind != "whole")  # its first split layer
+    if first.kind not in ("local1d", "local2d"):
         return None
     if any(lp.name not in _ELEMENTWISE_NAMES for lp in plan.layers[: first.index]):
         return None  # (a reshape; or a subclass under another name: not taken for element-wise)
@@ -457,13 +457,13 @@ class CutEnds:
     entry: LayerPlan | None
     exit: LayerPlan | None
 
-    @property
+    @functools.cached_property  # (per message otherwise: on the hot path)
     def sources(self) -> dict[int, Transfer]:
         """Per previous block it reads from across ``entry``, what it reads."""
         cut = self.entry
         return {t.src: t for t in cut.transfers if t.dst == self.block} if cut else {}
 
-    @property
+    @functools.cached_property
     def readers(self) -> dict[int, Transfer]:
         """Per next block that reads from it across ``exit``, what that block reads."""
         cut = self.exit
@@ -488,16 +488,17 @@ class CutEnds:
             for t, v in pieces_to_send(self.exit, self.block, out)
         ]
 
-    def output_grad(
-        self, out: torch.Tensor, grads: Mapping[int, torch.Tensor]
-    ) -> torch.Tensor | None:
-        """The gradient of its output piece ``out`` once every reader's is in (``grads``: by
-        next block, each of what that block read), summed at their positions; else None."""
-        assert self.exit is not None
-        readers = self.readers
-        if len(grads) < len(readers):
-            return None
-        return own_grad(self.exit, self.block, out, [(readers[d], g) for d, g in grads.items()])
+    def waits_for(self, next_blocks: int) -> int:
+        """How many gradients of its output piece the block waits for, of ``next_blocks`` in
+        the next stage: one from each that reads it across ``exit``, else one from each."""
+        return len(self.readers) if self.exit is not None else next_blocks
+
+    def output_grad(self, out: torch.Tensor, grads: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """The gradient of its output piece ``out`` from every reader's (``grads``: by next
+        block, each of what that block read), summed at their positions."""
+        assert self.exit is not None and len(grads) == len(self.readers)
+        got = [(self.readers[d], g) for d, g in grads.items()]
+        return own_grad(self.exit, self.block, out, got)
 
     def input_grads(self, strip_grad: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         """``(previous block, gradient)``: its strip's gradient cut by the part each source

@@ -307,7 +307,9 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
         return []
     found = [p for p in root.glob(f"{PREFIX}*") if (p / MANIFEST).is_file()]
     # ckpt-<update>.replaced is the copy a rewrite of the same update sets aside: older
-    return sorted(found, key=lambda p: (p.name.removesuffix(REPLACED), p.name == p.stem))
+    return sorted(
+        found, key=lambda p: (p.name.removesuffix(REPLACED), not p.name.endswith(REPLACED))
+    )
 
 
 def load(path: str | os.PathLike) -> Checkpoint:

@@ -308,17 +308,13 @@ class SandblasterPartition(Actor):
         self._backward(state)
 
     def _backward(self, state: _State) -> None:
-        if self.next is None:
-            expected = 1
-        else:
-            expected = len(self.cut.readers) if self.cut.exit is not None else len(self.next)
+        expected = 1 if self.next is None else self.cut.waits_for(len(self.next))
         if state.backward_started or len(state.grads) < expected or not state.sent_output:
             return
         state.backward_started = True
         if self.next is not None and self.cut.exit is not None:  # each for what it read
             assert state.pass_.output is not None
             grad = self.cut.output_grad(state.pass_.output, state.grads)
-            assert grad is not None  # every reader's is in (expected)
         else:
             grads = [state.grads[k] for k in sorted(state.grads)]
             grad = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)

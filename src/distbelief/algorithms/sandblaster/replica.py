@@ -289,8 +289,7 @@ class SandblasterReplica(Actor):
             flat[lo:hi] = 0.0
         assign, _, y, t0 = self.running
         self.running, self.param_grads = None, {}
-        crossed, self.crossed_bytes = self.crossed_bytes, 0
-        self._computed(assign, flat, self.loss_sum, len(y), t0, crossed)
+        self._computed(assign, flat, self.loss_sum, len(y), t0, self.crossed_bytes)
 
     @receives(PartitionRestarted)
     def on_partition_restarted(self, msg: PartitionRestarted, sender: object) -> None:
