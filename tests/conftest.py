@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # One intra-op thread for torch here and in every process a test starts (Ray workers inherit
 # the environment). The tests check correctness, not speed; on a busy 2-core machine torch's
 # spinning worker threads made single tests 20-80x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Bytecode is written even where PYTHONDONTWRITEBYTECODE is set (as on some CI images): else
+# every worker compiles every test module afresh, with its asserts rewritten, at every run
+# (about 7 s a worker here), and every process a test starts compiles the package.
+sys.dont_write_bytecode = False
 # Generated datasets (MNIST-1D takes seconds to make) are cached for this session only, in a
 # directory every process the tests start inherits and that is removed at the end: the user's
 # own cache is neither read nor written.
@@ -109,6 +115,22 @@ def _xdist_group(item: pytest.Item) -> str | None:
     return None
 
 
+_maker: subprocess.Popen | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With workers (``-n``), the controller starts making MNIST-1D (seconds) in a process of
+    its own as they start, so that it is ready, or nearly, when a worker's first test asks for
+    it (a worker that asks meanwhile waits for it: see ``datasets._making``)."""
+    global _maker
+    if not _WORKER and getattr(config.option, "numprocesses", None):
+        make = "from distbelief.data.datasets import mnist1d; mnist1d()"
+        _maker = subprocess.Popen([sys.executable, "-c", make], stderr=subprocess.DEVNULL)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
+    if _maker is not None:
+        _maker.kill()
+        _maker.wait(timeout=30)
     if not _WORKER:  # the controller's, removed once every worker is done
         shutil.rmtree(_CACHE, ignore_errors=True)

@@ -4,9 +4,12 @@ package."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,10 @@ CACHE_ENV = "DISTBELIEF_CACHE_DIR"
 dataset is cached."""
 
 _MNIST1D_ARRAYS = ("x", "y", "x_test", "y_test")
+
+MAKING_WAIT_S = 120.0
+"""How long a process waits for another that is making the same dataset (:func:`_making`)
+before it makes its own."""
 
 
 def cache_dir() -> Path | None:
@@ -37,21 +44,31 @@ def mnist1d(num_samples: int = 10000, seed: int = 42) -> tuple[Data, Data]:
     Generating it takes seconds, so the arrays are kept in :func:`cache_dir` (one ``.npz``
     per size, seed and ``mnist1d`` version, written whole or not at all) and read from there
     afterwards; a cache file that cannot be read is made again, and a cache that cannot be
-    written is skipped.
+    written is skipped. Processes that ask at once (data shards on several machines sharing a
+    cache, a test suite's workers) make it once: the others wait for it and read it.
     """
-    from importlib.metadata import version
-
-    name = f"mnist1d-{version('mnist1d')}-{num_samples}-{seed}.npz"
+    name = _mnist1d_file(num_samples, seed)
     where = cache_dir()
     arrays = _read_cached(where / name) if where is not None else None
-    if arrays is None:
+    if arrays is None and where is not None:
+        with _making(where / name):
+            arrays = _read_cached(where / name)  # made by the process that held the lock
+            if arrays is None:
+                arrays = _make_mnist1d(num_samples, seed)
+                _write_cached(where / name, arrays)
+    elif arrays is None:
         arrays = _make_mnist1d(num_samples, seed)
-        if where is not None:
-            _write_cached(where / name, arrays)
     to_x = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
     to_y = lambda a: torch.as_tensor(a, dtype=torch.long)  # noqa: E731
     x, y, x_test, y_test = (arrays[k] for k in _MNIST1D_ARRAYS)
     return (to_x(x), to_y(y)), (to_x(x_test), to_y(y_test))
+
+
+def _mnist1d_file(num_samples: int, seed: int) -> str:
+    """The cache file's name: one per size, seed and ``mnist1d`` version."""
+    from importlib.metadata import version
+
+    return f"mnist1d-{version('mnist1d')}-{num_samples}-{seed}.npz"
 
 
 def _make_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -70,6 +87,35 @@ def _make_mnist1d(num_samples: int, seed: int) -> dict[str, np.ndarray]:
         np.random.set_state(np_state)
         random.setstate(py_state)
     return {k: np.asarray(d[k]) for k in _MNIST1D_ARRAYS}
+
+
+@contextlib.contextmanager
+def _making(path: Path) -> Iterator[None]:
+    """Held while the dataset cached at ``path`` is made: a lock on ``<path>.lock``
+    (``flock``: the kernel lets it go when its holder dies, however it dies). A process that
+    finds it held waits up to :data:`MAKING_WAIT_S` (polling), then goes on without it; a
+    cache where no lock can be had (read-only, no ``flock``) is not waited on."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + MAKING_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # another process is making it
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+            except OSError:
+                break
+        yield
+    finally:
+        os.close(fd)  # lets the lock go
 
 
 def _read_cached(path: Path) -> dict[str, np.ndarray] | None:
