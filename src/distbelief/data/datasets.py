@@ -44,8 +44,8 @@ def mnist1d(num_samples: int = 10000, seed: int = 42) -> tuple[Data, Data]:
     Generating it takes seconds, so the arrays are kept in :func:`cache_dir` (one ``.npz``
     per size, seed and ``mnist1d`` version, written whole or not at all) and read from there
     afterwards; a cache file that cannot be read is made again, and a cache that cannot be
-    written is skipped. Processes that ask at once (data shards on several machines sharing a
-    cache, a test suite's workers) make it once: the others wait for it and read it.
+    written is skipped. Processes of one machine that ask at once (a run's data shards, a test
+    suite's workers) make it once: the others wait for it and read it.
     """
     name = _mnist1d_file(num_samples, seed)
     where = cache_dir()
