@@ -59,8 +59,6 @@ ELEMENTWISE: tuple[type[nn.Module], ...] = (
 """Parameter-free layers acting on each element alone: they follow the split. (A dropout draws
 its masks per block, so a split net with dropout on is not the unsplit one bit for bit.)"""
 
-_ELEMENTWISE_NAMES = frozenset(t.__name__ for t in ELEMENTWISE)
-
 RESHAPES: tuple[type[nn.Module], ...] = (nn.Flatten, nn.Unflatten)
 SPLIT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, LocallyConnected1d, LocallyConnected2d)
 
@@ -159,6 +157,8 @@ class LayerPlan:
     """Per block, its ranges of the layer's flat parameters (relative to the first one)."""
     size: int
     """Number of parameters of the layer."""
+    elementwise: bool = False
+    """Whether the layer is element-wise (an activation, a dropout: one of ``ELEMENTWISE``)."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +380,7 @@ def plan_split(layers: Sequence[nn.Module], parts: int, in_shape: Sequence[int])
                     gather_all=False,
                     params=none,
                     size=0,
+                    elementwise=isinstance(layer, ELEMENTWISE),
                 )  # fmt: skip
             )
         else:
@@ -436,8 +437,8 @@ def stage_cut(previous: StagePlan, plan: StagePlan) -> LayerPlan | None:
     first = next(lp for lp in plan.layers if lp.kind != "whole")  # its first split layer
     if first.kind not in ("local1d", "local2d"):
         return None
-    if any(lp.name not in _ELEMENTWISE_NAMES for lp in plan.layers[: first.index]):
-        return None  # (a reshape; or a subclass under another name: not taken for element-wise)
+    if not all(lp.elementwise for lp in plan.layers[: first.index]):
+        return None  # a reshape first
     if out.view != first.in_shape or out.axis != first.in_axis or previous.parts != plan.parts:
         return None
     transfers = _transfers(out, first.needs, True, out.view[out.axis])
